@@ -1,0 +1,503 @@
+//! Megatron-Core `torch_dist` iteration directories (`iter_0000100/`).
+//!
+//! Read: `metadata.json` marks the backend, `.metadata` lists tensors and their
+//! chunks, each chunk a `torch.save` item inside a `.distcp` file; every item is
+//! located, bounds-checked and its `data.pkl` interpreted when the directory is
+//! opened, but no tensor data is read until a plan asks for a region. Optimizer
+//! and RNG entries are skipped. Common state comes from `common.pt` or the in-DCP
+//! `common_state` item.
+//!
+//! Write helpers produce the side files of a weights-only checkpoint as
+//! Megatron-Bridge's import writes them (`specs/megatron-torch-dist.md` §7).
+
+use std::path::{Path, PathBuf};
+
+use super::dcp::{DcpMetadata, StorageRef};
+use super::pickle::{AllowList, Id, Node, Pickle, Py};
+use super::torch_save::{self, Archive, tensor_allow_list};
+use super::{FormatError, natural_cmp};
+use crate::dtype::DType;
+use crate::source::{ByteRef, ChunkData, Files, GlobalTensor, TensorChunk};
+
+/// The tracker file in a run directory.
+pub const TRACKER: &str = "latest_checkpointed_iteration.txt";
+
+/// The `metadata.json` MCore ≤ 0.18 writes, accepted by every version (§2).
+pub const METADATA_JSON: &str = r#"{"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}"#;
+
+/// Name of an iteration directory.
+pub fn iter_dir_name(iteration: u64) -> String {
+    format!("iter_{iteration:07}")
+}
+
+/// Parses `iter_0000100` (or `release`) into an iteration number.
+pub fn parse_iter_dir_name(name: &str) -> Option<u64> {
+    name.strip_prefix("iter_")?.parse().ok()
+}
+
+/// Reads a run directory's tracker: the latest iteration, or `None` for `release`.
+pub fn read_tracker(run_dir: &Path) -> Option<Result<Option<u64>, String>> {
+    let text = std::fs::read_to_string(run_dir.join(TRACKER)).ok()?;
+    let t = text.trim();
+    Some(if t == "release" {
+        Ok(None)
+    } else {
+        t.parse::<u64>().map(Some).map_err(|_| format!("{TRACKER} holds {t:?}, not an iteration number"))
+    })
+}
+
+/// A bytes entry (an MCore `ShardedObject` such as `_extra_state`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ByteItem {
+    /// The DCP key.
+    pub fqn: String,
+    /// Where its `torch.save` payload is.
+    pub data: ByteRef,
+}
+
+/// The common (non-sharded) state, as far as conversion needs it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CommonState {
+    /// Where it came from (`common.pt`, `common_state/shard_0_1`), if present.
+    pub source: Option<String>,
+    /// `iteration`.
+    pub iteration: Option<i64>,
+    /// `checkpoint_version`.
+    pub checkpoint_version: Option<f64>,
+    /// A rendering of `content_metadata`.
+    pub content_metadata: Option<String>,
+    /// Top-level keys.
+    pub keys: Vec<String>,
+}
+
+/// A Megatron iteration directory opened for reading.
+#[derive(Debug)]
+pub struct MegatronCheckpoint {
+    /// The iteration directory.
+    pub dir: PathBuf,
+    /// The iteration, from the directory name or the common state.
+    pub iteration: Option<u64>,
+    /// Mapped `.distcp` files.
+    pub files: Files,
+    /// Model tensors (optimizer and RNG state skipped), in natural key order.
+    pub tensors: Vec<GlobalTensor>,
+    /// Model bytes entries (`_extra_state`), in natural key order.
+    pub byte_items: Vec<ByteItem>,
+    /// Keys skipped because they are not model weights.
+    pub skipped: Vec<String>,
+    /// Common state.
+    pub common: CommonState,
+    /// `metadata.json`, when present.
+    pub metadata_json: Option<serde_json::Value>,
+    /// The raw `.metadata` (for provenance digests).
+    pub metadata_bytes: Vec<u8>,
+    /// `run_config.yaml`, when present.
+    pub run_config: Option<PathBuf>,
+}
+
+/// True for DCP keys that are not model weights.
+pub fn is_non_model_key(fqn: &str) -> bool {
+    fqn.starts_with("optimizer.")
+        || fqn.starts_with("optimizer/")
+        || fqn.starts_with("rng_state")
+        || fqn.starts_with("rerun_state_machine")
+        || fqn.starts_with("common_state/")
+}
+
+/// Explains why `dir` is not an iteration directory, naming the latest iteration
+/// when it is a run directory.
+pub fn not_an_iteration_dir(dir: &Path) -> FormatError {
+    let why = match read_tracker(dir) {
+        Some(Ok(Some(n))) => {
+            let name = iter_dir_name(n);
+            format!(
+                "is a run directory: expected an iter_* directory, found {TRACKER} naming {n} (use megatron_path={})",
+                dir.join(name).display()
+            )
+        }
+        Some(Ok(None)) => format!(
+            "is a run directory: expected an iter_* directory, found {TRACKER} naming release (use megatron_path={})",
+            dir.join("release").display()
+        ),
+        Some(Err(e)) => format!("is a run directory with an unreadable tracker: {e}"),
+        None => {
+            let mut iters: Vec<String> = std::fs::read_dir(dir)
+                .map(|rd| {
+                    rd.filter_map(|e| e.ok())
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|n| parse_iter_dir_name(n).is_some())
+                        .collect()
+                })
+                .unwrap_or_default();
+            iters.sort_by(|a, b| natural_cmp(a, b));
+            match iters.last() {
+                Some(last) => format!(
+                    "expected an iter_* directory with .metadata and metadata.json, found a directory holding {} (use megatron_path={})",
+                    iters.join(", "),
+                    dir.join(last).display()
+                ),
+                None => "expected an iter_* directory holding .metadata and metadata.json, found neither".into(),
+            }
+        }
+    };
+    FormatError::NotACheckpoint {
+        path: dir.to_owned(),
+        why,
+    }
+}
+
+/// Common-state pickles may carry these inert data classes besides tensors.
+fn common_allow_list() -> AllowList {
+    tensor_allow_list()
+        .with(&[
+            ("argparse", "Namespace"),
+            ("types", "SimpleNamespace"),
+            ("pathlib", "PosixPath"),
+            ("pathlib", "PurePosixPath"),
+            ("builtins", "set"),
+            ("builtins", "frozenset"),
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "scalar"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),
+            ("io", "BytesIO"),
+        ])
+        .with_modules(&[
+            "megatron.core.rerun_state_machine",
+            "megatron.core.enums",
+            "megatron.core.transformer.enums",
+            "megatron.core.optimizer.optimizer_config",
+        ])
+}
+
+impl MegatronCheckpoint {
+    /// Opens the iteration directory `dir`.
+    ///
+    /// # Errors
+    /// [`FormatError`] naming the file and tensor: a run directory given instead of
+    /// an iteration (naming the latest iteration), a backend other than `torch_dist`,
+    /// a refused `.metadata`, a `.distcp` file missing or shorter than an item, an
+    /// item whose archive or `data.pkl` is broken or disagrees with `.metadata`.
+    pub fn open(dir: &Path) -> Result<MegatronCheckpoint, FormatError> {
+        let md_path = dir.join(".metadata");
+        if !dir.is_dir() {
+            return Err(FormatError::NotACheckpoint {
+                path: dir.to_owned(),
+                why: "expected an iter_* directory, found no directory".into(),
+            });
+        }
+        if !md_path.is_file() {
+            return Err(not_an_iteration_dir(dir));
+        }
+        let metadata_json = match std::fs::read_to_string(dir.join("metadata.json")) {
+            Ok(text) => {
+                let v: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| FormatError::file(&dir.join("metadata.json"), format!("not valid JSON: {e}")))?;
+                let backend = v.get("sharded_backend").and_then(|b| b.as_str()).unwrap_or("");
+                if backend != "torch_dist" {
+                    return Err(FormatError::file(
+                        &dir.join("metadata.json"),
+                        format!("expected sharded_backend \"torch_dist\", found {backend:?}"),
+                    ));
+                }
+                Some(v)
+            }
+            Err(_) => None,
+        };
+        let metadata_bytes = std::fs::read(&md_path).map_err(|e| FormatError::io(&md_path, e))?;
+        let md = DcpMetadata::parse(&metadata_bytes).map_err(|source| FormatError::Dcp {
+            path: md_path.clone(),
+            source,
+        })?;
+
+        let mut files = Files::default();
+        let item_ref = |files: &mut Files, fqn: &str, s: &StorageRef| -> Result<ByteRef, FormatError> {
+            let path = dir.join(&s.relative_path);
+            if !path.is_file() {
+                return Err(FormatError::Tensor {
+                    path: md_path.clone(),
+                    tensor: fqn.to_owned(),
+                    why: format!("its data file {} does not exist", s.relative_path),
+                });
+            }
+            let id = files.add(&path).map_err(|e| FormatError::io(&path, e))?;
+            let len = files.get(id).len();
+            if s.offset.checked_add(s.length).is_none_or(|end| end > len) {
+                return Err(FormatError::Tensor {
+                    path,
+                    tensor: fqn.to_owned(),
+                    why: format!(
+                        "item at offset {} of length {} runs past the end of the {len}-byte file (truncated?)",
+                        s.offset, s.length
+                    ),
+                });
+            }
+            Ok(ByteRef {
+                file: id,
+                offset: s.offset,
+                len: s.length,
+            })
+        };
+
+        let mut tensors = Vec::new();
+        let mut skipped = Vec::new();
+        let allow = tensor_allow_list();
+        for entry in &md.tensors {
+            if is_non_model_key(&entry.fqn) {
+                skipped.push(entry.fqn.clone());
+                continue;
+            }
+            let mut chunks = Vec::with_capacity(entry.chunks.len());
+            for c in &entry.chunks {
+                let item = item_ref(&mut files, &entry.fqn, &c.storage)?;
+                let file = files.get(item.file);
+                let item_err = |why: String| FormatError::Tensor {
+                    path: file.path.clone(),
+                    tensor: entry.fqn.clone(),
+                    why: format!("chunk at {:?} (item at offset {}): {why}", c.offsets, item.offset),
+                };
+                let bytes = files.slice(item);
+                let archive = Archive::open(bytes).map_err(|e| item_err(e.to_string()))?;
+                let p = archive.pickle(&allow).map_err(|e| item_err(e.to_string()))?;
+                let t = archive.tensor(&p, p.root()).map_err(|e| item_err(e.to_string()))?;
+                if t.dtype != entry.dtype {
+                    return Err(item_err(format!(
+                        "item holds {} but .metadata says {}",
+                        t.dtype, entry.dtype
+                    )));
+                }
+                if t.shape != c.sizes {
+                    return Err(item_err(format!(
+                        "item has shape {:?} but .metadata says the chunk is {:?}",
+                        t.shape, c.sizes
+                    )));
+                }
+                let storage = ByteRef {
+                    file: item.file,
+                    offset: item.offset + t.storage.data_offset,
+                    len: t.storage.size,
+                };
+                let data = match t.contiguous_range() {
+                    Some((off, len)) => ChunkData::Contiguous(ByteRef {
+                        file: item.file,
+                        offset: item.offset + off,
+                        len,
+                    }),
+                    None => ChunkData::Strided {
+                        storage,
+                        storage_offset: t.storage_offset,
+                        strides: t.stride.clone(),
+                    },
+                };
+                chunks.push(TensorChunk {
+                    offsets: c.offsets.clone(),
+                    sizes: c.sizes.clone(),
+                    data,
+                    checksum: Some((storage, t.storage.crc32)),
+                });
+            }
+            tensors.push(GlobalTensor {
+                name: entry.fqn.clone(),
+                dtype: entry.dtype,
+                shape: entry.size.clone(),
+                chunks,
+            });
+        }
+        tensors.sort_by(|a, b| natural_cmp(&a.name, &b.name));
+
+        let mut byte_items = Vec::new();
+        let mut common_item = None;
+        for b in &md.bytes {
+            if b.fqn.starts_with("common_state/") {
+                common_item = Some(item_ref(&mut files, &b.fqn, &b.storage)?);
+                continue;
+            }
+            if is_non_model_key(&b.fqn) {
+                skipped.push(b.fqn.clone());
+                continue;
+            }
+            let data = item_ref(&mut files, &b.fqn, &b.storage)?;
+            byte_items.push(ByteItem {
+                fqn: b.fqn.clone(),
+                data,
+            });
+        }
+        byte_items.sort_by(|a, b| natural_cmp(&a.fqn, &b.fqn));
+
+        let common_pt = dir.join("common.pt");
+        let common = if common_pt.is_file() {
+            let bytes = std::fs::read(&common_pt).map_err(|e| FormatError::io(&common_pt, e))?;
+            read_common(&bytes, false).map_err(|why| FormatError::file(&common_pt, why))?
+        } else if let Some(item) = common_item {
+            read_common(files.slice(item), true).map_err(|why| FormatError::Tensor {
+                path: files.get(item.file).path.clone(),
+                tensor: "common_state/shard_0_1".into(),
+                why,
+            })?
+        } else {
+            CommonState::default()
+        };
+        let iteration = dir
+            .file_name()
+            .and_then(|n| parse_iter_dir_name(&n.to_string_lossy()))
+            .or_else(|| common.iteration.and_then(|i| u64::try_from(i).ok()));
+        let run_config = Some(dir.join("run_config.yaml")).filter(|p| p.is_file());
+        Ok(MegatronCheckpoint {
+            dir: dir.to_owned(),
+            iteration,
+            files,
+            tensors,
+            byte_items,
+            skipped,
+            common,
+            metadata_json,
+            metadata_bytes,
+            run_config,
+        })
+    }
+
+    /// Looks up a model tensor by key.
+    pub fn tensor(&self, fqn: &str) -> Option<&GlobalTensor> {
+        self.tensors.iter().find(|t| t.name == fqn)
+    }
+
+    /// Total bytes of model tensor data.
+    pub fn total_bytes(&self) -> u64 {
+        self.tensors.iter().map(GlobalTensor::nbytes).sum()
+    }
+}
+
+/// Reads the common-state dict from `common.pt`, or from the `[dict]` payload of
+/// the in-DCP `common_state` item when `wrapped`.
+fn read_common(bytes: &[u8], wrapped: bool) -> Result<CommonState, String> {
+    let archive = Archive::open(bytes).map_err(|e| e.to_string())?;
+    let p = archive.pickle(&common_allow_list()).map_err(|e| e.to_string())?;
+    let mut root = p.root();
+    if wrapped {
+        root = p
+            .as_seq(root)
+            .and_then(|s| s.first().copied())
+            .ok_or("common_state payload is not a one-element list")?;
+    }
+    let dict = p.as_dict(root).ok_or("common state is not a dict")?;
+    let keys = dict.iter().filter_map(|(k, _)| p.as_str(*k).map(str::to_owned)).collect();
+    let number = |id: Id| match p.node(id) {
+        Node::Float(f) => Some(*f),
+        Node::Int(i) => Some(*i as f64),
+        _ => None,
+    };
+    Ok(CommonState {
+        source: Some(if wrapped { "common_state/shard_0_1" } else { "common.pt" }.into()),
+        iteration: p.dict_get(root, "iteration").and_then(|i| p.as_int(i)),
+        checkpoint_version: p.dict_get(root, "checkpoint_version").and_then(number),
+        content_metadata: p.dict_get(root, "content_metadata").map(|c| p.describe(c, 3)),
+        keys,
+    })
+}
+
+/// `common.pt` for a weights-only checkpoint (§7 item 4).
+pub fn common_pt(iteration: u64) -> Vec<u8> {
+    let value = Py::str_dict([
+        ("checkpoint_version", Py::Float(3.0)),
+        ("iteration", Py::Int(iteration as i64)),
+        (
+            "content_metadata",
+            Py::str_dict([
+                ("singleton_local_shards", Py::Bool(false)),
+                ("chained_optim_avoid_prefix", Py::Bool(true)),
+            ]),
+        ),
+    ]);
+    torch_save::save(&value, &[])
+}
+
+/// `train_state.pt`: Megatron-Bridge's eight 0-d tensors (§6.4).
+pub fn train_state_pt(step: u64) -> Vec<u8> {
+    let mut items = Vec::new();
+    let mut storages = Vec::new();
+    let fields: [(&str, DType, Vec<u8>); 8] = [
+        ("step", DType::I64, (step as i64).to_le_bytes().to_vec()),
+        ("consumed_train_samples", DType::I64, 0i64.to_le_bytes().to_vec()),
+        ("skipped_train_samples", DType::I64, 0i64.to_le_bytes().to_vec()),
+        ("consumed_valid_samples", DType::I64, 0i64.to_le_bytes().to_vec()),
+        ("floating_point_operations_so_far", DType::F32, 0f32.to_le_bytes().to_vec()),
+        ("do_train", DType::Bool, vec![0]),
+        ("do_valid", DType::Bool, vec![0]),
+        ("do_test", DType::Bool, vec![0]),
+    ];
+    for (i, (name, dtype, bytes)) in fields.into_iter().enumerate() {
+        let key = i.to_string();
+        items.push((Py::str(name), torch_save::tensor_py(dtype, &[], &key)));
+        storages.push((key, bytes));
+    }
+    torch_save::save(&Py::Dict(items), &storages)
+}
+
+/// The `_extra_state` payload of a TransformerEngine module without FP8:
+/// `torch.save([torch.empty(0, dtype=torch.uint8)])`.
+pub fn te_extra_state_payload() -> Vec<u8> {
+    let value = Py::List(vec![torch_save::tensor_py(DType::U8, &[0], "0")]);
+    torch_save::save(&value, &[("0".into(), Vec::new())])
+}
+
+/// The `_extra_state` payload of a non-TE (local spec) module: `torch.save([None])`.
+pub fn local_extra_state_payload() -> Vec<u8> {
+    torch_save::save(&Py::List(vec![Py::None]), &[])
+}
+
+/// Reads what a bytes item holds, for `inspect`: a short description.
+pub fn describe_bytes_item(bytes: &[u8]) -> String {
+    let Ok(archive) = Archive::open(bytes) else {
+        return format!("{} bytes (not a torch.save archive)", bytes.len());
+    };
+    match archive.pickle(&common_allow_list()) {
+        Ok(p) => describe_payload(&archive, &p, p.root()),
+        Err(e) => format!("{} bytes ({e})", bytes.len()),
+    }
+}
+
+fn describe_payload(archive: &Archive<'_>, p: &Pickle, id: Id) -> String {
+    if let Ok(t) = archive.tensor(p, id) {
+        return format!("tensor {} {:?}", t.dtype, t.shape);
+    }
+    match p.node(id) {
+        Node::List(items) | Node::Tuple(items) => {
+            let inner: Vec<String> = items.iter().take(4).map(|&i| describe_payload(archive, p, i)).collect();
+            format!("[{}]", inner.join(", "))
+        }
+        _ => p.describe(id, 3),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn side_payloads_parse_back() {
+        let common = read_common(&common_pt(7), false).unwrap();
+        assert_eq!(common.iteration, Some(7));
+        assert_eq!(common.checkpoint_version, Some(3.0));
+        assert!(common.content_metadata.unwrap().contains("singleton_local_shards"));
+        assert_eq!(describe_bytes_item(&te_extra_state_payload()), "[tensor uint8 [0]]");
+        assert_eq!(describe_bytes_item(&local_extra_state_payload()), "[None]");
+        let ts = train_state_pt(3);
+        let archive = Archive::open(&ts).unwrap();
+        let p = archive.pickle(&tensor_allow_list()).unwrap();
+        let step = p.dict_get(p.root(), "step").unwrap();
+        let t = archive.tensor(&p, step).unwrap();
+        assert_eq!((t.dtype, t.shape.len()), (DType::I64, 0));
+        let (off, len) = t.contiguous_range().unwrap();
+        assert_eq!(&ts[off as usize..(off + len) as usize], &3i64.to_le_bytes());
+    }
+
+    #[test]
+    fn iteration_names() {
+        assert_eq!(iter_dir_name(100), "iter_0000100");
+        assert_eq!(parse_iter_dir_name("iter_0000100"), Some(100));
+        assert_eq!(parse_iter_dir_name("release"), None);
+    }
+}
