@@ -270,13 +270,19 @@ pub fn cast_into(from: DType, src: &[u8], to: DType, dst: &mut [u8]) {
     // Every supported pair goes through f32 (exact for f16/bf16) or f64.
     match (from, to) {
         (DType::F64, _) | (_, DType::F64) => {
-            for (s, d) in src.chunks_exact(from.size()).zip(dst.chunks_exact_mut(to.size())) {
+            for (s, d) in src
+                .chunks_exact(from.size())
+                .zip(dst.chunks_exact_mut(to.size()))
+            {
                 let v = read_f64(from, s);
                 write_f64(to, v, d);
             }
         }
         _ => {
-            for (s, d) in src.chunks_exact(from.size()).zip(dst.chunks_exact_mut(to.size())) {
+            for (s, d) in src
+                .chunks_exact(from.size())
+                .zip(dst.chunks_exact_mut(to.size()))
+            {
                 let v = read_f32(from, s);
                 write_f32(to, v, d);
             }

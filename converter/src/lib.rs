@@ -1,6 +1,34 @@
-//! ckpt-convert: checkpoint conversion between Hugging Face and Megatron-Core layouts.
+//! ckpt-convert: checkpoint conversion between Hugging Face and Megatron-Core
+//! layouts, streamed, bounded in memory, published atomically.
+//!
+//! Data flows through five stages:
+//! 1. **preflight** ([`preflight`], [`steps::params`]): parameters and paths,
+//!    refused before anything is read or written;
+//! 2. **plan** ([`plan`], [`layout`], [`models`]): from headers and metadata only,
+//!    every output tensor with its source boxes and transform, every output byte
+//!    offset;
+//! 3. **execute** ([`execute`]): pieces in parallel, mapped inputs, positioned writes;
+//! 4. **publish** ([`publish`], [`manifest`]): staging directory, fsync, manifest,
+//!    atomic rename;
+//! 5. a [`steps::Report`].
+//!
+//! Formats are in [`formats`]; tensors as sources hold them in [`source`].
 #![deny(missing_docs)]
 
 pub mod dtype;
+pub mod error;
+pub mod execute;
 pub mod formats;
+pub mod inspect;
+pub mod layout;
+pub mod manifest;
+pub mod models;
+pub mod plan;
+pub mod preflight;
+pub mod publish;
+pub mod run_config;
 pub mod source;
+pub mod steps;
+pub mod synthetic;
+
+pub use error::Error;

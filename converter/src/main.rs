@@ -1,1 +1,87 @@
-fn main(){}
+//! `ckpt-convert`: the command line. Exit codes: 0 success, 1 conversion or
+//! validation failure, 2 bad invocation or preflight refusal.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use cli::{Cli, Command};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let args = Cli::parse();
+    let default = match args.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = EnvFilter::try_from_env("CKPT_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if args.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    match dispatch(args.command) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(exit_code(&err))
+        }
+    }
+}
+
+fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run { step, args } => {
+            let (report, json) = cli::run_step(&step, &args)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                cli::print_report(&report);
+            }
+        }
+        Command::Inspect { path, json, all } => {
+            let i = ckpt_convert::inspect::inspect(&path)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&i)?);
+            } else {
+                cli::print_inspection(&i, all);
+            }
+        }
+        Command::Demo { dir, json } => {
+            let r = cli::demo::run(dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                cli::demo::print(&r);
+            }
+            if !cli::demo::passed(&r) {
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The library decides; anything else (bad words on the command line) is a bad
+/// invocation.
+fn exit_code(err: &anyhow::Error) -> u8 {
+    err.chain()
+        .find_map(|e| e.downcast_ref::<ckpt_convert::Error>())
+        .map(|e| e.exit_code() as u8)
+        .or_else(|| {
+            err.chain()
+                .find_map(|e| e.downcast_ref::<ckpt_convert::preflight::PreflightError>())
+                .map(|_| 2)
+        })
+        .or_else(|| {
+            err.chain()
+                .find_map(|e| e.downcast_ref::<std::io::Error>())
+                .map(|_| 1)
+        })
+        .unwrap_or(2)
+}

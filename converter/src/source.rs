@@ -207,13 +207,22 @@ impl Files {
 
 /// Reads the box `offsets`/`sizes` of `t` as row-major bytes: borrowed from the
 /// map when the box is one run of one chunk, assembled otherwise.
-pub fn read_box<'a>(files: &'a Files, t: &GlobalTensor, offsets: &[u64], sizes: &[u64]) -> Cow<'a, [u8]> {
+pub fn read_box<'a>(
+    files: &'a Files,
+    t: &GlobalTensor,
+    offsets: &[u64],
+    sizes: &[u64],
+) -> Cow<'a, [u8]> {
     let es = t.dtype.size() as u64;
     for c in &t.chunks {
         if let ChunkData::Contiguous(r) = &c.data
             && contains(&c.offsets, &c.sizes, offsets, sizes)
         {
-            let rel: Vec<u64> = offsets.iter().zip(&c.offsets).map(|(o, co)| o - co).collect();
+            let rel: Vec<u64> = offsets
+                .iter()
+                .zip(&c.offsets)
+                .map(|(o, co)| o - co)
+                .collect();
             if let Some((start, n)) = contiguous_run(&c.sizes, &rel, sizes) {
                 let bytes = files.slice(*r);
                 return Cow::Borrowed(&bytes[(start * es) as usize..((start + n) * es) as usize]);
@@ -232,14 +241,34 @@ pub fn read_box<'a>(files: &'a Files, t: &GlobalTensor, offsets: &[u64], sizes: 
         match &c.data {
             ChunkData::Contiguous(r) => {
                 let strides = crate::formats::torch_save::contiguous_strides(&c.sizes);
-                copy_box(files.slice(*r), 0, &strides, &src_at, &mut out, sizes, &dst_at, &extent, es);
+                copy_box(
+                    files.slice(*r),
+                    0,
+                    &strides,
+                    &src_at,
+                    &mut out,
+                    sizes,
+                    &dst_at,
+                    &extent,
+                    es,
+                );
             }
             ChunkData::Strided {
                 storage,
                 storage_offset,
                 strides,
             } => {
-                copy_box(files.slice(*storage), *storage_offset, strides, &src_at, &mut out, sizes, &dst_at, &extent, es);
+                copy_box(
+                    files.slice(*storage),
+                    *storage_offset,
+                    strides,
+                    &src_at,
+                    &mut out,
+                    sizes,
+                    &dst_at,
+                    &extent,
+                    es,
+                );
             }
         }
     }
@@ -254,7 +283,12 @@ fn contains(c_off: &[u64], c_size: &[u64], off: &[u64], size: &[u64]) -> bool {
         .all(|((&co, &cs), (&o, &s))| co <= o && o + s <= co + cs)
 }
 
-fn intersect(c_off: &[u64], c_size: &[u64], off: &[u64], size: &[u64]) -> Option<(Vec<u64>, Vec<u64>)> {
+fn intersect(
+    c_off: &[u64],
+    c_size: &[u64],
+    off: &[u64],
+    size: &[u64],
+) -> Option<(Vec<u64>, Vec<u64>)> {
     let mut lo = Vec::with_capacity(off.len());
     let mut hi = Vec::with_capacity(off.len());
     for ((&co, &cs), (&o, &s)) in c_off.iter().zip(c_size).zip(off.iter().zip(size)) {
@@ -350,8 +384,14 @@ mod tests {
 
     #[test]
     fn runs() {
-        assert_eq!(contiguous_run(&[2, 16, 8], &[1, 0, 0], &[1, 16, 8]), Some((128, 128)));
-        assert_eq!(contiguous_run(&[2, 16, 8], &[1, 4, 0], &[1, 4, 8]), Some((160, 32)));
+        assert_eq!(
+            contiguous_run(&[2, 16, 8], &[1, 0, 0], &[1, 16, 8]),
+            Some((128, 128))
+        );
+        assert_eq!(
+            contiguous_run(&[2, 16, 8], &[1, 4, 0], &[1, 4, 8]),
+            Some((160, 32))
+        );
         assert_eq!(contiguous_run(&[2, 16, 8], &[0, 0, 0], &[2, 4, 8]), None);
         assert_eq!(contiguous_run(&[2, 16, 8], &[0, 0, 4], &[1, 16, 4]), None);
         assert_eq!(contiguous_run(&[], &[], &[]), Some((0, 1)));
@@ -362,7 +402,17 @@ mod tests {
         // Source: a 2x3 matrix stored transposed (strides [1, 2]).
         let src: Vec<u8> = vec![0, 3, 1, 4, 2, 5];
         let mut dst = vec![9u8; 6];
-        copy_box(&src, 0, &[1, 2], &[0, 0], &mut dst, &[2, 3], &[0, 0], &[2, 3], 1);
+        copy_box(
+            &src,
+            0,
+            &[1, 2],
+            &[0, 0],
+            &mut dst,
+            &[2, 3],
+            &[0, 0],
+            &[2, 3],
+            1,
+        );
         assert_eq!(dst, vec![0, 1, 2, 3, 4, 5]);
     }
 }

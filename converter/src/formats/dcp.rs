@@ -146,7 +146,9 @@ impl DcpMetadata {
         let (g, state) = state_of(&p, p.root())
             .ok_or_else(|| structure("the pickle's root is not a DCP Metadata object"))?;
         if !g.name.ends_with("Metadata") {
-            return Err(structure(format!("the pickle's root is a {g}, not a DCP Metadata")));
+            return Err(structure(format!(
+                "the pickle's root is a {g}, not a DCP Metadata"
+            )));
         }
         let sdm = p
             .dict_get(state, "state_dict_metadata")
@@ -157,7 +159,10 @@ impl DcpMetadata {
         let storage = parse_storage_data(&p, storage_data)?;
 
         let mut out = DcpMetadata::default();
-        for &(k, v) in p.as_dict(sdm).ok_or_else(|| structure("state_dict_metadata is not a dict"))? {
+        for &(k, v) in p
+            .as_dict(sdm)
+            .ok_or_else(|| structure("state_dict_metadata is not a dict"))?
+        {
             let fqn = p
                 .as_str(k)
                 .ok_or_else(|| structure("a state_dict_metadata key is not a string"))?
@@ -166,13 +171,14 @@ impl DcpMetadata {
                 .as_object(v)
                 .ok_or_else(|| structure(format!("{fqn:?}: entry is not an object")))?;
             if class_is(class, "BytesStorageMetadata") {
-                let storage = storage
-                    .get(&(fqn.clone(), None))
-                    .cloned()
-                    .ok_or_else(|| DcpError::Entry {
-                        fqn: fqn.clone(),
-                        why: "bytes entry has no storage_data item".into(),
-                    })?;
+                let storage =
+                    storage
+                        .get(&(fqn.clone(), None))
+                        .cloned()
+                        .ok_or_else(|| DcpError::Entry {
+                            fqn: fqn.clone(),
+                            why: "bytes entry has no storage_data item".into(),
+                        })?;
                 out.bytes.push(BytesEntry { fqn, storage });
                 continue;
             }
@@ -304,8 +310,12 @@ type StorageMap = HashMap<(String, Option<Vec<u64>>), StorageRef>;
 
 fn parse_storage_data(p: &Pickle, dict: Id) -> Result<StorageMap, DcpError> {
     let mut map = HashMap::new();
-    for &(k, v) in p.as_dict(dict).ok_or_else(|| structure("storage_data is not a dict"))? {
-        let (_, kst) = state_of(p, k).ok_or_else(|| structure("a storage_data key is not a MetadataIndex"))?;
+    for &(k, v) in p
+        .as_dict(dict)
+        .ok_or_else(|| structure("storage_data is not a dict"))?
+    {
+        let (_, kst) =
+            state_of(p, k).ok_or_else(|| structure("a storage_data key is not a MetadataIndex"))?;
         let fqn = p
             .dict_get(kst, "fqn")
             .and_then(|f| p.as_str(f))
@@ -367,7 +377,12 @@ fn parse_storage_data(p: &Pickle, dict: Id) -> Result<StorageMap, DcpError> {
     Ok(map)
 }
 
-fn parse_tensor(p: &Pickle, fqn: &str, st: Id, storage: &StorageMap) -> Result<TensorEntry, DcpError> {
+fn parse_tensor(
+    p: &Pickle,
+    fqn: &str,
+    st: Id,
+    storage: &StorageMap,
+) -> Result<TensorEntry, DcpError> {
     let err = |why: String| DcpError::Entry {
         fqn: fqn.to_owned(),
         why,
@@ -375,19 +390,23 @@ fn parse_tensor(p: &Pickle, fqn: &str, st: Id, storage: &StorageMap) -> Result<T
     let props = p
         .dict_get(st, "properties")
         .ok_or_else(|| err("no properties".into()))?;
-    let (_, pstate) = state_of(p, props).ok_or_else(|| err("properties is not a TensorProperties".into()))?;
+    let (_, pstate) =
+        state_of(p, props).ok_or_else(|| err("properties is not a TensorProperties".into()))?;
     // 5-tuple (torch <= 2.14) or 6-tuple with strides (2.15+); a dict in some builds.
     let dtype_id = match p.node(pstate) {
         Node::Tuple(items) if !items.is_empty() => items[0],
         Node::Dict(_) => p
             .dict_get(pstate, "dtype")
             .ok_or_else(|| err("TensorProperties without dtype".into()))?,
-        _ => return Err(err("TensorProperties state is neither a tuple nor a dict".into())),
+        _ => {
+            return Err(err(
+                "TensorProperties state is neither a tuple nor a dict".into()
+            ));
+        }
     };
     let dtype = match p.node(dtype_id) {
-        Node::Global(g) if g.module == "torch" => {
-            DType::from_torch_name(&g.name).ok_or_else(|| err(format!("unsupported dtype torch.{}", g.name)))?
-        }
+        Node::Global(g) if g.module == "torch" => DType::from_torch_name(&g.name)
+            .ok_or_else(|| err(format!("unsupported dtype torch.{}", g.name)))?,
         _ => return Err(err("dtype is not a torch dtype".into())),
     };
     let size = p
@@ -400,7 +419,8 @@ fn parse_tensor(p: &Pickle, fqn: &str, st: Id, storage: &StorageMap) -> Result<T
         .ok_or_else(|| err("chunks is not a list".into()))?;
     let mut chunks = Vec::with_capacity(chunk_ids.len());
     for &c in chunk_ids {
-        let (_, cst) = state_of(p, c).ok_or_else(|| err("a chunk is not a ChunkStorageMetadata".into()))?;
+        let (_, cst) =
+            state_of(p, c).ok_or_else(|| err("a chunk is not a ChunkStorageMetadata".into()))?;
         let offsets = p
             .dict_get(cst, "offsets")
             .and_then(|o| p.as_dims(o))
@@ -412,7 +432,11 @@ fn parse_tensor(p: &Pickle, fqn: &str, st: Id, storage: &StorageMap) -> Result<T
         let item = storage
             .get(&(fqn.to_owned(), Some(offsets.clone())))
             .cloned()
-            .ok_or_else(|| err(format!("chunk at offsets {offsets:?} has no storage_data item")))?;
+            .ok_or_else(|| {
+                err(format!(
+                    "chunk at offsets {offsets:?} has no storage_data item"
+                ))
+            })?;
         chunks.push(Chunk {
             offsets,
             sizes,
@@ -546,7 +570,11 @@ mod tests {
         let mut md = one_tensor();
         let c = md.tensors[0].chunks[0].clone();
         md.tensors[0].chunks[0].sizes = vec![1, 3];
-        assert!(check_coverage(&md.tensors[0]).unwrap_err().contains("cover 3 of the 6"));
+        assert!(
+            check_coverage(&md.tensors[0])
+                .unwrap_err()
+                .contains("cover 3 of the 6")
+        );
         md.tensors[0].chunks.push(Chunk {
             offsets: vec![0, 0],
             ..c.clone()
@@ -556,12 +584,19 @@ mod tests {
             offsets: vec![1, 0],
             ..c
         }];
-        assert!(check_coverage(&md.tensors[0]).unwrap_err().contains("outside"));
+        assert!(
+            check_coverage(&md.tensors[0])
+                .unwrap_err()
+                .contains("outside")
+        );
     }
 
     #[test]
     fn non_allow_listed_globals_are_named() {
-        let evil = write_pickle(&Py::reduce(Py::global("os", "system"), vec![Py::str("true")]));
+        let evil = write_pickle(&Py::reduce(
+            Py::global("os", "system"),
+            vec![Py::str("true")],
+        ));
         let err = DcpMetadata::parse(&evil).unwrap_err();
         assert!(err.to_string().contains("os.system"), "{err}");
     }

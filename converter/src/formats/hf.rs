@@ -103,7 +103,10 @@ impl HfCheckpoint {
                 });
             }
             let (id, file) = safetensors::open(&mut files, &path)?;
-            headers.push((shard.clone(), files.get(id).bytes()[..file.header_len as usize].to_vec()));
+            headers.push((
+                shard.clone(),
+                files.get(id).bytes()[..file.header_len as usize].to_vec(),
+            ));
             let mut in_file = file.tensors;
             in_file.sort_by(|a, b| natural_cmp(&a.name, &b.name));
             for t in in_file {
@@ -158,21 +161,32 @@ impl HfCheckpoint {
     }
 }
 
-fn read_index(path: &Path) -> Result<(BTreeMap<String, String>, serde_json::Map<String, serde_json::Value>), FormatError> {
+fn read_index(
+    path: &Path,
+) -> Result<
+    (
+        BTreeMap<String, String>,
+        serde_json::Map<String, serde_json::Value>,
+    ),
+    FormatError,
+> {
     let text = std::fs::read_to_string(path).map_err(|e| FormatError::io(path, e))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| FormatError::file(path, format!("not valid JSON: {e}")))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| FormatError::file(path, format!("not valid JSON: {e}")))?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| FormatError::file(path, "expected a \"weight_map\" object"))?;
     let mut out = BTreeMap::new();
     for (k, v) in map {
-        let shard = v
-            .as_str()
-            .ok_or_else(|| FormatError::file(path, format!("weight_map[{k:?}] is not a file name")))?;
+        let shard = v.as_str().ok_or_else(|| {
+            FormatError::file(path, format!("weight_map[{k:?}] is not a file name"))
+        })?;
         if shard.contains('/') || shard.contains("..") {
-            return Err(FormatError::file(path, format!("weight_map[{k:?}] = {shard:?} leaves the directory")));
+            return Err(FormatError::file(
+                path,
+                format!("weight_map[{k:?}] = {shard:?} leaves the directory"),
+            ));
         }
         out.insert(k.clone(), shard.to_owned());
     }
@@ -278,7 +292,10 @@ pub fn side_files(root: &Path) -> Result<Vec<SideFile>, FormatError> {
         Ok(())
     };
     visit(root, "")?;
-    visit(&root.join("additional_chat_templates"), "additional_chat_templates/")?;
+    visit(
+        &root.join("additional_chat_templates"),
+        "additional_chat_templates/",
+    )?;
     out.sort_by(|a, b| a.rel.cmp(&b.rel));
     Ok(out)
 }
@@ -297,13 +314,17 @@ pub fn resolve_model(id: &str) -> Result<PathBuf, FormatError> {
     let cache = std::env::var_os("HF_HUB_CACHE")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub")));
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
+        });
     let not_found = |why: String| FormatError::NotACheckpoint {
         path: local.to_owned(),
         why,
     };
     let Some(cache) = cache else {
-        return Err(not_found("not a local directory, and no Hugging Face cache is configured".into()));
+        return Err(not_found(
+            "not a local directory, and no Hugging Face cache is configured".into(),
+        ));
     };
     let (repo, revision) = id.split_once('@').unwrap_or((id, "main"));
     if repo.split('/').count() != 2 || repo.contains("..") {
@@ -324,7 +345,12 @@ pub fn resolve_model(id: &str) -> Result<PathBuf, FormatError> {
         return Ok(snapshots.join(revision));
     }
     let entries: Vec<PathBuf> = std::fs::read_dir(&snapshots)
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect()
+        })
         .unwrap_or_default();
     match entries.as_slice() {
         [only] => Ok(only.clone()),
@@ -342,7 +368,9 @@ pub fn resolve_model(id: &str) -> Result<PathBuf, FormatError> {
 /// Parses a `save_pretrained`-style size: `5GB`, `500MB`, `2GiB`, or bytes.
 pub fn parse_size(text: &str) -> Option<u64> {
     let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let num: f64 = num.parse().ok()?;
     let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
@@ -396,7 +424,11 @@ pub fn shard_name(i: usize, n: usize) -> String {
 }
 
 /// The index JSON `save_pretrained` writes: sorted keys, two-space indent, newline.
-pub fn index_json(weight_map: &BTreeMap<String, String>, total_size: u64, total_parameters: u64) -> String {
+pub fn index_json(
+    weight_map: &BTreeMap<String, String>,
+    total_size: u64,
+    total_parameters: u64,
+) -> String {
     let value = serde_json::json!({
         "metadata": {
             "total_parameters": total_parameters,
@@ -440,8 +472,14 @@ mod tests {
     #[test]
     fn index_is_sorted_and_indented() {
         let mut map = BTreeMap::new();
-        map.insert("b".to_owned(), "model-00002-of-00002.safetensors".to_owned());
-        map.insert("a".to_owned(), "model-00001-of-00002.safetensors".to_owned());
+        map.insert(
+            "b".to_owned(),
+            "model-00002-of-00002.safetensors".to_owned(),
+        );
+        map.insert(
+            "a".to_owned(),
+            "model-00001-of-00002.safetensors".to_owned(),
+        );
         let text = index_json(&map, 10, 5);
         assert_eq!(
             text,
@@ -452,9 +490,18 @@ mod tests {
     #[test]
     fn side_files_are_classified() {
         assert_eq!(side_file_kind("config.json"), Some(SideFileKind::Config));
-        assert_eq!(side_file_kind("chat_template.jinja"), Some(SideFileKind::ChatTemplate));
-        assert_eq!(side_file_kind("additional_chat_templates/tool.jinja"), Some(SideFileKind::ChatTemplate));
-        assert_eq!(side_file_kind("tokenizer.json"), Some(SideFileKind::Tokenizer));
+        assert_eq!(
+            side_file_kind("chat_template.jinja"),
+            Some(SideFileKind::ChatTemplate)
+        );
+        assert_eq!(
+            side_file_kind("additional_chat_templates/tool.jinja"),
+            Some(SideFileKind::ChatTemplate)
+        );
+        assert_eq!(
+            side_file_kind("tokenizer.json"),
+            Some(SideFileKind::Tokenizer)
+        );
         assert_eq!(side_file_kind("model.safetensors"), None);
         assert_eq!(side_file_kind("adapter_config.json"), None);
         assert_eq!(side_file_kind("training_args.bin"), None);

@@ -42,7 +42,9 @@ pub fn read_tracker(run_dir: &Path) -> Option<Result<Option<u64>, String>> {
     Some(if t == "release" {
         Ok(None)
     } else {
-        t.parse::<u64>().map(Some).map_err(|_| format!("{TRACKER} holds {t:?}, not an iteration number"))
+        t.parse::<u64>()
+            .map(Some)
+            .map_err(|_| format!("{TRACKER} holds {t:?}, not an iteration number"))
     })
 }
 
@@ -194,9 +196,13 @@ impl MegatronCheckpoint {
         }
         let metadata_json = match std::fs::read_to_string(dir.join("metadata.json")) {
             Ok(text) => {
-                let v: serde_json::Value = serde_json::from_str(&text)
-                    .map_err(|e| FormatError::file(&dir.join("metadata.json"), format!("not valid JSON: {e}")))?;
-                let backend = v.get("sharded_backend").and_then(|b| b.as_str()).unwrap_or("");
+                let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                    FormatError::file(&dir.join("metadata.json"), format!("not valid JSON: {e}"))
+                })?;
+                let backend = v
+                    .get("sharded_backend")
+                    .and_then(|b| b.as_str())
+                    .unwrap_or("");
                 if backend != "torch_dist" {
                     return Err(FormatError::file(
                         &dir.join("metadata.json"),
@@ -214,7 +220,10 @@ impl MegatronCheckpoint {
         })?;
 
         let mut files = Files::default();
-        let item_ref = |files: &mut Files, fqn: &str, s: &StorageRef| -> Result<ByteRef, FormatError> {
+        let item_ref = |files: &mut Files,
+                        fqn: &str,
+                        s: &StorageRef|
+         -> Result<ByteRef, FormatError> {
             let path = dir.join(&s.relative_path);
             if !path.is_file() {
                 return Err(FormatError::Tensor {
@@ -257,12 +266,19 @@ impl MegatronCheckpoint {
                 let item_err = |why: String| FormatError::Tensor {
                     path: file.path.clone(),
                     tensor: entry.fqn.clone(),
-                    why: format!("chunk at {:?} (item at offset {}): {why}", c.offsets, item.offset),
+                    why: format!(
+                        "chunk at {:?} (item at offset {}): {why}",
+                        c.offsets, item.offset
+                    ),
                 };
                 let bytes = files.slice(item);
                 let archive = Archive::open(bytes).map_err(|e| item_err(e.to_string()))?;
-                let p = archive.pickle(&allow).map_err(|e| item_err(e.to_string()))?;
-                let t = archive.tensor(&p, p.root()).map_err(|e| item_err(e.to_string()))?;
+                let p = archive
+                    .pickle(&allow)
+                    .map_err(|e| item_err(e.to_string()))?;
+                let t = archive
+                    .tensor(&p, p.root())
+                    .map_err(|e| item_err(e.to_string()))?;
                 if t.dtype != entry.dtype {
                     return Err(item_err(format!(
                         "item holds {} but .metadata says {}",
@@ -374,7 +390,9 @@ impl MegatronCheckpoint {
 /// the in-DCP `common_state` item when `wrapped`.
 fn read_common(bytes: &[u8], wrapped: bool) -> Result<CommonState, String> {
     let archive = Archive::open(bytes).map_err(|e| e.to_string())?;
-    let p = archive.pickle(&common_allow_list()).map_err(|e| e.to_string())?;
+    let p = archive
+        .pickle(&common_allow_list())
+        .map_err(|e| e.to_string())?;
     let mut root = p.root();
     if wrapped {
         root = p
@@ -383,17 +401,29 @@ fn read_common(bytes: &[u8], wrapped: bool) -> Result<CommonState, String> {
             .ok_or("common_state payload is not a one-element list")?;
     }
     let dict = p.as_dict(root).ok_or("common state is not a dict")?;
-    let keys = dict.iter().filter_map(|(k, _)| p.as_str(*k).map(str::to_owned)).collect();
+    let keys = dict
+        .iter()
+        .filter_map(|(k, _)| p.as_str(*k).map(str::to_owned))
+        .collect();
     let number = |id: Id| match p.node(id) {
         Node::Float(f) => Some(*f),
         Node::Int(i) => Some(*i as f64),
         _ => None,
     };
     Ok(CommonState {
-        source: Some(if wrapped { "common_state/shard_0_1" } else { "common.pt" }.into()),
+        source: Some(
+            if wrapped {
+                "common_state/shard_0_1"
+            } else {
+                "common.pt"
+            }
+            .into(),
+        ),
         iteration: p.dict_get(root, "iteration").and_then(|i| p.as_int(i)),
         checkpoint_version: p.dict_get(root, "checkpoint_version").and_then(number),
-        content_metadata: p.dict_get(root, "content_metadata").map(|c| p.describe(c, 3)),
+        content_metadata: p
+            .dict_get(root, "content_metadata")
+            .map(|c| p.describe(c, 3)),
         keys,
     })
 }
@@ -420,10 +450,26 @@ pub fn train_state_pt(step: u64) -> Vec<u8> {
     let mut storages = Vec::new();
     let fields: [(&str, DType, Vec<u8>); 8] = [
         ("step", DType::I64, (step as i64).to_le_bytes().to_vec()),
-        ("consumed_train_samples", DType::I64, 0i64.to_le_bytes().to_vec()),
-        ("skipped_train_samples", DType::I64, 0i64.to_le_bytes().to_vec()),
-        ("consumed_valid_samples", DType::I64, 0i64.to_le_bytes().to_vec()),
-        ("floating_point_operations_so_far", DType::F32, 0f32.to_le_bytes().to_vec()),
+        (
+            "consumed_train_samples",
+            DType::I64,
+            0i64.to_le_bytes().to_vec(),
+        ),
+        (
+            "skipped_train_samples",
+            DType::I64,
+            0i64.to_le_bytes().to_vec(),
+        ),
+        (
+            "consumed_valid_samples",
+            DType::I64,
+            0i64.to_le_bytes().to_vec(),
+        ),
+        (
+            "floating_point_operations_so_far",
+            DType::F32,
+            0f32.to_le_bytes().to_vec(),
+        ),
         ("do_train", DType::Bool, vec![0]),
         ("do_valid", DType::Bool, vec![0]),
         ("do_test", DType::Bool, vec![0]),
@@ -465,7 +511,11 @@ fn describe_payload(archive: &Archive<'_>, p: &Pickle, id: Id) -> String {
     }
     match p.node(id) {
         Node::List(items) | Node::Tuple(items) => {
-            let inner: Vec<String> = items.iter().take(4).map(|&i| describe_payload(archive, p, i)).collect();
+            let inner: Vec<String> = items
+                .iter()
+                .take(4)
+                .map(|&i| describe_payload(archive, p, i))
+                .collect();
             format!("[{}]", inner.join(", "))
         }
         _ => p.describe(id, 3),
@@ -481,8 +531,16 @@ mod tests {
         let common = read_common(&common_pt(7), false).unwrap();
         assert_eq!(common.iteration, Some(7));
         assert_eq!(common.checkpoint_version, Some(3.0));
-        assert!(common.content_metadata.unwrap().contains("singleton_local_shards"));
-        assert_eq!(describe_bytes_item(&te_extra_state_payload()), "[tensor uint8 [0]]");
+        assert!(
+            common
+                .content_metadata
+                .unwrap()
+                .contains("singleton_local_shards")
+        );
+        assert_eq!(
+            describe_bytes_item(&te_extra_state_payload()),
+            "[tensor uint8 [0]]"
+        );
         assert_eq!(describe_bytes_item(&local_extra_state_payload()), "[None]");
         let ts = train_state_pt(3);
         let archive = Archive::open(&ts).unwrap();

@@ -115,7 +115,11 @@ pub fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
                 let (da, db) = (&a[..na], &b[..nb]);
                 let strip = |d: &[u8]| -> usize { d.iter().take_while(|&&c| c == b'0').count() };
                 let (ta, tb) = (&da[strip(da)..], &db[strip(db)..]);
-                let ord = ta.len().cmp(&tb.len()).then_with(|| ta.cmp(tb)).then(na.cmp(&nb));
+                let ord = ta
+                    .len()
+                    .cmp(&tb.len())
+                    .then_with(|| ta.cmp(tb))
+                    .then(na.cmp(&nb));
                 if ord != std::cmp::Ordering::Equal {
                     return ord;
                 }
@@ -139,8 +143,23 @@ mod tests {
 
     #[test]
     fn natural_order() {
-        let mut v = vec!["layers.10.w", "layers.2.w", "layers.1.w", "embed", "layers.2.v"];
+        let mut v = vec![
+            "layers.10.w",
+            "layers.2.w",
+            "layers.1.w",
+            "embed",
+            "layers.2.v",
+        ];
         v.sort_by(|a, b| natural_cmp(a, b));
-        assert_eq!(v, vec!["embed", "layers.1.w", "layers.2.v", "layers.2.w", "layers.10.w"]);
+        assert_eq!(
+            v,
+            vec![
+                "embed",
+                "layers.1.w",
+                "layers.2.v",
+                "layers.2.w",
+                "layers.10.w"
+            ]
+        );
     }
 }

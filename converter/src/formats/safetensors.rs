@@ -75,11 +75,19 @@ pub fn read(files: &Files, id: FileId) -> Result<SafetensorsFile, FormatError> {
 fn describe(e: &safetensors::SafeTensorError, file_len: usize) -> String {
     use safetensors::SafeTensorError as E;
     match e {
-        E::HeaderTooSmall => format!("file is {file_len} bytes, shorter than the 8-byte header length"),
-        E::HeaderTooLarge => "header length is larger than 100 MB (or the file is not safetensors)".into(),
-        E::InvalidHeaderLength => format!("header length points past the end of the {file_len}-byte file"),
+        E::HeaderTooSmall => {
+            format!("file is {file_len} bytes, shorter than the 8-byte header length")
+        }
+        E::HeaderTooLarge => {
+            "header length is larger than 100 MB (or the file is not safetensors)".into()
+        }
+        E::InvalidHeaderLength => {
+            format!("header length points past the end of the {file_len}-byte file")
+        }
         E::InvalidHeader(_) => "header is not valid UTF-8".into(),
-        E::InvalidHeaderDeserialization(err) => format!("header is not a valid safetensors JSON header: {err}"),
+        E::InvalidHeaderDeserialization(err) => {
+            format!("header is not a valid safetensors JSON header: {err}")
+        }
         E::InvalidOffset(name) => format!(
             "tensor {name:?}: data offsets overlap or leave a hole (each tensor must start where the previous one ended)"
         ),
@@ -109,7 +117,10 @@ pub struct Layout {
 ///
 /// # Errors
 /// [`FormatError::Internal`] if the crate rejects the layout (which would be a bug).
-pub fn layout(tensors: &[(String, DType, Vec<u64>)], metadata: &HashMap<String, String>) -> Result<Layout, FormatError> {
+pub fn layout(
+    tensors: &[(String, DType, Vec<u64>)],
+    metadata: &HashMap<String, String>,
+) -> Result<Layout, FormatError> {
     let mut order: Vec<&(String, DType, Vec<u64>)> = tensors.iter().collect();
     order.sort_by(|a, b| {
         b.1.to_safetensors()

@@ -156,7 +156,9 @@ impl<'a> Archive<'a> {
             .ok_or_else(|| bad(format!("expected a tensor, found {}", p.describe(id, 2))))?;
         let (callable, args) = if callable.name == "_rebuild_parameter" {
             // Parameters wrap a tensor: _rebuild_parameter(tensor, requires_grad, hooks).
-            let inner = *args.first().ok_or_else(|| bad("empty _rebuild_parameter".into()))?;
+            let inner = *args
+                .first()
+                .ok_or_else(|| bad("empty _rebuild_parameter".into()))?;
             let (c, a, _) = p
                 .as_object(inner)
                 .ok_or_else(|| bad("_rebuild_parameter without a tensor".into()))?;
@@ -179,7 +181,9 @@ impl<'a> Archive<'a> {
             .as_seq(*pid)
             .ok_or_else(|| bad("storage persistent id is not a tuple".into()))?;
         if pid.len() < 5 || p.as_str(pid[0]) != Some("storage") {
-            return Err(bad("storage persistent id is not ('storage', class, key, location, numel)".into()));
+            return Err(bad(
+                "storage persistent id is not ('storage', class, key, location, numel)".into(),
+            ));
         }
         let Node::Global(class) = p.node(pid[1]) else {
             return Err(bad("storage class is not a global".into()));
@@ -192,7 +196,9 @@ impl<'a> Archive<'a> {
             .and_then(|v| u64::try_from(v).ok())
             .ok_or_else(|| bad("storage size is not a non-negative integer".into()))?;
         let dtype = if v3 {
-            let dt = args.get(6).ok_or_else(|| bad("_rebuild_tensor_v3 without dtype".into()))?;
+            let dt = args
+                .get(6)
+                .ok_or_else(|| bad("_rebuild_tensor_v3 without dtype".into()))?;
             match p.node(*dt) {
                 Node::Global(g) if g.module == "torch" => DType::from_torch_name(&g.name)
                     .ok_or_else(|| bad(format!("unsupported dtype torch.{}", g.name)))?,
@@ -206,8 +212,12 @@ impl<'a> Archive<'a> {
             .as_int(args[1])
             .and_then(|v| u64::try_from(v).ok())
             .ok_or_else(|| bad("storage offset is not a non-negative integer".into()))?;
-        let shape = p.as_dims(args[2]).ok_or_else(|| bad("tensor size is not a tuple of ints".into()))?;
-        let stride = p.as_dims(args[3]).ok_or_else(|| bad("tensor stride is not a tuple of ints".into()))?;
+        let shape = p
+            .as_dims(args[2])
+            .ok_or_else(|| bad("tensor size is not a tuple of ints".into()))?;
+        let stride = p
+            .as_dims(args[3])
+            .ok_or_else(|| bad("tensor stride is not a tuple of ints".into()))?;
         if shape.len() != stride.len() {
             return Err(bad("tensor size and stride differ in rank".into()));
         }
@@ -217,7 +227,11 @@ impl<'a> Archive<'a> {
             .clone();
         // Storage numel counts elements for typed storages and bytes for untyped ones.
         let es = dtype.size() as u64;
-        let storage_bytes = if v3 { storage_numel } else { storage_numel.saturating_mul(es) };
+        let storage_bytes = if v3 {
+            storage_numel
+        } else {
+            storage_numel.saturating_mul(es)
+        };
         if storage_bytes > storage.size {
             return Err(bad(format!(
                 "storage data/{key} claims {storage_bytes} bytes but the record holds {}",
@@ -225,7 +239,10 @@ impl<'a> Archive<'a> {
             )));
         }
         // The highest element the view touches must lie inside the record.
-        let numel: u64 = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).ok_or_else(|| bad("tensor size overflows".into()))?;
+        let numel: u64 = shape
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| bad("tensor size overflows".into()))?;
         if numel > 0 {
             let last = shape
                 .iter()
@@ -257,9 +274,16 @@ impl<'a> Archive<'a> {
 
 /// The records of a one-tensor archive, with the payload deferred: what a `.distcp`
 /// tensor item holds. The payload is the tensor's contiguous little-endian elements.
-pub fn tensor_archive_records(dtype: DType, shape: &[u64], payload_len: u64) -> Vec<(&'static str, RecordBody)> {
+pub fn tensor_archive_records(
+    dtype: DType,
+    shape: &[u64],
+    payload_len: u64,
+) -> Vec<(&'static str, RecordBody)> {
     vec![
-        ("archive/data.pkl", RecordBody::Bytes(tensor_pickle(dtype, shape))),
+        (
+            "archive/data.pkl",
+            RecordBody::Bytes(tensor_pickle(dtype, shape)),
+        ),
         ("archive/byteorder", RecordBody::Bytes(b"little".to_vec())),
         ("archive/data/0", RecordBody::Deferred(payload_len)),
         ("archive/version", RecordBody::Bytes(b"3\n".to_vec())),
@@ -342,7 +366,10 @@ pub fn save(value: &Py, storages: &[(String, Vec<u8>)]) -> Vec<u8> {
         records.push((format!("archive/data/{key}"), bytes.clone()));
     }
     records.push(("archive/version".into(), b"3\n".to_vec()));
-    let refs: Vec<(&str, Vec<u8>)> = records.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
+    let refs: Vec<(&str, Vec<u8>)> = records
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.clone()))
+        .collect();
     torch_zip::write_archive(&refs)
 }
 

@@ -29,7 +29,9 @@ pub enum ZipError {
     #[error("not a zip archive: no end-of-central-directory record in the last {0} bytes")]
     NoEndRecord(usize),
     /// A structure points outside the archive.
-    #[error("zip {what} at offset {offset} (length {len}) lies outside the {archive_len}-byte archive")]
+    #[error(
+        "zip {what} at offset {offset} (length {len}) lies outside the {archive_len}-byte archive"
+    )]
     OutOfBounds {
         /// Which structure.
         what: &'static str,
@@ -49,7 +51,9 @@ pub enum ZipError {
         offset: u64,
     },
     /// A compressed record.
-    #[error("zip record {name:?} uses compression method {method}; torch archives store records uncompressed")]
+    #[error(
+        "zip record {name:?} uses compression method {method}; torch archives store records uncompressed"
+    )]
     Compressed {
         /// The record name.
         name: String,
@@ -77,7 +81,12 @@ fn le64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-fn slice<'a>(buf: &'a [u8], offset: u64, len: u64, what: &'static str) -> Result<&'a [u8], ZipError> {
+fn slice<'a>(
+    buf: &'a [u8],
+    offset: u64,
+    len: u64,
+    what: &'static str,
+) -> Result<&'a [u8], ZipError> {
     let end = offset.checked_add(len);
     match end {
         Some(end) if end <= buf.len() as u64 => Ok(&buf[offset as usize..end as usize]),
@@ -324,7 +333,11 @@ pub fn layout_archive(records: &[(&str, RecordBody)], payload_crc: u32) -> Archi
         central.extend_from_slice(name.as_bytes());
         central.extend_from_slice(&cextra);
 
-        let out = if seen_payload { &mut suffix } else { &mut prefix };
+        let out = if seen_payload {
+            &mut suffix
+        } else {
+            &mut prefix
+        };
         out.extend_from_slice(&local);
         match body {
             RecordBody::Bytes(b) => out.extend_from_slice(b),
@@ -338,7 +351,11 @@ pub fn layout_archive(records: &[(&str, RecordBody)], payload_crc: u32) -> Archi
     }
     let cd_offset = prefix.len() as u64 + payload_len + suffix.len() as u64;
     let cd_size = central.len() as u64;
-    let tail = if seen_payload { &mut suffix } else { &mut prefix };
+    let tail = if seen_payload {
+        &mut suffix
+    } else {
+        &mut prefix
+    };
     tail.extend_from_slice(&central);
     let needs64 = cd_offset >= 0xffff_ffff || count >= 0xffff;
     if needs64 {
@@ -365,7 +382,11 @@ pub fn layout_archive(records: &[(&str, RecordBody)], payload_crc: u32) -> Archi
     tail.extend_from_slice(&small_count.to_le_bytes());
     tail.extend_from_slice(&small_count.to_le_bytes());
     let small_size = if needs64 { 0xffff_ffff } else { cd_size as u32 };
-    let small_off = if needs64 { 0xffff_ffff } else { cd_offset as u32 };
+    let small_off = if needs64 {
+        0xffff_ffff
+    } else {
+        cd_offset as u32
+    };
     tail.extend_from_slice(&small_size.to_le_bytes());
     tail.extend_from_slice(&small_off.to_le_bytes());
     tail.extend_from_slice(&0u16.to_le_bytes());

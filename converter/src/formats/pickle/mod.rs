@@ -276,8 +276,11 @@ impl Pickle {
             Node::Str(s) => format!("{s:?}"),
             Node::Bytes(b) => format!("<{} bytes>", b.len()),
             Node::Tuple(v) | Node::List(v) | Node::Set(v) => {
-                let items: Vec<String> =
-                    v.iter().take(8).map(|&i| self.describe(i, depth - 1)).collect();
+                let items: Vec<String> = v
+                    .iter()
+                    .take(8)
+                    .map(|&i| self.describe(i, depth - 1))
+                    .collect();
                 let more = if v.len() > 8 { ", …" } else { "" };
                 format!("[{}{more}]", items.join(", "))
             }
@@ -286,7 +289,11 @@ impl Pickle {
                     .iter()
                     .take(8)
                     .map(|&(k, val)| {
-                        format!("{}: {}", self.describe(k, depth - 1), self.describe(val, depth - 1))
+                        format!(
+                            "{}: {}",
+                            self.describe(k, depth - 1),
+                            self.describe(val, depth - 1)
+                        )
                     })
                     .collect();
                 let more = if v.len() > 8 { ", …" } else { "" };
@@ -982,7 +989,10 @@ mod tests {
             (Py::str("f"), Py::Float(3.0)),
             (
                 Py::str("size"),
-                Py::reduce(Py::global("torch", "Size"), vec![Py::Tuple(vec![Py::Int(2), Py::Int(3)])]),
+                Py::reduce(
+                    Py::global("torch", "Size"),
+                    vec![Py::Tuple(vec![Py::Int(2), Py::Int(3)])],
+                ),
             ),
             (Py::str("l"), Py::List(vec![Py::None, Py::Bool(true)])),
         ]);
@@ -992,7 +1002,10 @@ mod tests {
         assert_eq!(p.as_int(p.dict_get(root, "a").unwrap()), Some(1));
         assert_eq!(p.as_int(p.dict_get(root, "big").unwrap()), Some(1 << 40));
         assert_eq!(p.as_int(p.dict_get(root, "neg").unwrap()), Some(-5));
-        assert_eq!(p.as_dims(p.dict_get(root, "size").unwrap()), Some(vec![2, 3]));
+        assert_eq!(
+            p.as_dims(p.dict_get(root, "size").unwrap()),
+            Some(vec![2, 3])
+        );
         assert_eq!(p.as_seq(p.dict_get(root, "l").unwrap()).unwrap().len(), 2);
     }
 

@@ -1,0 +1,143 @@
+//! Arguments in two layers: the raw words (`key=value` and `--flags` fill the same
+//! map, nothing touches the filesystem), then typed options built after parsing.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Result, bail};
+
+/// What `ckpt-convert run STEP ...` was given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunArgs {
+    /// Step parameters (`hf_model_id=...` or `--hf-model-id ...`).
+    pub params: BTreeMap<String, String>,
+    /// `--dry-run` / `-d`.
+    pub dry_run: bool,
+    /// `--overwrite`.
+    pub overwrite: bool,
+    /// `--json`.
+    pub json: bool,
+    /// `--threads N`.
+    pub threads: Option<usize>,
+    /// `--memory-budget SIZE`.
+    pub memory_budget: Option<String>,
+}
+
+/// Options of the command itself, not step parameters.
+const FLAGS: &[&str] = &["dry-run", "overwrite", "json"];
+const VALUED: &[&str] = &["threads", "memory-budget"];
+
+/// Parses the words after the step name.
+///
+/// # Errors
+/// A message for a word that is neither `key=value` nor a `--flag`, a flag without
+/// its value, or a parameter given twice with different values.
+pub fn parse_run(words: &[String]) -> Result<RunArgs> {
+    let mut out = RunArgs::default();
+    let mut i = 0;
+    let set = |out: &mut RunArgs, key: &str, value: String| -> Result<()> {
+        let key = key.replace('-', "_");
+        if let Some(old) = out.params.get(&key)
+            && *old != value
+        {
+            bail!("parameter {key} given twice ({old:?} and {value:?})");
+        }
+        out.params.insert(key, value);
+        Ok(())
+    };
+    while i < words.len() {
+        let w = &words[i];
+        i += 1;
+        if w == "-d" {
+            out.dry_run = true;
+            continue;
+        }
+        if let Some(flag) = w.strip_prefix("--") {
+            let (name, inline) = match flag.split_once('=') {
+                Some((n, v)) => (n, Some(v.to_owned())),
+                None => (flag, None),
+            };
+            if FLAGS.contains(&name) {
+                let on = match inline.as_deref() {
+                    None | Some("true") => true,
+                    Some("false") => false,
+                    Some(v) => bail!("--{name} takes no value (found {v:?})"),
+                };
+                match name {
+                    "dry-run" => out.dry_run = on,
+                    "overwrite" => out.overwrite = on,
+                    _ => out.json = on,
+                }
+                continue;
+            }
+            let value = match inline {
+                Some(v) => v,
+                None => {
+                    let v = words.get(i).filter(|v| !v.starts_with("--"));
+                    let Some(v) = v else {
+                        bail!("--{name} needs a value");
+                    };
+                    i += 1;
+                    v.clone()
+                }
+            };
+            if VALUED.contains(&name) {
+                match name {
+                    "threads" => {
+                        let n: usize = value.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
+                            anyhow::anyhow!("--threads={value}: expected an integer ≥ 1")
+                        })?;
+                        out.threads = Some(n);
+                    }
+                    _ => out.memory_budget = Some(value),
+                }
+            } else {
+                set(&mut out, name, value)?;
+            }
+            continue;
+        }
+        match w.split_once('=') {
+            Some((k, v)) if !k.is_empty() => set(&mut out, k, v.to_owned())?,
+            _ => bail!("unexpected argument {w:?}: expected key=value or --key value"),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(s: &str) -> Vec<String> {
+        s.split_whitespace().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn both_spellings_fill_the_same_map() {
+        let a = parse_run(&words("hf_model_id=/m megatron_path=/o --dry-run")).unwrap();
+        let b = parse_run(&words("--hf-model-id /m --megatron_path=/o -d")).unwrap();
+        assert_eq!(a, b);
+        assert!(a.dry_run);
+        assert_eq!(a.params["hf_model_id"], "/m");
+    }
+
+    #[test]
+    fn command_options_are_not_parameters() {
+        let a = parse_run(&words(
+            "x=1 --threads 3 --json --overwrite --memory-budget 1GB",
+        ))
+        .unwrap();
+        assert_eq!(a.threads, Some(3));
+        assert!(a.json && a.overwrite);
+        assert_eq!(a.memory_budget.as_deref(), Some("1GB"));
+        assert_eq!(a.params.len(), 1);
+    }
+
+    #[test]
+    fn bad_words_are_refused() {
+        assert!(parse_run(&words("positional")).is_err());
+        assert!(parse_run(&words("--threads")).is_err());
+        assert!(parse_run(&words("--threads 0")).is_err());
+        assert!(parse_run(&words("a=1 a=2")).is_err());
+        assert!(parse_run(&words("a=1 a=1")).is_ok());
+    }
+}

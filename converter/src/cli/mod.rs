@@ -1,0 +1,227 @@
+//! The `ckpt-convert` command line: parsing, rendering, and the exit code.
+
+pub mod args;
+pub mod demo;
+pub mod progress;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use ckpt_convert::execute;
+use ckpt_convert::inspect::Inspection;
+use ckpt_convert::steps::{self, Params, Report, RunOptions};
+use clap::{Parser, Subcommand};
+
+/// Checkpoint conversion between Hugging Face and Megatron-Core layouts.
+#[derive(Debug, Parser)]
+#[command(name = "ckpt-convert", version, about, long_about = None)]
+pub struct Cli {
+    /// Log more (repeat for debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Log lines as JSON.
+    #[arg(long, global = true)]
+    pub log_json: bool,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a step: `run convert/hf_to_megatron hf_model_id=DIR megatron_path=OUT`.
+    ///
+    /// Steps and their parameters (`key=value`, or `--key value`):
+    ///
+    ///   convert/hf_to_megatron  hf_model_id megatron_path [dtype tp pp ep etp mapping iteration distcp_files]
+    ///
+    ///   convert/megatron_to_hf  megatron_path hf_path [hf_model_id dtype max_shard_size mirror_shards mapping]
+    ///
+    /// Options: --dry-run (-d) prints the plan; --overwrite replaces an existing output;
+    /// --json prints the report as JSON; --threads N; --memory-budget SIZE.
+    #[command(verbatim_doc_comment)]
+    Run {
+        /// The step (`convert/hf_to_megatron`, `convert/megatron_to_hf`).
+        step: String,
+        /// Parameters and options.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Show what a checkpoint holds: kind, tensors, shapes, dtypes, sizes, chunking.
+    Inspect {
+        /// An HF directory, a .safetensors file, a Megatron iter_* or run directory.
+        path: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// List every tensor (the default lists the first 40).
+        #[arg(long)]
+        all: bool,
+    },
+    /// Write a small Llama checkpoint, convert it HF → Megatron → HF, check it, report.
+    Demo {
+        /// Where to write (default: a new directory under the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs a step from raw words; returns the report.
+pub fn run_step(step: &str, words: &[String]) -> Result<(Report, bool)> {
+    let raw = args::parse_run(words)?;
+    let mut exec = execute::Options::default();
+    if let Some(n) = raw.threads {
+        exec.threads = n;
+    }
+    if let Some(b) = &raw.memory_budget {
+        exec.memory_budget =
+            Some(ckpt_convert::formats::hf::parse_size(b).ok_or_else(|| {
+                anyhow::anyhow!("--memory-budget={b}: expected a size such as 2GB")
+            })?);
+    }
+    let opts = RunOptions {
+        dry_run: raw.dry_run,
+        overwrite: raw.overwrite,
+        exec,
+    };
+    let progress = progress::for_stderr();
+    let mut params = Params::new(step, raw.params);
+    let report = match step {
+        steps::hf_to_megatron::STEP => {
+            steps::hf_to_megatron::run(&mut params, &opts, progress.as_ref())?
+        }
+        steps::megatron_to_hf::STEP => {
+            steps::megatron_to_hf::run(&mut params, &opts, progress.as_ref())?
+        }
+        other => {
+            return Err(
+                ckpt_convert::preflight::PreflightError::UnknownStep(other.to_owned()).into(),
+            );
+        }
+    };
+    Ok((report, raw.json))
+}
+
+/// Human size: `6.43 GB`.
+pub fn size(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else if b >= 1e3 {
+        format!("{:.1} kB", b / 1e3)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+/// Prints a report for people.
+pub fn print_report(r: &Report) {
+    if r.status == "planned" {
+        for line in &r.plan {
+            println!("{line}");
+        }
+        println!(
+            "{} planned: {} tensors, {} into {} ({}, {} files); nothing written (dry run)",
+            r.step,
+            r.tensors,
+            size(r.tensor_bytes),
+            r.output.display(),
+            r.kind,
+            r.files
+        );
+    } else {
+        println!(
+            "{} {}: {} tensors, {} in {:.1} s ({}/s)",
+            r.step,
+            r.status,
+            r.tensors,
+            size(r.tensor_bytes),
+            r.seconds,
+            size(r.bytes_per_second as u64)
+        );
+        println!("  output:   {} ({})", r.output.display(), r.kind);
+        if let Some(m) = &r.manifest {
+            println!("  manifest: {}", m.display());
+        }
+        println!("  weights digest: {}", r.weights_digest);
+    }
+    for s in &r.skipped {
+        println!("  skipped: {s}");
+    }
+    for w in &r.warnings {
+        println!("  warning: {w}");
+    }
+}
+
+/// Prints an inspection for people.
+pub fn print_inspection(i: &Inspection, all: bool) {
+    println!("{}: {}", i.path.display(), i.kind);
+    if let Some(note) = &i.note {
+        println!("  note: {note}");
+    }
+    if let Some(a) = &i.architecture {
+        println!("  architecture: {a}");
+    }
+    if let Some(it) = i.iteration {
+        println!("  iteration: {it}");
+    }
+    println!(
+        "  {} tensors, {} parameters, {}",
+        i.tensors.len(),
+        i.total_parameters,
+        size(i.total_bytes)
+    );
+    let limit = if all { usize::MAX } else { 40 };
+    for t in i.tensors.iter().take(limit) {
+        let chunks = if t.chunks.len() > 1 {
+            format!(", {} chunks", t.chunks.len())
+        } else {
+            String::new()
+        };
+        println!(
+            "  {} {} {:?} {}{} [{}]",
+            t.name,
+            t.dtype,
+            t.shape,
+            size(t.bytes),
+            chunks,
+            t.files.join(", ")
+        );
+    }
+    if i.tensors.len() > limit {
+        println!("  … {} more (use --all)", i.tensors.len() - limit);
+    }
+    if !i.byte_items.is_empty() {
+        println!("  {} bytes items (module state), e.g.:", i.byte_items.len());
+        for b in i.byte_items.iter().take(5) {
+            println!("    {} ({} bytes): {}", b.name, b.bytes, b.payload);
+        }
+    }
+    if i.skipped_keys > 0 {
+        println!(
+            "  {} optimizer/RNG keys (not model weights)",
+            i.skipped_keys
+        );
+    }
+    if let Some(c) = &i.common_state {
+        println!("  common state: {c}");
+    }
+    for (f, kind) in &i.side_files {
+        println!(
+            "  side file: {f} ({})",
+            serde_json::to_value(kind)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default()
+        );
+    }
+    if i.has_manifest {
+        println!("  {} present", ckpt_convert::manifest::FILE_NAME);
+    }
+}

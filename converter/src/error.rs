@@ -1,0 +1,41 @@
+//! The library's error, composed from each stage's, and the exit code it maps to.
+
+use crate::execute::ExecuteError;
+use crate::formats::FormatError;
+use crate::plan::PlanError;
+use crate::preflight::PreflightError;
+use crate::publish::PublishError;
+
+/// Any failure of a step.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Refused before any work (exit 2).
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
+    /// A source could not be read (exit 2: nothing was written, retrying won't help).
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// The plan could not be built (exit 2).
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// Writing failed (exit 1).
+    #[error(transparent)]
+    Execute(#[from] ExecuteError),
+    /// Publishing failed (exit 1).
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    /// Validation found a problem (exit 1).
+    #[error("validation failed: {0}")]
+    Validation(String),
+}
+
+impl Error {
+    /// 2 for refusals before any output was written, 1 for failures after.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Preflight(_) | Error::Format(_) | Error::Plan(_) => 2,
+            Error::Execute(_) | Error::Publish(_) | Error::Validation(_) => 1,
+        }
+    }
+}

@@ -1,0 +1,576 @@
+//! Executes a plan: pieces in parallel under a byte budget, positioned writes into
+//! pre-laid-out files, then every output fsynced and digested.
+//!
+//! Memory: a piece holds its inputs (mapped pages, released after use) and, unless
+//! it is a plain copy, one output buffer. A budget caps the bytes of pieces in
+//! flight; a piece larger than the budget runs alone. So peak memory follows the
+//! largest tensors, never the model.
+
+use std::borrow::Cow;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+
+use rayon::prelude::*;
+
+use crate::dtype::{DType, cast_into};
+use crate::formats::{torch_save, torch_zip};
+use crate::plan::{Dest, Piece, Plan, TensorStore};
+use crate::source::{MappedFile, read_box};
+
+/// Reports progress; the CLI draws a bar or prints lines, tests ignore it.
+pub trait Progress: Sync {
+    /// A new phase begins (`convert`, `sync`).
+    fn phase(&self, name: &str, total_bytes: u64);
+    /// Bytes of the current phase done.
+    fn advance(&self, bytes: u64);
+    /// All phases are done.
+    fn finish(&self);
+}
+
+/// A [`Progress`] that reports nothing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Silent;
+
+impl Progress for Silent {
+    fn phase(&self, _: &str, _: u64) {}
+    fn advance(&self, _: u64) {}
+    fn finish(&self) {}
+}
+
+/// Execution settings.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Worker threads (1 runs everything on one thread).
+    pub threads: usize,
+    /// Bytes of pieces in flight; `None` picks 512 MiB or the largest piece's need.
+    pub memory_budget: Option<u64>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            memory_budget: None,
+        }
+    }
+}
+
+/// One written file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FileRecord {
+    /// Path relative to the output root.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// BLAKE3 of the whole file (hex), as `b3sum` prints it.
+    pub blake3: String,
+}
+
+/// What an execution produced.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Every file written, sorted by path.
+    pub files: Vec<FileRecord>,
+    /// Digest of the output tensors: BLAKE3 over `name|dtype|shape|blake3(bytes)`
+    /// lines of every piece, sorted by name (layout-independent).
+    pub weights_digest: String,
+    /// The same digest over the source chunks read, per store.
+    pub source_digests: Vec<String>,
+    /// Pieces written.
+    pub pieces: usize,
+    /// Tensor bytes written.
+    pub tensor_bytes: u64,
+    /// The most bytes of pieces that were in flight at once.
+    pub peak_in_flight: u64,
+}
+
+/// Why execution failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExecuteError {
+    /// An output or input file could not be written or read.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A source chunk failed its checksum.
+    #[error("{}: tensor {tensor:?}: {why}", path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// What did not match.
+        why: String,
+    },
+    /// The plan is inconsistent (a bug in a mapping).
+    #[error("invalid plan: {0}")]
+    Plan(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ExecuteError + '_ {
+    move |source| ExecuteError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Checks that every piece reads inside its inputs and fills its output exactly.
+///
+/// # Errors
+/// [`ExecuteError::Plan`] naming the piece.
+pub fn check(plan: &Plan, stores: &[&dyn TensorStore]) -> Result<(), ExecuteError> {
+    for p in &plan.pieces {
+        let bad = |why: String| ExecuteError::Plan(format!("piece {}: {why}", p.name));
+        let out_numel: u64 = p.shape.iter().product();
+        let row_len = p.gather.row_len.max(1);
+        if p.gather.rows() * row_len != out_numel {
+            return Err(bad(format!(
+                "gathers {} rows of {row_len} for {out_numel} elements",
+                p.gather.rows()
+            )));
+        }
+        for (i, input) in p.inputs.iter().enumerate() {
+            let store = stores
+                .get(input.store)
+                .ok_or_else(|| bad("unknown store".into()))?;
+            let t = store
+                .tensors()
+                .get(input.tensor)
+                .ok_or_else(|| bad("unknown tensor".into()))?;
+            let in_bounds = input.offsets.len() == t.shape.len()
+                && input.sizes.len() == t.shape.len()
+                && input
+                    .offsets
+                    .iter()
+                    .zip(&input.sizes)
+                    .zip(&t.shape)
+                    .all(|((o, s), d)| o + s <= *d);
+            if !in_bounds {
+                return Err(bad(format!(
+                    "input {i} box is outside {} {:?}",
+                    t.name, t.shape
+                )));
+            }
+            if input.numel() % row_len != 0 {
+                return Err(bad(format!("input {i} is not a whole number of rows")));
+            }
+            crate::dtype::check_cast(t.dtype, p.dtype).map_err(|e| bad(e.to_string()))?;
+        }
+        for run in &p.gather.runs {
+            if let Some(i) = run.input {
+                let input = p
+                    .inputs
+                    .get(i)
+                    .ok_or_else(|| bad(format!("run reads missing input {i}")))?;
+                if (run.start + run.rows) * row_len > input.numel() {
+                    return Err(bad(format!("run reads past the end of input {i}")));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+struct Budget {
+    limit: u64,
+    used: Mutex<u64>,
+    peak: AtomicU64,
+    freed: Condvar,
+}
+
+impl Budget {
+    fn acquire(&self, want: u64) -> u64 {
+        let n = want.min(self.limit);
+        let mut used = self.used.lock().expect("budget lock");
+        // A piece larger than the budget waits until it can run alone.
+        while *used > 0 && *used + n > self.limit {
+            used = self.freed.wait(used).expect("budget lock");
+        }
+        *used += n;
+        self.peak.fetch_max(*used, Ordering::Relaxed);
+        n
+    }
+
+    fn release(&self, n: u64) {
+        *self.used.lock().expect("budget lock") -= n;
+        self.freed.notify_all();
+    }
+}
+
+/// Per-chunk source digests, each chunk hashed (and CRC-checked) once.
+struct SourceDigests {
+    claimed: Vec<Vec<Vec<AtomicBool>>>,
+    digests: Mutex<Vec<(usize, String)>>,
+}
+
+impl SourceDigests {
+    fn new(stores: &[&dyn TensorStore]) -> Self {
+        let claimed = stores
+            .iter()
+            .map(|s| {
+                s.tensors()
+                    .iter()
+                    .map(|t| t.chunks.iter().map(|_| AtomicBool::new(false)).collect())
+                    .collect()
+            })
+            .collect();
+        SourceDigests {
+            claimed,
+            digests: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn visit(
+        &self,
+        stores: &[&dyn TensorStore],
+        store: usize,
+        tensor: usize,
+    ) -> Result<(), ExecuteError> {
+        let s = stores[store];
+        let t = &s.tensors()[tensor];
+        for (c, chunk) in t.chunks.iter().enumerate() {
+            if self.claimed[store][tensor][c].swap(true, Ordering::AcqRel) {
+                continue;
+            }
+            let region = chunk.footprint();
+            let bytes = s.files().slice(region);
+            if let Some((record, crc)) = chunk.checksum {
+                let actual = crc32fast::hash(s.files().slice(record));
+                if actual != crc {
+                    return Err(ExecuteError::Corrupt {
+                        path: s.files().get(record.file).path.clone(),
+                        tensor: t.name.clone(),
+                        why: format!(
+                            "chunk at {:?}: CRC-32 {actual:08x} does not match the archive's {crc:08x}",
+                            chunk.offsets
+                        ),
+                    });
+                }
+            }
+            let line = format!(
+                "{}|{:?}|{:?}|{}|{}\n",
+                t.name,
+                chunk.offsets,
+                chunk.sizes,
+                t.dtype,
+                blake3::hash(bytes).to_hex()
+            );
+            self.digests
+                .lock()
+                .expect("digest lock")
+                .push((store, line));
+        }
+        Ok(())
+    }
+
+    fn finish(self, nstores: usize) -> Vec<String> {
+        let mut lines = self.digests.into_inner().expect("digest lock");
+        lines.sort();
+        (0..nstores)
+            .map(|s| {
+                let mut h = blake3::Hasher::new();
+                for (_, line) in lines.iter().filter(|(st, _)| *st == s) {
+                    h.update(line.as_bytes());
+                }
+                h.finalize().to_hex().to_string()
+            })
+            .collect()
+    }
+}
+
+/// Test hook: with the `failpoints` feature, `CKPT_CONVERT_ABORT_AFTER_PIECES=N`
+/// aborts the process (like `kill -9`) after N pieces are written.
+#[cfg(feature = "failpoints")]
+fn failpoint(done: u64) {
+    if let Some(n) = std::env::var("CKPT_CONVERT_ABORT_AFTER_PIECES")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        && done >= n
+    {
+        std::process::abort();
+    }
+}
+
+#[cfg(not(feature = "failpoints"))]
+fn failpoint(_: u64) {}
+
+/// Runs `plan` against `stores`, writing under `root` (a fresh staging directory).
+///
+/// # Errors
+/// [`ExecuteError`] naming the file and tensor; what was written stays in `root`
+/// for the caller to discard.
+pub fn execute(
+    plan: &Plan,
+    stores: &[&dyn TensorStore],
+    root: &Path,
+    opts: &Options,
+    progress: &dyn Progress,
+) -> Result<Outcome, ExecuteError> {
+    check(plan, stores)?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.threads.max(1))
+        .build()
+        .map_err(|e| ExecuteError::Plan(format!("cannot start worker threads: {e}")))?;
+    pool.install(|| run(plan, stores, root, opts, progress))
+}
+
+fn create(root: &Path, rel: &str) -> Result<(PathBuf, File), ExecuteError> {
+    let path = root.join(rel);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(io(&path))?;
+    Ok((path, file))
+}
+
+fn run(
+    plan: &Plan,
+    stores: &[&dyn TensorStore],
+    root: &Path,
+    opts: &Options,
+    progress: &dyn Progress,
+) -> Result<Outcome, ExecuteError> {
+    // Lay out every data file before any tensor moves.
+    let mut outputs: Vec<(PathBuf, File)> = Vec::with_capacity(plan.files.len());
+    for f in &plan.files {
+        let (path, file) = create(root, &f.rel)?;
+        file.set_len(f.len).map_err(io(&path))?;
+        for (offset, bytes) in &f.fixed {
+            file.write_all_at(bytes, *offset).map_err(io(&path))?;
+        }
+        outputs.push((path, file));
+    }
+
+    let footprint = |p: &Piece| -> u64 {
+        let inputs: u64 = p
+            .inputs
+            .iter()
+            .map(|i| i.numel() * stores[i.store].tensors()[i.tensor].dtype.size() as u64)
+            .sum();
+        inputs + p.nbytes()
+    };
+    let largest = plan.pieces.iter().map(footprint).max().unwrap_or(0);
+    let budget = Budget {
+        limit: opts.memory_budget.unwrap_or(largest.max(512 << 20)).max(1),
+        used: Mutex::new(0),
+        peak: AtomicU64::new(0),
+        freed: Condvar::new(),
+    };
+    let sources = SourceDigests::new(stores);
+    let piece_digests: Mutex<Vec<String>> = Mutex::new(Vec::with_capacity(plan.pieces.len()));
+    let done = AtomicU64::new(0);
+    progress.phase("convert", plan.tensor_bytes());
+
+    plan.pieces
+        .par_iter()
+        .try_for_each(|piece| -> Result<(), ExecuteError> {
+            let charge = budget.acquire(footprint(piece));
+            let result = write_piece(piece, stores, &outputs, &sources);
+            budget.release(charge);
+            let digest = result?;
+            piece_digests.lock().expect("digest lock").push(format!(
+                "{}|{}|{:?}|{digest}\n",
+                piece.name, piece.dtype, piece.shape
+            ));
+            progress.advance(piece.nbytes());
+            failpoint(done.fetch_add(1, Ordering::Relaxed) + 1);
+            Ok(())
+        })?;
+
+    for g in &plan.generated {
+        let (path, file) = create(root, &g.rel)?;
+        file.write_all_at(&g.bytes, 0).map_err(io(&path))?;
+        outputs.push((path, file));
+    }
+    for c in &plan.copied {
+        let path = root.join(&c.rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+        std::fs::copy(&c.from, &path).map_err(io(&c.from))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        outputs.push((path, file));
+    }
+
+    // Make every byte durable and digest it, files in parallel.
+    let total: u64 = outputs
+        .iter()
+        .map(|(_, f)| f.metadata().map(|m| m.len()).unwrap_or(0))
+        .sum();
+    progress.phase("sync", total);
+    let mut files: Vec<FileRecord> = outputs
+        .par_iter()
+        .map(|(path, file)| -> Result<FileRecord, ExecuteError> {
+            file.sync_all().map_err(io(path))?;
+            let (size, digest) = digest_file(path)?;
+            progress.advance(size);
+            let rel = path
+                .strip_prefix(root)
+                .expect("outputs live under the root")
+                .to_string_lossy()
+                .into_owned();
+            Ok(FileRecord {
+                path: rel,
+                size,
+                blake3: digest,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    sync_dirs(root)?;
+
+    let mut lines = piece_digests.into_inner().expect("digest lock");
+    lines.sort();
+    let mut h = blake3::Hasher::new();
+    for line in &lines {
+        h.update(line.as_bytes());
+    }
+    Ok(Outcome {
+        files,
+        weights_digest: h.finalize().to_hex().to_string(),
+        source_digests: sources.finish(stores.len()),
+        pieces: plan.pieces.len(),
+        tensor_bytes: plan.tensor_bytes(),
+        peak_in_flight: budget.peak.load(Ordering::Relaxed),
+    })
+}
+
+/// Produces one piece and writes it; returns the BLAKE3 of its bytes.
+fn write_piece(
+    piece: &Piece,
+    stores: &[&dyn TensorStore],
+    outputs: &[(PathBuf, File)],
+    sources: &SourceDigests,
+) -> Result<String, ExecuteError> {
+    let mut in_dtypes: Vec<DType> = Vec::with_capacity(piece.inputs.len());
+    let mut in_bytes: Vec<Cow<'_, [u8]>> = Vec::with_capacity(piece.inputs.len());
+    for input in &piece.inputs {
+        let store = stores[input.store];
+        let t = &store.tensors()[input.tensor];
+        for c in &t.chunks {
+            let r = c.footprint();
+            store.files().get(r.file).will_need(r.offset, r.len);
+        }
+        sources.visit(stores, input.store, input.tensor)?;
+        in_dtypes.push(t.dtype);
+        in_bytes.push(read_box(store.files(), t, &input.offsets, &input.sizes));
+    }
+    let row_len = piece.gather.row_len.max(1);
+    let plain_copy = piece.inputs.len() == 1
+        && in_dtypes[0] == piece.dtype
+        && piece.gather.runs.len() == 1
+        && piece.gather.runs[0].input == Some(0)
+        && piece.gather.runs[0].start == 0
+        && piece.gather.runs[0].rows * row_len == piece.inputs[0].numel();
+    let data: Cow<'_, [u8]> = if plain_copy {
+        // Zero-copy: the mapped source goes straight to the positioned write.
+        in_bytes.swap_remove(0)
+    } else {
+        let oes = piece.dtype.size() as u64;
+        let mut out = vec![0u8; piece.nbytes() as usize];
+        let mut row = 0u64;
+        for run in &piece.gather.runs {
+            let dst = &mut out
+                [(row * row_len * oes) as usize..((row + run.rows) * row_len * oes) as usize];
+            if let Some(i) = run.input {
+                let ies = in_dtypes[i].size() as u64;
+                let src = &in_bytes[i][(run.start * row_len * ies) as usize
+                    ..((run.start + run.rows) * row_len * ies) as usize];
+                cast_into(in_dtypes[i], src, piece.dtype, dst);
+            }
+            row += run.rows;
+        }
+        Cow::Owned(out)
+    };
+    let digest = blake3::hash(&data).to_hex().to_string();
+    match &piece.dest {
+        Dest::Raw { file, offset } => {
+            let (path, f) = &outputs[*file];
+            f.write_all_at(&data, *offset).map_err(io(path))?;
+        }
+        Dest::DcpItem { file, offset } => {
+            let (path, f) = &outputs[*file];
+            let crc = crc32fast::hash(&data);
+            let layout = torch_zip::layout_archive(
+                &torch_save::tensor_archive_records(piece.dtype, &piece.shape, data.len() as u64),
+                crc,
+            );
+            let data_at = offset + layout.prefix.len() as u64;
+            f.write_all_at(&layout.prefix, *offset).map_err(io(path))?;
+            f.write_all_at(&data, data_at).map_err(io(path))?;
+            f.write_all_at(&layout.suffix, data_at + data.len() as u64)
+                .map_err(io(path))?;
+        }
+    }
+    drop(data);
+    drop(in_bytes);
+    // Release the mapped inputs so resident memory follows the pieces in flight.
+    for input in &piece.inputs {
+        let store = stores[input.store];
+        for c in &store.tensors()[input.tensor].chunks {
+            let r = c.footprint();
+            store.files().get(r.file).release(r.offset, r.len);
+        }
+    }
+    Ok(digest)
+}
+
+/// BLAKE3 of a whole file, read through a map in windows released after use.
+///
+/// # Errors
+/// The I/O error of reading it.
+pub fn digest_file(path: &Path) -> Result<(u64, String), ExecuteError> {
+    const WINDOW: u64 = 64 << 20;
+    let map = MappedFile::open(path).map_err(io(path))?;
+    let mut h = blake3::Hasher::new();
+    let len = map.len();
+    let mut at = 0u64;
+    while at < len {
+        let n = WINDOW.min(len - at);
+        let window = &map.bytes()[at as usize..(at + n) as usize];
+        if n >= 1 << 20 {
+            h.update_rayon(window);
+        } else {
+            h.update(window);
+        }
+        map.release(at, n);
+        at += n;
+    }
+    Ok((len, h.finalize().to_hex().to_string()))
+}
+
+/// Fsyncs `root` and every directory under it, so new entries are durable.
+///
+/// # Errors
+/// The I/O error of opening or syncing a directory.
+pub fn sync_dirs(root: &Path) -> Result<(), ExecuteError> {
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(io(&dir))? {
+            let entry = entry.map_err(io(&dir))?;
+            if entry.file_type().map_err(io(&dir))?.is_dir() {
+                stack.push(entry.path());
+            }
+        }
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&dir))?;
+    }
+    Ok(())
+}

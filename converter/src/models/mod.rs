@@ -1,0 +1,235 @@
+//! Model families: how each architecture's tensors map between the Hugging Face
+//! and Megatron-Core layouts, and the Megatron model configuration derived from
+//! `config.json`.
+//!
+//! A [`Mapping`] turns a source's tensor list into planned outputs; it never reads
+//! tensor data. [`Identity`] keeps names and shapes (a raw export, and the format
+//! proof); the families live in their own files.
+
+use std::path::Path;
+
+use crate::dtype::DType;
+use crate::error::Error;
+use crate::formats::FormatError;
+use crate::formats::hf::HfCheckpoint;
+use crate::formats::megatron::MegatronCheckpoint;
+use crate::layout::DcpBytesSpec;
+use crate::preflight::PreflightError;
+use crate::run_config::Yaml;
+use crate::steps::{ChunkOut, TensorOut};
+
+/// The parallel layout a Megatron checkpoint is meant for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parallelism {
+    /// Tensor parallel size.
+    pub tp: u64,
+    /// Pipeline parallel size.
+    pub pp: u64,
+    /// Expert parallel size.
+    pub ep: u64,
+    /// Expert tensor parallel size.
+    pub etp: u64,
+}
+
+/// Planned Megatron output.
+#[derive(Debug, Clone, Default)]
+pub struct MegatronBuild {
+    /// Tensor chunks.
+    pub chunks: Vec<ChunkOut>,
+    /// Bytes items (`_extra_state`).
+    pub bytes: Vec<DcpBytesSpec>,
+    /// Source tensors not converted, with the reason.
+    pub skipped: Vec<(String, String)>,
+    /// Notes for the user.
+    pub warnings: Vec<String>,
+}
+
+/// Planned HF output.
+#[derive(Debug, Clone, Default)]
+pub struct HfBuild {
+    /// Tensors in state-dict order.
+    pub tensors: Vec<TensorOut>,
+    /// Source tensors not converted, with the reason.
+    pub skipped: Vec<(String, String)>,
+    /// Notes for the user.
+    pub warnings: Vec<String>,
+}
+
+/// How one architecture maps between the two layouts.
+pub trait Mapping {
+    /// The mapping's name (`llama`, `identity`).
+    fn name(&self) -> &str;
+
+    /// Refuses parallel sizes the model cannot be split into.
+    ///
+    /// # Errors
+    /// [`PreflightError`] naming the size and the dimension it must divide.
+    fn check_parallelism(&self, p: &Parallelism) -> Result<(), PreflightError>;
+
+    /// Plans the Megatron tensors from an HF checkpoint (store index `store`).
+    ///
+    /// # Errors
+    /// [`Error`] when the source lacks a tensor or has one of the wrong shape.
+    fn hf_to_megatron(
+        &self,
+        src: &HfCheckpoint,
+        store: usize,
+        dtype: DType,
+    ) -> Result<MegatronBuild, Error>;
+
+    /// Plans the HF tensors from a Megatron checkpoint (store index `store`).
+    ///
+    /// # Errors
+    /// [`Error`] when the source lacks a tensor or has one of the wrong shape.
+    fn megatron_to_hf(
+        &self,
+        src: &MegatronCheckpoint,
+        store: usize,
+        dtype: Option<DType>,
+    ) -> Result<HfBuild, Error>;
+
+    /// The `model:` section of `run_config.yaml`.
+    fn megatron_model_config(&self, p: &Parallelism, dtype: DType) -> Vec<(String, Yaml)>;
+
+    /// The `config.json` to write on export, when it must differ from the source's
+    /// (a changed dtype); `None` copies the source's unchanged.
+    fn export_config(
+        &self,
+        config: Option<&serde_json::Value>,
+        dtype: Option<DType>,
+    ) -> Option<String> {
+        let mut cfg = config?.clone();
+        let dtype = dtype?;
+        let obj = cfg.as_object_mut()?;
+        let mut changed = false;
+        for key in ["torch_dtype", "dtype"] {
+            if let Some(v) = obj.get_mut(key)
+                && v.as_str() != Some(dtype.torch_name())
+            {
+                *v = serde_json::Value::String(dtype.torch_name().into());
+                changed = true;
+            }
+        }
+        changed.then(|| {
+            let mut s = serde_json::to_string_pretty(&cfg).expect("config serializes");
+            s.push('\n');
+            s
+        })
+    }
+}
+
+/// Reads `config.json` of an HF directory, if present.
+///
+/// # Errors
+/// [`FormatError`] when it exists but is not JSON.
+pub fn read_config(dir: &Path) -> Result<Option<serde_json::Value>, FormatError> {
+    let path = dir.join("config.json");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| FormatError::file(&path, format!("not valid JSON: {e}"))),
+        Err(_) => Ok(None),
+    }
+}
+
+/// Picks the mapping for a model from its `config.json` (`architectures`, then
+/// `model_type`).
+///
+/// # Errors
+/// [`PreflightError::Unsupported`] naming the architecture, or the option that the
+/// family does not support.
+pub fn for_config(
+    dir: &Path,
+    config: Option<&serde_json::Value>,
+) -> Result<Box<dyn Mapping>, Error> {
+    let config = config.ok_or_else(|| {
+        PreflightError::Unsupported(format!(
+            "{}: no config.json, so the architecture is unknown (use mapping=identity to copy tensors under their own names)",
+            dir.display()
+        ))
+    })?;
+    let arch = config
+        .get("architectures")
+        .and_then(|a| a.as_array())
+        .and_then(|a| a.first())
+        .and_then(|a| a.as_str())
+        .map(str::to_owned)
+        .or_else(|| {
+            config
+                .get("model_type")
+                .and_then(|m| m.as_str())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "(none)".into());
+    Err(PreflightError::Unsupported(format!(
+        "{}: architecture {arch} is not supported (supported: none yet; use mapping=identity to copy tensors under their own names)",
+        dir.join("config.json").display()
+    ))
+    .into())
+}
+
+/// Keeps names, shapes and chunking; only casts floats. A raw export of Megatron
+/// tensors to safetensors and back, and the proof that both formats are right.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Identity;
+
+impl Mapping for Identity {
+    fn name(&self) -> &str {
+        "identity"
+    }
+
+    fn check_parallelism(&self, _: &Parallelism) -> Result<(), PreflightError> {
+        Ok(())
+    }
+
+    fn hf_to_megatron(
+        &self,
+        src: &HfCheckpoint,
+        store: usize,
+        dtype: DType,
+    ) -> Result<MegatronBuild, Error> {
+        Ok(MegatronBuild {
+            chunks: crate::steps::hf_to_megatron::identity_chunks(src, store, Some(dtype))?,
+            warnings: vec![
+                "mapping=identity writes tensors under their HF names and no _extra_state items; Megatron-Core loads it only into a model with those keys, with a relaxed dist_ckpt_strictness".into(),
+            ],
+            ..MegatronBuild::default()
+        })
+    }
+
+    fn megatron_to_hf(
+        &self,
+        src: &MegatronCheckpoint,
+        store: usize,
+        dtype: Option<DType>,
+    ) -> Result<HfBuild, Error> {
+        let skipped = src
+            .byte_items
+            .iter()
+            .map(|b| {
+                (
+                    b.fqn.clone(),
+                    "bytes item (module state), not a tensor".to_owned(),
+                )
+            })
+            .chain(
+                src.skipped
+                    .iter()
+                    .map(|k| (k.clone(), "optimizer or RNG state".to_owned())),
+            )
+            .collect();
+        Ok(HfBuild {
+            tensors: crate::steps::megatron_to_hf::identity_tensors(src, store, dtype)?,
+            skipped,
+            warnings: Vec::new(),
+        })
+    }
+
+    fn megatron_model_config(&self, p: &Parallelism, dtype: DType) -> Vec<(String, Yaml)> {
+        crate::run_config::parallel_fields(p, dtype)
+    }
+
+    fn export_config(&self, _: Option<&serde_json::Value>, _: Option<DType>) -> Option<String> {
+        None
+    }
+}

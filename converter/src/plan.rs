@@ -1,0 +1,284 @@
+//! A plan: every output file, and every piece of tensor data, with the source
+//! regions it is made from and the one transform that makes it.
+//!
+//! Plans are built from headers and metadata only. Each [`Piece`] is one output
+//! tensor (or one chunk of a Megatron tensor): a list of source boxes and a
+//! [`RowGather`] that says which rows of which input, in which order, form the
+//! output rows, with a dtype cast. Copy, cast, QKV interleave and split, gate/up
+//! concatenation and split, and vocabulary padding and unpadding are all row
+//! gathers, so one kernel executes every plan and `--dry-run` can print it.
+
+use std::path::PathBuf;
+
+use crate::dtype::DType;
+use crate::source::{Files, GlobalTensor};
+
+/// Something that holds source tensors.
+pub trait TensorStore: Sync {
+    /// The mapped files the tensors live in.
+    fn files(&self) -> &Files;
+    /// The tensors.
+    fn tensors(&self) -> &[GlobalTensor];
+    /// A short label for messages (`hf`, `megatron`, `adapter`).
+    fn label(&self) -> &str;
+}
+
+impl TensorStore for crate::formats::hf::HfCheckpoint {
+    fn files(&self) -> &Files {
+        &self.files
+    }
+    fn tensors(&self) -> &[GlobalTensor] {
+        &self.tensors
+    }
+    fn label(&self) -> &str {
+        "hf"
+    }
+}
+
+impl TensorStore for crate::formats::megatron::MegatronCheckpoint {
+    fn files(&self) -> &Files {
+        &self.files
+    }
+    fn tensors(&self) -> &[GlobalTensor] {
+        &self.tensors
+    }
+    fn label(&self) -> &str {
+        "megatron"
+    }
+}
+
+/// A box of a source tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Input {
+    /// Which store (index into the executor's store list).
+    pub store: usize,
+    /// Which tensor of that store.
+    pub tensor: usize,
+    /// Box start.
+    pub offsets: Vec<u64>,
+    /// Box extent.
+    pub sizes: Vec<u64>,
+}
+
+impl Input {
+    /// The whole tensor `tensor` of `store`.
+    pub fn whole(store: usize, tensor: usize, t: &GlobalTensor) -> Input {
+        Input {
+            store,
+            tensor,
+            offsets: vec![0; t.shape.len()],
+            sizes: t.shape.clone(),
+        }
+    }
+
+    /// Elements in the box.
+    pub fn numel(&self) -> u64 {
+        self.sizes.iter().product()
+    }
+}
+
+/// A run of output rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    /// The input the rows come from; `None` for zero rows (vocabulary padding).
+    pub input: Option<usize>,
+    /// First row in that input.
+    pub start: u64,
+    /// Number of rows.
+    pub rows: u64,
+}
+
+/// Output rows as runs of input rows. A row is the last axis of a tensor (one
+/// element for 1-d tensors); every input and the output share the row length.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowGather {
+    /// Elements per row.
+    pub row_len: u64,
+    /// Runs, in output order.
+    pub runs: Vec<Run>,
+}
+
+impl RowGather {
+    /// All rows of input 0, in order (a copy or cast).
+    pub fn copy(rows: u64, row_len: u64) -> RowGather {
+        RowGather {
+            row_len,
+            runs: vec![Run {
+                input: Some(0),
+                start: 0,
+                rows,
+            }],
+        }
+    }
+
+    /// Total output rows.
+    pub fn rows(&self) -> u64 {
+        self.runs.iter().map(|r| r.rows).sum()
+    }
+}
+
+/// Where a piece's bytes go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dest {
+    /// Raw elements at an offset of an output file (safetensors data).
+    Raw {
+        /// Output file index.
+        file: usize,
+        /// Byte offset.
+        offset: u64,
+    },
+    /// A one-tensor `torch.save` archive at an offset of a `.distcp` file.
+    DcpItem {
+        /// Output file index.
+        file: usize,
+        /// Byte offset of the archive.
+        offset: u64,
+    },
+}
+
+/// One unit of work: an output tensor or chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    /// Output name (HF name, or DCP key with the chunk offsets).
+    pub name: String,
+    /// Output element type.
+    pub dtype: DType,
+    /// Output shape.
+    pub shape: Vec<u64>,
+    /// Source boxes.
+    pub inputs: Vec<Input>,
+    /// How output rows come from input rows.
+    pub gather: RowGather,
+    /// Where the bytes go.
+    pub dest: Dest,
+    /// The transform, in words, for `--dry-run` and reports (`copy`, `qkv interleave`).
+    pub transform: String,
+}
+
+impl Piece {
+    /// Output bytes.
+    pub fn nbytes(&self) -> u64 {
+        self.shape.iter().product::<u64>() * self.dtype.size() as u64
+    }
+}
+
+/// An output file whose content is written by pieces (plus fixed bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutFile {
+    /// Path relative to the output root.
+    pub rel: String,
+    /// Final length.
+    pub len: u64,
+    /// Bytes known at plan time (headers, small items), at their offsets.
+    pub fixed: Vec<(u64, Vec<u8>)>,
+}
+
+/// A small output file generated whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generated {
+    /// Path relative to the output root.
+    pub rel: String,
+    /// Content.
+    pub bytes: Vec<u8>,
+}
+
+/// A file copied from a source (tokenizer, config, chat template).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Copied {
+    /// Path relative to the output root.
+    pub rel: String,
+    /// Source file.
+    pub from: PathBuf,
+    /// What it is (`config`, `tokenizer`, `chat_template`, ...), for provenance.
+    pub kind: String,
+}
+
+/// Everything one output directory is made of.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Files written by pieces.
+    pub files: Vec<OutFile>,
+    /// Pieces of tensor data.
+    pub pieces: Vec<Piece>,
+    /// Small generated files.
+    pub generated: Vec<Generated>,
+    /// Copied side files.
+    pub copied: Vec<Copied>,
+    /// Source tensors deliberately not converted, with the reason.
+    pub skipped: Vec<(String, String)>,
+}
+
+impl Plan {
+    /// Bytes of tensor data the plan writes.
+    pub fn tensor_bytes(&self) -> u64 {
+        self.pieces.iter().map(Piece::nbytes).sum()
+    }
+
+    /// The largest piece, in bytes.
+    pub fn largest_piece(&self) -> u64 {
+        self.pieces.iter().map(Piece::nbytes).max().unwrap_or(0)
+    }
+
+    /// One line per piece: output, shape, dtype, transform and sources.
+    pub fn describe(&self, stores: &[&dyn TensorStore]) -> Vec<String> {
+        self.pieces
+            .iter()
+            .map(|p| {
+                let sources: Vec<String> = p
+                    .inputs
+                    .iter()
+                    .map(|i| {
+                        let t = &stores[i.store].tensors()[i.tensor];
+                        if i.sizes == t.shape {
+                            t.name.clone()
+                        } else {
+                            format!("{}[{}]", t.name, box_text(&i.offsets, &i.sizes))
+                        }
+                    })
+                    .collect();
+                let file = match &p.dest {
+                    Dest::Raw { file, .. } | Dest::DcpItem { file, .. } => &self.files[*file].rel,
+                };
+                format!(
+                    "{} {:?} {} <- {} ({}) -> {}",
+                    p.name,
+                    p.shape,
+                    p.dtype,
+                    sources.join(" + "),
+                    p.transform,
+                    file
+                )
+            })
+            .collect()
+    }
+}
+
+/// Renders a box as `a:b, c:d`.
+pub fn box_text(offsets: &[u64], sizes: &[u64]) -> String {
+    offsets
+        .iter()
+        .zip(sizes)
+        .map(|(o, s)| format!("{o}:{}", o + s))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Why a plan cannot be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PlanError {
+    /// A cast the converter does not do.
+    #[error("tensor {tensor:?}: {source}")]
+    Cast {
+        /// The tensor.
+        tensor: String,
+        /// The refused cast.
+        source: crate::dtype::CastError,
+    },
+    /// Source and plan disagree (missing tensor, wrong shape).
+    #[error("{0}")]
+    Mismatch(String),
+    /// A format problem while laying out outputs.
+    #[error(transparent)]
+    Format(#[from] crate::formats::FormatError),
+}

@@ -1,0 +1,216 @@
+//! `convert/megatron_to_hf`: a Megatron-Core iteration directory into a Hugging
+//! Face directory, rebuilt around `hf_model_id` (config, generation config,
+//! tokenizer, chat template) as Megatron-Bridge's export does.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use super::{
+    Params, Report, RunOptions, Target, TensorOut, copy_transform, out_dtype, row_len, rows,
+};
+use crate::dtype::DType;
+use crate::error::Error;
+use crate::execute::Progress;
+use crate::formats::hf::{self, HfCheckpoint};
+use crate::formats::megatron::MegatronCheckpoint;
+use crate::layout::Sharding;
+use crate::models::{self, Mapping};
+use crate::plan::{Input, PlanError, RowGather, TensorStore};
+use crate::preflight::{self, PreflightError};
+
+/// The step name.
+pub const STEP: &str = "convert/megatron_to_hf";
+
+/// Default largest shard, as `huggingface_hub` and transformers 4.x write them.
+pub const DEFAULT_MAX_SHARD_SIZE: &str = "5GB";
+
+/// A typed `convert/megatron_to_hf` request.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The iteration directory read.
+    pub megatron_path: PathBuf,
+    /// The HF model that supplies config and tokenizer (and the layout to mirror).
+    pub hf_model_id: Option<String>,
+    /// Its resolved directory.
+    pub hf_dir: Option<PathBuf>,
+    /// The HF directory written.
+    pub hf_path: PathBuf,
+    /// Output dtype for floating-point weights.
+    pub dtype: Option<DType>,
+    /// Largest shard, in bytes.
+    pub max_shard_size: u64,
+    /// `auto` or `identity`.
+    pub mapping: String,
+    /// Mirror the shard file assignment of `hf_model_id`'s weights.
+    pub mirror_shards: bool,
+}
+
+impl Request {
+    /// Builds the request from parameters, checking everything that needs no data.
+    ///
+    /// # Errors
+    /// [`PreflightError`] for missing or bad parameters and unsafe paths.
+    pub fn from_params(p: &mut Params, overwrite: bool) -> Result<Request, Error> {
+        let megatron_path = p.path("megatron_path", "the iter_NNNNNNN directory to read")?;
+        let hf_model_id = p.opt("hf_model_id");
+        let hf_path = p.path("hf_path", "the Hugging Face directory to write")?;
+        let dtype = p.dtype(Some(DType::BF16))?;
+        for name in ["tp", "pp", "ep", "etp"] {
+            // Any saved layout is read; these only have to be well formed.
+            p.positive(name, 1)?;
+        }
+        let mapping = p.choice("mapping", &["auto", "identity"], "auto")?;
+        let size_text = p
+            .opt("max_shard_size")
+            .unwrap_or_else(|| DEFAULT_MAX_SHARD_SIZE.into());
+        let max_shard_size =
+            hf::parse_size(&size_text).ok_or_else(|| PreflightError::BadValue {
+                name: "max_shard_size".into(),
+                value: size_text.clone(),
+                expected: "a size such as 5GB, 500MB or 2GiB".into(),
+            })?;
+        let mirror_shards = p.flag("mirror_shards", true)?;
+        p.accept_ignored(&[
+            "trust_remote_code",
+            "show_progress",
+            "strict",
+            "distributed",
+            "distributed_save",
+            "save_every_n_ranks",
+            "device_map",
+        ]);
+        p.finish()?;
+        let hf_dir = hf_model_id.as_deref().map(hf::resolve_model).transpose()?;
+        preflight::check_disjoint("hf_path", &hf_path, "megatron_path", &megatron_path)?;
+        if let Some(dir) = &hf_dir {
+            preflight::check_disjoint("hf_path", &hf_path, "hf_model_id", dir)?;
+        }
+        preflight::check_new("hf_path", &hf_path, overwrite)?;
+        Ok(Request {
+            megatron_path,
+            hf_model_id,
+            hf_dir,
+            hf_path,
+            dtype,
+            max_shard_size,
+            mapping,
+            mirror_shards,
+        })
+    }
+}
+
+/// Runs the step.
+///
+/// # Errors
+/// [`Error`]: preflight refusals (exit 2), unreadable sources (2), write failures (1).
+pub fn run(
+    params: &mut Params,
+    opts: &RunOptions,
+    progress: &dyn Progress,
+) -> Result<Report, Error> {
+    let req = Request::from_params(params, opts.overwrite)?;
+    let src = MegatronCheckpoint::open(&req.megatron_path)?;
+    let config = match &req.hf_dir {
+        Some(dir) => models::read_config(dir)?,
+        None => None,
+    };
+    let mapping: Box<dyn Mapping> = if req.mapping == "identity" {
+        Box::new(models::Identity)
+    } else {
+        let dir = req.hf_dir.as_ref().ok_or_else(|| PreflightError::Missing {
+            step: STEP.into(),
+            name: "hf_model_id".into(),
+            hint: "the Hugging Face model whose config and tokenizer the output is rebuilt from (or mapping=identity to export raw Megatron tensors)".into(),
+        })?;
+        models::for_config(dir, config.as_ref())?
+    };
+    let built = mapping.megatron_to_hf(&src, 0, req.dtype)?;
+    let mut warnings = built.warnings;
+    let mut side = Vec::new();
+    // Mirror the source HF checkpoint's shard files when it has weights, as
+    // Megatron-Bridge does; otherwise shard greedily like save_pretrained.
+    let mut sharding = Sharding::MaxSize(req.max_shard_size);
+    if let Some(dir) = &req.hf_dir {
+        side = hf::side_files(dir)?;
+        if req.mirror_shards
+            && let Ok(reference) = HfCheckpoint::open(dir)
+        {
+            let shard_of: HashMap<String, String> = reference.shard_of.clone();
+            let covered = built.tensors.iter().all(|t| shard_of.contains_key(&t.name));
+            if covered {
+                sharding = Sharding::Assigned {
+                    shard_of,
+                    index: reference.index_metadata.is_some(),
+                };
+            } else {
+                warnings.push(format!(
+                    "hf_model_id={} names different tensors; sharding with max_shard_size instead of mirroring its shard files",
+                    dir.display()
+                ));
+            }
+        }
+    } else {
+        // No reference model: take the tokenizer saved inside the iteration, if any.
+        let tok = src.dir.join("tokenizer");
+        if tok.is_dir() {
+            side = hf::side_files(&tok)?;
+        }
+        warnings.push(
+            "no hf_model_id: config.json is not written, so transformers cannot load the output"
+                .into(),
+        );
+    }
+    let mut plan = super::plan_hf(built.tensors, &sharding)?;
+    plan.skipped = built.skipped;
+    super::copy_side_files(&mut plan, &side, "");
+    if let Some(cfg) = mapping.export_config(config.as_ref(), req.dtype) {
+        plan.copied.retain(|c| c.rel != "config.json");
+        plan.generated.push(crate::plan::Generated {
+            rel: "config.json".into(),
+            bytes: cfg.into_bytes(),
+        });
+    }
+    let stores: [&dyn TensorStore; 1] = [&src];
+    let mut sources = vec![super::megatron_source_info("megatron_path", &src)];
+    if let Some(dir) = &req.hf_dir {
+        sources.push(super::SourceInfo {
+            role: "hf_model_id".into(),
+            path: dir.clone(),
+            kind: "checkpoint_hf".into(),
+            files: Vec::new(),
+        });
+    }
+    let target = Target {
+        dir: req.hf_path.clone(),
+        kind: "checkpoint_hf".into(),
+        run_dir: None,
+    };
+    super::execute_and_publish(
+        STEP, params, plan, &stores, sources, target, opts, progress, warnings,
+    )
+}
+
+/// The identity mapping's tensors: every Megatron tensor under its own key, whole.
+pub fn identity_tensors(
+    src: &dyn TensorStore,
+    store: usize,
+    dtype: Option<DType>,
+) -> Result<Vec<TensorOut>, PlanError> {
+    let mut out = Vec::new();
+    for (i, t) in src.tensors().iter().enumerate() {
+        let to = out_dtype(t.dtype, dtype);
+        crate::dtype::check_cast(t.dtype, to).map_err(|source| PlanError::Cast {
+            tensor: t.name.clone(),
+            source,
+        })?;
+        out.push(TensorOut {
+            name: t.name.clone(),
+            dtype: to,
+            shape: t.shape.clone(),
+            inputs: vec![Input::whole(store, i, t)],
+            gather: RowGather::copy(rows(&t.shape), row_len(&t.shape)),
+            transform: copy_transform(t.dtype, to),
+        });
+    }
+    Ok(out)
+}

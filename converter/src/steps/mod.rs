@@ -1,0 +1,488 @@
+//! The conversion steps, in the vocabulary users already type:
+//! `convert/hf_to_megatron` and `convert/megatron_to_hf`.
+//!
+//! Every step runs the same stages: preflight (parameters and paths), plan (from
+//! headers), execute (stream tensors into a staging directory), publish (manifest,
+//! atomic rename), and returns a [`Report`].
+
+pub mod hf_to_megatron;
+pub mod megatron_to_hf;
+pub mod params;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::dtype::DType;
+use crate::error::Error;
+use crate::execute::{self, Outcome, Progress};
+use crate::formats::hf::{self, SideFile};
+use crate::layout::{self, DcpBytesSpec, DcpChunkSpec, HfTensorSpec, Sharding};
+use crate::manifest::{self, Manifest};
+use crate::plan::{Copied, Generated, Input, Plan, PlanError, RowGather, TensorStore};
+use crate::publish::Staging;
+
+pub use params::Params;
+
+/// Settings shared by every step.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Print the plan and stop.
+    pub dry_run: bool,
+    /// Replace an existing output.
+    pub overwrite: bool,
+    /// Execution settings.
+    pub exec: execute::Options,
+}
+
+/// The result of a step, printed as a summary or as JSON (`--json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The step.
+    pub step: String,
+    /// `succeeded` or `planned` (dry run).
+    pub status: String,
+    /// The output directory.
+    pub output: PathBuf,
+    /// `checkpoint_hf` or `checkpoint_megatron`.
+    pub kind: String,
+    /// Tensors written (or planned).
+    pub tensors: usize,
+    /// Tensor bytes.
+    pub tensor_bytes: u64,
+    /// Files written.
+    pub files: usize,
+    /// Wall time.
+    pub seconds: f64,
+    /// Tensor bytes per second.
+    pub bytes_per_second: f64,
+    /// Most bytes of pieces in flight at once.
+    pub peak_in_flight_bytes: u64,
+    /// Layout-independent digest of the output tensors.
+    pub weights_digest: String,
+    /// The manifest written with the output.
+    pub manifest: Option<PathBuf>,
+    /// The plan, one line per output tensor (dry run only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub plan: Vec<String>,
+    /// Source tensors not converted, with the reason.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
+    /// Things the user should know.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// One output tensor of an HF checkpoint and how to make it.
+#[derive(Debug, Clone)]
+pub struct TensorOut {
+    /// HF name.
+    pub name: String,
+    /// Output dtype.
+    pub dtype: DType,
+    /// Shape.
+    pub shape: Vec<u64>,
+    /// Source boxes.
+    pub inputs: Vec<Input>,
+    /// Row gather.
+    pub gather: RowGather,
+    /// The transform, in words.
+    pub transform: String,
+}
+
+/// One chunk of a Megatron tensor and how to make it.
+#[derive(Debug, Clone)]
+pub struct ChunkOut {
+    /// The DCP key.
+    pub fqn: String,
+    /// Global shape of the key.
+    pub global_shape: Vec<u64>,
+    /// Chunk start.
+    pub offsets: Vec<u64>,
+    /// Chunk extent.
+    pub sizes: Vec<u64>,
+    /// Output dtype.
+    pub dtype: DType,
+    /// Source boxes.
+    pub inputs: Vec<Input>,
+    /// Row gather.
+    pub gather: RowGather,
+    /// The transform, in words.
+    pub transform: String,
+}
+
+/// Elements per row of a tensor of `shape` (its last axis; 1 for 0-d and 1-d).
+pub fn row_len(shape: &[u64]) -> u64 {
+    if shape.len() >= 2 {
+        shape[shape.len() - 1]
+    } else {
+        1
+    }
+}
+
+/// Rows of a tensor of `shape`.
+pub fn rows(shape: &[u64]) -> u64 {
+    shape.iter().product::<u64>() / row_len(shape).max(1)
+}
+
+/// The dtype a tensor is written in: floats take `to`, others keep theirs.
+pub fn out_dtype(from: DType, to: Option<DType>) -> DType {
+    match to {
+        Some(to) if from.is_float() && from != to => to,
+        _ => from,
+    }
+}
+
+/// Describes a copy or cast.
+pub fn copy_transform(from: DType, to: DType) -> String {
+    if from == to {
+        "copy".into()
+    } else {
+        format!("cast {from}→{to}")
+    }
+}
+
+/// Plans an HF checkpoint from `tensors` (in state-dict order).
+///
+/// # Errors
+/// [`PlanError`] if a header cannot be laid out.
+pub fn plan_hf(tensors: Vec<TensorOut>, sharding: &Sharding) -> Result<Plan, PlanError> {
+    let specs: Vec<HfTensorSpec> = tensors
+        .iter()
+        .map(|t| HfTensorSpec {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+        })
+        .collect();
+    let l = layout::hf(&specs, sharding, 0)?;
+    let mut plan = Plan {
+        files: l.files,
+        ..Plan::default()
+    };
+    plan.generated.extend(l.index);
+    for (t, dest) in tensors.into_iter().zip(l.dests) {
+        plan.pieces.push(crate::plan::Piece {
+            name: t.name,
+            dtype: t.dtype,
+            shape: t.shape,
+            inputs: t.inputs,
+            gather: t.gather,
+            dest,
+            transform: t.transform,
+        });
+    }
+    Ok(plan)
+}
+
+/// Plans the data of a Megatron iteration directory from `chunks` and `bytes`
+/// items over `nfiles` `.distcp` files.
+pub fn plan_megatron(chunks: Vec<ChunkOut>, bytes: &[DcpBytesSpec], nfiles: usize) -> Plan {
+    let specs: Vec<DcpChunkSpec> = chunks
+        .iter()
+        .map(|c| DcpChunkSpec {
+            fqn: c.fqn.clone(),
+            dtype: c.dtype,
+            global_shape: c.global_shape.clone(),
+            offsets: c.offsets.clone(),
+            sizes: c.sizes.clone(),
+        })
+        .collect();
+    let l = layout::dcp(&specs, bytes, nfiles, 0);
+    let mut plan = Plan {
+        files: l.files,
+        ..Plan::default()
+    };
+    plan.generated.push(Generated {
+        rel: ".metadata".into(),
+        bytes: l.metadata,
+    });
+    for (c, dest) in chunks.into_iter().zip(l.dests) {
+        let name = if c.sizes == c.global_shape {
+            c.fqn
+        } else {
+            format!("{}[{}]", c.fqn, crate::plan::box_text(&c.offsets, &c.sizes))
+        };
+        plan.pieces.push(crate::plan::Piece {
+            name,
+            dtype: c.dtype,
+            shape: c.sizes,
+            inputs: c.inputs,
+            gather: c.gather,
+            dest,
+            transform: c.transform,
+        });
+    }
+    plan
+}
+
+/// Adds copies of `files` under `prefix` (e.g. `tokenizer/`); later lists win over
+/// earlier ones for the same output path.
+pub fn copy_side_files(plan: &mut Plan, files: &[SideFile], prefix: &str) {
+    for f in files {
+        let rel = format!("{prefix}{}", f.rel);
+        plan.copied.retain(|c| c.rel != rel);
+        plan.copied.push(Copied {
+            rel,
+            from: f.path.clone(),
+            kind: serde_json::to_value(f.kind)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+        });
+    }
+}
+
+/// Tokenizer and chat-template files of a side-file list.
+pub fn tokenizer_files(files: &[SideFile]) -> Vec<SideFile> {
+    files
+        .iter()
+        .filter(|f| {
+            matches!(
+                f.kind,
+                hf::SideFileKind::Tokenizer | hf::SideFileKind::ChatTemplate
+            )
+        })
+        .cloned()
+        .collect()
+}
+
+/// An input's identity for the manifest.
+pub struct SourceInfo {
+    /// The parameter that named it.
+    pub role: String,
+    /// Its path.
+    pub path: PathBuf,
+    /// Its artifact kind.
+    pub kind: String,
+    /// Files with header digests.
+    pub files: Vec<manifest::SourceFile>,
+}
+
+/// Identity of an HF source: its shards with header digests, and its config.
+pub fn hf_source_info(role: &str, ckpt: &hf::HfCheckpoint) -> SourceInfo {
+    let mut files: Vec<manifest::SourceFile> = ckpt
+        .headers
+        .iter()
+        .map(|(name, header)| manifest::SourceFile {
+            path: name.clone(),
+            size: std::fs::metadata(ckpt.root.join(name)).map_or(0, |m| m.len()),
+            header_blake3: Some(blake3::hash(header).to_hex().to_string()),
+        })
+        .collect();
+    for name in ["config.json", hf::INDEX_FILE] {
+        if let Ok(bytes) = std::fs::read(ckpt.root.join(name)) {
+            files.push(manifest::SourceFile {
+                path: name.into(),
+                size: bytes.len() as u64,
+                header_blake3: Some(blake3::hash(&bytes).to_hex().to_string()),
+            });
+        }
+    }
+    SourceInfo {
+        role: role.into(),
+        path: ckpt.root.clone(),
+        kind: "checkpoint_hf".into(),
+        files,
+    }
+}
+
+/// Identity of a Megatron source: its `.metadata` digest and data files.
+pub fn megatron_source_info(
+    role: &str,
+    ckpt: &crate::formats::megatron::MegatronCheckpoint,
+) -> SourceInfo {
+    let mut files = vec![manifest::SourceFile {
+        path: ".metadata".into(),
+        size: ckpt.metadata_bytes.len() as u64,
+        header_blake3: Some(blake3::hash(&ckpt.metadata_bytes).to_hex().to_string()),
+    }];
+    for f in ckpt.files.iter() {
+        files.push(manifest::SourceFile {
+            path: f
+                .path
+                .strip_prefix(&ckpt.dir)
+                .unwrap_or(&f.path)
+                .to_string_lossy()
+                .into_owned(),
+            size: f.len(),
+            header_blake3: None,
+        });
+    }
+    SourceInfo {
+        role: role.into(),
+        path: ckpt.dir.clone(),
+        kind: "checkpoint_megatron".into(),
+        files,
+    }
+}
+
+/// Where and how the output is published.
+pub struct Target {
+    /// The directory that receives the plan's files.
+    pub dir: PathBuf,
+    /// `checkpoint_hf` or `checkpoint_megatron`.
+    pub kind: String,
+    /// For Megatron outputs: the run directory and iteration, whose tracker files
+    /// are updated after the iteration directory is in place.
+    pub run_dir: Option<(PathBuf, u64)>,
+}
+
+/// Runs a plan and publishes it: staging, execute, manifest, rename, trackers.
+///
+/// # Errors
+/// [`Error`] from any stage; a failure leaves no target.
+#[allow(clippy::too_many_arguments)]
+pub fn execute_and_publish(
+    step: &str,
+    params: &Params,
+    plan: Plan,
+    stores: &[&dyn TensorStore],
+    sources: Vec<SourceInfo>,
+    target: Target,
+    opts: &RunOptions,
+    progress: &dyn Progress,
+    mut warnings: Vec<String>,
+) -> Result<Report, Error> {
+    let started = Instant::now();
+    for p in params.ignored() {
+        warnings.push(format!(
+            "parameter {p} is accepted for compatibility and has no effect here"
+        ));
+    }
+    let skipped: Vec<String> = plan
+        .skipped
+        .iter()
+        .map(|(n, why)| format!("{n}: {why}"))
+        .collect();
+    if opts.dry_run {
+        execute::check(&plan, stores)?;
+        return Ok(Report {
+            step: step.into(),
+            status: "planned".into(),
+            output: target.dir,
+            kind: target.kind,
+            tensors: plan.pieces.len(),
+            tensor_bytes: plan.tensor_bytes(),
+            files: plan.files.len() + plan.generated.len() + plan.copied.len(),
+            seconds: started.elapsed().as_secs_f64(),
+            bytes_per_second: 0.0,
+            peak_in_flight_bytes: 0,
+            weights_digest: String::new(),
+            manifest: None,
+            plan: plan.describe(stores),
+            skipped,
+            warnings,
+        });
+    }
+    let staging = Staging::new(&target.dir)?;
+    let outcome: Outcome = execute::execute(&plan, stores, staging.path(), &opts.exec, progress)?;
+    let side_files = plan
+        .copied
+        .iter()
+        .map(|c| manifest::SideFile {
+            path: c.rel.clone(),
+            kind: c.kind.clone(),
+            from: c.from.display().to_string(),
+            blake3: outcome
+                .files
+                .iter()
+                .find(|f| f.path == c.rel)
+                .map(|f| f.blake3.clone())
+                .unwrap_or_default(),
+        })
+        .collect();
+    let m = Manifest {
+        format: "ckpt-manifest".into(),
+        version: 1,
+        tool: manifest::tool(),
+        created: manifest::now_rfc3339(),
+        step: step.into(),
+        parameters: params.all().clone(),
+        output: manifest::Output {
+            kind: target.kind.clone(),
+            iteration: target.run_dir.as_ref().map(|(_, i)| *i),
+            tensors: outcome.pieces,
+            tensor_bytes: outcome.tensor_bytes,
+            weights_digest: outcome.weights_digest.clone(),
+        },
+        files: outcome.files.clone(),
+        provenance: manifest::Provenance {
+            sources: sources
+                .into_iter()
+                .enumerate()
+                .map(|(i, s)| manifest::Source {
+                    role: s.role,
+                    path: s.path.display().to_string(),
+                    kind: s.kind,
+                    weights_digest: outcome.source_digests.get(i).cloned(),
+                    files: s.files,
+                })
+                .collect(),
+            side_files,
+        },
+    };
+    let manifest_path = staging.path().join(manifest::FILE_NAME);
+    crate::publish::write_atomic(&manifest_path, m.to_json().as_bytes())?;
+    staging.commit(opts.overwrite)?;
+    if let Some((run_dir, iteration)) = &target.run_dir {
+        crate::publish::write_atomic(
+            &run_dir.join(crate::formats::megatron::TRACKER),
+            iteration.to_string().as_bytes(),
+        )?;
+        crate::publish::write_atomic(
+            &run_dir.join("latest_train_state.pt"),
+            &crate::formats::megatron::train_state_pt(*iteration),
+        )?;
+    }
+    progress.finish();
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Report {
+        step: step.into(),
+        status: "succeeded".into(),
+        output: target.dir.clone(),
+        kind: target.kind,
+        tensors: outcome.pieces,
+        tensor_bytes: outcome.tensor_bytes,
+        files: outcome.files.len() + 1,
+        seconds,
+        bytes_per_second: outcome.tensor_bytes as f64 / seconds.max(1e-9),
+        peak_in_flight_bytes: outcome.peak_in_flight,
+        weights_digest: outcome.weights_digest,
+        manifest: Some(target.dir.join(manifest::FILE_NAME)),
+        plan: Vec::new(),
+        skipped,
+        warnings,
+    })
+}
+
+/// Resolves an output `megatron_path`: a run directory (we write `iter_NNNNNNN`
+/// inside it) or a path ending in `iter_NNNNNNN` (its parent is the run directory).
+/// Returns (run directory, iteration directory, iteration).
+pub fn resolve_megatron_output(path: &Path, default_iteration: u64) -> (PathBuf, PathBuf, u64) {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    match crate::formats::megatron::parse_iter_dir_name(&name) {
+        Some(iteration) => {
+            let run = path
+                .parent()
+                .map(Path::to_owned)
+                .unwrap_or_else(|| PathBuf::from("."));
+            (run, path.to_owned(), iteration)
+        }
+        None => (
+            path.to_owned(),
+            path.join(crate::formats::megatron::iter_dir_name(default_iteration)),
+            default_iteration,
+        ),
+    }
+}
+
+/// The parameters of a step as a sorted map, from `key=value` pairs.
+pub fn param_map<I: IntoIterator<Item = (String, String)>>(pairs: I) -> BTreeMap<String, String> {
+    pairs.into_iter().collect()
+}
