@@ -6,6 +6,12 @@
 //! tensor data. [`Identity`] keeps names and shapes (a raw export, and the format
 //! proof); the families live in their own files.
 
+pub mod gpt;
+pub mod llama;
+pub mod mistral;
+pub mod qwen2;
+pub mod qwen3;
+
 use std::path::Path;
 
 use crate::dtype::DType;
@@ -31,6 +37,18 @@ pub struct Parallelism {
     pub etp: u64,
 }
 
+/// What an import is asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImportOptions {
+    /// The parallel layout the checkpoint is meant for.
+    pub parallel: Parallelism,
+    /// Parameter dtype.
+    pub dtype: DType,
+    /// `make_vocab_size_divisible_by`; `None` uses Megatron-Bridge's rule (the
+    /// largest power of two up to 128 that divides the vocabulary: no padding).
+    pub vocab_multiple: Option<u64>,
+}
+
 /// Planned Megatron output.
 #[derive(Debug, Clone, Default)]
 pub struct MegatronBuild {
@@ -42,6 +60,8 @@ pub struct MegatronBuild {
     pub skipped: Vec<(String, String)>,
     /// Notes for the user.
     pub warnings: Vec<String>,
+    /// The `model:` section of `run_config.yaml`.
+    pub model_config: Vec<(String, Yaml)>,
 }
 
 /// Planned HF output.
@@ -74,10 +94,12 @@ pub trait Mapping {
         &self,
         src: &HfCheckpoint,
         store: usize,
-        dtype: DType,
+        opts: &ImportOptions,
     ) -> Result<MegatronBuild, Error>;
 
-    /// Plans the HF tensors from a Megatron checkpoint (store index `store`).
+    /// Plans the HF tensors from a Megatron checkpoint (store index `store`);
+    /// `reference` is the HF model the output mirrors (for which optional tensors,
+    /// such as a tied `lm_head.weight`, its layout stores).
     ///
     /// # Errors
     /// [`Error`] when the source lacks a tensor or has one of the wrong shape.
@@ -86,10 +108,8 @@ pub trait Mapping {
         src: &MegatronCheckpoint,
         store: usize,
         dtype: Option<DType>,
+        reference: Option<&HfCheckpoint>,
     ) -> Result<HfBuild, Error>;
-
-    /// The `model:` section of `run_config.yaml`.
-    fn megatron_model_config(&self, p: &Parallelism, dtype: DType) -> Vec<(String, Yaml)>;
 
     /// The `config.json` to write on export, when it must differ from the source's
     /// (a changed dtype); `None` copies the source's unchanged.
@@ -161,11 +181,70 @@ pub fn for_config(
                 .map(str::to_owned)
         })
         .unwrap_or_else(|| "(none)".into());
+    type Build = fn(&serde_json::Value) -> Result<gpt::DenseGpt, PreflightError>;
+    let families: [(&[&str], Build); 4] = [
+        (llama::ARCHITECTURES, llama::mapping),
+        (mistral::ARCHITECTURES, mistral::mapping),
+        (qwen2::ARCHITECTURES, qwen2::mapping),
+        (qwen3::ARCHITECTURES, qwen3::mapping),
+    ];
+    for (archs, build) in families {
+        if archs.contains(&arch.as_str()) {
+            return build(config)
+                .map(|m| Box::new(m) as Box<dyn Mapping>)
+                .map_err(|e| match e {
+                    PreflightError::Unsupported(why) => {
+                        PreflightError::Unsupported(format!("{}/{why}", dir.display()))
+                    }
+                    other => other,
+                })
+                .map_err(Error::from);
+        }
+    }
+    let supported: Vec<&str> = families
+        .iter()
+        .flat_map(|(a, _)| a.iter().copied())
+        .collect();
     Err(PreflightError::Unsupported(format!(
-        "{}: architecture {arch} is not supported (supported: none yet; use mapping=identity to copy tensors under their own names)",
-        dir.join("config.json").display()
+        "{}: architecture {arch} is not supported (supported: {}; mapping=identity copies tensors under their own names)",
+        dir.join("config.json").display(),
+        supported.join(", ")
     ))
     .into())
+}
+
+impl Mapping for gpt::DenseGpt {
+    fn name(&self) -> &str {
+        &self.cfg.architecture
+    }
+
+    fn check_parallelism(&self, p: &Parallelism) -> Result<(), PreflightError> {
+        self.check(p)
+    }
+
+    fn hf_to_megatron(
+        &self,
+        src: &HfCheckpoint,
+        store: usize,
+        opts: &ImportOptions,
+    ) -> Result<MegatronBuild, Error> {
+        self.import(src, store, opts)
+    }
+
+    fn megatron_to_hf(
+        &self,
+        src: &MegatronCheckpoint,
+        store: usize,
+        dtype: Option<DType>,
+        reference: Option<&HfCheckpoint>,
+    ) -> Result<HfBuild, Error> {
+        self.export(
+            src,
+            store,
+            dtype,
+            reference.map(|r| r.by_name.contains_key("lm_head.weight")),
+        )
+    }
 }
 
 /// Keeps names, shapes and chunking; only casts floats. A raw export of Megatron
@@ -186,10 +265,11 @@ impl Mapping for Identity {
         &self,
         src: &HfCheckpoint,
         store: usize,
-        dtype: DType,
+        opts: &ImportOptions,
     ) -> Result<MegatronBuild, Error> {
         Ok(MegatronBuild {
-            chunks: crate::steps::hf_to_megatron::identity_chunks(src, store, Some(dtype))?,
+            chunks: crate::steps::hf_to_megatron::identity_chunks(src, store, Some(opts.dtype))?,
+            model_config: crate::run_config::parallel_fields(&opts.parallel, opts.dtype),
             warnings: vec![
                 "mapping=identity writes tensors under their HF names and no _extra_state items; Megatron-Core loads it only into a model with those keys, with a relaxed dist_ckpt_strictness".into(),
             ],
@@ -202,6 +282,7 @@ impl Mapping for Identity {
         src: &MegatronCheckpoint,
         store: usize,
         dtype: Option<DType>,
+        _: Option<&HfCheckpoint>,
     ) -> Result<HfBuild, Error> {
         let skipped = src
             .byte_items
@@ -223,10 +304,6 @@ impl Mapping for Identity {
             skipped,
             warnings: Vec::new(),
         })
-    }
-
-    fn megatron_model_config(&self, p: &Parallelism, dtype: DType) -> Vec<(String, Yaml)> {
-        crate::run_config::parallel_fields(p, dtype)
     }
 
     fn export_config(&self, _: Option<&serde_json::Value>, _: Option<DType>) -> Option<String> {

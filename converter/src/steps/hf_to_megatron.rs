@@ -47,6 +47,8 @@ pub struct Request {
     pub mapping: String,
     /// Number of `.distcp` files.
     pub distcp_files: usize,
+    /// `make_vocab_size_divisible_by`, when given.
+    pub vocab_multiple: Option<u64>,
 }
 
 impl Request {
@@ -72,6 +74,10 @@ impl Request {
         let mapping = p.choice("mapping", &["auto", "identity"], "auto")?;
         let default_iteration = p.count("iteration", 0)?;
         let distcp_files = p.positive("distcp_files", 2)? as usize;
+        let vocab_multiple = match p.opt("make_vocab_size_divisible_by") {
+            None => None,
+            Some(_) => Some(p.positive("make_vocab_size_divisible_by", 1)?),
+        };
         p.accept_ignored(&["trust_remote_code", "device_map", "distributed"]);
         p.finish()?;
         let hf_dir = hf::resolve_model(&hf_model_id)?;
@@ -106,6 +112,7 @@ impl Request {
             etp,
             mapping,
             distcp_files,
+            vocab_multiple,
         })
     }
 }
@@ -135,7 +142,12 @@ pub fn run(
         etp: req.etp,
     };
     mapping.check_parallelism(&parallel)?;
-    let built = mapping.hf_to_megatron(&src, 0, req.dtype)?;
+    let import = models::ImportOptions {
+        parallel,
+        dtype: req.dtype,
+        vocab_multiple: req.vocab_multiple,
+    };
+    let built = mapping.hf_to_megatron(&src, 0, &import)?;
     let mut plan = super::plan_megatron(built.chunks, &built.bytes, req.distcp_files);
     plan.skipped = built.skipped;
     plan.generated.push(Generated {
@@ -153,7 +165,7 @@ pub fn run(
     plan.generated.push(Generated {
         rel: "run_config.yaml".into(),
         bytes: run_config::render(&run_config::RunConfig {
-            model: mapping.megatron_model_config(&parallel, req.dtype),
+            model: built.model_config.clone(),
             hf_model_id: req.hf_model_id.clone(),
         })
         .into_bytes(),

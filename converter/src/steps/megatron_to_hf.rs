@@ -124,17 +124,21 @@ pub fn run(
         })?;
         models::for_config(dir, config.as_ref())?
     };
-    let built = mapping.megatron_to_hf(&src, 0, req.dtype)?;
+    let reference = match &req.hf_dir {
+        Some(dir) if dir.join(hf::INDEX_FILE).is_file() || dir.join(hf::SINGLE_FILE).is_file() => {
+            Some(HfCheckpoint::open(dir)?)
+        }
+        _ => None,
+    };
+    let built = mapping.megatron_to_hf(&src, 0, req.dtype, reference.as_ref())?;
     let mut warnings = built.warnings;
     let mut side = Vec::new();
-    // Mirror the source HF checkpoint's shard files when it has weights, as
-    // Megatron-Bridge does; otherwise shard greedily like save_pretrained.
+    // Mirror the reference's shard files when it has weights, as Megatron-Bridge
+    // does; otherwise shard greedily like save_pretrained.
     let mut sharding = Sharding::MaxSize(req.max_shard_size);
     if let Some(dir) = &req.hf_dir {
         side = hf::side_files(dir)?;
-        if req.mirror_shards
-            && let Ok(reference) = HfCheckpoint::open(dir)
-        {
+        if let Some(reference) = reference.as_ref().filter(|_| req.mirror_shards) {
             let shard_of: HashMap<String, String> = reference.shard_of.clone();
             let covered = built.tensors.iter().all(|t| shard_of.contains_key(&t.name));
             if covered {
