@@ -21,12 +21,23 @@ pub enum Yaml {
     Str(String),
     /// A flow list.
     List(Vec<Yaml>),
+    /// A flow mapping (`{_target_: torch.bfloat16, _call_: false}`).
+    Map(Vec<(String, Yaml)>),
 }
 
 impl Yaml {
     /// A string value.
     pub fn str(s: impl Into<String>) -> Yaml {
         Yaml::Str(s.into())
+    }
+
+    /// A reference to a Python object that Megatron-Bridge's loader resolves
+    /// without calling it (`{_call_: false, _target_: torch.bfloat16}`).
+    pub fn object(target: &str) -> Yaml {
+        Yaml::Map(vec![
+            ("_call_".into(), Yaml::Bool(false)),
+            ("_target_".into(), Yaml::str(target)),
+        ])
     }
 
     fn render(&self) -> String {
@@ -54,6 +65,14 @@ impl Yaml {
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
+            Yaml::Map(items) => format!(
+                "{{{}}}",
+                items
+                    .iter()
+                    .map(|(k, v)| format!("{k}: {}", v.render()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
         }
     }
 }
@@ -70,6 +89,7 @@ pub struct RunConfig {
 /// The parallel-size and dtype fields every model section carries.
 pub fn parallel_fields(p: &Parallelism, dtype: DType) -> Vec<(String, Yaml)> {
     let torch = format!("torch.{}", dtype.torch_name());
+    let torch = Yaml::object(&torch);
     vec![
         ("tensor_model_parallel_size".into(), Yaml::Int(p.tp as i64)),
         (
@@ -83,14 +103,18 @@ pub fn parallel_fields(p: &Parallelism, dtype: DType) -> Vec<(String, Yaml)> {
         ),
         ("bf16".into(), Yaml::Bool(dtype == DType::BF16)),
         ("fp16".into(), Yaml::Bool(dtype == DType::F16)),
-        ("params_dtype".into(), Yaml::Str(torch.clone())),
-        ("pipeline_dtype".into(), Yaml::Str(torch)),
+        ("params_dtype".into(), torch.clone()),
+        ("pipeline_dtype".into(), torch),
     ]
 }
 
+/// Writes a block mapping with its keys sorted, as Megatron-Bridge's
+/// `yaml.safe_dump` does (so `_target_` comes first).
 fn section(out: &mut String, name: &str, fields: &[(String, Yaml)]) {
     out.push_str(name);
     out.push_str(":\n");
+    let mut fields: Vec<&(String, Yaml)> = fields.iter().collect();
+    fields.sort_by(|a, b| a.0.cmp(&b.0));
     for (k, v) in fields {
         out.push_str("  ");
         out.push_str(k);
@@ -107,6 +131,8 @@ pub fn render(rc: &RunConfig) -> String {
         env!("CARGO_PKG_VERSION")
     );
     out.push_str("_target_: \"megatron.bridge.training.config.ConfigContainer\"\n");
+    // What Megatron-Bridge's save_megatron_model records; the load path reads
+    // save_optim, save_rng and fully_parallel_save from here on resume.
     section(
         &mut out,
         "checkpoint",
@@ -115,17 +141,12 @@ pub fn render(rc: &RunConfig) -> String {
                 "_target_".into(),
                 Yaml::str("megatron.bridge.training.config.CheckpointConfig"),
             ),
+            ("async_save".into(), Yaml::Bool(false)),
             ("ckpt_format".into(), Yaml::str("torch_dist")),
+            ("dist_ckpt_optim_fully_reshardable".into(), Yaml::Bool(true)),
+            ("fully_parallel_save".into(), Yaml::Bool(true)),
             ("save_optim".into(), Yaml::Bool(false)),
             ("save_rng".into(), Yaml::Bool(false)),
-            ("load_optim".into(), Yaml::Bool(false)),
-            ("load_rng".into(), Yaml::Bool(false)),
-            ("fully_parallel_save".into(), Yaml::Bool(true)),
-            (
-                "dist_ckpt_strictness".into(),
-                Yaml::str("assume_ok_unexpected"),
-            ),
-            ("save_tokenizer_assets".into(), Yaml::Bool(true)),
         ],
     );
     section(&mut out, "model", &rc.model);
@@ -137,6 +158,7 @@ pub fn render(rc: &RunConfig) -> String {
                 "_target_".into(),
                 Yaml::str("megatron.bridge.training.tokenizers.config.TokenizerConfig"),
             ),
+            ("hf_tokenizer_kwargs".into(), Yaml::Map(Vec::new())),
             ("tokenizer_type".into(), Yaml::str("HuggingFaceTokenizer")),
             ("tokenizer_model".into(), Yaml::str(rc.hf_model_id.clone())),
         ],

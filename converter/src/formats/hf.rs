@@ -161,15 +161,13 @@ impl HfCheckpoint {
     }
 }
 
-fn read_index(
-    path: &Path,
-) -> Result<
-    (
-        BTreeMap<String, String>,
-        serde_json::Map<String, serde_json::Value>,
-    ),
-    FormatError,
-> {
+/// The index's weight map and its `metadata` object.
+type Index = (
+    BTreeMap<String, String>,
+    serde_json::Map<String, serde_json::Value>,
+);
+
+fn read_index(path: &Path) -> Result<Index, FormatError> {
     let text = std::fs::read_to_string(path).map_err(|e| FormatError::io(path, e))?;
     let json: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| FormatError::file(path, format!("not valid JSON: {e}")))?;

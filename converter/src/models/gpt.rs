@@ -94,6 +94,8 @@ pub struct DenseConfig {
     pub init_std: f64,
     /// Sliding-window attention width (Mistral).
     pub sliding_window: Option<u64>,
+    /// Provider fields a family sets beyond the shared ones.
+    pub provider_extras: Vec<(&'static str, Yaml)>,
 }
 
 fn field<'a>(cfg: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
@@ -238,6 +240,7 @@ impl DenseConfig {
                 .unwrap_or(4096),
             init_std: float("initializer_range", 0.02),
             sliding_window: None,
+            provider_extras: Vec::new(),
         })
     }
 
@@ -263,7 +266,7 @@ impl DenseConfig {
 /// two up to 128 that divides the vocabulary.
 pub fn default_vocab_multiple(vocab: u64) -> u64 {
     let mut m = 128;
-    while m > 1 && vocab % m != 0 {
+    while m > 1 && !vocab.is_multiple_of(m) {
         m /= 2;
     }
     m
@@ -668,7 +671,7 @@ impl DenseGpt {
             bytes,
             skipped,
             warnings,
-            model_config: self.model_fields(opts, tied),
+            model_config: self.model_fields(opts, tied, &opts.hf_model_id),
         })
     }
 
@@ -1075,7 +1078,12 @@ impl DenseGpt {
     }
 
     /// The `model:` section fields shared by the dense providers.
-    pub fn model_fields(&self, opts: &ImportOptions, tied: bool) -> Vec<(String, Yaml)> {
+    pub fn model_fields(
+        &self,
+        opts: &ImportOptions,
+        tied: bool,
+        hf_model_id: &str,
+    ) -> Vec<(String, Yaml)> {
         let c = &self.cfg;
         let m = self.vocab_multiple(opts);
         let padded = padded_vocab(c.vocab, m, opts.parallel.tp);
@@ -1107,7 +1115,20 @@ impl DenseGpt {
             ("hidden_dropout".into(), Yaml::Float(0.0)),
             ("attention_dropout".into(), Yaml::Float(0.0)),
             ("init_method_std".into(), Yaml::Float(c.init_std)),
+            (
+                "activation_func".into(),
+                Yaml::object("torch.nn.functional.silu"),
+            ),
+            (
+                "transformer_layer_spec".into(),
+                Yaml::object("megatron.bridge.models.gpt_provider.default_layer_spec"),
+            ),
+            ("perform_initialization".into(), Yaml::Bool(false)),
+            ("hf_model_id".into(), Yaml::str(hf_model_id)),
         ];
+        for (k, v) in &c.provider_extras {
+            f.push(((*k).to_owned(), v.clone()));
+        }
         match &c.rope_scaling {
             RopeScaling::None => {}
             RopeScaling::Llama3 { factor, .. } => {
@@ -1156,6 +1177,7 @@ mod tests {
             max_positions: 16,
             init_std: 0.02,
             sliding_window: None,
+            provider_extras: Vec::new(),
         }
     }
 

@@ -38,7 +38,7 @@ pub struct Parallelism {
 }
 
 /// What an import is asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImportOptions {
     /// The parallel layout the checkpoint is meant for.
     pub parallel: Parallelism,
@@ -47,6 +47,9 @@ pub struct ImportOptions {
     /// `make_vocab_size_divisible_by`; `None` uses Megatron-Bridge's rule (the
     /// largest power of two up to 128 that divides the vocabulary: no padding).
     pub vocab_multiple: Option<u64>,
+    /// The HF model id recorded in `run_config.yaml` (`model.hf_model_id`,
+    /// `tokenizer.tokenizer_model`).
+    pub hf_model_id: String,
 }
 
 /// Planned Megatron output.

@@ -3,12 +3,13 @@
 
 use super::gpt::{DenseConfig, DenseGpt};
 use crate::preflight::PreflightError;
+use crate::run_config::Yaml;
 
 /// Architectures this family maps.
 pub const ARCHITECTURES: &[&str] = &["Qwen2ForCausalLM"];
 
-/// Megatron-Bridge's provider for Qwen2.
-pub const PROVIDER: &str = "megatron.bridge.models.qwen.qwen_provider.Qwen2ModelProvider";
+/// Megatron-Bridge's provider (the generic GPT provider since v0.4).
+pub const PROVIDER: &str = "megatron.bridge.models.gpt_provider.GPTModelProvider";
 
 /// Builds the mapping from `config.json`.
 ///
@@ -17,5 +18,7 @@ pub const PROVIDER: &str = "megatron.bridge.models.qwen.qwen_provider.Qwen2Model
 pub fn mapping(cfg: &serde_json::Value) -> Result<DenseGpt, PreflightError> {
     let mut c = DenseConfig::parse(cfg, PROVIDER)?;
     c.qkv_bias = true;
+    c.provider_extras
+        .push(("autocast_dtype", Yaml::object("torch.bfloat16")));
     Ok(DenseGpt { cfg: c })
 }

@@ -7,8 +7,8 @@ use crate::preflight::PreflightError;
 /// Architectures this family maps.
 pub const ARCHITECTURES: &[&str] = &["Qwen3ForCausalLM"];
 
-/// Megatron-Bridge's provider for Qwen3.
-pub const PROVIDER: &str = "megatron.bridge.models.qwen.qwen_provider.Qwen3ModelProvider";
+/// Megatron-Bridge's provider (the generic GPT provider since v0.4).
+pub const PROVIDER: &str = "megatron.bridge.models.gpt_provider.GPTModelProvider";
 
 /// Builds the mapping from `config.json`.
 ///

@@ -146,6 +146,7 @@ pub fn run(
         parallel,
         dtype: req.dtype,
         vocab_multiple: req.vocab_multiple,
+        hf_model_id: req.hf_model_id.clone(),
     };
     let built = mapping.hf_to_megatron(&src, 0, &import)?;
     let mut plan = super::plan_megatron(built.chunks, &built.bytes, req.distcp_files);

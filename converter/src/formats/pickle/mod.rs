@@ -159,8 +159,7 @@ impl AllowList {
     }
 
     fn allows(&self, module: &str, name: &str) -> bool {
-        self.exact.iter().any(|(m, n)| *m == module && *n == name)
-            || self.modules.iter().any(|m| *m == module)
+        self.exact.iter().any(|(m, n)| *m == module && *n == name) || self.modules.contains(&module)
     }
 }
 

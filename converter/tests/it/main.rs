@@ -1,0 +1,9 @@
+//! Integration tests of the `ckpt-convert` binary: one binary, one module per
+//! capability, a small DSL in `util`.
+
+mod bad_inputs;
+mod cli;
+mod preflight;
+mod publish;
+mod roundtrip;
+mod util;

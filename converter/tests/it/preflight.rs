@@ -1,0 +1,224 @@
+//! Preflight refusals: exit 2, a message naming the parameter, nothing written.
+
+use ckpt_convert::synthetic::ModelShape;
+
+use crate::util::{Workdir, kv, run};
+
+fn converted(w: &Workdir) -> std::path::PathBuf {
+    let src = w.hf("src", &ModelShape::tiny_llama(), 1 << 30);
+    run(&[
+        "run".to_owned(),
+        "convert/hf_to_megatron".into(),
+        kv("hf_model_id", &src),
+        kv("megatron_path", &w.path("run")),
+    ])
+    .assert_exit(0);
+    src
+}
+
+#[test]
+fn a_run_directory_names_its_latest_iteration() {
+    let w = Workdir::new();
+    let src = converted(&w);
+    run(&[
+        "run".to_owned(),
+        "convert/megatron_to_hf".into(),
+        kv("megatron_path", &w.path("run")),
+        kv("hf_model_id", &src),
+        kv("hf_path", &w.path("hf")),
+    ])
+    .assert_exit(2)
+    .stderr_has("is a run directory")
+    .stderr_has("latest_checkpointed_iteration.txt naming 0")
+    .stderr_has(&format!(
+        "use megatron_path={}",
+        w.path("run/iter_0000000").display()
+    ));
+    assert!(!w.path("hf").exists());
+}
+
+#[test]
+fn outputs_overlapping_inputs_are_refused() {
+    let w = Workdir::new();
+    let src = converted(&w);
+    let files_before = w.snapshot("src");
+    run(&[
+        "run".to_owned(),
+        "convert/hf_to_megatron".into(),
+        kv("hf_model_id", &src),
+        kv("megatron_path", &src.join("iter_0000001")),
+    ])
+    .assert_exit(2)
+    .stderr_has("is inside hf_model_id=");
+    let to_hf = |hf_path: std::path::PathBuf| {
+        run(&[
+            "run".to_owned(),
+            "convert/megatron_to_hf".into(),
+            kv("megatron_path", &w.path("run/iter_0000000")),
+            kv("hf_model_id", &src),
+            kv("hf_path", &hf_path),
+        ])
+    };
+    to_hf(w.path("run"))
+        .assert_exit(2)
+        .stderr_has("contains megatron_path=");
+    to_hf(w.path("run/iter_0000000/hf"))
+        .assert_exit(2)
+        .stderr_has("is inside megatron_path=");
+    to_hf(w.path("src/../src"))
+        .assert_exit(2)
+        .stderr_has("is the same path as hf_model_id=");
+    assert_eq!(files_before, w.snapshot("src"), "the source changed");
+}
+
+#[test]
+fn an_existing_output_needs_overwrite() {
+    let w = Workdir::new();
+    let src = converted(&w);
+    let again = [
+        "run".to_owned(),
+        "convert/hf_to_megatron".into(),
+        kv("hf_model_id", &src),
+        kv("megatron_path", &w.path("run")),
+    ];
+    run(&again)
+        .assert_exit(2)
+        .stderr_has("already exists")
+        .stderr_has("--overwrite");
+    let before = std::fs::metadata(w.path("run/iter_0000000/ckpt-manifest.json"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let mut with = again.to_vec();
+    with.push("--overwrite".into());
+    run(&with).assert_exit(0);
+    let after = std::fs::metadata(w.path("run/iter_0000000/ckpt-manifest.json"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert!(after > before, "the iteration was not replaced");
+    assert!(
+        !w.ls("run").iter().any(|n| n.contains("ckpt-")),
+        "{:?}",
+        w.ls("run")
+    );
+}
+
+#[test]
+fn bad_parameters_are_named() {
+    let w = Workdir::new();
+    let src = w.hf("src", &ModelShape::tiny_llama(), 1 << 30);
+    let base = |extra: &str| {
+        vec![
+            "run".to_owned(),
+            "convert/hf_to_megatron".into(),
+            kv("hf_model_id", &src),
+            kv("megatron_path", &w.path("o")),
+            extra.to_owned(),
+        ]
+    };
+    run(&base("dtype=float8"))
+        .assert_exit(2)
+        .stderr_has("dtype=float8: expected bfloat16, float16 or float32");
+    run(&base("tp=0")).assert_exit(2).stderr_has("tp=0");
+    run(&base("tp=3"))
+        .assert_exit(2)
+        .stderr_has("tp=3: expected a divisor of num_attention_heads=4");
+    run(&base("hf_modle_id=x"))
+        .assert_exit(2)
+        .stderr_has("unknown parameter \"hf_modle_id\"");
+    run(&["run", "convert/hf_to_megatron"])
+        .assert_exit(2)
+        .stderr_has("missing required parameter hf_model_id");
+    run(&["run", "convert/nope", "a=b"])
+        .assert_exit(2)
+        .stderr_has("unknown step");
+    run(&["run", "convert/hf_to_megatron", "positional"])
+        .assert_exit(2)
+        .stderr_has("expected key=value");
+    assert!(!w.path("o").exists());
+}
+
+#[test]
+fn unknown_architectures_and_options_are_refused() {
+    let w = Workdir::new();
+    let src = w.hf("src", &ModelShape::tiny_llama(), 1 << 30);
+    let cfg_path = src.join("config.json");
+    let original = std::fs::read_to_string(&cfg_path).unwrap();
+    let cases = [
+        (
+            "\"LlamaForCausalLM\"",
+            "\"GPT2LMHeadModel\"",
+            "architecture GPT2LMHeadModel is not supported",
+        ),
+        (
+            "\"hidden_act\": \"silu\"",
+            "\"hidden_act\": \"gelu\"",
+            "hidden_act=gelu",
+        ),
+        ("\"mlp_bias\": false", "\"mlp_bias\": true", "mlp_bias=true"),
+        (
+            "\"attention_bias\": false",
+            "\"attention_bias\": true",
+            "attention_bias=true",
+        ),
+        (
+            "\"rope_theta\": 500000.0",
+            "\"rope_theta\": 500000.0, \"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 4.0}",
+            "rope_scaling.rope_type=yarn",
+        ),
+    ];
+    for (from, to, message) in cases {
+        assert!(original.contains(from), "{from}");
+        std::fs::write(&cfg_path, original.replace(from, to)).unwrap();
+        run(&[
+            "run".to_owned(),
+            "convert/hf_to_megatron".into(),
+            kv("hf_model_id", &src),
+            kv("megatron_path", &w.path("o")),
+        ])
+        .assert_exit(2)
+        .stderr_has(message)
+        .stderr_has("config.json");
+    }
+    assert!(!w.path("o").exists());
+}
+
+#[test]
+fn missing_tensors_and_wrong_shapes_are_named() {
+    let w = Workdir::new();
+    let src = w.hf("src", &ModelShape::tiny_llama(), 1 << 30);
+    let cfg_path = src.join("config.json");
+    let original = std::fs::read_to_string(&cfg_path).unwrap();
+    std::fs::write(
+        &cfg_path,
+        original.replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 4"),
+    )
+    .unwrap();
+    run(&[
+        "run".to_owned(),
+        "convert/hf_to_megatron".into(),
+        kv("hf_model_id", &src),
+        kv("megatron_path", &w.path("o")),
+    ])
+    .assert_exit(2)
+    .stderr_has("model.layers.0.self_attn.k_proj.weight")
+    .stderr_has("expected shape [64, 64]")
+    .stderr_has("found [32, 64]");
+    std::fs::write(
+        &cfg_path,
+        original.replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3"),
+    )
+    .unwrap();
+    run(&[
+        "run".to_owned(),
+        "convert/hf_to_megatron".into(),
+        kv("hf_model_id", &src),
+        kv("megatron_path", &w.path("o")),
+    ])
+    .assert_exit(2)
+    .stderr_has("model.layers.2.input_layernorm.weight")
+    .stderr_has("missing");
+    assert!(!w.path("o").exists());
+}
