@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Runs every test of the project on a fresh machine, installing what it needs and
+# caching it outside the work tree (keyed by what determines it):
+#   - Rust build products in $CARGO_TARGET_DIR (default ~/.cache/ckpt/target);
+#   - the pinned Python reference stack (torch, transformers, peft, megatron-core)
+#     in ~/.cache/ckpt/venv-<hash of e2e/requirements.txt>;
+#   - the Kubernetes control plane built from Go modules in ~/.cache/ckpt/k8s-bin/<hash>.
+# A missing prerequisite fails the run with a message; nothing is skipped.
+set -euo pipefail
+cd "$(dirname "$0")"
+REPO=$PWD
+CACHE="${CKPT_CACHE:-$HOME/.cache/ckpt}"
+mkdir -p "$CACHE"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"
+export CKPT_CACHE="$CACHE"
+START=$(date +%s)
+SUMMARY=()
+
+step() {
+  local name=$1
+  shift
+  local t0
+  t0=$(date +%s)
+  echo "==> $name"
+  "$@"
+  SUMMARY+=("$(printf '%-44s %5ss' "$name" $(($(date +%s) - t0)))")
+}
+
+need() {
+  command -v "$1" >/dev/null 2>&1 || {
+    echo "error: $1 is required: $2" >&2
+    exit 1
+  }
+}
+need cargo "install Rust with rustup (https://rustup.rs)"
+need python3 "install Python 3.11 with pip and venv"
+need go "install Go 1.26 or newer"
+
+rust_checks() {
+  cargo fmt --all -- --check
+  cargo clippy --workspace --all-targets --features ckpt-convert/failpoints -- -D warnings
+}
+
+rust_tests() {
+  cargo build --workspace --release
+  cargo test --workspace --features ckpt-convert/failpoints
+}
+
+python_env() {
+  local key
+  key=$( (python3 --version; cat e2e/requirements.txt) | sha256sum | cut -c1-16)
+  VENV="$CACHE/venv-$key"
+  if [ ! -f "$VENV/.complete" ]; then
+    echo "installing the Python reference stack into $VENV (first run only)"
+    # Built beside and renamed, so an interrupted install is never taken for done;
+    # everything runs through `python -m`, which does not depend on the venv's path.
+    local tmp="$VENV.tmp-$$"
+    rm -rf "$tmp" "$VENV"
+    python3 -m venv "$tmp"
+    "$tmp/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -r e2e/requirements.txt
+    "$tmp/bin/python" -c "import torch, transformers, peft, safetensors, megatron.core, pytest"
+    touch "$tmp/.complete"
+    mv "$tmp" "$VENV"
+  fi
+}
+
+interop_tests() {
+  CKPT_CONVERT_BIN="$CARGO_TARGET_DIR/release/ckpt-convert" \
+    "$VENV/bin/python" -m pytest -q -p no:cacheprovider e2e/interop
+}
+
+demo() {
+  "$CARGO_TARGET_DIR/release/ckpt-convert" demo --dir "$(mktemp -d)/demo" >/dev/null
+}
+
+step "rust: fmt and clippy" rust_checks
+step "rust: build and unit/integration tests" rust_tests
+step "demo" demo
+step "python: reference stack" python_env
+step "interop: torch DCP, megatron-core, transformers" interop_tests
+
+echo
+echo "all tests passed in $(($(date +%s) - START)) s"
+printf '  %s\n' "${SUMMARY[@]}"
