@@ -30,7 +30,10 @@ fn measure(cmd: &mut Command) -> Measured {
     let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
     assert_eq!(r, pid, "wait4 failed");
     let seconds = start.elapsed().as_secs_f64();
-    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "{cmd:?} failed ({status})");
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{cmd:?} failed ({status})"
+    );
     std::mem::forget(child);
     Measured {
         seconds,
@@ -93,8 +96,12 @@ fn report(name: &str, bytes: u64, largest: u64, cp: &[Measured], conv: &[Measure
     );
     println!(
         "  runs: cp {:?} s, convert {:?} s",
-        cp.iter().map(|m| (m.seconds * 100.0).round() / 100.0).collect::<Vec<_>>(),
-        conv.iter().map(|m| (m.seconds * 100.0).round() / 100.0).collect::<Vec<_>>()
+        cp.iter()
+            .map(|m| (m.seconds * 100.0).round() / 100.0)
+            .collect::<Vec<_>>(),
+        conv.iter()
+            .map(|m| (m.seconds * 100.0).round() / 100.0)
+            .collect::<Vec<_>>()
     );
 }
 
@@ -114,7 +121,10 @@ fn main() {
         }
         _ => ModelShape::llama_3b(),
     };
-    let runs: usize = std::env::var("CKPT_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let runs: usize = std::env::var("CKPT_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
     let root = std::env::var_os("CKPT_BENCH_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/ckpt-bench"));
@@ -139,17 +149,25 @@ fn main() {
         root.display()
     );
     std::fs::create_dir_all(&root).unwrap();
-    let src = root.join(format!("src-{}-{}l-{}h", shape.model_type, shape.layers, shape.hidden));
+    let src = root.join(format!(
+        "src-{}-{}l-{}h",
+        shape.model_type, shape.layers, shape.hidden
+    ));
     if !src.join("config.json").is_file() {
         let _ = std::fs::remove_dir_all(&src);
         let t = Instant::now();
-        synthetic::write_hf(&src, &shape, 1, 5_000_000_000).expect("write the synthetic checkpoint");
-        println!("  wrote the synthetic source in {:.1} s", t.elapsed().as_secs_f64());
+        synthetic::write_hf(&src, &shape, 1, 5_000_000_000)
+            .expect("write the synthetic checkpoint");
+        println!(
+            "  wrote the synthetic source in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
     }
     let meg = root.join("megatron");
     let back = root.join("hf-back");
     let copy = root.join("copy");
-    let (mut cp1, mut to_meg, mut cp2, mut to_hf) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut cp1, mut to_meg, mut cp2, mut to_hf) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
         cp1.push(durable_copy(&src, &copy));
         let _ = std::fs::remove_dir_all(&meg);

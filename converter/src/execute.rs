@@ -574,3 +574,134 @@ pub fn sync_dirs(root: &Path) -> Result<(), ExecuteError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::formats::hf::HfCheckpoint;
+    use crate::plan::{Input, OutFile, RowGather, Run};
+
+    /// A one-file HF store with one f32 tensor `t` of shape [3, 2] = 0..6.
+    fn store(dir: &Path) -> HfCheckpoint {
+        let values: Vec<u8> = (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        let layout = crate::formats::safetensors::layout(
+            &[("t".into(), DType::F32, vec![3, 2])],
+            &crate::formats::safetensors::pt_metadata(),
+        )
+        .unwrap();
+        let mut bytes = layout.header.clone();
+        bytes.extend_from_slice(&values);
+        std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
+        HfCheckpoint::open(dir).unwrap()
+    }
+
+    fn piece(gather: RowGather, shape: Vec<u64>, dtype: DType) -> Piece {
+        Piece {
+            name: "out".into(),
+            dtype,
+            shape,
+            inputs: vec![Input {
+                store: 0,
+                tensor: 0,
+                offsets: vec![0, 0],
+                sizes: vec![3, 2],
+            }],
+            gather,
+            dest: Dest::Raw { file: 0, offset: 0 },
+            transform: "test".into(),
+        }
+    }
+
+    #[test]
+    fn gathers_rows_pads_with_zeros_and_casts() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = store(dir.path());
+        let gather = RowGather {
+            row_len: 2,
+            runs: vec![
+                Run {
+                    input: Some(0),
+                    start: 2,
+                    rows: 1,
+                },
+                Run {
+                    input: None,
+                    start: 0,
+                    rows: 1,
+                },
+                Run {
+                    input: Some(0),
+                    start: 0,
+                    rows: 1,
+                },
+            ],
+        };
+        let p = piece(gather, vec![3, 2], DType::BF16);
+        let plan = Plan {
+            files: vec![OutFile {
+                rel: "o".into(),
+                len: 12,
+                fixed: vec![],
+            }],
+            pieces: vec![p],
+            ..Plan::default()
+        };
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let stores: [&dyn TensorStore; 1] = [&src];
+        let outcome = execute(
+            &plan,
+            &stores,
+            &out,
+            &Options {
+                threads: 2,
+                memory_budget: Some(1),
+            },
+            &Silent,
+        )
+        .unwrap();
+        let bytes = std::fs::read(out.join("o")).unwrap();
+        let vals: Vec<f32> = bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+            .collect();
+        assert_eq!(vals, vec![4.0, 5.0, 0.0, 0.0, 0.0, 1.0]);
+        assert_eq!(outcome.files.len(), 1);
+        assert_eq!(
+            outcome.files[0].blake3,
+            blake3::hash(&bytes).to_hex().to_string()
+        );
+    }
+
+    #[test]
+    fn inconsistent_plans_are_refused_before_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = store(dir.path());
+        let stores: [&dyn TensorStore; 1] = [&src];
+        let too_many_rows = piece(RowGather::copy(4, 2), vec![4, 2], DType::F32);
+        let past_end = piece(
+            RowGather {
+                row_len: 2,
+                runs: vec![Run {
+                    input: Some(0),
+                    start: 2,
+                    rows: 2,
+                }],
+            },
+            vec![2, 2],
+            DType::F32,
+        );
+        let int_cast = {
+            let mut p = piece(RowGather::copy(3, 2), vec![3, 2], DType::I64);
+            p.transform = "cast".into();
+            p
+        };
+        for p in [too_many_rows, past_end, int_cast] {
+            let plan = Plan {
+                pieces: vec![p],
+                ..Plan::default()
+            };
+            assert!(matches!(check(&plan, &stores), Err(ExecuteError::Plan(_))));
+        }
+    }
+}

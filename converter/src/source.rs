@@ -416,3 +416,39 @@ mod tests {
         assert_eq!(dst, vec![0, 1, 2, 3, 4, 5]);
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Reading any box of a tensor split into any row-chunking gives the same
+        /// bytes as slicing the whole tensor.
+        #[test]
+        fn boxes_of_chunked_tensors(rows in 1u64..12, cols in 1u64..6, cuts in proptest::collection::btree_set(1u64..12, 0..4),
+                                    r0 in 0u64..12, nr in 1u64..12, c0 in 0u64..6, nc in 1u64..6) {
+            let (r0, c0) = (r0 % rows, c0 % cols);
+            let (nr, nc) = (nr.min(rows - r0), nc.min(cols - c0));
+            let whole: Vec<u8> = (0..rows * cols).map(|i| i as u8).collect();
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("data");
+            std::fs::write(&path, &whole).unwrap();
+            let mut files = Files::default();
+            let id = files.add(&path).unwrap();
+            let mut bounds: Vec<u64> = cuts.into_iter().filter(|&c| c < rows).collect();
+            bounds.insert(0, 0);
+            bounds.push(rows);
+            let chunks = bounds.windows(2).map(|w| TensorChunk {
+                offsets: vec![w[0], 0],
+                sizes: vec![w[1] - w[0], cols],
+                data: ChunkData::Contiguous(ByteRef { file: id, offset: w[0] * cols, len: (w[1] - w[0]) * cols }),
+                checksum: None,
+            }).collect();
+            let t = GlobalTensor { name: "t".into(), dtype: DType::U8, shape: vec![rows, cols], chunks };
+            let got = read_box(&files, &t, &[r0, c0], &[nr, nc]);
+            let expected: Vec<u8> = (r0..r0 + nr).flat_map(|r| (c0..c0 + nc).map(move |c| (r * cols + c) as u8)).collect();
+            prop_assert_eq!(got.as_ref(), &expected[..]);
+        }
+    }
+}
