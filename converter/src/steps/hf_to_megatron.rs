@@ -174,7 +174,11 @@ pub fn run(
     // Megatron-Bridge keeps the tokenizer and chat template inside the iteration.
     super::copy_side_files(&mut plan, &super::tokenizer_files(&side), "tokenizer/");
     let stores: [&dyn TensorStore; 1] = [&src];
-    let sources = vec![super::hf_source_info("hf_model_id", &src)];
+    let sources = vec![super::hf_source_info(
+        "hf_model_id",
+        &req.hf_dir,
+        Some(&src),
+    )];
     let target = Target {
         dir: req.iter_dir.clone(),
         kind: "checkpoint_megatron".into(),

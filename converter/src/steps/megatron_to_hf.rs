@@ -177,12 +177,11 @@ pub fn run(
     let stores: [&dyn TensorStore; 1] = [&src];
     let mut sources = vec![super::megatron_source_info("megatron_path", &src)];
     if let Some(dir) = &req.hf_dir {
-        sources.push(super::SourceInfo {
-            role: "hf_model_id".into(),
-            path: dir.clone(),
-            kind: "checkpoint_hf".into(),
-            files: Vec::new(),
-        });
+        sources.push(super::hf_source_info(
+            "hf_model_id",
+            dir,
+            reference.as_ref(),
+        ));
     }
     let target = Target {
         dir: req.hf_path.clone(),

@@ -261,19 +261,21 @@ pub struct SourceInfo {
     pub files: Vec<manifest::SourceFile>,
 }
 
-/// Identity of an HF source: its shards with header digests, and its config.
-pub fn hf_source_info(role: &str, ckpt: &hf::HfCheckpoint) -> SourceInfo {
+/// Identity of an HF model directory: its shards with header digests (when it
+/// has weights), and the digests of its config and index.
+pub fn hf_source_info(role: &str, dir: &Path, ckpt: Option<&hf::HfCheckpoint>) -> SourceInfo {
     let mut files: Vec<manifest::SourceFile> = ckpt
-        .headers
+        .map(|c| c.headers.as_slice())
+        .unwrap_or_default()
         .iter()
         .map(|(name, header)| manifest::SourceFile {
             path: name.clone(),
-            size: std::fs::metadata(ckpt.root.join(name)).map_or(0, |m| m.len()),
+            size: std::fs::metadata(dir.join(name)).map_or(0, |m| m.len()),
             header_blake3: Some(blake3::hash(header).to_hex().to_string()),
         })
         .collect();
     for name in ["config.json", hf::INDEX_FILE] {
-        if let Ok(bytes) = std::fs::read(ckpt.root.join(name)) {
+        if let Ok(bytes) = std::fs::read(dir.join(name)) {
             files.push(manifest::SourceFile {
                 path: name.into(),
                 size: bytes.len() as u64,
@@ -283,7 +285,7 @@ pub fn hf_source_info(role: &str, ckpt: &hf::HfCheckpoint) -> SourceInfo {
     }
     SourceInfo {
         role: role.into(),
-        path: ckpt.root.clone(),
+        path: dir.to_owned(),
         kind: "checkpoint_hf".into(),
         files,
     }
