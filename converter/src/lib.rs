@@ -30,5 +30,6 @@ pub mod run_config;
 pub mod source;
 pub mod steps;
 pub mod synthetic;
+pub mod termination;
 
 pub use error::Error;

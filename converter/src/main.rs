@@ -5,6 +5,7 @@ mod cli;
 
 use std::process::ExitCode;
 
+use ckpt_convert::termination::Summary;
 use clap::Parser;
 use cli::{Cli, Command};
 use tracing_subscriber::EnvFilter;
@@ -37,7 +38,15 @@ fn main() -> ExitCode {
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run { step, args } => {
-            let (report, json) = cli::run_step(&step, &args)?;
+            // The orchestrator learns the outcome from the termination message.
+            let (report, json) = match cli::run_step(&step, &args) {
+                Ok(r) => r,
+                Err(err) => {
+                    Summary::failed(&step, i32::from(exit_code(&err)), &format!("{err:#}")).write();
+                    return Err(err);
+                }
+            };
+            Summary::succeeded(&report).write();
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
