@@ -119,12 +119,13 @@ impl DenseConfig {
     pub fn parse(
         cfg: &serde_json::Value,
         provider: &'static str,
+        family_arch: &str,
     ) -> Result<DenseConfig, PreflightError> {
         let arch = cfg
             .get("architectures")
             .and_then(|a| a.get(0))
             .and_then(|a| a.as_str())
-            .unwrap_or("(unknown)")
+            .unwrap_or(family_arch)
             .to_owned();
         let int = |key: &str| -> Result<u64, PreflightError> {
             field(cfg, key)
@@ -393,6 +394,16 @@ impl DenseGpt {
             .unwrap_or_else(|| default_vocab_multiple(self.cfg.vocab))
     }
 
+    /// Embedding rows on the Megatron side: the HF vocabulary unless padding was
+    /// asked for with `make_vocab_size_divisible_by` (Megatron-Bridge pads only
+    /// then; by default the embedding has exactly `vocab_size` rows).
+    pub fn embedding_rows(&self, opts: &ImportOptions) -> u64 {
+        match opts.vocab_multiple {
+            Some(m) => padded_vocab(self.cfg.vocab, m, opts.parallel.tp),
+            None => self.cfg.vocab,
+        }
+    }
+
     /// Megatron parallelism checks (§4: query groups must split evenly over TP).
     pub fn check(&self, p: &Parallelism) -> Result<(), PreflightError> {
         let c = &self.cfg;
@@ -430,7 +441,18 @@ impl DenseGpt {
         };
         let has_lm_head = ckpt.by_name.contains_key("lm_head.weight");
         let tied = self.tied(has_lm_head);
-        let vocab_p = padded_vocab(c.vocab, self.vocab_multiple(opts), opts.parallel.tp);
+        let vocab_p = self.embedding_rows(opts);
+        if !vocab_p.is_multiple_of(opts.parallel.tp) {
+            return Err(PreflightError::BadValue {
+                name: "tp".into(),
+                value: opts.parallel.tp.to_string(),
+                expected: format!(
+                    "a divisor of vocab_size={} (or pass make_vocab_size_divisible_by to pad the vocabulary)",
+                    c.vocab
+                ),
+            }
+            .into());
+        }
         let mut chunks = Vec::new();
         let dtype = opts.dtype;
         let mut push = |fqn: String,
@@ -1086,7 +1108,7 @@ impl DenseGpt {
     ) -> Vec<(String, Yaml)> {
         let c = &self.cfg;
         let m = self.vocab_multiple(opts);
-        let padded = padded_vocab(c.vocab, m, opts.parallel.tp);
+        let padded = self.embedding_rows(opts);
         let mut f: Vec<(String, Yaml)> = vec![
             ("_target_".into(), Yaml::str(c.provider)),
             ("num_layers".into(), Yaml::Int(c.layers as i64)),

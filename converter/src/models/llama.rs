@@ -18,7 +18,7 @@ pub const PROVIDER: &str = "megatron.bridge.models.gpt_provider.GPTModelProvider
 /// [`PreflightError::Unsupported`] for options Megatron-Bridge's Llama mapping does
 /// not carry (`attention_bias=true`: its registry has no bias mappings).
 pub fn mapping(cfg: &serde_json::Value) -> Result<DenseGpt, PreflightError> {
-    let mut c = DenseConfig::parse(cfg, PROVIDER)?;
+    let mut c = DenseConfig::parse(cfg, PROVIDER, ARCHITECTURES[0])?;
     // Megatron-Bridge's Llama bridge turns on the fused kernels (runtime only).
     for k in [
         "apply_rope_fusion",

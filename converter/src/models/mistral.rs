@@ -15,7 +15,7 @@ pub const PROVIDER: &str = "megatron.bridge.models.mistral.mistral_provider.Mist
 /// # Errors
 /// [`PreflightError::Unsupported`] for options the dense mapping cannot carry.
 pub fn mapping(cfg: &serde_json::Value) -> Result<DenseGpt, PreflightError> {
-    let mut c = DenseConfig::parse(cfg, PROVIDER)?;
+    let mut c = DenseConfig::parse(cfg, PROVIDER, ARCHITECTURES[0])?;
     c.sliding_window = cfg.get("sliding_window").and_then(|v| v.as_u64());
     Ok(DenseGpt { cfg: c })
 }

@@ -185,14 +185,21 @@ pub fn for_config(
         })
         .unwrap_or_else(|| "(none)".into());
     type Build = fn(&serde_json::Value) -> Result<gpt::DenseGpt, PreflightError>;
-    let families: [(&[&str], Build); 4] = [
-        (llama::ARCHITECTURES, llama::mapping),
-        (mistral::ARCHITECTURES, mistral::mapping),
-        (qwen2::ARCHITECTURES, qwen2::mapping),
-        (qwen3::ARCHITECTURES, qwen3::mapping),
+    // Matched by architecture, or by model_type when `architectures` is absent.
+    let families: [(&[&str], &str, Build); 4] = [
+        (llama::ARCHITECTURES, "llama", llama::mapping),
+        (mistral::ARCHITECTURES, "mistral", mistral::mapping),
+        (qwen2::ARCHITECTURES, "qwen2", qwen2::mapping),
+        (qwen3::ARCHITECTURES, "qwen3", qwen3::mapping),
     ];
-    for (archs, build) in families {
-        if archs.contains(&arch.as_str()) {
+    let has_arch = config.get("architectures").and_then(|a| a.get(0)).is_some();
+    for (archs, model_type, build) in families {
+        let matches = if has_arch {
+            archs.contains(&arch.as_str())
+        } else {
+            arch == model_type
+        };
+        if matches {
             return build(config)
                 .map(|m| Box::new(m) as Box<dyn Mapping>)
                 .map_err(|e| match e {
@@ -206,7 +213,7 @@ pub fn for_config(
     }
     let supported: Vec<&str> = families
         .iter()
-        .flat_map(|(a, _)| a.iter().copied())
+        .flat_map(|(a, _, _)| a.iter().copied())
         .collect();
     Err(PreflightError::Unsupported(format!(
         "{}: architecture {arch} is not supported (supported: {}; mapping=identity copies tensors under their own names)",

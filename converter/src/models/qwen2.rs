@@ -16,7 +16,7 @@ pub const PROVIDER: &str = "megatron.bridge.models.gpt_provider.GPTModelProvider
 /// # Errors
 /// [`PreflightError::Unsupported`] for options the dense mapping cannot carry.
 pub fn mapping(cfg: &serde_json::Value) -> Result<DenseGpt, PreflightError> {
-    let mut c = DenseConfig::parse(cfg, PROVIDER)?;
+    let mut c = DenseConfig::parse(cfg, PROVIDER, ARCHITECTURES[0])?;
     c.qkv_bias = true;
     c.provider_extras
         .push(("autocast_dtype", Yaml::object("torch.bfloat16")));

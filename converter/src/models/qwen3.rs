@@ -16,7 +16,7 @@ pub const PROVIDER: &str = "megatron.bridge.models.gpt_provider.GPTModelProvider
 /// [`PreflightError::Unsupported`] for `attention_bias=true` and options the dense
 /// mapping cannot carry.
 pub fn mapping(cfg: &serde_json::Value) -> Result<DenseGpt, PreflightError> {
-    let mut c = DenseConfig::parse(cfg, PROVIDER)?;
+    let mut c = DenseConfig::parse(cfg, PROVIDER, ARCHITECTURES[0])?;
     if DenseConfig::attention_bias(cfg) {
         return Err(PreflightError::Unsupported(format!(
             "config.json: {} with attention_bias=true is not supported",
