@@ -17,8 +17,23 @@ use rayon::prelude::*;
 
 use crate::dtype::{DType, cast_into};
 use crate::formats::{torch_save, torch_zip};
-use crate::plan::{Dest, Piece, Plan, TensorStore};
-use crate::source::{MappedFile, read_box};
+use crate::plan::{Dest, Input, Piece, Plan, TensorStore};
+use crate::source::{GlobalTensor, TensorChunk, read_box};
+use xxhash_rust::xxh3::xxh3_128;
+
+/// The chunks of `t` that the box of `input` intersects, with their indices.
+fn touched<'a>(
+    t: &'a GlobalTensor,
+    input: &'a Input,
+) -> impl Iterator<Item = (usize, &'a TensorChunk)> + 'a {
+    t.chunks.iter().enumerate().filter(move |(_, c)| {
+        c.offsets
+            .iter()
+            .zip(&c.sizes)
+            .zip(input.offsets.iter().zip(&input.sizes))
+            .all(|((&co, &cs), (&o, &s))| co < o + s && o < co + cs)
+    })
+}
 
 /// Reports progress; the CLI draws a bar or prints lines, tests ignore it.
 pub trait Progress: Sync {
@@ -65,8 +80,8 @@ pub struct FileRecord {
     pub path: String,
     /// Size in bytes.
     pub size: u64,
-    /// BLAKE3 of the whole file (hex), as `b3sum` prints it.
-    pub blake3: String,
+    /// XXH3-128 of the whole file (hex), as `xxhsum -H2` prints it.
+    pub xxh3: String,
 }
 
 /// What an execution produced.
@@ -74,8 +89,9 @@ pub struct FileRecord {
 pub struct Outcome {
     /// Every file written, sorted by path.
     pub files: Vec<FileRecord>,
-    /// Digest of the output tensors: BLAKE3 over `name|dtype|shape|blake3(bytes)`
-    /// lines of every piece, sorted by name (layout-independent).
+    /// Digest of the output tensors: XXH3-128 over the sorted lines
+    /// `name|dtype|shape|xxh3-128(bytes)` of every piece. It identifies the weights
+    /// whatever the file layout.
     pub weights_digest: String,
     /// The same digest over the source chunks read, per store.
     pub source_digests: Vec<String>,
@@ -204,7 +220,8 @@ impl Budget {
     }
 }
 
-/// Per-chunk source digests, each chunk hashed (and CRC-checked) once.
+/// Per-chunk source digests (xxh3-128, fast enough to stay off the critical
+/// path), each chunk hashed (and CRC-checked) once.
 struct SourceDigests {
     claimed: Vec<Vec<Vec<AtomicBool>>>,
     digests: Mutex<Vec<(usize, String)>>,
@@ -227,20 +244,30 @@ impl SourceDigests {
         }
     }
 
+    /// Digests (and checks the CRC of) every chunk the box of `input` touches, each
+    /// chunk once per run. `known` is the digest of the box's bytes, when the caller
+    /// has it and the box is exactly one contiguous chunk.
     fn visit(
         &self,
         stores: &[&dyn TensorStore],
-        store: usize,
-        tensor: usize,
+        input: &Input,
+        known: Option<u128>,
     ) -> Result<(), ExecuteError> {
+        let (store, tensor) = (input.store, input.tensor);
         let s = stores[store];
         let t = &s.tensors()[tensor];
-        for (c, chunk) in t.chunks.iter().enumerate() {
+        for (c, chunk) in touched(t, input) {
             if self.claimed[store][tensor][c].swap(true, Ordering::AcqRel) {
                 continue;
             }
             let region = chunk.footprint();
-            let bytes = s.files().slice(region);
+            let whole = chunk.offsets == input.offsets
+                && chunk.sizes == input.sizes
+                && matches!(chunk.data, crate::source::ChunkData::Contiguous(_));
+            let digest = match known {
+                Some(d) if whole => d,
+                _ => xxh3_128(s.files().slice(region)),
+            };
             if let Some((record, crc)) = chunk.checksum {
                 let actual = crc32fast::hash(s.files().slice(record));
                 if actual != crc {
@@ -255,12 +282,8 @@ impl SourceDigests {
                 }
             }
             let line = format!(
-                "{}|{:?}|{:?}|{}|{}\n",
-                t.name,
-                chunk.offsets,
-                chunk.sizes,
-                t.dtype,
-                blake3::hash(bytes).to_hex()
+                "{}|{:?}|{:?}|{}|{:032x}\n",
+                t.name, chunk.offsets, chunk.sizes, t.dtype, digest
             );
             self.digests
                 .lock()
@@ -271,15 +294,16 @@ impl SourceDigests {
     }
 
     fn finish(self, nstores: usize) -> Vec<String> {
-        let mut lines = self.digests.into_inner().expect("digest lock");
-        lines.sort();
+        let lines = self.digests.into_inner().expect("digest lock");
         (0..nstores)
             .map(|s| {
-                let mut h = blake3::Hasher::new();
-                for (_, line) in lines.iter().filter(|(st, _)| *st == s) {
-                    h.update(line.as_bytes());
-                }
-                h.finalize().to_hex().to_string()
+                crate::digest::of_lines(
+                    lines
+                        .iter()
+                        .filter(|(st, _)| *st == s)
+                        .map(|(_, l)| l.clone())
+                        .collect(),
+                )
             })
             .collect()
     }
@@ -344,6 +368,10 @@ fn run(
 ) -> Result<Outcome, ExecuteError> {
     // Lay out every data file before any tensor moves.
     let mut outputs: Vec<(PathBuf, File)> = Vec::with_capacity(plan.files.len());
+    // Buffered writes to one file serialize on its inode lock, and a writer that
+    // waits there spins; waiting here instead sleeps, leaving the core to a piece
+    // that is still gathering or digesting.
+    let write_locks: Vec<Mutex<()>> = plan.files.iter().map(|_| Mutex::new(())).collect();
     for f in &plan.files {
         let (path, file) = create(root, &f.rel)?;
         file.set_len(f.len).map_err(io(&path))?;
@@ -371,13 +399,14 @@ fn run(
     let sources = SourceDigests::new(stores);
     let piece_digests: Mutex<Vec<String>> = Mutex::new(Vec::with_capacity(plan.pieces.len()));
     let done = AtomicU64::new(0);
+    let started = std::time::Instant::now();
     progress.phase("convert", plan.tensor_bytes());
 
     plan.pieces
         .par_iter()
         .try_for_each(|piece| -> Result<(), ExecuteError> {
             let charge = budget.acquire(footprint(piece));
-            let result = write_piece(piece, stores, &outputs, &sources);
+            let result = write_piece(piece, stores, &outputs, &write_locks, &sources);
             budget.release(charge);
             let digest = result?;
             piece_digests.lock().expect("digest lock").push(format!(
@@ -389,6 +418,11 @@ fn run(
             Ok(())
         })?;
 
+    tracing::info!(
+        seconds = started.elapsed().as_secs_f64(),
+        pieces = plan.pieces.len(),
+        "tensor data written"
+    );
     for g in &plan.generated {
         let (path, file) = create(root, &g.rel)?;
         file.write_all_at(&g.bytes, 0).map_err(io(&path))?;
@@ -418,7 +452,7 @@ fn run(
         .par_iter()
         .map(|(path, file)| -> Result<FileRecord, ExecuteError> {
             file.sync_all().map_err(io(path))?;
-            let (size, digest) = digest_file(path)?;
+            let (size, digest) = crate::digest::file(path).map_err(io(path))?;
             progress.advance(size);
             let rel = path
                 .strip_prefix(root)
@@ -428,22 +462,20 @@ fn run(
             Ok(FileRecord {
                 path: rel,
                 size,
-                blake3: digest,
+                xxh3: digest,
             })
         })
         .collect::<Result<_, _>>()?;
     files.sort_by(|a, b| a.path.cmp(&b.path));
     sync_dirs(root)?;
+    tracing::info!(
+        seconds = started.elapsed().as_secs_f64(),
+        "outputs synced and digested"
+    );
 
-    let mut lines = piece_digests.into_inner().expect("digest lock");
-    lines.sort();
-    let mut h = blake3::Hasher::new();
-    for line in &lines {
-        h.update(line.as_bytes());
-    }
     Ok(Outcome {
         files,
-        weights_digest: h.finalize().to_hex().to_string(),
+        weights_digest: crate::digest::of_lines(piece_digests.into_inner().expect("digest lock")),
         source_digests: sources.finish(stores.len()),
         pieces: plan.pieces.len(),
         tensor_bytes: plan.tensor_bytes(),
@@ -451,11 +483,12 @@ fn run(
     })
 }
 
-/// Produces one piece and writes it; returns the BLAKE3 of its bytes.
+/// Produces one piece and writes it; returns the xxh3-128 of its bytes.
 fn write_piece(
     piece: &Piece,
     stores: &[&dyn TensorStore],
     outputs: &[(PathBuf, File)],
+    write_locks: &[Mutex<()>],
     sources: &SourceDigests,
 ) -> Result<String, ExecuteError> {
     let mut in_dtypes: Vec<DType> = Vec::with_capacity(piece.inputs.len());
@@ -463,11 +496,10 @@ fn write_piece(
     for input in &piece.inputs {
         let store = stores[input.store];
         let t = &store.tensors()[input.tensor];
-        for c in &t.chunks {
+        for (_, c) in touched(t, input) {
             let r = c.footprint();
             store.files().get(r.file).will_need(r.offset, r.len);
         }
-        sources.visit(stores, input.store, input.tensor)?;
         in_dtypes.push(t.dtype);
         in_bytes.push(read_box(store.files(), t, &input.offsets, &input.sizes));
     }
@@ -498,10 +530,17 @@ fn write_piece(
         }
         Cow::Owned(out)
     };
-    let digest = blake3::hash(&data).to_hex().to_string();
+    let digest = xxh3_128(&data);
+    // A plain copy of one whole chunk is that chunk's bytes: its digest is the
+    // source digest too, so the bytes are hashed once.
+    let known = plain_copy.then_some(digest);
+    for input in &piece.inputs {
+        sources.visit(stores, input, known)?;
+    }
     match &piece.dest {
         Dest::Raw { file, offset } => {
             let (path, f) = &outputs[*file];
+            let _turn = write_locks[*file].lock().expect("write lock");
             f.write_all_at(&data, *offset).map_err(io(path))?;
         }
         Dest::DcpItem { file, offset } => {
@@ -512,6 +551,7 @@ fn write_piece(
                 crc,
             );
             let data_at = offset + layout.prefix.len() as u64;
+            let _turn = write_locks[*file].lock().expect("write lock");
             f.write_all_at(&layout.prefix, *offset).map_err(io(path))?;
             f.write_all_at(&data, data_at).map_err(io(path))?;
             f.write_all_at(&layout.suffix, data_at + data.len() as u64)
@@ -523,36 +563,12 @@ fn write_piece(
     // Release the mapped inputs so resident memory follows the pieces in flight.
     for input in &piece.inputs {
         let store = stores[input.store];
-        for c in &store.tensors()[input.tensor].chunks {
+        for (_, c) in touched(&store.tensors()[input.tensor], input) {
             let r = c.footprint();
             store.files().get(r.file).release(r.offset, r.len);
         }
     }
-    Ok(digest)
-}
-
-/// BLAKE3 of a whole file, read through a map in windows released after use.
-///
-/// # Errors
-/// The I/O error of reading it.
-pub fn digest_file(path: &Path) -> Result<(u64, String), ExecuteError> {
-    const WINDOW: u64 = 64 << 20;
-    let map = MappedFile::open(path).map_err(io(path))?;
-    let mut h = blake3::Hasher::new();
-    let len = map.len();
-    let mut at = 0u64;
-    while at < len {
-        let n = WINDOW.min(len - at);
-        let window = &map.bytes()[at as usize..(at + n) as usize];
-        if n >= 1 << 20 {
-            h.update_rayon(window);
-        } else {
-            h.update(window);
-        }
-        map.release(at, n);
-        at += n;
-    }
-    Ok((len, h.finalize().to_hex().to_string()))
+    Ok(crate::digest::format_digest(digest))
 }
 
 /// Fsyncs `root` and every directory under it, so new entries are durable.
@@ -667,10 +683,7 @@ mod tests {
             .collect();
         assert_eq!(vals, vec![4.0, 5.0, 0.0, 0.0, 0.0, 1.0]);
         assert_eq!(outcome.files.len(), 1);
-        assert_eq!(
-            outcome.files[0].blake3,
-            blake3::hash(&bytes).to_hex().to_string()
-        );
+        assert_eq!(outcome.files[0].xxh3, crate::digest::hex(&bytes));
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! Formats are in [`formats`]; tensors as sources hold them in [`source`].
 #![deny(missing_docs)]
 
+pub mod digest;
 pub mod dtype;
 pub mod error;
 pub mod execute;

@@ -8,14 +8,15 @@
 //!  "parameters": {"hf_model_id": "...", "dtype": "bfloat16"},
 //!  "output": {"kind": "checkpoint_megatron", "iteration": 0,
 //!             "tensors": 291, "tensor_bytes": 6425673728, "weights_digest": "…"},
-//!  "files": [{"path": "__0_0.distcp", "size": 1234, "blake3": "…"}],
+//!  "files": [{"path": "__0_0.distcp", "size": 1234, "xxh3": "…"}],
 //!  "provenance": {"sources": [{"role": "hf_model_id", "path": "…", "kind": "checkpoint_hf",
-//!                              "weights_digest": "…", "files": [{"path": "…", "size": 1, "header_blake3": "…"}]}],
+//!                              "weights_digest": "…", "files": [{"path": "…", "size": 1, "header_xxh3": "…"}]}],
 //!                 "side_files": [{"path": "tokenizer/tokenizer.json", "kind": "tokenizer",
-//!                                 "from": "…", "blake3": "…"}]}}
+//!                                 "from": "…", "xxh3": "…"}]}}
 //! ```
-//! `blake3` digests are of whole files (`b3sum`); `weights_digest` is layout
-//! independent (see [`crate::execute::Outcome::weights_digest`]).
+//! Digests are XXH3-128 ([`crate::digest`]); `xxh3` is of the whole file
+//! (`xxhsum -H2`), `weights_digest` is layout independent (see
+//! [`crate::execute::Outcome::weights_digest`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -59,9 +60,10 @@ pub struct SourceFile {
     pub path: String,
     /// Size.
     pub size: u64,
-    /// BLAKE3 of its header or metadata (the part that names and places tensors).
+    /// Digest of its header or metadata (the part that names and places tensors),
+    /// or of the whole file for small side files.
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub header_blake3: Option<String>,
+    pub header_xxh3: Option<String>,
 }
 
 /// One input of the step.
@@ -89,8 +91,8 @@ pub struct SideFile {
     pub kind: String,
     /// Where it was copied from.
     pub from: String,
-    /// BLAKE3 of the file.
-    pub blake3: String,
+    /// Digest of the file.
+    pub xxh3: String,
 }
 
 /// Where the output came from.
@@ -150,13 +152,13 @@ impl<'de> Deserialize<'de> for FileRecord {
         struct Raw {
             path: String,
             size: u64,
-            blake3: String,
+            xxh3: String,
         }
         let r = Raw::deserialize(d)?;
         Ok(FileRecord {
             path: r.path,
             size: r.size,
-            blake3: r.blake3,
+            xxh3: r.xxh3,
         })
     }
 }
@@ -232,7 +234,7 @@ pub fn verify(dir: &Path) -> Result<Verification, String> {
     for f in &m.files {
         let path = dir.join(&f.path);
         v.files += 1;
-        match crate::execute::digest_file(&path) {
+        match crate::digest::file(&path) {
             Err(e) => v.problems.push(format!("{}: {e}", f.path)),
             Ok((size, digest)) => {
                 v.bytes += size;
@@ -241,10 +243,10 @@ pub fn verify(dir: &Path) -> Result<Verification, String> {
                         "{}: expected {} bytes (manifest), found {size}",
                         f.path, f.size
                     ));
-                } else if digest != f.blake3 {
+                } else if digest != f.xxh3 {
                     v.problems.push(format!(
-                        "{}: content differs from the manifest (blake3 {digest}, expected {})",
-                        f.path, f.blake3
+                        "{}: content differs from the manifest (xxh3 {digest}, expected {})",
+                        f.path, f.xxh3
                     ));
                 }
             }

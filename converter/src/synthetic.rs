@@ -203,8 +203,7 @@ impl Rng {
 }
 
 fn seed_of(name: &str, seed: u64) -> u64 {
-    let h = blake3::hash(name.as_bytes());
-    u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes")) ^ seed
+    xxhash_rust::xxh3::xxh3_64(name.as_bytes()) ^ seed
 }
 
 /// Fills `out` with the deterministic values of tensor `name`: weights uniform in

@@ -271,7 +271,7 @@ pub fn hf_source_info(role: &str, dir: &Path, ckpt: Option<&hf::HfCheckpoint>) -
         .map(|(name, header)| manifest::SourceFile {
             path: name.clone(),
             size: std::fs::metadata(dir.join(name)).map_or(0, |m| m.len()),
-            header_blake3: Some(blake3::hash(header).to_hex().to_string()),
+            header_xxh3: Some(crate::digest::hex(header)),
         })
         .collect();
     for name in ["config.json", hf::INDEX_FILE] {
@@ -279,7 +279,7 @@ pub fn hf_source_info(role: &str, dir: &Path, ckpt: Option<&hf::HfCheckpoint>) -
             files.push(manifest::SourceFile {
                 path: name.into(),
                 size: bytes.len() as u64,
-                header_blake3: Some(blake3::hash(&bytes).to_hex().to_string()),
+                header_xxh3: Some(crate::digest::hex(&bytes)),
             });
         }
     }
@@ -299,7 +299,7 @@ pub fn megatron_source_info(
     let mut files = vec![manifest::SourceFile {
         path: ".metadata".into(),
         size: ckpt.metadata_bytes.len() as u64,
-        header_blake3: Some(blake3::hash(&ckpt.metadata_bytes).to_hex().to_string()),
+        header_xxh3: Some(crate::digest::hex(&ckpt.metadata_bytes)),
     }];
     for f in ckpt.files.iter() {
         files.push(manifest::SourceFile {
@@ -310,7 +310,7 @@ pub fn megatron_source_info(
                 .to_string_lossy()
                 .into_owned(),
             size: f.len(),
-            header_blake3: None,
+            header_xxh3: None,
         });
     }
     SourceInfo {
@@ -388,11 +388,11 @@ pub fn execute_and_publish(
             path: c.rel.clone(),
             kind: c.kind.clone(),
             from: c.from.display().to_string(),
-            blake3: outcome
+            xxh3: outcome
                 .files
                 .iter()
                 .find(|f| f.path == c.rel)
-                .map(|f| f.blake3.clone())
+                .map(|f| f.xxh3.clone())
                 .unwrap_or_default(),
         })
         .collect();

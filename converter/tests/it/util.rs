@@ -31,7 +31,7 @@ impl Workdir {
         p
     }
 
-    /// Every file under `rel` with its BLAKE3, to prove a source was not touched.
+    /// Every file under `rel` with its digest, to prove a source was not touched.
     pub fn snapshot(&self, rel: &str) -> BTreeMap<PathBuf, (u64, String)> {
         let mut out = BTreeMap::new();
         let mut stack = vec![self.path(rel)];
@@ -42,13 +42,7 @@ impl Workdir {
                     stack.push(p);
                 } else {
                     let bytes = std::fs::read(&p).unwrap();
-                    out.insert(
-                        p,
-                        (
-                            bytes.len() as u64,
-                            blake3::hash(&bytes).to_hex().to_string(),
-                        ),
-                    );
+                    out.insert(p, (bytes.len() as u64, ckpt_convert::digest::hex(&bytes)));
                 }
             }
         }
