@@ -1,1 +1,67 @@
-//! placeholder
+//! A real Kubernetes control plane for tests, without a cluster, images or
+//! downloads: etcd, kube-apiserver and kube-controller-manager built from Go
+//! modules (`e2e/k8s/build.sh`), plus a node stand-in that runs our Jobs' pods
+//! as local processes.
+//!
+//! ```no_run
+//! # async fn demo() -> ckpt_testcluster::Result<()> {
+//! use ckpt_testcluster::{ControlPlane, NodeStandIn, StandInConfig, converter_binary};
+//!
+//! let cp = ControlPlane::shared().await?; // one per test binary, stopped at exit
+//! let ns = cp.new_namespace("my-test").await?;
+//! let standin = NodeStandIn::start(
+//!     cp.client(),
+//!     StandInConfig::new("ghcr.io/ckpt/ckpt-convert:dev")
+//!         .namespace(&ns)
+//!         .binary("ckpt-convert", converter_binary()?)
+//!         .pvc("models", "/tmp/models"),
+//! )
+//! .await?;
+//! // … create a Job in `ns`; the Job controller creates its pod, the stand-in
+//! // runs it, the Job becomes Complete or Failed …
+//! assert!(standin.take_errors().is_empty());
+//! # Ok(()) }
+//! ```
+//!
+//! # Design notes
+//!
+//! * **Sharing.** [`ControlPlane::shared`] starts one control plane per test
+//!   process (about 3–5 s with cached binaries on 2 cores, 1 s to stop). Its
+//!   processes are spawned from a dedicated thread, because
+//!   `PR_SET_PDEATHSIG` fires when the forking *thread* exits and each test's
+//!   thread ends with the test. It is stopped by an `atexit` hook (normal exit
+//!   or a failed test); on abort or SIGKILL the parent-death signal kills it and
+//!   the next start removes the orphaned temp dir (`owner.pid` names a dead pid).
+//! * **Read-only mounts** are enforced by the kernel as on a node: the pod's
+//!   process runs in a private mount namespace (plus a user namespace when the
+//!   harness is not root) with each volume bind-mounted and read-only ones
+//!   remounted `MS_RDONLY`, so writes fail with `EROFS`, for root too. The
+//!   process keeps the harness's uid; `runAsUser`/`fsGroup` are not emulated.
+//! * **Paths.** Pods name container paths (`/models/x`); the stand-in rewrites
+//!   arguments and env values that are, or end in (`key=/models/x`), a path
+//!   under a mountPath, and refuses any other absolute path, which would hit
+//!   the host's filesystem instead of the image's. Termination messages are
+//!   mapped back to container paths.
+//!
+//! Environment: `CKPT_K8S_BIN` (control-plane binaries; else `build.sh` runs),
+//! `CKPT_CONVERT_BIN` (the converter; else `<target dir>/release/ckpt-convert`),
+//! `CKPT_KEEP_CLUSTER=1` (keep temp dirs and logs).
+
+#![deny(missing_docs)]
+
+mod bins;
+mod certs;
+mod control_plane;
+mod error;
+mod process;
+mod standin;
+
+pub use bins::{K8S_BINARIES, converter_binary, k8s_bin_dir, workspace_root};
+pub use control_plane::{ControlPlane, ControlPlaneOptions, DEFAULT_CONTROLLERS};
+pub use error::{Error, Result};
+pub use standin::status::{
+    MAX_LOG_FALLBACK_BYTES, MAX_LOG_FALLBACK_LINES, MAX_TERMINATION_MESSAGE,
+};
+pub use standin::{
+    NodeStandIn, REASON_CANNOT_EMULATE, REASON_PVC_NOT_FOUND, Run, StandInConfig, StandInError,
+};

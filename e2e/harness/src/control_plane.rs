@@ -1,0 +1,631 @@
+//! A real control plane on 127.0.0.1: etcd, kube-apiserver (RBAC, client
+//! certificates) and kube-controller-manager running the Job, garbage-collector,
+//! TTL-after-finished and namespace controllers. Flags as in
+//! `e2e/k8s/NOTES.md` / `smoke.sh`.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::{authentication::v1::TokenRequest, coordination::v1::Lease};
+use kube::api::{ObjectMeta, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::bins;
+use crate::certs::{self, CertFiles};
+use crate::error::{Error, Result};
+use crate::process::{KEPT_FILE, ManagedProcess, log_tail, owned_tempdir};
+
+/// The controllers kube-controller-manager runs by default: enough for Jobs to
+/// complete or fail, owner-reference cascades, `ttlSecondsAfterFinished` and
+/// namespace deletion.
+pub const DEFAULT_CONTROLLERS: [&str; 4] = [
+    "job-controller",
+    "garbage-collector-controller",
+    "ttl-after-finished-controller",
+    "namespace-controller",
+];
+
+/// How to start a [`ControlPlane`].
+#[derive(Debug, Clone)]
+pub struct ControlPlaneOptions {
+    /// Directory with etcd, kube-apiserver, kube-controller-manager and kubectl;
+    /// `None`: [`bins::k8s_bin_dir`] (`$CKPT_K8S_BIN`, else `e2e/k8s/build.sh`).
+    pub bin_dir: Option<PathBuf>,
+    /// `--controllers` of kube-controller-manager; empty: do not start it.
+    pub controllers: Vec<String>,
+    /// Keep the temp dir (certificates, kubeconfig, logs, etcd data) after
+    /// teardown. Default: `$CKPT_KEEP_CLUSTER == "1"`.
+    pub keep: bool,
+    /// How long each component may take to become ready.
+    pub startup_timeout: Duration,
+    /// How long each process gets between SIGTERM and SIGKILL at teardown.
+    pub stop_grace: Duration,
+    /// Extra kube-apiserver flags (`--flag=value`), appended last.
+    pub extra_apiserver_args: Vec<String>,
+}
+
+impl Default for ControlPlaneOptions {
+    fn default() -> Self {
+        ControlPlaneOptions {
+            bin_dir: None,
+            controllers: DEFAULT_CONTROLLERS.iter().map(|s| s.to_string()).collect(),
+            keep: std::env::var("CKPT_KEEP_CLUSTER").is_ok_and(|v| v == "1"),
+            startup_timeout: Duration::from_secs(90),
+            stop_grace: Duration::from_secs(5),
+            extra_apiserver_args: Vec::new(),
+        }
+    }
+}
+
+/// A running control plane. Dropping it (also while a test panics) stops
+/// kube-controller-manager, kube-apiserver and etcd in that order (SIGTERM, then
+/// SIGKILL after [`ControlPlaneOptions::stop_grace`]) and removes its temp dir
+/// unless [`ControlPlaneOptions::keep`]. Children also carry
+/// `PR_SET_PDEATHSIG=SIGKILL`, so none survives an aborted test process.
+#[derive(Debug)]
+pub struct ControlPlane {
+    dir: PathBuf,
+    tempdir: Mutex<Option<tempfile::TempDir>>,
+    keep: bool,
+    bin_dir: PathBuf,
+    kubeconfig: PathBuf,
+    config: Config,
+    api_url: String,
+    certs: CertFiles,
+    processes: Mutex<Vec<ManagedProcess>>,
+    stop_grace: Duration,
+    names: AtomicU64,
+}
+
+/// What `start` builds up; stopped (and the dir kept for its logs) if starting fails.
+struct Boot {
+    tempdir: Option<tempfile::TempDir>,
+    dir: PathBuf,
+    processes: Vec<ManagedProcess>,
+    grace: Duration,
+}
+
+impl Drop for Boot {
+    fn drop(&mut self) {
+        for p in self.processes.iter_mut().rev() {
+            p.stop(self.grace);
+        }
+        if let Some(t) = self.tempdir.take() {
+            let _ = std::fs::write(t.path().join(KEPT_FILE), b"");
+            let _ = t.keep();
+            eprintln!(
+                "ckpt-testcluster: control plane failed to start; logs kept in {}",
+                self.dir.display()
+            );
+        }
+    }
+}
+
+impl Boot {
+    fn check_running(&mut self, doing: &str) -> Result<()> {
+        for p in &mut self.processes {
+            p.check_running(doing)?;
+        }
+        Ok(())
+    }
+
+    fn timeout(&self, what: &str, after: Duration, component: &str) -> Error {
+        let log = self.dir.join(format!("{component}.log"));
+        Error::Timeout {
+            what: what.to_string(),
+            after,
+            tail: log_tail(&log, 30),
+            log,
+        }
+    }
+}
+
+fn free_ports<const N: usize>() -> Result<[u16; N]> {
+    // Hold all listeners until every port is chosen, so the N ports differ.
+    let mut listeners = Vec::with_capacity(N);
+    let mut ports = [0u16; N];
+    for port in &mut ports {
+        let l =
+            std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("127.0.0.1:0", e))?;
+        *port = l
+            .local_addr()
+            .map_err(|e| Error::io("127.0.0.1:0", e))?
+            .port();
+        listeners.push(l);
+    }
+    Ok(ports)
+}
+
+async fn etcd_healthy(port: u16) -> bool {
+    let probe = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .await
+            .ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.ok()?;
+        Some(body.contains("\"health\":\"true\""))
+    };
+    tokio::time::timeout(Duration::from_secs(2), probe)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
+fn yaml_str(s: &str) -> String {
+    serde_json::to_string(s).expect("a string serializes")
+}
+
+fn kubeconfig_text(server: &str, ca: &Path, user: &str, user_fields: &[(&str, String)]) -> String {
+    let mut text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: ckpt-testcluster\n  cluster:\n    server: {}\n    certificate-authority: {}\nusers:\n- name: {user}\n  user:\n",
+        yaml_str(server),
+        yaml_str(&ca.display().to_string()),
+    );
+    for (k, v) in user_fields {
+        text.push_str(&format!("    {k}: {}\n", yaml_str(v)));
+    }
+    text.push_str(&format!(
+        "contexts:\n- name: ckpt-testcluster\n  context:\n    cluster: ckpt-testcluster\n    user: {user}\ncurrent-context: ckpt-testcluster\n"
+    ));
+    text
+}
+
+async fn config_from_kubeconfig(path: &Path, text: &str) -> Result<Config> {
+    let err = |message: String| Error::Kubeconfig {
+        path: path.to_path_buf(),
+        message,
+    };
+    let kc = Kubeconfig::from_yaml(text).map_err(|e| err(e.to_string()))?;
+    Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| err(e.to_string()))
+}
+
+impl ControlPlane {
+    /// Starts etcd, kube-apiserver and kube-controller-manager with fresh
+    /// certificates, ports and temp dir, and waits until the apiserver is ready
+    /// (`/readyz`, the `default` namespace exists) and kube-controller-manager
+    /// holds its leader lease. Takes about 15 s on 2 cores once the binaries exist.
+    pub async fn start(opts: ControlPlaneOptions) -> Result<ControlPlane> {
+        let bin_dir = match opts.bin_dir.clone() {
+            Some(dir) => dir,
+            None => tokio::task::spawn_blocking(bins::k8s_bin_dir)
+                .await
+                .map_err(|e| Error::Binaries {
+                    message: format!("locating binaries panicked: {e}"),
+                })??,
+        };
+        let tempdir = owned_tempdir("ckpt-testcluster-")?;
+        let dir = tempdir.path().to_path_buf();
+        let mut boot = Boot {
+            tempdir: Some(tempdir),
+            dir: dir.clone(),
+            processes: Vec::new(),
+            grace: opts.stop_grace,
+        };
+        let timeout = opts.startup_timeout;
+        let certs = certs::write_all(&dir)?;
+        let [etcd_port, peer_port, api_port] = free_ports::<3>()?;
+        let bin = |name: &str| bin_dir.join(name);
+        let s = |p: &Path| p.display().to_string();
+
+        // etcd
+        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        let etcd_args = vec![
+            "--name=testcluster".to_string(),
+            format!("--data-dir={}", s(&dir.join("etcd"))),
+            format!("--listen-client-urls={etcd_url}"),
+            format!("--advertise-client-urls={etcd_url}"),
+            format!("--listen-peer-urls={peer_url}"),
+            format!("--initial-advertise-peer-urls={peer_url}"),
+            format!("--initial-cluster=testcluster={peer_url}"),
+            "--unsafe-no-fsync=true".to_string(),
+            "--log-level=warn".to_string(),
+        ];
+        boot.processes.push(ManagedProcess::spawn(
+            "etcd",
+            &bin("etcd"),
+            &etcd_args,
+            dir.join("etcd.log"),
+        )?);
+        let started = Instant::now();
+        while !etcd_healthy(etcd_port).await {
+            boot.check_running("waiting for etcd /health")?;
+            if started.elapsed() > timeout {
+                return Err(boot.timeout(&format!("etcd {etcd_url}/health"), timeout, "etcd"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        // kube-apiserver
+        let mut api_args = vec![
+            format!("--etcd-servers={etcd_url}"),
+            "--bind-address=127.0.0.1".to_string(),
+            "--advertise-address=127.0.0.1".to_string(),
+            format!("--secure-port={api_port}"),
+            // 127.0.0.1 is refused as advertise address by the other reconcilers.
+            "--endpoint-reconciler-type=none".to_string(),
+            format!("--tls-cert-file={}", s(&certs.serving_cert)),
+            format!("--tls-private-key-file={}", s(&certs.serving_key)),
+            format!("--client-ca-file={}", s(&certs.ca_cert)),
+            "--authorization-mode=RBAC".to_string(),
+            "--service-account-issuer=https://kubernetes.default.svc".to_string(),
+            format!("--service-account-key-file={}", s(&certs.sa_pub)),
+            format!("--service-account-signing-key-file={}", s(&certs.sa_key)),
+            "--service-cluster-ip-range=10.0.0.0/24".to_string(),
+            // No ServiceAccount controller runs, so pods get no token volume.
+            "--disable-admission-plugins=ServiceAccount".to_string(),
+            "--allow-privileged=true".to_string(),
+            format!("--cert-dir={}", s(&dir.join("apiserver-certs"))),
+        ];
+        api_args.extend(opts.extra_apiserver_args.iter().cloned());
+        boot.processes.push(ManagedProcess::spawn(
+            "kube-apiserver",
+            &bin("kube-apiserver"),
+            &api_args,
+            dir.join("kube-apiserver.log"),
+        )?);
+        let api_url = format!("https://127.0.0.1:{api_port}");
+        let kubeconfig = dir.join("kubeconfig");
+        let text = kubeconfig_text(
+            &api_url,
+            &certs.ca_cert,
+            "admin",
+            &[
+                ("client-certificate", s(&certs.admin_cert)),
+                ("client-key", s(&certs.admin_key)),
+            ],
+        );
+        std::fs::write(&kubeconfig, &text).map_err(|e| Error::io(&kubeconfig, e))?;
+        let config = config_from_kubeconfig(&kubeconfig, &text).await?;
+        let client = Client::try_from(config.clone()).map_err(|e| Error::Kubeconfig {
+            path: kubeconfig.clone(),
+            message: e.to_string(),
+        })?;
+        let started = Instant::now();
+        loop {
+            let req = http::Request::get("/readyz")
+                .body(Vec::new())
+                .expect("a static request builds");
+            if let Ok(body) = client.request_text(req).await
+                && body.trim() == "ok"
+            {
+                break;
+            }
+            boot.check_running("waiting for kube-apiserver /readyz")?;
+            if started.elapsed() > timeout {
+                return Err(boot.timeout("kube-apiserver /readyz", timeout, "kube-apiserver"));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        while !matches!(namespaces.get_opt("default").await, Ok(Some(_))) {
+            boot.check_running("waiting for the default namespace")?;
+            if started.elapsed() > timeout {
+                return Err(boot.timeout("the default namespace", timeout, "kube-apiserver"));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+
+        // kube-controller-manager
+        if !opts.controllers.is_empty() {
+            let kcm_args = vec![
+                format!("--kubeconfig={}", s(&kubeconfig)),
+                format!("--controllers={}", opts.controllers.join(",")),
+                // Leader election on: the lease is how we know it is up.
+                "--leader-elect=true".to_string(),
+                "--use-service-account-credentials=false".to_string(),
+                "--secure-port=0".to_string(),
+            ];
+            boot.processes.push(ManagedProcess::spawn(
+                "kube-controller-manager",
+                &bin("kube-controller-manager"),
+                &kcm_args,
+                dir.join("kube-controller-manager.log"),
+            )?);
+            let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-system");
+            let started = Instant::now();
+            loop {
+                if let Ok(Some(lease)) = leases.get_opt("kube-controller-manager").await
+                    && lease
+                        .spec
+                        .and_then(|s| s.holder_identity)
+                        .is_some_and(|h| !h.is_empty())
+                {
+                    break;
+                }
+                boot.check_running("waiting for the kube-controller-manager leader lease")?;
+                if started.elapsed() > timeout {
+                    return Err(boot.timeout(
+                        "kube-controller-manager to hold lease kube-system/kube-controller-manager",
+                        timeout,
+                        "kube-controller-manager",
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+
+        let tempdir = boot.tempdir.take();
+        let processes = std::mem::take(&mut boot.processes);
+        Ok(ControlPlane {
+            dir,
+            tempdir: Mutex::new(tempdir),
+            keep: opts.keep,
+            bin_dir,
+            kubeconfig,
+            config,
+            api_url,
+            certs,
+            processes: Mutex::new(processes),
+            stop_grace: opts.stop_grace,
+            names: AtomicU64::new(0),
+        })
+    }
+
+    /// The control plane shared by every test in this process, started by the
+    /// first caller with default options. It is stopped when the process exits
+    /// normally (an `atexit` hook; `Drop` never runs for statics) and killed by
+    /// the parent-death signal otherwise. Give each test its own namespace
+    /// ([`ControlPlane::new_namespace`]). If starting fails, every caller gets
+    /// the same error without trying again.
+    pub async fn shared() -> Result<&'static ControlPlane> {
+        let result = SHARED
+            .get_or_init(|| async {
+                let result = ControlPlane::start(ControlPlaneOptions::default())
+                    .await
+                    .map_err(|e| e.to_string());
+                if result.is_ok() {
+                    // SAFETY: registers a plain extern "C" function without captures.
+                    unsafe {
+                        libc::atexit(stop_shared_at_exit);
+                    }
+                }
+                result
+            })
+            .await;
+        result.as_ref().map_err(|e| Error::Shared(e.clone()))
+    }
+
+    /// A new admin client (user `admin`, group `system:masters`) on the
+    /// caller's tokio runtime.
+    pub fn client(&self) -> Client {
+        Client::try_from(self.config.clone())
+            .expect("the admin client configuration was already used successfully at start")
+    }
+
+    /// The admin client configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The admin kubeconfig file (for kubectl, helm, or a binary under test).
+    pub fn kubeconfig_path(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// The apiserver URL, `https://127.0.0.1:PORT`.
+    pub fn api_url(&self) -> &str {
+        &self.api_url
+    }
+
+    /// The directory with the control-plane binaries (also has helm).
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin_dir
+    }
+
+    /// The temp dir: certificates, kubeconfigs, `<component>.log`, etcd data.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The CA certificate the apiserver's serving certificate chains to.
+    pub fn ca_cert_path(&self) -> &Path {
+        &self.certs.ca_cert
+    }
+
+    /// `(component, pid)` of the running processes, in start order.
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        self.processes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|p| (p.name.clone(), p.pid()))
+            .collect()
+    }
+
+    /// The last `lines` lines of `etcd`, `kube-apiserver` or
+    /// `kube-controller-manager`'s log.
+    pub fn log_tail(&self, component: &str, lines: usize) -> String {
+        log_tail(&self.dir.join(format!("{component}.log")), lines)
+    }
+
+    /// Runs `kubectl --kubeconfig <admin> ARGS…` and returns its output
+    /// (whatever the exit status).
+    pub async fn kubectl<I, S>(&self, args: I) -> Result<Output>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        self.kubectl_with_stdin(args, "").await
+    }
+
+    /// Like [`ControlPlane::kubectl`], with `stdin` fed to the process (for
+    /// `apply -f -`).
+    pub async fn kubectl_with_stdin<I, S>(&self, args: I, stdin: &str) -> Result<Output>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let program = self.bin_dir.join("kubectl");
+        let mut child = tokio::process::Command::new(&program)
+            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| Error::Spawn {
+                program: program.display().to_string(),
+                source,
+            })?;
+        let mut input = child.stdin.take().expect("stdin was piped");
+        let data = stdin.as_bytes().to_vec();
+        let writer = tokio::spawn(async move {
+            let _ = input.write_all(&data).await;
+        });
+        let output = child
+            .wait_with_output()
+            .await
+            .map_err(|source| Error::Spawn {
+                program: program.display().to_string(),
+                source,
+            })?;
+        let _ = writer.await;
+        Ok(output)
+    }
+
+    /// Creates a namespace named `PREFIX-N` (N counts up in this process) and
+    /// returns its name.
+    pub async fn new_namespace(&self, prefix: &str) -> Result<String> {
+        let name = format!("{prefix}-{}", self.names.fetch_add(1, Ordering::Relaxed));
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Api::<Namespace>::all(self.client())
+            .create(&PostParams::default(), &ns)
+            .await
+            .map_err(|e| Error::kube(format!("creating namespace {name}"), e))?;
+        Ok(name)
+    }
+
+    /// Writes a kubeconfig that authenticates as ServiceAccount `ns/name` with a
+    /// one-hour token from the TokenRequest API, creating the ServiceAccount if
+    /// it does not exist. Its permissions are exactly what RBAC grants it.
+    pub async fn kubeconfig_for_service_account(&self, ns: &str, name: &str) -> Result<PathBuf> {
+        let sas: Api<ServiceAccount> = Api::namespaced(self.client(), ns);
+        let sa = ServiceAccount {
+            metadata: ObjectMeta {
+                name: Some(name.to_string()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        match sas.create(&PostParams::default(), &sa).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => {
+                return Err(Error::kube(
+                    format!("creating serviceaccount {ns}/{name}"),
+                    e,
+                ));
+            }
+        }
+        let request = TokenRequest {
+            spec: k8s_openapi::api::authentication::v1::TokenRequestSpec {
+                expiration_seconds: Some(3600),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let token = sas
+            .create_token_request(name, &PostParams::default(), &request)
+            .await
+            .map_err(|e| {
+                Error::kube(
+                    format!("requesting a token for serviceaccount {ns}/{name}"),
+                    e,
+                )
+            })?
+            .status
+            .map(|s| s.token)
+            .unwrap_or_default();
+        let path = self.dir.join(format!("kubeconfig-sa-{ns}-{name}"));
+        let text = kubeconfig_text(
+            &self.api_url,
+            &self.certs.ca_cert,
+            &format!("system:serviceaccount:{ns}:{name}"),
+            &[("token", token)],
+        );
+        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+        Ok(path)
+    }
+
+    /// A client that authenticates as ServiceAccount `ns/name` (see
+    /// [`ControlPlane::kubeconfig_for_service_account`]).
+    pub async fn client_for_service_account(&self, ns: &str, name: &str) -> Result<Client> {
+        let path = self.kubeconfig_for_service_account(ns, name).await?;
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let config = config_from_kubeconfig(&path, &text).await?;
+        Client::try_from(config).map_err(|e| Error::Kubeconfig {
+            path,
+            message: e.to_string(),
+        })
+    }
+
+    /// Stops kube-controller-manager, kube-apiserver, then etcd (the apiserver
+    /// hangs in shutdown if etcd is already gone), and removes the temp dir
+    /// unless asked to keep it. Idempotent; `Drop` calls it.
+    pub fn stop(&self) {
+        let mut processes =
+            std::mem::take(&mut *self.processes.lock().unwrap_or_else(|p| p.into_inner()));
+        while let Some(mut p) = processes.pop() {
+            let (took, killed) = p.stop(self.stop_grace);
+            if std::env::var_os("CKPT_TESTCLUSTER_VERBOSE").is_some() {
+                eprintln!("ckpt-testcluster: stopped {} in {took:?}", p.name);
+            }
+            if killed {
+                eprintln!(
+                    "ckpt-testcluster: {} (pid {}) ignored SIGTERM for {took:?}; killed",
+                    p.name,
+                    p.pid()
+                );
+            }
+        }
+        if let Some(t) = self
+            .tempdir
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            if self.keep {
+                let _ = std::fs::write(t.path().join(KEPT_FILE), b"");
+                let path = t.keep();
+                eprintln!("ckpt-testcluster: kept {}", path.display());
+            } else if let Err(e) = t.close() {
+                eprintln!("ckpt-testcluster: removing {}: {e}", self.dir.display());
+            }
+        }
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+static SHARED: tokio::sync::OnceCell<std::result::Result<ControlPlane, String>> =
+    tokio::sync::OnceCell::const_new();
+
+extern "C" fn stop_shared_at_exit() {
+    if let Some(Ok(cp)) = SHARED.get() {
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cp.stop()));
+    }
+}
