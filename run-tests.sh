@@ -41,8 +41,18 @@ rust_checks() {
   cargo clippy --workspace --all-targets --features ckpt-convert/failpoints -- -D warnings
 }
 
+control_plane() {
+  # Built once from the pinned Go modules (about 11 minutes on 2 cores), then cached.
+  local out
+  out=$(e2e/k8s/build.sh)
+  CKPT_K8S_BIN=$(printf '%s\n' "$out" | tail -n 1)
+  export CKPT_K8S_BIN
+  "$CKPT_K8S_BIN/kube-apiserver" --version
+}
+
 rust_tests() {
   cargo build --workspace --release
+  export CKPT_CONVERT_BIN="$CARGO_TARGET_DIR/release/ckpt-convert"
   cargo test --workspace --features ckpt-convert/failpoints
 }
 
@@ -74,7 +84,8 @@ demo() {
 }
 
 step "rust: fmt and clippy" rust_checks
-step "rust: build and unit/integration tests" rust_tests
+step "control plane: etcd, kube-apiserver, kube-controller-manager, helm" control_plane
+step "rust: build, unit, integration and control-plane tests" rust_tests
 step "demo" demo
 step "python: reference stack" python_env
 step "interop: torch DCP, megatron-core, transformers" interop_tests

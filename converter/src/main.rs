@@ -11,6 +11,12 @@ use cli::{Cli, Command};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    // Like other Unix tools, end quietly when the reader of our output goes away
+    // (`ckpt-convert inspect … | head`).
+    // SAFETY: resetting a signal disposition at startup, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let args = Cli::parse();
     let default = match args.verbose {
         0 => "warn",

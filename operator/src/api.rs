@@ -1,0 +1,394 @@
+//! The `CheckpointConversion` resource (`ckpt.dev/v1alpha1`).
+//!
+//! A conversion names a source artifact and a target artifact on PVCs; the step
+//! follows from their kinds, as in the converter's vocabulary:
+//!
+//! | source | target | step |
+//! |---|---|---|
+//! | `checkpoint_hf` | `checkpoint_megatron` | `convert/hf_to_megatron` |
+//! | `checkpoint_megatron` | `checkpoint_hf` | `convert/megatron_to_hf` |
+//! | `checkpoint_lora` | `checkpoint_hf` | `convert/merge_lora` |
+//!
+//! What defines the output (source, target, base model, LoRA settings, parallelism,
+//! dtype, validation) is immutable once set; the Job knobs may change, and a new
+//! generation after a failure runs again with them. The apiserver enforces the
+//! rules below with CEL, so invalid resources never reach the operator.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{LocalObjectReference, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The kind of a checkpoint artifact.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ArtifactKind {
+    /// A Hugging Face safetensors directory.
+    CheckpointHf,
+    /// A Megatron-Core `torch_dist` checkpoint (an `iter_*` directory as source; a
+    /// run directory or `iter_*` path as target).
+    CheckpointMegatron,
+    /// A LoRA adapter (PEFT directory or Megatron-Bridge adapter checkpoint).
+    CheckpointLora,
+}
+
+impl ArtifactKind {
+    /// The vocabulary name (`checkpoint_hf`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArtifactKind::CheckpointHf => "checkpoint_hf",
+            ArtifactKind::CheckpointMegatron => "checkpoint_megatron",
+            ArtifactKind::CheckpointLora => "checkpoint_lora",
+        }
+    }
+}
+
+/// A checkpoint on a PVC.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[x_kube(cel)]
+#[serde(rename_all = "camelCase")]
+pub struct Artifact {
+    /// What the directory holds.
+    pub kind: ArtifactKind,
+    /// The PersistentVolumeClaim, in the resource's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub pvc: String,
+    /// The directory inside the claim: relative, `/`-separated, no `.` or `..`.
+    #[schemars(
+        length(min = 1, max = 1024),
+        regex(
+            pattern = r"^[A-Za-z0-9_@+=-][A-Za-z0-9._@+=-]*(/[A-Za-z0-9_@+=-][A-Za-z0-9._@+=-]*)*$"
+        )
+    )]
+    pub path: String,
+}
+
+/// A directory on a PVC.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PvcPath {
+    /// The PersistentVolumeClaim, in the resource's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub pvc: String,
+    /// The directory inside the claim.
+    #[schemars(
+        length(min = 1, max = 1024),
+        regex(
+            pattern = r"^[A-Za-z0-9_@+=-][A-Za-z0-9._@+=-]*(/[A-Za-z0-9_@+=-][A-Za-z0-9._@+=-]*)*$"
+        )
+    )]
+    pub path: String,
+}
+
+/// The Hugging Face model that supplies config, tokenizer and chat template (and,
+/// for LoRA, the base weights): a directory on a PVC, or a model id looked up in a
+/// Hugging Face cache on a PVC (`path` is then the cache's `hub` directory).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BaseModel {
+    /// The PersistentVolumeClaim.
+    #[schemars(length(min = 1, max = 253))]
+    pub pvc: String,
+    /// The model directory, or the HF cache `hub` directory when `modelId` is set.
+    #[schemars(
+        length(min = 1, max = 1024),
+        regex(
+            pattern = r"^[A-Za-z0-9_@+=-][A-Za-z0-9._@+=-]*(/[A-Za-z0-9_@+=-][A-Za-z0-9._@+=-]*)*$"
+        )
+    )]
+    pub path: String,
+    /// A model id (`org/name`, optionally `@revision`) resolved offline in the cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 256),
+        regex(pattern = r"^[A-Za-z0-9._-]+/[A-Za-z0-9._-]+(@[A-Za-z0-9._-]+)?$")
+    )]
+    pub model_id: Option<String>,
+}
+
+/// Which LoRA merge implementation to reproduce.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LoraBackend {
+    /// `megatron_bridge` when `baseMegatron` is given, else `hf_peft`.
+    Auto,
+    /// A PEFT adapter merged as `merge_and_unload` does.
+    HfPeft,
+    /// A Megatron-Bridge adapter merged into a Megatron base.
+    MegatronBridge,
+}
+
+/// LoRA merge settings (only with a `checkpoint_lora` source).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LoraSpec {
+    /// The merge implementation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<LoraBackend>,
+    /// The Megatron base checkpoint (an `iter_*` directory), for `megatron_bridge`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_megatron: Option<PvcPath>,
+    /// Where to write the merged Megatron checkpoint, for `megatron_bridge`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub megatron_target: Option<PvcPath>,
+    /// Also export the merged model to the HF target (`megatron_bridge`; default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export_hf: Option<bool>,
+    /// The base's expected digest (from its manifest), checked before merging.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub base_digest: Option<String>,
+    /// Downgrade the base-name check to a warning (shapes are always checked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_base_mismatch: Option<bool>,
+}
+
+/// The parallel layout a Megatron checkpoint is written for.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Parallelism {
+    /// Tensor parallel size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub tp: Option<i32>,
+    /// Pipeline parallel size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub pp: Option<i32>,
+    /// Expert parallel size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub ep: Option<i32>,
+    /// Expert tensor parallel size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub etp: Option<i32>,
+}
+
+/// Output weight dtype.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    /// `bfloat16` (the default).
+    Bfloat16,
+    /// `float16`.
+    Float16,
+    /// `float32`.
+    Float32,
+}
+
+impl Dtype {
+    /// The converter's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dtype::Bfloat16 => "bfloat16",
+            Dtype::Float16 => "float16",
+            Dtype::Float32 => "float32",
+        }
+    }
+}
+
+/// Validation after the conversion.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ValidationSpec {
+    /// Validate the output (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// Include the numeric smoke test (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smoke_test: Option<bool>,
+}
+
+/// How the conversion Job runs. These fields may change; they apply to the next Job.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobOptions {
+    /// Converter image (default: the operator's `--converter-image`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    pub image: Option<String>,
+    /// Image pull policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    pub image_pull_policy: Option<String>,
+    /// Image pull secrets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    pub image_pull_secrets: Option<Vec<LocalObjectReference>>,
+    /// Container resources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Node selector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// Tolerations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    pub tolerations: Option<Vec<Toleration>>,
+    /// Service account of the converter pod (no token is mounted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub service_account_name: Option<String>,
+    /// Priority class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub priority_class_name: Option<String>,
+    /// Pod retries for failures other than bad input (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 20))]
+    pub backoff_limit: Option<i32>,
+    /// Seconds a finished Job is kept (default: kept until the resource is deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ttl_seconds_after_finished: Option<i32>,
+    /// Deadline for the Job, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub active_deadline_seconds: Option<i64>,
+    /// `fsGroup` of the pod (group ownership of writable volumes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs_group: Option<i64>,
+    /// User id the converter runs as (non-root; default 65532).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub run_as_user: Option<i64>,
+    /// Group id the converter runs as (default 65532).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub run_as_group: Option<i64>,
+    /// Converter worker threads (default: the CPUs it is given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub threads: Option<i32>,
+}
+
+/// The desired conversion.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[kube(
+    group = "ckpt.dev",
+    version = "v1alpha1",
+    kind = "CheckpointConversion",
+    plural = "checkpointconversions",
+    shortname = "ckptconv",
+    namespaced,
+    status = "CheckpointConversionStatus",
+    printcolumn(name = "Step", type_ = "string", json_path = ".status.step"),
+    printcolumn(name = "Phase", type_ = "string", description = "Summary of the conditions", json_path = ".status.phase"),
+    printcolumn(name = "Validated", type_ = "string", json_path = ".status.conditions[?(@.type==\"Validated\")].status"),
+    printcolumn(name = "Target", type_ = "string", priority = 1, json_path = ".spec.target.path"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("self.metadata.name.size() <= 63").message("metadata.name must be at most 63 characters (it names the conversion Job)"),
+)]
+#[x_kube(
+    cel,
+    validation = Rule::new("(self.source.kind == 'checkpoint_hf' && self.target.kind == 'checkpoint_megatron') || (self.source.kind == 'checkpoint_megatron' && self.target.kind == 'checkpoint_hf') || (self.source.kind == 'checkpoint_lora' && self.target.kind == 'checkpoint_hf')").message("no step converts source.kind to target.kind: expected checkpoint_hf→checkpoint_megatron, checkpoint_megatron→checkpoint_hf or checkpoint_lora→checkpoint_hf"),
+    validation = Rule::new("!(self.target.pvc == self.source.pvc && (self.target.path == self.source.path || self.target.path.startsWith(self.source.path + '/') || self.source.path.startsWith(self.target.path + '/')))").message("target.path must not equal, be inside, or contain source.path on the same PVC (the source must never be harmed)"),
+    validation = Rule::new("!has(self.lora) || self.source.kind == 'checkpoint_lora'").message("lora is only valid with a checkpoint_lora source"),
+    validation = Rule::new("self.source.kind == 'checkpoint_hf' || has(self.baseModel) || (has(self.lora) && has(self.lora.baseMegatron))").message("baseModel is required for this step (it supplies config, tokenizer and chat template)"),
+    validation = Rule::new("!has(self.baseModel) || !(self.target.pvc == self.baseModel.pvc && (self.target.path == self.baseModel.path || self.target.path.startsWith(self.baseModel.path + '/') || self.baseModel.path.startsWith(self.target.path + '/')))").message("target.path must not equal, be inside, or contain baseModel.path on the same PVC"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointConversionSpec {
+    /// What to convert.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("source is immutable"))]
+    pub source: Artifact,
+    /// Where to write the result.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("target is immutable"))]
+    pub target: Artifact,
+    /// The Hugging Face model supplying config, tokenizer and chat template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("baseModel is immutable"))]
+    pub base_model: Option<BaseModel>,
+    /// LoRA merge settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("lora is immutable"))]
+    pub lora: Option<LoraSpec>,
+    /// Parallel layout of a Megatron target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("parallelism is immutable"))]
+    pub parallelism: Option<Parallelism>,
+    /// Output weight dtype (default bfloat16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("dtype is immutable"))]
+    pub dtype: Option<Dtype>,
+    /// Validation settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("validation is immutable"))]
+    pub validation: Option<ValidationSpec>,
+    /// Job settings (mutable; apply to the next Job).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobOptions>,
+}
+
+/// What the converter reported, parsed from its termination message.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConversionSummary {
+    /// Tensors written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensors: Option<i64>,
+    /// Tensor bytes written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<i64>,
+    /// Files written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<i64>,
+    /// Conversion wall time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<f64>,
+    /// Validation checks passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checks_passed: Option<i64>,
+    /// Validation checks failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checks_failed: Option<i64>,
+    /// Largest absolute logit difference of the smoke test.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smoke_test_max_abs_diff: Option<f64>,
+    /// Layout-independent digest of the output tensors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_digest: Option<String>,
+    /// The full report on the PVC (path inside the target claim).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_path: Option<String>,
+    /// The output directory (inside the target claim).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_path: Option<String>,
+}
+
+/// Observed state.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointConversionStatus {
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Accepted`, `Running`, `Succeeded`, `Failed`, `Validated`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    #[schemars(length(max = 8))]
+    pub conditions: Vec<Condition>,
+    /// A one-word summary of the conditions, for `kubectl get` (Pending, Running,
+    /// Succeeded, Failed, Rejected).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// The converter step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    /// The conversion Job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_name: Option<String>,
+    /// When the Job started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// When the Job finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// What the converter reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<ConversionSummary>,
+}

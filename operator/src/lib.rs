@@ -1,0 +1,15 @@
+//! ckpt-operator: reconciles `CheckpointConversion` resources into Jobs that run
+//! the converter on PVC-mounted checkpoints.
+//!
+//! The reconcile shell ([`controller`]) is thin; what to do is decided by pure
+//! functions tested without a server: [`step`] renders the converter invocation,
+//! [`job`] builds the Job, [`decide`] turns observations into status, events and
+//! the Job to create. The operator never opens a checkpoint: it knows the
+//! converter only through [`step`] and [`summary`].
+#![deny(missing_docs)]
+
+pub mod api;
+pub mod conditions;
+pub mod job;
+pub mod step;
+pub mod summary;
