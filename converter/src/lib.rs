@@ -32,5 +32,6 @@ pub mod source;
 pub mod steps;
 pub mod synthetic;
 pub mod termination;
+pub mod validate;
 
 pub use error::Error;

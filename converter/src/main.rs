@@ -67,6 +67,30 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 cli::print_inspection(&i, all);
             }
         }
+        Command::Validate { path, json } => {
+            let r = cli::validate(&path)?;
+            let summary = Summary {
+                v: 1,
+                step: "convert/validate".into(),
+                status: if r.failed == 0 { "succeeded" } else { "failed" }.into(),
+                output: Some(r.path.display().to_string()),
+                kind: Some(r.kind.clone()),
+                checks_passed: Some(r.passed),
+                checks_failed: Some(r.failed),
+                exit_code: (r.failed > 0).then_some(1),
+                error: (r.failed > 0).then(|| r.failures().join("; ")),
+                ..Summary::default()
+            };
+            summary.write();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                cli::print_validation(&r);
+            }
+            if r.failed > 0 {
+                return Ok(ExitCode::from(1));
+            }
+        }
         Command::Demo { dir, json } => {
             let r = cli::demo::run(dir)?;
             if json {

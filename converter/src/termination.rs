@@ -53,6 +53,15 @@ pub struct Summary {
     /// The manifest.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub manifest: Option<String>,
+    /// Validation checks passed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checks_passed: Option<usize>,
+    /// Validation checks failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checks_failed: Option<usize>,
+    /// The validation report.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report: Option<String>,
     /// Exit code of a failed run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
@@ -76,6 +85,12 @@ impl Summary {
             seconds: Some((r.seconds * 100.0).round() / 100.0),
             weights_digest: Some(r.weights_digest.clone()),
             manifest: r.manifest.as_ref().map(|m| m.display().to_string()),
+            checks_passed: r.validation.as_ref().map(|v| v.passed),
+            checks_failed: r.validation.as_ref().map(|v| v.failed),
+            report: r
+                .validation
+                .as_ref()
+                .map(|v| v.report.display().to_string()),
             ..Summary::default()
         }
     }

@@ -59,6 +59,14 @@ pub enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Check an output: complete, matching its manifest, all values finite.
+    Validate {
+        /// An HF directory or a Megatron iter_* (or run) directory written by ckpt-convert.
+        path: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a small Llama checkpoint, convert it HF → Megatron → HF, check it, report.
     Demo {
         /// Where to write (default: a new directory under the system temp dir).
@@ -83,13 +91,15 @@ pub fn run_step(step: &str, words: &[String]) -> Result<(Report, bool)> {
                 anyhow::anyhow!("--memory-budget={b}: expected a size such as 2GB")
             })?);
     }
+    let mut params = Params::new(step, raw.params);
     let opts = RunOptions {
         dry_run: raw.dry_run,
         overwrite: raw.overwrite,
+        // Every step validates its output before publishing unless told not to.
+        validate: params.flag("validate", true)?,
         exec,
     };
     let progress = progress::for_stderr();
-    let mut params = Params::new(step, raw.params);
     let report = match step {
         steps::hf_to_megatron::STEP => {
             steps::hf_to_megatron::run(&mut params, &opts, progress.as_ref())?
@@ -156,6 +166,48 @@ pub fn print_report(r: &Report) {
     }
     for w in &r.warnings {
         println!("  warning: {w}");
+    }
+}
+
+/// Validates a published output; the kind comes from what the directory holds.
+pub fn validate(path: &std::path::Path) -> Result<ckpt_convert::validate::Report> {
+    let mut dir = path.to_owned();
+    if !dir.join(".metadata").is_file()
+        && let Some(Ok(latest)) = ckpt_convert::formats::megatron::read_tracker(&dir)
+    {
+        dir = dir.join(latest.map_or(
+            "release".to_owned(),
+            ckpt_convert::formats::megatron::iter_dir_name,
+        ));
+    }
+    if !dir.is_dir() {
+        anyhow::bail!("{}: no such directory", path.display());
+    }
+    let kind = if dir.join(".metadata").is_file() {
+        "checkpoint_megatron"
+    } else {
+        "checkpoint_hf"
+    };
+    Ok(ckpt_convert::validate::validate(&dir, kind, true))
+}
+
+/// Prints a validation report for people.
+pub fn print_validation(r: &ckpt_convert::validate::Report) {
+    println!(
+        "{} ({}): {} of {} checks passed in {:.1} s",
+        r.path.display(),
+        r.kind,
+        r.passed,
+        r.passed + r.failed,
+        r.seconds
+    );
+    for c in &r.checks {
+        println!(
+            "  {} {}: {}",
+            if c.passed { "ok  " } else { "FAIL" },
+            c.name,
+            c.detail
+        );
     }
 }
 

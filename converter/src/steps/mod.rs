@@ -27,14 +27,27 @@ use crate::publish::Staging;
 pub use params::Params;
 
 /// Settings shared by every step.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct RunOptions {
     /// Print the plan and stop.
     pub dry_run: bool,
     /// Replace an existing output.
     pub overwrite: bool,
+    /// Validate the output before publishing it.
+    pub validate: bool,
     /// Execution settings.
     pub exec: execute::Options,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            dry_run: false,
+            overwrite: false,
+            validate: true,
+            exec: execute::Options::default(),
+        }
+    }
 }
 
 /// The result of a step, printed as a summary or as JSON (`--json`).
@@ -64,6 +77,9 @@ pub struct Report {
     pub weights_digest: String,
     /// The manifest written with the output.
     pub manifest: Option<PathBuf>,
+    /// The validation run before publishing (unless `validate=false`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub validation: Option<ValidationSummary>,
     /// The plan, one line per output tensor (dry run only).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub plan: Vec<String>,
@@ -73,6 +89,19 @@ pub struct Report {
     /// Things the user should know.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+}
+
+/// What validation found, in a report.
+#[derive(Debug, Clone, Serialize)]
+pub struct ValidationSummary {
+    /// Checks that held.
+    pub passed: usize,
+    /// Checks that failed.
+    pub failed: usize,
+    /// Time taken.
+    pub seconds: f64,
+    /// The full report next to the output.
+    pub report: PathBuf,
 }
 
 /// One output tensor of an HF checkpoint and how to make it.
@@ -374,6 +403,7 @@ pub fn execute_and_publish(
             peak_in_flight_bytes: 0,
             weights_digest: String::new(),
             manifest: None,
+            validation: None,
             plan: plan.describe(stores),
             skipped,
             warnings,
@@ -428,6 +458,29 @@ pub fn execute_and_publish(
     };
     let manifest_path = staging.path().join(manifest::FILE_NAME);
     crate::publish::write_atomic(&manifest_path, m.to_json().as_bytes())?;
+    // Validate before publishing: an output that fails is never put in place.
+    let validation = if opts.validate {
+        progress.phase("validate", outcome.tensor_bytes);
+        let mut v = crate::validate::validate(staging.path(), &target.kind, false);
+        v.path = target.dir.clone();
+        let mut text = serde_json::to_string_pretty(&v).expect("report serializes");
+        text.push('\n');
+        crate::publish::write_atomic(
+            &staging.path().join(crate::validate::FILE_NAME),
+            text.as_bytes(),
+        )?;
+        if v.failed > 0 {
+            return Err(Error::Validation(format!(
+                "{} of {} checks failed, nothing published: {}",
+                v.failed,
+                v.passed + v.failed,
+                v.failures().join("; ")
+            )));
+        }
+        Some(v)
+    } else {
+        None
+    };
     staging.commit(opts.overwrite)?;
     if let Some((run_dir, iteration)) = &target.run_dir {
         crate::publish::write_atomic(
@@ -454,6 +507,12 @@ pub fn execute_and_publish(
         peak_in_flight_bytes: outcome.peak_in_flight,
         weights_digest: outcome.weights_digest,
         manifest: Some(target.dir.join(manifest::FILE_NAME)),
+        validation: validation.map(|v| ValidationSummary {
+            passed: v.passed,
+            failed: v.failed,
+            seconds: v.seconds,
+            report: target.dir.join(crate::validate::FILE_NAME),
+        }),
         plan: Vec::new(),
         skipped,
         warnings,

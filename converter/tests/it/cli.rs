@@ -107,3 +107,53 @@ fn json_report_and_flag_spelling() {
             .any(|f| f["path"] == "tokenizer/chat_template.jinja")
     );
 }
+
+#[test]
+fn validate_finds_corruption_and_non_finite_values() {
+    let w = Workdir::new();
+    let src = w.hf("src", &ModelShape::tiny_llama(), 1 << 30);
+    run(&[
+        "run".to_owned(),
+        "convert/hf_to_megatron".into(),
+        kv("hf_model_id", &src),
+        kv("megatron_path", &w.path("run")),
+    ])
+    .assert_exit(0);
+    let iter = w.path("run/iter_0000000");
+    run(&[
+        "run".to_owned(),
+        "convert/megatron_to_hf".into(),
+        kv("megatron_path", &iter),
+        kv("hf_model_id", &src),
+        kv("hf_path", &w.path("hf")),
+    ])
+    .assert_exit(0);
+    // Both outputs carry the report of the validation that ran before publishing.
+    for dir in [&iter, &w.path("hf")] {
+        let report: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("ckpt-validation.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(report["failed"], 0, "{report}");
+        assert_eq!(report["path"], dir.display().to_string());
+    }
+    run(&["validate".to_owned(), w.path("run").display().to_string()])
+        .assert_exit(0)
+        .stdout_has("tracker");
+    // A NaN written into a tensor: the manifest digest and the finiteness scan both fail.
+    let file = w.path("hf/model.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    bytes[8 + n] = 0xff;
+    bytes[8 + n + 1] = 0x7f;
+    std::fs::write(&file, bytes).unwrap();
+    run(&["validate".to_owned(), w.path("hf").display().to_string()])
+        .assert_exit(1)
+        .stdout_has("FAIL manifest: model.safetensors: content differs")
+        .stdout_has("NaN or infinite");
+    // A missing tokenizer file.
+    std::fs::remove_file(iter.join("tokenizer/tokenizer.json")).unwrap();
+    run(&["validate".to_owned(), iter.display().to_string()])
+        .assert_exit(1)
+        .stdout_has("tokenizer/tokenizer.json");
+}
