@@ -10,6 +10,10 @@
 
 pub mod api;
 pub mod conditions;
+pub mod controller;
+pub mod decide;
+pub mod http;
 pub mod job;
+pub mod metrics;
 pub mod step;
 pub mod summary;

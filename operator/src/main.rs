@@ -1,1 +1,180 @@
-fn main() {}
+//! `ckpt-operator`: watches `CheckpointConversion` resources and runs conversion
+//! Jobs. With `--leader-elect`, replicas share a Lease and only the holder
+//! reconciles, so two replicas are safe.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use anyhow::Context as _;
+use ckpt_operator::controller::{self, RunSettings};
+use ckpt_operator::http::{self, Health};
+use ckpt_operator::job::JobDefaults;
+use ckpt_operator::metrics::Metrics;
+use clap::Parser;
+use kube::Client;
+use tokio::sync::watch;
+use tracing_subscriber::EnvFilter;
+
+/// Reconciles CheckpointConversion resources into conversion Jobs.
+#[derive(Debug, Parser)]
+#[command(name = "ckpt-operator", version)]
+struct Args {
+    /// The converter image Jobs run.
+    #[arg(long, env = "CKPT_CONVERTER_IMAGE")]
+    converter_image: String,
+    /// Pull policy of the converter image.
+    #[arg(long, env = "CKPT_CONVERTER_IMAGE_PULL_POLICY")]
+    converter_image_pull_policy: Option<String>,
+    /// The converter binary inside the image.
+    #[arg(long, env = "CKPT_CONVERTER_COMMAND", default_value = "/ckpt-convert")]
+    converter_command: String,
+    /// Watch only this namespace (default: all).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Default pod retries of a conversion Job.
+    #[arg(long, default_value_t = 2)]
+    job_backoff_limit: i32,
+    /// Default seconds a finished Job is kept (default: until the resource is deleted).
+    #[arg(long)]
+    job_ttl_seconds: Option<i32>,
+    /// Default service account of converter pods.
+    #[arg(long)]
+    job_service_account: Option<String>,
+    /// Default user id of converter pods.
+    #[arg(long, default_value_t = 65532)]
+    job_run_as_user: i64,
+    /// Address of /metrics, /healthz, /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Elect a leader through a Lease (for more than one replica).
+    #[arg(long)]
+    leader_elect: bool,
+    /// The Lease name.
+    #[arg(long, default_value = "ckpt-operator")]
+    lease_name: String,
+    /// The Lease namespace (default: the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// This replica's identity (default: the pod name).
+    #[arg(long, env = "POD_NAME")]
+    instance: Option<String>,
+    /// Log as JSON lines.
+    #[arg(long, env = "LOG_JSON")]
+    log_json: bool,
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("shutting down");
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = EnvFilter::try_from_env("LOG_LEVEL").unwrap_or_else(|_| EnvFilter::new("info"));
+    let subscriber = tracing_subscriber::fmt().with_env_filter(filter);
+    if args.log_json {
+        subscriber.json().init();
+    } else {
+        subscriber.init();
+    }
+    let client = Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Health::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let server = tokio::spawn(http::serve(
+        args.metrics_addr,
+        metrics.clone(),
+        health.clone(),
+        stopped(stop_rx.clone()),
+    ));
+
+    let settings = RunSettings {
+        namespace: args.namespace.clone(),
+        defaults: JobDefaults {
+            image: args.converter_image.clone(),
+            image_pull_policy: args.converter_image_pull_policy.clone(),
+            backoff_limit: args.job_backoff_limit,
+            ttl_seconds_after_finished: args.job_ttl_seconds,
+            run_as_user: args.job_run_as_user,
+            service_account: args.job_service_account.clone(),
+            command: args.converter_command.clone(),
+        },
+        instance: args.instance.clone(),
+    };
+
+    if args.leader_elect {
+        let identity = args
+            .instance
+            .clone()
+            .unwrap_or_else(|| format!("ckpt-operator-{}", std::process::id()));
+        let mut builder =
+            kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &args.lease_name)
+                .with_identity(&identity)
+                .with_duration(15)
+                .with_grace(5);
+        if let Some(ns) = &args.lease_namespace {
+            builder = builder.with_namespace(ns);
+        }
+        let manager = builder
+            .build()
+            .await
+            .context("preparing the leader Lease")?;
+        let (mut leader, lease_task) = manager.watch().await;
+        health.ready.store(true, Ordering::Relaxed);
+        tracing::info!(%identity, lease = %args.lease_name, "waiting to become leader");
+        let mut stop = stop_rx.clone();
+        loop {
+            if *leader.borrow_and_update() {
+                break;
+            }
+            tokio::select! {
+                r = leader.changed() => r.context("the leader election task ended")?,
+                _ = stop.wait_for(|s| *s) => {
+                    drop(leader);
+                    let _ = lease_task.await;
+                    let _ = server.await;
+                    return Ok(());
+                }
+            }
+        }
+        tracing::info!(%identity, "leading");
+        health.leader.store(true, Ordering::Relaxed);
+        // Stop reconciling when asked to, or at once if the lease is lost.
+        let mut lost = leader.clone();
+        let stop_or_lost = {
+            let mut stop = stop_rx.clone();
+            async move {
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => {},
+                    _ = lost.wait_for(|l| !*l) => tracing::warn!("lost the leader lease; stopping"),
+                }
+            }
+        };
+        controller::run(client, settings, metrics, stop_or_lost).await?;
+        health.leader.store(false, Ordering::Relaxed);
+        drop(leader);
+        let _ = lease_task.await;
+    } else {
+        health.ready.store(true, Ordering::Relaxed);
+        health.leader.store(true, Ordering::Relaxed);
+        controller::run(client, settings, metrics, stopped(stop_rx.clone())).await?;
+    }
+    let _ = server.await;
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! Prometheus metrics: reconciles, errors, conversions by step and outcome, and
+//! durations.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of a reconcile error.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// The error kind.
+    pub error: String,
+}
+
+/// Labels of a finished conversion.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConversionLabels {
+    /// The converter step.
+    pub step: String,
+    /// `succeeded` or `failed`.
+    pub outcome: String,
+}
+
+/// Labels of a conversion duration.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabels {
+    /// The converter step.
+    pub step: String,
+}
+
+/// The operator's metrics.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    /// Reconciles run.
+    pub reconciles: Counter,
+    /// Reconcile errors by kind.
+    pub errors: Family<ErrorLabels, Counter>,
+    /// Conversions finished, by step and outcome.
+    pub conversions: Family<ConversionLabels, Counter>,
+    /// Reconcile durations.
+    pub reconcile_seconds: Histogram,
+    /// Conversion durations (Job start to finish), by step.
+    pub conversion_seconds: Family<StepLabels, Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("ckpt_operator");
+        let reconciles = Counter::default();
+        let errors = Family::<ErrorLabels, Counter>::default();
+        let conversions = Family::<ConversionLabels, Counter>::default();
+        let reconcile_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        let conversion_seconds = Family::<StepLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(1.0, 2.0, 16))
+        });
+        registry.register("reconciles", "Reconciles run", reconciles.clone());
+        registry.register(
+            "reconcile_errors",
+            "Reconcile errors by kind",
+            errors.clone(),
+        );
+        registry.register(
+            "conversions",
+            "Conversions finished, by step and outcome",
+            conversions.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time spent in one reconcile",
+            reconcile_seconds.clone(),
+        );
+        registry.register(
+            "conversion_duration_seconds",
+            "Job start to finish, by step",
+            conversion_seconds.clone(),
+        );
+        Metrics {
+            registry: Mutex::new(registry),
+            reconciles,
+            errors,
+            conversions,
+            reconcile_seconds,
+            conversion_seconds,
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts a finished conversion.
+    pub fn finished(&self, step: &str, outcome: &str, duration: Option<Duration>) {
+        self.conversions
+            .get_or_create(&ConversionLabels {
+                step: step.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
+        if let Some(d) = duration {
+            self.conversion_seconds
+                .get_or_create(&StepLabels { step: step.into() })
+                .observe(d.as_secs_f64());
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(
+            &mut out,
+            &self.registry.lock().expect("registry lock"),
+        )
+        .expect("writing to a String cannot fail");
+        out
+    }
+}
