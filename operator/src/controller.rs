@@ -387,3 +387,251 @@ fn obj_name(o: &ObjectRef<CheckpointConversion>) -> String {
         None => o.name.clone(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The shell's API traffic against a mocked apiserver (tower-test): each test
+    //! scripts the requests the reconcile must make, in order, and answers them.
+
+    use super::*;
+    use crate::api::{Artifact, ArtifactKind, BaseModel, CheckpointConversionSpec};
+    use http::{Request, Response};
+    use kube::client::Body;
+    use kube::runtime::reflector::store;
+    use tower_test::mock::{self, Handle};
+
+    type Mock = Handle<Request<Body>, Response<Body>>;
+
+    fn resource() -> CheckpointConversion {
+        let mut c = CheckpointConversion::new(
+            "sft-to-hf",
+            CheckpointConversionSpec {
+                source: Artifact {
+                    kind: ArtifactKind::CheckpointMegatron,
+                    pvc: "lustre".into(),
+                    path: "sft/iter_0000100".into(),
+                },
+                target: Artifact {
+                    kind: ArtifactKind::CheckpointHf,
+                    pvc: "lustre".into(),
+                    path: "convert/sft-hf".into(),
+                },
+                base_model: Some(BaseModel {
+                    pvc: "models".into(),
+                    path: "hf/base".into(),
+                    model_id: None,
+                }),
+                lora: None,
+                parallelism: None,
+                dtype: None,
+                validation: None,
+                job: None,
+            },
+        );
+        c.metadata.namespace = Some("training".into());
+        c.metadata.generation = Some(1);
+        c.metadata.uid = Some("u-1".into());
+        c
+    }
+
+    fn context(client: Client, others: Vec<CheckpointConversion>) -> Arc<Context> {
+        let (reader, mut writer) = store::<CheckpointConversion>();
+        for o in others {
+            writer.apply_watcher_event(&watcher::Event::Apply(o));
+        }
+        Arc::new(Context {
+            recorder: Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: MANAGER.into(),
+                    instance: None,
+                },
+            ),
+            client,
+            defaults: JobDefaults::default(),
+            metrics: Arc::new(Metrics::default()),
+            store: reader,
+        })
+    }
+
+    fn json(status: u16, body: serde_json::Value) -> Response<Body> {
+        Response::builder()
+            .status(status)
+            .body(Body::from(serde_json::to_vec(&body).unwrap()))
+            .unwrap()
+    }
+
+    fn not_found() -> Response<Body> {
+        json(
+            404,
+            serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+        )
+    }
+
+    async fn expect(h: &mut Mock, method: &str, path_prefix: &str) -> serde_json::Value {
+        let (req, send) = tokio::time::timeout(Duration::from_secs(2), h.next_request())
+            .await
+            .unwrap_or_else(|_| panic!("no {method} {path_prefix} request came"))
+            .expect("service alive");
+        assert_eq!(req.method().as_str(), method, "{}", req.uri());
+        assert!(
+            req.uri().path().starts_with(path_prefix),
+            "expected {method} {path_prefix}…, got {}",
+            req.uri()
+        );
+        let uri = req.uri().to_string();
+        let body = http_body_util::BodyExt::collect(req.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let v: serde_json::Value = if body.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&body).unwrap()
+        };
+        let answer = match (method, path_prefix) {
+            ("GET", p) if p.contains("persistentvolumeclaims") => json(
+                200,
+                serde_json::json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "x"}}),
+            ),
+            ("GET", p) if p.contains("/jobs/") => not_found(),
+            ("POST", p) if p.contains("/jobs") => json(201, v.clone()),
+            ("PATCH", _) => json(200, serde_json::to_value(resource()).unwrap()),
+            ("POST", p) if p.contains("/events") => json(201, v.clone()),
+            _ => panic!("unscripted request {method} {uri}"),
+        };
+        send.send_response(answer);
+        serde_json::json!({"uri": uri, "body": v})
+    }
+
+    #[tokio::test]
+    async fn a_new_resource_creates_its_job_then_writes_status_and_events() {
+        let (svc, mut h) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(svc, "training");
+        let ctx = context(client, vec![]);
+        let server = tokio::spawn(async move {
+            // Claims first (lustre, models), then the Job of generation 1.
+            expect(
+                &mut h,
+                "GET",
+                "/api/v1/namespaces/training/persistentvolumeclaims/",
+            )
+            .await;
+            expect(
+                &mut h,
+                "GET",
+                "/api/v1/namespaces/training/persistentvolumeclaims/",
+            )
+            .await;
+            expect(
+                &mut h,
+                "GET",
+                "/apis/batch/v1/namespaces/training/jobs/sft-to-hf-g1",
+            )
+            .await;
+            let job = expect(&mut h, "POST", "/apis/batch/v1/namespaces/training/jobs").await;
+            let status = expect(&mut h, "PATCH", "/apis/ckpt.dev/v1alpha1/namespaces/training/checkpointconversions/sft-to-hf/status").await;
+            let e1 = expect(
+                &mut h,
+                "POST",
+                "/apis/events.k8s.io/v1/namespaces/training/events",
+            )
+            .await;
+            let e2 = expect(
+                &mut h,
+                "POST",
+                "/apis/events.k8s.io/v1/namespaces/training/events",
+            )
+            .await;
+            (job, status, e1, e2)
+        });
+        let action = reconcile(Arc::new(resource()), ctx).await.unwrap();
+        let (job, status, e1, e2) = server.await.unwrap();
+        assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+        assert_eq!(job["body"]["metadata"]["name"], "sft-to-hf-g1");
+        assert_eq!(job["body"]["metadata"]["ownerReferences"][0]["uid"], "u-1");
+        assert_eq!(
+            job["body"]["spec"]["template"]["spec"]["containers"][0]["args"][1],
+            "convert/megatron_to_hf"
+        );
+        assert!(
+            status["uri"]
+                .as_str()
+                .unwrap()
+                .contains("fieldManager=ckpt-operator")
+        );
+        assert!(status["uri"].as_str().unwrap().contains("force=true"));
+        assert_eq!(status["body"]["status"]["phase"], "Running");
+        assert_eq!(e1["body"]["reason"], "Accepted");
+        assert_eq!(e2["body"]["reason"], "JobCreated");
+    }
+
+    #[tokio::test]
+    async fn a_conflicting_resource_starts_nothing() {
+        let (svc, mut h) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(svc, "training");
+        let mut earlier = resource();
+        earlier.metadata.name = Some("earlier".into());
+        earlier.metadata.creation_timestamp =
+            Some(Time(k8s_openapi::jiff::Timestamp::from_second(1).unwrap()));
+        let mut mine = resource();
+        mine.metadata.creation_timestamp =
+            Some(Time(k8s_openapi::jiff::Timestamp::from_second(2).unwrap()));
+        let ctx = context(client, vec![earlier, mine.clone()]);
+        let server = tokio::spawn(async move {
+            expect(
+                &mut h,
+                "GET",
+                "/api/v1/namespaces/training/persistentvolumeclaims/",
+            )
+            .await;
+            expect(
+                &mut h,
+                "GET",
+                "/api/v1/namespaces/training/persistentvolumeclaims/",
+            )
+            .await;
+            expect(
+                &mut h,
+                "GET",
+                "/apis/batch/v1/namespaces/training/jobs/sft-to-hf-g1",
+            )
+            .await;
+            // No Job is created: the status comes next.
+            let status = expect(&mut h, "PATCH", "/apis/ckpt.dev/v1alpha1/namespaces/training/checkpointconversions/sft-to-hf/status").await;
+            let event = expect(
+                &mut h,
+                "POST",
+                "/apis/events.k8s.io/v1/namespaces/training/events",
+            )
+            .await;
+            (status, event)
+        });
+        reconcile(Arc::new(mine), ctx).await.unwrap();
+        let (status, event) = server.await.unwrap();
+        let accepted = &status["body"]["status"]["conditions"][0];
+        assert_eq!(
+            (accepted["type"].as_str(), accepted["reason"].as_str()),
+            (Some("Accepted"), Some("TargetConflict"))
+        );
+        assert_eq!(event["body"]["type"], "Warning");
+    }
+
+    #[test]
+    fn errors_choose_their_retry() {
+        let conflict = Error::Kube {
+            action: "x".into(),
+            source: kube::Error::Api(
+                kube::core::Status::failure("m", "Conflict")
+                    .with_code(409)
+                    .boxed(),
+            ),
+        };
+        assert_eq!(conflict.retry_after(), Duration::from_secs(5));
+        assert_eq!(conflict.metric_label(), "api_409");
+        assert_eq!(
+            Error::NoNamespace("x".into()).retry_after(),
+            Duration::from_secs(300)
+        );
+    }
+}
