@@ -83,10 +83,38 @@ demo() {
   "$CARGO_TARGET_DIR/release/ckpt-convert" demo --dir "$(mktemp -d)/demo" >/dev/null
 }
 
+static_binaries() {
+  # What converter/Dockerfile and operator/Dockerfile build, checked without Docker:
+  # both binaries as static musl executables that run.
+  local triple gcc
+  triple="$(uname -m)-unknown-linux-musl"
+  gcc="$(uname -m)-linux-musl-gcc"
+  rustup target list --installed | grep -qx "$triple" || rustup target add "$triple"
+  if ! command -v "$gcc" >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      apt-get install -y -qq musl-tools >/dev/null || { apt-get update -qq && apt-get install -y -qq musl-tools >/dev/null; }
+    else
+      echo "error: $gcc is required (Debian: apt-get install musl-tools)" >&2
+      exit 1
+    fi
+  fi
+  cargo build --release --locked --target "$triple" -p ckpt-convert -p ckpt-operator
+  local bin
+  for bin in ckpt-convert ckpt-operator; do
+    local f="$CARGO_TARGET_DIR/$triple/release/$bin"
+    if readelf -l "$f" | grep -q 'program interpreter' || readelf -d "$f" | grep -q NEEDED; then
+      echo "error: $f is not statically linked" >&2
+      exit 1
+    fi
+    "$f" --version
+  done
+}
+
 step "rust: fmt and clippy" rust_checks
 step "control plane: etcd, kube-apiserver, kube-controller-manager, helm" control_plane
 step "rust: build, unit, integration and control-plane tests" rust_tests
 step "demo" demo
+step "images: static musl binaries (as the Dockerfiles build them)" static_binaries
 step "python: reference stack" python_env
 step "interop: torch DCP, megatron-core, transformers" interop_tests
 

@@ -1,0 +1,131 @@
+{{/* The chart name, truncated to 63 characters (a label value). */}}
+{{- define "ckpt-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The resource name prefix: fullnameOverride, else RELEASE-NAME, or RELEASE when the
+release name already contains the chart name. At most 63 characters.
+*/}}
+{{- define "ckpt-operator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* name-version for the helm.sh/chart label. */}}
+{{- define "ckpt-operator.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels of every resource of the release. */}}
+{{- define "ckpt-operator.labels" -}}
+helm.sh/chart: {{ include "ckpt-operator.chart" . }}
+{{ include "ckpt-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: ckpt
+{{- end }}
+
+{{/* Labels that select the operator pods. */}}
+{{- define "ckpt-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "ckpt-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* The operator's ServiceAccount. */}}
+{{- define "ckpt-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "ckpt-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The converter pods' ServiceAccount ("" when pods use their namespace's default). */}}
+{{- define "ckpt-operator.converterServiceAccountName" -}}
+{{- if .Values.converter.serviceAccount.create }}
+{{- default (printf "%s-converter" (include "ckpt-operator.fullname" . | trunc 53 | trimSuffix "-")) .Values.converter.serviceAccount.name }}
+{{- else }}
+{{- .Values.converter.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The namespaces the converter ServiceAccount is created in, one per line. */}}
+{{- define "ckpt-operator.converterNamespaces" -}}
+{{- if .Values.converter.serviceAccount.namespaces }}
+{{- range .Values.converter.serviceAccount.namespaces }}
+{{ . }}
+{{- end }}
+{{- else }}
+{{ default .Release.Namespace .Values.watchNamespace }}
+{{- end }}
+{{- end }}
+
+{{/* image:tag, the tag defaulting to the chart's appVersion. */}}
+{{- define "ckpt-operator.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "ckpt-operator.converterImage" -}}
+{{- printf "%s:%s" .Values.converter.image.repository (default .Chart.AppVersion .Values.converter.image.tag) }}
+{{- end }}
+
+{{/*
+Labels and annotations of the CRD, on lines of their own after `metadata.name`.
+sync-crds.sh puts the one include of this into the CRD template; everything else in
+that template is crds/checkpointconversions.ckpt.dev.yaml verbatim.
+*/}}
+{{- define "ckpt-operator.crdMetadata" -}}
+labels:
+  {{- include "ckpt-operator.labels" . | nindent 2 }}
+{{- if .Values.crds.keep }}
+annotations:
+  helm.sh/resource-policy: keep
+{{- end }}
+{{- end }}
+
+{{/*
+The rules of the operator's (Cluster)Role: exactly the calls in operator/src
+(controller.rs, the kube runtime's watcher and event recorder). Keep in sync with
+the expected rules in operator/tests/chart.rs.
+*/}}
+{{- define "ckpt-operator.rules" -}}
+# Watch resources (Controller::new), read them.
+- apiGroups: ["ckpt.dev"]
+  resources: ["checkpointconversions"]
+  verbs: ["get", "list", "watch"]
+# Server-side apply of status (patch_status).
+- apiGroups: ["ckpt.dev"]
+  resources: ["checkpointconversions/status"]
+  verbs: ["patch"]
+# The Job's owner reference sets blockOwnerDeletion, which the
+# OwnerReferencesPermissionEnforcement admission plugin allows only to who may
+# update the owner's finalizers.
+- apiGroups: ["ckpt.dev"]
+  resources: ["checkpointconversions/finalizers"]
+  verbs: ["update"]
+# Owned Jobs: watched (Controller::owns), read and created per generation.
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create"]
+# The Job's pods, listed for exit codes and termination messages.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
+# Preflight: do the claims exist?
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get"]
+# Events on every transition (kube::runtime::events::Recorder creates, then patches series).
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}

@@ -1,0 +1,1329 @@
+//! The Helm chart `charts/ckpt-operator`: its CRD is `crds/` verbatim, it lints (also
+//! `--strict`), its schema refuses wrong types and unknown keys, it renders what the
+//! operator's flags expect, the rendered manifests pass a server-side dry run against a
+//! real kube-apiserver, and a real `helm install` creates an established CRD, RBAC with
+//! exactly the verbs the operator uses, and ServiceAccounts under which the operator binary
+//! starts, leads, and creates a conversion Job without a single denied call.
+//!
+//! helm, kubectl and the control plane come from `e2e/k8s/build.sh` (`CKPT_K8S_BIN`); when
+//! they are missing the tests fail with the harness's message, never skip.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use ckpt_testcluster::ControlPlane;
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
+use kube::api::{Api, ApiResource, DynamicObject, PostParams};
+use kube::runtime::wait::{await_condition, conditions};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+
+const CRD_NAME: &str = "checkpointconversions.ckpt.dev";
+const CRD_FILE: &str = "crds/checkpointconversions.ckpt.dev.yaml";
+const CRD_TEMPLATE: &str =
+    "charts/ckpt-operator/templates/crds/checkpointconversions.ckpt.dev.yaml";
+const RELEASE: &str = "ckpt-operator";
+
+fn root() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    here.canonicalize().unwrap_or(here)
+}
+
+fn chart() -> String {
+    root().join("charts/ckpt-operator").display().to_string()
+}
+
+fn read(rel: &str) -> String {
+    let path = root().join(rel);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The (apiGroup, resource, verb) triples the operator's ClusterRole or Role must grant:
+/// exactly what operator/src calls.
+fn operator_permissions() -> BTreeSet<(String, String, String)> {
+    let mut set = BTreeSet::new();
+    for (group, resource, verbs) in [
+        (
+            "ckpt.dev",
+            "checkpointconversions",
+            &["get", "list", "watch"][..],
+        ),
+        ("ckpt.dev", "checkpointconversions/status", &["patch"]),
+        ("ckpt.dev", "checkpointconversions/finalizers", &["update"]),
+        ("batch", "jobs", &["get", "list", "watch", "create"]),
+        ("", "pods", &["list"]),
+        ("", "persistentvolumeclaims", &["get"]),
+        ("events.k8s.io", "events", &["create", "patch"]),
+    ] {
+        for verb in verbs {
+            set.insert((group.to_owned(), resource.to_owned(), (*verb).to_owned()));
+        }
+    }
+    set
+}
+
+fn lease_permissions() -> BTreeSet<(String, String, String)> {
+    ["get", "create", "patch"]
+        .iter()
+        .map(|v| ("coordination.k8s.io".into(), "leases".into(), (*v).into()))
+        .collect()
+}
+
+/// Flattens rules into triples; refuses what would widen them (resourceNames aside,
+/// wildcards, non-resource URLs).
+fn triples(rules: &[PolicyRule]) -> BTreeSet<(String, String, String)> {
+    let mut set = BTreeSet::new();
+    for r in rules {
+        assert!(r.non_resource_urls.is_none(), "unexpected rule {r:?}");
+        assert!(r.resource_names.is_none(), "unexpected rule {r:?}");
+        for g in r.api_groups.as_deref().unwrap_or_default() {
+            for res in r.resources.as_deref().unwrap_or_default() {
+                for v in &r.verbs {
+                    assert!(g != "*" && res != "*" && v != "*", "wildcard in {r:?}");
+                    set.insert((g.clone(), res.clone(), v.clone()));
+                }
+            }
+        }
+    }
+    set
+}
+
+// ---------------------------------------------------------------------------------------
+// Running helm and kubectl
+
+/// The directory with helm, kubectl and the control plane; panics with the harness's
+/// message when they are missing.
+fn bin_dir() -> PathBuf {
+    ckpt_testcluster::k8s_bin_dir().unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn helm_in(dir: &Path) -> PathBuf {
+    let helm = dir.join("helm");
+    assert!(
+        helm.is_file(),
+        "{} has no helm: e2e/k8s/build.sh builds it with the control plane (CKPT_K8S_BIN names its output directory)",
+        dir.display()
+    );
+    helm
+}
+
+struct Run {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn expect_ok(self, what: &str) -> String {
+        assert!(
+            self.ok,
+            "{what} failed:\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
+        self.stdout
+    }
+
+    fn expect_err(self, what: &str) -> String {
+        assert!(
+            !self.ok,
+            "{what} should have failed; stdout:\n{}",
+            self.stdout
+        );
+        self.stderr
+    }
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Run {
+        Run {
+            ok: o.status.success(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+/// Runs `program args` with `stdin`, helm's state in a private directory.
+async fn run(program: &Path, args: &[&str], stdin: &str) -> Run {
+    let helm_home = Path::new(env!("CARGO_TARGET_TMPDIR")).join("helm-home");
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .env("HELM_CACHE_HOME", helm_home.join("cache"))
+        .env("HELM_CONFIG_HOME", helm_home.join("config"))
+        .env("HELM_DATA_HOME", helm_home.join("data"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", program.display()));
+    let mut input = child.stdin.take().expect("piped");
+    let data = stdin.as_bytes().to_vec();
+    let writer = tokio::spawn(async move {
+        let _ = input.write_all(&data).await;
+    });
+    let out = child.wait_with_output().await.expect("wait");
+    let _ = writer.await;
+    out.into()
+}
+
+async fn helm(args: &[&str]) -> Run {
+    run(&helm_in(&bin_dir()), args, "").await
+}
+
+async fn helm_on(cp: &ControlPlane, args: &[&str]) -> Run {
+    let kubeconfig = format!("--kubeconfig={}", cp.kubeconfig_path().display());
+    let mut all = vec![kubeconfig.as_str()];
+    all.extend_from_slice(args);
+    run(&helm_in(cp.bin_dir()), &all, "").await
+}
+
+async fn kubectl(cp: &ControlPlane, args: &[&str], stdin: &str) -> Run {
+    cp.kubectl_with_stdin(args, stdin)
+        .await
+        .unwrap_or_else(|e| panic!("kubectl: {e}"))
+        .into()
+}
+
+async fn control_plane() -> &'static ControlPlane {
+    ControlPlane::shared()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `helm template` of the chart as release `RELEASE` in `namespace`, parsed.
+async fn render(namespace: &str, sets: &[&str]) -> Vec<Value> {
+    let mut extra = Vec::new();
+    for s in sets {
+        extra.extend(["--set", s]);
+    }
+    render_with(namespace, &extra).await
+}
+
+/// The values file with every optional value set.
+fn all_values() -> String {
+    root()
+        .join("charts/ckpt-operator/ci/all-values.yaml")
+        .display()
+        .to_string()
+}
+
+/// `helm template` of the chart as release `RELEASE` in `namespace` with `extra` helm
+/// arguments, parsed.
+async fn render_with(namespace: &str, extra: &[&str]) -> Vec<Value> {
+    let chart = chart();
+    let mut args = vec!["template", RELEASE, &chart, "--namespace", namespace];
+    args.extend_from_slice(extra);
+    let yaml = helm(&args)
+        .await
+        .expect_ok(&format!("helm {}", args.join(" ")));
+    parse_docs(&yaml)
+}
+
+fn parse_docs(yaml: &str) -> Vec<Value> {
+    serde_yaml_ng::Deserializer::from_str(yaml)
+        .map(|d| Value::deserialize(d).expect("helm renders YAML"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in {:#?}", kinds(docs)))
+}
+
+fn kinds(docs: &[Value]) -> Vec<String> {
+    let mut v: Vec<String> = docs
+        .iter()
+        .map(|d| {
+            format!(
+                "{} {}/{}",
+                d["kind"].as_str().unwrap_or("?"),
+                d["metadata"]["namespace"].as_str().unwrap_or("-"),
+                d["metadata"]["name"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn deployment(docs: &[Value]) -> &Value {
+    let mut all = docs.iter().filter(|d| d["kind"] == "Deployment");
+    let d = all.next().expect("a Deployment");
+    assert!(all.next().is_none(), "one Deployment");
+    d
+}
+
+fn operator_container(docs: &[Value]) -> &Value {
+    &deployment(docs)["spec"]["template"]["spec"]["containers"][0]
+}
+
+fn args_of(docs: &[Value]) -> Vec<String> {
+    operator_container(docs)["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().expect("string arg").to_owned())
+        .collect()
+}
+
+fn rules_of(doc: &Value) -> BTreeSet<(String, String, String)> {
+    let rules: Vec<PolicyRule> = serde_json::from_value(doc["rules"].clone()).expect("rules");
+    triples(&rules)
+}
+
+// ---------------------------------------------------------------------------------------
+// Without a control plane
+
+#[test]
+fn the_chart_crd_is_the_checked_in_crd() {
+    let crd = read(CRD_FILE);
+    let template = read(CRD_TEMPLATE);
+    assert!(
+        !crd.contains("{{"),
+        "{CRD_FILE} contains '{{{{', which Helm would read as a template action"
+    );
+    // The wrapper lines are exactly those with a template action.
+    let stripped: String = template
+        .lines()
+        .filter(|l| !l.contains("{{"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(
+        stripped == crd,
+        "{CRD_TEMPLATE} is out of date with {CRD_FILE}: run charts/ckpt-operator/sync-crds.sh \
+         (after `cargo run -p ckpt-operator --bin crdgen > {CRD_FILE}` if the types changed)"
+    );
+    let wrapper: Vec<&str> = template.lines().filter(|l| l.contains("{{")).collect();
+    assert_eq!(
+        wrapper.len(),
+        4,
+        "expected the comment, `if .Values.crds.install`, the metadata include and `end`: {wrapper:#?}"
+    );
+    assert!(wrapper[1].contains(".Values.crds.install"), "{wrapper:#?}");
+    assert!(
+        wrapper[2].contains("ckpt-operator.crdMetadata"),
+        "{wrapper:#?}"
+    );
+}
+
+#[tokio::test]
+async fn helm_lint_passes_also_strict() {
+    let chart = chart();
+    for extra in [
+        &[][..],
+        &["--strict"],
+        &["--strict", "--set", "watchNamespace=training"],
+        &["--strict", "-f", "ALL"],
+    ] {
+        let all = all_values();
+        let mut args = vec!["lint", chart.as_str()];
+        args.extend(
+            extra
+                .iter()
+                .map(|a| if *a == "ALL" { all.as_str() } else { a }),
+        );
+        let out = helm(&args)
+            .await
+            .expect_ok(&format!("helm {}", args.join(" ")));
+        assert!(out.contains("0 chart(s) failed"), "{out}");
+        assert!(
+            !out.contains("[WARNING]") && !out.contains("[ERROR]"),
+            "{out}"
+        );
+    }
+}
+
+/// Every key of values.yaml is in values.schema.json with a type, and the other way round.
+#[test]
+fn the_schema_covers_every_value() {
+    let values: Value = serde_yaml_ng::from_str(&read("charts/ckpt-operator/values.yaml")).unwrap();
+    let schema: Value =
+        serde_json::from_str(&read("charts/ckpt-operator/values.schema.json")).unwrap();
+    assert_eq!(
+        schema["$schema"], "http://json-schema.org/draft-07/schema#",
+        "draft-07"
+    );
+    fn walk(path: &str, values: &Value, schema: &Value, missing: &mut Vec<String>) {
+        let Some(map) = values.as_object() else {
+            return;
+        };
+        // Free-form objects (resources, affinity, ...) have no listed properties.
+        let Some(props) = schema["properties"].as_object() else {
+            return;
+        };
+        assert_eq!(
+            schema["additionalProperties"],
+            Value::Bool(false),
+            "{path}: unknown keys must be refused"
+        );
+        for (k, v) in map {
+            let p = format!("{path}.{k}");
+            match props.get(k) {
+                None => missing.push(format!("{p} is not in the schema")),
+                Some(s) => {
+                    if s.get("type").is_none() {
+                        missing.push(format!("{p} has no type in the schema"));
+                    }
+                    walk(&p, v, s, missing);
+                }
+            }
+        }
+        for k in props.keys() {
+            if !map.contains_key(k) && (!path.is_empty() || k != "global") {
+                missing.push(format!(
+                    "{path}.{k} is in the schema but not in values.yaml"
+                ));
+            }
+        }
+    }
+    let mut problems = Vec::new();
+    walk("", &values, &schema, &mut problems);
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+#[tokio::test]
+async fn the_schema_refuses_wrong_types_and_unknown_keys() {
+    let chart = chart();
+    for (set, needle) in [
+        ("replicaCount=two", "replicaCount"),
+        ("image.tga=v1", "tga"),
+        ("logJson=yes", "logJson"),
+        ("converter.backoffLimit=-1", "backoffLimit"),
+        ("converter.image.pullPolicy=Sometimes", "pullPolicy"),
+        ("metrics.port=0", "port"),
+        ("watchNamespace=Not_A_Namespace", "watchNamespace"),
+    ] {
+        for cmd in ["lint", "template"] {
+            let r = helm(&[cmd, &chart, "--set", set]).await;
+            let text = format!("{}{}", r.stdout, r.stderr);
+            assert!(!r.ok, "helm {cmd} --set {set} should fail:\n{text}");
+            assert!(text.contains("schema"), "helm {cmd} --set {set}:\n{text}");
+            assert!(text.contains(needle), "helm {cmd} --set {set}:\n{text}");
+        }
+    }
+    let r = helm(&[
+        "template",
+        &chart,
+        "--set-json",
+        r#"converter.serviceAccount.namespaces="training""#,
+    ])
+    .await;
+    r.expect_err("a string for converter.serviceAccount.namespaces");
+}
+
+#[tokio::test]
+async fn default_values_render_a_cluster_wide_operator() {
+    let docs = render("ckpt-system", &[]).await;
+    assert_eq!(
+        kinds(&docs),
+        [
+            "ClusterRole -/ckpt-operator",
+            "ClusterRoleBinding -/ckpt-operator",
+            "CustomResourceDefinition -/checkpointconversions.ckpt.dev",
+            "Deployment ckpt-system/ckpt-operator",
+            "Role ckpt-system/ckpt-operator-leader-election",
+            "RoleBinding ckpt-system/ckpt-operator-leader-election",
+            "Service ckpt-system/ckpt-operator-metrics",
+            "ServiceAccount ckpt-system/ckpt-operator",
+            "ServiceAccount ckpt-system/ckpt-operator-converter",
+        ]
+    );
+
+    // The CRD: crds/ plus labels and the keep annotation.
+    let mut crd = find(&docs, "CustomResourceDefinition", CRD_NAME).clone();
+    let meta = crd["metadata"].as_object_mut().unwrap();
+    assert_eq!(
+        meta.remove("annotations").unwrap(),
+        json!({"helm.sh/resource-policy": "keep"})
+    );
+    let labels = meta.remove("labels").unwrap();
+    assert_eq!(labels["app.kubernetes.io/managed-by"], "Helm");
+    let checked_in: Value = serde_yaml_ng::from_str(&read(CRD_FILE)).unwrap();
+    assert!(
+        crd == checked_in,
+        "the rendered CRD differs from {CRD_FILE}"
+    );
+
+    // RBAC: exactly the operator's calls, cluster-wide; the Lease in the release namespace.
+    assert_eq!(
+        rules_of(find(&docs, "ClusterRole", RELEASE)),
+        operator_permissions()
+    );
+    assert_eq!(
+        rules_of(find(&docs, "Role", "ckpt-operator-leader-election")),
+        lease_permissions()
+    );
+    let binding = find(&docs, "ClusterRoleBinding", RELEASE);
+    assert_eq!(
+        binding["subjects"],
+        json!([{"kind": "ServiceAccount", "name": RELEASE, "namespace": "ckpt-system"}])
+    );
+    assert_eq!(
+        find(&docs, "ServiceAccount", "ckpt-operator-converter")["automountServiceAccountToken"],
+        false
+    );
+
+    // The Deployment: the operator's flags, identity from the downward API, locked down.
+    assert_eq!(
+        args_of(&docs),
+        [
+            "--converter-image=ghcr.io/ckpt-dev/ckpt-convert:0.1.0",
+            "--converter-command=/ckpt-convert",
+            "--job-backoff-limit=2",
+            "--job-service-account=ckpt-operator-converter",
+            "--job-run-as-user=65532",
+            "--metrics-addr=0.0.0.0:8080",
+            "--leader-elect",
+            "--lease-name=ckpt-operator",
+            "--log-json",
+        ]
+    );
+    let deployment = find(&docs, "Deployment", RELEASE);
+    assert_eq!(deployment["spec"]["replicas"], 1);
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], RELEASE);
+    assert_eq!(
+        pod["securityContext"],
+        json!({"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
+               "seccompProfile": {"type": "RuntimeDefault"}})
+    );
+    let c = operator_container(&docs);
+    assert_eq!(c["image"], "ghcr.io/ckpt-dev/ckpt-operator:0.1.0");
+    assert_eq!(
+        c["securityContext"],
+        json!({"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+               "capabilities": {"drop": ["ALL"]}})
+    );
+    assert_eq!(
+        c["env"],
+        json!([
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": "LOG_LEVEL", "value": "info"},
+        ])
+    );
+    assert_eq!(
+        c["ports"],
+        json!([{"name": "metrics", "containerPort": 8080, "protocol": "TCP"}])
+    );
+    assert_eq!(
+        c["livenessProbe"]["httpGet"],
+        json!({"path": "/healthz", "port": "metrics"})
+    );
+    assert_eq!(
+        c["readinessProbe"]["httpGet"],
+        json!({"path": "/readyz", "port": "metrics"})
+    );
+    let svc = find(&docs, "Service", "ckpt-operator-metrics");
+    assert_eq!(
+        svc["spec"]["ports"],
+        json!([{"name": "metrics", "port": 8080, "targetPort": "metrics", "protocol": "TCP"}])
+    );
+    assert_eq!(
+        svc["spec"]["selector"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
+}
+
+#[tokio::test]
+async fn watch_namespace_renders_a_role_in_that_namespace_only() {
+    let docs = render("ckpt-system", &["watchNamespace=training"]).await;
+    assert!(
+        !docs
+            .iter()
+            .any(|d| d["kind"] == "ClusterRole" || d["kind"] == "ClusterRoleBinding"),
+        "{:#?}",
+        kinds(&docs)
+    );
+    let role = find(&docs, "Role", RELEASE);
+    assert_eq!(role["metadata"]["namespace"], "training");
+    assert_eq!(rules_of(role), operator_permissions());
+    let binding = find(&docs, "RoleBinding", RELEASE);
+    assert_eq!(binding["metadata"]["namespace"], "training");
+    assert_eq!(
+        binding["subjects"],
+        json!([{"kind": "ServiceAccount", "name": RELEASE, "namespace": "ckpt-system"}])
+    );
+    // The Lease stays in the operator's namespace.
+    let lease = find(&docs, "Role", "ckpt-operator-leader-election");
+    assert_eq!(lease["metadata"]["namespace"], "ckpt-system");
+    // Converter pods run in the watched namespace, so their account lives there.
+    let sa = find(&docs, "ServiceAccount", "ckpt-operator-converter");
+    assert_eq!(sa["metadata"]["namespace"], "training");
+    assert!(
+        args_of(&docs).contains(&"--namespace=training".to_owned()),
+        "{:?}",
+        args_of(&docs)
+    );
+}
+
+#[tokio::test]
+async fn values_switch_what_they_say() {
+    // No leader election: no Lease Role, no flag.
+    let docs = render("ckpt-system", &["leaderElection.enabled=false"]).await;
+    assert!(
+        !docs.iter().any(|d| d["kind"] == "Role"),
+        "{:#?}",
+        kinds(&docs)
+    );
+    assert!(
+        !args_of(&docs)
+            .iter()
+            .any(|a| a.starts_with("--lease") || a == "--leader-elect")
+    );
+    // Two replicas without a Lease would both reconcile: refused.
+    let chart = chart();
+    let err = helm(&[
+        "template",
+        RELEASE,
+        &chart,
+        "--set",
+        "replicaCount=2",
+        "--set",
+        "leaderElection.enabled=false",
+    ])
+    .await
+    .expect_err("replicaCount=2 without leader election");
+    assert!(err.contains("leaderElection.enabled"), "{err}");
+
+    // CRD switches.
+    let docs = render("ckpt-system", &["crds.install=false"]).await;
+    assert!(!docs.iter().any(|d| d["kind"] == "CustomResourceDefinition"));
+    let docs = render("ckpt-system", &["crds.keep=false"]).await;
+    assert!(
+        find(&docs, "CustomResourceDefinition", CRD_NAME)["metadata"]
+            .get("annotations")
+            .is_none()
+    );
+
+    // RBAC and accounts off.
+    let docs = render(
+        "ckpt-system",
+        &[
+            "rbac.create=false",
+            "serviceAccount.create=false",
+            "serviceAccount.name=existing",
+            "converter.serviceAccount.create=false",
+        ],
+    )
+    .await;
+    assert!(
+        !docs.iter().any(|d| d["kind"]
+            .as_str()
+            .is_some_and(|k| k.contains("Role") || k == "ServiceAccount")),
+        "{:#?}",
+        kinds(&docs)
+    );
+    assert_eq!(
+        find(&docs, "Deployment", RELEASE)["spec"]["template"]["spec"]["serviceAccountName"],
+        "existing"
+    );
+    assert!(
+        !args_of(&docs)
+            .iter()
+            .any(|a| a.starts_with("--job-service-account"))
+    );
+
+    // Optional flags, images, logging, extras, ServiceMonitor.
+    let docs = render(
+        "ckpt-system",
+        &[
+            "converter.ttlSecondsAfterFinished=0",
+            "converter.image.pullPolicy=Always",
+            "converter.image.tag=v9",
+            "image.tag=v8",
+            "logJson=false",
+            "logLevel=debug",
+            "extraArgs={--instance=operator-a}",
+            "converter.command=/bin/ckpt-convert",
+            "converter.serviceAccount.namespaces={training,research}",
+            "metrics.serviceMonitor.enabled=true",
+            "metrics.port=9090",
+        ],
+    )
+    .await;
+    let args = args_of(&docs);
+    for want in [
+        "--job-ttl-seconds=0",
+        "--converter-image-pull-policy=Always",
+        "--converter-image=ghcr.io/ckpt-dev/ckpt-convert:v9",
+        "--metrics-addr=0.0.0.0:9090",
+        "--converter-command=/bin/ckpt-convert",
+        "--instance=operator-a",
+    ] {
+        assert!(args.contains(&want.to_owned()), "{want} not in {args:?}");
+    }
+    assert!(!args.contains(&"--log-json".to_owned()), "{args:?}");
+    assert_eq!(
+        operator_container(&docs)["image"],
+        "ghcr.io/ckpt-dev/ckpt-operator:v8"
+    );
+    assert_eq!(operator_container(&docs)["env"][2]["value"], "debug");
+    let converter_namespaces: BTreeSet<&str> = docs
+        .iter()
+        .filter(|d| {
+            d["kind"] == "ServiceAccount" && d["metadata"]["name"] == "ckpt-operator-converter"
+        })
+        .map(|d| d["metadata"]["namespace"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        converter_namespaces,
+        BTreeSet::from(["training", "research"])
+    );
+    let monitor = find(&docs, "ServiceMonitor", RELEASE);
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], "metrics");
+    assert_eq!(
+        monitor["spec"]["selector"]["matchLabels"],
+        find(&docs, "Deployment", RELEASE)["spec"]["selector"]["matchLabels"]
+    );
+}
+
+/// ci/all-values.yaml: every optional value lands where it should.
+#[tokio::test]
+async fn every_optional_value_is_rendered() {
+    let all = all_values();
+    let docs = render_with("ckpt-system", &["-f", &all]).await;
+    let values: Value = serde_yaml_ng::from_str(&std::fs::read_to_string(&all).unwrap()).unwrap();
+    let d = deployment(&docs);
+    assert_eq!(d["spec"]["replicas"], values["replicaCount"]);
+    let meta = &d["spec"]["template"]["metadata"];
+    assert_eq!(meta["annotations"], values["podAnnotations"]);
+    assert_eq!(
+        meta["labels"]["example.com/team"],
+        values["podLabels"]["example.com/team"]
+    );
+    let pod = &d["spec"]["template"]["spec"];
+    for key in [
+        "imagePullSecrets",
+        "priorityClassName",
+        "nodeSelector",
+        "tolerations",
+        "affinity",
+    ] {
+        assert_eq!(pod[key], values[key], "{key}");
+    }
+    assert_eq!(pod["serviceAccountName"], "operator");
+    let c = operator_container(&docs);
+    assert_eq!(c["resources"], values["resources"]);
+    assert_eq!(c["imagePullPolicy"], "Always");
+    assert_eq!(
+        c["image"],
+        "registry.example.com/ckpt/ckpt-operator:v0.1.0-test"
+    );
+    assert_eq!(c["env"][3], values["extraEnv"][0]);
+    assert_eq!(c["ports"][0]["containerPort"], 9090);
+    let args = args_of(&docs);
+    for want in [
+        "--converter-image=registry.example.com/ckpt/ckpt-convert:v0.1.0-test",
+        "--converter-image-pull-policy=IfNotPresent",
+        "--job-backoff-limit=4",
+        "--job-ttl-seconds=3600",
+        "--job-service-account=converter",
+        "--job-run-as-user=1000",
+        "--lease-name=ckpt-operator-test",
+        "--instance=ckpt-operator-test",
+    ] {
+        assert!(args.contains(&want.to_owned()), "{want} not in {args:?}");
+    }
+    let sa = find(&docs, "ServiceAccount", "operator");
+    assert_eq!(
+        sa["metadata"]["annotations"],
+        values["serviceAccount"]["annotations"]
+    );
+    let converter = find(&docs, "ServiceAccount", "converter");
+    assert_eq!(
+        converter["metadata"]["annotations"],
+        values["converter"]["serviceAccount"]["annotations"]
+    );
+    let svc = find(&docs, "Service", "ckpt-operator-metrics");
+    assert_eq!(
+        svc["metadata"]["annotations"],
+        values["metrics"]["service"]["annotations"]
+    );
+    assert_eq!(svc["spec"]["ports"][0]["port"], 9090);
+}
+
+/// The flags the chart renders are ones the operator binary accepts, with values it parses.
+#[tokio::test]
+async fn the_operator_binary_accepts_the_rendered_flags() {
+    let all = all_values();
+    let mut renders = vec![render_with("ckpt-system", &["-f", &all]).await];
+    for sets in [
+        &[][..],
+        &[
+            "watchNamespace=training",
+            "converter.ttlSecondsAfterFinished=600",
+        ],
+        &[
+            "logJson=false",
+            "leaderElection.enabled=false",
+            "converter.image.pullPolicy=Never",
+        ],
+    ] {
+        renders.push(render("ckpt-system", sets).await);
+    }
+    for docs in renders {
+        let mut args = args_of(&docs);
+        // clap parses (and checks) every argument before it acts on --help.
+        args.push("--help".into());
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ckpt-operator"))
+            .args(&args)
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ckpt-operator refused {args:?}:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Against the control plane
+
+#[tokio::test]
+async fn the_rendered_chart_passes_a_server_side_dry_run() {
+    let cp = control_plane().await;
+    let ns = cp.new_namespace("chart-dry-run").await.unwrap();
+    let chart = chart();
+    let all = all_values();
+    let watch = format!("watchNamespace={ns}");
+    for extra in [&[][..], &["--set", &watch], &["-f", &all]] {
+        let mut args = vec!["template", RELEASE, chart.as_str(), "--namespace", &ns];
+        args.extend_from_slice(extra);
+        let yaml = helm(&args).await.expect_ok("helm template");
+        let out = kubectl(cp, &["apply", "--dry-run=server", "-f", "-"], &yaml)
+            .await
+            .expect_ok(&format!(
+                "kubectl apply --dry-run=server of helm {}",
+                args.join(" ")
+            ));
+        // One "… (server dry run)" line per rendered object.
+        let objects = parse_docs(&yaml).len();
+        assert!(objects >= 8, "{yaml}");
+        assert_eq!(
+            out.lines()
+                .filter(|l| l.ends_with("(server dry run)"))
+                .count(),
+            objects,
+            "{out}"
+        );
+        assert!(out.contains("deployment.apps/ckpt-operator"), "{out}");
+    }
+}
+
+async fn access(client: &Client, user: &str, ns: Option<&str>, attrs: (&str, &str, &str)) -> bool {
+    let (group, resource, verb) = attrs;
+    let (resource, subresource) = match resource.split_once('/') {
+        Some((r, s)) => (r, Some(s.to_owned())),
+        None => (resource, None),
+    };
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(user.to_owned()),
+            groups: Some(vec![
+                "system:serviceaccounts".into(),
+                "system:authenticated".into(),
+            ]),
+            resource_attributes: Some(ResourceAttributes {
+                group: Some(group.to_owned()),
+                resource: Some(resource.to_owned()),
+                subresource,
+                verb: Some(verb.to_owned()),
+                namespace: ns.map(str::to_owned),
+                ..ResourceAttributes::default()
+            }),
+            ..SubjectAccessReviewSpec::default()
+        },
+        ..SubjectAccessReview::default()
+    };
+    Api::<SubjectAccessReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .expect("SubjectAccessReview")
+        .status
+        .is_some_and(|s| s.allowed)
+}
+
+/// Creates (or keeps) namespace `name`.
+async fn namespace(cp: &ControlPlane, name: &str) {
+    let r = kubectl(cp, &["create", "namespace", name], "").await;
+    assert!(
+        r.ok || r.stderr.contains("AlreadyExists"),
+        "creating namespace {name}: {}",
+        r.stderr
+    );
+}
+
+/// A real `helm install` and what it creates; the examples against its CRD; the operator
+/// binary run as the chart deploys it; a second, namespaced release; upgrade; uninstall
+/// keeps the CRD. One test, because the CRD is one per cluster.
+#[tokio::test]
+async fn helm_install_creates_a_working_operator_setup() {
+    let cp = control_plane().await;
+    let client = cp.client();
+    let ns = cp.new_namespace("chart-install").await.unwrap();
+    // The examples' namespace; only this test uses it.
+    namespace(cp, "training").await;
+    let chart = chart();
+
+    // Wrong values are refused by install too, before anything is created.
+    let err = helm_on(
+        cp,
+        &[
+            "install",
+            "bad",
+            &chart,
+            "-n",
+            &ns,
+            "--set",
+            "replicaCount=two",
+        ],
+    )
+    .await
+    .expect_err("helm install with replicaCount=two");
+    assert!(err.contains("replicaCount"), "{err}");
+
+    let sets = [format!(
+        "converter.serviceAccount.namespaces={{{ns},training}}"
+    )];
+    let mut args = vec!["install", RELEASE, chart.as_str(), "-n", ns.as_str()];
+    for s in &sets {
+        args.extend(["--set", s.as_str()]);
+    }
+    let started = Instant::now();
+    let notes = helm_on(cp, &args).await.expect_ok("helm install");
+    eprintln!("helm install: {:?}", started.elapsed());
+    for want in [
+        "kubectl apply -f examples/megatron-to-hf.yaml",
+        "It watches all namespaces (leader election on, 1 replica(s)).",
+        &format!("created in: {ns}, training."),
+    ] {
+        assert!(notes.contains(want), "{want:?} not in the NOTES:\n{notes}");
+    }
+
+    let started = Instant::now();
+    check_installed_objects(cp, &client, &ns).await;
+    eprintln!("CRD, RBAC and account checks: {:?}", started.elapsed());
+
+    let started = Instant::now();
+    check_examples(cp).await;
+    eprintln!("examples: {:?}", started.elapsed());
+
+    let started = Instant::now();
+    let set_refs: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let docs = render(&ns, &set_refs).await;
+    run_operator_as_deployed(cp, &client, &ns, &docs).await;
+    eprintln!(
+        "operator under the chart's account: {:?}",
+        started.elapsed()
+    );
+
+    let started = Instant::now();
+    check_namespaced_release(cp, &client, &ns).await;
+    eprintln!("namespaced release: {:?}", started.elapsed());
+
+    // Upgrade re-applies the CRD template; uninstall keeps the CRD.
+    helm_on(
+        cp,
+        &[
+            "upgrade",
+            RELEASE,
+            &chart,
+            "-n",
+            &ns,
+            "--reuse-values",
+            "--set",
+            "replicaCount=2",
+        ],
+    )
+    .await
+    .expect_ok("helm upgrade");
+    helm_on(cp, &["uninstall", RELEASE, "-n", &ns])
+        .await
+        .expect_ok("helm uninstall");
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    assert!(
+        crds.get_opt(CRD_NAME).await.unwrap().is_some(),
+        "crds.keep: the CRD survives helm uninstall"
+    );
+    assert!(
+        Api::<ClusterRole>::all(client.clone())
+            .get_opt(RELEASE)
+            .await
+            .unwrap()
+            .is_none(),
+        "the ClusterRole goes with the release"
+    );
+}
+
+async fn check_installed_objects(cp: &ControlPlane, client: &Client, ns: &str) {
+    let _ = cp;
+    // The CRD is established and kept on uninstall.
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        await_condition(crds.clone(), CRD_NAME, conditions::is_crd_established()),
+    )
+    .await
+    .expect("the CRD is established within 30 s")
+    .unwrap();
+    let crd = crds.get(CRD_NAME).await.unwrap();
+    assert_eq!(
+        crd.metadata
+            .annotations
+            .unwrap_or_default()
+            .get("helm.sh/resource-policy")
+            .map(String::as_str),
+        Some("keep")
+    );
+
+    // RBAC: exactly the operator's calls.
+    let cluster_role = Api::<ClusterRole>::all(client.clone())
+        .get(RELEASE)
+        .await
+        .unwrap();
+    assert_eq!(
+        triples(cluster_role.rules.as_deref().unwrap_or_default()),
+        operator_permissions(),
+        "ClusterRole {RELEASE}"
+    );
+    let lease_role = Api::<Role>::namespaced(client.clone(), ns)
+        .get("ckpt-operator-leader-election")
+        .await
+        .unwrap();
+    assert_eq!(
+        triples(lease_role.rules.as_deref().unwrap_or_default()),
+        lease_permissions()
+    );
+    let binding = Api::<ClusterRoleBinding>::all(client.clone())
+        .get(RELEASE)
+        .await
+        .unwrap();
+    let subject = &binding.subjects.as_deref().unwrap()[0];
+    assert_eq!(
+        (
+            subject.kind.as_str(),
+            subject.name.as_str(),
+            subject.namespace.as_deref()
+        ),
+        ("ServiceAccount", RELEASE, Some(ns))
+    );
+
+    // The accounts.
+    Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .get(RELEASE)
+        .await
+        .expect("the operator ServiceAccount");
+    for n in [ns, "training"] {
+        let converter = Api::<ServiceAccount>::namespaced(client.clone(), n)
+            .get("ckpt-operator-converter")
+            .await
+            .unwrap_or_else(|e| panic!("converter ServiceAccount in {n}: {e}"));
+        assert_eq!(converter.automount_service_account_token, Some(false));
+    }
+
+    // What the apiserver's authorizer lets the operator do, and what not.
+    let user = format!("system:serviceaccount:{ns}:{RELEASE}");
+    for (group, resource, verb) in operator_permissions() {
+        assert!(
+            access(client, &user, Some("training"), (&group, &resource, &verb)).await,
+            "{user} may not {verb} {resource}.{group} in training"
+        );
+    }
+    for (_, _, verb) in lease_permissions() {
+        assert!(
+            access(
+                client,
+                &user,
+                Some(ns),
+                ("coordination.k8s.io", "leases", &verb)
+            )
+            .await
+        );
+    }
+    for denied in [
+        ("", "secrets", "get"),
+        ("", "pods", "get"),
+        ("", "pods", "watch"),
+        ("", "pods", "create"),
+        ("batch", "jobs", "delete"),
+        ("batch", "jobs", "patch"),
+        ("ckpt.dev", "checkpointconversions", "update"),
+        ("ckpt.dev", "checkpointconversions", "delete"),
+        ("ckpt.dev", "checkpointconversions/status", "update"),
+        ("", "persistentvolumeclaims", "list"),
+        ("", "events", "create"),
+        ("coordination.k8s.io", "leases", "get"),
+    ] {
+        assert!(
+            !access(client, &user, Some("training"), denied).await,
+            "{user} may {denied:?} in training"
+        );
+    }
+}
+
+/// Four examples are accepted by the installed CRD, one is refused by its CEL rule.
+async fn check_examples(cp: &ControlPlane) {
+    for example in [
+        "hf-to-megatron.yaml",
+        "megatron-to-hf.yaml",
+        "merge-lora-hf-peft.yaml",
+        "merge-lora-megatron-bridge.yaml",
+    ] {
+        let path = root().join("examples").join(example).display().to_string();
+        kubectl(cp, &["apply", "--dry-run=server", "-f", &path], "")
+            .await
+            .expect_ok(&format!(
+                "kubectl apply --dry-run=server -f examples/{example}"
+            ));
+    }
+    let path = root()
+        .join("examples/illegal-target-inside-source.yaml")
+        .display()
+        .to_string();
+    let err = kubectl(cp, &["apply", "--dry-run=server", "-f", &path], "")
+        .await
+        .expect_err("examples/illegal-target-inside-source.yaml");
+    assert!(
+        err.contains(
+            "target.path must not equal, be inside, or contain source.path on the same PVC"
+        ),
+        "{err}"
+    );
+}
+
+/// GET http://127.0.0.1:PORT/PATH, the body when the status is 200.
+async fn http_get(port: u16, path: &str) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    (head.split(' ').nth(1) == Some("200")).then(|| body.to_owned())
+}
+
+/// The operator binary with the arguments and environment the chart's Deployment gives
+/// it, authenticated with a token of the chart's ServiceAccount: it takes the Lease and
+/// turns examples/megatron-to-hf.yaml into a Job, and nothing it calls is denied.
+async fn run_operator_as_deployed(cp: &ControlPlane, client: &Client, ns: &str, docs: &[Value]) {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let args: Vec<String> = args_of(docs)
+        .into_iter()
+        .map(|a| {
+            if a.starts_with("--metrics-addr=") {
+                format!("--metrics-addr=127.0.0.1:{port}")
+            } else {
+                a
+            }
+        })
+        .collect();
+    let pod = &deployment(docs)["spec"]["template"]["spec"];
+    let account = pod["serviceAccountName"].as_str().unwrap();
+    let kubeconfig = cp
+        .kubeconfig_for_service_account(ns, account)
+        .await
+        .unwrap();
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_ckpt-operator"));
+    cmd.args(&args).env("KUBECONFIG", &kubeconfig);
+    for e in operator_container(docs)["env"].as_array().unwrap() {
+        let name = e["name"].as_str().unwrap();
+        let value = match (name, e["value"].as_str()) {
+            (_, Some(v)) => v.to_owned(),
+            ("POD_NAME", None) => "ckpt-operator-test-0".to_owned(),
+            ("POD_NAMESPACE", None) => ns.to_owned(),
+            _ => panic!("unexpected env {e}"),
+        };
+        cmd.env(name, value);
+    }
+    let log = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("operator-{ns}.log"));
+    let file = std::fs::File::create(&log).unwrap();
+    let mut operator = cmd
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    // /readyz says "leader" once the Lease is held.
+    let started = Instant::now();
+    loop {
+        if let Some(body) = http_get(port, "/readyz").await
+            && body.contains("leader")
+        {
+            break;
+        }
+        if let Ok(Some(status)) = operator.try_wait() {
+            panic!("the operator exited ({status}):\n{}", log_text());
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the operator did not lead within 30 s:\n{}",
+            log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The claims exist; then the conversion: a Job, status Running, events.
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "training");
+    for name in ["lustre-shared", "models"] {
+        let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"accessModes": ["ReadWriteMany"],
+                     "resources": {"requests": {"storage": "1Gi"}}}
+        }))
+        .unwrap();
+        pvcs.create(&PostParams::default(), &pvc).await.unwrap();
+    }
+    let example = root()
+        .join("examples/megatron-to-hf.yaml")
+        .display()
+        .to_string();
+    kubectl(cp, &["apply", "-f", &example], "")
+        .await
+        .expect_ok("kubectl apply -f examples/megatron-to-hf.yaml");
+    let jobs: Api<Job> = Api::namespaced(client.clone(), "training");
+    let crs: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        "training",
+        &ApiResource {
+            group: "ckpt.dev".into(),
+            version: "v1alpha1".into(),
+            api_version: "ckpt.dev/v1alpha1".into(),
+            kind: "CheckpointConversion".into(),
+            plural: "checkpointconversions".into(),
+        },
+    );
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(client.clone(), "training");
+    let started = Instant::now();
+    let job = loop {
+        let job = jobs.get_opt("sft-to-hf-g1").await.unwrap();
+        let phase = crs
+            .get("sft-to-hf")
+            .await
+            .ok()
+            .and_then(|c| c.data["status"]["phase"].as_str().map(str::to_owned));
+        let published = events
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .any(|e| e.reporting_controller.as_deref() == Some("ckpt-operator"));
+        if let Some(job) = job
+            && phase.as_deref() == Some("Running")
+            && published
+        {
+            break job;
+        }
+        let text = log_text();
+        assert!(
+            !text.to_lowercase().contains("forbidden"),
+            "the operator was denied something under the chart's RBAC:\n{text}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no Job, Running status and event within 30 s (phase {phase:?}, event {published}):\n{}",
+            log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let pod_spec = job.spec.unwrap().template.spec.unwrap();
+    assert_eq!(
+        pod_spec.service_account_name.as_deref(),
+        Some("ckpt-operator-converter"),
+        "converter pods run as the chart's converter account"
+    );
+    assert_eq!(
+        pod_spec.containers[0].image.as_deref(),
+        Some("ghcr.io/ckpt-dev/ckpt-convert:0.1.0")
+    );
+
+    let _ = operator.start_kill();
+    let _ = operator.wait().await;
+    let text = log_text();
+    let lower = text.to_lowercase();
+    assert!(
+        !lower.contains("forbidden") && !lower.contains("403"),
+        "the operator was denied something under the chart's RBAC:\n{text}"
+    );
+    kubectl(cp, &["delete", "-f", &example, "--wait=false"], "")
+        .await
+        .expect_ok("kubectl delete -f examples/megatron-to-hf.yaml");
+}
+
+/// A second release watching only `training`, with the CRD left to the first.
+async fn check_namespaced_release(cp: &ControlPlane, client: &Client, other_ns: &str) {
+    let ns = cp.new_namespace("chart-install-ns").await.unwrap();
+    let chart = chart();
+    helm_on(
+        cp,
+        &[
+            "install",
+            "ckpt-training",
+            &chart,
+            "-n",
+            &ns,
+            "--set",
+            "watchNamespace=training",
+            "--set",
+            "crds.install=false",
+        ],
+    )
+    .await
+    .expect_ok("helm install with watchNamespace");
+    let role = Api::<Role>::namespaced(client.clone(), "training")
+        .get("ckpt-training-ckpt-operator")
+        .await
+        .unwrap();
+    assert_eq!(
+        triples(role.rules.as_deref().unwrap_or_default()),
+        operator_permissions()
+    );
+    let user = format!("system:serviceaccount:{ns}:ckpt-training-ckpt-operator");
+    assert!(
+        access(client, &user, Some("training"), ("batch", "jobs", "create")).await,
+        "the namespaced operator may create Jobs in training"
+    );
+    assert!(
+        !access(client, &user, Some(other_ns), ("batch", "jobs", "create")).await,
+        "the namespaced operator may not create Jobs elsewhere"
+    );
+    assert!(
+        !access(
+            client,
+            &user,
+            None,
+            ("ckpt.dev", "checkpointconversions", "list")
+        )
+        .await,
+        "the namespaced operator may not list across namespaces"
+    );
+    helm_on(cp, &["uninstall", "ckpt-training", "-n", &ns])
+        .await
+        .expect_ok("helm uninstall ckpt-training");
+}
