@@ -3,11 +3,12 @@
 
 use ckpt_convert::synthetic::ModelShape;
 
-use crate::util::{Workdir, bin, kv, run};
+use crate::util::{Workdir, kv, run};
 
 #[cfg(feature = "failpoints")]
 #[test]
 fn a_run_killed_mid_write_leaves_no_target() {
+    use crate::util::bin;
     let w = Workdir::new();
     let src = w.hf("src", &ModelShape::tiny_llama(), 60_000);
     let before = w.snapshot("src");
