@@ -2,6 +2,7 @@
 
 use crate::execute::ExecuteError;
 use crate::formats::FormatError;
+use crate::lora::LoraError;
 use crate::plan::PlanError;
 use crate::preflight::PreflightError;
 use crate::publish::PublishError;
@@ -19,6 +20,10 @@ pub enum Error {
     /// The plan could not be built (exit 2).
     #[error(transparent)]
     Plan(#[from] PlanError),
+    /// An adapter was refused: a variant that cannot be merged faithfully, or a
+    /// base it does not belong to (exit 2).
+    #[error(transparent)]
+    Lora(#[from] LoraError),
     /// Writing failed (exit 1).
     #[error(transparent)]
     Execute(#[from] ExecuteError),
@@ -34,7 +39,7 @@ impl Error {
     /// 2 for refusals before any output was written, 1 for failures after.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Preflight(_) | Error::Format(_) | Error::Plan(_) => 2,
+            Error::Preflight(_) | Error::Format(_) | Error::Plan(_) | Error::Lora(_) => 2,
             Error::Execute(_) | Error::Publish(_) | Error::Validation(_) => 1,
         }
     }

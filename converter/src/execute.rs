@@ -95,12 +95,28 @@ pub struct Outcome {
     pub weights_digest: String,
     /// The same digest over the source chunks read, per store.
     pub source_digests: Vec<String>,
+    /// The digest of every source chunk read, for callers that check a source's
+    /// identity (in no particular order).
+    pub source_chunks: Vec<ChunkDigest>,
     /// Pieces written.
     pub pieces: usize,
     /// Tensor bytes written.
     pub tensor_bytes: u64,
     /// The most bytes of pieces that were in flight at once.
     pub peak_in_flight: u64,
+}
+
+/// The digest of one source chunk, as read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkDigest {
+    /// The store.
+    pub store: usize,
+    /// The tensor of that store.
+    pub tensor: usize,
+    /// The chunk of that tensor.
+    pub chunk: usize,
+    /// XXH3-128 of the chunk's bytes as stored.
+    pub xxh3: u128,
 }
 
 /// Why execution failed.
@@ -152,6 +168,11 @@ pub fn check(plan: &Plan, stores: &[&dyn TensorStore]) -> Result<(), ExecuteErro
                 p.gather.rows()
             )));
         }
+        // A merged piece's inputs are the gathered weight and the adapter's
+        // operands; only the former are rows of the output.
+        let gathered =
+            |i: usize| p.merge.is_none() || p.gather.runs.iter().any(|r| r.input == Some(i));
+        let mut metas = Vec::with_capacity(p.inputs.len());
         for (i, input) in p.inputs.iter().enumerate() {
             let store = stores
                 .get(input.store)
@@ -174,6 +195,13 @@ pub fn check(plan: &Plan, stores: &[&dyn TensorStore]) -> Result<(), ExecuteErro
                     t.name, t.shape
                 )));
             }
+            metas.push(crate::lora::merge::InputMeta {
+                dtype: t.dtype,
+                numel: input.numel(),
+            });
+            if !gathered(i) {
+                continue;
+            }
             if input.numel() % row_len != 0 {
                 return Err(bad(format!("input {i} is not a whole number of rows")));
             }
@@ -189,6 +217,9 @@ pub fn check(plan: &Plan, stores: &[&dyn TensorStore]) -> Result<(), ExecuteErro
                     return Err(bad(format!("run reads past the end of input {i}")));
                 }
             }
+        }
+        if let Some(m) = &p.merge {
+            crate::lora::merge::check(m, &p.shape, p.dtype, &metas).map_err(bad)?;
         }
     }
     Ok(())
@@ -225,6 +256,7 @@ impl Budget {
 struct SourceDigests {
     claimed: Vec<Vec<Vec<AtomicBool>>>,
     digests: Mutex<Vec<(usize, String)>>,
+    chunks: Mutex<Vec<ChunkDigest>>,
 }
 
 impl SourceDigests {
@@ -241,6 +273,7 @@ impl SourceDigests {
         SourceDigests {
             claimed,
             digests: Mutex::new(Vec::new()),
+            chunks: Mutex::new(Vec::new()),
         }
     }
 
@@ -289,13 +322,20 @@ impl SourceDigests {
                 .lock()
                 .expect("digest lock")
                 .push((store, line));
+            self.chunks.lock().expect("digest lock").push(ChunkDigest {
+                store,
+                tensor,
+                chunk: c,
+                xxh3: digest,
+            });
         }
         Ok(())
     }
 
-    fn finish(self, nstores: usize) -> Vec<String> {
+    fn finish(self, nstores: usize) -> (Vec<String>, Vec<ChunkDigest>) {
+        let chunks = self.chunks.into_inner().expect("digest lock");
         let lines = self.digests.into_inner().expect("digest lock");
-        (0..nstores)
+        let per_store = (0..nstores)
             .map(|s| {
                 crate::digest::of_lines(
                     lines
@@ -305,7 +345,8 @@ impl SourceDigests {
                         .collect(),
                 )
             })
-            .collect()
+            .collect();
+        (per_store, chunks)
     }
 }
 
@@ -387,7 +428,11 @@ fn run(
             .iter()
             .map(|i| i.numel() * stores[i.store].tensors()[i.tensor].dtype.size() as u64)
             .sum();
-        inputs + p.nbytes()
+        let scratch = p
+            .merge
+            .as_ref()
+            .map_or(0, |m| crate::lora::merge::scratch_bytes(m, &p.shape));
+        inputs + p.nbytes() + scratch
     };
     let largest = plan.pieces.iter().map(footprint).max().unwrap_or(0);
     let budget = Budget {
@@ -473,10 +518,12 @@ fn run(
         "outputs synced and digested"
     );
 
+    let (source_digests, source_chunks) = sources.finish(stores.len());
     Ok(Outcome {
         files,
         weights_digest: crate::digest::of_lines(piece_digests.into_inner().expect("digest lock")),
-        source_digests: sources.finish(stores.len()),
+        source_digests,
+        source_chunks,
         pieces: plan.pieces.len(),
         tensor_bytes: plan.tensor_bytes(),
         peak_in_flight: budget.peak.load(Ordering::Relaxed),
@@ -504,7 +551,8 @@ fn write_piece(
         in_bytes.push(read_box(store.files(), t, &input.offsets, &input.sizes));
     }
     let row_len = piece.gather.row_len.max(1);
-    let plain_copy = piece.inputs.len() == 1
+    let plain_copy = piece.merge.is_none()
+        && piece.inputs.len() == 1
         && in_dtypes[0] == piece.dtype
         && piece.gather.runs.len() == 1
         && piece.gather.runs[0].input == Some(0)
@@ -516,8 +564,16 @@ fn write_piece(
     } else {
         let oes = piece.dtype.size() as u64;
         let mut out = vec![0u8; piece.nbytes() as usize];
+        // A merge reads a weight that is one whole input of the piece's dtype in
+        // place, rather than from a gathered copy.
+        let in_place = piece.merge.is_some()
+            && in_dtypes[0] == piece.dtype
+            && piece.gather.runs.len() == 1
+            && piece.gather.runs[0].input == Some(0)
+            && piece.gather.runs[0].start == 0
+            && piece.gather.runs[0].rows * row_len == piece.inputs[0].numel();
         let mut row = 0u64;
-        for run in &piece.gather.runs {
+        for run in piece.gather.runs.iter().filter(|_| !in_place) {
             let dst = &mut out
                 [(row * row_len * oes) as usize..((row + run.rows) * row_len * oes) as usize];
             if let Some(i) = run.input {
@@ -527,6 +583,15 @@ fn write_piece(
                 cast_into(in_dtypes[i], src, piece.dtype, dst);
             }
             row += run.rows;
+        }
+        if let Some(merge) = &piece.merge {
+            let inputs: Vec<(DType, &[u8])> = in_dtypes
+                .iter()
+                .zip(&in_bytes)
+                .map(|(d, b)| (*d, b.as_ref()))
+                .collect();
+            let base = in_place.then(|| in_bytes[0].as_ref());
+            crate::lora::merge::apply(merge, piece.dtype, &piece.shape, &inputs, base, &mut out);
         }
         Cow::Owned(out)
     };
@@ -540,8 +605,10 @@ fn write_piece(
     match &piece.dest {
         Dest::Raw { file, offset } => {
             let (path, f) = &outputs[*file];
-            let _turn = write_locks[*file].lock().expect("write lock");
+            let turn = write_locks[*file].lock().expect("write lock");
             f.write_all_at(&data, *offset).map_err(io(path))?;
+            drop(turn);
+            start_writeback(f, *offset, data.len() as u64);
         }
         Dest::DcpItem { file, offset } => {
             let (path, f) = &outputs[*file];
@@ -551,11 +618,13 @@ fn write_piece(
                 crc,
             );
             let data_at = offset + layout.prefix.len() as u64;
-            let _turn = write_locks[*file].lock().expect("write lock");
+            let turn = write_locks[*file].lock().expect("write lock");
             f.write_all_at(&layout.prefix, *offset).map_err(io(path))?;
             f.write_all_at(&data, data_at).map_err(io(path))?;
             f.write_all_at(&layout.suffix, data_at + data.len() as u64)
                 .map_err(io(path))?;
+            drop(turn);
+            start_writeback(f, *offset, layout.len());
         }
     }
     drop(data);
@@ -570,6 +639,27 @@ fn write_piece(
     }
     Ok(crate::digest::format_digest(digest))
 }
+
+/// Starts writing a just-written range to disk without waiting for it, so the disk
+/// works while later pieces are computed and the final fsync waits only for the
+/// tail. (Background writeback would start only past the dirty-memory threshold.)
+/// Advisory: errors surface at the fsync that follows.
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain system call on an open descriptor we own.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as i64,
+            len as i64,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_: &File, _: u64, _: u64) {}
 
 /// Fsyncs `root` and every directory under it, so new entries are durable.
 ///
@@ -625,6 +715,7 @@ mod tests {
             gather,
             dest: Dest::Raw { file: 0, offset: 0 },
             transform: "test".into(),
+            merge: None,
         }
     }
 

@@ -4,7 +4,7 @@
 //! Data flows through five stages:
 //! 1. **preflight** ([`preflight`], [`steps::params`]): parameters and paths,
 //!    refused before anything is read or written;
-//! 2. **plan** ([`plan`], [`layout`], [`models`]): from headers and metadata only,
+//! 2. **plan** ([`plan`], [`layout`], [`models`], [`lora`]): from headers and metadata only,
 //!    every output tensor with its source boxes and transform, every output byte
 //!    offset;
 //! 3. **execute** ([`execute`]): pieces in parallel, mapped inputs, positioned writes;
@@ -22,6 +22,7 @@ pub mod execute;
 pub mod formats;
 pub mod inspect;
 pub mod layout;
+pub mod lora;
 pub mod manifest;
 pub mod models;
 pub mod plan;

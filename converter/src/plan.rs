@@ -7,6 +7,11 @@
 //! output rows, with a dtype cast. Copy, cast, QKV interleave and split, gate/up
 //! concatenation and split, and vocabulary padding and unpadding are all row
 //! gathers, so one kernel executes every plan and `--dry-run` can print it.
+//!
+//! A LoRA merge is not a row gather: the values change. A piece may carry a
+//! [`LoraMerge`], a second stage applied to the gathered rows (the base weight)
+//! with further inputs (the adapter's matrices); the kernels are in
+//! [`crate::lora::merge`].
 
 use std::path::PathBuf;
 
@@ -117,6 +122,94 @@ impl RowGather {
     }
 }
 
+/// A matrix operand of a merge: the boxes of some of the piece's inputs, read in
+/// order and concatenated, as `rows` × `cols` row-major elements (any float dtype;
+/// widened to f32 exactly).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operand {
+    /// Indices into the piece's inputs.
+    pub inputs: Vec<usize>,
+    /// Rows.
+    pub rows: u64,
+    /// Columns.
+    pub cols: u64,
+}
+
+/// One update of a weight by an adapter, in the arithmetic of the tool whose
+/// merge is reproduced (`specs/peft-lora-and-hf-layout.md` §4.9,
+/// `specs/megatron-bridge-mapping.md` §6.2). The weight `W` is the gathered piece
+/// viewed as rows of its last axis. `acc = B @ A` is summed in f32 over the rank
+/// with one fused multiply-add per term, in rank order (as CPU sgemm kernels do),
+/// then `Δ = acc · scale` in f32.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Update {
+    /// A linear layer: `W ← rne(W + Δ)`, one rounding (PEFT `Linear.merge`,
+    /// Megatron-Bridge's merge per HF tensor). `A` is `[r, in]`, `B` is `[out, r]`;
+    /// `W` is `[out, in]`, or `[in, out]` when `transposed` (a transformers
+    /// `Conv1D`, PEFT's `fan_in_fan_out`). With `rows`, only those row runs of `W`
+    /// (start, count) are updated, in order, and `B` has that many rows (adapters
+    /// on parts of a fused tensor). With `magnitude` (DoRA, `[out]`):
+    /// `W ← rne(m / ‖W + Δ‖ · (W + Δ))`, the norm per output unit.
+    Linear {
+        /// `A`, `[r, in]`.
+        a: Operand,
+        /// `B`, `[out, r]`.
+        b: Operand,
+        /// `alpha / r` (or `alpha / sqrt(r)`), rounded to f32.
+        scale: f32,
+        /// `W` is stored `[in, out]`.
+        transposed: bool,
+        /// The row runs of `W` updated, when not all.
+        rows: Option<Vec<(u64, u64)>>,
+        /// The DoRA magnitude vector, `[out]`.
+        magnitude: Option<Operand>,
+    },
+    /// An embedding: `A` is `[r, vocab]`, `B` is `[dim, r]`, `Δ = (B @ A)ᵀ · scale`,
+    /// and `W ← rne(W + rne(Δ))`: PEFT rounds the delta to the weight's dtype before
+    /// adding it (`Embedding.merge`). With `magnitude` (DoRA, `[dim]`):
+    /// `W ← rne(m / ‖W + Δ‖ · (W + Δ))`, the norm over the vocabulary per column,
+    /// without the early rounding.
+    Embedding {
+        /// `A`, `[r, vocab]`.
+        a: Operand,
+        /// `B`, `[dim, r]`.
+        b: Operand,
+        /// The scale, rounded to f32.
+        scale: f32,
+        /// The DoRA magnitude vector, `[dim]`.
+        magnitude: Option<Operand>,
+    },
+    /// A bias: `W ← rne(W + values · scale)` (PEFT `lora_bias`).
+    Bias {
+        /// The adapter's bias, as many elements as `W`.
+        values: Operand,
+        /// The scale, rounded to f32.
+        scale: f32,
+    },
+    /// Rows replaced: `W[indices[i]] ← rne(values[i])` (PEFT trainable tokens,
+    /// `index_copy` of the delta cast to the weight's dtype).
+    Rows {
+        /// Row indices of `W`.
+        indices: Vec<u64>,
+        /// The new rows, `[indices.len(), row length]`.
+        values: Operand,
+    },
+}
+
+/// The merge stage of a piece: updates applied in order to the gathered weight.
+/// The weight is held in the piece's dtype, as the tools being reproduced hold it
+/// in the parameter's dtype: the gather casts into it (as loading a checkpoint
+/// into a model does), and every update ends with one rounding to it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraMerge {
+    /// Updates, in order.
+    pub updates: Vec<Update>,
+}
+
+// Scales are finite (the planner checks), so equality is reflexive.
+impl Eq for Update {}
+impl Eq for LoraMerge {}
+
 /// Where a piece's bytes go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Dest {
@@ -153,6 +246,8 @@ pub struct Piece {
     pub dest: Dest,
     /// The transform, in words, for `--dry-run` and reports (`copy`, `qkv interleave`).
     pub transform: String,
+    /// A LoRA merge applied to the gathered rows, when the piece is a merged weight.
+    pub merge: Option<LoraMerge>,
 }
 
 impl Piece {

@@ -38,7 +38,9 @@ pub enum PreflightError {
         expected: String,
     },
     /// An unknown step.
-    #[error("unknown step {0:?}; expected one of: convert/hf_to_megatron, convert/megatron_to_hf")]
+    #[error(
+        "unknown step {0:?}; expected one of: convert/hf_to_megatron, convert/megatron_to_hf, convert/merge_lora"
+    )]
     UnknownStep(String),
     /// The output would overlap an input.
     #[error("{output_param}={} {relation} {input_param}={}: expected an output outside every input, so the source can never be harmed", output.display(), input.display())]

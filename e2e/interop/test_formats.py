@@ -185,7 +185,7 @@ def test_identity_back_to_hf_greedy_shards(ckpt, src, mg, tmp):
 
     out = os.path.join(tmp, "hf_out")
     ckpt("run", "convert/megatron_to_hf", f"megatron_path={mg['iter']}", f"hf_path={out}",
-         "mapping=identity", "dtype=float32", "max_shard_size=100KB")
+         "mapping=identity", "dtype=float32", "max_shard_size=100KB", "validate=false")
     tensors, where = iu.hf_dir_tensors(out)
     iu.assert_bitwise_equal(tensors, src["tensors"], "greedy export vs source")
     files = sorted(set(where.values()))
@@ -227,6 +227,10 @@ def f32_specials(src, mod_tmp):
     return {"dir": d, "tensors": t}
 
 
+# These format tests write what validation refuses on purpose (exports without config.json,
+# NaN and infinity): they pass validate=false, and test the bytes, not the validation.
+
+
 def _assert_bf16_of(got, f32, what):
     want = {k: v.to(torch.bfloat16) for k, v in f32.items()}
     iu.assert_bitwise_equal(got, want, what)
@@ -237,7 +241,7 @@ def test_default_dtype_is_bf16_rne_hf_to_megatron(ckpt, f32_specials, tmp):
     bit for bit (round to nearest even)."""
     run = os.path.join(tmp, "mg")
     ckpt("run", "convert/hf_to_megatron", f"hf_model_id={f32_specials['dir']}", f"megatron_path={run}",
-         "mapping=identity")
+         "mapping=identity", "validate=false")
     md, got = _dcp_read(os.path.join(run, "iter_0000000"))
     assert {v.properties.dtype for v in md.state_dict_metadata.values()} == {torch.bfloat16}
     _assert_bf16_of(got, f32_specials["tensors"], "hf_to_megatron default dtype")
@@ -246,10 +250,10 @@ def test_default_dtype_is_bf16_rne_hf_to_megatron(ckpt, f32_specials, tmp):
 def test_default_dtype_is_bf16_rne_megatron_to_hf(ckpt, f32_specials, tmp):
     run = os.path.join(tmp, "mg")
     ckpt("run", "convert/hf_to_megatron", f"hf_model_id={f32_specials['dir']}", f"megatron_path={run}",
-         "mapping=identity", "dtype=float32")
+         "mapping=identity", "dtype=float32", "validate=false")
     out = os.path.join(tmp, "hf")
     ckpt("run", "convert/megatron_to_hf", f"megatron_path={os.path.join(run, 'iter_0000000')}",
-         f"hf_path={out}", "mapping=identity")
+         f"hf_path={out}", "mapping=identity", "validate=false")
     got, _ = iu.hf_dir_tensors(out)
     _assert_bf16_of(got, f32_specials["tensors"], "megatron_to_hf default dtype")
 
@@ -268,7 +272,8 @@ def test_nan_stays_nan_in_bf16(ckpt, src, tmp):
 
     save_file(t, os.path.join(d, "model.safetensors"))
     run = os.path.join(tmp, "mg")
-    ckpt("run", "convert/hf_to_megatron", f"hf_model_id={d}", f"megatron_path={run}", "mapping=identity")
+    ckpt("run", "convert/hf_to_megatron", f"hf_model_id={d}", f"megatron_path={run}", "mapping=identity",
+         "validate=false")
     _, got = _dcp_read(os.path.join(run, "iter_0000000"))
     n = got["model.norm.weight"][:5]
     print("bf16 bits of 5 float32 NaNs:", [hex(x & 0xFFFF) for x in n.view(torch.int16).tolist()])
@@ -343,7 +348,7 @@ def test_mcore_checkpoint_to_hf_identity(ckpt, mcore_ckpt, tmp):
 
     out = os.path.join(tmp, "hf")
     ckpt("run", "convert/megatron_to_hf", f"megatron_path={mcore_ckpt['iter']}", f"hf_path={out}",
-         "mapping=identity", "dtype=float32")
+         "mapping=identity", "dtype=float32", "validate=false")
     got, _ = iu.hf_dir_tensors(out)
     want = mc.read_global_tensors(mcore_ckpt["iter"])
     iu.assert_bitwise_equal(got, want, f"identity export of MCore TP={mcore_ckpt['tp']}")

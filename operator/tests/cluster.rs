@@ -618,7 +618,8 @@ async fn a_second_resource_for_the_same_target_is_refused() {
             .status
             .success()
     );
-    env.wait_condition("sft-to-hf", "Accepted", "True", &mut op).await;
+    env.wait_condition("sft-to-hf", "Accepted", "True", &mut op)
+        .await;
     // Same target, created later.
     let text = std::fs::read_to_string(root().join("examples/megatron-to-hf.yaml"))
         .unwrap()
@@ -631,10 +632,12 @@ async fn a_second_resource_for_the_same_target_is_refused() {
         .unwrap();
     assert!(out.status.success());
     let cr = env
-        .wait_condition("sft-to-hf-again", "Accepted", "False", &mut op).await;
+        .wait_condition("sft-to-hf-again", "Accepted", "False", &mut op)
+        .await;
     assert_eq!(condition(&cr, "Accepted").1, "TargetConflict");
     assert!(condition(&cr, "Accepted").2.contains("sft-to-hf"));
-    env.wait_condition("sft-to-hf", "Succeeded", "True", &mut op).await;
+    env.wait_condition("sft-to-hf", "Succeeded", "True", &mut op)
+        .await;
     let jobs: Vec<String> = env
         .jobs()
         .await
@@ -657,13 +660,15 @@ async fn a_restarted_operator_makes_no_second_job_and_picks_up_the_result() {
             .success()
     );
     // No node yet: the Job's pod waits, as on a busy cluster.
-    env.wait_condition("sft-to-hf", "Running", "True", &mut op).await;
+    env.wait_condition("sft-to-hf", "Running", "True", &mut op)
+        .await;
     assert_eq!(env.jobs().await.len(), 1);
     op.stop();
     let mut op = Operator::start("restart-2").await;
     env.start_node().await;
     let cr = env
-        .wait_condition("sft-to-hf", "Succeeded", "True", &mut op).await;
+        .wait_condition("sft-to-hf", "Succeeded", "True", &mut op)
+        .await;
     let jobs = env.jobs().await;
     assert_eq!(jobs.len(), 1, "a second Job was created");
     assert_eq!(cr.status.unwrap().job_name.as_deref(), Some("sft-to-hf-g1"));
@@ -683,7 +688,8 @@ async fn deleting_the_resource_removes_its_job_and_pods_but_keeps_the_output() {
             .status
             .success()
     );
-    env.wait_condition("sft-to-hf", "Succeeded", "True", &mut op).await;
+    env.wait_condition("sft-to-hf", "Succeeded", "True", &mut op)
+        .await;
     let client = env.client().await;
     let api: Api<CheckpointConversion> = Api::namespaced(client.clone(), &env.ns);
     api.delete("sft-to-hf", &DeleteParams::background())

@@ -38,11 +38,16 @@ pub enum Command {
     ///
     ///   convert/megatron_to_hf  megatron_path hf_path [hf_model_id dtype max_shard_size mirror_shards mapping]
     ///
+    ///   convert/merge_lora      lora_checkpoint [backend=auto|hf_peft|megatron_bridge base_digest allow_base_mismatch]
+    ///                           hf_peft: base_hf_path output_hf_path
+    ///                           megatron_bridge: base_megatron_path output_megatron_path [export_hf output_hf_path
+    ///                           hf_model_id iteration distcp_files max_shard_size]
+    ///
     /// Options: --dry-run (-d) prints the plan; --overwrite replaces an existing output;
     /// --json prints the report as JSON; --threads N; --memory-budget SIZE.
     #[command(verbatim_doc_comment)]
     Run {
-        /// The step (`convert/hf_to_megatron`, `convert/megatron_to_hf`).
+        /// The step (`convert/hf_to_megatron`, `convert/megatron_to_hf`, `convert/merge_lora`).
         step: String,
         /// Parameters and options.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -107,6 +112,7 @@ pub fn run_step(step: &str, words: &[String]) -> Result<(Report, bool)> {
         steps::megatron_to_hf::STEP => {
             steps::megatron_to_hf::run(&mut params, &opts, progress.as_ref())?
         }
+        steps::merge_lora::STEP => steps::merge_lora::run(&mut params, &opts, progress.as_ref())?,
         other => {
             return Err(
                 ckpt_convert::preflight::PreflightError::UnknownStep(other.to_owned()).into(),
@@ -160,6 +166,26 @@ pub fn print_report(r: &Report) {
             println!("  manifest: {}", m.display());
         }
         println!("  weights digest: {}", r.weights_digest);
+    }
+    for o in &r.other_outputs {
+        if o.status == "planned" {
+            for line in &o.plan {
+                println!("{line}");
+            }
+            println!(
+                "  also planned: {} tensors, {} into {} ({})",
+                o.tensors,
+                size(o.tensor_bytes),
+                o.output.display(),
+                o.kind
+            );
+        } else {
+            println!("  also written: {} ({})", o.output.display(), o.kind);
+            if let Some(m) = &o.manifest {
+                println!("    manifest: {}", m.display());
+            }
+            println!("    weights digest: {}", o.weights_digest);
+        }
     }
     for s in &r.skipped {
         println!("  skipped: {s}");

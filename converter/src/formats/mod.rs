@@ -4,6 +4,7 @@
 //! - [`pickle`], [`torch_zip`], [`torch_save`]: the pieces of `torch.save` archives.
 //! - [`dcp`]: the `torch.distributed.checkpoint` `.metadata`.
 //! - [`megatron`]: Megatron-Core `iter_*` directories built from the above.
+//! - [`yaml`]: the YAML subset of Megatron-Bridge's `run_config.yaml`.
 
 pub mod dcp;
 pub mod hf;
@@ -12,6 +13,7 @@ pub mod pickle;
 pub mod safetensors;
 pub mod torch_save;
 pub mod torch_zip;
+pub mod yaml;
 
 use std::path::{Path, PathBuf};
 

@@ -114,6 +114,12 @@ pub trait Mapping {
         reference: Option<&HfCheckpoint>,
     ) -> Result<HfBuild, Error>;
 
+    /// The dense decoder mapping, when this is one (a LoRA merge needs its head
+    /// layout to split fused adapters).
+    fn as_dense(&self) -> Option<&gpt::DenseGpt> {
+        None
+    }
+
     /// The `config.json` to write on export, when it must differ from the source's
     /// (a changed dtype); `None` copies the source's unchanged.
     fn export_config(
@@ -226,6 +232,10 @@ pub fn for_config(
 impl Mapping for gpt::DenseGpt {
     fn name(&self) -> &str {
         &self.cfg.architecture
+    }
+
+    fn as_dense(&self) -> Option<&gpt::DenseGpt> {
+        Some(self)
     }
 
     fn check_parallelism(&self, p: &Parallelism) -> Result<(), PreflightError> {

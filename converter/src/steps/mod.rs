@@ -1,5 +1,5 @@
 //! The conversion steps, in the vocabulary users already type:
-//! `convert/hf_to_megatron` and `convert/megatron_to_hf`.
+//! `convert/hf_to_megatron`, `convert/megatron_to_hf` and `convert/merge_lora`.
 //!
 //! Every step runs the same stages: preflight (parameters and paths), plan (from
 //! headers), execute (stream tensors into a staging directory), publish (manifest,
@@ -7,6 +7,7 @@
 
 pub mod hf_to_megatron;
 pub mod megatron_to_hf;
+pub mod merge_lora;
 pub mod params;
 
 use std::collections::BTreeMap;
@@ -89,6 +90,10 @@ pub struct Report {
     /// Things the user should know.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// Further outputs of the same step, published with this one (the merged
+    /// Megatron checkpoint of `convert/merge_lora backend=megatron_bridge`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub other_outputs: Vec<Report>,
 }
 
 /// What validation found, in a report.
@@ -201,6 +206,7 @@ pub fn plan_hf(tensors: Vec<TensorOut>, sharding: &Sharding) -> Result<Plan, Pla
             gather: t.gather,
             dest,
             transform: t.transform,
+            merge: None,
         });
     }
     Ok(plan)
@@ -242,6 +248,7 @@ pub fn plan_megatron(chunks: Vec<ChunkOut>, bytes: &[DcpBytesSpec], nfiles: usiz
             gather: c.gather,
             dest,
             transform: c.transform,
+            merge: None,
         });
     }
     plan
@@ -375,8 +382,88 @@ pub fn execute_and_publish(
     target: Target,
     opts: &RunOptions,
     progress: &dyn Progress,
-    mut warnings: Vec<String>,
+    warnings: Vec<String>,
 ) -> Result<Report, Error> {
+    match stage(
+        step, params, plan, stores, sources, target, opts, progress, warnings, None,
+    )? {
+        Prepared::Planned(report) => Ok(report),
+        Prepared::Staged(staged) => staged.commit(progress),
+    }
+}
+
+/// A check of what execution read and wrote, run after the output is complete in
+/// staging and before it is published (a base's identity, computed from its
+/// tensors as they were read). An error leaves nothing published.
+pub type OutcomeCheck<'a> = &'a dyn Fn(&Outcome) -> Result<(), Error>;
+
+/// A plan carried as far as it goes without publishing.
+pub enum Prepared {
+    /// A dry run: the plan, described.
+    Planned(Report),
+    /// An output complete in staging, with its manifest, validated.
+    Staged(Staged),
+}
+
+/// An output complete in staging, validated, waiting for [`Staged::commit`].
+/// Dropping it removes the staging directory.
+pub struct Staged {
+    staging: Staging,
+    report: Report,
+    run_dir: Option<(PathBuf, u64)>,
+    overwrite: bool,
+    started: Instant,
+}
+
+impl Staged {
+    /// Publishes the output: rename into place, then the run directory's trackers.
+    ///
+    /// # Errors
+    /// [`Error::Publish`] when the rename or a tracker write fails.
+    pub fn commit(self, progress: &dyn Progress) -> Result<Report, Error> {
+        let Staged {
+            staging,
+            mut report,
+            run_dir,
+            overwrite,
+            started,
+        } = self;
+        staging.commit(overwrite)?;
+        if let Some((run_dir, iteration)) = &run_dir {
+            crate::publish::write_atomic(
+                &run_dir.join(crate::formats::megatron::TRACKER),
+                iteration.to_string().as_bytes(),
+            )?;
+            crate::publish::write_atomic(
+                &run_dir.join("latest_train_state.pt"),
+                &crate::formats::megatron::train_state_pt(*iteration),
+            )?;
+        }
+        progress.finish();
+        report.seconds = started.elapsed().as_secs_f64();
+        report.bytes_per_second = report.tensor_bytes as f64 / report.seconds.max(1e-9);
+        Ok(report)
+    }
+}
+
+/// Runs a plan into a staging directory beside the target: execute, `check`,
+/// manifest, validation. Nothing is published; see [`Staged::commit`].
+///
+/// # Errors
+/// [`Error`] from any stage, or from `check`; the staging directory is removed.
+#[allow(clippy::too_many_arguments)]
+pub fn stage(
+    step: &str,
+    params: &Params,
+    plan: Plan,
+    stores: &[&dyn TensorStore],
+    sources: Vec<SourceInfo>,
+    target: Target,
+    opts: &RunOptions,
+    progress: &dyn Progress,
+    mut warnings: Vec<String>,
+    check: Option<OutcomeCheck<'_>>,
+) -> Result<Prepared, Error> {
     let started = Instant::now();
     for p in params.ignored() {
         warnings.push(format!(
@@ -390,7 +477,7 @@ pub fn execute_and_publish(
         .collect();
     if opts.dry_run {
         execute::check(&plan, stores)?;
-        return Ok(Report {
+        return Ok(Prepared::Planned(Report {
             step: step.into(),
             status: "planned".into(),
             output: target.dir,
@@ -407,10 +494,14 @@ pub fn execute_and_publish(
             plan: plan.describe(stores),
             skipped,
             warnings,
-        });
+            other_outputs: Vec::new(),
+        }));
     }
     let staging = Staging::new(&target.dir)?;
     let outcome: Outcome = execute::execute(&plan, stores, staging.path(), &opts.exec, progress)?;
+    if let Some(check) = check {
+        check(&outcome)?;
+    }
     let side_files = plan
         .copied
         .iter()
@@ -481,20 +572,7 @@ pub fn execute_and_publish(
     } else {
         None
     };
-    staging.commit(opts.overwrite)?;
-    if let Some((run_dir, iteration)) = &target.run_dir {
-        crate::publish::write_atomic(
-            &run_dir.join(crate::formats::megatron::TRACKER),
-            iteration.to_string().as_bytes(),
-        )?;
-        crate::publish::write_atomic(
-            &run_dir.join("latest_train_state.pt"),
-            &crate::formats::megatron::train_state_pt(*iteration),
-        )?;
-    }
-    progress.finish();
-    let seconds = started.elapsed().as_secs_f64();
-    Ok(Report {
+    let report = Report {
         step: step.into(),
         status: "succeeded".into(),
         output: target.dir.clone(),
@@ -502,8 +580,8 @@ pub fn execute_and_publish(
         tensors: outcome.pieces,
         tensor_bytes: outcome.tensor_bytes,
         files: outcome.files.len() + 1,
-        seconds,
-        bytes_per_second: outcome.tensor_bytes as f64 / seconds.max(1e-9),
+        seconds: 0.0,
+        bytes_per_second: 0.0,
         peak_in_flight_bytes: outcome.peak_in_flight,
         weights_digest: outcome.weights_digest,
         manifest: Some(target.dir.join(manifest::FILE_NAME)),
@@ -516,7 +594,15 @@ pub fn execute_and_publish(
         plan: Vec::new(),
         skipped,
         warnings,
-    })
+        other_outputs: Vec::new(),
+    };
+    Ok(Prepared::Staged(Staged {
+        staging,
+        report,
+        run_dir: target.run_dir,
+        overwrite: opts.overwrite,
+        started,
+    }))
 }
 
 /// Resolves an output `megatron_path`: a run directory (we write `iter_NNNNNNN`

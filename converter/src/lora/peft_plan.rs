@@ -1,0 +1,823 @@
+//! The merged HF checkpoint of a PEFT adapter, planned from headers: every base
+//! tensor, copied, replaced by the adapter's full tensor (`modules_to_save`, saved
+//! embedding layers, trained biases; cast to the base dtype as loading does), or
+//! updated by its LoRA matrices (`specs/peft-lora-and-hf-layout.md` §3–§4).
+//!
+//! Tied embeddings (`tie_word_embeddings=true`, one matrix for input and output)
+//! are planned as two tensors, the input embedding and the output head, each with
+//! what applies to it in the unmerged PEFT model: a LoRA on `lm_head` changes the
+//! head only, a LoRA on the embedding the embedding only, a `modules_to_save` copy
+//! only its module; what PEFT loads into the shared parameter itself (a saved
+//! embedding layer, trainable tokens) applies to both, and so does the embedding's
+//! `modules_to_save` copy under `ensure_weight_tying` (the head is tied to it).
+//! When the two end up different, both are written and `tie_word_embeddings` is set
+//! to false; the merged model then computes what the unmerged one did. (PEFT's own
+//! `merge_and_unload` adds a head LoRA to the shared storage, changing the input
+//! embedding too, peft#2018; the interop suite measures both.)
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::Value;
+
+use super::LoraError;
+use super::peft::{AdapterConfig, AdapterWeights, Keys, Part};
+use crate::dtype::DType;
+use crate::formats::hf::HfCheckpoint;
+use crate::plan::{Input, LoraMerge, Operand, RowGather, Update};
+use crate::steps::{TensorOut, row_len, rows};
+
+/// Store indices of the plan: the base, then the adapter.
+const BASE: usize = 0;
+const ADAPTER: usize = 1;
+
+/// Names of input embeddings, by suffix, and of output heads.
+const INPUT_EMBEDDINGS: [&str; 4] = [
+    "embed_tokens.weight",
+    "wte.weight",
+    "word_embeddings.weight",
+    "embed_in.weight",
+];
+const OUTPUT_HEADS: [&str; 2] = ["lm_head.weight", "embed_out.weight"];
+
+/// Model types whose square projections are transformers `Conv1D` (stored
+/// `[in, out]`); non-square weights tell their layout by shape.
+const CONV1D_MODEL_TYPES: [&str; 4] = ["gpt2", "openai-gpt", "imagegpt", "decision_transformer"];
+
+/// The planned merge.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    /// Output tensors in state-dict order (the base's, then a newly untied head).
+    pub tensors: Vec<TensorOut>,
+    /// The merge of each tensor (same order).
+    pub merges: Vec<Option<LoraMerge>>,
+    /// The input embedding and output head differ after the merge:
+    /// `tie_word_embeddings` becomes false.
+    pub untie: bool,
+    /// The new `vocab_size`, when saved embedding layers resized the vocabulary.
+    pub vocab_size: Option<u64>,
+    /// Modules updated by LoRA matrices.
+    pub lora_modules: usize,
+    /// Base tensors replaced whole.
+    pub replaced: usize,
+    /// Things the user should know (a tie undone, adapter tensors that are tied copies).
+    pub notes: Vec<String>,
+    /// Adapter tensors not used, with the reason.
+    pub skipped: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Source {
+    Base(usize),
+    Adapter(usize),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Op {
+    Linear {
+        a: usize,
+        b: usize,
+        scale: f32,
+        transposed: bool,
+        magnitude: Option<usize>,
+        note: String,
+    },
+    Embedding {
+        a: usize,
+        b: usize,
+        scale: f32,
+        magnitude: Option<usize>,
+        note: String,
+    },
+    Bias {
+        values: usize,
+        scale: f32,
+    },
+    Rows {
+        indices: Vec<u64>,
+        values: usize,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Spec {
+    name: String,
+    source: Source,
+    shape: Vec<u64>,
+    dtype: DType,
+    ops: Vec<Op>,
+}
+
+impl Spec {
+    fn changed(&self) -> bool {
+        !self.ops.is_empty() || matches!(self.source, Source::Adapter(_))
+    }
+
+    fn same_values(&self, other: &Spec) -> bool {
+        self.source == other.source && self.ops == other.ops && self.shape == other.shape
+    }
+}
+
+/// Plans the merge of `adapter` (configuration `cfg`, keys `keys`) into `base`.
+///
+/// # Errors
+/// [`LoraError::Mismatch`] when an adapter tensor has no base tensor of the right
+/// shape (never downgraded), or the adapter's matrices disagree with each other or
+/// with the configured rank; [`LoraError::Refused`] for what is not merged
+/// faithfully (convolutions, DoRA with `lora_bias`, quantized base weights, LoRA
+/// weights the configuration does not target, targets without weights).
+pub fn plan(
+    base: &HfCheckpoint,
+    base_config: Option<&Value>,
+    adapter: &AdapterWeights,
+    cfg: &AdapterConfig,
+    keys: &Keys,
+) -> Result<Planned, LoraError> {
+    let model_type = base_config
+        .and_then(|c| c.get("model_type"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let at = |i: usize| &adapter.tensors[i];
+    let mismatch = |tensor: &str, expected: String, found: String| LoraError::Mismatch {
+        path: adapter.path.clone(),
+        tensor: tensor.to_owned(),
+        expected,
+        found,
+    };
+    let refuse = |why: String| LoraError::Refused {
+        path: adapter.path.clone(),
+        why,
+    };
+
+    // The input embedding and the output head, and whether they are one matrix.
+    let emb = base
+        .tensors
+        .iter()
+        .position(|t| t.shape.len() == 2 && INPUT_EMBEDDINGS.iter().any(|s| t.name.ends_with(s)));
+    let head_on_disk = OUTPUT_HEADS.iter().find(|h| base.by_name.contains_key(**h));
+    let tied = base_config
+        .and_then(|c| c.get("tie_word_embeddings"))
+        .and_then(Value::as_bool)
+        .unwrap_or(head_on_disk.is_none() && emb.is_some());
+    let head_name = head_on_disk.copied().unwrap_or(OUTPUT_HEADS[0]).to_owned();
+    let emb_name = emb.map(|i| base.tensors[i].name.clone());
+    let virtual_head = tied && head_on_disk.is_none() && emb.is_some();
+
+    // A base tensor by name: on disk, or the head that is the embedding.
+    let lookup = |name: &str| -> Option<usize> {
+        base.by_name.get(name).copied().or_else(|| {
+            (virtual_head && name == head_name).then(|| emb.expect("virtual head has an embedding"))
+        })
+    };
+
+    // Adapters trained on a headless model (AutoModel) name `layers.0…` where the
+    // checkpoint has `model.layers.0…`: find the prefix under which everything fits.
+    let names_to_fit: Vec<String> = keys
+        .modules
+        .keys()
+        .map(|m| format!("{m}.weight"))
+        .chain(keys.replacements.iter().map(|r| r.target.clone()))
+        .collect();
+    let prefix = ["", "model."]
+        .into_iter()
+        .find(|p| {
+            names_to_fit
+                .iter()
+                .all(|n| lookup(&format!("{p}{n}")).is_some())
+        })
+        .ok_or_else(|| {
+            let missing = names_to_fit
+                .iter()
+                .find(|n| lookup(n).is_none())
+                .cloned()
+                .unwrap_or_default();
+            let user = keys
+                .modules
+                .iter()
+                .find(|(m, _)| format!("{m}.weight") == missing)
+                .and_then(|(_, parts)| parts.values().next())
+                .map(|&i| at(i).name.clone())
+                .or_else(|| {
+                    keys.replacements
+                        .iter()
+                        .find(|r| r.target == missing)
+                        .map(|r| at(r.tensor).name.clone())
+                })
+                .unwrap_or_else(|| missing.clone());
+            mismatch(
+                &user,
+                format!(
+                    "base tensor {missing:?} in {} (the adapter changes it)",
+                    base.root.display()
+                ),
+                "no such tensor in the base (is this the base the adapter was trained on?)".into(),
+            )
+        })?;
+    let full = |n: &str| format!("{prefix}{n}");
+    let is_head_module = |m: &str| format!("{}.weight", full(m)) == head_name;
+    let is_emb_module = |m: &str| Some(format!("{}.weight", full(m))) == emb_name;
+
+    // One spec per base tensor (and the head when it is the embedding on disk).
+    let mut specs: BTreeMap<String, Spec> = BTreeMap::new();
+    let mut order: Vec<String> = Vec::new();
+    for (i, t) in base.tensors.iter().enumerate() {
+        order.push(t.name.clone());
+        specs.insert(
+            t.name.clone(),
+            Spec {
+                name: t.name.clone(),
+                source: Source::Base(i),
+                shape: t.shape.clone(),
+                dtype: t.dtype,
+                ops: Vec::new(),
+            },
+        );
+    }
+    if virtual_head {
+        let e = &base.tensors[emb.expect("virtual head has an embedding")];
+        specs.insert(
+            head_name.clone(),
+            Spec {
+                name: head_name.clone(),
+                source: Source::Base(emb.expect("checked")),
+                shape: e.shape.clone(),
+                dtype: e.dtype,
+                ops: Vec::new(),
+            },
+        );
+    }
+    let mut notes = Vec::new();
+    let mut skipped = Vec::new();
+    let is_tied_pair =
+        |name: &str| tied && (Some(name) == emb_name.as_deref() || name == head_name);
+    // Under ensure_weight_tying PEFT ties the head's modules_to_save copy to the
+    // embedding's (the head's saved copy is the same values), and targets the head
+    // with LoRA whenever the embedding is targeted. Its LoRA matrices start as the
+    // embedding's transposed but are separate parameters once the adapter is cast
+    // to the model's dtype (peft 0.21.2), so they are merged as the head's own.
+    let derived_head = |name: &str| tied && cfg.ensure_weight_tying && name == head_name;
+    let implicit_head = |module: &str| tied && cfg.ensure_weight_tying && is_head_module(module);
+
+    // Replacements first: they set the value the updates start from.
+    let mut replaced_by: HashMap<String, usize> = HashMap::new();
+    let mut shared_replacement: Option<usize> = None;
+    let mut replaced = 0usize;
+    for r in &keys.replacements {
+        let target = full(&r.target);
+        let t = at(r.tensor);
+        if derived_head(&target) {
+            skipped.push((
+                t.name.clone(),
+                format!("ensure_weight_tying: {head_name} is the embedding's tied copy"),
+            ));
+            continue;
+        }
+        let base_i = lookup(&target).expect("every target resolves under the prefix");
+        let b = &base.tensors[base_i];
+        let resizable = is_tied_pair(&target)
+            || Some(target.as_str()) == emb_name.as_deref()
+            || OUTPUT_HEADS.contains(&target.as_str());
+        let fits = t.shape == b.shape
+            || (resizable && t.shape.len() == 2 && b.shape.len() == 2 && t.shape[1] == b.shape[1]);
+        if !fits {
+            return Err(mismatch(
+                &t.name,
+                format!(
+                    "shape {:?} of base tensor {target:?} (it replaces it whole)",
+                    b.shape
+                ),
+                format!("{:?}", t.shape),
+            ));
+        }
+        crate::dtype::check_cast(t.dtype, b.dtype).map_err(|e| {
+            mismatch(
+                &t.name,
+                format!("a float tensor like {target:?}"),
+                e.to_string(),
+            )
+        })?;
+        if replaced_by.insert(target.clone(), r.tensor).is_some() {
+            return Err(refuse(format!(
+                "tensor {:?} replaces {target:?}, which another adapter tensor replaces too",
+                t.name
+            )));
+        }
+        replaced += 1;
+        let own = cfg.wraps_as_modules_to_save(&r.module) && !r.base_layer;
+        if is_tied_pair(&target) && !own {
+            // Loaded into the shared parameter: both the embedding and the head.
+            shared_replacement = Some(r.tensor);
+        } else {
+            let s = specs.get_mut(&target).expect("a spec per base tensor");
+            s.source = Source::Adapter(r.tensor);
+            s.shape = t.shape.clone();
+        }
+    }
+    if let Some(tensor) = shared_replacement {
+        for name in [emb_name.clone().unwrap_or_default(), head_name.clone()] {
+            if let Some(s) = specs.get_mut(&name)
+                && !matches!(s.source, Source::Adapter(_))
+            {
+                s.source = Source::Adapter(tensor);
+                s.shape = at(tensor).shape.clone();
+            }
+        }
+    }
+
+    // LoRA modules.
+    let mut lora_modules = 0usize;
+    let mut shared_rows: Vec<Op> = Vec::new();
+    for (module, parts) in &keys.modules {
+        let weight = format!("{}.weight", full(module));
+        let part = |p: Part| parts.get(&p).copied();
+        let first = parts
+            .values()
+            .next()
+            .map(|&i| at(i).name.clone())
+            .unwrap_or_default();
+        let linear = !is_emb_module(module) && !is_head_module(module);
+        let lora_parts = parts.keys().any(|p| *p != Part::TokensDelta);
+        if lora_parts && !implicit_head(module) && !cfg.targets(module, linear, model_type)? {
+            return Err(refuse(format!(
+                "tensor {first:?} is a LoRA weight of module {module}, which adapter_config.json does not target (target_modules, exclude_modules, layers_to_transform, modules_to_save); PEFT would silently ignore it, so the adapter and its configuration disagree"
+            )));
+        }
+        let spec_shape = specs
+            .get(&weight)
+            .map(|s| s.shape.clone())
+            .expect("every module resolves under the prefix");
+        let w_dtype = specs[&weight].dtype;
+        if lora_parts && !matches!(w_dtype, DType::BF16 | DType::F16 | DType::F32) {
+            return Err(refuse(format!(
+                "base tensor {weight:?} is {w_dtype}: merging into quantized or integer weights is not supported (dequantize the base first)"
+            )));
+        }
+        let (r, alpha, scale) = cfg.scale(module);
+        let rank_of = |i: usize, axis: usize| at(i).shape.get(axis).copied();
+        let check_rank = |i: usize, axis: usize| -> Result<(), LoraError> {
+            match rank_of(i, axis) {
+                Some(found) if found == r && at(i).shape.len() == 2 => Ok(()),
+                _ => Err(mismatch(
+                    &at(i).name,
+                    format!(
+                        "a matrix of rank {r} on axis {axis} (r={} with rank_pattern, for {module})",
+                        r
+                    ),
+                    format!("{:?}", at(i).shape),
+                )),
+            }
+        };
+        let magnitude = part(Part::Magnitude);
+        if magnitude.is_some() != cfg.use_dora && lora_parts {
+            return Err(match magnitude {
+                Some(m) => refuse(format!(
+                    "tensor {:?} is a DoRA magnitude vector, but adapter_config.json has use_dora=false",
+                    at(m).name
+                )),
+                None => mismatch(
+                    &format!(
+                        "{KEY}{module}.lora_magnitude_vector",
+                        KEY = super::peft::KEY_PREFIX
+                    ),
+                    "a DoRA magnitude vector (use_dora=true)".into(),
+                    "no such tensor in the adapter".into(),
+                ),
+            });
+        }
+        let mut ops = Vec::new();
+        match (
+            part(Part::A),
+            part(Part::B),
+            part(Part::EmbeddingA),
+            part(Part::EmbeddingB),
+        ) {
+            (Some(a), Some(b), None, None) => {
+                let (ta, tb) = (at(a), at(b));
+                if ta.shape.len() != 2 || tb.shape.len() != 2 || spec_shape.len() != 2 {
+                    return Err(refuse(format!(
+                        "module {module}: lora_A {:?}, lora_B {:?}, base {:?}: LoRA on convolutions (or other non-matrix weights) is not supported",
+                        ta.shape, tb.shape, spec_shape
+                    )));
+                }
+                check_rank(a, 0)?;
+                check_rank(b, 1)?;
+                let (out, inn) = (tb.shape[0], ta.shape[1]);
+                let transposed = if spec_shape == [out, inn] && spec_shape != [inn, out] {
+                    false
+                } else if spec_shape == [inn, out] && spec_shape != [out, inn] {
+                    true
+                } else if spec_shape == [out, inn] {
+                    CONV1D_MODEL_TYPES.contains(&model_type)
+                } else {
+                    return Err(mismatch(
+                        &weight,
+                        format!(
+                            "shape [{out}, {inn}] (lora_B rows × lora_A columns of the adapter), or [{inn}, {out}] for a Conv1D"
+                        ),
+                        format!("{spec_shape:?} in the base"),
+                    ));
+                };
+                if let Some(m) = magnitude
+                    && at(m).numel() != out
+                {
+                    return Err(mismatch(
+                        &at(m).name,
+                        format!("{out} elements"),
+                        format!("{:?}", at(m).shape),
+                    ));
+                }
+                ops.push(Op::Linear {
+                    a,
+                    b,
+                    scale,
+                    transposed,
+                    magnitude,
+                    note: format!(
+                        "{}lora r={r} alpha={alpha}{}{}",
+                        if magnitude.is_some() { "dora " } else { "" },
+                        if cfg.use_rslora { " rslora" } else { "" },
+                        if transposed { " conv1d" } else { "" }
+                    ),
+                });
+                match (part(Part::BBias), cfg.lora_bias) {
+                    (Some(bb), true) => {
+                        if magnitude.is_some() {
+                            return Err(refuse(format!(
+                                "module {module}: DoRA with lora_bias cannot be merged (PEFT does not allow the combination)"
+                            )));
+                        }
+                        let bias = format!("{}.bias", full(module));
+                        let Some(bs) = specs.get_mut(&bias) else {
+                            return Err(refuse(format!(
+                                "module {module}: lora_bias=true needs a bias in the base, but {} has no {bias:?}",
+                                base.root.display()
+                            )));
+                        };
+                        if bs.shape != [out] || at(bb).numel() != out {
+                            return Err(mismatch(
+                                &at(bb).name,
+                                format!("{out} elements, like base tensor {bias:?} {:?}", bs.shape),
+                                format!("{:?}", at(bb).shape),
+                            ));
+                        }
+                        bs.ops.push(Op::Bias { values: bb, scale });
+                    }
+                    (Some(bb), false) => {
+                        return Err(refuse(format!(
+                            "tensor {:?} is a LoRA bias, but adapter_config.json has lora_bias=false",
+                            at(bb).name
+                        )));
+                    }
+                    (None, true) => {
+                        return Err(mismatch(
+                            &format!("{}{module}.lora_B.bias", super::peft::KEY_PREFIX),
+                            "a LoRA bias (lora_bias=true)".into(),
+                            "no such tensor in the adapter".into(),
+                        ));
+                    }
+                    (None, false) => {}
+                }
+            }
+            (None, None, Some(a), Some(b)) => {
+                let (ta, tb) = (at(a), at(b));
+                check_rank(a, 0)?;
+                check_rank(b, 1)?;
+                let expect = [ta.shape[1], tb.shape[0]];
+                if spec_shape != expect {
+                    return Err(mismatch(
+                        &weight,
+                        format!(
+                            "shape {expect:?} (lora_embedding_A columns × lora_embedding_B rows of the adapter)"
+                        ),
+                        format!("{spec_shape:?}"),
+                    ));
+                }
+                if let Some(m) = magnitude
+                    && at(m).numel() != expect[1]
+                {
+                    return Err(mismatch(
+                        &at(m).name,
+                        format!("{} elements", expect[1]),
+                        format!("{:?}", at(m).shape),
+                    ));
+                }
+                ops.push(Op::Embedding {
+                    a,
+                    b,
+                    scale,
+                    magnitude,
+                    note: format!(
+                        "{}lora embedding r={r} alpha={alpha}{}",
+                        if magnitude.is_some() { "dora " } else { "" },
+                        if cfg.use_rslora { " rslora" } else { "" }
+                    ),
+                });
+            }
+            (None, None, None, None) => {}
+            _ => {
+                return Err(mismatch(
+                    &first,
+                    format!(
+                        "both matrices of module {module} (lora_A and lora_B, or lora_embedding_A and lora_embedding_B)"
+                    ),
+                    format!(
+                        "only {}",
+                        parts
+                            .values()
+                            .map(|&i| at(i).name.clone())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+        }
+        if !ops.is_empty() {
+            lora_modules += 1;
+        }
+        let spec = specs.get_mut(&weight).expect("checked");
+        spec.ops.extend(ops);
+        if let Some(d) = part(Part::TokensDelta) {
+            let indices = cfg
+                .token_indices(module, is_emb_module(module))
+                .ok_or_else(|| {
+                    refuse(format!(
+                        "tensor {:?} holds trainable tokens, but adapter_config.json's trainable_token_indices names none for {module}",
+                        at(d).name
+                    ))
+                })?
+                .to_vec();
+            let dim = spec.shape.get(1).copied().unwrap_or(0);
+            if at(d).shape != [indices.len() as u64, dim] {
+                return Err(mismatch(
+                    &at(d).name,
+                    format!("[{}, {dim}] (one row per trainable token)", indices.len()),
+                    format!("{:?}", at(d).shape),
+                ));
+            }
+            if let Some(bad) = indices.iter().find(|&&i| i >= spec.shape[0]) {
+                return Err(mismatch(
+                    &at(d).name,
+                    format!("token indices below {} (rows of {weight})", spec.shape[0]),
+                    format!("index {bad}"),
+                ));
+            }
+            let op = Op::Rows { indices, values: d };
+            if is_tied_pair(&weight) {
+                // PEFT ties the head's trainable tokens to the embedding's.
+                shared_rows.push(op);
+            } else {
+                spec.ops.push(op);
+            }
+        }
+    }
+    for op in shared_rows {
+        for name in [emb_name.clone().unwrap_or_default(), head_name.clone()] {
+            if let Some(s) = specs.get_mut(&name) {
+                s.ops.push(op.clone());
+            }
+        }
+    }
+
+    // Every module the configuration targets must have its weights.
+    let mut candidates: Vec<String> = base
+        .tensors
+        .iter()
+        .filter(|t| t.shape.len() == 2)
+        .filter_map(|t| t.name.strip_suffix(".weight").map(str::to_owned))
+        .collect();
+    if virtual_head && let Some(h) = head_name.strip_suffix(".weight") {
+        candidates.push(h.to_owned());
+    }
+    for base_module in candidates {
+        let Some(module) = base_module.strip_prefix(prefix) else {
+            continue;
+        };
+        if keys
+            .modules
+            .get(module)
+            .is_some_and(|p| p.keys().any(|k| *k != Part::TokensDelta))
+        {
+            continue;
+        }
+        if implicit_head(module) {
+            continue;
+        }
+        let linear = !is_emb_module(module) && !is_head_module(module);
+        if cfg.targets(module, linear, model_type)? {
+            return Err(mismatch(
+                &format!("{}{module}.lora_A.weight", super::peft::KEY_PREFIX),
+                format!("LoRA weights for {module}, which adapter_config.json targets"),
+                format!(
+                    "none in {} (a partial or mismatched adapter; PEFT would leave the module at its initialisation)",
+                    adapter.path.display()
+                ),
+            ));
+        }
+    }
+
+    // The tie.
+    let mut untie = false;
+    if tied && let Some(e) = emb_name.clone() {
+        if cfg.ensure_weight_tying {
+            let (source, shape) = (specs[&e].source.clone(), specs[&e].shape.clone());
+            let h = specs.get_mut(&head_name).expect("a tied head has a spec");
+            h.source = source;
+            h.shape = shape;
+        }
+        let same = specs[&e].same_values(&specs[&head_name]);
+        if !same {
+            untie = true;
+            notes.push(format!(
+                "{head_name} and {e} differ after the merge ({}), so both are written and tie_word_embeddings is set to false",
+                describe_difference(&specs[&e], &specs[&head_name])
+            ));
+        }
+        if virtual_head && !untie {
+            specs.remove(&head_name);
+        } else if virtual_head {
+            order.push(head_name.clone());
+        }
+    }
+
+    // The vocabulary.
+    let config_vocab = base_config
+        .and_then(|c| c.get("vocab_size"))
+        .and_then(Value::as_u64);
+    let mut vocab_size = None;
+    if let Some(e) = &emb_name {
+        let rows = specs[e].shape[0];
+        if Some(rows) != config_vocab && specs[e].changed() {
+            vocab_size = Some(rows);
+        }
+        if let Some(h) = specs.get(&head_name)
+            && h.shape[0] != rows
+        {
+            return Err(mismatch(
+                &head_name,
+                format!("{rows} rows, like the merged {e}"),
+                format!(
+                    "{} rows (resize the vocabulary of both, or of neither)",
+                    h.shape[0]
+                ),
+            ));
+        }
+    }
+
+    let mut tensors = Vec::new();
+    let mut merges = Vec::new();
+    for name in &order {
+        let Some(s) = specs.get(name) else {
+            continue;
+        };
+        let (t, m) = to_tensor(s, base, adapter);
+        tensors.push(t);
+        merges.push(m);
+    }
+    Ok(Planned {
+        tensors,
+        merges,
+        untie,
+        vocab_size,
+        lora_modules,
+        replaced,
+        notes,
+        skipped,
+    })
+}
+
+fn describe_difference(e: &Spec, h: &Spec) -> String {
+    let what = |s: &Spec| -> String {
+        let mut parts = Vec::new();
+        if let Source::Adapter(_) = s.source {
+            parts.push("replaced by the adapter".to_owned());
+        }
+        for op in &s.ops {
+            parts.push(match op {
+                Op::Linear { note, .. } | Op::Embedding { note, .. } => note.clone(),
+                Op::Bias { .. } => "lora bias".into(),
+                Op::Rows { .. } => "trainable tokens".into(),
+            });
+        }
+        if parts.is_empty() {
+            "unchanged".into()
+        } else {
+            parts.join(" + ")
+        }
+    };
+    format!("{}: {}; {}: {}", e.name, what(e), h.name, what(h))
+}
+
+/// The output tensor and merge of a spec: input 0 is the starting value (base or
+/// replacement), then one input per adapter operand.
+fn to_tensor(
+    s: &Spec,
+    base: &HfCheckpoint,
+    adapter: &AdapterWeights,
+) -> (TensorOut, Option<LoraMerge>) {
+    let (first, from) = match s.source {
+        Source::Base(i) => (
+            Input::whole(BASE, i, &base.tensors[i]),
+            base.tensors[i].dtype,
+        ),
+        Source::Adapter(i) => (
+            Input::whole(ADAPTER, i, &adapter.tensors[i]),
+            adapter.tensors[i].dtype,
+        ),
+    };
+    let mut inputs = vec![first];
+    let mut operand = |i: usize| -> Operand {
+        let t = &adapter.tensors[i];
+        inputs.push(Input::whole(ADAPTER, i, t));
+        let (rows, cols) = match t.shape.as_slice() {
+            [r, c] => (*r, *c),
+            _ => (1, t.numel()),
+        };
+        Operand {
+            inputs: vec![inputs.len() - 1],
+            rows,
+            cols,
+        }
+    };
+    let mut updates = Vec::new();
+    let mut words = Vec::new();
+    match s.source {
+        Source::Base(_) => words.push(crate::steps::copy_transform(from, s.dtype)),
+        Source::Adapter(i) => words.push(format!(
+            "replaced by adapter tensor {}{}",
+            adapter.tensors[i].name,
+            if from == s.dtype {
+                String::new()
+            } else {
+                format!(" (cast {from}→{})", s.dtype)
+            }
+        )),
+    }
+    for op in &s.ops {
+        match op {
+            Op::Linear {
+                a,
+                b,
+                scale,
+                transposed,
+                magnitude,
+                note,
+            } => {
+                let a = operand(*a);
+                let b = operand(*b);
+                let magnitude = magnitude.map(&mut operand);
+                updates.push(Update::Linear {
+                    a,
+                    b,
+                    scale: *scale,
+                    transposed: *transposed,
+                    rows: None,
+                    magnitude,
+                });
+                words.push(format!("+ {note}"));
+            }
+            Op::Embedding {
+                a,
+                b,
+                scale,
+                magnitude,
+                note,
+            } => {
+                let a = operand(*a);
+                let b = operand(*b);
+                let magnitude = magnitude.map(&mut operand);
+                updates.push(Update::Embedding {
+                    a,
+                    b,
+                    scale: *scale,
+                    magnitude,
+                });
+                words.push(format!("+ {note}"));
+            }
+            Op::Bias { values, scale } => {
+                let values = operand(*values);
+                updates.push(Update::Bias {
+                    values,
+                    scale: *scale,
+                });
+                words.push("+ lora bias".into());
+            }
+            Op::Rows { indices, values } => {
+                let values = operand(*values);
+                updates.push(Update::Rows {
+                    indices: indices.clone(),
+                    values,
+                });
+                words.push(format!("+ {} trainable token rows", indices.len()));
+            }
+        }
+    }
+    let t = TensorOut {
+        name: s.name.clone(),
+        dtype: s.dtype,
+        shape: s.shape.clone(),
+        inputs,
+        gather: RowGather::copy(rows(&s.shape), row_len(&s.shape)),
+        transform: words.join(" "),
+    };
+    let merge = (!updates.is_empty()).then_some(LoraMerge { updates });
+    (t, merge)
+}
