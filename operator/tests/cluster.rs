@@ -718,3 +718,200 @@ async fn deleting_the_resource_removes_its_job_and_pods_but_keeps_the_output() {
     );
     op.stop();
 }
+
+/// A deterministic pseudo-random f32 in [-0.05, 0.05).
+fn noise(i: usize, salt: u64) -> f32 {
+    let mut x =
+        (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    x ^= x >> 31;
+    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^= x >> 29;
+    ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+}
+
+/// Writes f32 tensors `(name, shape)` with pseudo-random values as one safetensors file.
+fn write_tensors(path: &Path, tensors: &[(String, Vec<usize>)]) {
+    let data: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .iter()
+        .enumerate()
+        .map(|(k, (name, shape))| {
+            let n: usize = shape.iter().product();
+            let bytes = (0..n)
+                .flat_map(|i| noise(i, k as u64 + 1).to_le_bytes())
+                .collect();
+            (name.clone(), bytes, shape.clone())
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
+        .iter()
+        .map(|(n, b, s)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let meta = std::collections::HashMap::from([("format".to_owned(), "pt".to_owned())]);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, safetensors::serialize(views, Some(meta)).unwrap()).unwrap();
+}
+
+/// The adapters the two merge examples read: a PEFT adapter on q/v of the demo Llama
+/// (4 layers, hidden 64, 4 heads in 2 groups of head dim 16, FFN 128) at
+/// `output/peft/adapter`, and a Megatron-Bridge adapter checkpoint on linear_qkv and
+/// linear_fc2 at `output/sft-lora/iter_0000200`, with the Megatron base the example
+/// names at `output/convert/llama3b-megatron/iter_0000000`.
+fn lora_fixtures(env: &Env) {
+    let lustre = env.claim("lustre-shared");
+    let peft = lustre.join("output/peft/adapter");
+    std::fs::create_dir_all(&peft).unwrap();
+    std::fs::write(
+        peft.join("adapter_config.json"),
+        r#"{"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": false, "use_rslora": false, "use_dora": false, "init_lora_weights": true}"#,
+    )
+    .unwrap();
+    let mut tensors = Vec::new();
+    for l in 0..4 {
+        for (m, out) in [("q_proj", 64), ("v_proj", 32)] {
+            let p = format!("base_model.model.model.layers.{l}.self_attn.{m}");
+            tensors.push((format!("{p}.lora_A.weight"), vec![4, 64]));
+            tensors.push((format!("{p}.lora_B.weight"), vec![out, 4]));
+        }
+    }
+    write_tensors(&peft.join("adapter_model.safetensors"), &tensors);
+
+    let base = env.claim("models").join("hf/Llama-3.2-3B");
+    convert(&[
+        "run".into(),
+        "convert/hf_to_megatron".into(),
+        format!("hf_model_id={}", base.display()),
+        format!(
+            "megatron_path={}",
+            lustre.join("output/convert/llama3b-megatron").display()
+        ),
+    ]);
+    let flat = env.dir.path().join("scratch/bridge-adapter");
+    let k = "decoder.layers.";
+    write_tensors(
+        &flat.join("model.safetensors"),
+        &[
+            (
+                format!("{k}self_attention.linear_qkv.adapter.linear_in.weight"),
+                vec![4, 4, 64],
+            ),
+            (
+                format!("{k}self_attention.linear_qkv.adapter.linear_out.weight"),
+                vec![4, 128, 4],
+            ),
+            (
+                format!("{k}mlp.linear_fc2.adapter.linear_in.weight"),
+                vec![4, 4, 128],
+            ),
+            (
+                format!("{k}mlp.linear_fc2.adapter.linear_out.weight"),
+                vec![4, 64, 4],
+            ),
+        ],
+    );
+    let it = lustre.join("output/sft-lora/iter_0000200");
+    convert(&[
+        "run".into(),
+        "convert/hf_to_megatron".into(),
+        format!("hf_model_id={}", flat.display()),
+        format!("megatron_path={}", it.display()),
+        "mapping=identity".into(),
+        "dtype=float32".into(),
+    ]);
+    std::fs::write(
+        it.join("run_config.yaml"),
+        "model:\n  num_layers: 4\npeft:\n  _target_: megatron.bridge.peft.lora.LoRA\n  dim: 4\n  alpha: 8\n  dropout: 0.0\n  target_modules:\n  - linear_qkv\n  - linear_fc2\n",
+    )
+    .unwrap();
+}
+
+#[tokio::test]
+async fn lora_merge_examples_succeed_for_both_backends() {
+    let mut env = Env::new("lora").await;
+    fixtures(&env);
+    lora_fixtures(&env);
+    env.start_node().await;
+    let mut op = Operator::start("lora").await;
+    for (file, name, outputs) in [
+        (
+            "merge-lora-hf-peft.yaml",
+            "peft-merge",
+            vec!["output/convert/peft-merged-hf/config.json"],
+        ),
+        (
+            "merge-lora-megatron-bridge.yaml",
+            "sft-lora-merge",
+            vec![
+                "output/convert/sft-lora-merged-hf/config.json",
+                "output/convert/sft-lora-merged-megatron/iter_0000000/.metadata",
+            ],
+        ),
+    ] {
+        let out = env.apply_example(file).await;
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cr = env.wait_condition(name, "Succeeded", "True", &mut op).await;
+        let cr = if condition(&cr, "Validated").0 == "True" {
+            cr
+        } else {
+            env.wait_condition(name, "Validated", "True", &mut op).await
+        };
+        let st = cr.status.unwrap();
+        assert_eq!(st.step.as_deref(), Some("convert/merge_lora"));
+        let summary = st.summary.expect("summary");
+        assert!(
+            summary.tensors.unwrap() > 0 && summary.checks_failed == Some(0),
+            "{summary:?}"
+        );
+        for rel in outputs {
+            assert!(
+                env.claim("lustre-shared").join(rel).is_file(),
+                "{rel} was not written"
+            );
+        }
+    }
+    // The merge changed the adapted weights and nothing else.
+    let base = tensors_of(&env.claim("models").join("hf/Llama-3.2-3B"));
+    let merged = tensors_of(
+        &env.claim("lustre-shared")
+            .join("output/convert/peft-merged-hf"),
+    );
+    assert_eq!(
+        base.keys().collect::<Vec<_>>(),
+        merged.keys().collect::<Vec<_>>()
+    );
+    for (name, bytes) in &base {
+        let adapted = name.contains("q_proj") || name.contains("v_proj");
+        assert_eq!(
+            &merged[name] != bytes,
+            adapted,
+            "{name}: changed={}",
+            &merged[name] != bytes
+        );
+    }
+    op.stop();
+}
+
+/// Every tensor of an HF directory: name → raw bytes.
+fn tensors_of(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            let bytes = std::fs::read(&path).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            for (name, view) in st.tensors() {
+                out.insert(name, view.data().to_vec());
+            }
+        }
+    }
+    out
+}
