@@ -802,27 +802,33 @@ impl DenseGpt {
             used.insert(i);
             Some(i)
         };
-        let emb = by_name(&mut used, "embedding.word_embeddings.weight").ok_or_else(|| {
-            PlanError::Mismatch(format!(
-                "{}: no embedding.word_embeddings.weight",
-                ckpt.dir.display()
-            ))
-        })?;
-        let vocab_rows = ckpt.tensors[emb].shape.first().copied().unwrap_or(0);
-        if ckpt.tensors[emb].shape != [vocab_rows, h] || vocab_rows < c.vocab {
-            return Err(PlanError::Mismatch(format!(
-                "{}: embedding.word_embeddings.weight is {:?}: expected [≥{}, {h}] (vocab_size and hidden_size of config.json)",
-                ckpt.dir.display(),
-                ckpt.tensors[emb].shape,
-                c.vocab
-            ))
-            .into());
-        }
-        let unpad = if vocab_rows > c.vocab {
-            format!("vocab unpad {vocab_rows}→{}", c.vocab)
-        } else {
-            "copy".into()
+        // The embedding and the output layer: `[≥ vocab, hidden]`, exported without
+        // the padding rows.
+        let vocab_tensor = |used: &mut HashSet<usize>,
+                            name: &str,
+                            missing: &str|
+         -> Result<(usize, String), Error> {
+            let i = by_name(used, name).ok_or_else(|| {
+                PlanError::Mismatch(format!("{}: no {name}{missing}", ckpt.dir.display()))
+            })?;
+            let rows = ckpt.tensors[i].shape.first().copied().unwrap_or(0);
+            if ckpt.tensors[i].shape != [rows, h] || rows < c.vocab {
+                return Err(PlanError::Mismatch(format!(
+                    "{}: {name} is {:?}: expected [≥{}, {h}] (vocab_size and hidden_size of config.json)",
+                    ckpt.dir.display(),
+                    ckpt.tensors[i].shape,
+                    c.vocab
+                ))
+                .into());
+            }
+            let transform = if rows > c.vocab {
+                format!("vocab unpad {rows}→{}", c.vocab)
+            } else {
+                "copy".into()
+            };
+            Ok((i, transform))
         };
+        let (emb, unpad) = vocab_tensor(&mut used, "embedding.word_embeddings.weight", "")?;
         out(
             "model.embed_tokens.weight".into(),
             vec![c.vocab, h],
@@ -1027,27 +1033,11 @@ impl DenseGpt {
             .into());
         }
         if !tied {
-            let i = by_name(&mut used, "output_layer.weight").ok_or_else(|| {
-                PlanError::Mismatch(format!(
-                    "{}: no output_layer.weight, but config.json says tie_word_embeddings=false",
-                    ckpt.dir.display()
-                ))
-            })?;
-            let rows = ckpt.tensors[i].shape.first().copied().unwrap_or(0);
-            if ckpt.tensors[i].shape != [rows, h] || rows < c.vocab {
-                return Err(PlanError::Mismatch(format!(
-                    "{}: output_layer.weight is {:?}: expected [≥{}, {h}]",
-                    ckpt.dir.display(),
-                    ckpt.tensors[i].shape,
-                    c.vocab
-                ))
-                .into());
-            }
-            let unpad = if rows > c.vocab {
-                format!("vocab unpad {rows}→{}", c.vocab)
-            } else {
-                "copy".into()
-            };
+            let (i, unpad) = vocab_tensor(
+                &mut used,
+                "output_layer.weight",
+                ", but config.json says tie_word_embeddings=false",
+            )?;
             out(
                 "lm_head.weight".into(),
                 vec![c.vocab, h],
