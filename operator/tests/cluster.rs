@@ -915,3 +915,36 @@ fn tensors_of(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
     }
     out
 }
+
+#[tokio::test]
+async fn two_replicas_share_one_lease_and_one_of_them_reconciles() {
+    let mut env = Env::new("replicas").await;
+    fixtures(&env);
+    env.start_node().await;
+    let mut first = Operator::start("replica-a").await;
+    let mut second = Operator::start("replica-b").await;
+    assert!(
+        env.apply_example("megatron-to-hf.yaml")
+            .await
+            .status
+            .success()
+    );
+    env.wait_condition("sft-to-hf", "Succeeded", "True", &mut first)
+        .await;
+    second.assert_running();
+    let leaders = [&first, &second]
+        .iter()
+        .filter(|o| o.log().contains("leading"))
+        .count();
+    assert_eq!(
+        leaders,
+        1,
+        "exactly one replica leads:\n--- a\n{}\n--- b\n{}",
+        first.log(),
+        second.log()
+    );
+    assert_eq!(env.jobs().await.len(), 1);
+    assert_eq!(env.standin.as_ref().unwrap().runs().len(), 1);
+    first.stop();
+    second.stop();
+}
