@@ -4,6 +4,10 @@
 //! copied files) measured in the same run, with peak resident memory from the
 //! kernel's accounting of each child process.
 //!
+//! The conversions run with `validate=false`: the target is for the conversion;
+//! validation (which every conversion runs by default before publishing) is
+//! timed on its own afterwards, as `convert/validate` of the same output.
+//!
 //! `cargo bench --bench convert` (env: `CKPT_BENCH_DIR`, default
 //! `target/ckpt-bench`, on the filesystem to measure; `CKPT_BENCH_SHAPE=tiny` for
 //! a quick smoke run; `CKPT_BENCH_RUNS`, default 2).
@@ -182,7 +186,8 @@ fn main() {
                 .arg("run")
                 .arg("convert/hf_to_megatron")
                 .arg(format!("hf_model_id={}", src.display()))
-                .arg(format!("megatron_path={}", meg.display())),
+                .arg(format!("megatron_path={}", meg.display()))
+                .arg("validate=false"),
         ));
         let iter = meg.join("iter_0000000");
         cp2.push(durable_copy(&iter, &copy));
@@ -193,10 +198,41 @@ fn main() {
                 .arg("convert/megatron_to_hf")
                 .arg(format!("megatron_path={}", iter.display()))
                 .arg(format!("hf_model_id={}", src.display()))
-                .arg(format!("hf_path={}", back.display())),
+                .arg(format!("hf_path={}", back.display()))
+                .arg("validate=false"),
         ));
     }
     report("convert/hf_to_megatron", bytes, largest, &cp1, &to_meg);
     report("convert/megatron_to_hf", bytes, largest, &cp2, &to_hf);
     let _ = std::fs::remove_dir_all(&copy);
+    // Validation on its own (warm cache, 2 threads as on the reference machine): the
+    // streaming scans, then the scans plus the forward pass of 8 tokens through the
+    // source and the output.
+    let iter = meg.join("iter_0000000");
+    let validate = |extra: &[String]| {
+        measure(
+            Command::new(bin)
+                .arg("validate")
+                .arg(&iter)
+                .args(["--threads", "2"])
+                .args(extra),
+        )
+    };
+    let scan = validate(&["smoke_test=false".to_owned()]);
+    let full = validate(&[format!("reference={}", src.display())]);
+    println!(
+        "convert/validate of the Megatron output ({:.2} GiB), 2 threads:",
+        gib(bytes)
+    );
+    println!(
+        "  checks without the smoke test: {:.2} s ({:.0} MB/s), peak RSS {:.2} GiB",
+        scan.seconds,
+        bytes as f64 / scan.seconds / 1e6,
+        gib(scan.max_rss)
+    );
+    println!(
+        "  with the smoke test (forward of source and output): {:.2} s, peak RSS {:.2} GiB",
+        full.seconds,
+        gib(full.max_rss)
+    );
 }

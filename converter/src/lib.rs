@@ -10,7 +10,10 @@
 //! 3. **execute** ([`execute`]): pieces in parallel, mapped inputs, positioned writes;
 //! 4. **publish** ([`publish`], [`manifest`]): staging directory, fsync, manifest,
 //!    atomic rename;
-//! 5. a [`steps::Report`].
+//! 5. **validate** ([`validate`], [`smoke`]): completeness, shapes, finiteness,
+//!    and a forward pass of source and output compared (or, for LoRA merges, a
+//!    probe of every merged tensor), before anything is published;
+//! 6. a [`steps::Report`].
 //!
 //! Formats are in [`formats`]; tensors as sources hold them in [`source`].
 #![deny(missing_docs)]
@@ -29,6 +32,7 @@ pub mod plan;
 pub mod preflight;
 pub mod publish;
 pub mod run_config;
+pub mod smoke;
 pub mod source;
 pub mod steps;
 pub mod synthetic;

@@ -43,6 +43,9 @@ fn main() -> ExitCode {
 
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
+        Command::Run { step, args } if step == ckpt_convert::steps::validate::STEP => {
+            return validate(None, &args);
+        }
         Command::Run { step, args } => {
             // The orchestrator learns the outcome from the termination message.
             let (report, json) = match cli::run_step(&step, &args) {
@@ -67,30 +70,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 cli::print_inspection(&i, all);
             }
         }
-        Command::Validate { path, json } => {
-            let r = cli::validate(&path)?;
-            let summary = Summary {
-                v: 1,
-                step: "convert/validate".into(),
-                status: if r.failed == 0 { "succeeded" } else { "failed" }.into(),
-                output: Some(r.path.display().to_string()),
-                kind: Some(r.kind.clone()),
-                checks_passed: Some(r.passed),
-                checks_failed: Some(r.failed),
-                exit_code: (r.failed > 0).then_some(1),
-                error: (r.failed > 0).then(|| r.failures().join("; ")),
-                ..Summary::default()
-            };
-            summary.write();
-            if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else {
-                cli::print_validation(&r);
-            }
-            if r.failed > 0 {
-                return Ok(ExitCode::from(1));
-            }
-        }
+        Command::Validate { path, args } => return validate(Some(&path), &args),
         Command::Demo { dir, json } => {
             let r = cli::demo::run(dir)?;
             if json {
@@ -104,6 +84,30 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `convert/validate`: the report, its summary for the orchestrator, exit code 1
+/// when a check failed.
+fn validate(path: Option<&std::path::Path>, args: &[String]) -> anyhow::Result<ExitCode> {
+    let step = ckpt_convert::steps::validate::STEP;
+    let (r, json) = match cli::validate(path, args) {
+        Ok(r) => r,
+        Err(err) => {
+            Summary::failed(step, i32::from(exit_code(&err)), &format!("{err:#}")).write();
+            return Err(err);
+        }
+    };
+    Summary::validated(&r).write();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        cli::print_validation(&r);
+    }
+    Ok(if r.failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// The library decides; anything else (bad words on the command line) is a bad

@@ -210,8 +210,10 @@ fn seed_of(name: &str, seed: u64) -> u64 {
 /// ±0.05, norm weights 1 ± 0.1, biases ±0.1 (so a swapped tensor shows).
 pub fn fill(name: &str, dtype: DType, seed: u64, out: &mut [u8]) {
     let mut rng = Rng::new(seed_of(name, seed));
-    let norm = name.ends_with("norm.weight");
-    let bias = name.ends_with(".bias");
+    // Large tensors are filled in parts named `tensor#part`: classify by the tensor.
+    let tensor = name.split_once('#').map_or(name, |(t, _)| t);
+    let norm = tensor.ends_with("norm.weight");
+    let bias = tensor.ends_with(".bias");
     let es = dtype.size();
     for chunk in out.chunks_exact_mut(es) {
         let u = rng.unit();

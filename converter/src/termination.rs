@@ -6,7 +6,9 @@
 //! {"v": 1, "step": "convert/megatron_to_hf", "status": "succeeded",
 //!  "output": "/data/target/out", "kind": "checkpoint_hf", "tensors": 291,
 //!  "bytes": 6425673728, "files": 9, "seconds": 12.5,
-//!  "weights_digest": "…", "manifest": "/data/target/out/ckpt-manifest.json"}
+//!  "weights_digest": "…", "manifest": "/data/target/out/ckpt-manifest.json",
+//!  "checks_passed": 9, "checks_failed": 0, "smoke_test_max_abs_diff": 0.0,
+//!  "report": "/data/target/out/ckpt-validation.json"}
 //! {"v": 1, "step": "convert/hf_to_megatron", "status": "failed", "exit_code": 2,
 //!  "error": "hf_model_id=…: …"}
 //! ```
@@ -59,6 +61,10 @@ pub struct Summary {
     /// Validation checks failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checks_failed: Option<usize>,
+    /// The smoke test's largest absolute logit difference (for LoRA merges, the
+    /// largest probe residual); absent when it did not run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub smoke_test_max_abs_diff: Option<f64>,
     /// The validation report.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub report: Option<String>,
@@ -87,10 +93,39 @@ impl Summary {
             manifest: r.manifest.as_ref().map(|m| m.display().to_string()),
             checks_passed: r.validation.as_ref().map(|v| v.passed),
             checks_failed: r.validation.as_ref().map(|v| v.failed),
+            smoke_test_max_abs_diff: r
+                .validation
+                .as_ref()
+                .and_then(|v| v.smoke_test_max_abs_diff),
             report: r
                 .validation
                 .as_ref()
                 .map(|v| v.report.display().to_string()),
+            ..Summary::default()
+        }
+    }
+
+    /// The summary of `convert/validate`: failed (exit code 1) when a check failed.
+    pub fn validated(r: &crate::validate::Report) -> Summary {
+        let failed = r.failed > 0;
+        Summary {
+            v: 1,
+            step: crate::steps::validate::STEP.into(),
+            status: if failed { "failed" } else { "succeeded" }.into(),
+            output: Some(r.path.display().to_string()),
+            kind: Some(r.kind.clone()),
+            seconds: Some((r.seconds * 100.0).round() / 100.0),
+            checks_passed: Some(r.passed),
+            checks_failed: Some(r.failed),
+            smoke_test_max_abs_diff: r.smoke_test_max_abs_diff,
+            report: r.path.join(crate::validate::FILE_NAME).is_file().then(|| {
+                r.path
+                    .join(crate::validate::FILE_NAME)
+                    .display()
+                    .to_string()
+            }),
+            exit_code: failed.then_some(1),
+            error: failed.then(|| r.failures().join("; ")),
             ..Summary::default()
         }
     }

@@ -1,12 +1,24 @@
-//! Validation of an output directory: is it complete, does it match its manifest,
-//! are all values finite. Run on the staging directory before every publish (so a
-//! failing output is never published) and as `ckpt-convert validate PATH`.
+//! Validation of an output directory: is it complete, does it match its manifest
+//! and provenance, does it hold exactly the tensors its architecture has (names,
+//! shapes, dtypes, from the configuration alone, see [`expected`]), are all values
+//! finite, and does a forward pass agree with the source's ([`crate::smoke`]).
+//! Run on the staging directory before every publish (so a failing output is never
+//! published) and as `ckpt-convert validate PATH` / `convert/validate`.
 //!
-//! Report wire format (`ckpt-validation.json`, version 1):
+//! Report wire format (`ckpt-validation.json`, version 1; fields added since are
+//! optional):
 //! ```json
 //! {"v": 1, "path": "…", "kind": "checkpoint_hf", "passed": 5, "failed": 0, "seconds": 1.2,
-//!  "checks": [{"name": "manifest", "passed": true, "detail": "12 files match"}]}
+//!  "checks": [{"name": "manifest", "passed": true, "detail": "12 files match"}],
+//!  "smoke_test": {"kind": "forward", "status": "passed", "detail": "…",
+//!                 "comparison": {"reference": "…", "tokens": 8, "vocab": 128256,
+//!                                "max_abs_diff": 0.0, "max_abs_logit": 11.2,
+//!                                "tolerance": 0.00112, "seconds": 9.1}},
+//!  "smoke_test_max_abs_diff": 0.0}
 //! ```
+//! `smoke_test.status` is `passed`, `failed` or `not_applicable`; `kind` is
+//! `forward` (source and output logits) or `lora_probe` (merged tensors, where
+//! `smoke_test_max_abs_diff` is the largest probe residual).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -18,7 +30,10 @@ use crate::dtype::DType;
 use crate::formats::hf::HfCheckpoint;
 use crate::formats::megatron::{self, MegatronCheckpoint};
 use crate::manifest::{self, Manifest};
+use crate::smoke::{self, Arch, SmokeError, probe::ProbeReport};
 use crate::source::{Files, GlobalTensor};
+
+pub mod expected;
 
 /// The report file name.
 pub const FILE_NAME: &str = "ckpt-validation.json";
@@ -51,9 +66,70 @@ pub struct Report {
     pub seconds: f64,
     /// Every check.
     pub checks: Vec<Check>,
+    /// The numeric smoke test, when it was asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub smoke_test: Option<SmokeTest>,
+    /// The smoke test's largest absolute logit difference (for LoRA merges, the
+    /// largest probe residual).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub smoke_test_max_abs_diff: Option<f64>,
+    /// Greedy tokens decoded from a prompt (`generate=true`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation: Option<smoke::generate::Generation>,
+}
+
+/// The numeric smoke test in a report.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SmokeTest {
+    /// `forward` (logits of source and output) or `lora_probe`.
+    pub kind: String,
+    /// `passed`, `failed` or `not_applicable`.
+    pub status: String,
+    /// What was found.
+    pub detail: String,
+    /// The logits comparison.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comparison: Option<smoke::Comparison>,
+    /// The merge probe.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe: Option<ProbeReport>,
+}
+
+/// What validation does beyond the checks of the directory itself.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// The model the output was converted from (`reference=`): a forward pass of
+    /// both is compared.
+    pub reference: Option<PathBuf>,
+    /// The HF model (`hf_model_id=`) whose config.json describes a Megatron
+    /// checkpoint that has no usable run_config.yaml.
+    pub hf_model: Option<PathBuf>,
+    /// Run the smoke test (`smoke_test=false` skips it).
+    pub smoke_test: bool,
 }
 
 impl Report {
+    /// Adds a check and counts it.
+    pub fn push(&mut self, check: Check) {
+        if check.passed {
+            self.passed += 1;
+        } else {
+            self.failed += 1;
+        }
+        self.checks.push(check);
+    }
+
+    /// Records a smoke test: its check, its section and its number.
+    pub fn set_smoke_test(&mut self, t: SmokeTest, max_abs_diff: Option<f64>) {
+        self.push(Check {
+            name: "smoke test".into(),
+            passed: t.status != "failed",
+            detail: t.detail.clone(),
+        });
+        self.smoke_test = Some(t);
+        self.smoke_test_max_abs_diff = max_abs_diff;
+    }
+
     /// The failed checks, one line each.
     pub fn failures(&self) -> Vec<String> {
         self.checks
@@ -140,6 +216,11 @@ pub fn count_non_finite(dtype: DType, bytes: &[u8]) -> u64 {
 /// Validates the output directory `dir`, of `kind`. `published` says whether `dir`
 /// is in its final place (then a Megatron run directory's tracker is checked too).
 pub fn validate(dir: &Path, kind: &str, published: bool) -> Report {
+    validate_with(dir, kind, published, &Options::default())
+}
+
+/// [`validate`], with a smoke test against `opts.reference` when asked for.
+pub fn validate_with(dir: &Path, kind: &str, published: bool, opts: &Options) -> Report {
     let started = Instant::now();
     let mut checks = Checks(Vec::new());
     let m = Manifest::read(&dir.join(manifest::FILE_NAME));
@@ -154,23 +235,214 @@ pub fn validate(dir: &Path, kind: &str, published: bool) -> Report {
         },
         Err(e) => checks.add("manifest", Err(e.clone())),
     }
+    let m = m.ok();
+    let identity = m
+        .as_ref()
+        .and_then(|m| m.parameters.get("mapping"))
+        .is_some_and(|v| v == "identity");
     match kind {
-        "checkpoint_hf" => validate_hf(dir, m.as_ref().ok(), &mut checks),
-        _ => validate_megatron(dir, published, &mut checks),
+        "checkpoint_hf" => validate_hf(dir, m.as_ref(), identity, &mut checks),
+        _ => validate_megatron(dir, m.as_ref(), identity, published, opts, &mut checks),
     }
     let failed = checks.0.iter().filter(|c| !c.passed).count();
-    Report {
+    let mut report = Report {
         v: 1,
         path: dir.to_owned(),
         kind: kind.into(),
         passed: checks.0.len() - failed,
         failed,
-        seconds: started.elapsed().as_secs_f64(),
+        seconds: 0.0,
         checks: checks.0,
+        smoke_test: None,
+        smoke_test_max_abs_diff: None,
+        generation: None,
+    };
+    if opts.smoke_test
+        && let Some(reference) = &opts.reference
+    {
+        let (t, diff) = forward_smoke_test(reference, dir, opts.hf_model.as_deref());
+        report.set_smoke_test(t, diff);
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    report
+}
+
+/// The forward smoke test: `reference` and `dir` through the same fixed tokens.
+pub fn forward_smoke_test(
+    reference: &Path,
+    dir: &Path,
+    hf_model: Option<&Path>,
+) -> (SmokeTest, Option<f64>) {
+    let test = |status: &str, detail: String, c: Option<smoke::Comparison>| SmokeTest {
+        kind: "forward".into(),
+        status: status.into(),
+        detail,
+        comparison: c,
+        probe: None,
+    };
+    let opened = smoke::Model::open(reference, hf_model)
+        .map_err(|e| match e {
+            SmokeError::Failed(why) => SmokeError::Failed(format!("reference: {why}")),
+            other => other,
+        })
+        .and_then(|r| smoke::Model::open(dir, hf_model).map(|o| (r, o)));
+    let result = opened.and_then(|(r, o)| smoke::compare(&r, &o));
+    match result {
+        Ok(c) if c.passed() => {
+            let d = c.max_abs_diff;
+            (test("passed", c.describe(), Some(c)), Some(d))
+        }
+        Ok(c) => {
+            let d = c.max_abs_diff;
+            (
+                test(
+                    "failed",
+                    format!("logits differ from the reference's: {}", c.describe()),
+                    Some(c),
+                ),
+                Some(d),
+            )
+        }
+        Err(SmokeError::NotApplicable(why)) => (
+            test("not_applicable", format!("not applicable: {why}"), None),
+            None,
+        ),
+        Err(e) => (test("failed", e.to_string(), None), None),
     }
 }
 
-fn validate_hf(dir: &Path, m: Option<&Manifest>, checks: &mut Checks) {
+/// The merge probe as a smoke test.
+pub fn probe_smoke_test(result: Result<ProbeReport, String>) -> (SmokeTest, Option<f64>) {
+    match result {
+        Ok(p) => {
+            let passed = p.failures.is_empty();
+            let detail = if passed {
+                format!(
+                    "{} merged tensors × 2 random vectors agree with base + s·B·A: largest residual {:.3e}, {:.2} of the rounding tolerance",
+                    p.tensors, p.max_abs_diff, p.worst_ratio
+                )
+            } else {
+                format!(
+                    "{} of {} merged tensors disagree with base + s·B·A: {}",
+                    p.failures.len(),
+                    p.tensors,
+                    first(&p.failures)
+                )
+            };
+            let d = p.max_abs_diff;
+            (
+                SmokeTest {
+                    kind: "lora_probe".into(),
+                    status: if passed { "passed" } else { "failed" }.into(),
+                    detail,
+                    comparison: None,
+                    probe: Some(p),
+                },
+                Some(d),
+            )
+        }
+        Err(e) => (
+            SmokeTest {
+                kind: "lora_probe".into(),
+                status: "failed".into(),
+                detail: e,
+                comparison: None,
+                probe: None,
+            },
+            None,
+        ),
+    }
+}
+
+/// Side files against the digests the manifest recorded at conversion.
+fn side_files_check(dir: &Path, m: &Manifest, checks: &mut Checks) {
+    let mut problems = Vec::new();
+    for f in &m.provenance.side_files {
+        let path = dir.join(&f.path);
+        if !path.is_file() {
+            problems.push(format!("{} ({}) is missing", f.path, f.kind));
+            continue;
+        }
+        match crate::digest::file(&path) {
+            Ok((_, d)) if f.xxh3.is_empty() || d == f.xxh3 => {}
+            Ok((_, d)) => problems.push(format!(
+                "{} ({}) differs from the provenance recorded at conversion (xxh3 {d}, expected {})",
+                f.path, f.kind, f.xxh3
+            )),
+            Err(e) => problems.push(format!("{}: {e}", f.path)),
+        }
+    }
+    checks.add(
+        "tokenizer and config files",
+        if problems.is_empty() {
+            Ok(format!(
+                "{} side files present, digests equal to the provenance",
+                m.provenance.side_files.len()
+            ))
+        } else {
+            Err(first(&problems))
+        },
+    );
+}
+
+/// generation_config.json travels with an HF output when the source had one.
+fn generation_config_check(dir: &Path, m: &Manifest, checks: &mut Checks) {
+    let recorded = m
+        .provenance
+        .side_files
+        .iter()
+        .any(|f| f.path == "generation_config.json");
+    let source_has = m
+        .provenance
+        .sources
+        .iter()
+        .filter(|s| s.kind == "checkpoint_hf")
+        .map(|s| Path::new(&s.path).join("generation_config.json"))
+        .find(|p| p.is_file());
+    let present = dir.join("generation_config.json").is_file();
+    let result = match (recorded, &source_has, present) {
+        (_, _, true) => Ok("present".into()),
+        (true, _, false) => {
+            Err("generation_config.json is missing (the provenance lists it)".into())
+        }
+        (false, Some(p), false) => Err(format!(
+            "generation_config.json is missing, but the source has one ({})",
+            p.display()
+        )),
+        (false, None, false) => Ok("the source has none".into()),
+    };
+    checks.add("generation_config.json", result);
+}
+
+fn architecture_check(
+    tensors: &[GlobalTensor],
+    arch: Result<(Arch, String), String>,
+    identity: bool,
+    build: impl Fn(&Arch) -> Vec<expected::Expected>,
+    dtype_from_config: bool,
+    checks: &mut Checks,
+) {
+    if identity {
+        checks.add(
+            "architecture tensors",
+            Ok("not applicable: mapping=identity keeps the source's names".into()),
+        );
+        return;
+    }
+    match arch {
+        Ok((arch, source)) => {
+            let want = build(&arch);
+            let dtype = if dtype_from_config { arch.dtype } else { None };
+            checks.add(
+                "architecture tensors",
+                expected::check(tensors, &want, dtype, &source).map_err(|p| first(&p)),
+            );
+        }
+        Err(why) => checks.add("architecture tensors", Ok(format!("not applicable: {why}"))),
+    }
+}
+
+fn validate_hf(dir: &Path, m: Option<&Manifest>, identity: bool, checks: &mut Checks) {
     checks.add(
         "config",
         if dir.join("config.json").is_file() {
@@ -205,6 +477,18 @@ fn validate_hf(dir: &Path, m: Option<&Manifest>, checks: &mut Checks) {
                     },
                 );
             }
+            let arch = smoke::hf_arch(dir)
+                .map(|a| (a, "config.json".to_owned()))
+                .map_err(|e| e.to_string());
+            let has_head = ckpt.tensor("lm_head.weight").is_some();
+            architecture_check(
+                &ckpt.tensors,
+                arch,
+                identity,
+                |a| expected::hf(a, has_head),
+                false,
+                checks,
+            );
             let bad = non_finite(&ckpt.files, &ckpt.tensors);
             checks.add(
                 "finite",
@@ -218,28 +502,19 @@ fn validate_hf(dir: &Path, m: Option<&Manifest>, checks: &mut Checks) {
         Err(e) => checks.add("weights", Err(e.to_string())),
     }
     if let Some(m) = m {
-        let missing: Vec<String> = m
-            .provenance
-            .side_files
-            .iter()
-            .filter(|f| !dir.join(&f.path).is_file())
-            .map(|f| format!("{} ({}) is missing", f.path, f.kind))
-            .collect();
-        checks.add(
-            "tokenizer and config files",
-            if missing.is_empty() {
-                Ok(format!(
-                    "{} side files present",
-                    m.provenance.side_files.len()
-                ))
-            } else {
-                Err(first(&missing))
-            },
-        );
+        side_files_check(dir, m, checks);
+        generation_config_check(dir, m, checks);
     }
 }
 
-fn validate_megatron(dir: &Path, published: bool, checks: &mut Checks) {
+fn validate_megatron(
+    dir: &Path,
+    m: Option<&Manifest>,
+    identity: bool,
+    published: bool,
+    opts: &Options,
+    checks: &mut Checks,
+) {
     checks.add(
         "metadata.json",
         match std::fs::read_to_string(dir.join("metadata.json")) {
@@ -275,6 +550,28 @@ fn validate_megatron(dir: &Path, published: bool, checks: &mut Checks) {
                     ckpt.byte_items.len()
                 )),
             );
+            let arch =
+                smoke::megatron_arch(dir, opts.hf_model.as_deref()).map_err(|e| e.to_string());
+            let per_layer = ckpt
+                .tensors
+                .iter()
+                .any(|t| t.name.starts_with("decoder.layers.0."));
+            let has_output = ckpt.tensor("output_layer.weight").is_some();
+            let from_rc = arch.as_ref().is_ok_and(|(_, s)| s == "run_config.yaml");
+            if let Ok((a, _)) = &arch
+                && !identity
+                && m.is_some_and(|m| m.step == crate::steps::hf_to_megatron::STEP)
+            {
+                checks.add("vocab padding", padding_check(&ckpt, a.vocab));
+            }
+            architecture_check(
+                &ckpt.tensors,
+                arch,
+                identity,
+                |a| expected::megatron(a, per_layer, has_output),
+                from_rc,
+                checks,
+            );
             let bad = non_finite(&ckpt.files, &ckpt.tensors);
             checks.add(
                 "finite",
@@ -286,6 +583,11 @@ fn validate_megatron(dir: &Path, published: bool, checks: &mut Checks) {
             );
         }
         Err(e) => checks.add("items", Err(e.to_string())),
+    }
+    if let Some(m) = m
+        && !m.provenance.side_files.is_empty()
+    {
+        side_files_check(dir, m, checks);
     }
     if published && let Some(run) = dir.parent() {
         let name = dir
@@ -312,6 +614,53 @@ fn validate_megatron(dir: &Path, published: bool, checks: &mut Checks) {
                 },
             );
         }
+    }
+}
+
+/// The rows an import adds to reach a padded vocabulary are zeros (as
+/// Megatron-Bridge pads); a non-zero row there means the rows were shifted or the
+/// padding was filled from somewhere else.
+fn padding_check(ckpt: &MegatronCheckpoint, vocab: usize) -> Result<String, String> {
+    let mut padded = 0;
+    let mut problems = Vec::new();
+    for name in ["embedding.word_embeddings.weight", "output_layer.weight"] {
+        let Some(t) = ckpt.tensor(name) else { continue };
+        if t.shape.len() != 2 || t.shape[0] <= vocab as u64 || !t.dtype.is_float() {
+            continue;
+        }
+        let (rows, cols) = (t.shape[0] - vocab as u64, t.shape[1]);
+        padded += rows;
+        let mut buf = vec![0f32; (rows * cols) as usize];
+        match smoke::kernels::read_box_f32(
+            &ckpt.files,
+            t,
+            &[vocab as u64, 0],
+            &[rows, cols],
+            &mut buf,
+            None,
+        ) {
+            Ok(()) => {
+                let nonzero = buf
+                    .chunks_exact(cols as usize)
+                    .filter(|r| r.iter().any(|v| *v != 0.0))
+                    .count();
+                if nonzero > 0 {
+                    problems.push(format!(
+                        "tensor {name:?}: {nonzero} of the {rows} padding rows beyond the vocabulary of {vocab} are not zero (rows shifted, or padding filled from elsewhere)"
+                    ));
+                }
+            }
+            Err(e) => problems.push(e),
+        }
+    }
+    if problems.is_empty() {
+        Ok(if padded == 0 {
+            format!("no padding beyond the vocabulary of {vocab}")
+        } else {
+            format!("{padded} padding rows beyond the vocabulary of {vocab} are zero")
+        })
+    } else {
+        Err(first(&problems))
     }
 }
 

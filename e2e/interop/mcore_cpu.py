@@ -37,7 +37,8 @@ Config dict (``cfg``; MCore names, all but the first five optional):
     max_sequence_length (64), rotary_base (10000), layernorm_epsilon (1e-6),
     normalization ("RMSNorm"), add_qkv_bias (False; Qwen2), qk_layernorm (False; Qwen3),
     share_embeddings_and_output_weights (False; alias "tied"), params_dtype ("float32"|"bfloat16"),
-    rotary_percent (1.0), seed (1234, used by save when no seed is passed).
+    rotary_percent (1.0), rope_scaling (False; Llama 3.x frequency scaling) and
+    rope_scaling_factor (8.0), seed (1234, used by save when no seed is passed).
 SwiGLU (gated_linear_unit + silu), no linear biases, RoPE, dropout 0, no fusions are fixed.
 
 Never put this module's process-spawning code behind anything but the
@@ -257,6 +258,8 @@ def normalize_cfg(cfg: Dict[str, Any]) -> Dict[str, Any]:
     c.setdefault("qk_layernorm", False)
     c.setdefault("share_embeddings_and_output_weights", False)
     c.setdefault("params_dtype", "float32")
+    c.setdefault("rope_scaling", False)
+    c.setdefault("rope_scaling_factor", 8.0)
     c.setdefault("seed", DEFAULT_SEED)
     if c["kv_channels"] is None:
         c["kv_channels"] = c["hidden_size"] // c["num_attention_heads"]
@@ -328,6 +331,8 @@ def build_gpt(cfg: Dict[str, Any]):
             position_embedding_type="rope",
             rotary_percent=c["rotary_percent"],
             rotary_base=c["rotary_base"],
+            rope_scaling=c["rope_scaling"],
+            rope_scaling_factor=c["rope_scaling_factor"],
         )
     model.eval()
     return model

@@ -43,6 +43,13 @@ pub enum Command {
     ///                           megatron_bridge: base_megatron_path output_megatron_path [export_hf output_hf_path
     ///                           hf_model_id iteration distcp_files max_shard_size]
     ///
+    ///   convert/validate        path [reference hf_model_id smoke_test generate prompt max_new_tokens
+    ///                           tokens dump_logits]  (the same as `ckpt-convert validate PATH ...`)
+    ///
+    /// Every conversion validates its output before publishing it, including a forward
+    /// pass of source and output compared (LoRA merges: a probe of every merged tensor);
+    /// validate=false skips validation, smoke_test=false only the smoke test.
+    ///
     /// Options: --dry-run (-d) prints the plan; --overwrite replaces an existing output;
     /// --json prints the report as JSON; --threads N; --memory-budget SIZE.
     #[command(verbatim_doc_comment)]
@@ -64,13 +71,29 @@ pub enum Command {
         #[arg(long)]
         all: bool,
     },
-    /// Check an output: complete, matching its manifest, all values finite.
+    /// Check an output: complete, matching its manifest and provenance, the tensors of
+    /// its architecture, all values finite; with reference=SOURCE, a forward pass of
+    /// fixed tokens through both, logits compared.
+    ///
+    /// Parameters (`key=value`, or `--key value`):
+    ///
+    ///   reference=DIR       the source it was converted from (forward pass compared)
+    ///   hf_model_id=ID      HF model whose config/tokenizer describe a Megatron checkpoint
+    ///   smoke_test=false    skip the forward pass
+    ///   generate=true       (or --generate) greedy-decode after prompt="..." and print
+    ///                       the text; max_new_tokens=8
+    ///   dump_logits=FILE    write the f32 logits of tokens=1,2,3 (default: the smoke
+    ///                       test's fixed ids) as safetensors (`logits`, `tokens`)
+    ///
+    /// Options: --json prints the report as JSON; --threads N.
+    /// Exit code 1 when a check fails. Nothing is ever deleted: a source stays.
+    #[command(verbatim_doc_comment)]
     Validate {
-        /// An HF directory or a Megatron iter_* (or run) directory written by ckpt-convert.
+        /// An HF directory or a Megatron iter_* (or run) directory.
         path: PathBuf,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
+        /// Parameters and options.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Write a small Llama checkpoint, convert it HF → Megatron → HF, check it, report.
     Demo {
@@ -102,6 +125,7 @@ pub fn run_step(step: &str, words: &[String]) -> Result<(Report, bool)> {
         overwrite: raw.overwrite,
         // Every step validates its output before publishing unless told not to.
         validate: params.flag("validate", true)?,
+        smoke_test: params.flag("smoke_test", true)?,
         exec,
     };
     let progress = progress::for_stderr();
@@ -166,6 +190,7 @@ pub fn print_report(r: &Report) {
             println!("  manifest: {}", m.display());
         }
         println!("  weights digest: {}", r.weights_digest);
+        print_validation_summary("  ", r);
     }
     for o in &r.other_outputs {
         if o.status == "planned" {
@@ -185,6 +210,7 @@ pub fn print_report(r: &Report) {
                 println!("    manifest: {}", m.display());
             }
             println!("    weights digest: {}", o.weights_digest);
+            print_validation_summary("    ", o);
         }
     }
     for s in &r.skipped {
@@ -195,26 +221,58 @@ pub fn print_report(r: &Report) {
     }
 }
 
-/// Validates a published output; the kind comes from what the directory holds.
-pub fn validate(path: &std::path::Path) -> Result<ckpt_convert::validate::Report> {
-    let mut dir = path.to_owned();
-    if !dir.join(".metadata").is_file()
-        && let Some(Ok(latest)) = ckpt_convert::formats::megatron::read_tracker(&dir)
-    {
-        dir = dir.join(latest.map_or(
-            "release".to_owned(),
-            ckpt_convert::formats::megatron::iter_dir_name,
-        ));
-    }
-    if !dir.is_dir() {
-        anyhow::bail!("{}: no such directory", path.display());
-    }
-    let kind = if dir.join(".metadata").is_file() {
-        "checkpoint_megatron"
-    } else {
-        "checkpoint_hf"
+fn print_validation_summary(indent: &str, r: &Report) {
+    let Some(v) = &r.validation else { return };
+    let smoke = match (&v.smoke_test, v.smoke_test_max_abs_diff) {
+        (Some(s), Some(d)) => format!("; smoke test {s} (max |Δ| {d:.3e})"),
+        (Some(s), None) => format!("; smoke test {s}"),
+        (None, _) => "; smoke test skipped".into(),
     };
-    Ok(ckpt_convert::validate::validate(&dir, kind, true))
+    println!(
+        "{indent}validation: {} of {} checks passed{smoke} ({})",
+        v.passed,
+        v.passed + v.failed,
+        v.report.display()
+    );
+}
+
+/// Runs `convert/validate` from raw words (`ckpt-convert validate PATH …` passes
+/// `path`); returns the report and whether JSON was asked for.
+pub fn validate(
+    path: Option<&std::path::Path>,
+    words: &[String],
+) -> Result<(ckpt_convert::validate::Report, bool)> {
+    // `--generate` is a switch here; the step takes it as generate=true.
+    let words: Vec<String> = words
+        .iter()
+        .map(|w| {
+            if w == "--generate" {
+                "generate=true".to_owned()
+            } else {
+                w.clone()
+            }
+        })
+        .collect();
+    let mut raw = args::parse_run(&words)?;
+    if raw.dry_run || raw.overwrite || raw.memory_budget.is_some() {
+        anyhow::bail!("validate takes no --dry-run, --overwrite or --memory-budget");
+    }
+    if let Some(n) = raw.threads {
+        // The forward pass and the scans use the global pool.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
+    }
+    if let Some(p) = path {
+        let p = p.display().to_string();
+        if let Some(old) = raw.params.get("path").filter(|old| **old != p) {
+            anyhow::bail!("parameter path given twice ({old:?} and {p:?})");
+        }
+        raw.params.insert("path".into(), p);
+    }
+    let mut params = Params::new(steps::validate::STEP, raw.params);
+    let report = steps::validate::run(&mut params)?;
+    Ok((report, raw.json))
 }
 
 /// Prints a validation report for people.
@@ -233,6 +291,16 @@ pub fn print_validation(r: &ckpt_convert::validate::Report) {
             if c.passed { "ok  " } else { "FAIL" },
             c.name,
             c.detail
+        );
+    }
+    if let Some(g) = &r.generation {
+        println!(
+            "  generate ({} new tokens, {:.1} s, tokenizer {}): {:?} → {:?}",
+            g.new_ids.len(),
+            g.seconds,
+            g.tokenizer.display(),
+            g.prompt,
+            g.text
         );
     }
 }

@@ -183,6 +183,9 @@ pub fn run(
         dir: req.iter_dir.clone(),
         kind: "checkpoint_megatron".into(),
         run_dir: Some((req.run_dir.clone(), req.iteration)),
+        // The forward pass of the output must reproduce the source's.
+        reference: (req.mapping != "identity").then(|| req.hf_dir.clone()),
+        hf_model: Some(req.hf_dir.clone()),
     };
     super::execute_and_publish(
         STEP,

@@ -187,6 +187,9 @@ pub fn run(
         dir: req.hf_path.clone(),
         kind: "checkpoint_hf".into(),
         run_dir: None,
+        // The forward pass of the output must reproduce the source's.
+        reference: (req.mapping != "identity").then(|| req.megatron_path.clone()),
+        hf_model: req.hf_dir.clone(),
     };
     super::execute_and_publish(
         STEP, params, plan, &stores, sources, target, opts, progress, warnings,

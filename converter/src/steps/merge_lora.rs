@@ -440,10 +440,14 @@ fn run_peft(
         super::hf_source_info("base_hf_path", &base_dir, Some(&base_ckpt)),
         adapter_source(&adapter_dir, &weights),
     ];
+    // A merge changes the weights: its smoke test is the probe of every merged
+    // tensor, not a forward pass against the base.
     let target = Target {
         dir: out,
         kind: "checkpoint_hf".into(),
         run_dir: None,
+        reference: None,
+        hf_model: None,
     };
     let check = |o: &Outcome| check_digest(&base_dir, &base_ckpt, 0, o, &expected);
     match super::stage(
@@ -791,6 +795,8 @@ fn run_bridge(
             dir: iter_dir.clone(),
             kind: "checkpoint_megatron".into(),
             run_dir: Some((run_dir.clone(), iteration)),
+            reference: None,
+            hf_model: hf_dir.clone(),
         },
         opts,
         progress,
@@ -906,6 +912,8 @@ fn run_bridge(
                     dir: out,
                     kind: "checkpoint_hf".into(),
                     run_dir: None,
+                    reference: None,
+                    hf_model: None,
                 },
                 opts,
                 progress,

@@ -9,6 +9,7 @@ pub mod hf_to_megatron;
 pub mod megatron_to_hf;
 pub mod merge_lora;
 pub mod params;
+pub mod validate;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -36,6 +37,9 @@ pub struct RunOptions {
     pub overwrite: bool,
     /// Validate the output before publishing it.
     pub validate: bool,
+    /// Include the numeric smoke test in that validation (`smoke_test=false`
+    /// skips only the forward pass or merge probe).
+    pub smoke_test: bool,
     /// Execution settings.
     pub exec: execute::Options,
 }
@@ -46,6 +50,7 @@ impl Default for RunOptions {
             dry_run: false,
             overwrite: false,
             validate: true,
+            smoke_test: true,
             exec: execute::Options::default(),
         }
     }
@@ -107,6 +112,14 @@ pub struct ValidationSummary {
     pub seconds: f64,
     /// The full report next to the output.
     pub report: PathBuf,
+    /// The smoke test's outcome: `passed`, `failed`, `not_applicable`, or absent
+    /// when skipped (`smoke_test=false`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub smoke_test: Option<String>,
+    /// The smoke test's largest absolute logit difference (for merges, the
+    /// largest probe residual).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub smoke_test_max_abs_diff: Option<f64>,
 }
 
 /// One output tensor of an HF checkpoint and how to make it.
@@ -366,6 +379,12 @@ pub struct Target {
     /// For Megatron outputs: the run directory and iteration, whose tracker files
     /// are updated after the iteration directory is in place.
     pub run_dir: Option<(PathBuf, u64)>,
+    /// The model the output was converted from, whose forward pass the output's
+    /// must reproduce (the smoke test), when the mapping is a family's.
+    pub reference: Option<PathBuf>,
+    /// The HF model whose config.json describes a Megatron side without a usable
+    /// run_config.yaml.
+    pub hf_model: Option<PathBuf>,
 }
 
 /// Runs a plan and publishes it: staging, execute, manifest, rename, trackers.
@@ -552,7 +571,33 @@ pub fn stage(
     // Validate before publishing: an output that fails is never put in place.
     let validation = if opts.validate {
         progress.phase("validate", outcome.tensor_bytes);
-        let mut v = crate::validate::validate(staging.path(), &target.kind, false);
+        let vopts = crate::validate::Options {
+            reference: target.reference.clone(),
+            hf_model: target.hf_model.clone(),
+            smoke_test: opts.smoke_test,
+        };
+        let mut v = crate::validate::validate_with(staging.path(), &target.kind, false, &vopts);
+        // A merge's smoke test: every merged tensor probed against base + s·B·A.
+        let merged = plan.pieces.iter().any(|p| p.merge.is_some());
+        if opts.smoke_test && target.reference.is_none() && !merged {
+            v.set_smoke_test(
+                crate::validate::SmokeTest {
+                    kind: "forward".into(),
+                    status: "not_applicable".into(),
+                    detail: "not applicable: no reference model for a forward pass (mapping=identity keeps the source's names) and no merged tensors to probe".into(),
+                    comparison: None,
+                    probe: None,
+                },
+                None,
+            );
+        }
+        if opts.smoke_test && merged {
+            let probe_started = Instant::now();
+            let probed = crate::smoke::probe::run(&plan, stores, staging.path(), &target.kind);
+            let (t, diff) = crate::validate::probe_smoke_test(probed);
+            v.set_smoke_test(t, diff);
+            v.seconds += probe_started.elapsed().as_secs_f64();
+        }
         v.path = target.dir.clone();
         let mut text = serde_json::to_string_pretty(&v).expect("report serializes");
         text.push('\n');
@@ -590,6 +635,8 @@ pub fn stage(
             failed: v.failed,
             seconds: v.seconds,
             report: target.dir.join(crate::validate::FILE_NAME),
+            smoke_test: v.smoke_test.as_ref().map(|t| t.status.clone()),
+            smoke_test_max_abs_diff: v.smoke_test_max_abs_diff,
         }),
         plan: Vec::new(),
         skipped,

@@ -8,3 +8,4 @@ mod preflight;
 mod publish;
 mod roundtrip;
 mod util;
+mod validate;

@@ -180,6 +180,18 @@ fn merge(w: &Workdir, adapter: &Path, base: &Path, out: &str, extra: &[&str]) ->
     run(&args)
 }
 
+/// The merge's smoke test (the probe of every merged tensor) ran and passed.
+#[track_caller]
+fn probed(dir: &Path) {
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("ckpt-validation.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["smoke_test"]["kind"], "lora_probe", "{report:#}");
+    assert_eq!(report["smoke_test"]["status"], "passed", "{report:#}");
+    assert!(report["smoke_test"]["probe"]["tensors"].as_u64().unwrap() > 0);
+    assert!(report["smoke_test_max_abs_diff"].as_f64().is_some());
+}
+
 fn bf16_of(x: f64) -> f64 {
     f64::from(bf16::from_f64(x))
 }
@@ -228,6 +240,7 @@ fn merged_values_follow_the_formulas() {
         &tensors,
     );
     merge(&w, &ad, &base, "out", &[]).assert_exit(0);
+    probed(&w.path("out"));
     let before = read_dir(&base);
     let after = read_dir(&w.path("out"));
     let adapter_vals = |name: &str| -> Vec<f64> {
@@ -336,6 +349,7 @@ fn rslora_and_lora_bias_and_dora_use_their_formulas() {
         &tensors,
     );
     merge(&w, &ad, &base, "out", &[]).assert_exit(0);
+    probed(&w.path("out"));
     let (before, after) = (read_dir(&base), read_dir(&w.path("out")));
     let name = "model.layers.0.self_attn.k_proj.bias";
     for (o, bv) in bias.iter().enumerate() {
@@ -633,6 +647,7 @@ fn saved_embedding_layers_replace_and_resize() {
         ],
     );
     merge(&w, &ad, &base, "out", &[]).assert_exit(0);
+    probed(&w.path("out"));
     let after = read_dir(&w.path("out"));
     // Replaced whole, cast to the base dtype (these values are exact in bf16).
     assert_eq!(after["model.embed_tokens.weight"].0, "BF16");
@@ -1286,6 +1301,9 @@ fn megatron_bridge_adapters_merge_into_both_outputs() {
         "{report}"
     );
     assert!(w.path("out-mg/iter_0000000/.metadata").is_file());
+    assert_eq!(report["validation"]["smoke_test"], "passed", "{report:#}");
+    probed(&w.path("out-hf"));
+    probed(&w.path("out-mg/iter_0000000"));
     assert!(w.path("out-mg/latest_checkpointed_iteration.txt").is_file());
     // HF export: q_proj of layer 1 = rne(W + (6/4)·B_q @ A), B_q the q rows of the
     // group-interleaved linear_out (2 groups of [q q k v] × 16).
