@@ -13,37 +13,14 @@
 //! a quick smoke run; `CKPT_BENCH_RUNS`, default 2).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Instant;
 
+mod support;
+
+use support::{Measured, gib, measure};
+
 use ckpt_convert::synthetic::{self, ModelShape};
-
-struct Measured {
-    seconds: f64,
-    max_rss: u64,
-}
-
-/// Runs a command and returns its wall time and peak RSS (from `wait4`).
-fn measure(cmd: &mut Command) -> Measured {
-    let start = Instant::now();
-    let child = cmd.stdout(Stdio::null()).spawn().expect("spawn");
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: rusage is plain data filled by the kernel; pid is our live child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(r, pid, "wait4 failed");
-    let seconds = start.elapsed().as_secs_f64();
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "{cmd:?} failed ({status})"
-    );
-    std::mem::forget(child);
-    Measured {
-        seconds,
-        max_rss: usage.ru_maxrss as u64 * 1024,
-    }
-}
 
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -73,10 +50,6 @@ fn durable_copy(src: &Path, dst: &Path) -> Measured {
         seconds: start.elapsed().as_secs_f64(),
         max_rss: cp.max_rss,
     }
-}
-
-fn gib(b: u64) -> f64 {
-    b as f64 / (1u64 << 30) as f64
 }
 
 fn report(name: &str, bytes: u64, largest: u64, cp: &[Measured], conv: &[Measured]) {

@@ -21,43 +21,15 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::process::Command;
+
+mod support;
+
+use support::{Measured, gib, measure};
 
 use ckpt_convert::formats::hf::HfCheckpoint;
 use ckpt_convert::synthetic::{self, ModelShape};
 use safetensors::tensor::TensorView;
-
-struct Measured {
-    seconds: f64,
-    max_rss: u64,
-}
-
-/// Runs a command and returns its wall time and peak RSS (from `wait4`).
-fn measure(cmd: &mut Command) -> Measured {
-    let start = Instant::now();
-    let child = cmd.stdout(Stdio::null()).spawn().expect("spawn");
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: rusage is plain data filled by the kernel; pid is our live child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(r, pid, "wait4 failed");
-    let seconds = start.elapsed().as_secs_f64();
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "{cmd:?} failed ({status})"
-    );
-    std::mem::forget(child);
-    Measured {
-        seconds,
-        max_rss: usage.ru_maxrss as u64 * 1024,
-    }
-}
-
-fn gib(b: u64) -> f64 {
-    b as f64 / (1u64 << 30) as f64
-}
 
 /// Llama 3.2 1B.
 fn llama_1b() -> ModelShape {

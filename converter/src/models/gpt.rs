@@ -925,41 +925,25 @@ impl DenseGpt {
             }
             let (i, pre) = find(&mut used, Some(l), &["mlp.linear_fc1.weight"], &[2 * f, h])
                 .or_else(|_| find(&mut used, Some(l), &["mlp.linear_fc1.weight_w"], &[f, h]))?;
-            let fused = ckpt.tensors[i].name.ends_with("linear_fc1.weight");
-            if fused {
-                out(
-                    format!("{p}mlp.gate_proj.weight"),
-                    vec![f, h],
-                    i,
-                    vec![(with(&pre, &[0, 0]), with(&ones(&pre), &[f, h]))],
-                    h,
-                    "gate half of fc1",
-                )?;
-                out(
-                    format!("{p}mlp.up_proj.weight"),
-                    vec![f, h],
-                    i,
-                    vec![(with(&pre, &[f, 0]), with(&ones(&pre), &[f, h]))],
-                    h,
-                    "up half of fc1",
-                )?;
+            // SwiGLU: the fused `[gate; up]`, or the two halves saved apart
+            // (`weight_w`/`weight_v` with singleton local shards).
+            let halves = if ckpt.tensors[i].name.ends_with("linear_fc1.weight") {
+                [
+                    (i, pre.clone(), 0, "gate half of fc1"),
+                    (i, pre, f, "up half of fc1"),
+                ]
             } else {
+                let (j, pre_v) = find(&mut used, Some(l), &["mlp.linear_fc1.weight_v"], &[f, h])?;
+                [(i, pre, 0, "copy"), (j, pre_v, 0, "copy")]
+            };
+            for ((t, pre, row, transform), hf) in halves.into_iter().zip(["gate_proj", "up_proj"]) {
                 out(
-                    format!("{p}mlp.gate_proj.weight"),
+                    format!("{p}mlp.{hf}.weight"),
                     vec![f, h],
-                    i,
-                    vec![(with(&pre, &[0, 0]), with(&ones(&pre), &[f, h]))],
+                    t,
+                    vec![(with(&pre, &[row, 0]), with(&ones(&pre), &[f, h]))],
                     h,
-                    "copy",
-                )?;
-                let (j, pre) = find(&mut used, Some(l), &["mlp.linear_fc1.weight_v"], &[f, h])?;
-                out(
-                    format!("{p}mlp.up_proj.weight"),
-                    vec![f, h],
-                    j,
-                    vec![(with(&pre, &[0, 0]), with(&ones(&pre), &[f, h]))],
-                    h,
-                    "copy",
+                    transform,
                 )?;
             }
             let (i, pre) = find(&mut used, Some(l), &["mlp.linear_fc2.weight"], &[h, f])?;
