@@ -22,6 +22,10 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+/// A directory inside a claim: relative, `/`-separated, no `.` or `..` components.
+const PVC_PATH_PATTERN: &str =
+    r"^[A-Za-z0-9_@+=-][A-Za-z0-9._@+=-]*(/[A-Za-z0-9_@+=-][A-Za-z0-9._@+=-]*)*$";
+
 /// The kind of a checkpoint artifact.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -59,9 +63,7 @@ pub struct Artifact {
     /// The directory inside the claim: relative, `/`-separated, no `.` or `..`.
     #[schemars(
         length(min = 1, max = 1024),
-        regex(
-            pattern = r"^[A-Za-z0-9_@+=-][A-Za-z0-9._@+=-]*(/[A-Za-z0-9_@+=-][A-Za-z0-9._@+=-]*)*$"
-        )
+        regex(pattern = PVC_PATH_PATTERN)
     )]
     pub path: String,
 }
@@ -76,9 +78,7 @@ pub struct PvcPath {
     /// The directory inside the claim.
     #[schemars(
         length(min = 1, max = 1024),
-        regex(
-            pattern = r"^[A-Za-z0-9_@+=-][A-Za-z0-9._@+=-]*(/[A-Za-z0-9_@+=-][A-Za-z0-9._@+=-]*)*$"
-        )
+        regex(pattern = PVC_PATH_PATTERN)
     )]
     pub path: String,
 }
@@ -95,9 +95,7 @@ pub struct BaseModel {
     /// The model directory, or the HF cache `hub` directory when `modelId` is set.
     #[schemars(
         length(min = 1, max = 1024),
-        regex(
-            pattern = r"^[A-Za-z0-9_@+=-][A-Za-z0-9._@+=-]*(/[A-Za-z0-9_@+=-][A-Za-z0-9._@+=-]*)*$"
-        )
+        regex(pattern = PVC_PATH_PATTERN)
     )]
     pub path: String,
     /// A model id (`org/name`, optionally `@revision`) resolved offline in the cache.
