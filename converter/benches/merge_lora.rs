@@ -46,7 +46,7 @@ fn llama_1b() -> ModelShape {
         tied: true,
         qkv_bias: false,
         qk_norm: false,
-        dtype: ckpt_convert::dtype::DType::BF16,
+        dtype: ckpt_convert::formats::dtype::DType::BF16,
     }
 }
 
@@ -163,8 +163,18 @@ fn compare(a: &Path, b: &Path) -> (usize, u64, u64, u32) {
     for n in &names {
         let (tx, ty) = (x.tensor(n).unwrap(), y.tensor(n).unwrap());
         assert_eq!((tx.dtype, &tx.shape), (ty.dtype, &ty.shape), "{n}");
-        let bx = ckpt_convert::source::read_box(&x.files, tx, &vec![0; tx.shape.len()], &tx.shape);
-        let by = ckpt_convert::source::read_box(&y.files, ty, &vec![0; ty.shape.len()], &ty.shape);
+        let bx = ckpt_convert::formats::source::read_box(
+            &x.files,
+            tx,
+            &vec![0; tx.shape.len()],
+            &tx.shape,
+        );
+        let by = ckpt_convert::formats::source::read_box(
+            &y.files,
+            ty,
+            &vec![0; ty.shape.len()],
+            &ty.shape,
+        );
         for (p, q) in bx.chunks_exact(2).zip(by.chunks_exact(2)) {
             elements += 1;
             let (p, q) = (

@@ -15,10 +15,11 @@ use std::sync::{Condvar, Mutex};
 
 use rayon::prelude::*;
 
-use crate::dtype::{DType, cast_into};
+use crate::formats::dtype::{DType, cast_into};
+pub use crate::formats::manifest::FileRecord;
+use crate::formats::source::{GlobalTensor, TensorChunk, read_box};
 use crate::formats::{torch_save, torch_zip};
 use crate::plan::{Dest, Input, Piece, Plan, TensorStore};
-use crate::source::{GlobalTensor, TensorChunk, read_box};
 use xxhash_rust::xxh3::xxh3_128;
 
 /// The chunks of `t` that the box of `input` intersects, with their indices.
@@ -71,17 +72,6 @@ impl Default for Options {
             memory_budget: None,
         }
     }
-}
-
-/// One written file.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct FileRecord {
-    /// Path relative to the output root.
-    pub path: String,
-    /// Size in bytes.
-    pub size: u64,
-    /// XXH3-128 of the whole file (hex), as `xxhsum -H2` prints it.
-    pub xxh3: String,
 }
 
 /// What an execution produced.
@@ -195,7 +185,7 @@ pub fn check(plan: &Plan, stores: &[&dyn TensorStore]) -> Result<(), ExecuteErro
                     t.name, t.shape
                 )));
             }
-            metas.push(crate::lora::merge::InputMeta {
+            metas.push(crate::plan::merge::InputMeta {
                 dtype: t.dtype,
                 numel: input.numel(),
             });
@@ -205,7 +195,7 @@ pub fn check(plan: &Plan, stores: &[&dyn TensorStore]) -> Result<(), ExecuteErro
             if input.numel() % row_len != 0 {
                 return Err(bad(format!("input {i} is not a whole number of rows")));
             }
-            crate::dtype::check_cast(t.dtype, p.dtype).map_err(|e| bad(e.to_string()))?;
+            crate::formats::dtype::check_cast(t.dtype, p.dtype).map_err(|e| bad(e.to_string()))?;
         }
         for run in &p.gather.runs {
             if let Some(i) = run.input {
@@ -219,7 +209,7 @@ pub fn check(plan: &Plan, stores: &[&dyn TensorStore]) -> Result<(), ExecuteErro
             }
         }
         if let Some(m) = &p.merge {
-            crate::lora::merge::check(m, &p.shape, p.dtype, &metas).map_err(bad)?;
+            crate::plan::merge::check(m, &p.shape, p.dtype, &metas).map_err(bad)?;
         }
     }
     Ok(())
@@ -296,7 +286,7 @@ impl SourceDigests {
             let region = chunk.footprint();
             let whole = chunk.offsets == input.offsets
                 && chunk.sizes == input.sizes
-                && matches!(chunk.data, crate::source::ChunkData::Contiguous(_));
+                && matches!(chunk.data, crate::formats::source::ChunkData::Contiguous(_));
             let digest = match known {
                 Some(d) if whole => d,
                 _ => xxh3_128(s.files().slice(region)),
@@ -337,7 +327,7 @@ impl SourceDigests {
         let lines = self.digests.into_inner().expect("digest lock");
         let per_store = (0..nstores)
             .map(|s| {
-                crate::digest::of_lines(
+                crate::formats::digest::of_lines(
                     lines
                         .iter()
                         .filter(|(st, _)| *st == s)
@@ -431,7 +421,7 @@ fn run(
         let scratch = p
             .merge
             .as_ref()
-            .map_or(0, |m| crate::lora::merge::scratch_bytes(m, &p.shape));
+            .map_or(0, |m| crate::plan::merge::scratch_bytes(m, &p.shape));
         inputs + p.nbytes() + scratch
     };
     let largest = plan.pieces.iter().map(footprint).max().unwrap_or(0);
@@ -497,7 +487,7 @@ fn run(
         .par_iter()
         .map(|(path, file)| -> Result<FileRecord, ExecuteError> {
             file.sync_all().map_err(io(path))?;
-            let (size, digest) = crate::digest::file(path).map_err(io(path))?;
+            let (size, digest) = crate::formats::digest::file(path).map_err(io(path))?;
             progress.advance(size);
             let rel = path
                 .strip_prefix(root)
@@ -521,7 +511,9 @@ fn run(
     let (source_digests, source_chunks) = sources.finish(stores.len());
     Ok(Outcome {
         files,
-        weights_digest: crate::digest::of_lines(piece_digests.into_inner().expect("digest lock")),
+        weights_digest: crate::formats::digest::of_lines(
+            piece_digests.into_inner().expect("digest lock"),
+        ),
         source_digests,
         source_chunks,
         pieces: plan.pieces.len(),
@@ -591,7 +583,7 @@ fn write_piece(
                 .map(|(d, b)| (*d, b.as_ref()))
                 .collect();
             let base = in_place.then(|| in_bytes[0].as_ref());
-            crate::lora::merge::apply(merge, piece.dtype, &piece.shape, &inputs, base, &mut out);
+            crate::plan::merge::apply(merge, piece.dtype, &piece.shape, &inputs, base, &mut out);
         }
         Cow::Owned(out)
     };
@@ -637,7 +629,7 @@ fn write_piece(
             store.files().get(r.file).release(r.offset, r.len);
         }
     }
-    Ok(crate::digest::format_digest(digest))
+    Ok(crate::formats::digest::format_digest(digest))
 }
 
 /// Starts writing a just-written range to disk without waiting for it, so the disk
@@ -774,7 +766,7 @@ mod tests {
             .collect();
         assert_eq!(vals, vec![4.0, 5.0, 0.0, 0.0, 0.0, 1.0]);
         assert_eq!(outcome.files.len(), 1);
-        assert_eq!(outcome.files[0].xxh3, crate::digest::hex(&bytes));
+        assert_eq!(outcome.files[0].xxh3, crate::formats::digest::hex(&bytes));
     }
 
     #[test]

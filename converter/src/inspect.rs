@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::error::Error;
 use crate::formats::hf::{self, HfCheckpoint};
 use crate::formats::megatron::{self, MegatronCheckpoint};
+use crate::formats::source::{Files, GlobalTensor};
 use crate::formats::{FormatError, safetensors};
-use crate::source::{Files, GlobalTensor};
+use crate::pipeline::error::Error;
 
 /// One tensor as stored.
 #[derive(Debug, Clone, Serialize)]
@@ -137,7 +137,7 @@ pub fn inspect(path: &Path) -> Result<Inspection, Error> {
         return inspect_megatron(&path.join(name), Some(note));
     }
     let ckpt = HfCheckpoint::open(path)?;
-    let config = crate::models::read_config(path)?;
+    let config = crate::formats::hf::read_config(path)?;
     let arch = config
         .as_ref()
         .and_then(|c| c.get("architectures"))
@@ -217,6 +217,6 @@ fn summary(
         skipped_keys: 0,
         common_state: None,
         side_files: Vec::new(),
-        has_manifest: path.join(crate::manifest::FILE_NAME).is_file(),
+        has_manifest: path.join(crate::formats::manifest::FILE_NAME).is_file(),
     }
 }

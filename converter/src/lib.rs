@@ -1,42 +1,36 @@
 //! ckpt-convert: checkpoint conversion between Hugging Face and Megatron-Core
 //! layouts, streamed, bounded in memory, published atomically.
 //!
-//! Data flows through five stages:
-//! 1. **preflight** ([`preflight`], [`steps::params`]): parameters and paths,
-//!    refused before anything is read or written;
-//! 2. **plan** ([`plan`], [`layout`], [`models`], [`lora`]): from headers and metadata only,
-//!    every output tensor with its source boxes and transform, every output byte
-//!    offset;
-//! 3. **execute** ([`execute`]): pieces in parallel, mapped inputs, positioned writes;
-//! 4. **publish** ([`publish`], [`manifest`]): staging directory, fsync, manifest,
-//!    atomic rename;
-//! 5. **validate** ([`validate`], [`smoke`]): completeness, shapes, finiteness,
-//!    and a forward pass of source and output compared (or, for LoRA merges, a
-//!    probe of every merged tensor), before anything is published;
-//! 6. a [`steps::Report`].
-//!
-//! Formats are in [`formats`]; tensors as sources hold them in [`source`].
+//! Data flows one way through the layers, each a module that names only the
+//! ones before it (a test holds the code to this order):
+//! 1. [`formats`] (and [`paths`]): bytes on disk ↔ validated headers and tensor
+//!    views; `run_config.yaml`, manifests;
+//! 2. [`plan`]: what a plan is made of (planned tensors, row gathers, LoRA
+//!    updates and their kernels) and every output byte offset ([`plan::layout`]);
+//! 3. [`models`] and [`lora`]: from headers and configuration only, the planned
+//!    tensors of a family's mapping or of an adapter merge;
+//! 4. [`execute`]: pieces in parallel, mapped inputs, positioned writes;
+//! 5. [`publish`]: staging directory, fsync, atomic rename;
+//! 6. [`validate`] (with [`smoke`]): completeness, shapes, finiteness and a
+//!    forward pass of source and output compared, from an implementation
+//!    independent of the mapping;
+//! 7. [`pipeline`]: preflight → plan → execute → publish → validate → commit,
+//!    in order, with the report;
+//! 8. [`steps`]: the steps users type (`convert/hf_to_megatron`, …).
 #![deny(missing_docs)]
 
-pub mod digest;
-pub mod dtype;
-pub mod error;
 pub mod execute;
 pub mod formats;
 pub mod inspect;
-pub mod layout;
 pub mod lora;
-pub mod manifest;
 pub mod models;
+pub mod paths;
+pub mod pipeline;
 pub mod plan;
-pub mod preflight;
 pub mod publish;
-pub mod run_config;
 pub mod smoke;
-pub mod source;
 pub mod steps;
 pub mod synthetic;
-pub mod termination;
 pub mod validate;
 
-pub use error::Error;
+pub use pipeline::error::Error;

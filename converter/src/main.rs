@@ -5,8 +5,9 @@ mod cli;
 
 use std::process::ExitCode;
 
-use ckpt_convert::termination::Summary;
-use clap::Parser;
+use ckpt_convert::pipeline::report;
+use ckpt_wire::Summary;
+use clap::{CommandFactory, FromArgMatches};
 use cli::{Cli, Command};
 use tracing_subscriber::EnvFilter;
 
@@ -17,7 +18,19 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let args = Cli::parse();
+    // The steps' help is generated from their parameter tables.
+    let command = Cli::command()
+        .mut_subcommand("run", |c| {
+            c.after_long_help(cli::help::steps())
+                .after_help("Run `ckpt-convert run --help` for the steps and their parameters.")
+        })
+        .mut_subcommand("validate", |c| {
+            c.after_long_help(cli::help::step(ckpt_wire::Step::Validate))
+        });
+    let args = match Cli::from_arg_matches(&command.get_matches()) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
     let default = match args.verbose {
         0 => "warn",
         1 => "info",
@@ -43,7 +56,7 @@ fn main() -> ExitCode {
 
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Run { step, args } if step == ckpt_convert::steps::validate::STEP => {
+        Command::Run { step, args } if step == ckpt_convert::steps::validate::STEP.name() => {
             return validate(None, &args);
         }
         Command::Run { step, args } => {
@@ -51,11 +64,15 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let (report, json) = match cli::run_step(&step, &args) {
                 Ok(r) => r,
                 Err(err) => {
-                    Summary::failed(&step, i32::from(exit_code(&err)), &format!("{err:#}")).write();
+                    report::write(&Summary::failed(
+                        &step,
+                        i32::from(exit_code(&err)),
+                        &format!("{err:#}"),
+                    ));
                     return Err(err);
                 }
             };
-            Summary::succeeded(&report).write();
+            report::write(&report::succeeded(&report));
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -93,11 +110,15 @@ fn validate(path: Option<&std::path::Path>, args: &[String]) -> anyhow::Result<E
     let (r, json) = match cli::validate(path, args) {
         Ok(r) => r,
         Err(err) => {
-            Summary::failed(step, i32::from(exit_code(&err)), &format!("{err:#}")).write();
+            report::write(&Summary::failed(
+                step.name(),
+                i32::from(exit_code(&err)),
+                &format!("{err:#}"),
+            ));
             return Err(err);
         }
     };
-    Summary::validated(&r).write();
+    report::write(&report::validated(&r));
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
@@ -118,7 +139,7 @@ fn exit_code(err: &anyhow::Error) -> u8 {
         .map(|e| e.exit_code() as u8)
         .or_else(|| {
             err.chain()
-                .find_map(|e| e.downcast_ref::<ckpt_convert::preflight::PreflightError>())
+                .find_map(|e| e.downcast_ref::<ckpt_convert::pipeline::preflight::PreflightError>())
                 .map(|_| 2)
         })
         .or_else(|| {

@@ -11,7 +11,7 @@ use std::path::Path;
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::dtype::DType;
+use crate::formats::dtype::DType;
 use crate::formats::hf::{self, INDEX_FILE};
 use crate::formats::safetensors;
 

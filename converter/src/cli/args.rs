@@ -51,6 +51,7 @@ pub fn parse_run(words: &[String]) -> Result<RunArgs> {
             out.dry_run = true;
             continue;
         }
+
         if let Some(flag) = w.strip_prefix("--") {
             let (name, inline) = match flag.split_once('=') {
                 Some((n, v)) => (n, Some(v.to_owned())),

@@ -3,13 +3,14 @@
 //! every tensor came back bit-identical and that both outputs match their
 //! manifests, and reports.
 
+use ckpt_wire::Step;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use ckpt_convert::formats::hf::HfCheckpoint;
-use ckpt_convert::manifest::{self, Verification};
-use ckpt_convert::steps::Report;
+use ckpt_convert::formats::manifest::{self, Verification};
+use ckpt_convert::pipeline::Report;
 use ckpt_convert::synthetic::{self, ModelShape};
 use serde::Serialize;
 
@@ -68,12 +69,12 @@ pub fn run(dir: Option<PathBuf>) -> Result<DemoReport> {
     synthetic::write_hf(&source, &shape, 7, 200_000).context("writing the demo checkpoint")?;
     let run_dir = dir.join("megatron");
     let (to_megatron, _) = super::run_step(
-        "convert/hf_to_megatron",
+        Step::HfToMegatron.name(),
         &words(&[("hf_model_id", &source), ("megatron_path", &run_dir)]),
     )?;
     let roundtrip = dir.join("hf-roundtrip");
     let (to_hf, _) = super::run_step(
-        "convert/megatron_to_hf",
+        Step::MegatronToHf.name(),
         &words(&[
             ("megatron_path", &to_megatron.output),
             ("hf_model_id", &source),

@@ -2,6 +2,7 @@
 
 pub mod args;
 pub mod demo;
+pub mod help;
 pub mod progress;
 
 use std::path::PathBuf;
@@ -9,7 +10,10 @@ use std::path::PathBuf;
 use anyhow::Result;
 use ckpt_convert::execute;
 use ckpt_convert::inspect::Inspection;
-use ckpt_convert::steps::{self, Params, Report, RunOptions};
+use ckpt_convert::pipeline::preflight::PreflightError;
+use ckpt_convert::pipeline::{Report, RunOptions};
+use ckpt_convert::steps::{self, Params};
+use ckpt_wire::Step;
 use clap::{Parser, Subcommand};
 
 /// Checkpoint conversion between Hugging Face and Megatron-Core layouts.
@@ -32,27 +36,7 @@ pub struct Cli {
 pub enum Command {
     /// Run a step: `run convert/hf_to_megatron hf_model_id=DIR megatron_path=OUT`.
     ///
-    /// Steps and their parameters (`key=value`, or `--key value`):
-    ///
-    ///   convert/hf_to_megatron  hf_model_id megatron_path [dtype tp pp ep etp mapping iteration distcp_files]
-    ///
-    ///   convert/megatron_to_hf  megatron_path hf_path [hf_model_id dtype max_shard_size mirror_shards mapping]
-    ///
-    ///   convert/merge_lora      lora_checkpoint [backend=auto|hf_peft|megatron_bridge base_digest allow_base_mismatch]
-    ///                           hf_peft: base_hf_path output_hf_path
-    ///                           megatron_bridge: base_megatron_path output_megatron_path [export_hf output_hf_path
-    ///                           hf_model_id iteration distcp_files max_shard_size]
-    ///
-    ///   convert/validate        path [reference hf_model_id smoke_test generate prompt max_new_tokens
-    ///                           tokens dump_logits]  (the same as `ckpt-convert validate PATH ...`)
-    ///
-    /// Every conversion validates its output before publishing it, including a forward
-    /// pass of source and output compared (LoRA merges: a probe of every merged tensor);
-    /// validate=false skips validation, smoke_test=false only the smoke test.
-    ///
-    /// Options: --dry-run (-d) prints the plan; --overwrite replaces an existing output;
-    /// --json prints the report as JSON; --threads N; --memory-budget SIZE.
-    #[command(verbatim_doc_comment)]
+    /// The steps and their parameters follow.
     Run {
         /// The step (`convert/hf_to_megatron`, `convert/megatron_to_hf`, `convert/merge_lora`).
         step: String,
@@ -75,15 +59,7 @@ pub enum Command {
     /// its architecture, all values finite; with reference=SOURCE, a forward pass of
     /// fixed tokens through both, logits compared.
     ///
-    /// Parameters (`key=value`, or `--key value`):
-    ///
-    ///   reference=DIR       the source it was converted from (forward pass compared)
-    ///   hf_model_id=ID      HF model whose config/tokenizer describe a Megatron checkpoint
-    ///   smoke_test=false    skip the forward pass
-    ///   generate=true       (or --generate) greedy-decode after prompt="..." and print
-    ///                       the text; max_new_tokens=8
-    ///   dump_logits=FILE    write the f32 logits of tokens=1,2,3 (default: the smoke
-    ///                       test's fixed ids) as safetensors (`logits`, `tokens`)
+    /// Its parameters (`key=value`, or `--key value`) are those of convert/validate.
     ///
     /// Options: --json prints the report as JSON; --threads N.
     /// Exit code 1 when a check fails. Nothing is ever deleted: a source stays.
@@ -106,9 +82,18 @@ pub enum Command {
     },
 }
 
-/// Runs a step from raw words; returns the report.
-pub fn run_step(step: &str, words: &[String]) -> Result<(Report, bool)> {
+/// The step named `name`.
+///
+/// # Errors
+/// [`PreflightError::UnknownStep`] listing the steps.
+pub fn step_of(name: &str) -> Result<Step, PreflightError> {
+    Step::from_name(name).ok_or_else(|| PreflightError::UnknownStep(name.to_owned()))
+}
+
+/// Runs a step from raw words; returns the report and whether JSON was asked for.
+pub fn run_step(name: &str, words: &[String]) -> Result<(Report, bool)> {
     let raw = args::parse_run(words)?;
+    let step = step_of(name)?;
     let mut exec = execute::Options::default();
     if let Some(n) = raw.threads {
         exec.threads = n;
@@ -123,26 +108,11 @@ pub fn run_step(step: &str, words: &[String]) -> Result<(Report, bool)> {
     let opts = RunOptions {
         dry_run: raw.dry_run,
         overwrite: raw.overwrite,
-        // Every step validates its output before publishing unless told not to.
-        validate: params.flag("validate", true)?,
-        smoke_test: params.flag("smoke_test", true)?,
         exec,
+        ..RunOptions::default()
     };
     let progress = progress::for_stderr();
-    let report = match step {
-        steps::hf_to_megatron::STEP => {
-            steps::hf_to_megatron::run(&mut params, &opts, progress.as_ref())?
-        }
-        steps::megatron_to_hf::STEP => {
-            steps::megatron_to_hf::run(&mut params, &opts, progress.as_ref())?
-        }
-        steps::merge_lora::STEP => steps::merge_lora::run(&mut params, &opts, progress.as_ref())?,
-        other => {
-            return Err(
-                ckpt_convert::preflight::PreflightError::UnknownStep(other.to_owned()).into(),
-            );
-        }
-    };
+    let report = steps::run(step, &mut params, opts, progress.as_ref())?;
     Ok((report, raw.json))
 }
 
@@ -368,6 +338,6 @@ pub fn print_inspection(i: &Inspection, all: bool) {
         );
     }
     if i.has_manifest {
-        println!("  {} present", ckpt_convert::manifest::FILE_NAME);
+        println!("  {} present", ckpt_convert::formats::manifest::FILE_NAME);
     }
 }

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use super::pickle::{AllowList, Global, Id, Node, Pickle, PickleError, Py, write_pickle};
-use crate::dtype::DType;
+use crate::formats::dtype::DType;
 
 const MD: &str = "torch.distributed.checkpoint.metadata";
 const FS: &str = "torch.distributed.checkpoint.filesystem";

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use super::{FormatError, natural_cmp, safetensors};
-use crate::dtype::DType;
-use crate::source::{Files, GlobalTensor};
+use crate::formats::dtype::DType;
+use crate::formats::source::{Files, GlobalTensor};
 
 /// Name of the single-file checkpoint.
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -296,6 +296,20 @@ pub fn side_files(root: &Path) -> Result<Vec<SideFile>, FormatError> {
     )?;
     out.sort_by(|a, b| a.rel.cmp(&b.rel));
     Ok(out)
+}
+
+/// Reads `config.json` of an HF directory, if present.
+///
+/// # Errors
+/// [`FormatError`] when it exists but is not JSON.
+pub fn read_config(dir: &Path) -> Result<Option<serde_json::Value>, FormatError> {
+    let path = dir.join("config.json");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| FormatError::file(&path, format!("not valid JSON: {e}"))),
+        Err(_) => Ok(None),
+    }
 }
 
 /// Resolves `hf_model_id`: a local directory, or a model id looked up offline in the

@@ -16,8 +16,8 @@ use super::dcp::{DcpMetadata, StorageRef};
 use super::pickle::{AllowList, Id, Node, Pickle, Py};
 use super::torch_save::{self, Archive, tensor_allow_list};
 use super::{FormatError, natural_cmp};
-use crate::dtype::DType;
-use crate::source::{ByteRef, ChunkData, Files, GlobalTensor, TensorChunk};
+use crate::formats::dtype::DType;
+use crate::formats::source::{ByteRef, ChunkData, Files, GlobalTensor, TensorChunk};
 
 /// The tracker file in a run directory.
 pub const TRACKER: &str = "latest_checkpointed_iteration.txt";

@@ -4,13 +4,21 @@
 //! - [`pickle`], [`torch_zip`], [`torch_save`]: the pieces of `torch.save` archives.
 //! - [`dcp`]: the `torch.distributed.checkpoint` `.metadata`.
 //! - [`megatron`]: Megatron-Core `iter_*` directories built from the above.
-//! - [`yaml`]: the YAML subset of Megatron-Bridge's `run_config.yaml`.
+//! - [`yaml`] and [`run_config`]: Megatron-Bridge's `run_config.yaml`.
+//! - [`manifest`]: the `ckpt-manifest.json` every output carries.
+//! - [`dtype`], [`source`], [`digest`]: element types, tensors as mapped sources,
+//!   and the digests that identify them.
 
 pub mod dcp;
+pub mod digest;
+pub mod dtype;
 pub mod hf;
+pub mod manifest;
 pub mod megatron;
 pub mod pickle;
+pub mod run_config;
 pub mod safetensors;
+pub mod source;
 pub mod torch_save;
 pub mod torch_zip;
 pub mod yaml;

@@ -9,8 +9,8 @@ use safetensors::SafeTensors;
 use safetensors::tensor::{Metadata, TensorInfo};
 
 use super::FormatError;
-use crate::dtype::DType;
-use crate::source::{ByteRef, ChunkData, FileId, Files, GlobalTensor, TensorChunk};
+use crate::formats::dtype::DType;
+use crate::formats::source::{ByteRef, ChunkData, FileId, Files, GlobalTensor, TensorChunk};
 
 /// The tensors of one safetensors file.
 #[derive(Debug)]

@@ -8,7 +8,7 @@
 
 use super::pickle::{AllowList, Id, Node, Pickle, PickleError, Py, write_pickle};
 use super::torch_zip::{self, RecordBody, ZipError, ZipRecord};
-use crate::dtype::DType;
+use crate::formats::dtype::DType;
 
 /// Why an archive could not be read.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -35,11 +35,12 @@
 //!    refused (exit 2) and nothing is published. `allow_base_mismatch` never
 //!    downgrades a digest mismatch.
 
+use ckpt_wire::ArtifactKind;
 use std::path::{Path, PathBuf};
 
 use super::LoraError;
-use crate::manifest::{self, Manifest};
-use crate::source::GlobalTensor;
+use crate::formats::manifest::{self, Manifest};
+use crate::formats::source::GlobalTensor;
 
 /// The names and recorded digest a base is known by.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -70,7 +71,7 @@ pub fn short_name(name: &str) -> String {
 }
 
 /// Reads our manifest in `dir`, when there is one of the expected kind.
-pub fn manifest_of(dir: &Path, kind: &str) -> Option<Manifest> {
+pub fn manifest_of(dir: &Path, kind: ArtifactKind) -> Option<Manifest> {
     let m = Manifest::read(&dir.join(manifest::FILE_NAME)).ok()?;
     (m.output.kind == kind).then_some(m)
 }
@@ -118,7 +119,7 @@ impl Identity {
             id.declared
                 .push(("_name_or_path in its config.json".into(), n.to_owned()));
         }
-        if let Some(m) = manifest_of(dir, "checkpoint_hf") {
+        if let Some(m) = manifest_of(dir, ArtifactKind::CheckpointHf) {
             id.add_manifest(&m);
         }
         id
@@ -139,7 +140,7 @@ impl Identity {
             id.declared
                 .push(("model.hf_model_id in its run_config.yaml".into(), h.into()));
         }
-        if let Some(m) = manifest_of(dir, "checkpoint_megatron") {
+        if let Some(m) = manifest_of(dir, ArtifactKind::CheckpointMegatron) {
             id.add_manifest(&m);
         }
         id
@@ -214,9 +215,7 @@ pub fn check_name(
     };
     // The same directory, however spelled.
     let local = Path::new(name);
-    if local.is_dir()
-        && crate::preflight::normalize(local) == crate::preflight::normalize(&base.dir)
-    {
+    if local.is_dir() && crate::paths::normalize(local) == crate::paths::normalize(&base.dir) {
         return Ok(NameCheck::Agrees(format!(
             "{} {name} is {base_param} itself",
             claim.field
@@ -293,7 +292,7 @@ pub fn digest_line(t: &GlobalTensor, chunk: usize, xxh3: u128) -> String {
         "{name}|{}|{:?}|{}\n",
         t.dtype,
         c.sizes,
-        crate::digest::format_digest(xxh3)
+        crate::formats::digest::format_digest(xxh3)
     )
 }
 

@@ -26,8 +26,8 @@ use serde_json::Value;
 
 use super::LoraError;
 use crate::formats::megatron::{self, MegatronCheckpoint};
+use crate::formats::source::GlobalTensor;
 use crate::plan::{Input, Operand, Update};
-use crate::source::GlobalTensor;
 
 /// Store index of the adapter in the plans (the base is store 0).
 const ADAPTER: usize = 1;
@@ -510,6 +510,17 @@ pub struct QkvLayout {
 }
 
 impl QkvLayout {
+    /// From the model's first attention and MLP blocks.
+    pub fn from_model(m: &crate::models::Model) -> Option<QkvLayout> {
+        let (a, f) = m.attention_and_ffn()?;
+        Some(QkvLayout {
+            heads: a.heads,
+            groups: a.groups,
+            head_dim: a.head_dim,
+            ffn: f,
+        })
+    }
+
     /// From `run_config.yaml`'s `model:` section.
     pub fn from_run_config(v: &Value) -> Option<QkvLayout> {
         let int = |k: &str| field(v, &format!("model.{k}")).and_then(Value::as_u64);

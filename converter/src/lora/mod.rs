@@ -11,7 +11,6 @@
 
 pub mod base;
 pub mod megatron_bridge;
-pub mod merge;
 pub mod peft;
 pub mod peft_plan;
 
@@ -58,6 +57,9 @@ pub enum LoraError {
         /// What names or digests disagree, and how to proceed if the base is right.
         why: String,
     },
+    /// An adapter file could not be read (the message names the file).
+    #[error("{0}")]
+    Unreadable(String),
     /// `lora_checkpoint` does not lead to one adapter.
     #[error("lora_checkpoint={}: {why}", path.display())]
     Resolve {

@@ -19,10 +19,9 @@ use regex::Regex;
 use serde_json::Value;
 
 use super::LoraError;
-use crate::error::Error;
 use crate::formats::safetensors;
+use crate::formats::source::{Files, GlobalTensor};
 use crate::plan::TensorStore;
-use crate::source::{Files, GlobalTensor};
 
 /// The adapter's configuration file.
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -902,7 +901,7 @@ impl AdapterWeights {
     /// [`LoraError::Refused`] when only the pickled `adapter_model.bin` is there
     /// (never unpickled: a pickle can run code) or no weights at all; a format
     /// error for a broken safetensors file.
-    pub fn open(dir: &Path) -> Result<AdapterWeights, Error> {
+    pub fn open(dir: &Path) -> Result<AdapterWeights, LoraError> {
         let path = dir.join(WEIGHTS_FILE);
         if !path.is_file() {
             let pickled = dir.join(PICKLED_WEIGHTS_FILE);
@@ -916,11 +915,11 @@ impl AdapterWeights {
             return Err(LoraError::Refused {
                 path: dir.to_owned(),
                 why,
-            }
-            .into());
+            });
         }
         let mut files = Files::default();
-        let (id, file) = safetensors::open(&mut files, &path)?;
+        let (id, file) = safetensors::open(&mut files, &path)
+            .map_err(|e| LoraError::Unreadable(e.to_string()))?;
         let header = files.get(id).bytes()[..file.header_len as usize].to_vec();
         let by_name = file
             .tensors

@@ -21,10 +21,10 @@ use serde_json::Value;
 
 use super::LoraError;
 use super::peft::{AdapterConfig, AdapterWeights, Keys, Part};
-use crate::dtype::DType;
+use crate::formats::dtype::DType;
 use crate::formats::hf::HfCheckpoint;
+use crate::plan::tensor::{TensorOut, row_len, rows};
 use crate::plan::{Input, LoraMerge, Operand, RowGather, Update};
-use crate::steps::{TensorOut, row_len, rows};
 
 /// Store indices of the plan: the base, then the adapter.
 const BASE: usize = 0;
@@ -288,7 +288,7 @@ pub fn plan(
                 format!("{:?}", t.shape),
             ));
         }
-        crate::dtype::check_cast(t.dtype, b.dtype).map_err(|e| {
+        crate::formats::dtype::check_cast(t.dtype, b.dtype).map_err(|e| {
             mismatch(
                 &t.name,
                 format!("a float tensor like {target:?}"),
@@ -740,7 +740,7 @@ fn to_tensor(
     let mut updates = Vec::new();
     let mut words = Vec::new();
     match s.source {
-        Source::Base(_) => words.push(crate::steps::copy_transform(from, s.dtype)),
+        Source::Base(_) => words.push(crate::plan::tensor::copy_transform(from, s.dtype)),
         Source::Adapter(i) => words.push(format!(
             "replaced by adapter tensor {}{}",
             adapter.tensors[i].name,

@@ -1,39 +1,48 @@
 //! Llama (`LlamaForCausalLM`: Llama 2, 3, 3.1 with `llama3` rope scaling, 3.2 with
 //! tied embeddings): the dense decoder without biases.
 
-use super::gpt::{DenseConfig, DenseGpt};
-use crate::preflight::PreflightError;
-use crate::run_config::Yaml;
+use super::Model;
+use super::config::{Config, ModelError};
+use super::gpt::{self, DenseConfig};
+use super::registry::Family;
+use crate::formats::run_config::Yaml;
 
-/// Architectures this family maps.
-pub const ARCHITECTURES: &[&str] = &["LlamaForCausalLM"];
+/// The Llama family.
+pub struct Llama;
 
-/// Megatron-Bridge's provider (since v0.4 the generic GPT provider; the
-/// family-specific Llama providers are gone).
-pub const PROVIDER: &str = "megatron.bridge.models.gpt_provider.GPTModelProvider";
-
-/// Builds the mapping from `config.json`.
-///
-/// # Errors
-/// [`PreflightError::Unsupported`] for options Megatron-Bridge's Llama mapping does
-/// not carry (`attention_bias=true`: its registry has no bias mappings).
-pub fn mapping(cfg: &serde_json::Value) -> Result<DenseGpt, PreflightError> {
-    let mut c = DenseConfig::parse(cfg, PROVIDER, ARCHITECTURES[0])?;
-    // Megatron-Bridge's Llama bridge turns on the fused kernels (runtime only).
-    for k in [
-        "apply_rope_fusion",
-        "bias_activation_fusion",
-        "bias_dropout_fusion",
-        "masked_softmax_fusion",
-        "persist_layer_norm",
-    ] {
-        c.provider_extras.push((k, Yaml::Bool(true)));
+impl Family for Llama {
+    fn name(&self) -> &'static str {
+        "llama"
     }
-    if DenseConfig::attention_bias(cfg) {
-        return Err(PreflightError::Unsupported(format!(
-            "config.json: {} with attention_bias=true is not supported (Megatron-Bridge's Llama mapping has no bias tensors)",
-            c.architecture
-        )));
+
+    fn architectures(&self) -> &'static [&'static str] {
+        &["LlamaForCausalLM"]
     }
-    Ok(DenseGpt { cfg: c })
+
+    /// Refuses `attention_bias=true`: Megatron-Bridge's Llama mapping has no bias
+    /// tensors.
+    fn model(&self, c: &Config<'_>) -> Result<Model, ModelError> {
+        let d = DenseConfig::read(c)?;
+        if gpt::attention_bias(c) {
+            return Err(c.unsupported(
+                "attention_bias=true",
+                Some("Megatron-Bridge's Llama mapping has no bias tensors"),
+            ));
+        }
+        // Megatron-Bridge's Llama bridge turns on the fused kernels (runtime only).
+        let provider_extras = [
+            "apply_rope_fusion",
+            "bias_activation_fusion",
+            "bias_dropout_fusion",
+            "masked_softmax_fusion",
+            "persist_layer_norm",
+        ]
+        .map(|k| (k, Yaml::Bool(true)))
+        .to_vec();
+        let o = gpt::Options {
+            provider_extras,
+            ..gpt::Options::default()
+        };
+        Ok(gpt::model(c, self.name(), gpt::PROVIDER, &d, &o))
+    }
 }

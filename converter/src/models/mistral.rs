@@ -1,21 +1,32 @@
 //! Mistral (`MistralForCausalLM`): Llama's tensors; the configuration may carry a
 //! sliding attention window, recorded for Megatron as `window_size`.
 
-use super::gpt::{DenseConfig, DenseGpt};
-use crate::preflight::PreflightError;
+use super::Model;
+use super::config::{Config, ModelError};
+use super::gpt::{self, DenseConfig};
+use super::registry::Family;
 
-/// Architectures this family maps.
-pub const ARCHITECTURES: &[&str] = &["MistralForCausalLM"];
+/// The Mistral family.
+pub struct Mistral;
 
 /// Megatron-Bridge's provider for Mistral.
-pub const PROVIDER: &str = "megatron.bridge.models.mistral.mistral_provider.MistralModelProvider";
+const PROVIDER: &str = "megatron.bridge.models.mistral.mistral_provider.MistralModelProvider";
 
-/// Builds the mapping from `config.json`.
-///
-/// # Errors
-/// [`PreflightError::Unsupported`] for options the dense mapping cannot carry.
-pub fn mapping(cfg: &serde_json::Value) -> Result<DenseGpt, PreflightError> {
-    let mut c = DenseConfig::parse(cfg, PROVIDER, ARCHITECTURES[0])?;
-    c.sliding_window = cfg.get("sliding_window").and_then(|v| v.as_u64());
-    Ok(DenseGpt { cfg: c })
+impl Family for Mistral {
+    fn name(&self) -> &'static str {
+        "mistral"
+    }
+
+    fn architectures(&self) -> &'static [&'static str] {
+        &["MistralForCausalLM"]
+    }
+
+    fn model(&self, c: &Config<'_>) -> Result<Model, ModelError> {
+        let d = DenseConfig::read(c)?;
+        let o = gpt::Options {
+            sliding_window: c.get("sliding_window").and_then(|v| v.as_u64()),
+            ..gpt::Options::default()
+        };
+        Ok(gpt::model(c, self.name(), PROVIDER, &d, &o))
+    }
 }

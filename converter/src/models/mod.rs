@@ -1,41 +1,41 @@
 //! Model families: how each architecture's tensors map between the Hugging Face
 //! and Megatron-Core layouts, and the Megatron model configuration derived from
-//! `config.json`.
+//! `config.json`. Pure: nothing here reads tensor data.
 //!
-//! A [`Mapping`] turns a source's tensor list into planned outputs; it never reads
-//! tensor data. [`Identity`] keeps names and shapes (a raw export, and the format
-//! proof); the families live in their own files.
+//! A family ([`Family`]) reads a `config.json` into a [`Model`]: its layers as
+//! lists of reusable blocks ([`blocks`]: attention, dense MLP, …), the names of
+//! its embedding, final norm and head, and the fields of its `run_config.yaml`.
+//! The model's rules ([`rules`]) are one table for both directions: the import
+//! plans Megatron tensors from it, the export inverts it. A family is one file
+//! plus its line in [`registry`]. [`identity`] keeps names and shapes (a raw
+//! export, and the proof of the formats).
 
+pub mod blocks;
+pub mod config;
 pub mod gpt;
+pub mod identity;
 pub mod llama;
 pub mod mistral;
 pub mod qwen2;
 pub mod qwen3;
+pub mod registry;
+pub mod rules;
 
-use std::path::Path;
+use std::path::PathBuf;
 
-use crate::dtype::DType;
-use crate::error::Error;
-use crate::formats::FormatError;
+use crate::formats::dtype::DType;
 use crate::formats::hf::HfCheckpoint;
-use crate::formats::megatron::MegatronCheckpoint;
-use crate::layout::DcpBytesSpec;
-use crate::preflight::PreflightError;
-use crate::run_config::Yaml;
-use crate::steps::{ChunkOut, TensorOut};
+use crate::formats::megatron::{self, MegatronCheckpoint};
+use crate::formats::run_config::{Parallelism, Yaml};
+use crate::plan::PlanError;
+use crate::plan::layout::DcpBytesSpec;
+use crate::plan::tensor::{ChunkOut, TensorOut};
 
-/// The parallel layout a Megatron checkpoint is meant for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Parallelism {
-    /// Tensor parallel size.
-    pub tp: u64,
-    /// Pipeline parallel size.
-    pub pp: u64,
-    /// Expert parallel size.
-    pub ep: u64,
-    /// Expert tensor parallel size.
-    pub etp: u64,
-}
+pub use config::{Config, ModelError};
+pub use registry::{Family, for_config};
+
+use blocks::{Attention, LayerAt, Mlp};
+use rules::{Context, HfTensor, McIndex, McKey, Precision, Rule, Transform};
 
 /// What an import is asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +50,20 @@ pub struct ImportOptions {
     /// The HF model id recorded in `run_config.yaml` (`model.hf_model_id`,
     /// `tokenizer.tokenizer_model`).
     pub hf_model_id: String,
+    /// Keep float32 tensors of a lower-precision source in float32.
+    pub keep_fp32: bool,
+}
+
+/// What an export is asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExportOptions {
+    /// Output dtype of floating-point weights (`None` keeps the checkpoint's).
+    pub dtype: Option<DType>,
+    /// Keep float32 tensors of a lower-precision checkpoint in float32.
+    pub keep_fp32: bool,
+    /// Whether the HF model the output mirrors stores a (tied) `lm_head.weight`;
+    /// `None` when there is no reference.
+    pub reference_has_head: Option<bool>,
 }
 
 /// Planned Megatron output.
@@ -78,56 +92,433 @@ pub struct HfBuild {
     pub warnings: Vec<String>,
 }
 
-/// How one architecture maps between the two layouts.
-pub trait Mapping {
-    /// The mapping's name (`llama`, `identity`).
-    fn name(&self) -> &str;
+/// One block of a decoder layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Block {
+    /// Self-attention and its norm.
+    Attention(Attention),
+    /// A dense MLP and its norm.
+    Mlp(Mlp),
+}
+
+impl Block {
+    fn rules(&self, at: &LayerAt) -> Vec<Rule> {
+        match self {
+            Block::Attention(a) => a.rules(at),
+            Block::Mlp(m) => m.rules(at),
+        }
+    }
+
+    fn extra_state(&self) -> &'static [&'static str] {
+        match self {
+            Block::Attention(_) => Attention::EXTRA_STATE,
+            Block::Mlp(_) => Mlp::EXTRA_STATE,
+        }
+    }
+}
+
+/// The HF names outside the layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HfNames {
+    /// The embedding.
+    pub embed: &'static str,
+    /// The prefix of layer `N` (`model.layers.` → `model.layers.N.`).
+    pub layers: &'static str,
+    /// The final norm.
+    pub final_norm: &'static str,
+    /// The output projection.
+    pub head: &'static str,
+}
+
+/// A model size that a parallel size must divide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Divisor {
+    /// `tp`, `pp`, `ep`.
+    pub param: &'static str,
+    /// The config field.
+    pub field: &'static str,
+    /// Its value.
+    pub value: u64,
+}
+
+/// A model, as its family reads it from `config.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Model {
+    /// The family (`llama`).
+    pub family: &'static str,
+    /// `architectures[0]`.
+    pub architecture: String,
+    /// The configuration file.
+    pub config_path: PathBuf,
+    /// Vocabulary size.
+    pub vocab: u64,
+    /// Hidden size.
+    pub hidden: u64,
+    /// `tie_word_embeddings`, when the config says.
+    pub tied: Option<bool>,
+    /// The blocks of each layer.
+    pub layers: Vec<Vec<Block>>,
+    /// HF names outside the layers.
+    pub hf: HfNames,
+    /// Megatron keys of the layers are stacked on a leading layer axis (a
+    /// homogeneous decoder); otherwise one key per layer.
+    pub stacked: bool,
+    /// Megatron names of the final norm, preferred first.
+    pub final_norm: &'static [&'static str],
+    /// Model fields of `run_config.yaml` that follow from `config.json` alone.
+    pub megatron_config: Vec<(String, Yaml)>,
+    /// Sizes the parallel sizes must divide.
+    pub divisors: Vec<Divisor>,
+    /// Things the user should know about this configuration.
+    pub warnings: Vec<String>,
+}
+
+/// Megatron-Bridge's default `make_vocab_size_divisible_by`: the largest power of
+/// two up to 128 that divides the vocabulary.
+pub fn default_vocab_multiple(vocab: u64) -> u64 {
+    let mut m = 128;
+    while m > 1 && !vocab.is_multiple_of(m) {
+        m /= 2;
+    }
+    m
+}
+
+/// Megatron's padded vocabulary: a multiple of `multiple · tp`.
+pub fn padded_vocab(vocab: u64, multiple: u64, tp: u64) -> u64 {
+    let step = multiple * tp;
+    vocab.div_ceil(step) * step
+}
+
+const EMBEDDING: &str = "embedding.word_embeddings.weight";
+const OUTPUT: &str = "output_layer.weight";
+
+impl Model {
+    /// Whether any layer has routed experts (what `ep` and `etp` split).
+    pub fn has_experts(&self) -> bool {
+        false
+    }
+
+    /// The first attention block and the first dense MLP's intermediate size.
+    pub fn attention_and_ffn(&self) -> Option<(&Attention, u64)> {
+        let blocks = || self.layers.iter().flatten();
+        let a = blocks().find_map(|b| match b {
+            Block::Attention(a) => Some(a),
+            _ => None,
+        })?;
+        let f = blocks().find_map(|b| match b {
+            Block::Mlp(m) => Some(m.ffn),
+            _ => None,
+        })?;
+        Some((a, f))
+    }
+
+    /// Decoder layers.
+    pub fn num_layers(&self) -> u64 {
+        self.layers.len() as u64
+    }
+
+    fn ctx(&self) -> Context<'_> {
+        Context {
+            model: &self.architecture,
+            config: &self.config_path,
+        }
+    }
+
+    fn at(&self, l: u64) -> LayerAt {
+        LayerAt {
+            layer: l,
+            layers: self.num_layers(),
+            hf_prefix: format!("{}{l}.", self.hf.layers),
+            order: l + 1,
+            stacked: self.stacked,
+        }
+    }
+
+    /// Every rule: embedding, layers, final norm and (untied) output layer, with
+    /// the Megatron vocabulary `vocab_rows` rows (padding past the HF vocabulary).
+    pub fn rules(&self, tied: bool, vocab_rows: u64) -> Vec<Rule> {
+        let (v, h, end) = (self.vocab, self.hidden, self.num_layers() + 1);
+        let vocab_rule = |hf: &str, mc: &str, order: u64| Rule {
+            hf: vec![HfTensor {
+                name: hf.to_owned(),
+                shape: vec![v, h],
+                order: (order, 0),
+            }],
+            mc: vec![McKey::plain(mc)],
+            shape: vec![vocab_rows, h],
+            transform: Transform::PadRows,
+            or: Vec::new(),
+        };
+        let mut out = vec![vocab_rule(self.hf.embed, EMBEDDING, 0)];
+        for (l, blocks) in self.layers.iter().enumerate() {
+            let at = self.at(l as u64);
+            for b in blocks {
+                out.extend(b.rules(&at));
+            }
+        }
+        out.push(blocks::copy(
+            HfTensor {
+                name: self.hf.final_norm.to_owned(),
+                shape: vec![h],
+                order: (end, 0),
+            },
+            self.final_norm.iter().map(|n| McKey::plain(*n)).collect(),
+        ));
+        if !tied {
+            out.push(vocab_rule(self.hf.head, OUTPUT, end + 1));
+        }
+        out
+    }
 
     /// Refuses parallel sizes the model cannot be split into.
     ///
     /// # Errors
-    /// [`PreflightError`] naming the size and the dimension it must divide.
-    fn check_parallelism(&self, p: &Parallelism) -> Result<(), PreflightError>;
+    /// [`ModelError::Parallel`] naming the size and the dimension it must divide.
+    pub fn check_parallelism(&self, p: &Parallelism) -> Result<(), ModelError> {
+        let pp = Divisor {
+            param: "pp",
+            field: "num_hidden_layers",
+            value: self.num_layers(),
+        };
+        for d in self.divisors.iter().chain(std::iter::once(&pp)) {
+            let size = match d.param {
+                "tp" => p.tp,
+                "pp" => p.pp,
+                "ep" => p.ep,
+                _ => p.etp,
+            };
+            if !d.value.is_multiple_of(size) {
+                return Err(ModelError::Parallel {
+                    name: d.param.into(),
+                    value: size,
+                    dim: d.field.into(),
+                    dim_value: d.value,
+                    architecture: self.architecture.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
 
-    /// Plans the Megatron tensors from an HF checkpoint (store index `store`).
+    /// Embedding rows on the Megatron side: the HF vocabulary unless padding was
+    /// asked for with `make_vocab_size_divisible_by` (Megatron-Bridge pads only
+    /// then; by default the embedding has exactly `vocab_size` rows).
+    pub fn embedding_rows(&self, opts: &ImportOptions) -> u64 {
+        match opts.vocab_multiple {
+            Some(m) => padded_vocab(self.vocab, m, opts.parallel.tp),
+            None => self.vocab,
+        }
+    }
+
+    /// Plans the import of `src` (store `store`).
     ///
     /// # Errors
-    /// [`Error`] when the source lacks a tensor or has one of the wrong shape.
-    fn hf_to_megatron(
+    /// [`ModelError`] for a vocabulary TP cannot split; [`PlanError`] for a source
+    /// tensor missing, mis-shaped or without a place.
+    pub fn import(
         &self,
         src: &HfCheckpoint,
         store: usize,
         opts: &ImportOptions,
-    ) -> Result<MegatronBuild, Error>;
-
-    /// Plans the HF tensors from a Megatron checkpoint (store index `store`);
-    /// `reference` is the HF model the output mirrors (for which optional tensors,
-    /// such as a tied `lm_head.weight`, its layout stores).
-    ///
-    /// # Errors
-    /// [`Error`] when the source lacks a tensor or has one of the wrong shape.
-    fn megatron_to_hf(
-        &self,
-        src: &MegatronCheckpoint,
-        store: usize,
-        dtype: Option<DType>,
-        reference: Option<&HfCheckpoint>,
-    ) -> Result<HfBuild, Error>;
-
-    /// The dense decoder mapping, when this is one (a LoRA merge needs its head
-    /// layout to split fused adapters).
-    fn as_dense(&self) -> Option<&gpt::DenseGpt> {
-        None
+    ) -> Result<MegatronBuild, crate::models::Error> {
+        let has_head = src.by_name.contains_key(self.hf.head);
+        let tied = self.tied.unwrap_or(!has_head);
+        let vocab_rows = self.embedding_rows(opts);
+        if !vocab_rows.is_multiple_of(opts.parallel.tp) {
+            return Err(ModelError::Parallel {
+                name: "tp".into(),
+                value: opts.parallel.tp,
+                dim: "vocab_size (or pass make_vocab_size_divisible_by to pad the vocabulary)"
+                    .into(),
+                dim_value: self.vocab,
+                architecture: self.architecture.clone(),
+            }
+            .into());
+        }
+        let precision = Precision {
+            to: Some(opts.dtype),
+            keep_fp32: opts.keep_fp32,
+            source: Precision::majority(&src.tensors),
+        };
+        let rules = self.rules(tied, vocab_rows);
+        let imported = rules::import(&rules, src, store, &precision, &self.ctx())?;
+        let mut skipped = Vec::new();
+        for (i, t) in src.tensors.iter().enumerate() {
+            if imported.used[i] {
+                continue;
+            }
+            if tied && t.name == self.hf.head {
+                skipped.push((
+                    t.name.clone(),
+                    "tie_word_embeddings: the output layer shares the embedding".to_owned(),
+                ));
+            } else if t.name.ends_with("rotary_emb.inv_freq") {
+                skipped.push((
+                    t.name.clone(),
+                    "rotary frequencies are recomputed from rope_theta".into(),
+                ));
+            } else {
+                return Err(PlanError::Unplaced {
+                    path: src.root.join(&src.shard_of[&t.name]),
+                    tensor: t.name.clone(),
+                    model: self.architecture.clone(),
+                }
+                .into());
+            }
+        }
+        let mut warnings = self.warnings.clone();
+        if !imported.kept_fp32.is_empty() {
+            warnings.push(kept_note(&imported.kept_fp32, &precision));
+        }
+        Ok(MegatronBuild {
+            chunks: imported.chunks,
+            bytes: self.extra_state(),
+            skipped,
+            warnings,
+            model_config: self.run_config_model(opts, tied),
+        })
     }
 
-    /// The `config.json` to write on export, when it must differ from the source's
-    /// (a changed dtype); `None` copies the source's unchanged.
-    fn export_config(
+    /// The `_extra_state` items of a TransformerEngine model, which Megatron-Core's
+    /// default load strictness requires: one per module and layer, holding the
+    /// empty state of a module without FP8.
+    fn extra_state(&self) -> Vec<DcpBytesSpec> {
+        let payload = megatron::local_extra_state_payload();
+        let nl = self.num_layers();
+        let mut bytes = Vec::new();
+        if self.stacked {
+            // Stacked keys name the layer in a shard suffix, module by module.
+            let modules: Vec<&str> = self
+                .layers
+                .first()
+                .map(|b| b.iter().flat_map(Block::extra_state).copied().collect())
+                .unwrap_or_default();
+            for module in modules {
+                for l in 0..nl {
+                    bytes.push(DcpBytesSpec {
+                        fqn: format!("decoder.layers.{module}._extra_state/shard_{l}_{nl}"),
+                        payload: payload.clone(),
+                    });
+                }
+            }
+        } else {
+            for (l, blocks) in self.layers.iter().enumerate() {
+                for module in blocks.iter().flat_map(Block::extra_state) {
+                    bytes.push(DcpBytesSpec {
+                        fqn: format!("decoder.layers.{l}.{module}._extra_state"),
+                        payload: payload.clone(),
+                    });
+                }
+            }
+        }
+        bytes
+    }
+
+    /// The `model:` section of `run_config.yaml`.
+    pub fn run_config_model(&self, opts: &ImportOptions, tied: bool) -> Vec<(String, Yaml)> {
+        let multiple = opts
+            .vocab_multiple
+            .unwrap_or_else(|| default_vocab_multiple(self.vocab));
+        let padded = self.embedding_rows(opts);
+        let mut f = self.megatron_config.clone();
+        f.extend([
+            ("vocab_size".into(), Yaml::Int(self.vocab as i64)),
+            (
+                "make_vocab_size_divisible_by".into(),
+                Yaml::Int(multiple as i64),
+            ),
+            ("should_pad_vocab".into(), Yaml::Bool(padded != self.vocab)),
+            (
+                "share_embeddings_and_output_weights".into(),
+                Yaml::Bool(tied),
+            ),
+            ("hf_model_id".into(), Yaml::str(&opts.hf_model_id)),
+        ]);
+        f.extend(crate::formats::run_config::parallel_fields(
+            &opts.parallel,
+            opts.dtype,
+        ));
+        f
+    }
+
+    /// Plans the export of `ckpt` (store `store`).
+    ///
+    /// # Errors
+    /// [`PlanError`] for a Megatron tensor missing, mis-shaped or without a place,
+    /// or an output layer in a model whose configuration ties it.
+    pub fn export(
         &self,
-        config: Option<&serde_json::Value>,
-        dtype: Option<DType>,
-    ) -> Option<String> {
-        let mut cfg = config?.clone();
+        ckpt: &MegatronCheckpoint,
+        store: usize,
+        opts: &ExportOptions,
+    ) -> Result<HfBuild, PlanError> {
+        let index = McIndex::new(ckpt);
+        let has_output = index.get(OUTPUT).is_some();
+        let tied = self.tied.unwrap_or(!has_output);
+        if tied && has_output {
+            return Err(PlanError::Inconsistent {
+                path: ckpt.dir.clone(),
+                why: format!(
+                    "has {OUTPUT} but {} ties the embeddings (tie_word_embeddings=true); the checkpoint does not belong to this model",
+                    self.config_path.display()
+                ),
+            });
+        }
+        let precision = Precision {
+            to: opts.dtype,
+            keep_fp32: opts.keep_fp32,
+            source: Precision::majority(&ckpt.tensors),
+        };
+        let rules = self.rules(tied, self.vocab);
+        let exported = rules::export(&rules, &index, store, &precision, &self.ctx())?;
+        let mut tensors = exported.tensors;
+        if tied && opts.reference_has_head == Some(true) {
+            // The reference layout stores the tied head too: a copy under its name.
+            let (_, emb) = tensors
+                .iter()
+                .find(|(_, t)| t.name == self.hf.embed)
+                .expect("the embedding rule is always planned");
+            let mut head = emb.clone();
+            head.name = self.hf.head.to_owned();
+            head.transform = "tied copy of the embedding".into();
+            tensors.push(((self.num_layers() + 2, 0), head));
+        }
+        tensors.sort_by_key(|(order, _)| *order);
+        if let Some(i) = exported.used.iter().position(|u| !u) {
+            return Err(PlanError::Unplaced {
+                path: ckpt.dir.clone(),
+                tensor: ckpt.tensors[i].name.clone(),
+                model: self.architecture.clone(),
+            });
+        }
+        let mut skipped = Vec::new();
+        if !ckpt.byte_items.is_empty() {
+            skipped.push((
+                format!("{} _extra_state items", ckpt.byte_items.len()),
+                "module state (FP8 metadata), not weights".to_owned(),
+            ));
+        }
+        if !ckpt.skipped.is_empty() {
+            skipped.push((
+                format!("{} optimizer/RNG entries", ckpt.skipped.len()),
+                "not model weights".to_owned(),
+            ));
+        }
+        let mut warnings = Vec::new();
+        if !exported.kept_fp32.is_empty() {
+            warnings.push(kept_note(&exported.kept_fp32, &precision));
+        }
+        Ok(HfBuild {
+            tensors: tensors.into_iter().map(|(_, t)| t).collect(),
+            skipped,
+            warnings,
+        })
+    }
+
+    /// The `config.json` to write on export: the HF model's own, with the dtype
+    /// changed when the output's differs (`None`: copy it unchanged).
+    pub fn export_config(config: &serde_json::Value, dtype: Option<DType>) -> Option<String> {
+        let mut cfg = config.clone();
         let dtype = dtype?;
         let obj = cfg.as_object_mut()?;
         let mut changed = false;
@@ -147,186 +538,31 @@ pub trait Mapping {
     }
 }
 
-/// Reads `config.json` of an HF directory, if present.
-///
-/// # Errors
-/// [`FormatError`] when it exists but is not JSON.
-pub fn read_config(dir: &Path) -> Result<Option<serde_json::Value>, FormatError> {
-    let path = dir.join("config.json");
-    match std::fs::read_to_string(&path) {
-        Ok(text) => serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| FormatError::file(&path, format!("not valid JSON: {e}"))),
-        Err(_) => Ok(None),
-    }
-}
-
-/// Picks the mapping for a model from its `config.json` (`architectures`, then
-/// `model_type`).
-///
-/// # Errors
-/// [`PreflightError::Unsupported`] naming the architecture, or the option that the
-/// family does not support.
-pub fn for_config(
-    dir: &Path,
-    config: Option<&serde_json::Value>,
-) -> Result<Box<dyn Mapping>, Error> {
-    let config = config.ok_or_else(|| {
-        PreflightError::Unsupported(format!(
-            "{}: no config.json, so the architecture is unknown (use mapping=identity to copy tensors under their own names)",
-            dir.display()
-        ))
-    })?;
-    let arch = config
-        .get("architectures")
-        .and_then(|a| a.as_array())
-        .and_then(|a| a.first())
-        .and_then(|a| a.as_str())
-        .map(str::to_owned)
-        .or_else(|| {
-            config
-                .get("model_type")
-                .and_then(|m| m.as_str())
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| "(none)".into());
-    type Build = fn(&serde_json::Value) -> Result<gpt::DenseGpt, PreflightError>;
-    // Matched by architecture, or by model_type when `architectures` is absent.
-    let families: [(&[&str], &str, Build); 4] = [
-        (llama::ARCHITECTURES, "llama", llama::mapping),
-        (mistral::ARCHITECTURES, "mistral", mistral::mapping),
-        (qwen2::ARCHITECTURES, "qwen2", qwen2::mapping),
-        (qwen3::ARCHITECTURES, "qwen3", qwen3::mapping),
-    ];
-    let has_arch = config.get("architectures").and_then(|a| a.get(0)).is_some();
-    for (archs, model_type, build) in families {
-        let matches = if has_arch {
-            archs.contains(&arch.as_str())
+fn kept_note(names: &[String], p: &Precision) -> String {
+    let shown: Vec<&str> = names.iter().take(3).map(String::as_str).collect();
+    format!(
+        "{} float32 tensors of a {} source kept in float32 instead of {} (keep_fp32=false casts them): {}{}",
+        names.len(),
+        p.source
+            .map_or("mixed-precision".to_owned(), |d| d.to_string()),
+        p.to.map_or("their dtype".to_owned(), |d| d.to_string()),
+        shown.join(", "),
+        if names.len() > shown.len() {
+            ", …"
         } else {
-            arch == model_type
-        };
-        if matches {
-            return build(config)
-                .map(|m| Box::new(m) as Box<dyn Mapping>)
-                .map_err(|e| match e {
-                    PreflightError::Unsupported(why) => {
-                        PreflightError::Unsupported(format!("{}/{why}", dir.display()))
-                    }
-                    other => other,
-                })
-                .map_err(Error::from);
+            ""
         }
-    }
-    let supported: Vec<&str> = families
-        .iter()
-        .flat_map(|(a, _, _)| a.iter().copied())
-        .collect();
-    Err(PreflightError::Unsupported(format!(
-        "{}: architecture {arch} is not supported (supported: {}; mapping=identity copies tensors under their own names)",
-        dir.join("config.json").display(),
-        supported.join(", ")
-    ))
-    .into())
+    )
 }
 
-impl Mapping for gpt::DenseGpt {
-    fn name(&self) -> &str {
-        &self.cfg.architecture
-    }
-
-    fn as_dense(&self) -> Option<&gpt::DenseGpt> {
-        Some(self)
-    }
-
-    fn check_parallelism(&self, p: &Parallelism) -> Result<(), PreflightError> {
-        self.check(p)
-    }
-
-    fn hf_to_megatron(
-        &self,
-        src: &HfCheckpoint,
-        store: usize,
-        opts: &ImportOptions,
-    ) -> Result<MegatronBuild, Error> {
-        self.import(src, store, opts)
-    }
-
-    fn megatron_to_hf(
-        &self,
-        src: &MegatronCheckpoint,
-        store: usize,
-        dtype: Option<DType>,
-        reference: Option<&HfCheckpoint>,
-    ) -> Result<HfBuild, Error> {
-        self.export(
-            src,
-            store,
-            dtype,
-            reference.map(|r| r.by_name.contains_key("lm_head.weight")),
-        )
-    }
-}
-
-/// Keeps names, shapes and chunking; only casts floats. A raw export of Megatron
-/// tensors to safetensors and back, and the proof that both formats are right.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Identity;
-
-impl Mapping for Identity {
-    fn name(&self) -> &str {
-        "identity"
-    }
-
-    fn check_parallelism(&self, _: &Parallelism) -> Result<(), PreflightError> {
-        Ok(())
-    }
-
-    fn hf_to_megatron(
-        &self,
-        src: &HfCheckpoint,
-        store: usize,
-        opts: &ImportOptions,
-    ) -> Result<MegatronBuild, Error> {
-        Ok(MegatronBuild {
-            chunks: crate::steps::hf_to_megatron::identity_chunks(src, store, Some(opts.dtype))?,
-            model_config: crate::run_config::parallel_fields(&opts.parallel, opts.dtype),
-            warnings: vec![
-                "mapping=identity writes tensors under their HF names and no _extra_state items; Megatron-Core loads it only into a model with those keys, with a relaxed dist_ckpt_strictness".into(),
-            ],
-            ..MegatronBuild::default()
-        })
-    }
-
-    fn megatron_to_hf(
-        &self,
-        src: &MegatronCheckpoint,
-        store: usize,
-        dtype: Option<DType>,
-        _: Option<&HfCheckpoint>,
-    ) -> Result<HfBuild, Error> {
-        let skipped = src
-            .byte_items
-            .iter()
-            .map(|b| {
-                (
-                    b.fqn.clone(),
-                    "bytes item (module state), not a tensor".to_owned(),
-                )
-            })
-            .chain(
-                src.skipped
-                    .iter()
-                    .map(|k| (k.clone(), "optimizer or RNG state".to_owned())),
-            )
-            .collect();
-        Ok(HfBuild {
-            tensors: crate::steps::megatron_to_hf::identity_tensors(src, store, dtype)?,
-            skipped,
-            warnings: Vec::new(),
-        })
-    }
-
-    fn export_config(&self, _: Option<&serde_json::Value>, _: Option<DType>) -> Option<String> {
-        None
-    }
+/// Why a model's plan could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration or a parameter was refused.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The source does not fit the configuration.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
 }

@@ -1,24 +1,31 @@
 //! Qwen2 and Qwen2.5 (`Qwen2ForCausalLM`): the dense decoder with biases on q, k
 //! and v, interleaved into `linear_qkv.bias` like the weights.
 
-use super::gpt::{DenseConfig, DenseGpt};
-use crate::preflight::PreflightError;
-use crate::run_config::Yaml;
+use super::Model;
+use super::config::{Config, ModelError};
+use super::gpt::{self, DenseConfig};
+use super::registry::Family;
+use crate::formats::run_config::Yaml;
 
-/// Architectures this family maps.
-pub const ARCHITECTURES: &[&str] = &["Qwen2ForCausalLM"];
+/// The Qwen2 family.
+pub struct Qwen2;
 
-/// Megatron-Bridge's provider (the generic GPT provider since v0.4).
-pub const PROVIDER: &str = "megatron.bridge.models.gpt_provider.GPTModelProvider";
+impl Family for Qwen2 {
+    fn name(&self) -> &'static str {
+        "qwen2"
+    }
 
-/// Builds the mapping from `config.json`.
-///
-/// # Errors
-/// [`PreflightError::Unsupported`] for options the dense mapping cannot carry.
-pub fn mapping(cfg: &serde_json::Value) -> Result<DenseGpt, PreflightError> {
-    let mut c = DenseConfig::parse(cfg, PROVIDER, ARCHITECTURES[0])?;
-    c.qkv_bias = true;
-    c.provider_extras
-        .push(("autocast_dtype", Yaml::object("torch.bfloat16")));
-    Ok(DenseGpt { cfg: c })
+    fn architectures(&self) -> &'static [&'static str] {
+        &["Qwen2ForCausalLM"]
+    }
+
+    fn model(&self, c: &Config<'_>) -> Result<Model, ModelError> {
+        let d = DenseConfig::read(c)?;
+        let o = gpt::Options {
+            qkv_bias: true,
+            provider_extras: vec![("autocast_dtype", Yaml::object("torch.bfloat16"))],
+            ..gpt::Options::default()
+        };
+        Ok(gpt::model(c, self.name(), gpt::PROVIDER, &d, &o))
+    }
 }

@@ -1,28 +1,33 @@
 //! Qwen3 (`Qwen3ForCausalLM`): the dense decoder with a per-head RMSNorm on q and
 //! k (`q_layernorm`/`k_layernorm`), no biases.
 
-use super::gpt::{DenseConfig, DenseGpt};
-use crate::preflight::PreflightError;
+use super::Model;
+use super::config::{Config, ModelError};
+use super::gpt::{self, DenseConfig};
+use super::registry::Family;
 
-/// Architectures this family maps.
-pub const ARCHITECTURES: &[&str] = &["Qwen3ForCausalLM"];
+/// The Qwen3 family.
+pub struct Qwen3;
 
-/// Megatron-Bridge's provider (the generic GPT provider since v0.4).
-pub const PROVIDER: &str = "megatron.bridge.models.gpt_provider.GPTModelProvider";
-
-/// Builds the mapping from `config.json`.
-///
-/// # Errors
-/// [`PreflightError::Unsupported`] for `attention_bias=true` and options the dense
-/// mapping cannot carry.
-pub fn mapping(cfg: &serde_json::Value) -> Result<DenseGpt, PreflightError> {
-    let mut c = DenseConfig::parse(cfg, PROVIDER, ARCHITECTURES[0])?;
-    if DenseConfig::attention_bias(cfg) {
-        return Err(PreflightError::Unsupported(format!(
-            "config.json: {} with attention_bias=true is not supported",
-            c.architecture
-        )));
+impl Family for Qwen3 {
+    fn name(&self) -> &'static str {
+        "qwen3"
     }
-    c.qk_norm = true;
-    Ok(DenseGpt { cfg: c })
+
+    fn architectures(&self) -> &'static [&'static str] {
+        &["Qwen3ForCausalLM"]
+    }
+
+    /// Refuses `attention_bias=true`.
+    fn model(&self, c: &Config<'_>) -> Result<Model, ModelError> {
+        let d = DenseConfig::read(c)?;
+        if gpt::attention_bias(c) {
+            return Err(c.unsupported("attention_bias=true", None));
+        }
+        let o = gpt::Options {
+            qk_norm: true,
+            ..gpt::Options::default()
+        };
+        Ok(gpt::model(c, self.name(), gpt::PROVIDER, &d, &o))
+    }
 }

@@ -11,7 +11,7 @@
 
 use serde_json::Value;
 
-use crate::dtype::DType;
+use crate::formats::dtype::DType;
 
 /// Rotary frequency scaling.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -11,8 +11,8 @@
 
 use rayon::prelude::*;
 
-use crate::dtype::DType;
-use crate::source::{self, ChunkData, Files, GlobalTensor};
+use crate::formats::dtype::DType;
+use crate::formats::source::{self, ChunkData, Files, GlobalTensor};
 
 use super::arch::{Arch, Rope};
 

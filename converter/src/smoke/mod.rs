@@ -32,15 +32,16 @@ pub mod kernels;
 pub mod probe;
 pub mod views;
 
+use ckpt_wire::ArtifactKind;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::dtype::DType;
+use crate::formats::dtype::DType;
 use crate::formats::hf::HfCheckpoint;
 use crate::formats::megatron::MegatronCheckpoint;
-use crate::source::GlobalTensor;
+use crate::formats::source::GlobalTensor;
 
 pub use arch::Arch;
 pub use forward::Logits;
@@ -194,10 +195,10 @@ impl Model {
     }
 
     /// `checkpoint_hf` or `checkpoint_megatron`.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ArtifactKind {
         match &self.ckpt {
-            Checkpoint::Hf(_) => "checkpoint_hf",
-            Checkpoint::Megatron(_) => "checkpoint_megatron",
+            Checkpoint::Hf(_) => ArtifactKind::CheckpointHf,
+            Checkpoint::Megatron(_) => ArtifactKind::CheckpointMegatron,
         }
     }
 

@@ -2,7 +2,7 @@
 //! ±1 vectors `v`. The merged weight as published, times `v`, must equal the
 //! base weight times `v` plus the scaled adapter product applied to `v`
 //! (`s · B (A v)`), computed here in f64 from the inputs as read, without the
-//! merge kernel ([`crate::lora::merge`]). DoRA updates rescale each output unit by
+//! merge kernel ([`crate::plan::merge`]). DoRA updates rescale each output unit by
 //! `m / ‖W + ΔW‖`; their norms are computed here too, in f64.
 //!
 //! # Tolerance
@@ -19,14 +19,15 @@
 //! larger than about one ulp of the weight, below which a bf16 merge cannot carry
 //! it anyway.
 
+use ckpt_wire::ArtifactKind;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::dtype::DType;
+use crate::formats::dtype::DType;
 use crate::formats::hf::HfCheckpoint;
 use crate::formats::megatron::MegatronCheckpoint;
+use crate::formats::source::{Files, GlobalTensor};
 use crate::plan::{Operand, Piece, Plan, TensorStore, Update};
-use crate::source::{Files, GlobalTensor};
 
 use super::kernels;
 
@@ -672,13 +673,13 @@ pub fn run(
     plan: &Plan,
     stores: &[&dyn TensorStore],
     dir: &std::path::Path,
-    kind: &str,
+    kind: ArtifactKind,
 ) -> Result<ProbeReport, String> {
     let merged: Vec<&Piece> = plan.pieces.iter().filter(|p| p.merge.is_some()).collect();
     if merged.is_empty() {
         return Ok(ProbeReport::default());
     }
-    let out = if kind == "checkpoint_megatron" {
+    let out = if kind == ArtifactKind::CheckpointMegatron {
         Output::Megatron(MegatronCheckpoint::open(dir).map_err(|e| e.to_string())?)
     } else {
         Output::Hf(HfCheckpoint::open(dir).map_err(|e| e.to_string())?)
@@ -729,7 +730,7 @@ mod tests {
             .iter()
             .map(|(_, d, _, v)| {
                 let mut b = vec![0u8; v.len() * d.size()];
-                crate::lora::merge::encode(*d, v, &mut b);
+                crate::plan::merge::encode(*d, v, &mut b);
                 b
             })
             .collect();
@@ -832,7 +833,7 @@ mod tests {
                 ("none", 0.0, false),
             ] {
                 let mut out = vec![0u8; base_bytes.len()];
-                crate::lora::merge::apply(
+                crate::plan::merge::apply(
                     &merge(scale),
                     dtype,
                     &[rows as u64, cols as u64],
@@ -844,7 +845,7 @@ mod tests {
                 crate::smoke::kernels::widen(dtype, &out, &mut vals, None).unwrap();
                 let odir = dir.path().join(format!("out-{scale}"));
                 write(&odir, &[("w", dtype, vec![rows, cols], vals)]);
-                let rep = run(&plan, &stores, &odir, "checkpoint_hf").unwrap();
+                let rep = run(&plan, &stores, &odir, ArtifactKind::CheckpointHf).unwrap();
                 assert_eq!(rep.tensors, 1);
                 assert_eq!(rep.failures.is_empty(), ok, "{dtype} {what}: {rep:?}");
                 if ok {

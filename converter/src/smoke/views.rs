@@ -4,10 +4,10 @@
 //! layer axis or per layer, any chunking). Each view checks every shape it uses
 //! against the configuration and names the tensor when one is missing or wrong.
 
-use crate::dtype::DType;
+use crate::formats::dtype::DType;
 use crate::formats::hf::HfCheckpoint;
 use crate::formats::megatron::MegatronCheckpoint;
-use crate::source::{Files, GlobalTensor};
+use crate::formats::source::{Files, GlobalTensor};
 
 use super::arch::Arch;
 use super::forward::{Attention, Layer, Linear, Mlp, View};

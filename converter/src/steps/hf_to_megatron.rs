@@ -1,24 +1,25 @@
 //! `convert/hf_to_megatron`: a Hugging Face directory into a Megatron-Core
 //! `torch_dist` iteration directory, as Megatron-Bridge's import writes it.
 
+use ckpt_wire::ArtifactKind;
+use ckpt_wire::Step;
 use std::path::PathBuf;
 
-use super::{
-    ChunkOut, Params, Report, RunOptions, Target, copy_transform, out_dtype, row_len, rows,
-};
-use crate::dtype::DType;
-use crate::error::Error;
+use super::Params;
 use crate::execute::Progress;
+use crate::formats::dtype::DType;
 use crate::formats::hf::{self, HfCheckpoint};
 use crate::formats::megatron;
-use crate::layout::DcpBytesSpec;
-use crate::models::{self, Mapping};
-use crate::plan::{Generated, Input, PlanError, RowGather, TensorStore};
-use crate::preflight::{self, PreflightError};
-use crate::run_config;
+use crate::formats::run_config;
+use crate::formats::run_config::Parallelism;
+use crate::models::{self, MegatronBuild};
+use crate::pipeline::error::Error;
+use crate::pipeline::preflight::{self, PreflightError};
+use crate::pipeline::{Report, RunOptions, Target};
+use crate::plan::{Generated, TensorStore};
 
-/// The step name.
-pub const STEP: &str = "convert/hf_to_megatron";
+/// The step.
+pub const STEP: Step = Step::HfToMegatron;
 
 /// A typed `convert/hf_to_megatron` request.
 #[derive(Debug, Clone)]
@@ -49,6 +50,8 @@ pub struct Request {
     pub distcp_files: usize,
     /// `make_vocab_size_divisible_by`, when given.
     pub vocab_multiple: Option<u64>,
+    /// Keep float32 tensors of a lower-precision source in float32.
+    pub keep_fp32: bool,
 }
 
 impl Request {
@@ -78,11 +81,12 @@ impl Request {
             None => None,
             Some(_) => Some(p.positive("make_vocab_size_divisible_by", 1)?),
         };
-        p.accept_ignored(&["trust_remote_code", "device_map", "distributed"]);
+        let keep_fp32 = p.flag("keep_fp32", true)?;
+        p.accept_ignored();
         p.finish()?;
         let hf_dir = hf::resolve_model(&hf_model_id)?;
         let (run_dir, iter_dir, iteration) =
-            super::resolve_megatron_output(&megatron_path, default_iteration);
+            crate::pipeline::resolve_megatron_output(&megatron_path, default_iteration);
         preflight::check_disjoint("megatron_path", &iter_dir, "hf_model_id", &hf_dir)?;
         preflight::check_disjoint(
             "megatron_path",
@@ -113,6 +117,7 @@ impl Request {
             mapping,
             distcp_files,
             vocab_multiple,
+            keep_fp32,
         })
     }
 }
@@ -129,27 +134,40 @@ pub fn run(
     let req = Request::from_params(params, opts.overwrite)?;
     let src = HfCheckpoint::open(&req.hf_dir)?;
     let side = hf::side_files(&req.hf_dir)?;
-    let config = models::read_config(&req.hf_dir)?;
-    let mapping: Box<dyn Mapping> = if req.mapping == "identity" {
-        Box::new(models::Identity)
-    } else {
-        models::for_config(&req.hf_dir, config.as_ref())?
-    };
-    let parallel = models::Parallelism {
+    let config = crate::formats::hf::read_config(&req.hf_dir)?;
+    let parallel = Parallelism {
         tp: req.tp,
         pp: req.pp,
         ep: req.ep,
         etp: req.etp,
     };
-    mapping.check_parallelism(&parallel)?;
-    let import = models::ImportOptions {
-        parallel,
-        dtype: req.dtype,
-        vocab_multiple: req.vocab_multiple,
-        hf_model_id: req.hf_model_id.clone(),
+    let built = if req.mapping == "identity" {
+        MegatronBuild {
+            chunks: models::identity::chunks(&src, 0, Some(req.dtype))?,
+            model_config: run_config::parallel_fields(&parallel, req.dtype),
+            warnings: vec![models::identity::IMPORT_WARNING.into()],
+            ..MegatronBuild::default()
+        }
+    } else {
+        let model = models::for_config(&req.hf_dir, config.as_ref())?;
+        model.check_parallelism(&parallel)?;
+        let import = models::ImportOptions {
+            parallel,
+            dtype: req.dtype,
+            vocab_multiple: req.vocab_multiple,
+            hf_model_id: req.hf_model_id.clone(),
+            keep_fp32: req.keep_fp32,
+        };
+        let mut built = model.import(&src, 0, &import)?;
+        if !model.has_experts() && (req.ep > 1 || req.etp > 1) {
+            built.warnings.push(format!(
+                "ep={} etp={} have no effect on a dense {}",
+                req.ep, req.etp, model.architecture
+            ));
+        }
+        built
     };
-    let built = mapping.hf_to_megatron(&src, 0, &import)?;
-    let mut plan = super::plan_megatron(built.chunks, &built.bytes, req.distcp_files);
+    let mut plan = crate::plan::tensor::plan_megatron(built.chunks, &built.bytes, req.distcp_files);
     plan.skipped = built.skipped;
     plan.generated.push(Generated {
         rel: "metadata.json".into(),
@@ -172,62 +190,34 @@ pub fn run(
         .into_bytes(),
     });
     // Megatron-Bridge keeps the tokenizer and chat template inside the iteration.
-    super::copy_side_files(&mut plan, &super::tokenizer_files(&side), "tokenizer/");
+    crate::plan::tensor::copy_side_files(
+        &mut plan,
+        &crate::plan::tensor::tokenizer_files(&side),
+        "tokenizer/",
+    );
     let stores: [&dyn TensorStore; 1] = [&src];
-    let sources = vec![super::hf_source_info(
+    let sources = vec![crate::pipeline::hf_source_info(
         "hf_model_id",
         &req.hf_dir,
         Some(&src),
     )];
     let target = Target {
         dir: req.iter_dir.clone(),
-        kind: "checkpoint_megatron".into(),
+        kind: ArtifactKind::CheckpointMegatron,
         run_dir: Some((req.run_dir.clone(), req.iteration)),
         // The forward pass of the output must reproduce the source's.
         reference: (req.mapping != "identity").then(|| req.hf_dir.clone()),
         hf_model: Some(req.hf_dir.clone()),
     };
-    super::execute_and_publish(
+    crate::pipeline::execute_and_publish(
         STEP,
-        params,
+        params.all(),
         plan,
         &stores,
         sources,
         target,
         opts,
         progress,
-        built.warnings,
+        params.with_ignored(built.warnings),
     )
-}
-
-/// The identity mapping's chunks: every HF tensor under its own name, one chunk.
-pub fn identity_chunks(
-    src: &dyn TensorStore,
-    store: usize,
-    dtype: Option<DType>,
-) -> Result<Vec<ChunkOut>, PlanError> {
-    let mut chunks = Vec::new();
-    for (i, t) in src.tensors().iter().enumerate() {
-        let to = out_dtype(t.dtype, dtype);
-        crate::dtype::check_cast(t.dtype, to).map_err(|source| PlanError::Cast {
-            tensor: t.name.clone(),
-            source,
-        })?;
-        chunks.push(ChunkOut {
-            fqn: t.name.clone(),
-            global_shape: t.shape.clone(),
-            offsets: vec![0; t.shape.len()],
-            sizes: t.shape.clone(),
-            dtype: to,
-            inputs: vec![Input::whole(store, i, t)],
-            gather: RowGather::copy(rows(&t.shape), row_len(&t.shape)),
-            transform: copy_transform(t.dtype, to),
-        });
-    }
-    Ok(chunks)
-}
-
-/// No bytes items: the identity mapping has no module state to write.
-pub fn no_bytes() -> Vec<DcpBytesSpec> {
-    Vec::new()
 }

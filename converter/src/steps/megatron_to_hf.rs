@@ -2,24 +2,25 @@
 //! Face directory, rebuilt around `hf_model_id` (config, generation config,
 //! tokenizer, chat template) as Megatron-Bridge's export does.
 
+use ckpt_wire::ArtifactKind;
+use ckpt_wire::Step;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use super::{
-    Params, Report, RunOptions, Target, TensorOut, copy_transform, out_dtype, row_len, rows,
-};
-use crate::dtype::DType;
-use crate::error::Error;
+use super::Params;
 use crate::execute::Progress;
+use crate::formats::dtype::DType;
 use crate::formats::hf::{self, HfCheckpoint};
 use crate::formats::megatron::MegatronCheckpoint;
-use crate::layout::Sharding;
-use crate::models::{self, Mapping};
-use crate::plan::{Input, PlanError, RowGather, TensorStore};
-use crate::preflight::{self, PreflightError};
+use crate::models::{self, HfBuild};
+use crate::pipeline::error::Error;
+use crate::pipeline::preflight::{self, PreflightError};
+use crate::pipeline::{Report, RunOptions, Target};
+use crate::plan::TensorStore;
+use crate::plan::layout::Sharding;
 
-/// The step name.
-pub const STEP: &str = "convert/megatron_to_hf";
+/// The step.
+pub const STEP: Step = Step::MegatronToHf;
 
 /// Default largest shard, as `huggingface_hub` and transformers 4.x write them.
 pub const DEFAULT_MAX_SHARD_SIZE: &str = "5GB";
@@ -43,6 +44,8 @@ pub struct Request {
     pub mapping: String,
     /// Mirror the shard file assignment of `hf_model_id`'s weights.
     pub mirror_shards: bool,
+    /// Keep float32 tensors of a lower-precision checkpoint in float32.
+    pub keep_fp32: bool,
 }
 
 impl Request {
@@ -70,15 +73,8 @@ impl Request {
                 expected: "a size such as 5GB, 500MB or 2GiB".into(),
             })?;
         let mirror_shards = p.flag("mirror_shards", true)?;
-        p.accept_ignored(&[
-            "trust_remote_code",
-            "show_progress",
-            "strict",
-            "distributed",
-            "distributed_save",
-            "save_every_n_ranks",
-            "device_map",
-        ]);
+        let keep_fp32 = p.flag("keep_fp32", true)?;
+        p.accept_ignored();
         p.finish()?;
         let hf_dir = hf_model_id.as_deref().map(hf::resolve_model).transpose()?;
         preflight::check_disjoint("hf_path", &hf_path, "megatron_path", &megatron_path)?;
@@ -95,6 +91,7 @@ impl Request {
             max_shard_size,
             mapping,
             mirror_shards,
+            keep_fp32,
         })
     }
 }
@@ -111,18 +108,18 @@ pub fn run(
     let req = Request::from_params(params, opts.overwrite)?;
     let src = MegatronCheckpoint::open(&req.megatron_path)?;
     let config = match &req.hf_dir {
-        Some(dir) => models::read_config(dir)?,
+        Some(dir) => crate::formats::hf::read_config(dir)?,
         None => None,
     };
-    let mapping: Box<dyn Mapping> = if req.mapping == "identity" {
-        Box::new(models::Identity)
+    let model = if req.mapping == "identity" {
+        None
     } else {
         let dir = req.hf_dir.as_ref().ok_or_else(|| PreflightError::Missing {
-            step: STEP.into(),
+            step: STEP.name().into(),
             name: "hf_model_id".into(),
             hint: "the Hugging Face model whose config and tokenizer the output is rebuilt from (or mapping=identity to export raw Megatron tensors)".into(),
         })?;
-        models::for_config(dir, config.as_ref())?
+        Some(models::for_config(dir, config.as_ref())?)
     };
     let reference = match &req.hf_dir {
         Some(dir) if dir.join(hf::INDEX_FILE).is_file() || dir.join(hf::SINGLE_FILE).is_file() => {
@@ -130,7 +127,38 @@ pub fn run(
         }
         _ => None,
     };
-    let built = mapping.megatron_to_hf(&src, 0, req.dtype, reference.as_ref())?;
+    let built = match &model {
+        None => HfBuild {
+            tensors: models::identity::tensors(&src, 0, req.dtype)?,
+            skipped: src
+                .byte_items
+                .iter()
+                .map(|b| {
+                    (
+                        b.fqn.clone(),
+                        "bytes item (module state), not a tensor".to_owned(),
+                    )
+                })
+                .chain(
+                    src.skipped
+                        .iter()
+                        .map(|k| (k.clone(), "optimizer or RNG state".to_owned())),
+                )
+                .collect(),
+            warnings: Vec::new(),
+        },
+        Some(m) => m.export(
+            &src,
+            0,
+            &models::ExportOptions {
+                dtype: req.dtype,
+                keep_fp32: req.keep_fp32,
+                reference_has_head: reference
+                    .as_ref()
+                    .map(|r| r.by_name.contains_key(m.hf.head)),
+            },
+        )?,
+    };
     let mut warnings = built.warnings;
     let mut side = Vec::new();
     // Mirror the reference's shard files when it has weights, as Megatron-Bridge
@@ -164,10 +192,14 @@ pub fn run(
                 .into(),
         );
     }
-    let mut plan = super::plan_hf(built.tensors, &sharding)?;
+    let mut plan = crate::plan::tensor::plan_hf(built.tensors, &sharding)?;
     plan.skipped = built.skipped;
-    super::copy_side_files(&mut plan, &side, "");
-    if let Some(cfg) = mapping.export_config(config.as_ref(), req.dtype) {
+    crate::plan::tensor::copy_side_files(&mut plan, &side, "");
+    if model.is_some()
+        && let Some(cfg) = config
+            .as_ref()
+            .and_then(|c| models::Model::export_config(c, req.dtype))
+    {
         plan.copied.retain(|c| c.rel != "config.json");
         plan.generated.push(crate::plan::Generated {
             rel: "config.json".into(),
@@ -175,9 +207,9 @@ pub fn run(
         });
     }
     let stores: [&dyn TensorStore; 1] = [&src];
-    let mut sources = vec![super::megatron_source_info("megatron_path", &src)];
+    let mut sources = vec![crate::pipeline::megatron_source_info("megatron_path", &src)];
     if let Some(dir) = &req.hf_dir {
-        sources.push(super::hf_source_info(
+        sources.push(crate::pipeline::hf_source_info(
             "hf_model_id",
             dir,
             reference.as_ref(),
@@ -185,38 +217,21 @@ pub fn run(
     }
     let target = Target {
         dir: req.hf_path.clone(),
-        kind: "checkpoint_hf".into(),
+        kind: ArtifactKind::CheckpointHf,
         run_dir: None,
         // The forward pass of the output must reproduce the source's.
         reference: (req.mapping != "identity").then(|| req.megatron_path.clone()),
         hf_model: req.hf_dir.clone(),
     };
-    super::execute_and_publish(
-        STEP, params, plan, &stores, sources, target, opts, progress, warnings,
+    crate::pipeline::execute_and_publish(
+        STEP,
+        params.all(),
+        plan,
+        &stores,
+        sources,
+        target,
+        opts,
+        progress,
+        params.with_ignored(warnings),
     )
-}
-
-/// The identity mapping's tensors: every Megatron tensor under its own key, whole.
-pub fn identity_tensors(
-    src: &dyn TensorStore,
-    store: usize,
-    dtype: Option<DType>,
-) -> Result<Vec<TensorOut>, PlanError> {
-    let mut out = Vec::new();
-    for (i, t) in src.tensors().iter().enumerate() {
-        let to = out_dtype(t.dtype, dtype);
-        crate::dtype::check_cast(t.dtype, to).map_err(|source| PlanError::Cast {
-            tensor: t.name.clone(),
-            source,
-        })?;
-        out.push(TensorOut {
-            name: t.name.clone(),
-            dtype: to,
-            shape: t.shape.clone(),
-            inputs: vec![Input::whole(store, i, t)],
-            gather: RowGather::copy(rows(&t.shape), row_len(&t.shape)),
-            transform: copy_transform(t.dtype, to),
-        });
-    }
-    Ok(out)
 }

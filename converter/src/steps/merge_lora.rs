@@ -15,34 +15,38 @@
 //! - `backend=auto` (the default) is `megatron_bridge` when `base_megatron_path`
 //!   is given, else `hf_peft`.
 //!
-//! The merge arithmetic is in [`crate::lora::merge`], the adapter readers in
+//! The merge arithmetic is in [`crate::plan::merge`], the adapter readers in
 //! [`crate::lora`], and the wrong-base guard (shapes, names, digests; parameters
 //! `base_digest` and `allow_base_mismatch`) is documented in
 //! [`crate::lora::base`].
 
+use ckpt_wire::ArtifactKind;
+use ckpt_wire::Step;
 use std::path::{Path, PathBuf};
 
 use std::collections::HashMap;
 
-use super::{ChunkOut, Params, Prepared, Report, RunOptions, SourceInfo, Target, row_len, rows};
-use crate::dtype::DType;
-use crate::error::Error;
+use super::Params;
 use crate::execute::{Outcome, Progress};
+use crate::formats::dtype::DType;
 use crate::formats::hf::{self, HfCheckpoint};
+use crate::formats::manifest;
 use crate::formats::megatron::{self, MegatronCheckpoint};
-use crate::layout::{DcpBytesSpec, Sharding};
+use crate::formats::source::GlobalTensor;
 use crate::lora::base::{self, Claim, Identity, NameCheck};
-use crate::lora::megatron_bridge::{self, BridgeConfig, Module, Planner, QkvLayout};
+use crate::lora::megatron_bridge::{self, BridgeConfig, Planner, QkvLayout};
 use crate::lora::peft::{self, AdapterConfig, AdapterWeights};
 use crate::lora::{LoraError, peft_plan};
-use crate::manifest;
 use crate::models;
+use crate::pipeline::error::Error;
+use crate::pipeline::preflight::{self, PreflightError};
+use crate::pipeline::{Prepared, Report, RunOptions, SourceInfo, Target};
+use crate::plan::layout::{DcpBytesSpec, Sharding};
+use crate::plan::tensor::{ChunkOut, row_len, rows};
 use crate::plan::{Copied, Generated, Input, LoraMerge, Plan, RowGather, TensorStore};
-use crate::preflight::{self, PreflightError};
-use crate::source::GlobalTensor;
 
-/// The step name.
-pub const STEP: &str = "convert/merge_lora";
+/// The step.
+pub const STEP: Step = Step::MergeLora;
 
 /// Which implementation of LoRA is merged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,23 +108,11 @@ pub fn run(
         allow_base_mismatch: params.flag("allow_base_mismatch", false)?,
         dtype: params.dtype(None)?,
     };
-    // Accepted for command lines written for the Python runners; nothing to do here.
-    params.accept_ignored(&[
-        "trust_remote_code",
-        "device_map",
-        "low_cpu_mem_usage",
-        "safe_serialization",
-        "save_tokenizer",
-        "upstream_script",
-        "cpu",
-        "debug",
-        "show_progress",
-        "strict",
-        "nproc_per_node",
-        "tp",
-        "pp",
-        "ep",
-    ]);
+    // Accepted as the upstream merge script takes them; any saved layout is read.
+    for name in ["tp", "pp", "ep"] {
+        params.positive(name, 1)?;
+    }
+    params.accept_ignored();
     match backend {
         Backend::HfPeft => {
             if let Some(m) = base_megatron {
@@ -194,7 +186,7 @@ pub fn expected_digests(
     common: &Common,
     id: &Identity,
     recorded_base: Option<(&str, &Path)>,
-    kind: &str,
+    kind: ArtifactKind,
 ) -> Result<Vec<(String, String)>, Error> {
     let mut expected: Vec<(String, String)> = Vec::new();
     if let Some(d) = &common.base_digest {
@@ -202,7 +194,7 @@ pub fn expected_digests(
     }
     if let Some((what, dir)) = recorded_base
         && dir.is_dir()
-        && preflight::normalize(dir) != preflight::normalize(&id.dir)
+        && crate::paths::normalize(dir) != crate::paths::normalize(&id.dir)
         && let Some(m) = base::manifest_of(dir, kind)
     {
         expected.push((
@@ -254,7 +246,7 @@ pub fn digest_as_read(base: &dyn TensorStore, store: usize, outcome: &Outcome) -
             lines.push(base::digest_line(t, ci, d));
         }
     }
-    crate::digest::of_lines(lines)
+    crate::formats::digest::of_lines(lines)
 }
 
 /// The check of the base's identity on the tensors as read.
@@ -293,18 +285,18 @@ fn adapter_source(dir: &Path, weights: &AdapterWeights) -> SourceInfo {
         files.push(manifest::SourceFile {
             path: peft::CONFIG_FILE.into(),
             size: bytes.len() as u64,
-            header_xxh3: Some(crate::digest::hex(&bytes)),
+            header_xxh3: Some(crate::formats::digest::hex(&bytes)),
         });
     }
     files.push(manifest::SourceFile {
         path: peft::WEIGHTS_FILE.into(),
         size: weights.files.get(0).len(),
-        header_xxh3: Some(crate::digest::hex(&weights.header)),
+        header_xxh3: Some(crate::formats::digest::hex(&weights.header)),
     });
     SourceInfo {
         role: "lora_checkpoint".into(),
         path: dir.to_owned(),
-        kind: "checkpoint_lora".into(),
+        kind: ArtifactKind::CheckpointLora,
         files,
     }
 }
@@ -374,7 +366,7 @@ fn run_peft(
 
     let cfg = AdapterConfig::read(&adapter_dir)?;
     let weights = AdapterWeights::open(&adapter_dir)?;
-    let base_config = crate::models::read_config(&base_dir)?;
+    let base_config = crate::formats::hf::read_config(&base_dir)?;
     let base_ckpt = HfCheckpoint::open(&base_dir)?;
     refuse_quantized(&base_dir, base_config.as_ref(), &base_ckpt.tensors)?;
     check_dtype(common.dtype, &base_ckpt.tensors, "base_hf_path")?;
@@ -400,7 +392,7 @@ fn run_peft(
             Path::new(n),
         )
     });
-    let expected = expected_digests(common, &id, recorded, "checkpoint_hf")?;
+    let expected = expected_digests(common, &id, recorded, ArtifactKind::CheckpointHf)?;
 
     // The plan: shapes are checked here.
     let names: Vec<&str> = weights.tensors.iter().map(|t| t.name.as_str()).collect();
@@ -411,15 +403,15 @@ fn run_peft(
         shard_of: base_ckpt.shard_of.clone(),
         index: base_ckpt.index_metadata.is_some(),
     };
-    let mut plan: Plan = super::plan_hf(planned.tensors, &sharding)?;
+    let mut plan: Plan = crate::plan::tensor::plan_hf(planned.tensors, &sharding)?;
     for (piece, merge) in plan.pieces.iter_mut().zip(planned.merges) {
         piece.merge = merge;
     }
     plan.skipped = planned.skipped;
-    super::copy_side_files(&mut plan, &hf::side_files(&base_dir)?, "");
-    super::copy_side_files(
+    crate::plan::tensor::copy_side_files(&mut plan, &hf::side_files(&base_dir)?, "");
+    crate::plan::tensor::copy_side_files(
         &mut plan,
-        &super::tokenizer_files(&hf::side_files(&adapter_dir)?),
+        &crate::plan::tensor::tokenizer_files(&hf::side_files(&adapter_dir)?),
         "",
     );
     if let Some(config) = merged_config(base_config.as_ref(), planned.untie, planned.vocab_size) {
@@ -437,33 +429,33 @@ fn run_peft(
     );
     let stores: [&dyn TensorStore; 2] = [&base_ckpt, &weights];
     let sources = vec![
-        super::hf_source_info("base_hf_path", &base_dir, Some(&base_ckpt)),
+        crate::pipeline::hf_source_info("base_hf_path", &base_dir, Some(&base_ckpt)),
         adapter_source(&adapter_dir, &weights),
     ];
     // A merge changes the weights: its smoke test is the probe of every merged
     // tensor, not a forward pass against the base.
     let target = Target {
         dir: out,
-        kind: "checkpoint_hf".into(),
+        kind: ArtifactKind::CheckpointHf,
         run_dir: None,
         reference: None,
         hf_model: None,
     };
     let check = |o: &Outcome| check_digest(&base_dir, &base_ckpt, 0, o, &expected);
-    match super::stage(
+    match crate::pipeline::stage(
         STEP,
-        params,
+        params.all(),
         plan,
         &stores,
         sources,
         target,
         opts,
         progress,
-        warnings,
+        params.with_ignored(warnings),
         Some(&check),
     )? {
-        super::Prepared::Planned(r) => Ok(r),
-        super::Prepared::Staged(s) => s.commit(progress),
+        crate::pipeline::Prepared::Planned(r) => Ok(r),
+        crate::pipeline::Prepared::Staged(s) => s.commit(progress),
     }
 }
 
@@ -523,7 +515,7 @@ fn run_bridge(
         (true, Some(p)) => Some(p),
         (true, None) => {
             return Err(PreflightError::Missing {
-                step: STEP.into(),
+                step: STEP.name().into(),
                 name: "output_hf_path".into(),
                 hint: "the Hugging Face directory the merged model is exported to (or export_hf=false)".into(),
             }
@@ -542,7 +534,7 @@ fn run_bridge(
     let hf_source = hf_model.clone().or(base_hf.clone());
     if export_hf && hf_source.is_none() {
         return Err(PreflightError::Missing {
-            step: STEP.into(),
+            step: STEP.name().into(),
             name: "hf_model_id".into(),
             hint: "the Hugging Face model whose config.json and tokenizer the HF export is built around (or base_hf_path)".into(),
         }
@@ -550,7 +542,7 @@ fn run_bridge(
     }
     let (adapter_dir, note) = megatron_bridge::resolve(&common.lora_checkpoint)?;
     let (run_dir, iter_dir, iteration) =
-        super::resolve_megatron_output(&out_megatron, default_iteration);
+        crate::pipeline::resolve_megatron_output(&out_megatron, default_iteration);
     let hf_dir = hf_source.as_deref().map(hf::resolve_model).transpose()?;
     let mut inputs: Vec<(&str, &Path)> = vec![
         ("base_megatron_path", &base_path),
@@ -590,28 +582,16 @@ fn run_bridge(
     let base_run = megatron_bridge::read_run_config(&base_path)?;
     let hf_config = hf_dir
         .as_deref()
-        .map(models::read_config)
+        .map(crate::formats::hf::read_config)
         .transpose()?
         .flatten();
-    let mapping = match (&hf_dir, export_hf) {
+    let model = match (&hf_dir, export_hf) {
         (Some(dir), true) => Some(models::for_config(dir, hf_config.as_ref())?),
         _ => None,
     };
-    let dense = mapping.as_ref().and_then(|m| m.as_dense());
-    if mapping.is_some() && dense.is_none() {
-        return Err(PreflightError::Unsupported(format!(
-            "{}: the HF export of a merged Megatron-Bridge adapter supports the dense decoder families (Llama, Mistral, Qwen2, Qwen3)",
-            hf_dir.as_deref().unwrap_or(Path::new("")).display()
-        ))
-        .into());
-    }
-    let layout = dense
-        .map(|d| QkvLayout {
-            heads: d.cfg.heads,
-            groups: d.cfg.groups,
-            head_dim: d.cfg.head_dim,
-            ffn: d.cfg.ffn,
-        })
+    let layout = model
+        .as_ref()
+        .and_then(QkvLayout::from_model)
         .or_else(|| base_run.as_ref().and_then(QkvLayout::from_run_config));
 
     // Names, then digests known without reading data.
@@ -629,7 +609,7 @@ fn run_bridge(
     };
     let same_dir = cfg.pretrained_checkpoint.as_deref().is_some_and(|p| {
         Path::new(p).is_dir()
-            && preflight::normalize(Path::new(p)) == preflight::normalize(&base_path)
+            && crate::paths::normalize(Path::new(p)) == crate::paths::normalize(&base_path)
     });
     if !same_dir {
         warnings.extend(name_note(
@@ -645,7 +625,7 @@ fn run_bridge(
             Path::new(p),
         )
     });
-    let expected = expected_digests(common, &id, recorded, "checkpoint_megatron")?;
+    let expected = expected_digests(common, &id, recorded, ArtifactKind::CheckpointMegatron)?;
 
     // Shapes.
     let planner = Planner {
@@ -724,7 +704,7 @@ fn run_bridge(
             payload: base.files.slice(b.data).to_vec(),
         })
         .collect();
-    let mut mplan = super::plan_megatron(chunks, &bytes, distcp_files);
+    let mut mplan = crate::plan::tensor::plan_megatron(chunks, &bytes, distcp_files);
     for (piece, m) in mplan.pieces.iter_mut().zip(merges) {
         piece.merge = m;
     }
@@ -759,99 +739,89 @@ fn run_bridge(
     }
     // Megatron-Bridge keeps the tokenizer inside the iteration: adapter's first.
     let tokenizer_of = |dir: &Path| -> Result<Vec<hf::SideFile>, Error> {
-        Ok(super::tokenizer_files(&hf::side_files(
+        Ok(crate::plan::tensor::tokenizer_files(&hf::side_files(
             &dir.join("tokenizer"),
         )?))
     };
-    super::copy_side_files(&mut mplan, &tokenizer_of(&base_path)?, "tokenizer/");
-    super::copy_side_files(&mut mplan, &tokenizer_of(&adapter_dir)?, "tokenizer/");
+    crate::plan::tensor::copy_side_files(&mut mplan, &tokenizer_of(&base_path)?, "tokenizer/");
+    crate::plan::tensor::copy_side_files(&mut mplan, &tokenizer_of(&adapter_dir)?, "tokenizer/");
 
     let stores: [&dyn TensorStore; 2] = [&base, &adapter];
     let adapter_source = || {
-        let mut s = super::megatron_source_info("lora_checkpoint", &adapter);
-        s.kind = "checkpoint_lora".into();
+        let mut s = crate::pipeline::megatron_source_info("lora_checkpoint", &adapter);
+        s.kind = ArtifactKind::CheckpointLora;
         if let Some(rc) = &adapter.run_config
             && let Ok(b) = std::fs::read(rc)
         {
             s.files.push(manifest::SourceFile {
                 path: "run_config.yaml".into(),
                 size: b.len() as u64,
-                header_xxh3: Some(crate::digest::hex(&b)),
+                header_xxh3: Some(crate::formats::digest::hex(&b)),
             });
         }
         s
     };
     let check = |o: &Outcome| check_digest(&base_path, &base, 0, o, &expected);
-    let staged_megatron = super::stage(
+    let staged_megatron = crate::pipeline::stage(
         STEP,
-        params,
+        params.all(),
         mplan,
         &stores,
         vec![
-            super::megatron_source_info("base_megatron_path", &base),
+            crate::pipeline::megatron_source_info("base_megatron_path", &base),
             adapter_source(),
         ],
         Target {
             dir: iter_dir.clone(),
-            kind: "checkpoint_megatron".into(),
+            kind: ArtifactKind::CheckpointMegatron,
             run_dir: Some((run_dir.clone(), iteration)),
             reference: None,
             hf_model: hf_dir.clone(),
         },
         opts,
         progress,
-        warnings.clone(),
+        params.with_ignored(warnings.clone()),
         Some(&check),
     )?;
 
     // The HF export: the base's export plan, adapted weights merged per HF tensor.
-    let staged_hf = match (out_hf, dense, &hf_dir) {
-        (Some(out), Some(dense), Some(dir)) => {
+    let staged_hf = match (out_hf, &model, &hf_dir) {
+        (Some(out), Some(model), Some(dir)) => {
             let reference =
                 if dir.join(hf::INDEX_FILE).is_file() || dir.join(hf::SINGLE_FILE).is_file() {
                     Some(HfCheckpoint::open(dir)?)
                 } else {
                     None
                 };
-            let built = dense.export(
+            let built = model.export(
                 &base,
                 0,
-                None,
-                reference
-                    .as_ref()
-                    .map(|r| r.by_name.contains_key("lm_head.weight")),
+                &models::ExportOptions {
+                    dtype: None,
+                    keep_fp32: true,
+                    reference_has_head: reference
+                        .as_ref()
+                        .map(|r| r.by_name.contains_key(model.hf.head)),
+                },
             )?;
-            let c = &dense.cfg;
-            let (h, f, d) = (c.hidden, c.ffn, c.head_dim);
             let mut tensors = built.tensors;
             let mut hf_merges = Vec::with_capacity(tensors.len());
             for t in &mut tensors {
-                let placed = hf_weight(&t.name).and_then(|(layer, which)| {
-                    let (module, fused, runs, cols) = match which {
-                        "self_attn.q_proj" => (
-                            Module::Qkv,
-                            c.qkv_rows(),
-                            models::gpt::qkv_rows_of(c, 0),
-                            (0, h),
-                        ),
-                        "self_attn.k_proj" => (
-                            Module::Qkv,
-                            c.qkv_rows(),
-                            models::gpt::qkv_rows_of(c, 1),
-                            (0, h),
-                        ),
-                        "self_attn.v_proj" => (
-                            Module::Qkv,
-                            c.qkv_rows(),
-                            models::gpt::qkv_rows_of(c, 2),
-                            (0, h),
-                        ),
-                        "self_attn.o_proj" => (Module::Proj, h, vec![(0, h)], (0, c.heads * d)),
-                        "mlp.gate_proj" => (Module::Fc1, 2 * f, vec![(0, f)], (0, h)),
-                        "mlp.up_proj" => (Module::Fc1, 2 * f, vec![(f, f)], (0, h)),
-                        "mlp.down_proj" => (Module::Fc2, h, vec![(0, h)], (0, f)),
-                        _ => return None,
-                    };
+                // Every HF tensor is rows of one Megatron tensor: the adapter of that
+                // module updates exactly those rows.
+                let placed = t.inputs.first().and_then(|first| {
+                    let (module, layer, fused) = megatron_bridge::weight_of_chunk(
+                        &base.tensors[first.tensor],
+                        &first.offsets,
+                        &first.sizes,
+                    )?;
+                    let n = first.sizes.len();
+                    let runs: Vec<(u64, u64)> = t
+                        .inputs
+                        .iter()
+                        .map(|i| (i.offsets[n - 2], i.sizes[n - 2]))
+                        .collect();
+                    let cols = (first.offsets[n - 1], first.sizes[n - 1]);
                     planner.updates(module, layer, fused, &runs, cols, t.inputs.len())
                 });
                 hf_merges.push(placed.map(|p| {
@@ -871,16 +841,18 @@ fn run_bridge(
                 }
             }
             let out_dtype = tensors.first().map(|t| t.dtype);
-            let mut hplan = super::plan_hf(tensors, &sharding)?;
+            let mut hplan = crate::plan::tensor::plan_hf(tensors, &sharding)?;
             for (piece, m) in hplan.pieces.iter_mut().zip(hf_merges) {
                 piece.merge = m;
             }
             hplan.skipped = built.skipped;
-            super::copy_side_files(&mut hplan, &hf::side_files(dir)?, "");
-            super::copy_side_files(&mut hplan, &tokenizer_of(&base_path)?, "");
-            super::copy_side_files(&mut hplan, &tokenizer_of(&adapter_dir)?, "");
-            let mapping = mapping.as_ref().expect("a dense mapping exists");
-            if let Some(config) = mapping.export_config(hf_config.as_ref(), out_dtype) {
+            crate::plan::tensor::copy_side_files(&mut hplan, &hf::side_files(dir)?, "");
+            crate::plan::tensor::copy_side_files(&mut hplan, &tokenizer_of(&base_path)?, "");
+            crate::plan::tensor::copy_side_files(&mut hplan, &tokenizer_of(&adapter_dir)?, "");
+            if let Some(config) = hf_config
+                .as_ref()
+                .and_then(|c| models::Model::export_config(c, out_dtype))
+            {
                 hplan.copied.retain(|c| c.rel != "config.json");
                 hplan.generated.push(Generated {
                     rel: "config.json".into(),
@@ -888,10 +860,10 @@ fn run_bridge(
                 });
             }
             let mut sources = vec![
-                super::megatron_source_info("base_megatron_path", &base),
+                crate::pipeline::megatron_source_info("base_megatron_path", &base),
                 adapter_source(),
             ];
-            sources.push(super::hf_source_info(
+            sources.push(crate::pipeline::hf_source_info(
                 if hf_model.is_some() {
                     "hf_model_id"
                 } else {
@@ -902,22 +874,22 @@ fn run_bridge(
             ));
             let mut hwarnings = warnings.clone();
             hwarnings.extend(built.warnings);
-            Some(super::stage(
+            Some(crate::pipeline::stage(
                 STEP,
-                params,
+                params.all(),
                 hplan,
                 &stores,
                 sources,
                 Target {
                     dir: out,
-                    kind: "checkpoint_hf".into(),
+                    kind: ArtifactKind::CheckpointHf,
                     run_dir: None,
                     reference: None,
                     hf_model: None,
                 },
                 opts,
                 progress,
-                hwarnings,
+                params.with_ignored(hwarnings),
                 None,
             )?)
         }
@@ -939,11 +911,4 @@ fn run_bridge(
         }
         None => Ok(megatron_report),
     }
-}
-
-/// `model.layers.{l}.{module}.weight` → (l, module).
-fn hf_weight(name: &str) -> Option<(u64, &str)> {
-    let rest = name.strip_prefix("model.layers.")?;
-    let (l, tail) = rest.split_once('.')?;
-    Some((l.parse().ok()?, tail.strip_suffix(".weight")?))
 }

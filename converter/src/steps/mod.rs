@@ -1,9 +1,7 @@
 //! The conversion steps, in the vocabulary users already type:
-//! `convert/hf_to_megatron`, `convert/megatron_to_hf` and `convert/merge_lora`.
-//!
-//! Every step runs the same stages: preflight (parameters and paths), plan (from
-//! headers), execute (stream tensors into a staging directory), publish (manifest,
-//! atomic rename), and returns a [`Report`].
+//! `convert/hf_to_megatron`, `convert/megatron_to_hf`, `convert/merge_lora` and
+//! `convert/validate`. Each builds its typed request from the parameters
+//! ([`params`]), plans, and hands the plan to the [`crate::pipeline`].
 
 pub mod hf_to_megatron;
 pub mod megatron_to_hf;
@@ -11,672 +9,123 @@ pub mod merge_lora;
 pub mod params;
 pub mod validate;
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::time::Instant;
-
-use serde::Serialize;
-
-use crate::dtype::DType;
-use crate::error::Error;
-use crate::execute::{self, Outcome, Progress};
-use crate::formats::hf::{self, SideFile};
-use crate::layout::{self, DcpBytesSpec, DcpChunkSpec, HfTensorSpec, Sharding};
-use crate::manifest::{self, Manifest};
-use crate::plan::{Copied, Generated, Input, Plan, PlanError, RowGather, TensorStore};
-use crate::publish::Staging;
-
 pub use params::Params;
 
-/// Settings shared by every step.
-#[derive(Debug, Clone)]
-pub struct RunOptions {
-    /// Print the plan and stop.
-    pub dry_run: bool,
-    /// Replace an existing output.
-    pub overwrite: bool,
-    /// Validate the output before publishing it.
-    pub validate: bool,
-    /// Include the numeric smoke test in that validation (`smoke_test=false`
-    /// skips only the forward pass or merge probe).
-    pub smoke_test: bool,
-    /// Execution settings.
-    pub exec: execute::Options,
-}
+use ckpt_wire::Step;
 
-impl Default for RunOptions {
-    fn default() -> Self {
-        RunOptions {
-            dry_run: false,
-            overwrite: false,
-            validate: true,
-            smoke_test: true,
-            exec: execute::Options::default(),
-        }
-    }
-}
+use crate::execute::Progress;
+use crate::pipeline::error::Error;
+use crate::pipeline::{Report, RunOptions};
 
-/// The result of a step, printed as a summary or as JSON (`--json`).
-#[derive(Debug, Clone, Serialize)]
-pub struct Report {
-    /// The step.
-    pub step: String,
-    /// `succeeded` or `planned` (dry run).
-    pub status: String,
-    /// The output directory.
-    pub output: PathBuf,
-    /// `checkpoint_hf` or `checkpoint_megatron`.
-    pub kind: String,
-    /// Tensors written (or planned).
-    pub tensors: usize,
-    /// Tensor bytes.
-    pub tensor_bytes: u64,
-    /// Files written.
-    pub files: usize,
-    /// Wall time.
-    pub seconds: f64,
-    /// Tensor bytes per second.
-    pub bytes_per_second: f64,
-    /// Most bytes of pieces in flight at once.
-    pub peak_in_flight_bytes: u64,
-    /// Layout-independent digest of the output tensors.
-    pub weights_digest: String,
-    /// The manifest written with the output.
-    pub manifest: Option<PathBuf>,
-    /// The validation run before publishing (unless `validate=false`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub validation: Option<ValidationSummary>,
-    /// The plan, one line per output tensor (dry run only).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub plan: Vec<String>,
-    /// Source tensors not converted, with the reason.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub skipped: Vec<String>,
-    /// Things the user should know.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub warnings: Vec<String>,
-    /// Further outputs of the same step, published with this one (the merged
-    /// Megatron checkpoint of `convert/merge_lora backend=megatron_bridge`).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub other_outputs: Vec<Report>,
-}
-
-/// What validation found, in a report.
-#[derive(Debug, Clone, Serialize)]
-pub struct ValidationSummary {
-    /// Checks that held.
-    pub passed: usize,
-    /// Checks that failed.
-    pub failed: usize,
-    /// Time taken.
-    pub seconds: f64,
-    /// The full report next to the output.
-    pub report: PathBuf,
-    /// The smoke test's outcome: `passed`, `failed`, `not_applicable`, or absent
-    /// when skipped (`smoke_test=false`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub smoke_test: Option<String>,
-    /// The smoke test's largest absolute logit difference (for merges, the
-    /// largest probe residual).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub smoke_test_max_abs_diff: Option<f64>,
-}
-
-/// One output tensor of an HF checkpoint and how to make it.
-#[derive(Debug, Clone)]
-pub struct TensorOut {
-    /// HF name.
-    pub name: String,
-    /// Output dtype.
-    pub dtype: DType,
-    /// Shape.
-    pub shape: Vec<u64>,
-    /// Source boxes.
-    pub inputs: Vec<Input>,
-    /// Row gather.
-    pub gather: RowGather,
-    /// The transform, in words.
-    pub transform: String,
-}
-
-/// One chunk of a Megatron tensor and how to make it.
-#[derive(Debug, Clone)]
-pub struct ChunkOut {
-    /// The DCP key.
-    pub fqn: String,
-    /// Global shape of the key.
-    pub global_shape: Vec<u64>,
-    /// Chunk start.
-    pub offsets: Vec<u64>,
-    /// Chunk extent.
-    pub sizes: Vec<u64>,
-    /// Output dtype.
-    pub dtype: DType,
-    /// Source boxes.
-    pub inputs: Vec<Input>,
-    /// Row gather.
-    pub gather: RowGather,
-    /// The transform, in words.
-    pub transform: String,
-}
-
-/// Elements per row of a tensor of `shape` (its last axis; 1 for 0-d and 1-d).
-pub fn row_len(shape: &[u64]) -> u64 {
-    if shape.len() >= 2 {
-        shape[shape.len() - 1]
-    } else {
-        1
-    }
-}
-
-/// Rows of a tensor of `shape`.
-pub fn rows(shape: &[u64]) -> u64 {
-    shape.iter().product::<u64>() / row_len(shape).max(1)
-}
-
-/// The dtype a tensor is written in: floats take `to`, others keep theirs.
-pub fn out_dtype(from: DType, to: Option<DType>) -> DType {
-    match to {
-        Some(to) if from.is_float() && from != to => to,
-        _ => from,
-    }
-}
-
-/// Describes a copy or cast.
-pub fn copy_transform(from: DType, to: DType) -> String {
-    if from == to {
-        "copy".into()
-    } else {
-        format!("cast {from}→{to}")
-    }
-}
-
-/// Plans an HF checkpoint from `tensors` (in state-dict order).
+/// Runs a conversion step: reads the parameters every conversion takes
+/// (`validate`, `smoke_test`) into `opts`, then the step's own.
 ///
 /// # Errors
-/// [`PlanError`] if a header cannot be laid out.
-pub fn plan_hf(tensors: Vec<TensorOut>, sharding: &Sharding) -> Result<Plan, PlanError> {
-    let specs: Vec<HfTensorSpec> = tensors
-        .iter()
-        .map(|t| HfTensorSpec {
-            name: t.name.clone(),
-            dtype: t.dtype,
-            shape: t.shape.clone(),
-        })
-        .collect();
-    let l = layout::hf(&specs, sharding, 0)?;
-    let mut plan = Plan {
-        files: l.files,
-        ..Plan::default()
-    };
-    plan.generated.extend(l.index);
-    for (t, dest) in tensors.into_iter().zip(l.dests) {
-        plan.pieces.push(crate::plan::Piece {
-            name: t.name,
-            dtype: t.dtype,
-            shape: t.shape,
-            inputs: t.inputs,
-            gather: t.gather,
-            dest,
-            transform: t.transform,
-            merge: None,
-        });
-    }
-    Ok(plan)
-}
-
-/// Plans the data of a Megatron iteration directory from `chunks` and `bytes`
-/// items over `nfiles` `.distcp` files.
-pub fn plan_megatron(chunks: Vec<ChunkOut>, bytes: &[DcpBytesSpec], nfiles: usize) -> Plan {
-    let specs: Vec<DcpChunkSpec> = chunks
-        .iter()
-        .map(|c| DcpChunkSpec {
-            fqn: c.fqn.clone(),
-            dtype: c.dtype,
-            global_shape: c.global_shape.clone(),
-            offsets: c.offsets.clone(),
-            sizes: c.sizes.clone(),
-        })
-        .collect();
-    let l = layout::dcp(&specs, bytes, nfiles, 0);
-    let mut plan = Plan {
-        files: l.files,
-        ..Plan::default()
-    };
-    plan.generated.push(Generated {
-        rel: ".metadata".into(),
-        bytes: l.metadata,
-    });
-    for (c, dest) in chunks.into_iter().zip(l.dests) {
-        let name = if c.sizes == c.global_shape {
-            c.fqn
-        } else {
-            format!("{}[{}]", c.fqn, crate::plan::box_text(&c.offsets, &c.sizes))
-        };
-        plan.pieces.push(crate::plan::Piece {
-            name,
-            dtype: c.dtype,
-            shape: c.sizes,
-            inputs: c.inputs,
-            gather: c.gather,
-            dest,
-            transform: c.transform,
-            merge: None,
-        });
-    }
-    plan
-}
-
-/// Adds copies of `files` under `prefix` (e.g. `tokenizer/`); later lists win over
-/// earlier ones for the same output path.
-pub fn copy_side_files(plan: &mut Plan, files: &[SideFile], prefix: &str) {
-    for f in files {
-        let rel = format!("{prefix}{}", f.rel);
-        plan.copied.retain(|c| c.rel != rel);
-        plan.copied.push(Copied {
-            rel,
-            from: f.path.clone(),
-            kind: serde_json::to_value(f.kind)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default(),
-        });
-    }
-}
-
-/// Tokenizer and chat-template files of a side-file list.
-pub fn tokenizer_files(files: &[SideFile]) -> Vec<SideFile> {
-    files
-        .iter()
-        .filter(|f| {
-            matches!(
-                f.kind,
-                hf::SideFileKind::Tokenizer | hf::SideFileKind::ChatTemplate
-            )
-        })
-        .cloned()
-        .collect()
-}
-
-/// An input's identity for the manifest.
-pub struct SourceInfo {
-    /// The parameter that named it.
-    pub role: String,
-    /// Its path.
-    pub path: PathBuf,
-    /// Its artifact kind.
-    pub kind: String,
-    /// Files with header digests.
-    pub files: Vec<manifest::SourceFile>,
-}
-
-/// Identity of an HF model directory: its shards with header digests (when it
-/// has weights), and the digests of its config and index.
-pub fn hf_source_info(role: &str, dir: &Path, ckpt: Option<&hf::HfCheckpoint>) -> SourceInfo {
-    let mut files: Vec<manifest::SourceFile> = ckpt
-        .map(|c| c.headers.as_slice())
-        .unwrap_or_default()
-        .iter()
-        .map(|(name, header)| manifest::SourceFile {
-            path: name.clone(),
-            size: std::fs::metadata(dir.join(name)).map_or(0, |m| m.len()),
-            header_xxh3: Some(crate::digest::hex(header)),
-        })
-        .collect();
-    for name in ["config.json", hf::INDEX_FILE] {
-        if let Ok(bytes) = std::fs::read(dir.join(name)) {
-            files.push(manifest::SourceFile {
-                path: name.into(),
-                size: bytes.len() as u64,
-                header_xxh3: Some(crate::digest::hex(&bytes)),
-            });
-        }
-    }
-    SourceInfo {
-        role: role.into(),
-        path: dir.to_owned(),
-        kind: "checkpoint_hf".into(),
-        files,
-    }
-}
-
-/// Identity of a Megatron source: its `.metadata` digest and data files.
-pub fn megatron_source_info(
-    role: &str,
-    ckpt: &crate::formats::megatron::MegatronCheckpoint,
-) -> SourceInfo {
-    let mut files = vec![manifest::SourceFile {
-        path: ".metadata".into(),
-        size: ckpt.metadata_bytes.len() as u64,
-        header_xxh3: Some(crate::digest::hex(&ckpt.metadata_bytes)),
-    }];
-    for f in ckpt.files.iter() {
-        files.push(manifest::SourceFile {
-            path: f
-                .path
-                .strip_prefix(&ckpt.dir)
-                .unwrap_or(&f.path)
-                .to_string_lossy()
-                .into_owned(),
-            size: f.len(),
-            header_xxh3: None,
-        });
-    }
-    SourceInfo {
-        role: role.into(),
-        path: ckpt.dir.clone(),
-        kind: "checkpoint_megatron".into(),
-        files,
-    }
-}
-
-/// Where and how the output is published.
-pub struct Target {
-    /// The directory that receives the plan's files.
-    pub dir: PathBuf,
-    /// `checkpoint_hf` or `checkpoint_megatron`.
-    pub kind: String,
-    /// For Megatron outputs: the run directory and iteration, whose tracker files
-    /// are updated after the iteration directory is in place.
-    pub run_dir: Option<(PathBuf, u64)>,
-    /// The model the output was converted from, whose forward pass the output's
-    /// must reproduce (the smoke test), when the mapping is a family's.
-    pub reference: Option<PathBuf>,
-    /// The HF model whose config.json describes a Megatron side without a usable
-    /// run_config.yaml.
-    pub hf_model: Option<PathBuf>,
-}
-
-/// Runs a plan and publishes it: staging, execute, manifest, rename, trackers.
-///
-/// # Errors
-/// [`Error`] from any stage; a failure leaves no target.
-#[allow(clippy::too_many_arguments)]
-pub fn execute_and_publish(
-    step: &str,
-    params: &Params,
-    plan: Plan,
-    stores: &[&dyn TensorStore],
-    sources: Vec<SourceInfo>,
-    target: Target,
-    opts: &RunOptions,
+/// [`Error`] from the step; `convert/validate` is not a conversion
+/// ([`validate::run`] runs it).
+pub fn run(
+    step: Step,
+    params: &mut Params,
+    mut opts: RunOptions,
     progress: &dyn Progress,
-    warnings: Vec<String>,
 ) -> Result<Report, Error> {
-    match stage(
-        step, params, plan, stores, sources, target, opts, progress, warnings, None,
-    )? {
-        Prepared::Planned(report) => Ok(report),
-        Prepared::Staged(staged) => staged.commit(progress),
-    }
-}
-
-/// A check of what execution read and wrote, run after the output is complete in
-/// staging and before it is published (a base's identity, computed from its
-/// tensors as they were read). An error leaves nothing published.
-pub type OutcomeCheck<'a> = &'a dyn Fn(&Outcome) -> Result<(), Error>;
-
-/// A plan carried as far as it goes without publishing.
-pub enum Prepared {
-    /// A dry run: the plan, described.
-    Planned(Report),
-    /// An output complete in staging, with its manifest, validated.
-    Staged(Staged),
-}
-
-/// An output complete in staging, validated, waiting for [`Staged::commit`].
-/// Dropping it removes the staging directory.
-pub struct Staged {
-    staging: Staging,
-    report: Report,
-    run_dir: Option<(PathBuf, u64)>,
-    overwrite: bool,
-    started: Instant,
-}
-
-impl Staged {
-    /// Publishes the output: rename into place, then the run directory's trackers.
-    ///
-    /// # Errors
-    /// [`Error::Publish`] when the rename or a tracker write fails.
-    pub fn commit(self, progress: &dyn Progress) -> Result<Report, Error> {
-        let Staged {
-            staging,
-            mut report,
-            run_dir,
-            overwrite,
-            started,
-        } = self;
-        staging.commit(overwrite)?;
-        if let Some((run_dir, iteration)) = &run_dir {
-            crate::publish::write_atomic(
-                &run_dir.join(crate::formats::megatron::TRACKER),
-                iteration.to_string().as_bytes(),
-            )?;
-            crate::publish::write_atomic(
-                &run_dir.join("latest_train_state.pt"),
-                &crate::formats::megatron::train_state_pt(*iteration),
-            )?;
+    // Every step validates its output before publishing unless told not to.
+    opts.validate = params.flag("validate", true)?;
+    opts.smoke_test = params.flag("smoke_test", true)?;
+    match step {
+        Step::HfToMegatron => hf_to_megatron::run(params, &opts, progress),
+        Step::MegatronToHf => megatron_to_hf::run(params, &opts, progress),
+        Step::MergeLora => merge_lora::run(params, &opts, progress),
+        Step::Validate => Err(crate::pipeline::preflight::PreflightError::BadValue {
+            name: "step".into(),
+            value: step.name().into(),
+            expected: "a conversion (convert/validate runs with `ckpt-convert validate`)".into(),
         }
-        progress.finish();
-        report.seconds = started.elapsed().as_secs_f64();
-        report.bytes_per_second = report.tensor_bytes as f64 / report.seconds.max(1e-9);
-        Ok(report)
+        .into()),
     }
 }
 
-/// Runs a plan into a staging directory beside the target: execute, `check`,
-/// manifest, validation. Nothing is published; see [`Staged::commit`].
-///
-/// # Errors
-/// [`Error`] from any stage, or from `check`; the staging directory is removed.
-#[allow(clippy::too_many_arguments)]
-pub fn stage(
-    step: &str,
-    params: &Params,
-    plan: Plan,
-    stores: &[&dyn TensorStore],
-    sources: Vec<SourceInfo>,
-    target: Target,
-    opts: &RunOptions,
-    progress: &dyn Progress,
-    mut warnings: Vec<String>,
-    check: Option<OutcomeCheck<'_>>,
-) -> Result<Prepared, Error> {
-    let started = Instant::now();
-    for p in params.ignored() {
-        warnings.push(format!(
-            "parameter {p} is accepted for compatibility and has no effect here"
-        ));
-    }
-    let skipped: Vec<String> = plan
-        .skipped
-        .iter()
-        .map(|(n, why)| format!("{n}: {why}"))
-        .collect();
-    if opts.dry_run {
-        execute::check(&plan, stores)?;
-        return Ok(Prepared::Planned(Report {
-            step: step.into(),
-            status: "planned".into(),
-            output: target.dir,
-            kind: target.kind,
-            tensors: plan.pieces.len(),
-            tensor_bytes: plan.tensor_bytes(),
-            files: plan.files.len() + plan.generated.len() + plan.copied.len(),
-            seconds: started.elapsed().as_secs_f64(),
-            bytes_per_second: 0.0,
-            peak_in_flight_bytes: 0,
-            weights_digest: String::new(),
-            manifest: None,
-            validation: None,
-            plan: plan.describe(stores),
-            skipped,
-            warnings,
-            other_outputs: Vec::new(),
-        }));
-    }
-    let staging = Staging::new(&target.dir)?;
-    let outcome: Outcome = execute::execute(&plan, stores, staging.path(), &opts.exec, progress)?;
-    if let Some(check) = check {
-        check(&outcome)?;
-    }
-    let side_files = plan
-        .copied
-        .iter()
-        .map(|c| manifest::SideFile {
-            path: c.rel.clone(),
-            kind: c.kind.clone(),
-            from: c.from.display().to_string(),
-            xxh3: outcome
-                .files
-                .iter()
-                .find(|f| f.path == c.rel)
-                .map(|f| f.xxh3.clone())
-                .unwrap_or_default(),
-        })
-        .collect();
-    let m = Manifest {
-        format: "ckpt-manifest".into(),
-        version: 1,
-        tool: manifest::tool(),
-        created: manifest::now_rfc3339(),
-        step: step.into(),
-        parameters: params.all().clone(),
-        output: manifest::Output {
-            kind: target.kind.clone(),
-            iteration: target.run_dir.as_ref().map(|(_, i)| *i),
-            tensors: outcome.pieces,
-            tensor_bytes: outcome.tensor_bytes,
-            weights_digest: outcome.weights_digest.clone(),
-        },
-        files: outcome.files.clone(),
-        provenance: manifest::Provenance {
-            sources: sources
-                .into_iter()
-                .enumerate()
-                .map(|(i, s)| manifest::Source {
-                    role: s.role,
-                    path: s.path.display().to_string(),
-                    kind: s.kind,
-                    weights_digest: outcome.source_digests.get(i).cloned(),
-                    files: s.files,
-                })
-                .collect(),
-            side_files,
-        },
-    };
-    let manifest_path = staging.path().join(manifest::FILE_NAME);
-    crate::publish::write_atomic(&manifest_path, m.to_json().as_bytes())?;
-    // Validate before publishing: an output that fails is never put in place.
-    let validation = if opts.validate {
-        progress.phase("validate", outcome.tensor_bytes);
-        let vopts = crate::validate::Options {
-            reference: target.reference.clone(),
-            hf_model: target.hf_model.clone(),
-            smoke_test: opts.smoke_test,
-        };
-        let mut v = crate::validate::validate_with(staging.path(), &target.kind, false, &vopts);
-        // A merge's smoke test: every merged tensor probed against base + s·B·A.
-        let merged = plan.pieces.iter().any(|p| p.merge.is_some());
-        if opts.smoke_test && target.reference.is_none() && !merged {
-            v.set_smoke_test(
-                crate::validate::SmokeTest {
-                    kind: "forward".into(),
-                    status: "not_applicable".into(),
-                    detail: "not applicable: no reference model for a forward pass (mapping=identity keeps the source's names) and no merged tensors to probe".into(),
-                    comparison: None,
-                    probe: None,
-                },
-                None,
-            );
-        }
-        if opts.smoke_test && merged {
-            let probe_started = Instant::now();
-            let probed = crate::smoke::probe::run(&plan, stores, staging.path(), &target.kind);
-            let (t, diff) = crate::validate::probe_smoke_test(probed);
-            v.set_smoke_test(t, diff);
-            v.seconds += probe_started.elapsed().as_secs_f64();
-        }
-        v.path = target.dir.clone();
-        let mut text = serde_json::to_string_pretty(&v).expect("report serializes");
-        text.push('\n');
-        crate::publish::write_atomic(
-            &staging.path().join(crate::validate::FILE_NAME),
-            text.as_bytes(),
-        )?;
-        if v.failed > 0 {
-            return Err(Error::Validation(format!(
-                "{} of {} checks failed, nothing published: {}",
-                v.failed,
-                v.passed + v.failed,
-                v.failures().join("; ")
-            )));
-        }
-        Some(v)
-    } else {
-        None
-    };
-    let report = Report {
-        step: step.into(),
-        status: "succeeded".into(),
-        output: target.dir.clone(),
-        kind: target.kind,
-        tensors: outcome.pieces,
-        tensor_bytes: outcome.tensor_bytes,
-        files: outcome.files.len() + 1,
-        seconds: 0.0,
-        bytes_per_second: 0.0,
-        peak_in_flight_bytes: outcome.peak_in_flight,
-        weights_digest: outcome.weights_digest,
-        manifest: Some(target.dir.join(manifest::FILE_NAME)),
-        validation: validation.map(|v| ValidationSummary {
-            passed: v.passed,
-            failed: v.failed,
-            seconds: v.seconds,
-            report: target.dir.join(crate::validate::FILE_NAME),
-            smoke_test: v.smoke_test.as_ref().map(|t| t.status.clone()),
-            smoke_test_max_abs_diff: v.smoke_test_max_abs_diff,
-        }),
-        plan: Vec::new(),
-        skipped,
-        warnings,
-        other_outputs: Vec::new(),
-    };
-    Ok(Prepared::Staged(Staged {
-        staging,
-        report,
-        run_dir: target.run_dir,
-        overwrite: opts.overwrite,
-        started,
-    }))
-}
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
 
-/// Resolves an output `megatron_path`: a run directory (we write `iter_NNNNNNN`
-/// inside it) or a path ending in `iter_NNNNNNN` (its parent is the run directory).
-/// Returns (run directory, iteration directory, iteration).
-pub fn resolve_megatron_output(path: &Path, default_iteration: u64) -> (PathBuf, PathBuf, u64) {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    match crate::formats::megatron::parse_iter_dir_name(&name) {
-        Some(iteration) => {
-            let run = path
-                .parent()
-                .map(Path::to_owned)
-                .unwrap_or_else(|| PathBuf::from("."));
-            (run, path.to_owned(), iteration)
-        }
-        None => (
-            path.to_owned(),
-            path.join(crate::formats::megatron::iter_dir_name(default_iteration)),
-            default_iteration,
-        ),
-    }
-}
+    use ckpt_wire::Value;
+    use ckpt_wire::params::Param;
 
-/// The parameters of a step as a sorted map, from `key=value` pairs.
-pub fn param_map<I: IntoIterator<Item = (String, String)>>(pairs: I) -> BTreeMap<String, String> {
-    pairs.into_iter().collect()
+    use super::*;
+    use crate::pipeline::preflight::PreflightError;
+
+    /// A value of the right kind for `p` (paths that do not exist: the request
+    /// is refused after its parameters are read).
+    fn sample(p: &Param, scope: Option<&str>) -> String {
+        match p.value {
+            Value::Path | Value::Model => format!("/nonexistent/ckpt-help-test/{}", p.name),
+            Value::Text | Value::Ignored => "x".into(),
+            Value::Bool => "true".into(),
+            Value::Int { min } => min.max(1).to_string(),
+            Value::Size => "5GB".into(),
+            Value::DType { .. } => "bfloat16".into(),
+            Value::Choice(c) => scope
+                .and_then(|s| s.split_once('='))
+                .filter(|(k, _)| *k == p.name)
+                .map_or(c[0], |(_, v)| v)
+                .to_owned(),
+            Value::Digest => "0".repeat(32),
+            Value::Ints => "1,2".into(),
+        }
+    }
+
+    /// Every documented parameter (of each choice, for merge_lora's backends) is
+    /// read by its step: a run with all of them gets past the parameters and is
+    /// refused only for its paths. Every parameter a step reads is documented:
+    /// reading one outside the table panics.
+    #[test]
+    fn every_documented_parameter_is_accepted() {
+        for step in Step::ALL {
+            let mut scopes: Vec<Option<&str>> = vec![None];
+            for p in step.params() {
+                if p.only.is_some() && !scopes.contains(&p.only) {
+                    scopes.push(p.only);
+                }
+            }
+            if scopes.len() > 1 {
+                scopes.remove(0);
+            }
+            for scope in scopes {
+                let values: BTreeMap<String, String> = step
+                    .params()
+                    .iter()
+                    .filter(|p| p.only.is_none() || p.only == scope)
+                    .map(|p| (p.name.to_owned(), sample(p, scope)))
+                    .collect();
+                let mut params = Params::new(step, values.clone());
+                let result = match step {
+                    Step::Validate => validate::run(&mut params).map(|_| ()),
+                    _ => run(
+                        step,
+                        &mut params,
+                        RunOptions::default(),
+                        &crate::execute::Silent,
+                    )
+                    .map(|_| ()),
+                };
+                let err = result.expect_err("paths that do not exist are refused");
+                assert!(
+                    !matches!(
+                        err,
+                        Error::Preflight(
+                            PreflightError::Unknown { .. } | PreflightError::Missing { .. }
+                        )
+                    ),
+                    "{step} {scope:?}: {err}"
+                );
+                for name in values.keys() {
+                    assert!(
+                        params.was_read(name),
+                        "{step} {scope:?}: documented parameter {name} was not read (the run stopped at: {err})"
+                    );
+                }
+            }
+        }
+    }
 }

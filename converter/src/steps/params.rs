@@ -4,13 +4,15 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use crate::dtype::DType;
-use crate::preflight::PreflightError;
+use ckpt_wire::Step;
+
+use crate::formats::dtype::DType;
+use crate::pipeline::preflight::PreflightError;
 
 /// The raw parameters of one step, consumed as the typed request is built.
 #[derive(Debug, Clone)]
 pub struct Params {
-    step: String,
+    step: Step,
     values: BTreeMap<String, String>,
     known: Vec<&'static str>,
     ignored: Vec<String>,
@@ -18,9 +20,9 @@ pub struct Params {
 
 impl Params {
     /// Wraps the parameters given to `step`.
-    pub fn new(step: &str, values: BTreeMap<String, String>) -> Params {
+    pub fn new(step: Step, values: BTreeMap<String, String>) -> Params {
         Params {
-            step: step.to_owned(),
+            step,
             values,
             known: Vec::new(),
             ignored: Vec::new(),
@@ -33,6 +35,13 @@ impl Params {
     }
 
     fn mark(&mut self, name: &'static str) {
+        // Only the step's table is documented and accepted; reading anything else
+        // is a bug, caught by any test that runs the step.
+        assert!(
+            self.step.param(name).is_some(),
+            "{}: parameter {name} is read but not in the step's table (ckpt_wire::params)",
+            self.step
+        );
         if !self.known.contains(&name) {
             self.known.push(name);
         }
@@ -59,7 +68,7 @@ impl Params {
     /// [`PreflightError::Missing`] with `hint`.
     pub fn required(&mut self, name: &'static str, hint: &str) -> Result<String, PreflightError> {
         self.opt(name).ok_or_else(|| PreflightError::Missing {
-            step: self.step.clone(),
+            step: self.step.name().into(),
             name: name.into(),
             hint: hint.into(),
         })
@@ -167,21 +176,46 @@ impl Params {
         }
     }
 
-    /// Parameters that tools in the same vocabulary pass but that do not apply here
-    /// (`trust_remote_code`: we never run model code; `device_map`: we use no device).
-    /// They are accepted so existing command lines work, and reported as ignored.
-    pub fn accept_ignored(&mut self, names: &[&'static str]) {
-        for &n in names {
-            self.mark(n);
-            if self.values.contains_key(n) {
-                self.ignored.push(n.to_owned());
+    /// Accepts the parameters that tools in the same vocabulary pass but that do
+    /// not apply here (`trust_remote_code`: we never run model code; `device_map`:
+    /// we use no device): those the step's table marks ignored. They are accepted
+    /// so existing command lines work, and reported as ignored.
+    pub fn accept_ignored(&mut self) {
+        for p in self.step.params() {
+            if matches!(p.value, ckpt_wire::Value::Ignored) {
+                self.mark(p.name);
+                if self.values.contains_key(p.name) {
+                    self.ignored.push(p.name.to_owned());
+                }
             }
         }
+    }
+
+    /// Whether the step has read `name` (or its alias).
+    pub fn was_read(&self, name: &str) -> bool {
+        self.known
+            .iter()
+            .any(|k| *k == name || self.step.param(k).is_some_and(|p| p.alias == Some(name)))
+    }
+
+    /// The step.
+    pub fn step(&self) -> Step {
+        self.step
     }
 
     /// The accepted-but-ignored parameters that were given.
     pub fn ignored(&self) -> &[String] {
         &self.ignored
+    }
+
+    /// `warnings`, with one for each accepted-but-ignored parameter given.
+    pub fn with_ignored(&self, mut warnings: Vec<String>) -> Vec<String> {
+        for p in &self.ignored {
+            warnings.push(format!(
+                "parameter {p} is accepted for compatibility and has no effect here"
+            ));
+        }
+        warnings
     }
 
     /// Refuses parameters the step did not ask for.
@@ -197,7 +231,7 @@ impl Params {
             let mut known: Vec<&str> = self.known.clone();
             known.sort_unstable();
             return Err(PreflightError::Unknown {
-                step: self.step.clone(),
+                step: self.step.name().into(),
                 name: k.clone(),
                 known: known.join(", "),
             });

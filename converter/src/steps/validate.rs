@@ -16,18 +16,20 @@
 //! Nothing here writes into `path` except the report `ckpt-validation.json`
 //! beside an output that has our manifest; a source is never modified or deleted.
 
+use ckpt_wire::ArtifactKind;
+use ckpt_wire::Step;
 use std::path::{Path, PathBuf};
 
-use crate::error::Error;
 use crate::formats::{hf, megatron};
-use crate::preflight::PreflightError;
+use crate::pipeline::error::Error;
+use crate::pipeline::preflight::PreflightError;
 use crate::smoke;
 use crate::validate::{self, Report};
 
 use super::Params;
 
-/// The step name.
-pub const STEP: &str = "convert/validate";
+/// The step.
+pub const STEP: Step = Step::Validate;
 
 /// The default prompt of `generate=true`.
 pub const DEFAULT_PROMPT: &str = "The capital of France is";
@@ -38,7 +40,7 @@ pub struct Request {
     /// The directory validated (an iteration directory for Megatron).
     pub dir: PathBuf,
     /// `checkpoint_hf` or `checkpoint_megatron`.
-    pub kind: String,
+    pub kind: ArtifactKind,
     /// What validation runs.
     pub options: validate::Options,
     /// Greedy decoding after this prompt.
@@ -74,11 +76,11 @@ pub fn resolve_dir(name: &'static str, path: &Path) -> Result<PathBuf, Preflight
 }
 
 /// The kind of checkpoint in `dir`.
-pub fn kind_of(dir: &Path) -> &'static str {
+pub fn kind_of(dir: &Path) -> ArtifactKind {
     if dir.join(".metadata").is_file() {
-        "checkpoint_megatron"
+        ArtifactKind::CheckpointMegatron
     } else {
-        "checkpoint_hf"
+        ArtifactKind::CheckpointHf
     }
 }
 
@@ -122,7 +124,7 @@ impl Request {
             .transpose()?;
         let hf_model = hf_model_id.as_deref().map(hf::resolve_model).transpose()?;
         Ok(Request {
-            kind: kind_of(&dir).into(),
+            kind: kind_of(&dir),
             dir,
             options: validate::Options {
                 reference,
@@ -146,7 +148,7 @@ impl Request {
 /// cannot run (exit 1). Failed checks are in the report, not an error.
 pub fn run(params: &mut Params) -> Result<Report, Error> {
     let req = Request::from_params(params)?;
-    let mut report = validate::validate_with(&req.dir, &req.kind, true, &req.options);
+    let mut report = validate::validate_with(&req.dir, req.kind, true, &req.options);
     let hf_model = req.options.hf_model.as_deref();
     if req.generate.is_some() || req.dump_logits.is_some() {
         let model = smoke::Model::open(&req.dir, hf_model)
@@ -171,7 +173,7 @@ pub fn run(params: &mut Params) -> Result<Report, Error> {
             write_logits(out, &tokens, &logits)?;
         }
     }
-    if req.dir.join(crate::manifest::FILE_NAME).is_file() {
+    if req.dir.join(crate::formats::manifest::FILE_NAME).is_file() {
         let mut text = serde_json::to_string_pretty(&report).expect("report serializes");
         text.push('\n');
         // A read-only output still validates; the report is then only printed.

@@ -4,9 +4,9 @@
 //! `LlamaForCausalLM` family, Megatron-Core's `GPTModel` with SwiGLU), so a
 //! mapping that drops, adds or mis-shapes a tensor fails validation.
 
-use crate::dtype::DType;
+use crate::formats::dtype::DType;
+use crate::formats::source::GlobalTensor;
 use crate::smoke::Arch;
-use crate::source::GlobalTensor;
 
 /// One expected tensor (or a set of spellings of it).
 #[derive(Debug, Clone, PartialEq, Eq)]

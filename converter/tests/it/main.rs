@@ -3,6 +3,7 @@
 
 mod bad_inputs;
 mod cli;
+mod layers;
 mod merge_lora;
 mod preflight;
 mod publish;

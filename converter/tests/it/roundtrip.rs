@@ -1,7 +1,7 @@
 //! HF → Megatron → HF is bit-identical for every dense family, and never touches
 //! the source.
 
-use ckpt_convert::dtype::DType;
+use ckpt_convert::formats::dtype::DType;
 use ckpt_convert::formats::hf::HfCheckpoint;
 use ckpt_convert::formats::megatron::MegatronCheckpoint;
 use ckpt_convert::synthetic::ModelShape;
@@ -110,7 +110,7 @@ fn every_family_round_trips_bit_identically() {
             assert_eq!(&b.shard_of[t], shard, "{name}: {t}");
         }
         for dir in [iter.clone(), w.path("back")] {
-            let v = ckpt_convert::manifest::verify(&dir).unwrap();
+            let v = ckpt_convert::formats::manifest::verify(&dir).unwrap();
             assert!(v.problems.is_empty(), "{name}: {:?}", v.problems);
         }
     }
@@ -174,7 +174,7 @@ fn megatron_layout_is_what_megatron_core_saves() {
     assert!(m.byte_items.iter().any(|b| b.fqn == "decoder.layers.self_attention.core_attention._extra_state/shard_2_3"));
     // The padded rows are zeros; the fc1 chunks are the gate rows then the up rows.
     let emb = m.tensor("embedding.word_embeddings.weight").unwrap();
-    let bytes = ckpt_convert::source::read_box(&m.files, emb, &[130, 0], &[126, 64]);
+    let bytes = ckpt_convert::formats::source::read_box(&m.files, emb, &[130, 0], &[126, 64]);
     assert!(bytes.iter().all(|&b| b == 0));
     let fc1 = m.tensor("decoder.layers.mlp.linear_fc1.weight").unwrap();
     let offsets: Vec<Vec<u64>> = fc1.chunks.iter().map(|c| c.offsets.clone()).collect();
@@ -182,7 +182,8 @@ fn megatron_layout_is_what_megatron_core_saves() {
     let hf = HfCheckpoint::open(&src).unwrap();
     let up = hf.tensor("model.layers.1.mlp.up_proj.weight").unwrap();
     assert_eq!(
-        ckpt_convert::source::read_box(&m.files, fc1, &[1, 128, 0], &[1, 128, 64]).as_ref(),
+        ckpt_convert::formats::source::read_box(&m.files, fc1, &[1, 128, 0], &[1, 128, 64])
+            .as_ref(),
         hf.files.slice(up.chunks[0].footprint())
     );
     let tracker = std::fs::read_to_string(w.path("meg/latest_checkpointed_iteration.txt")).unwrap();
@@ -207,7 +208,7 @@ fn qkv_is_interleaved_per_query_group() {
         .tensor("decoder.layers.self_attention.linear_qkv.weight")
         .unwrap();
     let row = 64 * 2; // bf16 row bytes
-    let layer = ckpt_convert::source::read_box(&m.files, qkv, &[2, 0, 0], &[1, 128, 64]);
+    let layer = ckpt_convert::formats::source::read_box(&m.files, qkv, &[2, 0, 0], &[1, 128, 64]);
     let get = |n: &str| {
         hf.files
             .slice(

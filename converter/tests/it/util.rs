@@ -42,7 +42,13 @@ impl Workdir {
                     stack.push(p);
                 } else {
                     let bytes = std::fs::read(&p).unwrap();
-                    out.insert(p, (bytes.len() as u64, ckpt_convert::digest::hex(&bytes)));
+                    out.insert(
+                        p,
+                        (
+                            bytes.len() as u64,
+                            ckpt_convert::formats::digest::hex(&bytes),
+                        ),
+                    );
                 }
             }
         }

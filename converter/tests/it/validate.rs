@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use ckpt_convert::formats::megatron::MegatronCheckpoint;
-use ckpt_convert::source::ChunkData;
+use ckpt_convert::formats::source::ChunkData;
 use ckpt_convert::synthetic::ModelShape;
 
 use crate::util::{Workdir, kv, run};

@@ -3,8 +3,32 @@
 //! `checkpoint` (format, no optimizer or RNG state), `model` (the provider and its
 //! fields, so `load_model_config` can rebuild the model), `tokenizer`.
 
-use crate::dtype::DType;
-use crate::models::Parallelism;
+use crate::formats::dtype::DType;
+
+/// The parallel layout a Megatron checkpoint is meant for (recorded in its
+/// `run_config.yaml`; the tensors are stored whole whatever it is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parallelism {
+    /// Tensor parallel size.
+    pub tp: u64,
+    /// Pipeline parallel size.
+    pub pp: u64,
+    /// Expert parallel size.
+    pub ep: u64,
+    /// Expert tensor parallel size.
+    pub etp: u64,
+}
+
+impl Default for Parallelism {
+    fn default() -> Self {
+        Parallelism {
+            tp: 1,
+            pp: 1,
+            ep: 1,
+            etp: 1,
+        }
+    }
+}
 
 /// A YAML scalar or list of scalars.
 #[derive(Debug, Clone, PartialEq)]

@@ -14,16 +14,26 @@
 //!                 "side_files": [{"path": "tokenizer/tokenizer.json", "kind": "tokenizer",
 //!                                 "from": "…", "xxh3": "…"}]}}
 //! ```
-//! Digests are XXH3-128 ([`crate::digest`]); `xxh3` is of the whole file
+//! Digests are XXH3-128 ([`crate::formats::digest`]); `xxh3` is of the whole file
 //! (`xxhsum -H2`), `weights_digest` is layout independent (see
 //! [`crate::execute::Outcome::weights_digest`]).
 
+use ckpt_wire::ArtifactKind;
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::execute::FileRecord;
+/// One written file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FileRecord {
+    /// Path relative to the output root.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// XXH3-128 of the whole file (hex), as `xxhsum -H2` prints it.
+    pub xxh3: String,
+}
 
 /// The manifest file name.
 pub const FILE_NAME: &str = "ckpt-manifest.json";
@@ -41,7 +51,7 @@ pub struct Tool {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Output {
     /// `checkpoint_hf` or `checkpoint_megatron`.
-    pub kind: String,
+    pub kind: ArtifactKind,
     /// The Megatron iteration, for Megatron outputs.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub iteration: Option<u64>,
@@ -74,7 +84,7 @@ pub struct Source {
     /// Its path.
     pub path: String,
     /// `checkpoint_hf`, `checkpoint_megatron`, `checkpoint_lora`.
-    pub kind: String,
+    pub kind: ArtifactKind,
     /// Digest of the tensors read from it (same scheme as the output's).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub weights_digest: Option<String>,
@@ -234,7 +244,7 @@ pub fn verify(dir: &Path) -> Result<Verification, String> {
     for f in &m.files {
         let path = dir.join(&f.path);
         v.files += 1;
-        match crate::digest::file(&path) {
+        match crate::formats::digest::file(&path) {
             Err(e) => v.problems.push(format!("{}: {e}", f.path)),
             Ok((size, digest)) => {
                 v.bytes += size;

@@ -19,7 +19,7 @@
 
 use rayon::prelude::*;
 
-use crate::dtype::DType;
+use crate::formats::dtype::DType;
 use crate::plan::{LoraMerge, Operand, Update};
 
 /// Elements of the weight handled by one task.

@@ -11,12 +11,16 @@
 //! A LoRA merge is not a row gather: the values change. A piece may carry a
 //! [`LoraMerge`], a second stage applied to the gathered rows (the base weight)
 //! with further inputs (the adapter's matrices); the kernels are in
-//! [`crate::lora::merge`].
+//! [`crate::plan::merge`].
+
+pub mod layout;
+pub mod merge;
+pub mod tensor;
 
 use std::path::PathBuf;
 
-use crate::dtype::DType;
-use crate::source::{Files, GlobalTensor};
+use crate::formats::dtype::DType;
+use crate::formats::source::{Files, GlobalTensor};
 
 /// Something that holds source tensors.
 pub trait TensorStore: Sync {
@@ -368,11 +372,50 @@ pub enum PlanError {
         /// The tensor.
         tensor: String,
         /// The refused cast.
-        source: crate::dtype::CastError,
+        source: crate::formats::dtype::CastError,
     },
-    /// Source and plan disagree (missing tensor, wrong shape).
-    #[error("{0}")]
-    Mismatch(String),
+    /// A tensor the model needs is not in the source.
+    #[error("{}: tensor {tensor:?} is missing (expected {expected})", path.display())]
+    Missing {
+        /// The checkpoint (or file) searched.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// What it should be, and why (`[64, 128] from config.json`).
+        expected: String,
+    },
+    /// A tensor has the wrong shape.
+    #[error("{}: tensor {tensor:?}: expected shape {expected} ({why}), found {found:?}", path.display())]
+    Shape {
+        /// The file holding it.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// The shape expected, in words (`[64, 128]`, `[≥128, 64]`).
+        expected: String,
+        /// The shape found.
+        found: Vec<u64>,
+        /// Where the expectation comes from (`from config.json of LlamaForCausalLM`).
+        why: String,
+    },
+    /// A source tensor has no place in the output; converting would drop it.
+    #[error("{}: tensor {tensor:?} has no place in a {model} with this configuration (refusing to drop weights)", path.display())]
+    Unplaced {
+        /// The file holding it.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// The model it was expected to belong to.
+        model: String,
+    },
+    /// The source contradicts its configuration in another way.
+    #[error("{}: {why}", path.display())]
+    Inconsistent {
+        /// The checkpoint.
+        path: PathBuf,
+        /// What disagrees, with what was expected and found.
+        why: String,
+    },
     /// A format problem while laying out outputs.
     #[error(transparent)]
     Format(#[from] crate::formats::FormatError),

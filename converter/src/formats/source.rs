@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::{Mmap, MmapOptions, UncheckedAdvice};
 
-use crate::dtype::DType;
+use crate::formats::dtype::DType;
 
 /// Index of a file in a [`Files`] set.
 pub type FileId = usize;

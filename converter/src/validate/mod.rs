@@ -20,18 +20,19 @@
 //! `forward` (source and output logits) or `lora_probe` (merged tensors, where
 //! `smoke_test_max_abs_diff` is the largest probe residual).
 
+use ckpt_wire::ArtifactKind;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::dtype::DType;
+use crate::formats::dtype::DType;
 use crate::formats::hf::HfCheckpoint;
+use crate::formats::manifest::{self, Manifest};
 use crate::formats::megatron::{self, MegatronCheckpoint};
-use crate::manifest::{self, Manifest};
+use crate::formats::source::{Files, GlobalTensor};
 use crate::smoke::{self, Arch, SmokeError, probe::ProbeReport};
-use crate::source::{Files, GlobalTensor};
 
 pub mod expected;
 
@@ -57,7 +58,7 @@ pub struct Report {
     /// The directory validated.
     pub path: PathBuf,
     /// `checkpoint_hf` or `checkpoint_megatron`.
-    pub kind: String,
+    pub kind: ArtifactKind,
     /// Checks that held.
     pub passed: usize,
     /// Checks that failed.
@@ -215,12 +216,12 @@ pub fn count_non_finite(dtype: DType, bytes: &[u8]) -> u64 {
 
 /// Validates the output directory `dir`, of `kind`. `published` says whether `dir`
 /// is in its final place (then a Megatron run directory's tracker is checked too).
-pub fn validate(dir: &Path, kind: &str, published: bool) -> Report {
+pub fn validate(dir: &Path, kind: ArtifactKind, published: bool) -> Report {
     validate_with(dir, kind, published, &Options::default())
 }
 
 /// [`validate`], with a smoke test against `opts.reference` when asked for.
-pub fn validate_with(dir: &Path, kind: &str, published: bool, opts: &Options) -> Report {
+pub fn validate_with(dir: &Path, kind: ArtifactKind, published: bool, opts: &Options) -> Report {
     let started = Instant::now();
     let mut checks = Checks(Vec::new());
     let m = Manifest::read(&dir.join(manifest::FILE_NAME));
@@ -241,14 +242,14 @@ pub fn validate_with(dir: &Path, kind: &str, published: bool, opts: &Options) ->
         .and_then(|m| m.parameters.get("mapping"))
         .is_some_and(|v| v == "identity");
     match kind {
-        "checkpoint_hf" => validate_hf(dir, m.as_ref(), identity, &mut checks),
+        ArtifactKind::CheckpointHf => validate_hf(dir, m.as_ref(), identity, &mut checks),
         _ => validate_megatron(dir, m.as_ref(), identity, published, opts, &mut checks),
     }
     let failed = checks.0.iter().filter(|c| !c.passed).count();
     let mut report = Report {
         v: 1,
         path: dir.to_owned(),
-        kind: kind.into(),
+        kind,
         passed: checks.0.len() - failed,
         failed,
         seconds: 0.0,
@@ -363,7 +364,7 @@ fn side_files_check(dir: &Path, m: &Manifest, checks: &mut Checks) {
             problems.push(format!("{} ({}) is missing", f.path, f.kind));
             continue;
         }
-        match crate::digest::file(&path) {
+        match crate::formats::digest::file(&path) {
             Ok((_, d)) if f.xxh3.is_empty() || d == f.xxh3 => {}
             Ok((_, d)) => problems.push(format!(
                 "{} ({}) differs from the provenance recorded at conversion (xxh3 {d}, expected {})",
@@ -396,7 +397,7 @@ fn generation_config_check(dir: &Path, m: &Manifest, checks: &mut Checks) {
         .provenance
         .sources
         .iter()
-        .filter(|s| s.kind == "checkpoint_hf")
+        .filter(|s| s.kind == ArtifactKind::CheckpointHf)
         .map(|s| Path::new(&s.path).join("generation_config.json"))
         .find(|p| p.is_file());
     let present = dir.join("generation_config.json").is_file();
@@ -446,7 +447,7 @@ fn validate_hf(dir: &Path, m: Option<&Manifest>, identity: bool, checks: &mut Ch
     checks.add(
         "config",
         if dir.join("config.json").is_file() {
-            crate::models::read_config(dir)
+            crate::formats::hf::read_config(dir)
                 .map(|_| "config.json is valid JSON".into())
                 .map_err(|e| e.to_string())
         } else {
@@ -560,7 +561,7 @@ fn validate_megatron(
             let from_rc = arch.as_ref().is_ok_and(|(_, s)| s == "run_config.yaml");
             if let Ok((a, _)) = &arch
                 && !identity
-                && m.is_some_and(|m| m.step == crate::steps::hf_to_megatron::STEP)
+                && m.is_some_and(|m| m.step == ckpt_wire::Step::HfToMegatron.name())
             {
                 checks.add("vocab padding", padding_check(&ckpt, a.vocab));
             }

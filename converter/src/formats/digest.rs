@@ -9,7 +9,7 @@ use std::path::Path;
 
 use xxhash_rust::xxh3::{Xxh3, xxh3_128};
 
-use crate::source::MappedFile;
+use crate::formats::source::MappedFile;
 
 /// The hex digest of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {

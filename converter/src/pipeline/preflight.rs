@@ -1,7 +1,9 @@
 //! Preflight: the refusals that need no tensor data, checked before anything is
 //! written. Each one names the parameter, what was expected and what was found.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
+
+use crate::paths::normalize;
 
 /// A refusal before any work starts (exit code 2).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -67,43 +69,6 @@ pub enum PreflightError {
     /// The model or its options are not supported.
     #[error("{0}")]
     Unsupported(String),
-}
-
-/// Makes `p` absolute and lexically normal, resolving symlinks of the part that
-/// exists (so two spellings of one directory compare equal).
-pub fn normalize(p: &Path) -> PathBuf {
-    let abs = if p.is_absolute() {
-        p.to_owned()
-    } else {
-        std::env::current_dir().unwrap_or_default().join(p)
-    };
-    let mut clean = PathBuf::new();
-    for c in abs.components() {
-        match c {
-            Component::ParentDir => {
-                clean.pop();
-            }
-            Component::CurDir => {}
-            other => clean.push(other),
-        }
-    }
-    // Canonicalize the longest existing ancestor, keep the rest as written.
-    let mut existing = clean.clone();
-    let mut rest = Vec::new();
-    while !existing.exists() {
-        match existing.file_name() {
-            Some(name) => {
-                rest.push(name.to_owned());
-                existing.pop();
-            }
-            None => break,
-        }
-    }
-    let mut out = std::fs::canonicalize(&existing).unwrap_or(existing);
-    for name in rest.into_iter().rev() {
-        out.push(name);
-    }
-    out
 }
 
 /// Refuses an output equal to, inside, or containing an input.

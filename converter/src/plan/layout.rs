@@ -4,8 +4,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::dtype::DType;
 use crate::formats::dcp::{BytesEntry, Chunk, DcpMetadata, StorageRef, TensorEntry};
+use crate::formats::dtype::DType;
 use crate::formats::hf::{INDEX_FILE, assign_shards, index_json, nbytes, shard_name};
 use crate::formats::{FormatError, safetensors, torch_save, torch_zip};
 use crate::plan::{Dest, Generated, OutFile};

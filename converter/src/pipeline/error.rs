@@ -3,8 +3,9 @@
 use crate::execute::ExecuteError;
 use crate::formats::FormatError;
 use crate::lora::LoraError;
+use crate::models::ModelError;
+use crate::pipeline::preflight::PreflightError;
 use crate::plan::PlanError;
-use crate::preflight::PreflightError;
 use crate::publish::PublishError;
 
 /// Any failure of a step.
@@ -20,6 +21,9 @@ pub enum Error {
     /// The plan could not be built (exit 2).
     #[error(transparent)]
     Plan(#[from] PlanError),
+    /// The model's configuration or a parallel size was refused (exit 2).
+    #[error(transparent)]
+    Model(#[from] ModelError),
     /// An adapter was refused: a variant that cannot be merged faithfully, or a
     /// base it does not belong to (exit 2).
     #[error(transparent)]
@@ -39,8 +43,21 @@ impl Error {
     /// 2 for refusals before any output was written, 1 for failures after.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Preflight(_) | Error::Format(_) | Error::Plan(_) | Error::Lora(_) => 2,
+            Error::Preflight(_)
+            | Error::Format(_)
+            | Error::Plan(_)
+            | Error::Model(_)
+            | Error::Lora(_) => 2,
             Error::Execute(_) | Error::Publish(_) | Error::Validation(_) => 1,
+        }
+    }
+}
+
+impl From<crate::models::Error> for Error {
+    fn from(e: crate::models::Error) -> Self {
+        match e {
+            crate::models::Error::Model(m) => Error::Model(m),
+            crate::models::Error::Plan(p) => Error::Plan(p),
         }
     }
 }
