@@ -220,3 +220,23 @@ fn summary(
         has_manifest: path.join(crate::formats::manifest::FILE_NAME).is_file(),
     }
 }
+
+/// Whether `path` names a YAML file (`run_config.yaml`), which `inspect` shows as
+/// the values this tool reads from it.
+pub fn is_yaml(path: &Path) -> bool {
+    path.is_file() && path.extension().is_some_and(|e| e == "yaml" || e == "yml")
+}
+
+/// The values this tool reads from a YAML file, as JSON (sets and tuples become
+/// lists, aliases are resolved), so a user sees how a `run_config.yaml` is
+/// understood.
+///
+/// # Errors
+/// [`FormatError`] naming the file and line.
+pub fn inspect_yaml(path: &Path) -> Result<serde_json::Value, Error> {
+    let text = std::fs::read_to_string(path).map_err(|e| FormatError::Io {
+        path: path.to_owned(),
+        source: e,
+    })?;
+    crate::formats::yaml::parse(&text).map_err(|e| FormatError::file(path, e.to_string()).into())
+}

@@ -79,6 +79,10 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 cli::print_report(&report);
             }
         }
+        Command::Inspect { path, .. } if ckpt_convert::inspect::is_yaml(&path) => {
+            let v = ckpt_convert::inspect::inspect_yaml(&path)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
         Command::Inspect { path, json, all } => {
             let i = ckpt_convert::inspect::inspect(&path)?;
             if json {

@@ -8,7 +8,6 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use half::bf16;
 use rayon::prelude::*;
 
 use crate::formats::dtype::DType;
@@ -224,12 +223,7 @@ pub fn fill(name: &str, dtype: DType, seed: u64, out: &mut [u8]) {
         } else {
             0.05 * u
         };
-        match dtype {
-            DType::BF16 => chunk.copy_from_slice(&bf16::from_f32(v).to_bits().to_le_bytes()),
-            DType::F16 => chunk.copy_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes()),
-            DType::F32 => chunk.copy_from_slice(&v.to_le_bytes()),
-            other => panic!("synthetic weights in {other} are not supported"),
-        }
+        crate::formats::dtype::encode(dtype, &[v], chunk);
     }
 }
 

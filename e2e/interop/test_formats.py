@@ -379,3 +379,88 @@ def test_llama_mapping_loads_in_mcore_default_strictness(ckpt, mcore, src, tmp):
     iu.assert_bitwise_equal(loaded, ours, "MCore-loaded parameters vs DCP")
     # and it is not the MCore init: e.g. the final norm is the HF one
     assert torch.equal(loaded["decoder.final_layernorm.weight"], src["tensors"]["model.norm.weight"])
+
+
+# --------------------------------------------------------------------------------------------
+# run_config.yaml as PyYAML writes it (PyYAML 6.0.4, the writer Megatron-Bridge uses)
+# --------------------------------------------------------------------------------------------
+
+
+def _py_to_json(v):
+    """What Python loaded, in the JSON the converter reports: sets and tuples as lists."""
+    if isinstance(v, dict):
+        return {str(k): _py_to_json(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_py_to_json(x) for x in v]
+    if isinstance(v, (set, frozenset)):
+        return [_py_to_json(x) for x in v]
+    return v
+
+
+def test_run_config_written_by_pyyaml_reads_as_python_reads_it(ckpt, tmp):
+    """A Megatron-Bridge-style config holding a set (``peft.params_to_save`` in every LoRA
+    run), a tuple, an anchor and its alias, a multi-line string and PyYAML's 1.1 scalars,
+    dumped by PyYAML: the converter reads every value Python reads back."""
+    import json
+
+    import yaml
+
+    shared = {"_target_": "torch.bfloat16", "_call_": False}
+    config = {
+        "_target_": "megatron.bridge.training.config.ConfigContainer",
+        "model": {
+            "_target_": "megatron.bridge.models.gpt_provider.GPTModelProvider",
+            "num_layers": 2,
+            "layernorm_epsilon": 1e-05,
+            "rotary_base": 500000.0,
+            "params_dtype": shared,
+            "pipeline_dtype": shared,  # the same object twice: PyYAML writes an anchor and an alias
+            "window_size": (4095, 0),
+            "hf_model_id": "meta-llama/Llama-3.2-1B",
+            "notes": "first line\nsecond line: with a colon\n",
+            "flags": ["yes", "on", "1e-5", "017", "null"],  # strings that look like other types
+        },
+        "peft": {
+            "_target_": "megatron.bridge.peft.lora.LoRA",
+            "dim": 16,
+            "alpha": 32,
+            "target_modules": ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"],
+            "params_to_save": {"decoder.final_layernorm.weight", "output_layer.weight"},
+        },
+        "checkpoint": {"pretrained_checkpoint": "/ckpt/base/iter_0000000", "save_optim": False},
+    }
+    text = yaml.dump(config, default_flow_style=False)
+    # The file really holds what it is meant to test.
+    for construct in ("!!set", "!!python/tuple", "&id001", "*id001"):
+        assert construct in text, (construct, text)
+    path = os.path.join(tmp, "run_config.yaml")
+    with open(path, "w") as f:
+        f.write(text)
+    ours = json.loads(ckpt("inspect", path))
+    expected = _py_to_json(yaml.unsafe_load(text))
+    # A set has no order; compare its members.
+    assert sorted(ours["peft"]["params_to_save"]) == sorted(expected["peft"]["params_to_save"])
+    del ours["peft"]["params_to_save"], expected["peft"]["params_to_save"]
+    assert ours == expected
+
+
+def test_run_config_with_code_is_refused(ckpt, tmp):
+    """A tag that makes PyYAML's unsafe loader run code is refused with its line, and
+    nothing is executed."""
+    import yaml
+
+    marker = os.path.join(tmp, "ran")
+
+    class Run:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    text = yaml.dump({"model": {"num_layers": 2, "hook": Run()}})
+    assert "!!python/object/apply:posix.system" in text or "!!python/object/apply:os.system" in text, text
+    path = os.path.join(tmp, "run_config.yaml")
+    with open(path, "w") as f:
+        f.write(text)
+    out = ckpt("inspect", path, expect=2)
+    line = next(i + 1 for i, l in enumerate(text.splitlines()) if "!!python/object" in l)
+    assert f"line {line}:" in out.stderr and "python/object/apply" in out.stderr, out.stderr
+    assert not os.path.exists(marker)

@@ -183,6 +183,11 @@ OPTIONS = {
                            ["llama", "qwen3"], None, False),
     "target_regex": (dict(r=4, lora_alpha=8, target_modules=r".*layers\.[02]\.(self_attn\.(q|k)|mlp\.gate)_proj"),
                      ["mistral"], None, False),
+    # Python re beyond Rust's regex: a negative look-behind and a back-reference.
+    "target_regex_lookaround": (dict(r=4, lora_alpha=8, target_modules=r".*(?<!k)_proj"), ["llama"], None, False),
+    "target_regex_backreference": (dict(r=4, lora_alpha=8,
+                                        target_modules=r".*layers\.(\d)\.self_attn\.(q|v)_proj(?!\1)"),
+                                   ["qwen3"], None, False),
     "exclude_list": (dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
                           exclude_modules=["o_proj", "model.layers.1.self_attn.q_proj"]), ["llama"], None, False),
     "exclude_regex": (dict(r=4, lora_alpha=8, target_modules=T, exclude_modules=r".*layers\.0\..*"),

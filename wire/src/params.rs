@@ -254,6 +254,13 @@ const MAX_SHARD_SIZE: Param = p(
     Some("5GB"),
     "largest safetensors shard when the HF model's shard files are not mirrored",
 );
+const ALLOW_ROPE_MISMATCH: Param = p(
+    "allow_rope_mismatch",
+    Value::Bool,
+    Role::Runtime,
+    Some("false"),
+    "convert a Llama 3 rope scaling whose low_freq_factor, high_freq_factor or original_max_position_embeddings Megatron-Core fixes to other values; the smoke test then compares both under Megatron-Core's values",
+);
 const KEEP_FP32: Param = p(
     "keep_fp32",
     Value::Bool,
@@ -303,6 +310,7 @@ pub const HF_TO_MEGATRON: &[Param] = &[
     ITERATION,
     DISTCP_FILES,
     KEEP_FP32,
+    ALLOW_ROPE_MISMATCH,
     VALIDATE_PARAM,
     SMOKE_TEST,
     ignored("trust_remote_code"),
@@ -381,6 +389,7 @@ pub const MEGATRON_TO_HF: &[Param] = &[
         "put each tensor in the shard file it has in hf_model_id's weights, as Megatron-Bridge does",
     ),
     KEEP_FP32,
+    ALLOW_ROPE_MISMATCH,
     VALIDATE_PARAM,
     SMOKE_TEST,
     ignored("trust_remote_code"),

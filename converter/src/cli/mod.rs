@@ -44,9 +44,11 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Show what a checkpoint holds: kind, tensors, shapes, dtypes, sizes, chunking.
+    /// Show what a checkpoint holds: kind, tensors, shapes, dtypes, sizes, chunking
+    /// (for a `.yaml` file such as `run_config.yaml`: the values read from it, as JSON).
     Inspect {
-        /// An HF directory, a .safetensors file, a Megatron iter_* or run directory.
+        /// An HF directory, a .safetensors file, a Megatron iter_* or run directory,
+        /// or a .yaml file.
         path: PathBuf,
         /// Print JSON.
         #[arg(long)]

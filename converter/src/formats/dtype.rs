@@ -293,7 +293,7 @@ pub fn cast_into(from: DType, src: &[u8], to: DType, dst: &mut [u8]) {
 fn read_f32(d: DType, b: &[u8]) -> f32 {
     match d {
         DType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-        DType::BF16 => bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
+        DType::BF16 => f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16),
         DType::F16 => f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
         other => unreachable!("read_f32 on {other}: refused by check_cast"),
     }
@@ -302,7 +302,7 @@ fn read_f32(d: DType, b: &[u8]) -> f32 {
 fn write_f32(d: DType, v: f32, out: &mut [u8]) {
     match d {
         DType::F32 => out.copy_from_slice(&v.to_le_bytes()),
-        DType::BF16 => out.copy_from_slice(&bf16::from_f32(v).to_bits().to_le_bytes()),
+        DType::BF16 => out.copy_from_slice(&bf16_bits(v).to_le_bytes()),
         DType::F16 => out.copy_from_slice(&f16::from_f32(v).to_bits().to_le_bytes()),
         other => unreachable!("write_f32 on {other}: refused by check_cast"),
     }
@@ -323,6 +323,111 @@ fn write_f64(d: DType, v: f64, out: &mut [u8]) {
         // f64 -> f32 with `as` rounds to nearest even, like torch.
         DType::F32 => out.copy_from_slice(&(v as f32).to_le_bytes()),
         other => unreachable!("write_f64 on {other}: refused by check_cast"),
+    }
+}
+
+/// f32 → bf16 bits, round to nearest even as torch rounds; every NaN becomes the
+/// quiet NaN 0x7FC0.
+#[inline(always)]
+pub fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if b & 0x7FFF_FFFF > 0x7F80_0000 {
+        0x7FC0
+    } else {
+        ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
+    }
+}
+
+/// `x` rounded to `dtype` and widened back: the value a tensor of `dtype` holds.
+#[inline(always)]
+pub fn round_to(dtype: DType, x: f32) -> f32 {
+    match dtype {
+        DType::BF16 => f32::from_bits(u32::from(bf16_bits(x)) << 16),
+        DType::F16 => f16::from_f32(x).to_f32(),
+        _ => x,
+    }
+}
+
+/// Floating-point elements of `dtype` in `bytes`, widened to f32 (exact, but for
+/// float64, which is rounded to nearest even).
+///
+/// # Panics
+/// For a dtype that is not floating point: callers check dtypes when they plan.
+pub fn decode(dtype: DType, bytes: &[u8], out: &mut [f32]) {
+    match dtype {
+        DType::BF16 => {
+            // SAFETY: any bit pattern is a valid u16; align_to splits off what is
+            // not aligned, which the fallback below handles.
+            match unsafe { bytes.align_to::<u16>() } {
+                (&[], words, &[]) if cfg!(target_endian = "little") => {
+                    for (o, &w) in out.iter_mut().zip(words) {
+                        *o = f32::from_bits(u32::from(w) << 16);
+                    }
+                }
+                _ => {
+                    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                        *o = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
+                    }
+                }
+            }
+        }
+        DType::F32 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        DType::F16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+            }
+        }
+        DType::F64 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(8)) {
+                *o = f64::from_le_bytes(b.try_into().expect("8-byte element")) as f32;
+            }
+        }
+        other => panic!("decode of {other}: not a floating-point dtype"),
+    }
+}
+
+/// Rounds f32 values into elements of `dtype` (round to nearest even, as torch).
+///
+/// # Panics
+/// For a dtype that is not floating point: callers check dtypes when they plan.
+pub fn encode(dtype: DType, vals: &[f32], bytes: &mut [u8]) {
+    match dtype {
+        DType::BF16 => {
+            // SAFETY: any bit pattern is a valid u16; align_to splits off what is
+            // not aligned, which the fallback below handles.
+            match unsafe { bytes.align_to_mut::<u16>() } {
+                (&mut [], words, &mut []) if cfg!(target_endian = "little") => {
+                    for (w, &v) in words.iter_mut().zip(vals) {
+                        *w = bf16_bits(v);
+                    }
+                }
+                _ => {
+                    for (b, &v) in bytes.chunks_exact_mut(2).zip(vals) {
+                        b.copy_from_slice(&bf16_bits(v).to_le_bytes());
+                    }
+                }
+            }
+        }
+        DType::F32 => {
+            for (b, &v) in bytes.chunks_exact_mut(4).zip(vals) {
+                b.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        DType::F16 => {
+            for (b, &v) in bytes.chunks_exact_mut(2).zip(vals) {
+                b.copy_from_slice(&f16::from_f32(v).to_bits().to_le_bytes());
+            }
+        }
+        DType::F64 => {
+            for (b, &v) in bytes.chunks_exact_mut(8).zip(vals) {
+                b.copy_from_slice(&f64::from(v).to_le_bytes());
+            }
+        }
+        other => panic!("encode of {other}: not a floating-point dtype"),
     }
 }
 

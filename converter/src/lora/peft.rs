@@ -9,13 +9,12 @@
 //! LoRA, `layers_to_transform` with the first numbered segment (or the one after
 //! a `layers_pattern`), and `rank_pattern`/`alpha_pattern` as the first key in
 //! JSON order whose `(.*\.)?(KEY)$` matches. Patterns are Python regular
-//! expressions; Rust's `regex` lacks look-around and back-references, so a
-//! pattern using them is refused rather than matched differently.
+//! expressions, evaluated with a backtracking engine ([`PyRegex`]) that has
+//! Python `re`'s look-around and back-references.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use regex::Regex;
 use serde_json::Value;
 
 use super::LoraError;
@@ -201,26 +200,69 @@ pub fn resolve(path: &Path) -> Result<Resolved, LoraError> {
 // adapter_config.json
 // ---------------------------------------------------------------------------------------------
 
-/// Compiles a Python regular expression for use in a wrapper (`^(?:…)$` and the
-/// like), refusing what Rust's engine cannot do.
-fn py_regex(path: &Path, key: &str, pattern: &str, wrapped: &str) -> Result<Regex, LoraError> {
-    let lookaround = ["(?=", "(?!", "(?<=", "(?<!"];
-    if lookaround.iter().any(|l| pattern.contains(l)) {
-        return Err(LoraError::Config {
+/// A Python regular expression (PEFT's `target_modules`, `rank_pattern`, …),
+/// evaluated by `fancy-regex`, which has `re`'s syntax beyond Rust's `regex`:
+/// look-around (`(?!…)`, `(?<=…)`) and back-references.
+#[derive(Debug, Clone)]
+pub struct PyRegex {
+    /// As written in the configuration.
+    pattern: String,
+    re: fancy_regex::Regex,
+    path: PathBuf,
+    key: String,
+}
+
+impl PyRegex {
+    /// Compiles `wrapped` (`pattern` inside the anchors PEFT uses for `key`).
+    ///
+    /// # Errors
+    /// [`LoraError::Config`] for a pattern that does not compile.
+    fn new(path: &Path, key: &str, pattern: &str, wrapped: &str) -> Result<PyRegex, LoraError> {
+        let re = fancy_regex::Regex::new(wrapped).map_err(|e| LoraError::Config {
             path: path.to_owned(),
             key: key.into(),
-            why: format!(
-                "pattern {pattern:?} uses look-around, which Python's re accepts but this converter's regex engine cannot evaluate; rewrite it without (?=…), (?!…), (?<=…), (?<!…) (for example as a list of module names)"
-            ),
-        });
+            why: format!("pattern {pattern:?} is not a regular expression: {e}"),
+        })?;
+        Ok(PyRegex {
+            pattern: pattern.to_owned(),
+            re,
+            path: path.to_owned(),
+            key: key.to_owned(),
+        })
     }
-    Regex::new(wrapped).map_err(|e| LoraError::Config {
-        path: path.to_owned(),
-        key: key.into(),
-        why: format!(
-            "pattern {pattern:?} is not a regular expression this converter can evaluate (back-references and other Python-only syntax are not available): {e}"
-        ),
-    })
+
+    fn limit(&self, module: &str, e: fancy_regex::Error) -> LoraError {
+        LoraError::Config {
+            path: self.path.clone(),
+            key: self.key.clone(),
+            why: format!(
+                "pattern {:?} could not be evaluated on {module:?} ({e}); simplify it",
+                self.pattern
+            ),
+        }
+    }
+
+    /// Whether the expression matches `module`.
+    ///
+    /// # Errors
+    /// [`LoraError::Config`] when evaluating it exceeds the engine's backtracking
+    /// limit (a pathological pattern), rather than a silent mismatch.
+    pub fn is_match(&self, module: &str) -> Result<bool, LoraError> {
+        self.re.is_match(module).map_err(|e| self.limit(module, e))
+    }
+
+    /// The integer in the capture group `idx`, when the expression matches.
+    fn index(&self, module: &str) -> Result<Option<u64>, LoraError> {
+        let caps = self
+            .re
+            .captures(module)
+            .map_err(|e| self.limit(module, e))?;
+        Ok(caps.and_then(|c| c.name("idx")?.as_str().parse().ok()))
+    }
+}
+
+fn py_regex(path: &Path, key: &str, pattern: &str, wrapped: &str) -> Result<PyRegex, LoraError> {
+    PyRegex::new(path, key, pattern, wrapped)
 }
 
 /// `target_modules` / `exclude_modules`.
@@ -233,7 +275,7 @@ pub enum Targets {
         /// As written.
         pattern: String,
         /// Compiled, anchored at both ends.
-        re: Regex,
+        re: PyRegex,
     },
     /// `"all-linear"`: every linear layer except the output embedding.
     AllLinear,
@@ -276,8 +318,8 @@ impl Targets {
     /// Whether `module` is named: a list entry equal to it or a `.`-suffix of it,
     /// or the expression matching all of it. Also says whether the name was an
     /// exact list entry (which skips the layer filter).
-    fn matches(&self, module: &str) -> (bool, bool) {
-        match self {
+    fn matches(&self, module: &str) -> Result<(bool, bool), LoraError> {
+        Ok(match self {
             Targets::List(v) => {
                 if v.iter().any(|t| t == module) {
                     (true, true)
@@ -285,9 +327,9 @@ impl Targets {
                     (v.iter().any(|t| module.ends_with(&format!(".{t}"))), false)
                 }
             }
-            Targets::Regex { re, .. } => (re.is_match(module), true),
+            Targets::Regex { re, .. } => (re.is_match(module)?, true),
             Targets::AllLinear => (false, false),
-        }
+        })
     }
 }
 
@@ -315,7 +357,7 @@ pub enum TokenIndices {
 #[derive(Debug, Clone)]
 struct Pattern<T> {
     key: String,
-    re: Regex,
+    re: PyRegex,
     value: T,
 }
 
@@ -345,12 +387,12 @@ pub struct AdapterConfig {
     /// `layers_to_transform` (an int is a list of one; an empty list is no filter).
     pub layers_to_transform: Option<Vec<u64>>,
     /// `layers_pattern`, compiled as PEFT wraps it.
-    layers_pattern: Vec<Regex>,
+    layers_pattern: Vec<PyRegex>,
     rank_pattern: Vec<Pattern<u64>>,
     alpha_pattern: Vec<Pattern<f64>>,
     /// `modules_to_save` (with the heads PEFT adds for classification task types).
     pub modules_to_save: Vec<String>,
-    modules_to_save_re: Vec<Regex>,
+    modules_to_save_re: Vec<PyRegex>,
     /// `trainable_token_indices`.
     pub trainable_token_indices: Option<TokenIndices>,
     /// `ensure_weight_tying`.
@@ -632,7 +674,7 @@ impl AdapterConfig {
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let patterns = |key: &str| -> Result<Vec<(String, Regex, Value)>, LoraError> {
+        let patterns = |key: &str| -> Result<Vec<(String, PyRegex, Value)>, LoraError> {
             match get(key) {
                 None | Some(Value::Null) => Ok(Vec::new()),
                 Some(Value::Object(m)) => m
@@ -759,25 +801,35 @@ impl AdapterConfig {
     }
 
     /// The layer index PEFT reads from `module` for `layers_to_transform`.
-    fn layer_index(&self, module: &str) -> Option<u64> {
+    fn layer_index(&self, module: &str) -> Result<Option<u64>, LoraError> {
         if self.layers_pattern.is_empty() {
-            static FIRST: std::sync::OnceLock<Regex> = std::sync::OnceLock::new();
+            static FIRST: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
             let re = FIRST.get_or_init(|| {
-                Regex::new(r"^.*?\.[^.]*\.(?P<idx>\d+)\.").expect("a valid expression")
+                regex::Regex::new(r"^.*?\.[^.]*\.(?P<idx>\d+)\.").expect("a valid expression")
             });
-            re.captures(module)
-                .and_then(|c| c.name("idx")?.as_str().parse().ok())
-        } else {
-            self.layers_pattern.iter().find_map(|re| {
-                re.captures(module)
-                    .and_then(|c| c.name("idx")?.as_str().parse().ok())
-            })
+            return Ok(re
+                .captures(module)
+                .and_then(|c| c.name("idx")?.as_str().parse().ok()));
         }
+        for re in &self.layers_pattern {
+            if let Some(i) = re.index(module)? {
+                return Ok(Some(i));
+            }
+        }
+        Ok(None)
     }
 
     /// Whether `module` sits inside a `modules_to_save` module (LoRA never targets those).
-    pub fn inside_modules_to_save(&self, module: &str) -> bool {
-        self.modules_to_save_re.iter().any(|re| re.is_match(module))
+    ///
+    /// # Errors
+    /// [`LoraError::Config`] when a pattern cannot be evaluated.
+    pub fn inside_modules_to_save(&self, module: &str) -> Result<bool, LoraError> {
+        for re in &self.modules_to_save_re {
+            if re.is_match(module)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Whether `module` is wrapped as a `modules_to_save` module (PEFT's
@@ -797,11 +849,11 @@ impl AdapterConfig {
     /// default for `model_type`.
     pub fn targets(&self, module: &str, linear: bool, model_type: &str) -> Result<bool, LoraError> {
         if let Some(ex) = &self.exclude_modules
-            && ex.matches(module).0
+            && ex.matches(module)?.0
         {
             return Ok(false);
         }
-        if self.inside_modules_to_save(module) {
+        if self.inside_modules_to_save(module)? {
             return Ok(false);
         }
         let default;
@@ -821,46 +873,53 @@ impl AdapterConfig {
         if let Targets::AllLinear = targets {
             return Ok(linear);
         }
-        let (found, exact) = targets.matches(module);
+        let (found, exact) = targets.matches(module)?;
         if !found || exact {
             return Ok(found);
         }
         match &self.layers_to_transform {
             None => Ok(true),
             Some(layers) => Ok(self
-                .layer_index(module)
+                .layer_index(module)?
                 .is_some_and(|i| layers.contains(&i))),
         }
     }
 
     /// The rank and alpha of `module`: the first `rank_pattern`/`alpha_pattern` key
     /// (in JSON order) matching `(.*\.)?(KEY)$`, else `r`/`lora_alpha`.
-    pub fn rank_and_alpha(&self, module: &str) -> (u64, f64) {
+    ///
+    /// # Errors
+    /// [`LoraError::Config`] when a pattern cannot be evaluated.
+    pub fn rank_and_alpha(&self, module: &str) -> Result<(u64, f64), LoraError> {
         // get_pattern_key: the first key whose expression matches, else the module
         // name itself (found only if it is literally a key).
-        fn lookup<T: Copy>(patterns: &[Pattern<T>], module: &str) -> Option<T> {
-            patterns
-                .iter()
-                .find(|p| p.re.is_match(module))
-                .or_else(|| patterns.iter().find(|p| p.key == module))
-                .map(|p| p.value)
+        fn lookup<T: Copy>(patterns: &[Pattern<T>], module: &str) -> Result<Option<T>, LoraError> {
+            for p in patterns {
+                if p.re.is_match(module)? {
+                    return Ok(Some(p.value));
+                }
+            }
+            Ok(patterns.iter().find(|p| p.key == module).map(|p| p.value))
         }
-        (
-            lookup(&self.rank_pattern, module).unwrap_or(self.r),
-            lookup(&self.alpha_pattern, module).unwrap_or(self.alpha),
-        )
+        Ok((
+            lookup(&self.rank_pattern, module)?.unwrap_or(self.r),
+            lookup(&self.alpha_pattern, module)?.unwrap_or(self.alpha),
+        ))
     }
 
     /// The scale of `module`, as PEFT computes it in Python (f64), rounded to f32 as
     /// torch does when multiplying an f32 tensor by a Python float.
-    pub fn scale(&self, module: &str) -> (u64, f64, f32) {
-        let (r, alpha) = self.rank_and_alpha(module);
+    ///
+    /// # Errors
+    /// [`LoraError::Config`] when a pattern cannot be evaluated.
+    pub fn scale(&self, module: &str) -> Result<(u64, f64, f32), LoraError> {
+        let (r, alpha) = self.rank_and_alpha(module)?;
         let s = if self.use_rslora {
             alpha / (r as f64).sqrt()
         } else {
             alpha / r as f64
         };
-        (r, alpha, s as f32)
+        Ok((r, alpha, s as f32))
     }
 
     /// The trainable-token rows of `module`, if the configuration names any.
@@ -1148,19 +1207,24 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(
-            c.rank_and_alpha("model.layers.0.self_attn.q_proj"),
+            c.rank_and_alpha("model.layers.0.self_attn.q_proj").unwrap(),
             (4, 3.0)
         );
         assert_eq!(
-            c.rank_and_alpha("model.layers.1.self_attn.v_proj"),
+            c.rank_and_alpha("model.layers.1.self_attn.v_proj").unwrap(),
             (8, 16.0)
         );
         // "^q_proj" never matches a nested module: the ^ only fits an empty prefix.
         let c = cfg(serde_json::json!({"rank_pattern": {"^q_proj": 2}})).unwrap();
-        assert_eq!(c.rank_and_alpha("model.layers.0.self_attn.q_proj").0, 8);
+        assert_eq!(
+            c.rank_and_alpha("model.layers.0.self_attn.q_proj")
+                .unwrap()
+                .0,
+            8
+        );
         // rslora.
         let c = cfg(serde_json::json!({"r": 16, "lora_alpha": 8, "use_rslora": true})).unwrap();
-        assert_eq!(c.scale("m").2, 2.0);
+        assert_eq!(c.scale("m").unwrap().2, 2.0);
     }
 
     #[test]
@@ -1250,5 +1314,24 @@ mod tests {
         );
         assert_eq!(step_of(Path::new("global_step300")), Some(300));
         assert_eq!(step_of(Path::new("final")), None);
+    }
+
+    #[test]
+    fn target_patterns_have_python_re_semantics() {
+        let c = cfg(serde_json::json!({"target_modules": r".*(?<!k)_proj"})).unwrap();
+        let t = |m: &str| c.targets(m, true, "llama").unwrap();
+        assert!(t("model.layers.0.self_attn.q_proj"));
+        assert!(t("model.layers.0.mlp.up_proj"));
+        assert!(!t("model.layers.0.self_attn.k_proj"));
+        // A back-reference: the layer digit must not reappear.
+        let c = cfg(serde_json::json!({"target_modules": r".*layers\.(\d)\.x(?!\1)\d"})).unwrap();
+        assert!(c.targets("m.layers.1.x2", true, "llama").unwrap());
+        assert!(!c.targets("m.layers.1.x1", true, "llama").unwrap());
+        let bad = cfg(serde_json::json!({"target_modules": "(unclosed"}));
+        assert!(
+            bad.unwrap_err()
+                .to_string()
+                .contains("is not a regular expression")
+        );
     }
 }

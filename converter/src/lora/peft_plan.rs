@@ -351,7 +351,7 @@ pub fn plan(
                 "base tensor {weight:?} is {w_dtype}: merging into quantized or integer weights is not supported (dequantize the base first)"
             )));
         }
-        let (r, alpha, scale) = cfg.scale(module);
+        let (r, alpha, scale) = cfg.scale(module)?;
         let rank_of = |i: usize, axis: usize| at(i).shape.get(axis).copied();
         let check_rank = |i: usize, axis: usize| -> Result<(), LoraError> {
             match rank_of(i, axis) {

@@ -73,6 +73,14 @@ pub enum ModelError {
     },
 }
 
+/// What the user asked to convert anyway, although the two sides will compute
+/// differently (recorded in the manifest with the step's parameters).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// `allow_rope_mismatch`: a Llama 3 rope scaling Megatron-Core cannot express.
+    pub rope_mismatch: bool,
+}
+
 /// A `config.json`, read with the path and architecture every message names.
 pub struct Config<'a> {
     /// The JSON.
@@ -81,6 +89,8 @@ pub struct Config<'a> {
     pub path: PathBuf,
     /// `architectures[0]`, else `model_type`.
     pub architecture: String,
+    /// What the user asked to convert anyway.
+    pub overrides: Overrides,
 }
 
 impl<'a> Config<'a> {
@@ -90,6 +100,7 @@ impl<'a> Config<'a> {
             json,
             path: dir.join("config.json"),
             architecture: architecture(json).unwrap_or_else(|| "(none)".into()),
+            overrides: Overrides::default(),
         }
     }
 

@@ -59,6 +59,8 @@ pub struct DenseConfig {
     pub max_positions: u64,
     /// `initializer_range`.
     pub init_std: f64,
+    /// Things the user should know (a difference converted anyway).
+    pub warnings: Vec<String>,
 }
 
 /// The values Megatron-Core 0.16's Llama 3 rope scaling fixes (it takes only the
@@ -119,6 +121,7 @@ impl DenseConfig {
                 })?,
             None => c.positive("rope_theta", 10000.0)?,
         };
+        let mut warnings = Vec::new();
         let rope_scaling = match c.get("rope_scaling").or(params) {
             None => RopeScaling::None,
             Some(s) => {
@@ -138,10 +141,16 @@ impl DenseConfig {
                                     .map(|v| format!("{k}={v} (Megatron-Core uses {fixed})"))
                             })
                             .collect();
-                        if !differ.is_empty() {
+                        if !differ.is_empty() && !c.overrides.rope_mismatch {
                             return Err(c.unsupported(
                                 format!("llama3 rope scaling {}", differ.join(", ")),
-                                Some("Megatron-Core 0.16 takes only the factor and fixes the others, so the converted model would compute different logits"),
+                                Some("Megatron-Core 0.16 takes only the factor and fixes the others, so the converted model would compute different logits; allow_rope_mismatch=true converts anyway"),
+                            ));
+                        }
+                        if !differ.is_empty() {
+                            warnings.push(format!(
+                                "llama3 rope scaling {}: converted anyway (allow_rope_mismatch=true); Megatron-Core computes with its own values, and the smoke test compares both under them",
+                                differ.join(", ")
                             ));
                         }
                         RopeScaling::Llama3 {
@@ -171,6 +180,7 @@ impl DenseConfig {
             norm_eps: c.positive("rms_norm_eps", 1e-6)?,
             max_positions: c.count_or("max_position_embeddings", 4096)?,
             init_std: c.number("initializer_range", 0.02)?,
+            warnings,
         })
     }
 }
@@ -260,6 +270,7 @@ pub fn model(
             "decoder.final_norm.weight",
         ],
         megatron_config: provider_fields(provider, d, o),
+        warnings: d.warnings.clone(),
         divisors: vec![
             Divisor {
                 param: "tp",
@@ -277,7 +288,6 @@ pub fn model(
                 value: d.ffn,
             },
         ],
-        warnings: Vec::new(),
     }
 }
 
@@ -361,6 +371,16 @@ mod tests {
         ok["rope_scaling"]["low_freq_factor"] = 1.0.into();
         let d = DenseConfig::read(&Config::new(&ok, Path::new("/m"))).unwrap();
         assert_eq!(d.rope_scaling, RopeScaling::Llama3 { factor: 32.0 });
+        assert!(d.warnings.is_empty());
+        // Asked for, it converts and says so.
+        let mut c = Config::new(&json, Path::new("/m"));
+        c.overrides.rope_mismatch = true;
+        let d = DenseConfig::read(&c).unwrap();
+        assert!(
+            d.warnings[0].contains("low_freq_factor=2"),
+            "{:?}",
+            d.warnings
+        );
     }
 
     #[test]

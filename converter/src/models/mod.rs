@@ -31,7 +31,7 @@ use crate::plan::PlanError;
 use crate::plan::layout::DcpBytesSpec;
 use crate::plan::tensor::{ChunkOut, TensorOut};
 
-pub use config::{Config, ModelError};
+pub use config::{Config, ModelError, Overrides};
 pub use registry::{Family, for_config};
 
 use blocks::{Attention, LayerAt, Mlp};

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::config::{Config, ModelError, architecture};
+use super::config::{Config, ModelError, Overrides, architecture};
 use super::{Model, llama, mistral, qwen2, qwen3};
 
 /// A model family: which architectures it claims and how it reads their
@@ -56,7 +56,11 @@ pub fn supported() -> Vec<&'static str> {
 /// # Errors
 /// [`ModelError`] without a configuration, for an architecture no family maps,
 /// or for an option the family refuses.
-pub fn for_config(dir: &Path, json: Option<&serde_json::Value>) -> Result<Model, ModelError> {
+pub fn for_config(
+    dir: &Path,
+    json: Option<&serde_json::Value>,
+    overrides: Overrides,
+) -> Result<Model, ModelError> {
     let json = json.ok_or_else(|| ModelError::NoConfig {
         dir: dir.to_owned(),
     })?;
@@ -65,5 +69,7 @@ pub fn for_config(dir: &Path, json: Option<&serde_json::Value>) -> Result<Model,
         architecture: architecture(json).unwrap_or_else(|| "(none)".into()),
         supported: supported().join(", "),
     })?;
-    family.model(&Config::new(json, dir))
+    let mut config = Config::new(json, dir);
+    config.overrides = overrides;
+    family.model(&config)
 }

@@ -211,6 +211,9 @@ pub struct Target {
     /// The HF model whose config.json describes a Megatron side without a usable
     /// run_config.yaml.
     pub hf_model: Option<PathBuf>,
+    /// Compare the forward passes under Megatron-Core's Llama 3 rope scaling (the
+    /// conversion was asked to accept a scaling Megatron-Core cannot express).
+    pub rope_as_megatron: bool,
 }
 
 /// Runs a plan and publishes it: staging, execute, manifest, rename, trackers.
@@ -397,6 +400,7 @@ pub fn stage(
             reference: target.reference.clone(),
             hf_model: target.hf_model.clone(),
             smoke_test: opts.smoke_test,
+            rope_as_megatron: target.rope_as_megatron,
         };
         let mut v = crate::validate::validate_with(staging.path(), target.kind, false, &vopts);
         // A merge's smoke test: every merged tensor probed against base + s·B·A.

@@ -19,7 +19,7 @@
 
 use rayon::prelude::*;
 
-use crate::formats::dtype::DType;
+use crate::formats::dtype::{DType, decode, encode, round_to};
 use crate::plan::{LoraMerge, Operand, Update};
 
 /// Elements of the weight handled by one task.
@@ -239,93 +239,6 @@ fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         }
     }
     t
-}
-
-/// Elements of `dtype` in `bytes`, widened to f32 (exact).
-pub fn decode(dtype: DType, bytes: &[u8], out: &mut [f32]) {
-    match dtype {
-        DType::BF16 => {
-            // SAFETY: any bit pattern is a valid u16; align_to splits off what is
-            // not aligned, which the fallback below handles.
-            match unsafe { bytes.align_to::<u16>() } {
-                (&[], words, &[]) if cfg!(target_endian = "little") => {
-                    for (o, &w) in out.iter_mut().zip(words) {
-                        *o = f32::from_bits(u32::from(w) << 16);
-                    }
-                }
-                _ => {
-                    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                        *o = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
-                    }
-                }
-            }
-        }
-        DType::F32 => {
-            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            }
-        }
-        DType::F16 => {
-            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
-            }
-        }
-        other => unreachable!("decode of {other}: refused by check"),
-    }
-}
-
-/// f32 → bf16 bits, round to nearest even; NaN becomes torch's canonical 0x7FC0.
-#[inline(always)]
-fn bf16_bits(x: f32) -> u16 {
-    let b = x.to_bits();
-    if b & 0x7FFF_FFFF > 0x7F80_0000 {
-        0x7FC0
-    } else {
-        ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
-    }
-}
-
-/// Rounds f32 values into elements of `dtype` (round to nearest even, as torch).
-pub fn encode(dtype: DType, vals: &[f32], bytes: &mut [u8]) {
-    match dtype {
-        DType::BF16 => {
-            // SAFETY: any bit pattern is a valid u16; align_to splits off what is
-            // not aligned, which the fallback below handles.
-            match unsafe { bytes.align_to_mut::<u16>() } {
-                (&mut [], words, &mut []) if cfg!(target_endian = "little") => {
-                    for (w, &v) in words.iter_mut().zip(vals) {
-                        *w = bf16_bits(v);
-                    }
-                }
-                _ => {
-                    for (b, &v) in bytes.chunks_exact_mut(2).zip(vals) {
-                        b.copy_from_slice(&bf16_bits(v).to_le_bytes());
-                    }
-                }
-            }
-        }
-        DType::F32 => {
-            for (b, &v) in bytes.chunks_exact_mut(4).zip(vals) {
-                b.copy_from_slice(&v.to_le_bytes());
-            }
-        }
-        DType::F16 => {
-            for (b, &v) in bytes.chunks_exact_mut(2).zip(vals) {
-                b.copy_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes());
-            }
-        }
-        other => unreachable!("encode of {other}: refused by check"),
-    }
-}
-
-/// `x` rounded to `dtype` and widened back: the value a tensor of `dtype` holds.
-#[inline(always)]
-fn round_to(dtype: DType, x: f32) -> f32 {
-    match dtype {
-        DType::BF16 => f32::from_bits(u32::from(bf16_bits(x)) << 16),
-        DType::F16 => half::f16::from_f32(x).to_f32(),
-        _ => x,
-    }
 }
 
 /// `acc[i][j] = Σ_k coef[i][k] · basis[k][j]` for the `N` rows of `coef` (`[N, r]`)

@@ -37,6 +37,23 @@ pub enum Rope {
     },
 }
 
+impl Rope {
+    /// The scaling as Megatron-Core 0.16 computes it: a Llama 3 scaling with its
+    /// fixed low and high frequency factors and original context (it takes only
+    /// the factor).
+    pub fn as_megatron_computes(self) -> Rope {
+        match self {
+            Rope::Llama3 { factor, .. } => Rope::Llama3 {
+                factor,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_positions: 8192.0,
+            },
+            other => other,
+        }
+    }
+}
+
 /// What the forward pass needs to know of a dense decoder.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Arch {

@@ -31,45 +31,16 @@ pub fn widen(
     out: &mut [f32],
     round_to: Option<DType>,
 ) -> Result<(), String> {
-    match dtype {
-        DType::BF16 => {
-            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
-            }
-        }
-        DType::F16 => {
-            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
-            }
-        }
-        DType::F32 => {
-            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            }
-        }
-        DType::F64 => {
-            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(8)) {
-                *o = f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32;
-            }
-        }
-        other => {
-            return Err(format!(
-                "{other} weights are not computed by the smoke test"
-            ));
-        }
+    if !matches!(dtype, DType::BF16 | DType::F16 | DType::F32 | DType::F64) {
+        return Err(format!(
+            "{dtype} weights are not computed by the smoke test"
+        ));
     }
-    match round_to {
-        Some(DType::BF16) if dtype != DType::BF16 => {
-            for o in out.iter_mut() {
-                *o = half::bf16::from_f32(*o).to_f32();
-            }
+    crate::formats::dtype::decode(dtype, bytes, out);
+    if let Some(to) = round_to.filter(|t| *t != dtype) {
+        for o in out.iter_mut() {
+            *o = crate::formats::dtype::round_to(to, *o);
         }
-        Some(DType::F16) if dtype != DType::F16 => {
-            for o in out.iter_mut() {
-                *o = half::f16::from_f32(*o).to_f32();
-            }
-        }
-        _ => {}
     }
     Ok(())
 }

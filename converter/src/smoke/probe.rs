@@ -730,7 +730,7 @@ mod tests {
             .iter()
             .map(|(_, d, _, v)| {
                 let mut b = vec![0u8; v.len() * d.size()];
-                crate::plan::merge::encode(*d, v, &mut b);
+                crate::formats::dtype::encode(*d, v, &mut b);
                 b
             })
             .collect();

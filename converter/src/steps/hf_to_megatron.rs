@@ -52,6 +52,8 @@ pub struct Request {
     pub vocab_multiple: Option<u64>,
     /// Keep float32 tensors of a lower-precision source in float32.
     pub keep_fp32: bool,
+    /// Convert what the two sides compute differently anyway.
+    pub overrides: models::Overrides,
 }
 
 impl Request {
@@ -82,6 +84,9 @@ impl Request {
             Some(_) => Some(p.positive("make_vocab_size_divisible_by", 1)?),
         };
         let keep_fp32 = p.flag("keep_fp32", true)?;
+        let overrides = models::Overrides {
+            rope_mismatch: p.flag("allow_rope_mismatch", false)?,
+        };
         p.accept_ignored();
         p.finish()?;
         let hf_dir = hf::resolve_model(&hf_model_id)?;
@@ -118,6 +123,7 @@ impl Request {
             distcp_files,
             vocab_multiple,
             keep_fp32,
+            overrides,
         })
     }
 }
@@ -149,7 +155,7 @@ pub fn run(
             ..MegatronBuild::default()
         }
     } else {
-        let model = models::for_config(&req.hf_dir, config.as_ref())?;
+        let model = models::for_config(&req.hf_dir, config.as_ref(), req.overrides)?;
         model.check_parallelism(&parallel)?;
         let import = models::ImportOptions {
             parallel,
@@ -208,6 +214,7 @@ pub fn run(
         // The forward pass of the output must reproduce the source's.
         reference: (req.mapping != "identity").then(|| req.hf_dir.clone()),
         hf_model: Some(req.hf_dir.clone()),
+        rope_as_megatron: req.overrides.rope_mismatch,
     };
     crate::pipeline::execute_and_publish(
         STEP,

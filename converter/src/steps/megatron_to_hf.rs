@@ -46,6 +46,8 @@ pub struct Request {
     pub mirror_shards: bool,
     /// Keep float32 tensors of a lower-precision checkpoint in float32.
     pub keep_fp32: bool,
+    /// Convert what the two sides compute differently anyway.
+    pub overrides: models::Overrides,
 }
 
 impl Request {
@@ -74,6 +76,9 @@ impl Request {
             })?;
         let mirror_shards = p.flag("mirror_shards", true)?;
         let keep_fp32 = p.flag("keep_fp32", true)?;
+        let overrides = models::Overrides {
+            rope_mismatch: p.flag("allow_rope_mismatch", false)?,
+        };
         p.accept_ignored();
         p.finish()?;
         let hf_dir = hf_model_id.as_deref().map(hf::resolve_model).transpose()?;
@@ -92,6 +97,7 @@ impl Request {
             mapping,
             mirror_shards,
             keep_fp32,
+            overrides,
         })
     }
 }
@@ -119,7 +125,7 @@ pub fn run(
             name: "hf_model_id".into(),
             hint: "the Hugging Face model whose config and tokenizer the output is rebuilt from (or mapping=identity to export raw Megatron tensors)".into(),
         })?;
-        Some(models::for_config(dir, config.as_ref())?)
+        Some(models::for_config(dir, config.as_ref(), req.overrides)?)
     };
     let reference = match &req.hf_dir {
         Some(dir) if dir.join(hf::INDEX_FILE).is_file() || dir.join(hf::SINGLE_FILE).is_file() => {
@@ -222,6 +228,7 @@ pub fn run(
         // The forward pass of the output must reproduce the source's.
         reference: (req.mapping != "identity").then(|| req.megatron_path.clone()),
         hf_model: req.hf_dir.clone(),
+        rope_as_megatron: req.overrides.rope_mismatch,
     };
     crate::pipeline::execute_and_publish(
         STEP,

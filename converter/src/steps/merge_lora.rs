@@ -440,6 +440,7 @@ fn run_peft(
         run_dir: None,
         reference: None,
         hf_model: None,
+        rope_as_megatron: false,
     };
     let check = |o: &Outcome| check_digest(&base_dir, &base_ckpt, 0, o, &expected);
     match crate::pipeline::stage(
@@ -586,7 +587,11 @@ fn run_bridge(
         .transpose()?
         .flatten();
     let model = match (&hf_dir, export_hf) {
-        (Some(dir), true) => Some(models::for_config(dir, hf_config.as_ref())?),
+        (Some(dir), true) => Some(models::for_config(
+            dir,
+            hf_config.as_ref(),
+            models::Overrides::default(),
+        )?),
         _ => None,
     };
     let layout = model
@@ -777,6 +782,7 @@ fn run_bridge(
             run_dir: Some((run_dir.clone(), iteration)),
             reference: None,
             hf_model: hf_dir.clone(),
+            rope_as_megatron: false,
         },
         opts,
         progress,
@@ -886,6 +892,7 @@ fn run_bridge(
                     run_dir: None,
                     reference: None,
                     hf_model: None,
+                    rope_as_megatron: false,
                 },
                 opts,
                 progress,

@@ -130,6 +130,7 @@ impl Request {
                 reference,
                 hf_model,
                 smoke_test,
+                rope_as_megatron: false,
             },
             generate: generate.then_some(prompt),
             max_new_tokens,

@@ -107,6 +107,8 @@ pub struct Options {
     pub hf_model: Option<PathBuf>,
     /// Run the smoke test (`smoke_test=false` skips it).
     pub smoke_test: bool,
+    /// Compare both forward passes under Megatron-Core's Llama 3 rope scaling.
+    pub rope_as_megatron: bool,
 }
 
 impl Report {
@@ -261,7 +263,12 @@ pub fn validate_with(dir: &Path, kind: ArtifactKind, published: bool, opts: &Opt
     if opts.smoke_test
         && let Some(reference) = &opts.reference
     {
-        let (t, diff) = forward_smoke_test(reference, dir, opts.hf_model.as_deref());
+        let (t, diff) = forward_smoke_test(
+            reference,
+            dir,
+            opts.hf_model.as_deref(),
+            opts.rope_as_megatron,
+        );
         report.set_smoke_test(t, diff);
     }
     report.seconds = started.elapsed().as_secs_f64();
@@ -273,6 +280,7 @@ pub fn forward_smoke_test(
     reference: &Path,
     dir: &Path,
     hf_model: Option<&Path>,
+    rope_as_megatron: bool,
 ) -> (SmokeTest, Option<f64>) {
     let test = |status: &str, detail: String, c: Option<smoke::Comparison>| SmokeTest {
         kind: "forward".into(),
@@ -286,7 +294,14 @@ pub fn forward_smoke_test(
             SmokeError::Failed(why) => SmokeError::Failed(format!("reference: {why}")),
             other => other,
         })
-        .and_then(|r| smoke::Model::open(dir, hf_model).map(|o| (r, o)));
+        .and_then(|r| smoke::Model::open(dir, hf_model).map(|o| (r, o)))
+        .map(|(mut r, mut o)| {
+            if rope_as_megatron {
+                r.arch.rope = r.arch.rope.as_megatron_computes();
+                o.arch.rope = o.arch.rope.as_megatron_computes();
+            }
+            (r, o)
+        });
     let result = opened.and_then(|(r, o)| smoke::compare(&r, &o));
     match result {
         Ok(c) if c.passed() => {

@@ -222,3 +222,70 @@ fn missing_tensors_and_wrong_shapes_are_named() {
     .stderr_has("missing");
     assert!(!w.path("o").exists());
 }
+
+/// Issue 11: impossible configuration values are refused in preflight, naming the
+/// field and the value (not by the smoke test as an infinite logit difference).
+#[test]
+fn impossible_config_values_are_named() {
+    let w = Workdir::new();
+    let src = w.hf("src", &ModelShape::tiny_llama(), 1 << 30);
+    let cfg_path = src.join("config.json");
+    let original = std::fs::read_to_string(&cfg_path).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&original).unwrap();
+    for (key, value) in [("rope_theta", 0.0), ("rms_norm_eps", -1e-5)] {
+        let mut c = cfg.clone();
+        c[key] = value.into();
+        std::fs::write(&cfg_path, c.to_string()).unwrap();
+        run(&[
+            "run".to_owned(),
+            "convert/hf_to_megatron".into(),
+            kv("hf_model_id", &src),
+            kv("megatron_path", &w.path("o")),
+        ])
+        .assert_exit(2)
+        .stderr_has(&format!(
+            "config.json: {key}: expected a number greater than 0"
+        ));
+    }
+    assert!(!w.path("o").exists());
+}
+
+/// A Llama 3 rope scaling Megatron-Core computes differently is refused by name;
+/// `allow_rope_mismatch=true` converts it anyway, says so, records it in the
+/// manifest, and the smoke test compares both models under Megatron-Core's values.
+#[test]
+fn llama3_rope_megatron_cannot_express_is_named_and_can_be_overridden() {
+    let w = Workdir::new();
+    let src = w.hf("src", &ModelShape::tiny_llama(), 1 << 30);
+    let cfg_path = src.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0,
+        "low_freq_factor": 2.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16});
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let base = [
+        "run".to_owned(),
+        "convert/hf_to_megatron".into(),
+        kv("hf_model_id", &src),
+        kv("megatron_path", &w.path("o")),
+    ];
+    run(&base)
+        .assert_exit(2)
+        .stderr_has("low_freq_factor=2 (Megatron-Core uses 1)")
+        .stderr_has("original_max_position_embeddings=16 (Megatron-Core uses 8192)")
+        .stderr_has("allow_rope_mismatch=true");
+    assert!(!w.path("o").exists());
+    let mut args = base.to_vec();
+    args.push("allow_rope_mismatch=true".into());
+    let out = run(&args);
+    out.assert_exit(0)
+        .stdout_has("warning: llama3 rope scaling ")
+        .stdout_has("low_freq_factor=2 (Megatron-Core uses 1)")
+        .stdout_has("smoke test passed");
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(w.path("o/iter_0000000/ckpt-manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["parameters"]["allow_rope_mismatch"], "true");
+}
