@@ -301,19 +301,270 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def world(seed: int = 1234):
-    """A gloo world of size 1 with megatron-core's parallel state (TP=PP=EP=1)."""
+def world(seed: int = 1234, model_parallel: bool = True):
+    """A gloo world of size 1 (what torchrun --nproc-per-node 1 gives a script), with
+    megatron-core's parallel state (TP=PP=EP=1) unless the code run inside initialises it."""
     patch()
     from megatron.core import parallel_state as ps
 
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}",
                                          world_size=1, rank=0)
-    ps.initialize_model_parallel(1, 1)
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    if model_parallel:
+        ps.initialize_model_parallel(1, 1)
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    model_parallel_cuda_manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed)
     try:
         yield
     finally:
-        ps.destroy_model_parallel()
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
         torch.distributed.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# import / export
+# --------------------------------------------------------------------------------------------
+
+
+def _dtype(d):
+    if isinstance(d, torch.dtype):
+        return d
+    return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+            "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}[d]
+
+
+def import_ckpt(hf_dir: str, run_dir: str, dtype="bfloat16") -> None:
+    """``AutoBridge.import_ckpt(hf_dir, run_dir, torch_dtype=dtype)``: writes run_dir/iter_0000000
+    (and the tracker files) exactly as Bridge's save_megatron_model does."""
+    patch()
+    from megatron.bridge import AutoBridge
+
+    with world():
+        AutoBridge.import_ckpt(hf_dir, run_dir, torch_dtype=_dtype(dtype))
+
+
+def export_ckpt(iter_dir: str, hf_reference_dir: str, out_dir: str) -> None:
+    """``AutoBridge.from_hf_pretrained(hf_reference_dir).export_ckpt(iter_dir, out_dir)``.
+    export_ckpt opens its own temporary gloo world."""
+    patch()
+    from megatron.bridge import AutoBridge
+
+    bridge = AutoBridge.from_hf_pretrained(hf_reference_dir)
+    bridge.export_ckpt(iter_dir, out_dir, show_progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA: a PEFT training checkpoint, written by Bridge's save_checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+def adapter_fill(name: str, shape, seed: int, scale: float = 0.05) -> torch.Tensor:
+    """The value given to adapter parameter ``name`` (fp32; cast to the parameter's dtype):
+    a pure function of (seed, name), independent of the order parameters are visited in."""
+    import zlib
+
+    g = torch.Generator().manual_seed((seed * 1000003 + zlib.crc32(name.encode())) % (2**63))
+    return torch.randn(*shape, generator=g, dtype=torch.float32) * scale
+
+
+def _recipes_package() -> None:
+    """(13) ``megatron.bridge.recipes/__init__`` imports every recipe, VLM ones included, which
+    need megatron-energon (not installed: not needed here).  Register the package without
+    running that aggregator, so that ``recipes.common`` and ``recipes.utils`` import as usual."""
+    if "megatron.bridge.recipes" in sys.modules:
+        return
+    import importlib.util
+
+    import megatron.bridge
+
+    spec = importlib.util.find_spec("megatron.bridge.recipes")
+    pkg = types.ModuleType("megatron.bridge.recipes")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    pkg.__file__ = spec.origin
+    pkg.__package__ = "megatron.bridge.recipes"
+    pkg.__spec__ = spec
+    sys.modules["megatron.bridge.recipes"] = pkg
+    megatron.bridge.recipes = pkg
+
+
+def peft_config_container(hf_dir: str, base_run_dir: str, run_dir: str, peft):
+    """A ConfigContainer as Bridge's PEFT recipes build it (recipes.common._peft_common plus the
+    per-model settings of e.g. qwen3_600m_peft_config), for the tiny model at ``hf_dir``."""
+    from megatron.bridge import AutoBridge
+
+    _recipes_package()
+    from megatron.bridge.recipes.common import _peft_common
+
+    cfg = _peft_common()
+    cfg.model = AutoBridge.from_hf_pretrained(hf_dir).to_megatron_provider(load_weights=False)
+    cfg.tokenizer.tokenizer_model = hf_dir
+    cfg.model.tensor_model_parallel_size = 1
+    cfg.model.pipeline_model_parallel_size = 1
+    cfg.model.pipeline_model_parallel_layout = None
+    cfg.model.pipeline_dtype = None
+    cfg.model.virtual_pipeline_model_parallel_size = None
+    cfg.model.context_parallel_size = 1
+    cfg.model.sequence_parallel = False
+    cfg.model.seq_length = 64
+    cfg.peft = peft
+    cfg.train.global_batch_size = 8
+    cfg.train.micro_batch_size = 1
+    cfg.train.train_iters = 100
+    cfg.dataset.seq_length = 64
+    cfg.checkpoint.save = run_dir
+    cfg.checkpoint.load = run_dir
+    cfg.checkpoint.pretrained_checkpoint = base_run_dir
+    cfg.checkpoint.save_interval = 50
+    cfg.logger.tensorboard_dir = None
+    cfg.ddp.use_distributed_optimizer = False
+    return cfg
+
+
+def make_peft(scheme: str, dim: int, alpha: int, target_modules=None):
+    """Bridge's own LoRA / CanonicalLoRA config objects."""
+    patch()
+    if scheme == "lora":
+        from megatron.bridge.peft.lora import LoRA
+
+        kw = {} if target_modules is None else {"target_modules": list(target_modules)}
+        return LoRA(dim=dim, alpha=alpha, **kw)
+    if scheme == "canonical_lora":
+        from megatron.bridge.peft.canonical_lora import CanonicalLoRA
+
+        kw = {} if target_modules is None else {"target_modules": list(target_modules)}
+        return CanonicalLoRA(dim=dim, alpha=alpha, **kw)
+    raise ValueError(f"unknown PEFT scheme {scheme!r} (lora | canonical_lora)")
+
+
+def lora_checkpoint(hf_dir: str, base_run_dir: str, run_dir: str, *, scheme: str = "lora",
+                    dim: int = 8, alpha: int = 16, target_modules=None, seed: int = 7,
+                    step: int = 50, provider_overrides=None) -> dict:
+    """A Megatron-Bridge LoRA training checkpoint, made the way Bridge's finetune() makes one:
+
+    ConfigContainer from the PEFT recipe template, ``cfg.validate()``, the tokenizer built from
+    ``cfg.tokenizer`` (vocab check as in training.setup), Bridge's PEFT pre-wrap hook (loads
+    ``checkpoint.pretrained_checkpoint`` = ``base_run_dir`` with Bridge's checkpoint loader,
+    applies the PEFT transform, records ``params_to_save``), the model built by
+    ``provide_distributed_model`` (Float16Module mixed-precision wrapper; no DDP wrapper: its
+    CUDA stream cannot be made on CPU), then the adapter weights set to seeded values
+    (``adapter_fill``: a function of seed and parameter name) in place of training, and
+    ``training.checkpointing.save_checkpoint`` at ``step`` with no optimizer.
+    Returns {parameter name: tensor} of the adapter weights as set."""
+    patch()
+    from megatron.bridge.training.checkpointing import init_checkpointing_context, save_checkpoint
+    from megatron.bridge.training.setup import _create_peft_pre_wrap_hook, _validate_and_set_vocab_size
+    from megatron.bridge.training.state import GlobalState
+    from megatron.bridge.training.tokenizers.tokenizer import build_tokenizer
+
+    _seed_host_rngs(seed)
+    with world(seed):
+        peft = make_peft(scheme, dim, alpha, target_modules)
+        cfg = peft_config_container(hf_dir, base_run_dir, run_dir, peft)
+        for k, v in (provider_overrides or {}).items():
+            setattr(cfg.model, k, v)
+        cfg.validate()
+        state = GlobalState()
+        state.cfg = cfg
+        tokenizer = build_tokenizer(cfg.tokenizer)
+        cfg.model.vocab_size, cfg.model.should_pad_vocab = _validate_and_set_vocab_size(
+            cfg.model.vocab_size, tokenizer.vocab_size)
+        cfg.dataset.tokenizer = tokenizer
+        cfg.model.register_pre_wrap_hook(_create_peft_pre_wrap_hook(cfg, state))
+        model = cfg.model.provide_distributed_model(ddp_config=cfg.ddp, wrap_with_ddp=False,
+                                                    use_cpu_initialization=True)
+        adapters = {}
+        with torch.no_grad():
+            for name, p in model[0].named_parameters():
+                if p.requires_grad:
+                    name = name[len("module."):] if name.startswith("module.") else name
+                    p.copy_(adapter_fill(name, p.shape, seed).to(p.dtype))
+                    adapters[name] = p.detach().clone()
+        if not adapters:
+            raise RuntimeError("the PEFT transform produced no trainable parameter")
+        state.train_state.step = step
+        _seed_host_rngs(seed)  # the rng_state item of the checkpoint records these
+        save_checkpoint(state, model, None, None, 0,
+                        checkpointing_context=init_checkpointing_context(cfg.checkpoint))
+    return adapters
+
+
+def _seed_host_rngs(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------
+# merges
+# --------------------------------------------------------------------------------------------
+
+
+def _upstream_merge_lora():
+    """examples/peft/merge_lora.py of Megatron-Bridge v0.3.1, vendored unchanged under
+    upstream/ (the wheel does not ship examples)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "upstream", "merge_lora_v0_3_1.py")
+    spec = importlib.util.spec_from_file_location("bridge_merge_lora_v0_3_1", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def merge_megatron(lora_run_dir: str, hf_dir: str, out_dir: str, base_run_dir: str | None = None) -> None:
+    """Bridge 0.3.1's examples/peft/merge_lora.py ``merge_lora``: base from
+    ``checkpoint.pretrained_checkpoint`` of the LoRA run_config.yaml (or ``base_run_dir``), the
+    PEFT structure from its ``peft:`` section (LoRA class unless VLMLoRA), adapters loaded with
+    dist_checkpointing, ``LoRAMerge`` (in the parameter dtype: W + alpha/dim * (B @ A)),
+    ``save_megatron_model`` into ``out_dir``."""
+    patch()
+    from pathlib import Path
+
+    up = _upstream_merge_lora()
+    lora_dir = Path(_latest_iter(lora_run_dir))
+    base = up._resolve_pretrained(lora_dir, base_run_dir)
+    with world(model_parallel=False):
+        up.merge_lora(base_dir=base, lora_dir=lora_dir, out_dir=Path(out_dir), hf_model_path=hf_dir)
+
+
+def merge_hf(lora_run_dir: str, hf_dir: str, out_dir: str, base_run_dir: str | None = None) -> None:
+    """Bridge's HF export with merged adapters (``save_hf_pretrained(merge_adapter_weights=True)``,
+    the peft_bridge path): the model is built as merge_lora.py builds it (base Megatron
+    checkpoint, the PEFT class and settings of the run's ``peft:`` section, adapters loaded
+    from the LoRA checkpoint), then exported; each HF tensor gets LoRAMerge.merge of its own
+    slice of the adapter."""
+    patch()
+    from megatron.core import dist_checkpointing
+    from megatron.bridge import AutoBridge
+    from megatron.bridge.training.checkpointing import (
+        _generate_model_state_dict,
+        apply_peft_adapter_filter_to_state_dict,
+    )
+    from megatron.bridge.training.utils.checkpoint_utils import read_run_config
+
+    lora_dir = _latest_iter(lora_run_dir)
+    run_cfg = read_run_config(os.path.join(lora_dir, "run_config.yaml"))
+    base = base_run_dir or run_cfg["checkpoint"]["pretrained_checkpoint"]
+    pc = run_cfg["peft"]
+    scheme = "canonical_lora" if pc["_target_"].endswith("CanonicalLoRA") else "lora"
+    with world():
+        bridge = AutoBridge.from_hf_pretrained(hf_dir)
+        model = bridge.load_megatron_model(base, wrap_with_ddp=False)
+        peft = make_peft(scheme, pc["dim"], pc["alpha"], pc["target_modules"])
+        model = peft(model, training=False)
+        sd = apply_peft_adapter_filter_to_state_dict(_generate_model_state_dict(model, {}), peft)
+        loaded = dist_checkpointing.load(sd, lora_dir)
+        model[0].load_state_dict(loaded["model"], strict=False)
+        bridge.save_hf_pretrained(model, out_dir, show_progress=False, merge_adapter_weights=True)
+
+
+def _latest_iter(run_dir: str) -> str:
+    if os.path.basename(os.path.normpath(run_dir)).startswith("iter_"):
+        return run_dir
+    with open(os.path.join(run_dir, "latest_checkpointed_iteration.txt")) as f:
+        return os.path.join(run_dir, "iter_{:07d}".format(int(f.read().strip())))
