@@ -118,6 +118,23 @@ class _LoraTELoader:
             del sys.modules["transformer_engine.pytorch"]
 
 
+def _without_fusions(init):
+    def wrapped(self, *args, **kwargs):
+        config = kwargs.get("config")
+        if config is None:
+            config = next((a for a in args if hasattr(a, "moe_permute_fusion")), None)
+        saved = {k: getattr(config, k) for k in _TE_ONLY_FUSIONS if getattr(config, k, False)}
+        for k in saved:
+            setattr(config, k, False)
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            for k, v in saved.items():
+                setattr(config, k, v)
+
+    return wrapped
+
+
 def patch() -> None:
     global _PATCHED
     if _PATCHED:
@@ -204,7 +221,26 @@ def patch() -> None:
     # megatron-core's local spec, whose sharded keys are the TE ones (fused-norm names).
     from megatron.bridge.models import gpt_provider
 
-    gpt_provider.transformer_engine_layer_spec = gpt_provider.local_layer_spec
+    # MoE: the local backend has no TEGroupedMLP, and its grouped choice is the legacy
+    # GroupedMLP (weight1/weight2, which Bridge 0.3.1 does not map), so experts are built as
+    # SequentialMLP (local_experts.<e>.linear_fc1/2).  With Bridge's singleton_local_shards=False
+    # both write the same DCP keys (mlp.experts.experts.linear_fc1.weight, expert axis
+    # prepended).  The provider keeps moe_grouped_gemm as Bridge sets it (run_config.yaml).
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    # The local spec also renames pre_mlp_layernorm to mlp.linear_fc1.layer_norm_weight on MoE
+    # layers, where the TE spec keeps a separate norm (pre_mlp_layernorm.weight: an MoE MLP
+    # has no fused linear_fc1): for MoE layers only input_layernorm is renamed.
+    def local_layer_spec(config):
+        spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False,
+                                        qk_layernorm=config.qk_layernorm,
+                                        normalization=config.normalization)
+        if config.num_moe_experts:
+            spec.submodules.sharded_state_dict_keys_map = {
+                "input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
+        return spec
+
+    gpt_provider.transformer_engine_layer_spec = local_layer_spec
 
     # (10) Fusions that need TransformerEngine kernels (RoPE fusion, MoE permute fusion) are
     # refused by megatron-core's config check.  They only select forward kernels; the
@@ -225,6 +261,19 @@ def patch() -> None:
                 setattr(self, k, v)
 
     btc.TransformerConfig.finalize = finalize
+
+    # The MoE all-to-all dispatcher puts its permutation indices on "cuda" when
+    # moe_permute_fusion is set; it is built with the flag off (restored afterwards).
+    from megatron.core.transformer.moe import token_dispatcher as td
+
+    for cls_name in ("MoEAlltoAllTokenDispatcher", "MoEAllGatherTokenDispatcher", "MoEFlexTokenDispatcher"):
+        cls = getattr(td, cls_name, None)
+        if cls is not None:
+            cls.__init__ = _without_fusions(cls.__init__)
+    # ... and it creates a class-wide CUDA stream for device-to-host copies on first use: a
+    # placeholder (it is only used in the forward's CUDA path, never run here).
+    if getattr(td.MoEAlltoAllTokenDispatcher, "cuda_dtoh_stream", None) is None:
+        td.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = "no CUDA stream on CPU"
 
     # (11) persist_layer_norm (set by Bridge's providers) picks a fused TE/Apex layer-norm
     # kernel; megatron-core's torch norm asserts it is off.  The norm is built from a copy of

@@ -250,6 +250,47 @@ def gpt_case(name: str, outdir: str, moe: bool = False) -> None:
     c.write()
 
 
+def moe_case(name: str, outdir: str) -> None:
+    c = Case(name, outdir)
+    hf, imp = c.path("hf"), c.path("bridge_import")
+    c.doc["hf_source"] = c.step("hf", "transformers save_pretrained (random weights, seed "
+                                f"{SEED}) + tiny byte-level BPE tokenizer", make_hf, name, hf)
+    c.step("bridge_import", "AutoBridge.import_ckpt(hf, bridge_import, torch_dtype=bfloat16)",
+           bc.import_ckpt, hf, imp, "bfloat16")
+    imp_iter = os.path.join(imp, "iter_0000000")
+    c.step("bridge_export", "AutoBridge.from_hf_pretrained(hf).export_ckpt(bridge_import/iter_0000000)",
+           bc.export_ckpt, imp_iter, hf, c.path("bridge_export"))
+    c.doc["checks"]["export_equals_hf_source"] = compare_hf(hf, c.path("bridge_export"))
+    scale = LORA_ALPHA / LORA_DIM
+    lora_kw = dict(dim=LORA_DIM, alpha=LORA_ALPHA, seed=ADAPTER_SEED, step=LORA_STEP)
+    targets = ["linear_qkv", "linear_proj"]
+    c.doc["lora"] = dict(lora_kw, scale=scale, target_modules=targets,
+                         base="bridge_import (checkpoint.pretrained_checkpoint)",
+                         adapter_values="bridge_cpu.adapter_fill(name, shape, seed): randn * 0.05, "
+                                        "cast to the parameter dtype")
+    c.step("lora", "Bridge LoRA on the attention linears of the MoE model (linear_qkv, linear_proj) "
+           "via save_checkpoint", bc.lora_checkpoint, hf, imp, c.path("lora"), scheme="lora",
+           target_modules=targets, **lora_kw)
+    lora_iter = os.path.join(c.path("lora"), f"iter_{LORA_STEP:07d}")
+    c.step("merged_megatron", "examples/peft/merge_lora.py (v0.3.1) merge_lora", bc.merge_megatron,
+           c.path("lora"), hf, c.path("merged_megatron"))
+    c.doc["checks"]["merged_megatron"] = check_megatron_merge(
+        imp_iter, lora_iter, os.path.join(c.path("merged_megatron"), "iter_0000000"), scale)
+    c.step("merged_hf", "save_hf_pretrained(merge_adapter_weights=True) of base + LoRA",
+           bc.merge_hf, c.path("lora"), hf, c.path("merged_hf"))
+    c.step("merged_megatron_export", "export_ckpt(merged_megatron/iter_0000000)", bc.export_ckpt,
+           os.path.join(c.path("merged_megatron"), "iter_0000000"), hf, c.path("merged_megatron_export"))
+    c.doc["checks"]["merged_hf_equals_export_of_merged_megatron"] = compare_hf(
+        c.path("merged_hf"), c.path("merged_megatron_export"))
+    c.unavailable("lora_experts",
+                  "LoRA on the expert linears is not made: on GPU Bridge wraps TEGroupedMLP's grouped "
+                  "linears (one adapter per layer shared by all experts, merged into every "
+                  "weight<e>); without TransformerEngine the experts are SequentialMLP, which "
+                  "would get one adapter per expert: a different checkpoint layout, not a "
+                  "reference of what Bridge writes")
+    c.write()
+
+
 def main(argv) -> int:
     if len(argv) != 3 or argv[1] not in CASES + ("all",):
         print(__doc__, file=sys.stderr)
