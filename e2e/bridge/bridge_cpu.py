@@ -274,6 +274,12 @@ def patch() -> None:
     # placeholder (it is only used in the forward's CUDA path, never run here).
     if getattr(td.MoEAlltoAllTokenDispatcher, "cuda_dtoh_stream", None) is None:
         td.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = "no CUDA stream on CPU"
+    # Likewise the shared expert's overlap stream (moe_shared_expert_overlap, set by Bridge's
+    # Nemotron-H provider).
+    from megatron.core.transformer.moe import shared_experts
+
+    if getattr(shared_experts.SharedExpertMLP, "stream", None) is None:
+        shared_experts.SharedExpertMLP.stream = "no CUDA stream on CPU"
 
     # (11) persist_layer_norm (set by Bridge's providers) picks a fused TE/Apex layer-norm
     # kernel; megatron-core's torch norm asserts it is off.  The norm is built from a copy of
@@ -292,6 +298,8 @@ def patch() -> None:
 
     torch_norm.WrappedTorchNorm.__new__ = norm_new
 
+    _patch_hybrid()
+
     # (12) Determinism only: torch DCP stamps every save with random uuid4 ids
     # (StorageMeta.save_id / load_id in .metadata).  They are drawn from a seeded generator
     # instead, so the same inputs give the same bytes.  Readers must not depend on them.
@@ -304,6 +312,151 @@ def patch() -> None:
     dcp_fs._generate_uuid = lambda: str(uuid.UUID(int=_uuid_rng.getrandbits(128), version=4))
 
     _PATCHED = True
+
+
+class TorchGatedRMSNorm(torch.nn.Module):
+    """Torch stand-in for mamba_ssm's gated, grouped RMSNorm (``layernorm_gated.RMSNorm``):
+    same parameter (``weight`` [hidden]), same constructor; forward is the reference math
+    (y = rmsnorm_per_group(x * silu(z)) * weight, norm_before_gate=False)."""
+
+    def __init__(self, hidden_size, eps=1e-5, group_size=None, norm_before_gate=True,
+                 device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.group_size = group_size or hidden_size
+        self.norm_before_gate = norm_before_gate
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.register_parameter("bias", None)
+
+    def forward(self, x, z=None):
+        dtype = x.dtype
+        x = x.float()
+        if z is not None and not self.norm_before_gate:
+            x = x * torch.nn.functional.silu(z.float())
+        g = x.reshape(*x.shape[:-1], -1, self.group_size)
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = g.reshape(x.shape) * self.weight.float()
+        if z is not None and self.norm_before_gate:
+            y = y * torch.nn.functional.silu(z.float())
+        return y.to(dtype)
+
+
+def _patch_hybrid() -> None:
+    """Nemotron-H / hybrid (MambaModel) on CPU."""
+    from megatron.core.ssm import mamba_block, mamba_mixer
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+    # (14) mamba_ssm absent: megatron-core's ExtendedRMSNorm derives from a MagicMock and has
+    # no parameter at all.  Use the torch gated RMSNorm with ExtendedRMSNorm's checkpoint
+    # sharding (weight split on dim 0), so mixer.norm.weight exists like on GPU.
+    if not getattr(mamba_mixer, "HAVE_MAMBA_SSM", True):
+        class ExtendedRMSNorm(TorchGatedRMSNorm):
+            def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+                from megatron.core import parallel_state
+
+                if not hasattr(self, "tp_group"):
+                    self.tp_group = parallel_state.get_tensor_model_parallel_group()
+                state_dict = self.state_dict(prefix="", keep_vars=True)
+                return make_sharded_tensors_for_checkpoint(
+                    state_dict, prefix, {"weight": 0}, sharded_offsets, tp_group=self.tp_group,
+                    dp_cp_group=metadata["dp_cp_group"])
+
+        mamba_mixer.RMSNormGated = TorchGatedRMSNorm
+        mamba_mixer.ExtendedRMSNorm = ExtendedRMSNorm
+        # MambaMixer refuses to be built without mamba_ssm; its kernels are used only by the
+        # forward, which these references never run (no torch scan is provided here).
+        mamba_mixer.HAVE_MAMBA_SSM = True
+
+    # (15) MambaStack builds its final norm with TENorm unconditionally: megatron-core's
+    # torch RMSNorm with the same arguments (key decoder.final_norm.weight either way).
+    mamba_block.TENorm = WrappedTorchNorm
+
+    # (16) Bridge's Mamba provider defaults to megatron-core's TE hybrid spec: a local spec
+    # whose checkpoint keys are the TE ones (fused-norm names for M, *, - layers; separate
+    # pre_mlp_layernorm for E layers; sequential experts).
+    from megatron.bridge.models.mamba import mamba_provider
+
+    mamba_provider.transformer_engine_mamba_stack_spec = local_mamba_stack_spec
+
+    # (17) Bridge's adapter wrapper reads ``tp_size`` from the wrapped Mamba in_proj to lay
+    # out the in_proj adapter's checkpoint (z/x/B/C/dt split); TE linears have it, megatron-
+    # core's ColumnParallelLinear does not.  Same value: the size of its TP group.
+    from megatron.core.tensor_parallel import layers as tpl
+
+    if not hasattr(tpl.ColumnParallelLinear, "tp_size"):
+        tpl.ColumnParallelLinear.tp_size = property(
+            lambda self: torch.distributed.get_world_size(self.tp_group)
+            if getattr(self, "tp_group", None) is not None else 1)
+
+
+def local_mamba_stack_spec():
+    """megatron-core's mamba_stack_spec with local (non-TE) modules; see patch (16)."""
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
+    from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
+    from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
+    from megatron.core.ssm.mlp_layer import MLPLayer
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_layer import (
+        MoETransformerLayer,
+        TransformerLayer,
+        TransformerLayerSubmodules,
+    )
+
+    moe = get_moe_module_spec(use_te=False, num_experts=8, moe_grouped_gemm=False)
+    return ModuleSpec(
+        module=MambaStack,
+        submodules=MambaStackSubmodules(
+            mamba_layer=ModuleSpec(
+                module=MambaLayer,
+                submodules=MambaLayerSubmodules(
+                    norm=WrappedTorchNorm,
+                    mixer=ModuleSpec(module=MambaMixer, submodules=MambaMixerSubmodules(
+                        in_proj=ColumnParallelLinear, out_proj=RowParallelLinear)),
+                    mamba_bda=get_bias_dropout_add,
+                    sharded_state_dict_keys_map={"norm.": "mixer.in_proj.layer_norm_"},
+                ),
+            ),
+            attention_layer=ModuleSpec(
+                module=TransformerLayer,
+                submodules=TransformerLayerSubmodules(
+                    input_layernorm=WrappedTorchNorm,
+                    self_attention=ModuleSpec(
+                        module=SelfAttention,
+                        params={"attn_mask_type": AttnMaskType.causal},
+                        submodules=SelfAttentionSubmodules(
+                            linear_qkv=ColumnParallelLinear, core_attention=DotProductAttention,
+                            linear_proj=RowParallelLinear),
+                    ),
+                    self_attn_bda=get_bias_dropout_add,
+                    sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_"},
+                ),
+            ),
+            mlp_layer=ModuleSpec(
+                module=MLPLayer,
+                submodules=TransformerLayerSubmodules(
+                    pre_mlp_layernorm=WrappedTorchNorm,
+                    mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(
+                        linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)),
+                    mlp_bda=get_bias_dropout_add,
+                    sharded_state_dict_keys_map={"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"},
+                ),
+            ),
+            moe_layer=ModuleSpec(
+                module=MoETransformerLayer,
+                submodules=TransformerLayerSubmodules(
+                    pre_mlp_layernorm=WrappedTorchNorm, mlp=moe, mlp_bda=get_bias_dropout_add),
+            ),
+        ),
+    )
 
 
 def _patch_strides() -> None:
@@ -383,23 +536,25 @@ def _dtype(d):
             "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}[d]
 
 
-def import_ckpt(hf_dir: str, run_dir: str, dtype="bfloat16") -> None:
+def import_ckpt(hf_dir: str, run_dir: str, dtype="bfloat16", trust_remote_code: bool = False) -> None:
     """``AutoBridge.import_ckpt(hf_dir, run_dir, torch_dtype=dtype)``: writes run_dir/iter_0000000
     (and the tracker files) exactly as Bridge's save_megatron_model does."""
     patch()
     from megatron.bridge import AutoBridge
 
     with world():
-        AutoBridge.import_ckpt(hf_dir, run_dir, torch_dtype=_dtype(dtype))
+        kw = {"trust_remote_code": True} if trust_remote_code else {}
+        AutoBridge.import_ckpt(hf_dir, run_dir, torch_dtype=_dtype(dtype), **kw)
 
 
-def export_ckpt(iter_dir: str, hf_reference_dir: str, out_dir: str) -> None:
+def export_ckpt(iter_dir: str, hf_reference_dir: str, out_dir: str, trust_remote_code: bool = False) -> None:
     """``AutoBridge.from_hf_pretrained(hf_reference_dir).export_ckpt(iter_dir, out_dir)``.
     export_ckpt opens its own temporary gloo world."""
     patch()
     from megatron.bridge import AutoBridge
 
-    bridge = AutoBridge.from_hf_pretrained(hf_reference_dir)
+    kw = {"trust_remote_code": True} if trust_remote_code else {}
+    bridge = AutoBridge.from_hf_pretrained(hf_reference_dir, **kw)
     bridge.export_ckpt(iter_dir, out_dir, show_progress=False)
 
 
@@ -437,7 +592,7 @@ def _recipes_package() -> None:
     megatron.bridge.recipes = pkg
 
 
-def peft_config_container(hf_dir: str, base_run_dir: str, run_dir: str, peft):
+def peft_config_container(hf_dir: str, base_run_dir: str, run_dir: str, peft, trust_remote_code: bool = False):
     """A ConfigContainer as Bridge's PEFT recipes build it (recipes.common._peft_common plus the
     per-model settings of e.g. qwen3_600m_peft_config), for the tiny model at ``hf_dir``."""
     from megatron.bridge import AutoBridge
@@ -446,7 +601,8 @@ def peft_config_container(hf_dir: str, base_run_dir: str, run_dir: str, peft):
     from megatron.bridge.recipes.common import _peft_common
 
     cfg = _peft_common()
-    cfg.model = AutoBridge.from_hf_pretrained(hf_dir).to_megatron_provider(load_weights=False)
+    kw = {"trust_remote_code": True} if trust_remote_code else {}
+    cfg.model = AutoBridge.from_hf_pretrained(hf_dir, **kw).to_megatron_provider(load_weights=False)
     cfg.tokenizer.tokenizer_model = hf_dir
     cfg.model.tensor_model_parallel_size = 1
     cfg.model.pipeline_model_parallel_size = 1
@@ -488,7 +644,7 @@ def make_peft(scheme: str, dim: int, alpha: int, target_modules=None):
 
 def lora_checkpoint(hf_dir: str, base_run_dir: str, run_dir: str, *, scheme: str = "lora",
                     dim: int = 8, alpha: int = 16, target_modules=None, seed: int = 7,
-                    step: int = 50, provider_overrides=None) -> dict:
+                    step: int = 50, provider_overrides=None, trust_remote_code: bool = False) -> dict:
     """A Megatron-Bridge LoRA training checkpoint, made the way Bridge's finetune() makes one:
 
     ConfigContainer from the PEFT recipe template, ``cfg.validate()``, the tokenizer built from
@@ -509,7 +665,7 @@ def lora_checkpoint(hf_dir: str, base_run_dir: str, run_dir: str, *, scheme: str
     _seed_host_rngs(seed)
     with world(seed):
         peft = make_peft(scheme, dim, alpha, target_modules)
-        cfg = peft_config_container(hf_dir, base_run_dir, run_dir, peft)
+        cfg = peft_config_container(hf_dir, base_run_dir, run_dir, peft, trust_remote_code)
         for k, v in (provider_overrides or {}).items():
             setattr(cfg.model, k, v)
         cfg.validate()
@@ -581,7 +737,8 @@ def merge_megatron(lora_run_dir: str, hf_dir: str, out_dir: str, base_run_dir: s
         up.merge_lora(base_dir=base, lora_dir=lora_dir, out_dir=Path(out_dir), hf_model_path=hf_dir)
 
 
-def merge_hf(lora_run_dir: str, hf_dir: str, out_dir: str, base_run_dir: str | None = None) -> None:
+def merge_hf(lora_run_dir: str, hf_dir: str, out_dir: str, base_run_dir: str | None = None,
+             trust_remote_code: bool = False) -> None:
     """Bridge's HF export with merged adapters (``save_hf_pretrained(merge_adapter_weights=True)``,
     the peft_bridge path): the model is built as merge_lora.py builds it (base Megatron
     checkpoint, the PEFT class and settings of the run's ``peft:`` section, adapters loaded
@@ -602,7 +759,8 @@ def merge_hf(lora_run_dir: str, hf_dir: str, out_dir: str, base_run_dir: str | N
     pc = run_cfg["peft"]
     scheme = "canonical_lora" if pc["_target_"].endswith("CanonicalLoRA") else "lora"
     with world():
-        bridge = AutoBridge.from_hf_pretrained(hf_dir)
+        kw = {"trust_remote_code": True} if trust_remote_code else {}
+        bridge = AutoBridge.from_hf_pretrained(hf_dir, **kw)
         model = bridge.load_megatron_model(base, wrap_with_ddp=False)
         peft = make_peft(scheme, pc["dim"], pc["alpha"], pc["target_modules"])
         model = peft(model, training=False)

@@ -31,6 +31,7 @@ SEED = 1234
 ADAPTER_SEED = 7
 LORA_DIM, LORA_ALPHA = 8, 12
 LORA_STEP = 50
+MAMBA_IN_PROJ_PARTS = ("z", "x", "B", "C", "dt")
 CASES = ("llama", "qwen3", "qwen3_moe", "nemotron_h", "run_config_pyyaml")
 
 
@@ -136,7 +137,20 @@ def compare_hf(a_dir: str, b_dir: str) -> dict:
     a, b = _hf_tensors(a_dir), _hf_tensors(b_dir)
     differ = sorted(k for k in set(a) | set(b)
                     if k not in a or k not in b or a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k]))
-    return {"tensors": len(a), "identical": not differ, "differing": differ}
+    detail = {}
+    for k in differ:
+        if k in a and k in b:
+            same_as_cast = bool(torch.equal(a[k].to(b[k].dtype), b[k]))
+            detail[k] = {"first": str(a[k].dtype)[6:], "second": str(b[k].dtype)[6:],
+                         "second_equals_first_cast_to_its_dtype": same_as_cast}
+        else:
+            detail[k] = "only in " + ("first" if k in a else "second")
+    ca, cb = (json.load(open(os.path.join(d, "config.json"))) for d in (a_dir, b_dir))
+    config = {k: {"first": ca.get(k, "<absent>"), "second": cb.get(k, "<absent>")}
+              for k in sorted(set(ca) | set(cb)) if ca.get(k, "<absent>") != cb.get(k, "<absent>")}
+    return {"tensors": len(a), "identical": not differ, "differing": detail,
+            "config_json_differences": config,
+            "files": {"first": sorted(os.listdir(a_dir)), "second": sorted(os.listdir(b_dir))}}
 
 
 def check_megatron_merge(base_iter: str, lora_iter: str, merged_iter: str, scale: float) -> dict:
@@ -146,16 +160,24 @@ def check_megatron_merge(base_iter: str, lora_iter: str, merged_iter: str, scale
     out = {"merged_tensors": [], "unchanged_elsewhere": True, "formula": "W + (alpha/dim) * (B @ A) in the parameter dtype"}
     adapters = sorted(k[: -len(".adapter.linear_in.weight")] for k in lora if k.endswith(".adapter.linear_in.weight"))
     touched = set()
+    def whole(sd, key):  # Mamba in_proj is stored as its z, x, B, C, dt parts
+        if key in sd:
+            return sd[key], [key]
+        parts = [f"{key}.{p}" for p in MAMBA_IN_PROJ_PARTS]
+        return torch.cat([sd[p] for p in parts]), parts
+
     for mod in adapters:
-        a, b = lora[f"{mod}.adapter.linear_in.weight"], lora[f"{mod}.adapter.linear_out.weight"]
+        a, _ = whole(lora, f"{mod}.adapter.linear_in.weight")
+        b, _ = whole(lora, f"{mod}.adapter.linear_out.weight")
         key = f"{mod}.weight"
-        w, m = base[key], merged[key]
+        w, keys = whole(base, key)
+        m, _ = whole(merged, key)
         want = w + scale * (b @ a)
         f32 = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
         out["merged_tensors"].append({"key": key, "equal_param_dtype_formula": bool(torch.equal(m, want)),
                                       "equal_fp32_formula": bool(torch.equal(m, f32)),
                                       "elements_differing_from_fp32_formula": int((m != f32).sum())})
-        touched.add(key)
+        touched.update(keys)
     for k, t in base.items():
         if k not in touched and k in merged and not torch.equal(t, merged[k]):
             out["unchanged_elsewhere"] = False
