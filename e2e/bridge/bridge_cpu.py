@@ -311,6 +311,20 @@ def patch() -> None:
     _uuid_rng = random.Random(20240601)
     dcp_fs._generate_uuid = lambda: str(uuid.UUID(int=_uuid_rng.getrandbits(128), version=4))
 
+    # (12b) Determinism only: megatron-core's writer saves with two threads and collects the
+    # write results in completion order, so the key order of Metadata.storage_data varies from
+    # run to run (same entries, same data files).  The results are put in (file, offset) order.
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
+
+    _orig_finish = fsa.FileSystemWriterAsync.finish
+
+    def finish(self, metadata, results):
+        results = [sorted(wl, key=lambda wr: (str(wr.storage_data.relative_path), wr.storage_data.offset))
+                   for wl in results]
+        return _orig_finish(self, metadata, results)
+
+    fsa.FileSystemWriterAsync.finish = finish
+
     _PATCHED = True
 
 

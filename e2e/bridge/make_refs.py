@@ -198,8 +198,7 @@ class Case:
             shutil.rmtree(self.dir)
         os.makedirs(self.dir)
         self.doc = {"case": name, "producer": "Megatron-Bridge 0.3.1 on CPU (e2e/bridge/bridge_cpu.py)",
-                    "versions": _versions(), "artifacts": {}, "unavailable": {}, "checks": {},
-                    "seconds": {}}
+                    "versions": _versions(), "artifacts": {}, "unavailable": {}, "checks": {}}
 
     def path(self, sub: str) -> str:
         return os.path.join(self.dir, sub)
@@ -207,7 +206,7 @@ class Case:
     def step(self, sub: str, what: str, fn, *args, **kw):
         t0 = time.monotonic()
         res = fn(*args, **kw)
-        self.doc["seconds"][sub] = round(time.monotonic() - t0, 2)
+        print(f"make_refs: {self.name}/{sub}: {time.monotonic() - t0:.1f}s", file=sys.stderr, flush=True)
         self.doc["artifacts"][sub] = what
         return res
 
@@ -313,13 +312,108 @@ def moe_case(name: str, outdir: str) -> None:
     c.write()
 
 
+def typed_json(v):
+    """Python values as JSON that keeps their YAML-relevant types: sets as {"!!set": [members,
+    sorted]}, tuples as {"!!python/tuple": [...]}, non-finite floats as {"!!float": "inf"}..."""
+    import math
+
+    if isinstance(v, dict):
+        return {str(k): typed_json(x) for k, x in v.items()}
+    if isinstance(v, (set, frozenset)):
+        return {"!!set": sorted(typed_json(x) for x in v)}
+    if isinstance(v, tuple):
+        return {"!!python/tuple": [typed_json(x) for x in v]}
+    if isinstance(v, list):
+        return [typed_json(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return {"!!float": repr(v)}
+    return v
+
+
+def bridge_style_config() -> dict:
+    """A Megatron-Bridge-style run config (the shape of ConfigContainer.to_dict()) holding a
+    set, a tuple, a shared object (PyYAML writes an anchor and an alias), a multi-line string,
+    and the scalars PyYAML types specially."""
+    targets = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+    return {
+        "_target_": "megatron.bridge.training.config.ConfigContainer",
+        "checkpoint": {"_target_": "megatron.bridge.training.config.CheckpointConfig",
+                       "pretrained_checkpoint": "/models/base", "save": "/runs/lora", "save_interval": 50,
+                       "most_recent_k": -1, "load": None},
+        "model": {"_target_": "megatron.bridge.models.llama.llama_provider.LlamaModelProvider",
+                  "num_layers": 2, "hidden_size": 64, "layernorm_epsilon": 1e-05, "rotary_base": 500000.0,
+                  "init_method_std": 0.02, "seq_length": 8192, "bf16": True, "fp16": False,
+                  "params_dtype": {"_target_": "torch.bfloat16", "_call_": False},
+                  "cuda_graph_scope": ("full_iteration", "moe_router"),
+                  "moe_layer_freq": 1, "hybrid_override_pattern": "M*-E", "hf_model_id": "/models/base-hf",
+                  "yes_string": "yes", "on_string": "on", "null_string": "null", "octal_like": "0755",
+                  "float_inf": float("inf")},
+        "peft": {"_target_": "megatron.bridge.peft.lora.LoRA", "dim": 8, "alpha": 12, "dropout": 0.0,
+                 "dropout_position": "pre", "target_modules": targets,
+                 "params_to_save": {"decoder.layers.0.self_attention.linear_qkv.adapter.linear_in.weight",
+                                    "decoder.layers.0.self_attention.linear_qkv.adapter.linear_out.weight"},
+                 "exclude_modules": []},
+        "lora_targets_again": targets,
+        "dataset": {"prompt_template": "### Question:\n{input}\n\n### Answer:\n{output}\n",
+                    "seq_length": 2048},
+    }
+
+
+def pyyaml_case(name: str, outdir: str) -> None:
+    import yaml
+
+    c = Case(name, outdir)
+    src = os.path.join(outdir, "llama", "lora", f"iter_{LORA_STEP:07d}", "run_config.yaml")
+    if not os.path.exists(src):
+        gpt_case("llama", outdir)
+    shutil.copyfile(src, c.path("bridge_lora_run_config.yaml"))
+    with open(src) as f:
+        text = f.read()
+    with open(c.path("bridge_lora_run_config.values.json"), "w") as f:
+        json.dump(typed_json(yaml.safe_load(text)), f, indent=1, sort_keys=True)
+        f.write("\n")
+    c.doc["artifacts"]["bridge_lora_run_config.yaml"] = (
+        "the run_config.yaml of llama/lora (Bridge's ConfigContainer.to_yaml: yaml.safe_dump("
+        "default_flow_style=False) with Bridge's representers), byte for byte")
+    c.doc["artifacts"]["bridge_lora_run_config.values.json"] = (
+        "what Bridge's read_run_config parser (yaml.safe_load) returns for it, typed JSON")
+    cfg = bridge_style_config()
+    for fname, dump, load, loader in (
+            ("synthetic_safe_dump", yaml.safe_dump, yaml.safe_load, "yaml.safe_load"),
+            ("synthetic_dump", yaml.dump, yaml.full_load, "yaml.full_load")):
+        text = dump(cfg, default_flow_style=False)
+        with open(c.path(fname + ".yaml"), "w") as f:
+            f.write(text)
+        with open(c.path(fname + ".values.json"), "w") as f:
+            json.dump(typed_json(load(text)), f, indent=1, sort_keys=True)
+            f.write("\n")
+        c.doc["artifacts"][fname + ".yaml"] = (
+            f"PyYAML {yaml.__version__} {dump.__module__}.{dump.__name__}(config, "
+            "default_flow_style=False) of make_refs.bridge_style_config()")
+        c.doc["artifacts"][fname + ".values.json"] = f"{loader} of it, typed JSON (see typed_json)"
+    c.doc["typed_json"] = ("sets -> {'!!set': sorted members}, tuples -> {'!!python/tuple': [...]}, "
+                           "non-finite floats -> {'!!float': repr}")
+    c.write()
+
+
 def main(argv) -> int:
     if len(argv) != 3 or argv[1] not in CASES + ("all",):
         print(__doc__, file=sys.stderr)
         return 2
-    cases = CASES if argv[1] == "all" else (argv[1],)
     outdir = os.path.abspath(argv[2])
     os.makedirs(outdir, exist_ok=True)
+    if argv[1] == "all":
+        # One process per case: Bridge and megatron-core keep process-wide state (parallel
+        # state, environment variables set by ConfigContainer.validate, registries) that must
+        # not leak from one model into the next.
+        import subprocess
+
+        for name in CASES:
+            rc = subprocess.call([sys.executable, os.path.abspath(__file__), name, outdir])
+            if rc != 0:
+                return rc
+        return 0
+    cases = (argv[1],)
     for name in cases:
         t0 = time.monotonic()
         print(f"make_refs: {name} -> {outdir}/{name}", file=sys.stderr, flush=True)
