@@ -157,7 +157,8 @@ def check_megatron_merge(base_iter: str, lora_iter: str, merged_iter: str, scale
     """Is the merged Megatron checkpoint W + scale * (B @ A) computed in the parameter dtype
     (bf16 matmul, bf16 scale, bf16 add), per fused tensor and layer?"""
     base, lora, merged = _dcp_tensors(base_iter), _dcp_tensors(lora_iter), _dcp_tensors(merged_iter)
-    out = {"merged_tensors": [], "unchanged_elsewhere": True, "formula": "W + (alpha/dim) * (B @ A) in the parameter dtype"}
+    out = {"merged_tensors": [], "unchanged_elsewhere": True, "formula": "W + (alpha/dim) * (B @ A) in the parameter dtype",
+           "explicit_rounding_formula": "dt(f32(W) + f32(dt(f32(dt(f32(B) @ f32(A))) * alpha/dim)))"}
     adapters = sorted(k[: -len(".adapter.linear_in.weight")] for k in lora if k.endswith(".adapter.linear_in.weight"))
     touched = set()
     def whole(sd, key):  # Mamba in_proj is stored as its z, x, B, C, dt parts
@@ -174,7 +175,13 @@ def check_megatron_merge(base_iter: str, lora_iter: str, merged_iter: str, scale
         m, _ = whole(merged, key)
         want = w + scale * (b @ a)
         f32 = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
+        # The same, one rounding per operation spelled out: fp32 product rounded to the
+        # parameter dtype, scaled in fp32 and rounded, added in fp32 and rounded.
+        dt = w.dtype
+        prod = (b.float() @ a.float()).to(dt)
+        explicit = (w.float() + (prod.float() * scale).to(dt).float()).to(dt)
         out["merged_tensors"].append({"key": key, "equal_param_dtype_formula": bool(torch.equal(m, want)),
+                                      "equal_explicit_rounding_formula": bool(torch.equal(m, explicit)),
                                       "equal_fp32_formula": bool(torch.equal(m, f32)),
                                       "elements_differing_from_fp32_formula": int((m != f32).sum())})
         touched.update(keys)
