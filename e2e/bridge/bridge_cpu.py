@@ -11,7 +11,9 @@ API (all functions build their own gloo world of size 1 and tear it down again):
     import_ckpt(hf_dir, run_dir, dtype)             AutoBridge.import_ckpt
     export_ckpt(iter_dir, hf_reference_dir, out_dir) AutoBridge.export_ckpt
     lora_checkpoint(hf_dir, base_run_dir, run_dir, ...)   a PEFT training checkpoint
-    merge(lora_run_dir, hf_dir, out_megatron, out_hf, base_run_dir)   Bridge's merges
+    merge_megatron(lora_run_dir, hf_dir, out_dir)   examples/peft/merge_lora.py (v0.3.1)
+    merge_hf(lora_run_dir, hf_dir, out_dir)          save_hf_pretrained(merge_adapter_weights=True)
+    merge(lora_run_dir, hf_dir, out_megatron, out_hf)   both
 """
 
 from __future__ import annotations
@@ -30,10 +32,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
 warnings.filterwarnings("ignore")
 
-import torch  # noqa: E402
-
-_PATCHED = False
-_TE_ONLY_FUSIONS = ("apply_rope_fusion", "moe_permute_fusion")
 
 
 def _fail(msg: str):
@@ -41,8 +39,18 @@ def _fail(msg: str):
         f"bridge_cpu: {msg}\n"
         "The Megatron-Bridge references need the pinned venv of e2e/bridge/requirements.txt "
         "(Python 3.11): `python3 -m venv V && V/bin/pip install --no-deps -r e2e/bridge/requirements.txt`, "
-        "or run the repository's test command (its bridge_env step builds it)."
+        "then run with V/bin/python, or run the repository's test command (its bridge_env step "
+        "builds it)."
     )
+
+
+try:
+    import torch  # noqa: E402
+except ImportError as _e:
+    _fail(f"cannot import torch ({_e})")
+
+_PATCHED = False
+_TE_ONLY_FUSIONS = ("apply_rope_fusion", "moe_permute_fusion")
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,7 +209,6 @@ def patch() -> None:
         leaked = [n for n, m in list(sys.modules.items()) if isinstance(m, _TEStandIn)]
         if leaked:
             raise RuntimeError(f"bridge_cpu: TransformerEngine stand-in leaked into {leaked}")
-
 
     # (8) MegatronParamMapping.gather_from_ep_ranks parses the expert id after ".weight"
     # (grouped-GEMM names) even at EP=1; sequential experts (local spec) are named
@@ -782,6 +789,15 @@ def merge_hf(lora_run_dir: str, hf_dir: str, out_dir: str, base_run_dir: str | N
         loaded = dist_checkpointing.load(sd, lora_dir)
         model[0].load_state_dict(loaded["model"], strict=False)
         bridge.save_hf_pretrained(model, out_dir, show_progress=False, merge_adapter_weights=True)
+
+
+def merge(lora_run_dir: str, hf_dir: str, out_megatron: str | None, out_hf: str | None,
+          base_run_dir: str | None = None, trust_remote_code: bool = False) -> None:
+    """Both of Bridge 0.3.1's merges of a LoRA run (either output may be None)."""
+    if out_megatron:
+        merge_megatron(lora_run_dir, hf_dir, out_megatron, base_run_dir)
+    if out_hf:
+        merge_hf(lora_run_dir, hf_dir, out_hf, base_run_dir, trust_remote_code)
 
 
 def _latest_iter(run_dir: str) -> str:

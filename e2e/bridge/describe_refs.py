@@ -15,7 +15,6 @@ import io
 import json
 import os
 import pickle
-import pickletools
 import sys
 import zipfile
 
