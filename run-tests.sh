@@ -4,7 +4,9 @@
 #   - Rust build products in $CARGO_TARGET_DIR (default ~/.cache/ckpt/target);
 #   - the pinned Python reference stack (torch, transformers, peft, megatron-core)
 #     in ~/.cache/ckpt/venv-<hash of e2e/requirements.txt>;
-#   - the Kubernetes control plane built from Go modules in ~/.cache/ckpt/k8s-bin/<hash>.
+#   - the Kubernetes control plane built from Go modules in ~/.cache/ckpt/k8s-bin/<hash>;
+#   - Megatron-Bridge 0.3.1 in ~/.cache/ckpt/bridge-venv-<hash of e2e/bridge/requirements.txt>
+#     and the references it writes in ~/.cache/ckpt/bridge-refs-<hash> (CKPT_BRIDGE_REFS).
 # A missing prerequisite fails the run with a message; nothing is skipped.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -74,6 +76,37 @@ python_env() {
   fi
 }
 
+bridge_env() {
+  # The real Megatron-Bridge 0.3.1 (transformers 4.x) in a second venv, same pattern as
+  # python_env; about 2 minutes to install on 2 cores, then cached.
+  local key
+  key=$( (python3 --version; cat e2e/bridge/requirements.txt) | sha256sum | cut -c1-16)
+  BRIDGE_VENV="$CACHE/bridge-venv-$key"
+  if [ ! -f "$BRIDGE_VENV/.complete" ]; then
+    echo "installing Megatron-Bridge 0.3.1 into $BRIDGE_VENV (first run only)"
+    local tmp="$BRIDGE_VENV.tmp-$$" t0
+    t0=$(date +%s)
+    rm -rf "$tmp" "$BRIDGE_VENV"
+    python3 -m venv "$tmp"
+    "$tmp/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -r e2e/bridge/requirements.txt
+    "$tmp/bin/python" -c "import torch, transformers, safetensors, megatron.core, yaml, omegaconf, modelopt"
+    touch "$tmp/.complete"
+    mv "$tmp" "$BRIDGE_VENV"
+    echo "Megatron-Bridge venv installed in $(($(date +%s) - t0)) s"
+  fi
+}
+
+bridge_refs() {
+  # What Megatron-Bridge itself writes (imports, exports, LoRA checkpoints, merges) for tiny
+  # Llama, Qwen3, Qwen3-MoE and Nemotron-H models, generated once and cached; the later
+  # steps find them through CKPT_BRIDGE_REFS (layout: e2e/bridge/BRIDGE_NOTES.md).
+  local out
+  out=$(e2e/bridge/refs.sh "$BRIDGE_VENV/bin/python")
+  CKPT_BRIDGE_REFS=$(printf '%s\n' "$out" | tail -n 1)
+  export CKPT_BRIDGE_REFS
+  ls "$CKPT_BRIDGE_REFS"
+}
+
 interop_tests() {
   CKPT_CONVERT_BIN="$CARGO_TARGET_DIR/release/ckpt-convert" \
     "$VENV/bin/python" -m pytest -q -p no:cacheprovider e2e/interop
@@ -116,6 +149,8 @@ step "rust: build, unit, integration and control-plane tests" rust_tests
 step "demo" demo
 step "images: static musl binaries (as the Dockerfiles build them)" static_binaries
 step "python: reference stack" python_env
+step "python: Megatron-Bridge reference stack" bridge_env
+step "bridge: Megatron-Bridge 0.3.1 references" bridge_refs
 step "interop: torch DCP, megatron-core, transformers" interop_tests
 
 echo
