@@ -145,12 +145,13 @@ static_binaries() {
 
 step "rust: fmt and clippy" rust_checks
 step "control plane: etcd, kube-apiserver, kube-controller-manager, helm" control_plane
+step "python: reference stack" python_env
+step "python: Megatron-Bridge reference stack" bridge_env
+# The Rust tests compare with these too, so they come first.
+step "bridge: Megatron-Bridge 0.3.1 references" bridge_refs
 step "rust: build, unit, integration and control-plane tests" rust_tests
 step "demo" demo
 step "images: static musl binaries (as the Dockerfiles build them)" static_binaries
-step "python: reference stack" python_env
-step "python: Megatron-Bridge reference stack" bridge_env
-step "bridge: Megatron-Bridge 0.3.1 references" bridge_refs
 step "interop: torch DCP, megatron-core, transformers" interop_tests
 
 echo

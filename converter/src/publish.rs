@@ -5,7 +5,8 @@
 //! that fails removes its staging directory; a run that is killed leaves one whose
 //! name says it is incomplete (`.NAME.ckpt-staging-PID`), which the next run for the
 //! same target removes once its process is gone. No state in between looks like a
-//! finished checkpoint.
+//! finished checkpoint. Directories the run had to create for its target (a new
+//! run directory, say) are removed again when it fails, if they are still empty.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -46,6 +47,8 @@ pub struct Staging {
     target: PathBuf,
     dir: PathBuf,
     done: bool,
+    /// Parents created for the target, outermost first.
+    created: Vec<PathBuf>,
 }
 
 fn process_alive(pid: u32) -> bool {
@@ -89,6 +92,12 @@ impl Staging {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "output".into());
+        let mut created: Vec<PathBuf> = parent
+            .ancestors()
+            .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
+            .map(Path::to_owned)
+            .collect();
+        created.reverse();
         std::fs::create_dir_all(parent).map_err(io(parent))?;
         for stale in stale_staging(target) {
             tracing::warn!(path = %stale.display(), "removing the staging directory of an interrupted run");
@@ -106,6 +115,7 @@ impl Staging {
             target: target.to_owned(),
             dir,
             done: false,
+            created,
         })
     }
 
@@ -162,6 +172,10 @@ impl Drop for Staging {
     fn drop(&mut self) {
         if !self.done {
             let _ = std::fs::remove_dir_all(&self.dir);
+            // Only what is still empty: another writer may have put something there.
+            for d in self.created.iter().rev() {
+                let _ = std::fs::remove_dir(d);
+            }
         }
     }
 }
@@ -223,6 +237,20 @@ mod tests {
         assert!(!target.join("a").exists());
         assert_eq!(std::fs::read(target.join("b")).unwrap(), b"y");
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_failed_run_removes_the_directories_it_created() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("run/sub/iter_0000000");
+        drop(Staging::new(&target).unwrap());
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+        // A directory that gained other content meanwhile stays.
+        let s = Staging::new(&target).unwrap();
+        std::fs::write(tmp.path().join("run/other"), b"x").unwrap();
+        drop(s);
+        assert!(tmp.path().join("run/other").is_file());
+        assert!(!tmp.path().join("run/sub").exists());
     }
 
     #[test]

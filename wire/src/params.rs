@@ -524,6 +524,16 @@ pub const MERGE_LORA: &[Param] = &[
         ),
         "backend=megatron_bridge",
     ),
+    only(
+        p(
+            "merge_arithmetic",
+            Value::Choice(&["param_dtype", "fp32"]),
+            Role::Shapes,
+            Some("param_dtype"),
+            "param_dtype: product, scaling and sum each rounded to the parameter dtype, as Megatron-Bridge ≤ 0.4's merge_lora computes them; fp32: computed in float32 and rounded once, as Megatron-Bridge ≥ 0.5",
+        ),
+        "backend=megatron_bridge",
+    ),
     only(ITERATION, "backend=megatron_bridge"),
     only(DISTCP_FILES, "backend=megatron_bridge"),
     only(MAX_SHARD_SIZE, "backend=megatron_bridge"),

@@ -11,13 +11,20 @@
 //! Canonical LoRA keeps separate adapters, `adapter_q|k|v` (B rows in Hugging Face
 //! head order) and `adapter_gate|up`, each with its own A.
 //!
-//! The merge is Megatron-Bridge's HF export with merge (`_merge_single_adapter_weight`):
-//! `W' = rne(W + (alpha/dim) · (B @ A))` in f32, one rounding, per HF tensor after
-//! the fused tensor is split (B split with the same rows, A shared). Because the
-//! update of an element depends only on its row of B and column of A, the merged
-//! Megatron tensor is planned with the same arithmetic on the fused rows, and the
-//! two outputs agree exactly with each other. (Megatron-Bridge ≤ 0.4 merged the
-//! fused tensors in bf16 with three roundings; that legacy path is not reproduced.)
+//! The merge is `W' = W + (alpha/dim) · (B @ A)` per fused tensor, in the
+//! arithmetic of the Megatron-Bridge version reproduced (`merge_arithmetic`):
+//! - `param_dtype` (the default; Megatron-Bridge ≤ 0.4's `merge_lora.py`, the
+//!   version the Nemotron images ship and the one the interop suite runs): the
+//!   product, its scaling and the sum are tensor operations in the parameter's
+//!   dtype, each rounded (`rne(W + rne(rne(B @ A) · s))`); its HF export with
+//!   merged adapters splits B per HF tensor and merges with the same arithmetic,
+//!   so it equals the export of the merged Megatron checkpoint;
+//! - `fp32` (Megatron-Bridge ≥ 0.5, `_merge_single_adapter_weight`): computed in
+//!   float32 and rounded once.
+//!
+//! Because the update of an element depends only on its row of B and column of
+//! A, the merged Megatron tensor and each HF tensor of the export are planned
+//! with the same arithmetic on their rows, and agree exactly with each other.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -27,7 +34,7 @@ use serde_json::Value;
 use super::LoraError;
 use crate::formats::megatron::{self, MegatronCheckpoint};
 use crate::formats::source::GlobalTensor;
-use crate::plan::{Input, Operand, Update};
+use crate::plan::{Input, Operand, Rounding, Update};
 
 /// Store index of the adapter in the plans (the base is store 0).
 const ADAPTER: usize = 1;
@@ -634,6 +641,9 @@ pub struct Planner<'a> {
     pub config: &'a BridgeConfig,
     /// The model's head layout, for canonical adapters.
     pub layout: Option<QkvLayout>,
+    /// Where the merge rounds: as Megatron-Bridge ≤ 0.4's `LoRAMerge` in the
+    /// parameter dtype ([`Rounding::EachStep`]), or once in float32 as Bridge ≥ 0.5.
+    pub rounding: Rounding,
 }
 
 /// The updates of one output weight, with the inputs they read (to append to the
@@ -858,6 +868,7 @@ impl Planner<'_> {
                     cols: r,
                 },
                 scale: self.config.scale(),
+                rounding: self.rounding,
                 transposed: false,
                 rows: (!all).then_some(w_runs),
                 magnitude: None,

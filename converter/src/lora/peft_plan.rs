@@ -24,7 +24,7 @@ use super::peft::{AdapterConfig, AdapterWeights, Keys, Part};
 use crate::formats::dtype::DType;
 use crate::formats::hf::HfCheckpoint;
 use crate::plan::tensor::{TensorOut, row_len, rows};
-use crate::plan::{Input, LoraMerge, Operand, RowGather, Update};
+use crate::plan::{Input, LoraMerge, Operand, Rounding, RowGather, Update};
 
 /// Store indices of the plan: the base, then the adapter.
 const BASE: usize = 0;
@@ -768,6 +768,7 @@ fn to_tensor(
                     a,
                     b,
                     scale: *scale,
+                    rounding: Rounding::Once,
                     transposed: *transposed,
                     rows: None,
                     magnitude,

@@ -20,7 +20,7 @@
 use rayon::prelude::*;
 
 use crate::formats::dtype::{DType, decode, encode, round_to};
-use crate::plan::{LoraMerge, Operand, Update};
+use crate::plan::{LoraMerge, Operand, Rounding, Update};
 
 /// Elements of the weight handled by one task.
 const BLOCK_ELEMENTS: u64 = 1 << 16;
@@ -110,7 +110,11 @@ pub fn check(
                 transposed,
                 rows: runs,
                 magnitude,
+                rounding,
             } => {
+                if *rounding == Rounding::EachStep && magnitude.is_some() {
+                    return Err(what("DoRA is merged with one rounding"));
+                }
                 if shape.len() < 2 {
                     return Err(what("a linear update needs a matrix"));
                 }
@@ -336,6 +340,8 @@ enum Combine {
     Add,
     /// `w + rne(acc·s)`.
     AddRounded,
+    /// `w + rne(rne(acc)·s)`.
+    AddStepwise,
 }
 
 /// The product of a low-rank update laid out as the weight: row `i` of the delta
@@ -440,6 +446,7 @@ pub fn apply(
                 transposed,
                 rows: runs,
                 magnitude,
+                rounding,
             } => {
                 let (av, bv) = (operand(a, inputs), operand(b, inputs));
                 let r = a.rows as usize;
@@ -460,8 +467,12 @@ pub fn apply(
                     }
                 };
                 let map = RowMap::new(runs.as_ref(), rows);
+                let how = match rounding {
+                    Rounding::Once => Combine::Add,
+                    Rounding::EachStep => Combine::AddStepwise,
+                };
                 match magnitude {
-                    None => update_rows(dtype, from, out, cols, &p, &map, Combine::Add),
+                    None => update_rows(dtype, from, out, cols, &p, &map, how),
                     Some(m) if !*transposed => {
                         dora_row_norms(dtype, out, cols, &p, &operand(m, inputs))
                     }
@@ -565,6 +576,11 @@ fn update_rows(
                         Combine::AddRounded => {
                             for (w, &d) in w.iter_mut().zip(d) {
                                 *w += round_to(dtype, d * p.scale);
+                            }
+                        }
+                        Combine::AddStepwise => {
+                            for (w, &d) in w.iter_mut().zip(d) {
+                                *w += round_to(dtype, round_to(dtype, d) * p.scale);
                             }
                         }
                     }
@@ -715,6 +731,7 @@ mod tests {
                 a: op(0, 2, 4),
                 b: op(1, 3, 2),
                 scale: 2.0,
+                rounding: Rounding::Once,
                 transposed: false,
                 rows: None,
                 magnitude: None,
@@ -744,6 +761,7 @@ mod tests {
                 a: op(0, 2, 4),
                 b: op(1, 3, 2),
                 scale: 2.0,
+                rounding: Rounding::Once,
                 transposed: true,
                 rows: None,
                 magnitude: None,
@@ -788,6 +806,7 @@ mod tests {
                 a: op(0, 1, 1),
                 b: op(1, 1, 1),
                 scale: 1.0,
+                rounding: Rounding::Once,
                 transposed: false,
                 rows: None,
                 magnitude: None,
@@ -861,6 +880,7 @@ mod tests {
                 a: op(0, 1, 2),
                 b: op(1, 2, 1),
                 scale: 1.0,
+                rounding: Rounding::Once,
                 transposed: false,
                 rows: Some(vec![(1, 1), (3, 1)]),
                 magnitude: None,
@@ -903,6 +923,7 @@ mod tests {
                     a: op(0, 1, 2),
                     b: op(1, 2, 1),
                     scale: 1.0,
+                    rounding: Rounding::Once,
                     transposed,
                     rows: None,
                     magnitude: Some(op(2, 1, 2)),
@@ -973,6 +994,7 @@ mod tests {
                 cols: r as u64,
             },
             scale: 0.75,
+            rounding: Rounding::Once,
             transposed: false,
             rows: runs,
             magnitude,
@@ -1025,6 +1047,7 @@ mod tests {
                 a: op(0, 2, 4),
                 b: op(1, 3, 2),
                 scale: 1.0,
+                rounding: Rounding::Once,
                 transposed: false,
                 rows: None,
                 magnitude: None,

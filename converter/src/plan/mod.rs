@@ -161,6 +161,8 @@ pub enum Update {
         b: Operand,
         /// `alpha / r` (or `alpha / sqrt(r)`), rounded to f32.
         scale: f32,
+        /// Where the result is rounded to `W`'s dtype.
+        rounding: Rounding,
         /// `W` is stored `[in, out]`.
         transposed: bool,
         /// The row runs of `W` updated, when not all.
@@ -198,6 +200,18 @@ pub enum Update {
         /// The new rows, `[indices.len(), row length]`.
         values: Operand,
     },
+}
+
+/// Where a linear update rounds to the weight's dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rounding {
+    /// Once: `W ← rne(W + acc · s)` in f32 (PEFT; Megatron-Bridge ≥ 0.5, which
+    /// merges in f32).
+    Once,
+    /// After each operation, as a merge computed in the parameter's dtype rounds:
+    /// `W ← rne(W + rne(rne(acc) · s))` (Megatron-Bridge ≤ 0.4's `LoRAMerge`, whose
+    /// product, scaling and sum are bf16 tensor operations).
+    EachStep,
 }
 
 /// The merge stage of a piece: updates applied in order to the gathered weight.

@@ -27,7 +27,7 @@ use crate::formats::dtype::DType;
 use crate::formats::hf::HfCheckpoint;
 use crate::formats::megatron::MegatronCheckpoint;
 use crate::formats::source::{Files, GlobalTensor};
-use crate::plan::{Operand, Piece, Plan, TensorStore, Update};
+use crate::plan::{Operand, Piece, Plan, Rounding, TensorStore, Update};
 
 use super::kernels;
 
@@ -332,6 +332,7 @@ fn probe_piece(piece: &Piece, stores: &[&dyn TensorStore], out: &Output) -> Prob
                 scale,
                 transposed: false,
                 rows: runs,
+                rounding,
                 ..
             } => Term::Linear {
                 a: operand(a, piece, stores)?,
@@ -339,20 +340,29 @@ fn probe_piece(piece: &Piece, stores: &[&dyn TensorStore], out: &Output) -> Prob
                 r: a.rows as usize,
                 scale: f64::from(*scale),
                 runs: runs.clone(),
-                roundings: 1,
+                // The product, its scaling and the sum each rounded, each within
+                // half an ulp of a value about the weight's size.
+                roundings: match rounding {
+                    Rounding::Once => 1,
+                    Rounding::EachStep => 3,
+                },
             },
             Update::Linear {
                 a,
                 b,
                 scale,
                 transposed: true,
+                rounding,
                 ..
             } => Term::Columns {
                 a: operand(a, piece, stores)?,
                 b: operand(b, piece, stores)?,
                 r: a.rows as usize,
                 scale: f64::from(*scale),
-                roundings: 1,
+                roundings: match rounding {
+                    Rounding::Once => 1,
+                    Rounding::EachStep => 3,
+                },
             },
             Update::Embedding { a, b, scale, .. } => Term::Columns {
                 a: operand(a, piece, stores)?,
@@ -561,6 +571,7 @@ fn probe_dora(
             transposed,
             magnitude: Some(m),
             rows: None,
+            ..
         } => (a, b, m, *scale, !*transposed),
         Update::Embedding {
             a,
@@ -796,6 +807,7 @@ mod tests {
                         cols: r as u64,
                     },
                     scale,
+                    rounding: Rounding::Once,
                     transposed: false,
                     rows: None,
                     magnitude: None,

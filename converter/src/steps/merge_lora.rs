@@ -43,7 +43,7 @@ use crate::pipeline::preflight::{self, PreflightError};
 use crate::pipeline::{Prepared, Report, RunOptions, SourceInfo, Target};
 use crate::plan::layout::{DcpBytesSpec, Sharding};
 use crate::plan::tensor::{ChunkOut, row_len, rows};
-use crate::plan::{Copied, Generated, Input, LoraMerge, Plan, RowGather, TensorStore};
+use crate::plan::{Copied, Generated, Input, LoraMerge, Plan, Rounding, RowGather, TensorStore};
 
 /// The step.
 pub const STEP: Step = Step::MergeLora;
@@ -503,6 +503,13 @@ fn run_bridge(
     let base_hf = params.opt("base_hf_path");
     let default_iteration = params.count("iteration", 0)?;
     let distcp_files = params.positive("distcp_files", 2)? as usize;
+    let rounding = match params
+        .choice("merge_arithmetic", &["param_dtype", "fp32"], "param_dtype")?
+        .as_str()
+    {
+        "fp32" => Rounding::Once,
+        _ => Rounding::EachStep,
+    };
     let size_text = params
         .opt("max_shard_size")
         .unwrap_or_else(|| super::megatron_to_hf::DEFAULT_MAX_SHARD_SIZE.into());
@@ -638,6 +645,7 @@ fn run_bridge(
         adapters: &adapters,
         config: &cfg,
         layout,
+        rounding,
     };
     planner.check(&base)?;
     let transform = format!(

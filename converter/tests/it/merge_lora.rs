@@ -1200,59 +1200,20 @@ fn the_base_an_adapter_recorded_must_be_the_one_given() {
 // Megatron-Bridge adapters
 // ---------------------------------------------------------------------------------------------
 
-/// A Megatron-Bridge-style adapter checkpoint for the tiny Llama: stacked
-/// `linear_in`/`linear_out` tensors for linear_qkv and linear_fc2, written as a
-/// DCP iteration (through the identity mapping) with a `run_config.yaml`.
-fn bridge_adapter(w: &Workdir, rel: &str, qkv_in: usize, peft: &str) -> PathBuf {
-    let (l, r) = (2usize, 4usize);
-    let qkv_rows = (4 + 2 * 2) * 16;
-    let flat = w.path(&format!("{rel}-flat"));
-    std::fs::create_dir_all(&flat).unwrap();
-    let k = "decoder.layers.";
-    let mut ts = vec![
-        t(
-            &format!("{k}self_attention.linear_qkv.adapter.linear_in.weight"),
-            &[l, r, qkv_in],
-            a_vals(l * r, qkv_in, 1),
-        ),
-        t(
-            &format!("{k}self_attention.linear_qkv.adapter.linear_out.weight"),
-            &[l, qkv_rows, r],
-            b_vals(l * qkv_rows, r, 2),
-        ),
-        t(
-            &format!("{k}mlp.linear_fc2.adapter.linear_in.weight"),
-            &[l, r, 128],
-            a_vals(l * r, 128, 3),
-        ),
-        t(
-            &format!("{k}mlp.linear_fc2.adapter.linear_out.weight"),
-            &[l, 64, r],
-            b_vals(l * 64, r, 4),
-        ),
-    ];
-    for x in &mut ts {
-        x.bf16 = true;
-    }
-    write_safetensors(&flat.join("model.safetensors"), &ts);
-    run(&[
-        "run".to_owned(),
-        "convert/hf_to_megatron".into(),
-        kv("hf_model_id", &flat),
-        kv("megatron_path", &w.path(&format!("{rel}/iter_0000020"))),
-        "mapping=identity".into(),
-    ])
-    .assert_exit(0);
-    let it = w.path(&format!("{rel}/iter_0000020"));
-    std::fs::write(
-        it.join("run_config.yaml"),
-        format!("checkpoint:\n  pretrained_checkpoint: null\nmodel:\n  num_layers: 2\n{peft}"),
-    )
-    .unwrap();
-    w.path(rel)
+/// Names the tensors of two checkpoints that differ (dtype, shape or any bit).
+fn differing(
+    ours: &BTreeMap<String, (String, Vec<u64>, Vec<u8>)>,
+    theirs: &BTreeMap<String, (String, Vec<u64>, Vec<u8>)>,
+) -> Vec<String> {
+    let mut out: Vec<String> = ours
+        .keys()
+        .chain(theirs.keys())
+        .filter(|k| ours.get(*k) != theirs.get(*k))
+        .cloned()
+        .collect();
+    out.dedup();
+    out
 }
-
-const BRIDGE_PEFT: &str = "peft:\n  _target_: megatron.bridge.peft.lora.LoRA\n  dim: 4\n  alpha: 6\n  dropout: 0.0\n  target_modules:\n  - linear_qkv\n  - linear_fc2\n";
 
 fn bridge_merge(
     w: &Workdir,
@@ -1275,92 +1236,121 @@ fn bridge_merge(
     run(&args)
 }
 
+/// A LoRA checkpoint the real Megatron-Bridge 0.3.1 wrote (its run directory:
+/// the tracker names iteration 50; its run_config.yaml is PyYAML's, with
+/// `!!set`), merged into the base Bridge imported: both outputs equal Bridge's own
+/// merges bit for bit (`merge_lora.py`'s Megatron checkpoint; the HF export with
+/// merged adapters), for fused and canonical LoRA, on Llama and Qwen3.
 #[test]
-fn megatron_bridge_adapters_merge_into_both_outputs() {
-    let w = Workdir::new();
-    let hf = w.hf("hf", &tiny(false), 1 << 30);
-    run(&[
-        "run".to_owned(),
-        "convert/hf_to_megatron".into(),
-        kv("hf_model_id", &hf),
-        kv("megatron_path", &w.path("base")),
-    ])
-    .assert_exit(0);
-    let base = w.path("base/iter_0000000");
-    let ad = bridge_adapter(&w, "adapter", 64, BRIDGE_PEFT);
-    // backend=auto picks megatron_bridge because base_megatron_path is given; the
-    // run directory resolves through its tracker.
-    let r = bridge_merge(&w, &ad, &base, &hf, "out", &["--json"]);
-    r.assert_exit(0);
-    let report: serde_json::Value = serde_json::from_str(&r.stdout()).unwrap();
-    assert_eq!(report["kind"], "checkpoint_hf");
-    assert_eq!(report["other_outputs"][0]["kind"], "checkpoint_megatron");
-    assert!(
-        report["warnings"].to_string().contains("iteration 20"),
-        "{report}"
-    );
-    assert!(w.path("out-mg/iter_0000000/.metadata").is_file());
-    assert_eq!(report["validation"]["smoke_test"], "passed", "{report:#}");
-    probed(&w.path("out-hf"));
-    probed(&w.path("out-mg/iter_0000000"));
-    assert!(w.path("out-mg/latest_checkpointed_iteration.txt").is_file());
-    // HF export: q_proj of layer 1 = rne(W + (6/4)·B_q @ A), B_q the q rows of the
-    // group-interleaved linear_out (2 groups of [q q k v] × 16).
-    let (before, after) = (read_dir(&hf), read_dir(&w.path("out-hf")));
-    let (l, r, h, qkv_rows) = (1usize, 4usize, 64usize, 128usize);
-    let to_bf16 = |v: Vec<f32>| -> Vec<f64> {
-        v.into_iter()
-            .map(|x| f64::from(bf16::from_f32(x)))
-            .collect()
-    };
-    let a_all = to_bf16(a_vals(2 * r, h, 1));
-    let b_all = to_bf16(b_vals(2 * qkv_rows, r, 2));
-    let a = &a_all[l * r * h..(l + 1) * r * h];
-    let b = &b_all[l * qkv_rows * r..(l + 1) * qkv_rows * r];
-    let q_rows: Vec<usize> = (0..2).flat_map(|g| g * 64..g * 64 + 32).collect();
-    let name = "model.layers.1.self_attn.q_proj.weight";
-    for (o, &fused) in q_rows.iter().enumerate() {
-        for i in 0..h {
-            let d: f64 = (0..r).map(|k| b[fused * r + k] * a[k * h + i]).sum();
-            assert_eq!(
-                after[name].2[o * h + i],
-                bf16_of(before[name].2[o * h + i] + 1.5 * d),
-                "{name}[{o}, {i}]"
+fn megatron_bridge_adapters_merge_as_megatron_bridge_merges_them() {
+    let refs = crate::util::bridge_refs();
+    for family in ["llama", "qwen3"] {
+        let case = refs.join(family);
+        let base = case.join("bridge_import/iter_0000000");
+        let hf = case.join("hf");
+        let w = Workdir::new();
+        for (lora, merged_hf, merged_mg) in [
+            ("lora", "merged_hf", Some("merged_megatron/iter_0000000")),
+            ("lora_canonical", "merged_hf_canonical", None),
+        ] {
+            let before = w.snapshot_of(&case);
+            let r = bridge_merge(&w, &case.join(lora), &base, &hf, lora, &["--json"]);
+            r.assert_exit(0);
+            let report: serde_json::Value = serde_json::from_str(&r.stdout()).unwrap();
+            assert_eq!(report["kind"], "checkpoint_hf");
+            assert_eq!(report["other_outputs"][0]["kind"], "checkpoint_megatron");
+            assert!(
+                report["warnings"].to_string().contains("iteration 50"),
+                "{report}"
             );
+            assert_eq!(report["validation"]["smoke_test"], "passed", "{report:#}");
+            probed(&w.path(&format!("{lora}-hf")));
+            probed(&w.path(&format!("{lora}-mg/iter_0000000")));
+            let ours = crate::util::hf_tensors(&w.path(&format!("{lora}-hf")));
+            let theirs = crate::util::hf_tensors(&case.join(merged_hf));
+            assert!(ours.len() > 10);
+            assert_eq!(
+                differing(&ours, &theirs),
+                Vec::<String>::new(),
+                "{family} {lora}: HF"
+            );
+            if let Some(m) = merged_mg {
+                let ours =
+                    crate::util::megatron_tensors(&w.path(&format!("{lora}-mg/iter_0000000")));
+                let theirs = crate::util::megatron_tensors(&case.join(m));
+                assert_eq!(
+                    differing(&ours, &theirs),
+                    Vec::<String>::new(),
+                    "{family} {lora}: Megatron"
+                );
+            }
+            // The source and the references are untouched.
+            assert_eq!(w.snapshot_of(&case), before);
         }
     }
-    assert_eq!(
-        after["model.layers.0.self_attn.o_proj.weight"].2,
-        before["model.layers.0.self_attn.o_proj.weight"].2
-    );
-    assert_ne!(
-        after["model.layers.0.mlp.down_proj.weight"].2,
-        before["model.layers.0.mlp.down_proj.weight"].2
-    );
-    // Converting the merged Megatron checkpoint to HF gives the same tensors.
-    run(&[
-        "run".to_owned(),
-        "convert/megatron_to_hf".into(),
-        kv("megatron_path", &w.path("out-mg/iter_0000000")),
-        kv("hf_model_id", &hf),
-        kv("hf_path", &w.path("back")),
-    ])
+}
+
+/// `merge_arithmetic=fp32` merges as Megatron-Bridge ≥ 0.5 does: in float32 with
+/// one rounding, `rne(W + s · (B @ A))`, checked element by element against that
+/// formula computed here from the tensors Bridge wrote; the two arithmetics differ.
+#[test]
+fn megatron_bridge_fp32_arithmetic_follows_its_formula() {
+    let refs = crate::util::bridge_refs();
+    let case = refs.join("llama");
+    let w = Workdir::new();
+    bridge_merge(
+        &w,
+        &case.join("lora"),
+        &case.join("bridge_import/iter_0000000"),
+        &case.join("hf"),
+        "f",
+        &["merge_arithmetic=fp32"],
+    )
     .assert_exit(0);
-    assert_eq!(read_dir(&w.path("back")), after);
+    let base = crate::util::megatron_tensors(&case.join("bridge_import/iter_0000000"));
+    let adapter = crate::util::megatron_tensors(&case.join("lora/iter_0000050"));
+    let ours = crate::util::megatron_tensors(&w.path("f-mg/iter_0000000"));
+    let legacy = crate::util::megatron_tensors(&case.join("merged_megatron/iter_0000000"));
+    let vals = |b: &[u8]| -> Vec<f32> {
+        b.chunks_exact(2)
+            .map(|x| bf16::from_bits(u16::from_le_bytes([x[0], x[1]])).to_f32())
+            .collect()
+    };
+    // alpha 12, dim 8 (run_config.yaml).
+    let scale = 1.5f32;
+    let key = "decoder.layers.mlp.linear_fc2.weight";
+    let (_, shape, w0) = &base[key];
+    let (layers, rows, cols) = (shape[0] as usize, shape[1] as usize, shape[2] as usize);
+    let a = vals(&adapter["decoder.layers.mlp.linear_fc2.adapter.linear_in.weight"].2);
+    let b = vals(&adapter["decoder.layers.mlp.linear_fc2.adapter.linear_out.weight"].2);
+    let r = a.len() / (layers * cols);
+    let (w0, got) = (vals(w0), vals(&ours[key].2));
+    for l in 0..layers {
+        for i in 0..rows {
+            for j in 0..cols {
+                let mut acc = 0f32;
+                for k in 0..r {
+                    acc = b[(l * rows + i) * r + k].mul_add(a[(l * r + k) * cols + j], acc);
+                }
+                let at = (l * rows + i) * cols + j;
+                let want = bf16::from_f32(w0[at] + acc * scale).to_f32();
+                assert_eq!(got[at], want, "{key}[{l}, {i}, {j}]");
+            }
+        }
+    }
+    assert_ne!(
+        ours[key], legacy[key],
+        "the two arithmetics must differ on these values"
+    );
 }
 
 #[test]
 fn megatron_bridge_refusals() {
+    let refs = crate::util::bridge_refs();
+    let case = refs.join("llama");
+    let base = case.join("bridge_import/iter_0000000");
+    let hf = case.join("hf");
     let w = Workdir::new();
-    let hf = w.hf("hf", &tiny(false), 1 << 30);
-    run(&[
-        "run".to_owned(),
-        "convert/hf_to_megatron".into(),
-        kv("hf_model_id", &hf),
-        kv("megatron_path", &w.path("base")),
-    ])
-    .assert_exit(0);
-    let base = w.path("base/iter_0000000");
     let check = |ad: &Path, extra: &[&str], says: &[&str]| {
         let r = bridge_merge(&w, ad, &base, &hf, "refused", extra);
         r.assert_exit(2);
@@ -1369,47 +1359,57 @@ fn megatron_bridge_refusals() {
         }
         assert!(!w.path("refused-mg").exists() && !w.path("refused-hf").exists());
     };
-    // An adapter for a wider model: mis-shaped linear_in, refused even when allowed.
-    let wide = bridge_adapter(&w, "wide", 96, BRIDGE_PEFT);
+    // A copy of the real adapter checkpoint with its run_config.yaml edited.
+    let edited = |name: &str, edit: &dyn Fn(String) -> String| -> PathBuf {
+        let d = w.path(name);
+        crate::util::copy_tree(&case.join("lora"), &d);
+        let rc = d.join("iter_0000050/run_config.yaml");
+        let text = std::fs::read_to_string(&rc).unwrap();
+        let changed = edit(text.clone());
+        assert_ne!(changed, text, "{name}: the edit must change the file");
+        std::fs::write(&rc, changed).unwrap();
+        d
+    };
+    // An adapter for another model (Qwen3's: head_dim 32, so linear_qkv has other
+    // shapes): refused even when a mismatch is allowed.
     check(
-        &wide,
+        &refs.join("qwen3/lora"),
         &["allow_base_mismatch=true"],
-        &[
-            "linear_qkv.adapter.linear_in.weight",
-            "[4, 64]",
-            "[2, 4, 96]",
-        ],
+        &["linear_qkv.adapter.linear_out.weight", "[2, 256, 8]"],
     );
     // DoRA and other methods.
-    let dora = bridge_adapter(
-        &w,
-        "dora",
-        64,
-        &BRIDGE_PEFT.replace("lora.LoRA", "dora.DoRA"),
-    );
+    let dora = edited("dora", &|t| {
+        t.replace(
+            "megatron.bridge.peft.lora.LoRA",
+            "megatron.bridge.peft.dora.DoRA",
+        )
+    });
     check(&dora, &[], &["run_config.yaml", "DoRA"]);
     // A target list that does not name an adapter present.
-    let untargeted = bridge_adapter(
-        &w,
-        "untargeted",
-        64,
-        &BRIDGE_PEFT.replace("  - linear_fc2\n", ""),
-    );
+    let untargeted = edited("untargeted", &|t| t.replace("  - linear_fc2\n", ""));
     check(&untargeted, &[], &["linear_fc2", "does not name it"]);
     // A rank that disagrees with dim.
-    let dim = bridge_adapter(&w, "dim", 64, &BRIDGE_PEFT.replace("dim: 4", "dim: 8"));
-    check(&dim, &[], &["[8, 64]", "dim=8"]);
+    let dim = edited("dim", &|t| t.replace("  dim: 8\n", "  dim: 16\n"));
+    check(&dim, &[], &["dim=16"]);
+    // A run_config.yaml with a tag that would run code.
+    let code = edited("code", &|t| {
+        t.replacen(
+            "  dim: 8\n",
+            "  dim: !!python/object/apply:os.system ['true']\n",
+            1,
+        )
+    });
+    check(&code, &[], &["run_config.yaml", "python/object/apply"]);
     // No run_config.yaml: the scale is unknown.
-    let bare = bridge_adapter(&w, "bare", 64, BRIDGE_PEFT);
-    std::fs::remove_file(bare.join("iter_0000020/run_config.yaml")).unwrap();
+    let bare = edited("bare", &|t| t + "\n");
+    std::fs::remove_file(bare.join("iter_0000050/run_config.yaml")).unwrap();
     check(&bare, &[], &["run_config.yaml", "is missing"]);
-    // A named base model that differs from the base's run_config.yaml.
-    let named = bridge_adapter(&w, "named", 64, BRIDGE_PEFT);
-    let rc = named.join("iter_0000020/run_config.yaml");
-    let text = std::fs::read_to_string(&rc)
-        .unwrap()
-        .replace("model:\n", "model:\n  hf_model_id: org/another-model\n");
-    std::fs::write(&rc, text).unwrap();
+    // A named base model that differs from the base's.
+    let named = edited("named", &|t| {
+        let at = t.find("  hf_model_id: ").expect("model.hf_model_id");
+        let end = at + t[at..].find('\n').unwrap();
+        format!("{}  hf_model_id: org/another-model{}", &t[..at], &t[end..])
+    });
     check(
         &named,
         &[],
@@ -1424,12 +1424,22 @@ fn megatron_bridge_refusals() {
         &["allow_base_mismatch=true"],
     )
     .assert_exit(0);
-    // The base's identity: the weights digest its manifest records.
-    let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(base.join("ckpt-manifest.json")).unwrap())
-            .unwrap();
+    // The base's identity: a weights digest it does not have is refused, its own
+    // accepted. Our import of the same HF model equals Bridge's import bit for
+    // bit, so the digest its manifest records is the base's.
+    let ok = case.join("lora");
+    run(&[
+        "run".to_owned(),
+        "convert/hf_to_megatron".into(),
+        kv("hf_model_id", &hf),
+        kv("megatron_path", &w.path("ours")),
+    ])
+    .assert_exit(0);
+    let m: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(w.path("ours/iter_0000000/ckpt-manifest.json")).unwrap(),
+    )
+    .unwrap();
     let digest = m["output"]["weights_digest"].as_str().unwrap().to_owned();
-    let ok = bridge_adapter(&w, "ok", 64, BRIDGE_PEFT);
     check(
         &ok,
         &[&format!("base_digest={}", "f".repeat(32))],
@@ -1447,7 +1457,7 @@ fn megatron_bridge_refusals() {
     // A dry run plans both outputs and writes neither.
     bridge_merge(&w, &ok, &base, &hf, "dry", &["--dry-run"])
         .assert_exit(0)
-        .stdout_has("lora merge (dim=4 alpha=6)")
+        .stdout_has("lora merge (dim=8 alpha=12)")
         .stdout_has("also planned");
     assert!(!w.path("dry-mg").exists() && !w.path("dry-hf").exists());
     // export_hf without a model to export around.

@@ -33,8 +33,13 @@ impl Workdir {
 
     /// Every file under `rel` with its digest, to prove a source was not touched.
     pub fn snapshot(&self, rel: &str) -> BTreeMap<PathBuf, (u64, String)> {
+        self.snapshot_of(&self.path(rel))
+    }
+
+    /// Every file under an absolute directory with its digest.
+    pub fn snapshot_of(&self, dir: &Path) -> BTreeMap<PathBuf, (u64, String)> {
         let mut out = BTreeMap::new();
-        let mut stack = vec![self.path(rel)];
+        let mut stack = vec![dir.to_owned()];
         while let Some(d) = stack.pop() {
             for e in std::fs::read_dir(&d).unwrap() {
                 let p = e.unwrap().path();
@@ -135,4 +140,79 @@ pub fn run<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Run {
 /// `key=path` argument.
 pub fn kv(key: &str, p: &Path) -> String {
     format!("{key}={}", p.display())
+}
+
+/// The Megatron-Bridge 0.3.1 references: what the real Bridge wrote on CPU
+/// (imports, exports, LoRA checkpoints and its own merges; layout in
+/// `e2e/bridge/BRIDGE_NOTES.md`), from `$CKPT_BRIDGE_REFS`.
+#[track_caller]
+pub fn bridge_refs() -> PathBuf {
+    let dir = std::env::var_os("CKPT_BRIDGE_REFS")
+        .map(PathBuf::from)
+        .filter(|d| d.join(".complete").is_file());
+    dir.unwrap_or_else(|| {
+        panic!(
+            "these tests compare with what Megatron-Bridge itself writes: set CKPT_BRIDGE_REFS to the \
+             references directory (./run-tests.sh makes it; by hand: e2e/bridge/refs.sh \
+             <bridge venv>/bin/python, after installing e2e/bridge/requirements.txt into a venv)"
+        )
+    })
+}
+
+/// Every tensor of a Megatron iteration, as global tensors read through their
+/// chunks: name → (dtype, shape, bytes).
+pub fn megatron_tensors(dir: &Path) -> BTreeMap<String, (String, Vec<u64>, Vec<u8>)> {
+    let m = ckpt_convert::formats::megatron::MegatronCheckpoint::open(dir)
+        .expect("a Megatron iteration");
+    m.tensors
+        .iter()
+        .map(|t| {
+            let bytes = ckpt_convert::formats::source::read_box(
+                &m.files,
+                t,
+                &vec![0; t.shape.len()],
+                &t.shape,
+            )
+            .into_owned();
+            (
+                t.name.clone(),
+                (t.dtype.to_string(), t.shape.clone(), bytes),
+            )
+        })
+        .collect()
+}
+
+/// Every tensor of an HF directory: name → (dtype, shape, bytes).
+pub fn hf_tensors(dir: &Path) -> BTreeMap<String, (String, Vec<u64>, Vec<u8>)> {
+    let c = ckpt_convert::formats::hf::HfCheckpoint::open(dir).expect("an HF directory");
+    c.tensors
+        .iter()
+        .map(|t| {
+            let bytes = ckpt_convert::formats::source::read_box(
+                &c.files,
+                t,
+                &vec![0; t.shape.len()],
+                &t.shape,
+            )
+            .into_owned();
+            (
+                t.name.clone(),
+                (t.dtype.to_string(), t.shape.clone(), bytes),
+            )
+        })
+        .collect()
+}
+
+/// Copies a directory tree (a reference to edit).
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let p = e.path();
+        if p.is_dir() {
+            copy_tree(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).unwrap();
+        }
+    }
 }
