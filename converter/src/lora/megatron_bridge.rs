@@ -512,19 +512,16 @@ pub struct QkvLayout {
     pub groups: u64,
     /// Head dimension.
     pub head_dim: u64,
-    /// MLP intermediate size.
-    pub ffn: u64,
 }
 
 impl QkvLayout {
     /// From the model's first attention and MLP blocks.
     pub fn from_model(m: &crate::models::Model) -> Option<QkvLayout> {
-        let (a, f) = m.attention_and_ffn()?;
+        let a = m.first_attention()?;
         Some(QkvLayout {
             heads: a.heads,
             groups: a.groups,
             head_dim: a.head_dim,
-            ffn: f,
         })
     }
 
@@ -537,7 +534,6 @@ impl QkvLayout {
             heads,
             groups: int("num_query_groups").unwrap_or(heads),
             head_dim: int("kv_channels").unwrap_or(hidden / heads.max(1)),
-            ffn: int("ffn_hidden_size")?,
         })
     }
 }
@@ -597,15 +593,17 @@ fn segments(
             }
         }
         Module::Fc1 => {
+            // `[gate; up]`: the two halves of the fused rows.
+            let half = fused_rows / 2;
             segs.push(Segment {
                 start: 0,
-                len: l.ffn,
+                len: half,
                 part: Part::Gate,
                 part_start: 0,
             });
             segs.push(Segment {
-                start: l.ffn,
-                len: l.ffn,
+                start: half,
+                len: half,
                 part: Part::Up,
                 part_start: 0,
             });
@@ -999,7 +997,6 @@ mod tests {
             heads: 4,
             groups: 2,
             head_dim: 1,
-            ffn: 3,
         };
         let segs = segments(
             Module::Qkv,

@@ -39,11 +39,53 @@ pub struct LayerAt {
 impl LayerAt {
     /// The HF tensor `name` + `suffix` of this layer.
     pub fn hf(&self, name: HfName, suffix: &str, shape: Vec<u64>) -> HfTensor {
+        self.hf_at(name.0, name.1, suffix, shape)
+    }
+
+    /// The HF tensor `name` + `suffix` of this layer, at `order` in the layer.
+    pub fn hf_at(&self, name: &str, order: u64, suffix: &str, shape: Vec<u64>) -> HfTensor {
         HfTensor {
-            name: format!("{}{}{suffix}", self.hf_prefix, name.0),
+            name: format!("{}{name}{suffix}", self.hf_prefix),
             shape,
-            order: (self.order, name.1),
+            order: (self.order, order),
         }
+    }
+
+    /// The Megatron keys of expert `e`'s `module` (`linear_fc1`) of this layer:
+    /// the expert axis Megatron-Core saves (`mlp.experts.experts.linear_fc1.weight`
+    /// with (layer,) expert leading axes) first, then the per-expert keys of the
+    /// grouped-GEMM (`experts.linear_fc1.weight{e}`) and sequential
+    /// (`experts.local_experts.{e}.linear_fc1.weight`) layouts.
+    pub fn expert_mc(&self, module: &str, e: u64, experts: u64) -> Vec<McKey> {
+        let (l, n) = (self.layer, self.layers);
+        let axis = format!("mlp.experts.experts.{module}.weight");
+        let stacked = McKey {
+            name: format!("decoder.layers.{axis}"),
+            prefix: vec![l, e],
+            prefix_dims: vec![n, experts],
+        };
+        let per_layer = McKey {
+            name: format!("decoder.layers.{l}.{axis}"),
+            prefix: vec![e],
+            prefix_dims: vec![experts],
+        };
+        let mut keys = if self.stacked {
+            vec![stacked, per_layer]
+        } else {
+            vec![per_layer, stacked]
+        };
+        for name in [
+            format!("mlp.experts.{module}.weight{e}"),
+            format!("mlp.experts.local_experts.{e}.{module}.weight"),
+        ] {
+            keys.push(McKey::plain(format!("decoder.layers.{l}.{name}")));
+            keys.push(McKey {
+                name: format!("decoder.layers.{name}"),
+                prefix: vec![l],
+                prefix_dims: vec![n],
+            });
+        }
+        keys
     }
 
     /// The Megatron keys of the layer tensor spelled `names` (preferred first):
@@ -273,4 +315,300 @@ impl Mlp {
 
     /// Modules with an `_extra_state` item in a TransformerEngine layer.
     pub const EXTRA_STATE: &'static [&'static str] = &["mlp.linear_fc1", "mlp.linear_fc2"];
+}
+
+/// The HF names of a mixture-of-experts block. Expert `e`'s projections are
+/// `{experts}{e}.{gate|up|down}.weight`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoeNames {
+    /// The norm before the block.
+    pub norm: HfName,
+    /// The router (`.weight`).
+    pub router: HfName,
+    /// The router's expert-score correction bias (a parameter, no suffix).
+    pub router_bias: HfName,
+    /// The experts' prefix (`mlp.experts.`).
+    pub experts: &'static str,
+    /// An expert's gate projection (gated experts).
+    pub gate: &'static str,
+    /// An expert's up projection.
+    pub up: &'static str,
+    /// An expert's down projection.
+    pub down: &'static str,
+    /// Where the experts start in the layer's state-dict order (three per expert).
+    pub experts_order: u64,
+    /// The shared expert's gate projection (gated shared experts).
+    pub shared_gate: HfName,
+    /// The shared expert's up projection.
+    pub shared_up: HfName,
+    /// The shared expert's down projection.
+    pub shared_down: HfName,
+    /// The projection into the experts' latent space.
+    pub fc1_latent: HfName,
+    /// The projection out of it.
+    pub fc2_latent: HfName,
+}
+
+/// A mixture of experts: a router (with an optional score-correction bias),
+/// routed experts (SwiGLU or plain), an optional shared expert and optional
+/// latent projections, and the norm before it, which Megatron-Core keeps
+/// separate (`pre_mlp_layernorm`): an MoE block has no fused `linear_fc1`.
+///
+/// | HF | Megatron-Core (per layer; experts on an expert axis) | transform |
+/// |---|---|---|
+/// | norm | `pre_mlp_layernorm.weight` | copy |
+/// | router | `mlp.router.weight` | copy |
+/// | router bias | `mlp.router.expert_bias` | copy (float32 kept) |
+/// | expert e gate, up | `mlp.experts.experts.linear_fc1.weight[e]` (`[gate; up]`) | concat |
+/// | expert e down | `mlp.experts.experts.linear_fc2.weight[e]` | copy |
+/// | shared expert | `mlp.shared_experts.linear_fc{1,2}.weight` | as a dense MLP |
+/// | latent projections | `mlp.fc{1,2}_latent_proj.weight` | copy |
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Moe {
+    /// Hidden size.
+    pub hidden: u64,
+    /// Routed experts.
+    pub experts: u64,
+    /// An expert's intermediate size.
+    pub ffn: u64,
+    /// Experts are gated (SwiGLU); otherwise `up` alone with another activation.
+    pub gated: bool,
+    /// The router has a score-correction bias.
+    pub router_bias: bool,
+    /// The shared expert's intermediate size, when there is one.
+    pub shared_ffn: Option<u64>,
+    /// The experts' latent size, when they work in a projected space.
+    pub latent: Option<u64>,
+    /// HF names.
+    pub names: MoeNames,
+}
+
+impl Moe {
+    /// The width the experts read and write: the latent size, else the hidden size.
+    pub fn expert_width(&self) -> u64 {
+        self.latent.unwrap_or(self.hidden)
+    }
+
+    /// The rules of layer `at`.
+    pub fn rules(&self, at: &LayerAt) -> Vec<Rule> {
+        let (h, f, n, w) = (self.hidden, self.ffn, &self.names, self.expert_width());
+        let mut out = vec![
+            copy(
+                at.hf(n.norm, ".weight", vec![h]),
+                at.mc(&["pre_mlp_layernorm.weight"]),
+            ),
+            copy(
+                at.hf(n.router, ".weight", vec![self.experts, h]),
+                at.mc(&["mlp.router.weight"]),
+            ),
+        ];
+        if self.router_bias {
+            out.push(copy(
+                at.hf(n.router_bias, "", vec![self.experts]),
+                at.mc(&["mlp.router.expert_bias"]),
+            ));
+        }
+        if let Some(l) = self.latent {
+            out.push(copy(
+                at.hf(n.fc1_latent, ".weight", vec![l, h]),
+                at.mc(&["mlp.fc1_latent_proj.weight"]),
+            ));
+            out.push(copy(
+                at.hf(n.fc2_latent, ".weight", vec![h, l]),
+                at.mc(&["mlp.fc2_latent_proj.weight"]),
+            ));
+        }
+        for e in 0..self.experts {
+            let expert = |proj: &str, k: u64, shape: Vec<u64>| {
+                at.hf_at(
+                    &format!("{}{e}.{proj}", n.experts),
+                    n.experts_order + 3 * e + k,
+                    ".weight",
+                    shape,
+                )
+            };
+            let fc1 = at.expert_mc("linear_fc1", e, self.experts);
+            if self.gated {
+                out.push(Rule {
+                    hf: vec![expert(n.gate, 0, vec![f, w]), expert(n.up, 1, vec![f, w])],
+                    mc: fc1,
+                    shape: vec![2 * f, w],
+                    transform: Transform::Concat,
+                    or: Vec::new(),
+                });
+            } else {
+                out.push(copy(expert(n.up, 1, vec![f, w]), fc1));
+            }
+            out.push(copy(
+                expert(n.down, 2, vec![w, f]),
+                at.expert_mc("linear_fc2", e, self.experts),
+            ));
+        }
+        if let Some(s) = self.shared_ffn {
+            if self.gated {
+                out.push(Rule {
+                    hf: vec![
+                        at.hf(n.shared_gate, ".weight", vec![s, h]),
+                        at.hf(n.shared_up, ".weight", vec![s, h]),
+                    ],
+                    mc: at.mc(&["mlp.shared_experts.linear_fc1.weight"]),
+                    shape: vec![2 * s, h],
+                    transform: Transform::Concat,
+                    or: Vec::new(),
+                });
+            } else {
+                out.push(copy(
+                    at.hf(n.shared_up, ".weight", vec![s, h]),
+                    at.mc(&["mlp.shared_experts.linear_fc1.weight"]),
+                ));
+            }
+            out.push(copy(
+                at.hf(n.shared_down, ".weight", vec![h, s]),
+                at.mc(&["mlp.shared_experts.linear_fc2.weight"]),
+            ));
+        }
+        out
+    }
+
+    /// Modules with an `_extra_state` item, and whether they have one per expert.
+    pub fn extra_state(&self) -> Vec<(&'static str, bool)> {
+        let mut out = vec![
+            ("mlp.experts.experts.linear_fc1", true),
+            ("mlp.experts.experts.linear_fc2", true),
+        ];
+        if self.shared_ffn.is_some() {
+            out.push(("mlp.shared_experts.linear_fc1", false));
+            out.push(("mlp.shared_experts.linear_fc2", false));
+        }
+        out
+    }
+}
+
+/// The HF names of a Mamba-2 block: the layer's norm, and the mixer's prefix
+/// (`mixer.`), under which the parameters have Mamba-2's own names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MambaNames {
+    /// The norm before the mixer.
+    pub norm: HfName,
+    /// The mixer's prefix.
+    pub mixer: &'static str,
+}
+
+/// A Mamba-2 mixer (`specs/megatron-bridge-mapping.md` §2.5) and the norm before
+/// it, which Megatron-Core fuses into `in_proj`. Megatron-Core saves the fused
+/// projections per component so their layout does not depend on TP: `in_proj` as
+/// `in_proj.weight.{z,x,B,C,dt}`, the convolution as `conv1d.{weight,bias}.{x,B,C}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mamba {
+    /// Hidden size.
+    pub hidden: u64,
+    /// Heads.
+    pub heads: u64,
+    /// Head size.
+    pub head_dim: u64,
+    /// Groups of B and C.
+    pub groups: u64,
+    /// State size.
+    pub state: u64,
+    /// Convolution width.
+    pub conv_kernel: u64,
+    /// HF names.
+    pub names: MambaNames,
+}
+
+impl Mamba {
+    /// `heads · head_dim`.
+    pub fn d_inner(&self) -> u64 {
+        self.heads * self.head_dim
+    }
+
+    /// `groups · state`: the rows of B (and of C).
+    pub fn d_bc(&self) -> u64 {
+        self.groups * self.state
+    }
+
+    /// The components of `in_proj`, in order, with their rows.
+    pub fn in_proj_parts(&self) -> [(&'static str, u64); 5] {
+        let (di, bc) = (self.d_inner(), self.d_bc());
+        [
+            ("z", di),
+            ("x", di),
+            ("B", bc),
+            ("C", bc),
+            ("dt", self.heads),
+        ]
+    }
+
+    /// The components of the convolution, in order, with their channels.
+    pub fn conv_parts(&self) -> [(&'static str, u64); 3] {
+        let (di, bc) = (self.d_inner(), self.d_bc());
+        [("x", di), ("B", bc), ("C", bc)]
+    }
+
+    /// The rules of layer `at`.
+    pub fn rules(&self, at: &LayerAt) -> Vec<Rule> {
+        let (h, di, nh) = (self.hidden, self.d_inner(), self.heads);
+        let m = self.names.mixer;
+        let tensor = |s: &str, k: u64, suffix: &str, shape: Vec<u64>| {
+            at.hf_at(&format!("{m}{s}"), k, suffix, shape)
+        };
+        let mut out = vec![copy(
+            at.hf(self.names.norm, ".weight", vec![h]),
+            at.mc(&["mixer.in_proj.layer_norm_weight", "norm.weight"]),
+        )];
+        // One HF tensor, one Megatron key per component.
+        let split = |out: &mut Vec<Rule>, hf: HfTensor, key: &str, parts: &[(&str, u64)]| {
+            let mut start = 0;
+            for (c, rows) in parts {
+                let mut shape = hf.shape.clone();
+                shape[0] = *rows;
+                out.push(Rule {
+                    hf: vec![hf.clone()],
+                    mc: at.mc(&[&format!("{key}.{c}")]),
+                    shape,
+                    transform: Transform::Rows { start },
+                    or: Vec::new(),
+                });
+                start += rows;
+            }
+        };
+        let in_rows: u64 = self.in_proj_parts().iter().map(|p| p.1).sum();
+        split(
+            &mut out,
+            tensor("in_proj", 1, ".weight", vec![in_rows, h]),
+            "mixer.in_proj.weight",
+            &self.in_proj_parts(),
+        );
+        let conv: u64 = self.conv_parts().iter().map(|p| p.1).sum();
+        split(
+            &mut out,
+            tensor("conv1d", 2, ".weight", vec![conv, 1, self.conv_kernel]),
+            "mixer.conv1d.weight",
+            &self.conv_parts(),
+        );
+        split(
+            &mut out,
+            tensor("conv1d", 3, ".bias", vec![conv]),
+            "mixer.conv1d.bias",
+            &self.conv_parts(),
+        );
+        for (p, k) in [("dt_bias", 4), ("A_log", 5), ("D", 7)] {
+            out.push(copy(
+                tensor(p, k, "", vec![nh]),
+                at.mc(&[&format!("mixer.{p}")]),
+            ));
+        }
+        out.push(copy(
+            tensor("norm", 6, ".weight", vec![di]),
+            at.mc(&["mixer.norm.weight"]),
+        ));
+        out.push(copy(
+            tensor("out_proj", 8, ".weight", vec![h, di]),
+            at.mc(&["mixer.out_proj.weight"]),
+        ));
+        out
+    }
+
+    /// Modules with an `_extra_state` item in a TransformerEngine layer.
+    pub const EXTRA_STATE: &'static [&'static str] = &["mixer.in_proj", "mixer.out_proj"];
 }

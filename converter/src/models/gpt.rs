@@ -4,7 +4,7 @@
 //! leading layer axis, and the `GPTModelProvider` fields of `run_config.yaml`.
 //! A family reads its options here and adds or refuses its own.
 
-use super::blocks::{Attention, AttentionNames, HfName, Mlp, MlpNames};
+use super::blocks::{Attention, AttentionNames, HfName, Mlp, MlpNames, Moe, MoeNames};
 use super::config::{Config, ModelError};
 use super::{Block, Divisor, HfNames, Model};
 use crate::formats::run_config::Yaml;
@@ -217,6 +217,89 @@ pub const HF_NAMES: HfNames = HfNames {
     head: "lm_head.weight",
 };
 
+/// The mixture of experts that replaces the dense MLP in every layer of a
+/// GPT-style MoE family (Qwen3-MoE, Mixtral).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeOptions {
+    /// The block (its HF names are the family's).
+    pub block: Moe,
+    /// Experts each token is routed to.
+    pub topk: u64,
+    /// The routing weights of the chosen experts are renormalised to sum to one
+    /// (`norm_topk_prob`); Megatron-Core's softmax router computes that as a
+    /// softmax after the top-k (`moe_router_pre_softmax=false`).
+    pub norm_topk: bool,
+    /// `router_aux_loss_coef` (a training setting, recorded).
+    pub aux_loss_coeff: f64,
+}
+
+impl MoeOptions {
+    /// Reads the router and experts of a GPT-style MoE family: `num_experts` (or
+    /// `num_local_experts`), `num_experts_per_tok`, `moe_intermediate_size` (or
+    /// `intermediate_size`), `norm_topk_prob`, `router_aux_loss_coef`.
+    ///
+    /// # Errors
+    /// [`ModelError`] for a missing or impossible field.
+    pub fn read(
+        c: &Config<'_>,
+        hidden: u64,
+        names: MoeNames,
+        ffn_key: &str,
+        norm_topk_default: bool,
+    ) -> Result<MoeOptions, ModelError> {
+        let experts = match c.get("num_experts") {
+            Some(_) => c.count("num_experts")?,
+            None => c.count("num_local_experts")?,
+        };
+        let topk = c.count("num_experts_per_tok")?;
+        if topk > experts {
+            return Err(c.field_error(
+                "num_experts_per_tok",
+                &format!("at most the {experts} experts"),
+            ));
+        }
+        Ok(MoeOptions {
+            block: Moe {
+                hidden,
+                experts,
+                ffn: c.count(ffn_key)?,
+                gated: true,
+                router_bias: false,
+                shared_ffn: None,
+                latent: None,
+                names,
+            },
+            topk,
+            norm_topk: c.flag("norm_topk_prob").unwrap_or(norm_topk_default),
+            aux_loss_coeff: c.number("router_aux_loss_coef", 0.001)?,
+        })
+    }
+
+    /// The `model:` fields of Megatron-Bridge's MoE GPT provider.
+    fn provider_fields(&self) -> Vec<(String, Yaml)> {
+        let m = &self.block;
+        vec![
+            ("num_moe_experts".into(), Yaml::Int(m.experts as i64)),
+            ("moe_router_topk".into(), Yaml::Int(self.topk as i64)),
+            ("moe_ffn_hidden_size".into(), Yaml::Int(m.ffn as i64)),
+            ("moe_router_score_function".into(), Yaml::str("softmax")),
+            ("moe_router_pre_softmax".into(), Yaml::Bool(!self.norm_topk)),
+            ("moe_grouped_gemm".into(), Yaml::Bool(true)),
+            (
+                "moe_router_load_balancing_type".into(),
+                Yaml::str("aux_loss"),
+            ),
+            (
+                "moe_aux_loss_coeff".into(),
+                Yaml::Float(self.aux_loss_coeff),
+            ),
+            ("moe_token_dispatcher_type".into(), Yaml::str("alltoall")),
+            ("moe_permute_fusion".into(), Yaml::Bool(true)),
+            ("moe_layer_freq".into(), Yaml::Int(1)),
+        ]
+    }
+}
+
 /// What a dense family adds to the shared decoder.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Options {
@@ -228,6 +311,8 @@ pub struct Options {
     pub sliding_window: Option<u64>,
     /// Provider fields a family sets beyond the shared ones.
     pub provider_extras: Vec<(&'static str, Yaml)>,
+    /// A mixture of experts in every layer instead of the dense MLP.
+    pub moe: Option<MoeOptions>,
 }
 
 /// Builds the model of a dense family: `provider` is Megatron-Bridge's provider
@@ -248,13 +333,47 @@ pub fn model(
         qk_norm: o.qk_norm,
         names: ATTENTION_NAMES,
     };
-    let mlp = Mlp {
-        hidden: d.hidden,
-        ffn: d.ffn,
-        gated: true,
-        names: MLP_NAMES,
+    let ffn = match &o.moe {
+        Some(m) => Block::Moe(m.block.clone()),
+        None => Block::Mlp(Mlp {
+            hidden: d.hidden,
+            ffn: d.ffn,
+            gated: true,
+            names: MLP_NAMES,
+        }),
     };
-    let layer = vec![Block::Attention(attention), Block::Mlp(mlp)];
+    let layer = vec![Block::Attention(attention), ffn];
+    let mut divisors = vec![
+        Divisor {
+            param: "tp",
+            field: "num_attention_heads",
+            value: d.heads,
+        },
+        Divisor {
+            param: "tp",
+            field: "num_key_value_heads",
+            value: d.groups,
+        },
+    ];
+    match &o.moe {
+        Some(m) => divisors.extend([
+            Divisor {
+                param: "ep",
+                field: "num_experts",
+                value: m.block.experts,
+            },
+            Divisor {
+                param: "etp",
+                field: "moe_intermediate_size",
+                value: m.block.ffn,
+            },
+        ]),
+        None => divisors.push(Divisor {
+            param: "tp",
+            field: "intermediate_size",
+            value: d.ffn,
+        }),
+    }
     Model {
         family,
         architecture: c.architecture.clone(),
@@ -271,23 +390,8 @@ pub fn model(
         ],
         megatron_config: provider_fields(provider, d, o),
         warnings: d.warnings.clone(),
-        divisors: vec![
-            Divisor {
-                param: "tp",
-                field: "num_attention_heads",
-                value: d.heads,
-            },
-            Divisor {
-                param: "tp",
-                field: "num_key_value_heads",
-                value: d.groups,
-            },
-            Divisor {
-                param: "tp",
-                field: "intermediate_size",
-                value: d.ffn,
-            },
-        ],
+        output_extra_state: false,
+        divisors,
     }
 }
 
@@ -326,6 +430,9 @@ fn provider_fields(provider: &str, d: &DenseConfig, o: &Options) -> Vec<(String,
     ];
     for (k, v) in &o.provider_extras {
         f.push(((*k).to_owned(), v.clone()));
+    }
+    if let Some(m) = &o.moe {
+        f.extend(m.provider_fields());
     }
     match &d.rope_scaling {
         RopeScaling::None => {}

@@ -16,8 +16,11 @@ pub mod gpt;
 pub mod identity;
 pub mod llama;
 pub mod mistral;
+pub mod mixtral;
+pub mod nemotron_h;
 pub mod qwen2;
 pub mod qwen3;
+pub mod qwen3_moe;
 pub mod registry;
 pub mod rules;
 
@@ -34,7 +37,7 @@ use crate::plan::tensor::{ChunkOut, TensorOut};
 pub use config::{Config, ModelError, Overrides};
 pub use registry::{Family, for_config};
 
-use blocks::{Attention, LayerAt, Mlp};
+use blocks::{Attention, LayerAt, Mamba, Mlp, Moe};
 use rules::{Context, HfTensor, McIndex, McKey, Precision, Rule, Transform};
 
 /// What an import is asked for.
@@ -99,6 +102,10 @@ pub enum Block {
     Attention(Attention),
     /// A dense MLP and its norm.
     Mlp(Mlp),
+    /// A mixture of experts and its norm.
+    Moe(Moe),
+    /// A Mamba-2 mixer and its norm.
+    Mamba(Mamba),
 }
 
 impl Block {
@@ -106,13 +113,27 @@ impl Block {
         match self {
             Block::Attention(a) => a.rules(at),
             Block::Mlp(m) => m.rules(at),
+            Block::Moe(m) => m.rules(at),
+            Block::Mamba(m) => m.rules(at),
         }
     }
 
-    fn extra_state(&self) -> &'static [&'static str] {
+    /// Modules with an `_extra_state` item, and whether they have one per expert.
+    fn extra_state(&self) -> Vec<(&'static str, bool)> {
+        let plain = |m: &[&'static str]| m.iter().map(|m| (*m, false)).collect();
         match self {
-            Block::Attention(_) => Attention::EXTRA_STATE,
-            Block::Mlp(_) => Mlp::EXTRA_STATE,
+            Block::Attention(_) => plain(Attention::EXTRA_STATE),
+            Block::Mlp(_) => plain(Mlp::EXTRA_STATE),
+            Block::Moe(m) => m.extra_state(),
+            Block::Mamba(_) => plain(Mamba::EXTRA_STATE),
+        }
+    }
+
+    /// The routed experts of the block, if any.
+    fn experts(&self) -> Option<u64> {
+        match self {
+            Block::Moe(m) => Some(m.experts),
+            _ => None,
         }
     }
 }
@@ -171,6 +192,9 @@ pub struct Model {
     pub divisors: Vec<Divisor>,
     /// Things the user should know about this configuration.
     pub warnings: Vec<String>,
+    /// The output layer has an `_extra_state` item (Megatron-Core's hybrid model
+    /// keeps it; its GPT model does not).
+    pub output_extra_state: bool,
 }
 
 /// Megatron-Bridge's default `make_vocab_size_divisible_by`: the largest power of
@@ -195,21 +219,20 @@ const OUTPUT: &str = "output_layer.weight";
 impl Model {
     /// Whether any layer has routed experts (what `ep` and `etp` split).
     pub fn has_experts(&self) -> bool {
-        false
+        self.experts().is_some()
     }
 
-    /// The first attention block and the first dense MLP's intermediate size.
-    pub fn attention_and_ffn(&self) -> Option<(&Attention, u64)> {
-        let blocks = || self.layers.iter().flatten();
-        let a = blocks().find_map(|b| match b {
+    /// The routed experts per MoE layer, if the model has any.
+    pub fn experts(&self) -> Option<u64> {
+        self.layers.iter().flatten().find_map(Block::experts)
+    }
+
+    /// The first attention block.
+    pub fn first_attention(&self) -> Option<&Attention> {
+        self.layers.iter().flatten().find_map(|b| match b {
             Block::Attention(a) => Some(a),
             _ => None,
-        })?;
-        let f = blocks().find_map(|b| match b {
-            Block::Mlp(m) => Some(m.ffn),
-            _ => None,
-        })?;
-        Some((a, f))
+        })
     }
 
     /// Decoder layers.
@@ -385,33 +408,54 @@ impl Model {
     fn extra_state(&self) -> Vec<DcpBytesSpec> {
         let payload = megatron::local_extra_state_payload();
         let nl = self.num_layers();
-        let mut bytes = Vec::new();
+        let mut keys = Vec::new();
         if self.stacked {
-            // Stacked keys name the layer in a shard suffix, module by module.
-            let modules: Vec<&str> = self
+            // Stacked keys name the layer (and expert) in a shard suffix, module
+            // by module.
+            let modules = self
                 .layers
                 .first()
-                .map(|b| b.iter().flat_map(Block::extra_state).copied().collect())
+                .map(|b| b.iter().flat_map(|b| b.extra_state()).collect::<Vec<_>>())
                 .unwrap_or_default();
-            for module in modules {
+            let experts = self.experts().unwrap_or(1);
+            for (module, per_expert) in modules {
                 for l in 0..nl {
-                    bytes.push(DcpBytesSpec {
-                        fqn: format!("decoder.layers.{module}._extra_state/shard_{l}_{nl}"),
-                        payload: payload.clone(),
-                    });
+                    if per_expert {
+                        for e in 0..experts {
+                            keys.push(format!(
+                                "decoder.layers.{module}._extra_state/shard_{l}.{e}_{nl}.{experts}"
+                            ));
+                        }
+                    } else {
+                        keys.push(format!(
+                            "decoder.layers.{module}._extra_state/shard_{l}_{nl}"
+                        ));
+                    }
                 }
             }
         } else {
             for (l, blocks) in self.layers.iter().enumerate() {
-                for module in blocks.iter().flat_map(Block::extra_state) {
-                    bytes.push(DcpBytesSpec {
-                        fqn: format!("decoder.layers.{l}.{module}._extra_state"),
-                        payload: payload.clone(),
-                    });
+                for b in blocks {
+                    for (module, per_expert) in b.extra_state() {
+                        let experts = b.experts().filter(|_| per_expert).unwrap_or(1);
+                        for e in 0..experts {
+                            keys.push(format!(
+                                "decoder.layers.{l}.{module}._extra_state/shard_{e}_{experts}"
+                            ));
+                        }
+                    }
                 }
             }
         }
-        bytes
+        if self.output_extra_state {
+            keys.push("output_layer._extra_state/shard_0_1".into());
+        }
+        keys.into_iter()
+            .map(|fqn| DcpBytesSpec {
+                fqn,
+                payload: payload.clone(),
+            })
+            .collect()
     }
 
     /// The `model:` section of `run_config.yaml`.

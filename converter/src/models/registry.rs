@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use super::config::{Config, ModelError, Overrides, architecture};
-use super::{Model, llama, mistral, qwen2, qwen3};
+use super::{Model, llama, mistral, mixtral, nemotron_h, qwen2, qwen3, qwen3_moe};
 
 /// A model family: which architectures it claims and how it reads their
 /// `config.json`.
@@ -27,6 +27,9 @@ pub static FAMILIES: &[&dyn Family] = &[
     &mistral::Mistral,
     &qwen2::Qwen2,
     &qwen3::Qwen3,
+    &qwen3_moe::Qwen3Moe,
+    &mixtral::Mixtral,
+    &nemotron_h::NemotronH,
 ];
 
 /// The family of a configuration: by `architectures[0]`, or by `model_type`

@@ -503,11 +503,27 @@ pub struct Exported {
     pub kept_fp32: Vec<String>,
 }
 
+/// Where one run of an HF tensor's rows is in a Megatron tensor.
+struct Piece {
+    /// First row in the HF tensor.
+    hf_start: u64,
+    /// Rows.
+    rows: u64,
+    /// The Megatron tensor and the box of the rows.
+    input: Input,
+    /// The rule's transform.
+    transform: Transform,
+    /// Rows of the rule's Megatron slice.
+    mc_rows: u64,
+}
+
 /// Plans the HF tensors of `rules` from `ckpt` (store `store`): each HF tensor
-/// gathers the runs of Megatron rows the rule's transform puts it in.
+/// gathers the runs of Megatron rows the rules' transforms put it in, from one
+/// Megatron tensor or several (a fused projection saved per component).
 ///
 /// # Errors
-/// [`PlanError`] naming a missing or mis-shaped Megatron tensor, or a refused cast.
+/// [`PlanError`] naming a missing or mis-shaped Megatron tensor, rows of an HF
+/// tensor that are not covered exactly once, or a refused cast.
 pub fn export(
     rules: &[Rule],
     index: &McIndex<'_>,
@@ -516,11 +532,7 @@ pub fn export(
     ctx: &Context<'_>,
 ) -> Result<Exported, PlanError> {
     let ckpt = index.ckpt;
-    let mut out = Exported {
-        tensors: Vec::new(),
-        used: vec![false; ckpt.tensors.len()],
-        kept_fp32: Vec::new(),
-    };
+    let mut used = vec![false; ckpt.tensors.len()];
     let chosen = rules.iter().flat_map(|rule| {
         let present = rule.mc.iter().any(|k| index.get(&k.name).is_some());
         if present || rule.or.is_empty() {
@@ -529,105 +541,134 @@ pub fn export(
             rule.or.as_slice()
         }
     });
+    // HF tensor name → (the tensor, its runs); in the order first met.
+    let mut order: Vec<String> = Vec::new();
+    let mut runs: HashMap<String, (HfTensor, Vec<Piece>)> = HashMap::new();
     for rule in chosen {
         let (ti, key, shape) = index.find(rule, ctx)?;
-        out.used[ti] = true;
-        let t = &ckpt.tensors[ti];
+        used[ti] = true;
         let hf_rows: Vec<u64> = rule.hf.iter().map(|h| h.shape[0]).collect();
-        let segs =
-            rule.transform
-                .segments(&hf_rows, shape[0])
-                .map_err(|why| PlanError::Inconsistent {
-                    path: ckpt.dir.clone(),
-                    why: format!("{}: {why}", key.name),
-                })?;
-        let (to, kept) = precision.of(t.dtype);
-        cast_check(&key.name, t.dtype, to)?;
-        let rl = row_len(&shape);
-        for (hi, h) in rule.hf.iter().enumerate() {
-            // The Megatron rows of this HF tensor, in HF row order.
-            let mut runs: Vec<(u64, u64, u64)> = Vec::new(); // (hf start, mc row, rows)
-            let mut mc_row = 0;
-            for s in &segs {
-                if s.hf == Some(hi) {
-                    runs.push((s.start, mc_row, s.rows));
-                }
-                mc_row += s.rows;
-            }
-            runs.sort_unstable();
-            let mut next = 0;
-            for &(start, _, rows) in &runs {
-                if start != next {
-                    return Err(PlanError::Inconsistent {
-                        path: ckpt.dir.clone(),
-                        why: format!(
-                            "{}: the rows of {} are not covered exactly (a gap or overlap at row {next})",
-                            key.name, h.name
-                        ),
-                    });
-                }
-                next += rows;
-            }
-            if next != h.shape[0] {
-                return Err(PlanError::Inconsistent {
-                    path: ckpt.dir.clone(),
-                    why: format!(
-                        "{}: covers {next} rows of {}, which has {}",
-                        key.name, h.name, h.shape[0]
-                    ),
+        let segs = rule
+            .transform
+            .segments(&hf_rows, shape[0])
+            .map_err(|why| PlanError::Inconsistent {
+                path: ckpt.dir.clone(),
+                why: format!("{}: {why}", key.name),
+            })?;
+        let mut mc_row = 0;
+        for seg in &segs {
+            if let Some(hi) = seg.hf {
+                let h = &rule.hf[hi];
+                let mut offsets = key.prefix.clone();
+                offsets.push(mc_row);
+                offsets.extend(std::iter::repeat_n(0, shape.len() - 1));
+                let mut sizes = vec![1; key.prefix.len()];
+                sizes.push(seg.rows);
+                sizes.extend_from_slice(&shape[1..]);
+                let entry = runs.entry(h.name.clone()).or_insert_with(|| {
+                    order.push(h.name.clone());
+                    (h.clone(), Vec::new())
                 });
-            }
-            let inputs = runs
-                .iter()
-                .map(|&(_, mc_row, rows)| {
-                    let mut offsets = key.prefix.clone();
-                    offsets.push(mc_row);
-                    offsets.extend(std::iter::repeat_n(0, shape.len() - 1));
-                    let mut sizes = vec![1; key.prefix.len()];
-                    sizes.push(rows);
-                    sizes.extend_from_slice(&shape[1..]);
-                    Input {
+                entry.1.push(Piece {
+                    hf_start: seg.start,
+                    rows: seg.rows,
+                    input: Input {
                         store,
                         tensor: ti,
                         offsets,
                         sizes,
-                    }
-                })
-                .collect();
-            let gather = RowGather {
-                row_len: rl,
-                runs: runs
-                    .iter()
-                    .enumerate()
-                    .map(|(k, &(_, _, rows))| Run {
-                        input: Some(k),
-                        start: 0,
-                        rows,
-                    })
-                    .collect(),
-            };
-            let transform = match rule.transform {
-                Transform::Copy => copy_transform(t.dtype, to),
-                Transform::PadRows if shape[0] == h.shape[0] => copy_transform(t.dtype, to),
-                Transform::PadRows => format!("vocab unpad {}→{}", shape[0], h.shape[0]),
-                Transform::Concat => format!("part {hi} of {}", key.name),
-                tr => tr.describe(false).to_owned(),
-            };
-            if kept {
-                out.kept_fp32.push(h.name.clone());
+                    },
+                    transform: rule.transform,
+                    mc_rows: shape[0],
+                });
             }
-            out.tensors.push((
-                h.order,
-                TensorOut {
-                    name: h.name.clone(),
-                    dtype: to,
-                    shape: h.shape.clone(),
-                    inputs,
-                    gather,
-                    transform,
-                },
-            ));
+            mc_row += seg.rows;
         }
+    }
+    let mut out = Exported {
+        tensors: Vec::with_capacity(order.len()),
+        used,
+        kept_fp32: Vec::new(),
+    };
+    for name in order {
+        let (h, mut pieces) = runs.remove(&name).expect("every name has its runs");
+        pieces.sort_by_key(|p| p.hf_start);
+        let mut next = 0;
+        for p in &pieces {
+            if p.hf_start != next {
+                return Err(PlanError::Inconsistent {
+                    path: ckpt.dir.clone(),
+                    why: format!(
+                        "the rows of {name} are not covered exactly once by the Megatron tensors (a gap or overlap at row {next})"
+                    ),
+                });
+            }
+            next += p.rows;
+        }
+        if next != h.shape[0] {
+            return Err(PlanError::Inconsistent {
+                path: ckpt.dir.clone(),
+                why: format!(
+                    "the Megatron tensors cover {next} rows of {name}, which has {}",
+                    h.shape[0]
+                ),
+            });
+        }
+        let first = &ckpt.tensors[pieces[0].input.tensor];
+        if let Some(p) = pieces
+            .iter()
+            .find(|p| ckpt.tensors[p.input.tensor].dtype != first.dtype)
+        {
+            return Err(PlanError::Inconsistent {
+                path: ckpt.dir.clone(),
+                why: format!(
+                    "{name} is made of {} ({}) and {} ({}): expected one dtype",
+                    first.name,
+                    first.dtype,
+                    ckpt.tensors[p.input.tensor].name,
+                    ckpt.tensors[p.input.tensor].dtype
+                ),
+            });
+        }
+        let (to, kept) = precision.of(first.dtype);
+        cast_check(&first.name, first.dtype, to)?;
+        let joined = pieces
+            .iter()
+            .any(|p| p.input.tensor != pieces[0].input.tensor);
+        let transform = match pieces[0].transform {
+            _ if joined => "fused components joined".to_owned(),
+            Transform::Copy => copy_transform(first.dtype, to),
+            Transform::PadRows if pieces[0].mc_rows == next => copy_transform(first.dtype, to),
+            Transform::PadRows => format!("vocab unpad {}→{next}", pieces[0].mc_rows),
+            Transform::Concat => format!("part of {}", first.name),
+            t => t.describe(false).to_owned(),
+        };
+        if kept {
+            out.kept_fp32.push(name.clone());
+        }
+        let rl = row_len(&h.shape);
+        out.tensors.push((
+            h.order,
+            TensorOut {
+                name,
+                dtype: to,
+                shape: h.shape.clone(),
+                gather: RowGather {
+                    row_len: rl,
+                    runs: pieces
+                        .iter()
+                        .enumerate()
+                        .map(|(k, p)| Run {
+                            input: Some(k),
+                            start: 0,
+                            rows: p.rows,
+                        })
+                        .collect(),
+                },
+                inputs: pieces.into_iter().map(|p| p.input).collect(),
+                transform,
+            },
+        ));
     }
     Ok(out)
 }
