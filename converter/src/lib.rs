@@ -28,6 +28,7 @@ pub mod paths;
 pub mod pipeline;
 pub mod plan;
 pub mod publish;
+pub mod reference;
 pub mod smoke;
 pub mod steps;
 pub mod synthetic;

@@ -548,13 +548,13 @@ pub fn export(
         let (ti, key, shape) = index.find(rule, ctx)?;
         used[ti] = true;
         let hf_rows: Vec<u64> = rule.hf.iter().map(|h| h.shape[0]).collect();
-        let segs = rule
-            .transform
-            .segments(&hf_rows, shape[0])
-            .map_err(|why| PlanError::Inconsistent {
-                path: ckpt.dir.clone(),
-                why: format!("{}: {why}", key.name),
-            })?;
+        let segs =
+            rule.transform
+                .segments(&hf_rows, shape[0])
+                .map_err(|why| PlanError::Inconsistent {
+                    path: ckpt.dir.clone(),
+                    why: format!("{}: {why}", key.name),
+                })?;
         let mut mc_row = 0;
         for seg in &segs {
             if let Some(hi) = seg.hf {

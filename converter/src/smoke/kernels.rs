@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use crate::formats::dtype::DType;
 use crate::formats::source::{self, ChunkData, Files, GlobalTensor};
 
-use super::arch::{Arch, Rope};
+use crate::reference::{AttentionArch, Rope};
 
 /// Elements of a weight block widened at once by one task (4 MiB of f32).
 const BLOCK_ELEMENTS: usize = 1 << 20;
@@ -252,14 +252,15 @@ pub struct RopeTable {
     sin: Vec<f32>,
 }
 
-/// The inverse frequencies of `arch`'s RoPE, with its scaling, as transformers'
-/// `_compute_*_rope_parameters` and Megatron-Core's `RotaryEmbedding` compute them.
-pub fn inv_freq(arch: &Arch) -> Vec<f64> {
-    let d = arch.head_dim;
+/// The inverse frequencies of a RoPE of `head_dim` with base `theta` and
+/// `scaling`, as transformers' `_compute_*_rope_parameters` and Megatron-Core's
+/// `RotaryEmbedding` compute them.
+pub fn inv_freq(head_dim: usize, theta: f64, scaling: Rope) -> Vec<f64> {
+    let d = head_dim;
     let base: Vec<f64> = (0..d / 2)
-        .map(|i| 1.0 / arch.rope_theta.powf((2 * i) as f64 / d as f64))
+        .map(|i| 1.0 / theta.powf((2 * i) as f64 / d as f64))
         .collect();
-    match arch.rope {
+    match scaling {
         Rope::Default => base,
         Rope::Linear { factor } => base.iter().map(|f| f / factor).collect(),
         Rope::Llama3 {
@@ -289,9 +290,10 @@ pub fn inv_freq(arch: &Arch) -> Vec<f64> {
 }
 
 impl RopeTable {
-    /// Tables for `t` positions.
-    pub fn new(arch: &Arch, t: usize) -> RopeTable {
-        let freqs = inv_freq(arch);
+    /// Tables for `t` positions of a RoPE of `head_dim` with base `theta` and
+    /// `scaling`.
+    pub fn new(head_dim: usize, theta: f64, scaling: Rope, t: usize) -> RopeTable {
+        let freqs = inv_freq(head_dim, theta, scaling);
         let half = freqs.len();
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);
@@ -328,7 +330,7 @@ impl RopeTable {
 /// `v` are `t × groups × d`; query head `h` reads group `h / (heads / groups)`.
 /// Scores are scaled by `1/sqrt(d)`, masked causally (and outside `window`), and
 /// normalized with an f32 softmax. Returns `t × heads × d`.
-pub fn attention(q: &[f32], k: &[f32], v: &[f32], t: usize, arch: &Arch) -> Vec<f32> {
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], t: usize, arch: &AttentionArch) -> Vec<f32> {
     let (h, g, d) = (arch.heads, arch.groups, arch.head_dim);
     let per = h / g;
     let scale = 1.0 / (d as f32).sqrt();
@@ -372,6 +374,27 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// `relu(x)²`, element-wise.
+pub fn squared_relu(x: &mut [f32]) {
+    for v in x {
+        let r = v.max(0.0);
+        *v = r * r;
+    }
+}
+
+/// `log(1 + eˣ)`, linear above 20 as torch's `softplus`.
+pub fn softplus(x: f32) -> f32 {
+    if x > 20.0 { x } else { x.exp().ln_1p() }
+}
+
+/// The softmax of `x`, in f32.
+pub fn softmax(x: &[f32]) -> Vec<f32> {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = x.iter().map(|v| (v - max).exp()).collect();
+    let total: f32 = e.iter().sum();
+    e.into_iter().map(|v| v / total).collect()
+}
+
 /// `x += y`.
 pub fn add(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
@@ -385,20 +408,17 @@ mod tests {
 
     #[test]
     fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
-        let mut arch = crate::smoke::arch::Arch::from_hf_config(&serde_json::json!({
-            "architectures": ["LlamaForCausalLM"], "hidden_size": 128, "intermediate_size": 8,
-            "num_attention_heads": 1, "num_hidden_layers": 1, "vocab_size": 4,
-            "rope_theta": 500000.0
-        }))
-        .unwrap();
-        let plain = inv_freq(&arch);
-        arch.rope = Rope::Llama3 {
-            factor: 32.0,
-            low_freq_factor: 1.0,
-            high_freq_factor: 4.0,
-            original_max_positions: 8192.0,
-        };
-        let scaled = inv_freq(&arch);
+        let plain = inv_freq(128, 500000.0, Rope::Default);
+        let scaled = inv_freq(
+            128,
+            500000.0,
+            Rope::Llama3 {
+                factor: 32.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_positions: 8192.0,
+            },
+        );
         assert_eq!(scaled[0], plain[0]);
         assert!((scaled[63] - plain[63] / 32.0).abs() < 1e-18);
     }

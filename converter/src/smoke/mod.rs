@@ -6,7 +6,7 @@
 //! weight views ([`views`]): Hugging Face names, and Megatron-Core's fused
 //! tensors split at run time as Megatron-Core splits them. Neither view uses the
 //! conversion's mapping ([`crate::models`]); the configuration is read again by
-//! [`arch`]. Both views share the arithmetic, so the interop suite
+//! [`crate::reference`]. Both views share the arithmetic, so the interop suite
 //! (`e2e/interop/test_validate.py`) proves the arithmetic against transformers
 //! and megatron-core (`--dump-logits`).
 //!
@@ -25,7 +25,6 @@
 //! block, a wrong norm, a shifted vocabulary row or a missing bias moves the
 //! logits by orders of magnitude more (the integration tests pin both).
 
-pub mod arch;
 pub mod forward;
 pub mod generate;
 pub mod kernels;
@@ -43,7 +42,7 @@ use crate::formats::hf::HfCheckpoint;
 use crate::formats::megatron::MegatronCheckpoint;
 use crate::formats::source::GlobalTensor;
 
-pub use arch::Arch;
+pub use crate::reference::Arch;
 pub use forward::Logits;
 
 /// Tokens of the forward pass.
@@ -216,14 +215,27 @@ impl Model {
     /// # Errors
     /// A message naming the tensor that is missing or does not fit.
     pub fn logits(&self, tokens: &[u32], round_to: Option<DType>) -> Result<Logits, String> {
+        self.logits_as(&self.arch, tokens, round_to)
+    }
+
+    /// The forward pass computed as `arch` says (the model's own configuration
+    /// with a rule of the other side's, to compare like with like).
+    ///
+    /// # Errors
+    /// A message naming the tensor that is missing or does not fit.
+    pub fn logits_as(
+        &self,
+        arch: &Arch,
+        tokens: &[u32],
+        round_to: Option<DType>,
+    ) -> Result<Logits, String> {
         match &self.ckpt {
             Checkpoint::Hf(c) => {
-                forward::forward(&views::HfView::new(c, self.arch.clone(), round_to), tokens)
+                forward::forward(&views::HfView::new(c, arch.clone(), round_to)?, tokens)
             }
-            Checkpoint::Megatron(c) => forward::forward(
-                &views::MegatronView::new(c, self.arch.clone(), round_to),
-                tokens,
-            ),
+            Checkpoint::Megatron(c) => {
+                forward::forward(&views::MegatronView::new(c, arch.clone(), round_to), tokens)
+            }
         }
     }
 }
@@ -246,6 +258,10 @@ pub struct Comparison {
     /// The dtype the reference's weights were rounded to as read (the output's).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reference_rounded_to: Option<String>,
+    /// Rules of the reference's model code the output's forward followed too, so
+    /// both compute alike where transformers and Megatron-Core differ.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shared_rules: Vec<String>,
     /// Time of both passes.
     pub seconds: f64,
 }
@@ -272,7 +288,11 @@ impl Comparison {
                 .map(|d| format!(", its weights rounded to {d} like the output's"))
                 .unwrap_or_default(),
             self.seconds
-        )
+        ) + &self
+            .shared_rules
+            .iter()
+            .map(|r| format!("; {r}"))
+            .collect::<String>()
     }
 }
 
@@ -317,9 +337,24 @@ pub fn compare(reference: &Model, output: &Model) -> Result<Comparison, SmokeErr
     let tokens = tokens(vocab, TOKENS);
     let out_dtype = uniform_float_dtype(output.tensors());
     let round_to = out_dtype.filter(|d| Some(*d) != uniform_float_dtype(reference.tensors()));
+    // Where transformers and Megatron-Core compute a model differently, the
+    // output is computed with the reference's rule: the test is of the weights.
+    let mut out_arch = output.arch.clone();
+    let mut shared_rules = Vec::new();
+    if let (Some(r), Some(o)) = (&reference.arch.mamba, &mut out_arch.mamba)
+        && r.dt_min != o.dt_min
+    {
+        shared_rules.push(format!(
+            "Mamba-2 time step clamped from below at {} on both sides (the reference's rule; {} uses {})",
+            r.dt_min,
+            output.dir().display(),
+            o.dt_min
+        ));
+        o.dt_min = r.dt_min;
+    }
     let (a, b) = rayon::join(
         || reference.logits(&tokens, round_to),
-        || output.logits(&tokens, None),
+        || output.logits_as(&out_arch, &tokens, None),
     );
     let a = a.map_err(|e| SmokeError::Failed(format!("reference: {e}")))?;
     let b = b.map_err(|e| SmokeError::Failed(format!("output: {e}")))?;
@@ -332,6 +367,7 @@ pub fn compare(reference: &Model, output: &Model) -> Result<Comparison, SmokeErr
         max_abs_logit,
         tolerance: RELATIVE_TOLERANCE * max_abs_logit,
         reference_rounded_to: round_to.map(|d| d.torch_name().to_owned()),
+        shared_rules,
         seconds: started.elapsed().as_secs_f64(),
     })
 }

@@ -297,8 +297,13 @@ pub fn forward_smoke_test(
         .and_then(|r| smoke::Model::open(dir, hf_model).map(|o| (r, o)))
         .map(|(mut r, mut o)| {
             if rope_as_megatron {
-                r.arch.rope = r.arch.rope.as_megatron_computes();
-                o.arch.rope = o.arch.rope.as_megatron_computes();
+                for a in [&mut r.arch, &mut o.arch] {
+                    if let Some(at) = &mut a.attention
+                        && let Some((_, rope)) = &mut at.rope
+                    {
+                        *rope = rope.as_megatron_computes();
+                    }
+                }
             }
             (r, o)
         });
@@ -430,11 +435,11 @@ fn generation_config_check(dir: &Path, m: &Manifest, checks: &mut Checks) {
     checks.add("generation_config.json", result);
 }
 
-fn architecture_check(
+fn architecture_check<N>(
     tensors: &[GlobalTensor],
-    arch: Result<(Arch, String), String>,
+    arch: Result<((Arch, String), N), String>,
     identity: bool,
-    build: impl Fn(&Arch) -> Vec<expected::Expected>,
+    build: impl Fn(&Arch, &N) -> Vec<expected::Expected>,
     dtype_from_config: bool,
     checks: &mut Checks,
 ) {
@@ -446,8 +451,8 @@ fn architecture_check(
         return;
     }
     match arch {
-        Ok((arch, source)) => {
-            let want = build(&arch);
+        Ok(((arch, source), names)) => {
+            let want = build(&arch, &names);
             let dtype = if dtype_from_config { arch.dtype } else { None };
             checks.add(
                 "architecture tensors",
@@ -496,12 +501,18 @@ fn validate_hf(dir: &Path, m: Option<&Manifest>, identity: bool, checks: &mut Ch
             let arch = smoke::hf_arch(dir)
                 .map(|a| (a, "config.json".to_owned()))
                 .map_err(|e| e.to_string());
-            let has_head = ckpt.tensor("lm_head.weight").is_some();
+            let with_names = arch.and_then(|(a, s)| {
+                let names = a.hf_names()?;
+                Ok((a, s, names))
+            });
+            let has_head = with_names
+                .as_ref()
+                .is_ok_and(|(_, _, n)| ckpt.tensor(n.head).is_some());
             architecture_check(
                 &ckpt.tensors,
-                arch,
+                with_names.map(|(a, s, n)| ((a, s), n)),
                 identity,
-                |a| expected::hf(a, has_head),
+                |a, n| expected::hf(a, n, has_head),
                 false,
                 checks,
             );
@@ -568,10 +579,7 @@ fn validate_megatron(
             );
             let arch =
                 smoke::megatron_arch(dir, opts.hf_model.as_deref()).map_err(|e| e.to_string());
-            let per_layer = ckpt
-                .tensors
-                .iter()
-                .any(|t| t.name.starts_with("decoder.layers.0."));
+            let layout = expected::Layout::of(&ckpt.tensors);
             let has_output = ckpt.tensor("output_layer.weight").is_some();
             let from_rc = arch.as_ref().is_ok_and(|(_, s)| s == "run_config.yaml");
             if let Ok((a, _)) = &arch
@@ -582,9 +590,9 @@ fn validate_megatron(
             }
             architecture_check(
                 &ckpt.tensors,
-                arch,
+                arch.map(|a| (a, ())),
                 identity,
-                |a| expected::megatron(a, per_layer, has_output),
+                |a, _| expected::megatron(a, layout, has_output),
                 from_rc,
                 checks,
             );

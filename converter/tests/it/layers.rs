@@ -16,6 +16,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("lora", 2),
     ("execute", 3),
     ("publish", 4),
+    ("reference", 5),
     ("smoke", 5),
     ("validate", 5),
     ("pipeline", 6),
