@@ -20,11 +20,13 @@ pub struct RunArgs {
     pub threads: Option<usize>,
     /// `--memory-budget SIZE`.
     pub memory_budget: Option<String>,
+    /// `-c NAME|FILE` / `--config`: the step configuration ([`super::config`]).
+    pub config: Option<String>,
 }
 
 /// Options of the command itself, not step parameters.
 const FLAGS: &[&str] = &["dry-run", "overwrite", "json"];
-const VALUED: &[&str] = &["threads", "memory-budget"];
+const VALUED: &[&str] = &["threads", "memory-budget", "config"];
 
 /// Parses the words after the step name.
 ///
@@ -49,6 +51,14 @@ pub fn parse_run(words: &[String]) -> Result<RunArgs> {
         i += 1;
         if w == "-d" {
             out.dry_run = true;
+            continue;
+        }
+        if w == "-c" {
+            let Some(v) = words.get(i).filter(|v| !v.starts_with('-')) else {
+                bail!("-c needs a value (a config name such as default, or a YAML file)");
+            };
+            i += 1;
+            out.config = Some(v.clone());
             continue;
         }
 
@@ -89,6 +99,7 @@ pub fn parse_run(words: &[String]) -> Result<RunArgs> {
                         })?;
                         out.threads = Some(n);
                     }
+                    "config" => out.config = Some(value),
                     _ => out.memory_budget = Some(value),
                 }
             } else {
@@ -119,6 +130,13 @@ mod tests {
         assert_eq!(a, b);
         assert!(a.dry_run);
         assert_eq!(a.params["hf_model_id"], "/m");
+        let c = parse_run(&words("-c default hf_model_id=/m")).unwrap();
+        assert_eq!(c.config.as_deref(), Some("default"));
+        assert_eq!(
+            c,
+            parse_run(&words("hf_model_id=/m --config default")).unwrap()
+        );
+        assert!(parse_run(&words("-c")).is_err());
     }
 
     #[test]

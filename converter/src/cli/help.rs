@@ -75,7 +75,9 @@ pub fn steps() -> String {
         "Every conversion validates its output before publishing it, including a forward\n\
          pass of source and output compared (LoRA merges: a probe of every merged tensor).\n\n\
          Options: --dry-run (-d) prints the plan; --overwrite replaces an existing output;\n\
-         --json prints the report as JSON; --threads N; --memory-budget SIZE.\n",
+         --json prints the report as JSON; --threads N; --memory-budget SIZE;\n\
+         -c default (the defaults above) or -c FILE.yaml (parameters from a YAML file, below\n\
+         those on the command line; ${oc.env:NAME,default} is resolved).\n",
     );
     out
 }

@@ -1,6 +1,7 @@
 //! The `ckpt-convert` command line: parsing, rendering, and the exit code.
 
 pub mod args;
+pub mod config;
 pub mod demo;
 pub mod help;
 pub mod progress;
@@ -94,8 +95,14 @@ pub fn step_of(name: &str) -> Result<Step, PreflightError> {
 
 /// Runs a step from raw words; returns the report and whether JSON was asked for.
 pub fn run_step(name: &str, words: &[String]) -> Result<(Report, bool)> {
-    let raw = args::parse_run(words)?;
+    let mut raw = args::parse_run(words)?;
     let step = step_of(name)?;
+    if let Some(c) = &raw.config {
+        // The command line wins over the file, as a dotlist override does.
+        for (k, v) in config::parameters(c)? {
+            raw.params.entry(k).or_insert(v);
+        }
+    }
     let mut exec = execute::Options::default();
     if let Some(n) = raw.threads {
         exec.threads = n;

@@ -35,6 +35,72 @@ pub fn parse_iter_dir_name(name: &str) -> Option<u64> {
     name.strip_prefix("iter_")?.parse().ok()
 }
 
+/// The iteration directory `path` (parameter `param`, holding `what`) leads to,
+/// as Megatron-Core's loader picks it: `path` itself when it holds `.metadata`;
+/// in a run directory, the iteration its tracker names, else the highest
+/// `iter_*` directory holding `.metadata`. Returns the directory and, when it was
+/// resolved, a note saying how.
+///
+/// # Errors
+/// Why `path` leads to no iteration.
+pub fn resolve_iteration(
+    path: &Path,
+    param: &str,
+    what: &str,
+) -> Result<(PathBuf, Option<String>), String> {
+    if path.join(".metadata").is_file() {
+        return Ok((path.to_owned(), None));
+    }
+    if !path.is_dir() {
+        return Err(format!(
+            "does not exist: expected {what} (an iter_* directory or its run directory)"
+        ));
+    }
+    let chosen = match read_tracker(path) {
+        Some(Ok(Some(n))) => Some((
+            path.join(iter_dir_name(n)),
+            format!("its {TRACKER} names iteration {n}"),
+        )),
+        Some(Ok(None)) => Some((path.join("release"), format!("its {TRACKER} names release"))),
+        Some(Err(e)) => return Err(e),
+        None => {
+            let mut iters: Vec<(u64, PathBuf)> = std::fs::read_dir(path)
+                .map(|rd| {
+                    rd.filter_map(Result::ok)
+                        .filter_map(|e| {
+                            let n = parse_iter_dir_name(&e.file_name().to_string_lossy())?;
+                            Some((n, e.path()))
+                        })
+                        .filter(|(_, p)| p.join(".metadata").is_file())
+                        .collect()
+                })
+                .unwrap_or_default();
+            iters.sort();
+            let count = iters.len();
+            iters.pop().map(|(n, p)| {
+                (
+                    p,
+                    format!("iteration {n} is the highest of {count} iter_* directories"),
+                )
+            })
+        }
+    };
+    match chosen {
+        Some((dir, why)) if dir.join(".metadata").is_file() => {
+            let note = format!(
+                "{param}={} resolved to {} ({why})",
+                path.display(),
+                dir.display()
+            );
+            Ok((dir, Some(note)))
+        }
+        Some((dir, why)) => Err(format!("{why}, but {} holds no .metadata", dir.display())),
+        None => Err(format!(
+            "expected {what}: an iter_* directory with .metadata, or a run directory holding them; found neither"
+        )),
+    }
+}
+
 /// Reads a run directory's tracker: the latest iteration, or `None` for `release`.
 pub fn read_tracker(run_dir: &Path) -> Option<Result<Option<u64>, String>> {
     let text = std::fs::read_to_string(run_dir.join(TRACKER)).ok()?;

@@ -45,68 +45,15 @@ const ADAPTER: usize = 1;
 /// [`LoraError::Resolve`] when it is neither an iteration directory nor a run
 /// directory with a tracker or `iter_*` directories.
 pub fn resolve(path: &Path) -> Result<(PathBuf, Option<String>), LoraError> {
-    let err = |why: String| LoraError::Resolve {
+    megatron::resolve_iteration(
+        path,
+        "lora_checkpoint",
+        "a Megatron-Bridge adapter checkpoint",
+    )
+    .map_err(|why| LoraError::Resolve {
         path: path.to_owned(),
         why,
-    };
-    if path.join(".metadata").is_file() {
-        return Ok((path.to_owned(), None));
-    }
-    if !path.is_dir() {
-        return Err(err(
-            "does not exist: expected a Megatron-Bridge adapter checkpoint (an iter_* directory or its run directory)".into(),
-        ));
-    }
-    let chosen = match megatron::read_tracker(path) {
-        Some(Ok(Some(n))) => Some((
-            path.join(megatron::iter_dir_name(n)),
-            format!("its {} names iteration {n}", megatron::TRACKER),
-        )),
-        Some(Ok(None)) => Some((
-            path.join("release"),
-            format!("its {} names release", megatron::TRACKER),
-        )),
-        Some(Err(e)) => return Err(err(e)),
-        None => {
-            let mut iters: Vec<(u64, PathBuf)> = std::fs::read_dir(path)
-                .map(|rd| {
-                    rd.filter_map(Result::ok)
-                        .filter_map(|e| {
-                            let n =
-                                megatron::parse_iter_dir_name(&e.file_name().to_string_lossy())?;
-                            Some((n, e.path()))
-                        })
-                        .filter(|(_, p)| p.join(".metadata").is_file())
-                        .collect()
-                })
-                .unwrap_or_default();
-            iters.sort();
-            let count = iters.len();
-            iters.pop().map(|(n, p)| {
-                (
-                    p,
-                    format!("iteration {n} is the highest of {count} iter_* directories"),
-                )
-            })
-        }
-    };
-    match chosen {
-        Some((dir, why)) if dir.join(".metadata").is_file() => {
-            let note = format!(
-                "lora_checkpoint={} resolved to {} ({why})",
-                path.display(),
-                dir.display()
-            );
-            Ok((dir, Some(note)))
-        }
-        Some((dir, why)) => Err(err(format!(
-            "{why}, but {} holds no .metadata",
-            dir.display()
-        ))),
-        None => Err(err(
-            "expected a Megatron-Bridge adapter checkpoint: an iter_* directory with .metadata, or a run directory holding them; found neither".into(),
-        )),
-    }
+    })
 }
 
 /// Reads a `run_config.yaml`, when present.
@@ -249,7 +196,49 @@ impl BridgeConfig {
     }
 }
 
-/// A linear module of the dense decoder layer.
+/// A component of the Mamba-2 `in_proj` weight, which Megatron-Core saves (and
+/// Megatron-Bridge's adapter of it) as one tensor per component.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum InProjPart {
+    /// `z` (the gate).
+    Z,
+    /// `x`.
+    X,
+    /// `B`.
+    B,
+    /// `C`.
+    C,
+    /// `dt`.
+    Dt,
+}
+
+impl InProjPart {
+    const ALL: [InProjPart; 5] = [
+        InProjPart::Z,
+        InProjPart::X,
+        InProjPart::B,
+        InProjPart::C,
+        InProjPart::Dt,
+    ];
+
+    /// The key suffix (`z`, `x`, `B`, `C`, `dt`).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            InProjPart::Z => "z",
+            InProjPart::X => "x",
+            InProjPart::B => "B",
+            InProjPart::C => "C",
+            InProjPart::Dt => "dt",
+        }
+    }
+
+    fn from_suffix(s: &str) -> Option<InProjPart> {
+        InProjPart::ALL.into_iter().find(|p| p.suffix() == s)
+    }
+}
+
+/// An adaptable linear module of a decoder layer: attention, dense MLP, an MoE
+/// layer's shared expert, a Mamba-2 mixer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Module {
     /// `self_attention.linear_qkv`.
@@ -260,23 +249,71 @@ pub enum Module {
     Fc1,
     /// `mlp.linear_fc2`.
     Fc2,
+    /// `mlp.shared_experts.linear_fc1`.
+    SharedFc1,
+    /// `mlp.shared_experts.linear_fc2`.
+    SharedFc2,
+    /// One component of `mixer.in_proj` (its adapter's A is shared by all five).
+    InProj(InProjPart),
+    /// `mixer.out_proj`.
+    OutProj,
 }
 
 impl Module {
-    const ALL: [Module; 4] = [Module::Qkv, Module::Proj, Module::Fc1, Module::Fc2];
+    const WHOLE: [Module; 7] = [
+        Module::Qkv,
+        Module::Proj,
+        Module::Fc1,
+        Module::Fc2,
+        Module::SharedFc1,
+        Module::SharedFc2,
+        Module::OutProj,
+    ];
 
-    /// The key inside a layer.
+    /// The module's key inside a layer.
     pub fn key(self) -> &'static str {
         match self {
             Module::Qkv => "self_attention.linear_qkv",
             Module::Proj => "self_attention.linear_proj",
             Module::Fc1 => "mlp.linear_fc1",
             Module::Fc2 => "mlp.linear_fc2",
+            Module::SharedFc1 => "mlp.shared_experts.linear_fc1",
+            Module::SharedFc2 => "mlp.shared_experts.linear_fc2",
+            Module::InProj(_) => "mixer.in_proj",
+            Module::OutProj => "mixer.out_proj",
         }
     }
 
+    /// The weight's key inside a layer (`mixer.in_proj.weight.z`).
+    pub fn weight_key(self) -> String {
+        match self {
+            Module::InProj(p) => format!("{}.weight.{}", self.key(), p.suffix()),
+            _ => format!("{}.weight", self.key()),
+        }
+    }
+
+    /// The module of a weight key inside a layer.
+    fn of_weight_key(k: &str) -> Option<Module> {
+        if let Some(c) = k.strip_prefix("mixer.in_proj.weight.") {
+            return InProjPart::from_suffix(c).map(Module::InProj);
+        }
+        let m = k.strip_suffix(".weight")?;
+        Module::WHOLE.into_iter().find(|x| x.key() == m)
+    }
+
+    /// Whether a module key inside a layer is `in_proj`'s.
+    fn is_in_proj(k: &str) -> bool {
+        k == "mixer.in_proj"
+    }
+
     fn from_key(k: &str) -> Option<Module> {
-        Module::ALL.into_iter().find(|m| m.key() == k)
+        Module::WHOLE.into_iter().find(|m| m.key() == k)
+    }
+
+    /// The module's leaf name, which Megatron-Bridge's `target_modules` match.
+    pub fn leaf(self) -> &'static str {
+        let k = self.key();
+        k.rsplit('.').next().unwrap_or(k)
     }
 }
 
@@ -311,16 +348,13 @@ impl Part {
 
     /// The `target_modules` name of this adapter.
     pub fn target_name(self, m: Module) -> &'static str {
-        match (self, m) {
-            (Part::Q, _) => "linear_q",
-            (Part::K, _) => "linear_k",
-            (Part::V, _) => "linear_v",
-            (Part::Gate, _) => "linear_fc1_gate",
-            (Part::Up, _) => "linear_fc1_up",
-            (Part::Fused, Module::Qkv) => "linear_qkv",
-            (Part::Fused, Module::Proj) => "linear_proj",
-            (Part::Fused, Module::Fc1) => "linear_fc1",
-            (Part::Fused, Module::Fc2) => "linear_fc2",
+        match self {
+            Part::Q => "linear_q",
+            Part::K => "linear_k",
+            Part::V => "linear_v",
+            Part::Gate => "linear_fc1_gate",
+            Part::Up => "linear_fc1_up",
+            Part::Fused => m.leaf(),
         }
     }
 }
@@ -408,14 +442,19 @@ pub fn classify(ckpt: &MegatronCheckpoint) -> Result<Adapters, LoraError> {
         let Some((layer, key)) = split_layer(module_key) else {
             return Err(refuse(&t.name, "is not in decoder.layers".into()));
         };
-        let module = Module::from_key(key).ok_or_else(|| {
-            refuse(
-                &t.name,
-                format!(
-                    "adapters on {key} are not supported (the dense decoder's linear_qkv, linear_proj, linear_fc1 and linear_fc2 are)"
-                ),
-            )
-        })?;
+        let in_proj = Module::is_in_proj(key);
+        let module = if in_proj {
+            None
+        } else {
+            Some(Module::from_key(key).ok_or_else(|| {
+                refuse(
+                    &t.name,
+                    format!(
+                        "adapters on {key} are not supported (those on linear_qkv, linear_proj, linear_fc1, linear_fc2, the shared expert's linear_fc1/linear_fc2, in_proj and out_proj are; routed experts' are not)"
+                    ),
+                )
+            })?)
+        };
         let (part, mat) = match rest.split_once('.') {
             Some((p, m)) if p.starts_with("adapter_") => (
                 Part::from_name(p)
@@ -424,10 +463,32 @@ pub fn classify(ckpt: &MegatronCheckpoint) -> Result<Adapters, LoraError> {
             ),
             _ => (Part::Fused, rest),
         };
-        let is_a = match mat {
-            "linear_in.weight" => true,
-            "linear_out.weight" => false,
-            other => {
+        if in_proj && part != Part::Fused {
+            return Err(refuse(
+                &t.name,
+                "a canonical adapter on in_proj: canonical LoRA exists for linear_qkv and linear_fc1 only".into(),
+            ));
+        }
+        // in_proj's A is shared by its five components; its B is saved per component.
+        let (is_a, modules): (bool, Vec<Module>) = match (module, mat) {
+            (Some(m), "linear_in.weight") => (true, vec![m]),
+            (Some(m), "linear_out.weight") => (false, vec![m]),
+            (None, "linear_in.weight") => (true, InProjPart::ALL.map(Module::InProj).to_vec()),
+            (None, m) => match m
+                .strip_prefix("linear_out.weight.")
+                .and_then(InProjPart::from_suffix)
+            {
+                Some(c) => (false, vec![Module::InProj(c)]),
+                None => {
+                    return Err(refuse(
+                        &t.name,
+                        format!(
+                            "{m} is not an in_proj adapter matrix (expected linear_in.weight, or linear_out.weight.z/.x/.B/.C/.dt as Megatron-Core saves in_proj)"
+                        ),
+                    ));
+                }
+            },
+            (Some(_), other) => {
                 return Err(refuse(
                     &t.name,
                     format!(
@@ -456,10 +517,12 @@ pub fn classify(ckpt: &MegatronCheckpoint) -> Result<Adapters, LoraError> {
             }
             stacked = Some(l);
         }
-        let slot = halves.entry((module, layer, part)).or_default();
-        let cell = if is_a { &mut slot.0 } else { &mut slot.1 };
-        if cell.replace(i).is_some() {
-            return Err(refuse(&t.name, "appears twice".into()));
+        for module in modules {
+            let slot = halves.entry((module, layer, part)).or_default();
+            let cell = if is_a { &mut slot.0 } else { &mut slot.1 };
+            if cell.replace(i).is_some() {
+                return Err(refuse(&t.name, "appears twice".into()));
+            }
         }
     }
     let mut out = Adapters {
@@ -671,7 +734,6 @@ impl Planner<'_> {
         };
         let r = self.config.dim;
         let targets = self.target_matchers()?;
-        let mut covered: BTreeMap<&'static str, Vec<u64>> = BTreeMap::new();
         for ((module, layer), parts) in &self.adapters.modules {
             let Some((_, w_rows, w_cols)) = base_weight(base, *module, *layer) else {
                 let (a, _) = parts.values().next().expect("a module has an adapter");
@@ -679,7 +741,7 @@ impl Planner<'_> {
                     &at(a.tensor).name,
                     format!(
                         "a base weight {} for layer {layer} in {}",
-                        module.key(),
+                        module.weight_key(),
                         base.dir.display()
                     ),
                     "none (is this the base the adapter was trained on?)".into(),
@@ -703,7 +765,6 @@ impl Planner<'_> {
                         ),
                     });
                 }
-                covered.entry(name).or_default().push(*layer);
                 let want_b = part_rows(&segs, *part);
                 let (ta, tb) = (at(a.tensor), at(b.tensor));
                 if a.shape(ta) != Some((r, w_cols)) {
@@ -728,41 +789,34 @@ impl Planner<'_> {
                 }
             }
         }
-        if let Some(l) = self.adapters.stacked_layers {
-            let base_layers = base
-                .tensors
-                .iter()
-                .find(|t| t.name == format!("decoder.layers.{}.weight", Module::Qkv.key()))
-                .and_then(|t| t.shape.first().copied());
-            if let Some(bl) = base_layers
-                && bl != l
-            {
-                return Err(mismatch(
-                    "decoder.layers.*.adapter",
-                    format!("{bl} layers, like the base"),
-                    format!("{l} stacked layers"),
-                ));
-            }
-        }
-        // Every named target has its adapter in every layer of the base.
-        let layers = base_layers(base);
-        for (target, _) in targets.iter().filter(|(t, _)| !t.contains(['*', '?', '.'])) {
-            let have = covered.get(target.as_str()).map_or(0, Vec::len) as u64;
-            if have > 0 && have != layers {
-                return Err(LoraError::Refused {
-                    path: self.adapter.dir.clone(),
-                    why: format!(
-                        "peft.target_modules names {target}, and the checkpoint has its adapter in {have} of the base's {layers} layers"
-                    ),
-                });
-            }
-            if have == 0 && known_target(target, self.config.canonical) {
-                return Err(LoraError::Refused {
-                    path: self.adapter.dir.clone(),
-                    why: format!(
-                        "peft.target_modules names {target}, but the checkpoint has no {target} adapter (a partial or mismatched checkpoint)"
-                    ),
-                });
+        // Every base weight a target names has its adapter, as Megatron-Bridge
+        // wraps every module a target matches.
+        for (module, layer) in base_modules(base) {
+            let full = format!("decoder.layers.{layer}.{}", module.key());
+            let parts: &[Part] = match (self.config.canonical, module) {
+                (true, Module::Qkv) => &[Part::Q, Part::K, Part::V],
+                (true, Module::Fc1) => &[Part::Gate, Part::Up],
+                _ => &[Part::Fused],
+            };
+            for part in parts {
+                let name = part.target_name(module);
+                let Some((target, _)) = targets.iter().find(|(_, m)| m(name, &full)) else {
+                    continue;
+                };
+                let have = self
+                    .adapters
+                    .modules
+                    .get(&(module, layer))
+                    .is_some_and(|p| p.contains_key(part));
+                if !have {
+                    return Err(LoraError::Refused {
+                        path: self.adapter.dir.clone(),
+                        why: format!(
+                            "peft.target_modules names {target}, which matches the base's {} of layer {layer}, but the checkpoint has no {name} adapter there (a partial or mismatched checkpoint)",
+                            module.weight_key()
+                        ),
+                    });
+                }
             }
         }
         Ok(())
@@ -798,9 +852,11 @@ impl Planner<'_> {
             .collect()
     }
 
-    /// The updates of an output weight made of the fused rows `w_rows` (start,
-    /// count; in the weight's order) and columns `cols` (start, count) of `module`
-    /// in `layer`. `base_inputs` is the number of inputs the piece already has.
+    /// The updates of the output rows `out.0..` of a piece of `out.1` rows, which
+    /// are the fused rows `w_rows` (start, count; in the weight's order) and columns
+    /// `cols` (start, count) of `module` in `layer`. `base_inputs` is the number of
+    /// inputs the piece already has.
+    #[allow(clippy::too_many_arguments)]
     pub fn updates(
         &self,
         module: Module,
@@ -808,6 +864,7 @@ impl Planner<'_> {
         fused_total: u64,
         w_rows: &[(u64, u64)],
         cols: (u64, u64),
+        out: (u64, u64),
         base_inputs: usize,
     ) -> Option<Planned> {
         let parts = self.adapters.modules.get(&(module, layer))?;
@@ -817,7 +874,7 @@ impl Planner<'_> {
         // part → (runs of the weight's rows, runs of the part's B rows).
         type Runs = Vec<(u64, u64)>;
         let mut per_part: Vec<(Part, Runs, Runs)> = Vec::new();
-        let mut w_pos = 0u64;
+        let mut w_pos = out.0;
         for &(start, count) in w_rows {
             let mut cur = start;
             while cur < start + count {
@@ -857,7 +914,7 @@ impl Planner<'_> {
                 b_inputs.push(base_inputs + inputs.len() - 1);
             }
             let rows_total: u64 = b_runs.iter().map(|r| r.1).sum();
-            let all = w_runs.as_slice() == [(0, w_pos)];
+            let all = w_runs.as_slice() == [(0, out.1)];
             updates.push(Update::Linear {
                 a: a_op,
                 b: Operand {
@@ -886,48 +943,14 @@ fn push_run(runs: &mut Vec<(u64, u64)>, run: (u64, u64)) {
     runs.push(run);
 }
 
-fn known_target(t: &str, canonical: bool) -> bool {
-    let fused = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"];
-    let canon = [
-        "linear_q",
-        "linear_k",
-        "linear_v",
-        "linear_proj",
-        "linear_fc1_gate",
-        "linear_fc1_up",
-        "linear_fc2",
-    ];
-    if canonical {
-        canon.contains(&t)
-    } else {
-        fused.contains(&t)
-    }
-}
-
-/// Layers of the base decoder.
-pub fn base_layers(base: &MegatronCheckpoint) -> u64 {
-    let stacked = base
-        .tensors
-        .iter()
-        .find(|t| t.name == format!("decoder.layers.{}.weight", Module::Qkv.key()))
-        .and_then(|t| t.shape.first().copied());
-    stacked.unwrap_or_else(|| {
-        base.tensors
-            .iter()
-            .filter_map(|t| split_layer(&t.name).and_then(|(l, _)| l))
-            .max()
-            .map_or(0, |m| m + 1)
-    })
-}
-
 /// The base weight of `module` in `layer`: (tensor, rows, columns).
 pub fn base_weight(
     base: &MegatronCheckpoint,
     module: Module,
     layer: u64,
 ) -> Option<(usize, u64, u64)> {
-    let stacked = format!("decoder.layers.{}.weight", module.key());
-    let per_layer = format!("decoder.layers.{layer}.{}.weight", module.key());
+    let stacked = format!("decoder.layers.{}", module.weight_key());
+    let per_layer = format!("decoder.layers.{layer}.{}", module.weight_key());
     base.tensors.iter().enumerate().find_map(|(i, t)| {
         if t.name == stacked {
             match t.shape.as_slice() {
@@ -945,6 +968,26 @@ pub fn base_weight(
     })
 }
 
+/// Every adaptable weight of the base: (module, layer).
+pub fn base_modules(base: &MegatronCheckpoint) -> Vec<(Module, u64)> {
+    let mut out = Vec::new();
+    for t in &base.tensors {
+        let Some((layer, key)) = split_layer(&t.name) else {
+            continue;
+        };
+        let Some(module) = Module::of_weight_key(key) else {
+            continue;
+        };
+        match (layer, t.shape.as_slice()) {
+            (None, [l, _, _]) => out.extend((0..*l).map(|l| (module, l))),
+            (Some(l), [_, _]) => out.push((module, l)),
+            _ => {}
+        }
+    }
+    out.sort();
+    out
+}
+
 /// The module and layer a base tensor chunk belongs to, when it is an adaptable
 /// weight: (module, layer, fused rows of the weight).
 pub fn weight_of_chunk(
@@ -953,7 +996,7 @@ pub fn weight_of_chunk(
     sizes: &[u64],
 ) -> Option<(Module, u64, u64)> {
     let (layer, key) = split_layer(&t.name)?;
-    let module = Module::from_key(key.strip_suffix(".weight")?)?;
+    let module = Module::of_weight_key(key)?;
     match (layer, t.shape.as_slice()) {
         (None, [_, r, _]) if sizes.first() == Some(&1) => Some((module, offsets[0], *r)),
         (Some(l), [r, _]) => Some((module, l, *r)),
@@ -964,12 +1007,7 @@ pub fn weight_of_chunk(
 /// Whether a stacked chunk spans several layers (it cannot be merged as one).
 pub fn spans_layers(t: &GlobalTensor, sizes: &[u64]) -> bool {
     split_layer(&t.name).is_some_and(|(l, key)| {
-        l.is_none()
-            && key
-                .strip_suffix(".weight")
-                .and_then(Module::from_key)
-                .is_some()
-            && sizes.first().is_some_and(|s| *s > 1)
+        l.is_none() && Module::of_weight_key(key).is_some() && sizes.first().is_some_and(|s| *s > 1)
     })
 }
 

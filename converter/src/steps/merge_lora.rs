@@ -483,15 +483,63 @@ pub fn merged_config(
     Some(s)
 }
 
+/// The Megatron-Bridge adapter updates of an output tensor whose inputs are
+/// `inputs` (rows of base weights, in the output's row order).
+fn bridge_updates(
+    planner: &megatron_bridge::Planner<'_>,
+    base: &MegatronCheckpoint,
+    inputs: &[Input],
+) -> megatron_bridge::Planned {
+    let mut out = megatron_bridge::Planned {
+        inputs: Vec::new(),
+        updates: Vec::new(),
+    };
+    // Only matrices (and stacks of them) have adapters.
+    let Some(n) = inputs.first().map(|i| i.sizes.len()).filter(|n| *n >= 2) else {
+        return out;
+    };
+    let total: u64 = inputs.iter().map(|i| i.sizes[n - 2]).sum();
+    let mut row = 0u64;
+    for group in inputs.chunk_by(|a, b| a.tensor == b.tensor) {
+        let first = &group[0];
+        let rows: u64 = group.iter().map(|i| i.sizes[n - 2]).sum();
+        if let Some((module, layer, fused)) = megatron_bridge::weight_of_chunk(
+            &base.tensors[first.tensor],
+            &first.offsets,
+            &first.sizes,
+        ) {
+            let runs: Vec<(u64, u64)> = group
+                .iter()
+                .map(|i| (i.offsets[n - 2], i.sizes[n - 2]))
+                .collect();
+            let cols = (first.offsets[n - 1], first.sizes[n - 1]);
+            if let Some(p) = planner.updates(
+                module,
+                layer,
+                fused,
+                &runs,
+                cols,
+                (row, total),
+                inputs.len() + out.inputs.len(),
+            ) {
+                out.inputs.extend(p.inputs);
+                out.updates.extend(p.updates);
+            }
+        }
+        row += rows;
+    }
+    out
+}
+
 fn run_bridge(
     params: &mut Params,
     common: &Common,
     opts: &RunOptions,
     progress: &dyn Progress,
 ) -> Result<Report, Error> {
-    let base_path = params.path(
+    let base_given = params.path(
         "base_megatron_path",
-        "the Megatron iter_* directory of the base the adapter was trained on",
+        "the Megatron checkpoint (iter_* or run directory) of the base the adapter was trained on",
     )?;
     let out_megatron = params.path(
         "output_megatron_path",
@@ -549,10 +597,23 @@ fn run_bridge(
         .into());
     }
     let (adapter_dir, note) = megatron_bridge::resolve(&common.lora_checkpoint)?;
+    // A run directory is read at its latest iteration, as Megatron-Bridge's
+    // `pretrained_checkpoint` is.
+    let (base_path, base_note) = megatron::resolve_iteration(
+        &base_given,
+        "base_megatron_path",
+        "the base's Megatron checkpoint",
+    )
+    .map_err(|why| PreflightError::BadValue {
+        name: "base_megatron_path".into(),
+        value: base_given.display().to_string(),
+        expected: why,
+    })?;
     let (run_dir, iter_dir, iteration) =
         crate::pipeline::resolve_megatron_output(&out_megatron, default_iteration);
     let hf_dir = hf_source.as_deref().map(hf::resolve_model).transpose()?;
     let mut inputs: Vec<(&str, &Path)> = vec![
+        ("base_megatron_path", &base_given),
         ("base_megatron_path", &base_path),
         ("lora_checkpoint", &common.lora_checkpoint),
         ("lora_checkpoint", &adapter_dir),
@@ -607,7 +668,7 @@ fn run_bridge(
         .or_else(|| base_run.as_ref().and_then(QkvLayout::from_run_config));
 
     // Names, then digests known without reading data.
-    let mut warnings: Vec<String> = note.into_iter().collect();
+    let mut warnings: Vec<String> = note.into_iter().chain(base_note).collect();
     let base_hf_id = base_run
         .as_ref()
         .and_then(|v| megatron_bridge::field(v, "model.hf_model_id"))
@@ -619,18 +680,14 @@ fn run_bridge(
         name: cfg.hf_model_id.clone(),
         revision: None,
     };
-    let same_dir = cfg.pretrained_checkpoint.as_deref().is_some_and(|p| {
-        Path::new(p).is_dir()
-            && crate::paths::normalize(Path::new(p)) == crate::paths::normalize(&base_path)
-    });
-    if !same_dir {
-        warnings.extend(name_note(
-            &claim,
-            &id,
-            "base_megatron_path",
-            common.allow_base_mismatch,
-        )?);
-    }
+    // Names are compared even when checkpoint.pretrained_checkpoint is this very
+    // directory: a path can be reused for another model.
+    warnings.extend(name_note(
+        &claim,
+        &id,
+        "base_megatron_path",
+        common.allow_base_mismatch,
+    )?);
     let recorded = cfg.pretrained_checkpoint.as_deref().map(|p| {
         (
             "checkpoint.pretrained_checkpoint in run_config.yaml",
@@ -686,6 +743,7 @@ fn run_bridge(
                     fused,
                     &[(c.offsets[n - 2], c.sizes[n - 2])],
                     (c.offsets[n - 1], c.sizes[n - 1]),
+                    (0, c.sizes[n - 2]),
                     1,
                 )
             {
@@ -821,27 +879,16 @@ fn run_bridge(
             let mut tensors = built.tensors;
             let mut hf_merges = Vec::with_capacity(tensors.len());
             for t in &mut tensors {
-                // Every HF tensor is rows of one Megatron tensor: the adapter of that
-                // module updates exactly those rows.
-                let placed = t.inputs.first().and_then(|first| {
-                    let (module, layer, fused) = megatron_bridge::weight_of_chunk(
-                        &base.tensors[first.tensor],
-                        &first.offsets,
-                        &first.sizes,
-                    )?;
-                    let n = first.sizes.len();
-                    let runs: Vec<(u64, u64)> = t
-                        .inputs
-                        .iter()
-                        .map(|i| (i.offsets[n - 2], i.sizes[n - 2]))
-                        .collect();
-                    let cols = (first.offsets[n - 1], first.sizes[n - 1]);
-                    planner.updates(module, layer, fused, &runs, cols, t.inputs.len())
-                });
-                hf_merges.push(placed.map(|p| {
-                    t.inputs.extend(p.inputs);
+                // An HF tensor is rows of one Megatron weight, or of several stacked
+                // on each other (Mamba's in_proj from its five components): each run of
+                // inputs from one weight is updated by that module's adapter.
+                let planned = bridge_updates(&planner, &base, &t.inputs);
+                hf_merges.push((!planned.updates.is_empty()).then(|| {
+                    t.inputs.extend(planned.inputs);
                     t.transform = format!("{} + {transform}", t.transform);
-                    LoraMerge { updates: p.updates }
+                    LoraMerge {
+                        updates: planned.updates,
+                    }
                 }));
             }
             let mut sharding = Sharding::MaxSize(max_shard_size);

@@ -1240,19 +1240,29 @@ fn bridge_merge(
 /// the tracker names iteration 50; its run_config.yaml is PyYAML's, with
 /// `!!set`), merged into the base Bridge imported: both outputs equal Bridge's own
 /// merges bit for bit (`merge_lora.py`'s Megatron checkpoint; the HF export with
-/// merged adapters), for fused and canonical LoRA, on Llama and Qwen3.
+/// merged adapters), for fused and canonical LoRA, on Llama, Qwen3, Qwen3-MoE
+/// and Nemotron-H.
 #[test]
 fn megatron_bridge_adapters_merge_as_megatron_bridge_merges_them() {
     let refs = crate::util::bridge_refs();
-    for family in ["llama", "qwen3"] {
+    // Dense (fused and canonical adapters, stacked layers), MoE (attention
+    // adapters beside the experts) and hybrid (per-layer keys; adapters on in_proj
+    // saved per component, out_proj, the dense and the shared-expert MLPs).
+    for family in ["llama", "qwen3", "qwen3_moe", "nemotron_h"] {
         let case = refs.join(family);
-        let base = case.join("bridge_import/iter_0000000");
+        // The hybrid case names the base by its run directory, as the guide does.
+        let base = if family == "nemotron_h" {
+            case.join("bridge_import")
+        } else {
+            case.join("bridge_import/iter_0000000")
+        };
         let hf = case.join("hf");
         let w = Workdir::new();
-        for (lora, merged_hf, merged_mg) in [
-            ("lora", "merged_hf", Some("merged_megatron/iter_0000000")),
-            ("lora_canonical", "merged_hf_canonical", None),
-        ] {
+        let mut loras = vec![("lora", "merged_hf", Some("merged_megatron/iter_0000000"))];
+        if case.join("lora_canonical").is_dir() {
+            loras.push(("lora_canonical", "merged_hf_canonical", None));
+        }
+        for (lora, merged_hf, merged_mg) in loras {
             let before = w.snapshot_of(&case);
             let r = bridge_merge(&w, &case.join(lora), &base, &hf, lora, &["--json"]);
             r.assert_exit(0);
@@ -1344,6 +1354,50 @@ fn megatron_bridge_fp32_arithmetic_follows_its_formula() {
     );
 }
 
+#[test]
+fn megatron_bridge_hybrid_refusals() {
+    let refs = crate::util::bridge_refs();
+    let case = refs.join("nemotron_h");
+    let w = Workdir::new();
+    let lora = w.path("lora");
+    crate::util::copy_tree(&case.join("lora"), &lora);
+    let rc = lora.join("iter_0000050/run_config.yaml");
+    let text = std::fs::read_to_string(&rc).unwrap();
+    // A Mamba adapter the targets do not name.
+    let edited = text.replace("  - out_proj\n", "");
+    assert_ne!(edited, text);
+    std::fs::write(&rc, edited).unwrap();
+    let r = bridge_merge(
+        &w,
+        &lora,
+        &case.join("bridge_import"),
+        &case.join("hf"),
+        "untargeted",
+        &[],
+    );
+    r.assert_exit(2)
+        .stderr_has("out_proj")
+        .stderr_has("does not name it");
+    // The hybrid adapter on a dense base: no in_proj there.
+    let llama = refs.join("llama");
+    let r = bridge_merge(
+        &w,
+        &case.join("lora"),
+        &llama.join("bridge_import"),
+        &llama.join("hf"),
+        "dense",
+        &["allow_base_mismatch=true"],
+    );
+    r.assert_exit(2)
+        .stderr_has("linear_qkv.adapter.linear_in.weight")
+        .stderr_has("found [8, 32]");
+    for out in ["untargeted", "dense"] {
+        assert!(!w.path(&format!("{out}-mg")).exists() && !w.path(&format!("{out}-hf")).exists());
+    }
+}
+
+/// Megatron-Bridge adapters that cannot be merged faithfully are refused, naming
+/// the file and what was expected; nothing is written.
 #[test]
 fn megatron_bridge_refusals() {
     let refs = crate::util::bridge_refs();
