@@ -57,13 +57,14 @@ struct Args {
     /// The Lease namespace (default: the pod's namespace).
     #[arg(long, env = "POD_NAMESPACE")]
     lease_namespace: Option<String>,
-    /// Seconds a leader holds the Lease without renewing it. A replica that cannot
-    /// renew in time (a stalled node) stops reconciling; one that shuts down
-    /// releases the Lease at once, so this bounds only failover after a crash.
+    /// Seconds a leader holds the Lease without renewing it. A leader that cannot
+    /// renew in time (a stalled node, an overloaded apiserver) stops reconciling. A
+    /// standby looks again when the Lease would expire, so this is also how long
+    /// failover takes, even after a leader released the Lease on shutdown.
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..))]
     lease_duration_seconds: u64,
     /// Seconds before the Lease expires at which the leader renews it (less than
-    /// the duration).
+    /// the duration): the time a renewal may take.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     lease_renew_grace_seconds: u64,
     /// This replica's identity (default: the pod name).

@@ -69,6 +69,10 @@ pub struct StandInConfig {
     pub binaries: HashMap<String, PathBuf>,
     /// PersistentVolumeClaim name → local directory.
     pub pvcs: HashMap<String, PathBuf>,
+    /// Claims whose storage is read-only whatever the pod asks (a read-only export,
+    /// a full or write-protected volume): every mount of them is read-only, so a
+    /// write fails with `EROFS` as it would on such a volume.
+    pub read_only_pvcs: HashSet<String>,
     /// The image's entrypoint, used when a container sets no `command`.
     pub entrypoint: Vec<String>,
     /// Absolute paths that may pass through unchanged although no volume is
@@ -87,6 +91,7 @@ impl StandInConfig {
             any_tag: false,
             binaries: HashMap::new(),
             pvcs: HashMap::new(),
+            read_only_pvcs: HashSet::new(),
             entrypoint: Vec::new(),
             passthrough_paths: vec!["/dev/null".to_string()],
             extra_env: Vec::new(),
@@ -114,6 +119,15 @@ impl StandInConfig {
     /// Maps a PersistentVolumeClaim to a local directory.
     pub fn pvc(mut self, claim: impl Into<String>, dir: impl Into<PathBuf>) -> Self {
         self.pvcs.insert(claim.into(), dir.into());
+        self
+    }
+
+    /// Maps a PersistentVolumeClaim to a local directory whose storage is
+    /// read-only (see [`StandInConfig::read_only_pvcs`]).
+    pub fn read_only_pvc(mut self, claim: impl Into<String>, dir: impl Into<PathBuf>) -> Self {
+        let claim = claim.into();
+        self.read_only_pvcs.insert(claim.clone());
+        self.pvcs.insert(claim, dir.into());
         self
     }
 
