@@ -4,7 +4,8 @@
 #   - Rust build products in $CARGO_TARGET_DIR (default ~/.cache/ckpt/target);
 #   - the pinned Python reference stack (torch, transformers, peft, megatron-core)
 #     in ~/.cache/ckpt/venv-<hash of e2e/requirements.txt>;
-#   - the Kubernetes control plane built from Go modules in ~/.cache/ckpt/k8s-bin/<hash>.
+#   - the Kubernetes control plane built from Go modules in ~/.cache/ckpt/k8s-bin/<hash>;
+#   - Argo CD's Lua engine (gopher-lua) for the health check in ~/.cache/ckpt/argocd-lua/<hash>.
 # A missing prerequisite fails the run with a message; nothing is skipped.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -48,6 +49,9 @@ control_plane() {
   CKPT_K8S_BIN=$(printf '%s\n' "$out" | tail -n 1)
   export CKPT_K8S_BIN
   "$CKPT_K8S_BIN/kube-apiserver" --version
+  # A few seconds, then cached.
+  CKPT_ARGOCD_HEALTH_BIN=$(e2e/argocd-lua/build.sh | tail -n 1)
+  export CKPT_ARGOCD_HEALTH_BIN
 }
 
 rust_tests() {
@@ -111,7 +115,7 @@ static_binaries() {
 }
 
 step "rust: fmt and clippy" rust_checks
-step "control plane: etcd, kube-apiserver, kube-controller-manager, helm" control_plane
+step "control plane: etcd, kube-apiserver, kube-controller-manager, helm; Argo CD's Lua" control_plane
 step "rust: build, unit, integration and control-plane tests" rust_tests
 step "demo" demo
 step "images: static musl binaries (as the Dockerfiles build them)" static_binaries

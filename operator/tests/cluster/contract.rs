@@ -7,7 +7,7 @@
 //! against that converter, then drop the `ignore`.
 
 use crate::support::{
-    Env, Operator, condition, condition_status, contents, fixtures, kubectl, phase,
+    Env, Operator, condition, condition_status, contents, converting, finished, fixtures, kubectl,
 };
 
 /// Regression (issue 10, finding 6): EACCES/EROFS on the target were retried (52 s,
@@ -22,9 +22,7 @@ async fn a_target_the_converter_cannot_write_fails_at_once() {
         .read_only_pvc("lustre-shared", env.claim("lustre-shared"));
     env.start_node_with(cfg).await;
     let mut op = Operator::start(&env, "read-only").await;
-    env.apply_example("megatron-to-hf.yaml")
-        .await
-        .expect_ok("megatron-to-hf.yaml");
+    env.apply_ok("megatron-to-hf.yaml").await;
     let cr = env
         .wait_condition("sft-to-hf", "Failed", "True", &mut op)
         .await;
@@ -44,10 +42,7 @@ async fn a_target_the_converter_cannot_write_fails_at_once() {
 #[tokio::test]
 #[ignore = "waits on the converter: a missing source is refused as not existing (exit 2)"]
 async fn a_missing_source_says_it_does_not_exist() {
-    let mut env = Env::new("no-source").await;
-    fixtures(&env);
-    env.start_node().await;
-    let mut op = Operator::start(&env, "no-source").await;
+    let (env, mut op) = converting("no-source").await;
     let manifest = env.example("megatron-to-hf.yaml").replace(
         "path: output/sft/megatron_bridge/iter_0000100",
         "path: output/sft/megatron_bridge/iter_0000200",
@@ -70,10 +65,7 @@ async fn a_missing_source_says_it_does_not_exist() {
 #[tokio::test]
 #[ignore = "waits on the converter: hf_to_megatron refuses a run directory that is not a Megatron one"]
 async fn a_megatron_target_holding_something_else_is_refused() {
-    let mut env = Env::new("not-megatron").await;
-    fixtures(&env);
-    env.start_node().await;
-    let mut op = Operator::start(&env, "not-megatron").await;
+    let (env, mut op) = converting("not-megatron").await;
     // An HF directory where the example writes its Megatron run directory.
     let target = env
         .claim("lustre-shared")
@@ -81,9 +73,7 @@ async fn a_megatron_target_holding_something_else_is_refused() {
     std::fs::create_dir_all(&target).unwrap();
     std::fs::write(target.join("config.json"), "{}").unwrap();
     let before = contents(&target);
-    env.apply_example("hf-to-megatron.yaml")
-        .await
-        .expect_ok("hf-to-megatron.yaml");
+    env.apply_ok("hf-to-megatron.yaml").await;
     let cr = env
         .wait_condition("llama3b-to-megatron", "Failed", "True", &mut op)
         .await;
@@ -97,13 +87,8 @@ async fn a_megatron_target_holding_something_else_is_refused() {
 #[tokio::test]
 #[ignore = "waits on the converter: \"reused\": true for an identical published conversion"]
 async fn recreating_a_resource_reuses_its_published_output() {
-    let mut env = Env::new("reuse").await;
-    fixtures(&env);
-    env.start_node().await;
-    let mut op = Operator::start(&env, "reuse").await;
-    env.apply_example("megatron-to-hf.yaml")
-        .await
-        .expect_ok("megatron-to-hf.yaml");
+    let (env, mut op) = converting("reuse").await;
+    env.apply_ok("megatron-to-hf.yaml").await;
     env.wait_condition("sft-to-hf", "Succeeded", "True", &mut op)
         .await;
     let output = env.claim("lustre-shared").join("output/convert/sft-hf");
@@ -121,13 +106,9 @@ async fn recreating_a_resource_reuses_its_published_output() {
     )
     .await
     .expect_ok("deleting the resource");
-    env.apply_example("megatron-to-hf.yaml")
-        .await
-        .expect_ok("megatron-to-hf.yaml again");
+    env.apply_ok("megatron-to-hf.yaml").await;
     let cr = env
-        .wait_for("sft-to-hf", "finished", &mut [&mut op], |cr| {
-            matches!(phase(cr), Some("Succeeded" | "Failed"))
-        })
+        .wait_for("sft-to-hf", "finished", &mut [&mut op], finished)
         .await;
     assert_eq!(
         condition(&cr, "Succeeded").1,

@@ -7,27 +7,21 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams};
 
 use crate::support::{
-    Env, Operator, Waiting, condition, cp, fixtures, kubectl, lora_fixtures, tensors_of,
+    Env, Operator, Waiting, condition, converting, cp, fixtures, kubectl, lora_fixtures,
+    tensors_of, validated,
 };
 
 #[tokio::test]
 async fn examples_convert_and_validate_through_the_operator() {
-    let mut env = Env::new("examples").await;
-    fixtures(&env);
-    env.start_node().await;
-    let mut op = Operator::start(&env, "examples").await;
+    let (env, mut op) = converting("examples").await;
     for (file, name) in [
         ("megatron-to-hf.yaml", "sft-to-hf"),
         ("hf-to-megatron.yaml", "llama3b-to-megatron"),
     ] {
-        let out = env.apply_example(file).await;
-        out.expect_ok(file);
-        let cr = env.wait_condition(name, "Succeeded", "True", &mut op).await;
-        let cr = if condition(&cr, "Validated").0 == "True" {
-            cr
-        } else {
-            env.wait_condition(name, "Validated", "True", &mut op).await
-        };
+        env.apply_ok(file).await;
+        let cr = env
+            .wait_for(name, "Succeeded and Validated", &mut [&mut op], validated)
+            .await;
         let st = cr.status.clone().unwrap();
         assert_eq!(st.observed_generation, Some(1));
         assert_eq!(st.phase.as_deref(), Some("Succeeded"));
@@ -127,9 +121,7 @@ async fn a_corrupt_source_fails_at_once_with_the_converter_message() {
         .unwrap();
     env.start_node().await;
     let mut op = Operator::start(&env, "corrupt").await;
-    env.apply_example("megatron-to-hf.yaml")
-        .await
-        .expect_ok("megatron-to-hf.yaml");
+    env.apply_ok("megatron-to-hf.yaml").await;
     let cr = env
         .wait_condition("sft-to-hf", "Failed", "True", &mut op)
         .await;
@@ -176,9 +168,7 @@ async fn the_apiserver_refuses_invalid_and_changed_resources_with_our_messages()
         err.contains("target.path must not equal, be inside, or contain source.path"),
         "{err}"
     );
-    env.apply_example("megatron-to-hf.yaml")
-        .await
-        .expect_ok("megatron-to-hf.yaml");
+    env.apply_ok("megatron-to-hf.yaml").await;
     let patch = |p: &'static str| {
         let ns = env.ns.clone();
         async move {
@@ -224,13 +214,8 @@ async fn the_apiserver_refuses_invalid_and_changed_resources_with_our_messages()
 
 #[tokio::test]
 async fn a_second_resource_for_the_same_target_is_refused() {
-    let mut env = Env::new("conflict").await;
-    fixtures(&env);
-    env.start_node().await;
-    let mut op = Operator::start(&env, "conflict").await;
-    env.apply_example("megatron-to-hf.yaml")
-        .await
-        .expect_ok("megatron-to-hf.yaml");
+    let (env, mut op) = converting("conflict").await;
+    env.apply_ok("megatron-to-hf.yaml").await;
     env.wait_condition("sft-to-hf", "Accepted", "True", &mut op)
         .await;
     // Same target, created later.
@@ -259,13 +244,8 @@ async fn a_second_resource_for_the_same_target_is_refused() {
 
 #[tokio::test]
 async fn deleting_the_resource_removes_its_job_and_pods_but_keeps_the_output() {
-    let mut env = Env::new("delete").await;
-    fixtures(&env);
-    env.start_node().await;
-    let mut op = Operator::start(&env, "delete").await;
-    env.apply_example("megatron-to-hf.yaml")
-        .await
-        .expect_ok("megatron-to-hf.yaml");
+    let (env, mut op) = converting("delete").await;
+    env.apply_ok("megatron-to-hf.yaml").await;
     env.wait_condition("sft-to-hf", "Succeeded", "True", &mut op)
         .await;
     let client = cp().await.client();
@@ -315,14 +295,10 @@ async fn lora_merge_examples_succeed_for_both_backends() {
             ],
         ),
     ] {
-        let out = env.apply_example(file).await;
-        out.expect_ok(file);
-        let cr = env.wait_condition(name, "Succeeded", "True", &mut op).await;
-        let cr = if condition(&cr, "Validated").0 == "True" {
-            cr
-        } else {
-            env.wait_condition(name, "Validated", "True", &mut op).await
-        };
+        env.apply_ok(file).await;
+        let cr = env
+            .wait_for(name, "Succeeded and Validated", &mut [&mut op], validated)
+            .await;
         let st = cr.status.unwrap();
         assert_eq!(st.step.as_deref(), Some("convert/merge_lora"));
         let summary = st.summary.expect("summary");

@@ -10,20 +10,18 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, DeleteParams};
 
 use crate::support::{
-    Env, Operator, condition, condition_status, contents, cp, fixtures, kubectl, lora_adapters,
-    phase,
+    Env, Operator, condition, condition_status, contents, converting, cp, finished, fixtures,
+    kubectl, lora_adapters, phase, succeeded, validated,
 };
-
-fn succeeded(cr: &CheckpointConversion) -> bool {
-    condition_status(cr, "Succeeded").as_deref() == Some("True")
-}
 
 /// The operator has decided on the resource's current spec.
 fn caught_up(cr: &CheckpointConversion) -> bool {
     cr.status.as_ref().and_then(|s| s.observed_generation) == cr.metadata.generation
 }
 
-async fn merge_patch(env: &Env, name: &str, patch: &str) -> crate::support::Run {
+/// `kubectl patch` of resource `name` with a patch of `kind` (merge or json).
+async fn patch(env: &Env, name: &str, kind: &str, patch: &str) -> crate::support::Run {
+    let kind = format!("--type={kind}");
     kubectl(
         &[
             "patch",
@@ -31,7 +29,7 @@ async fn merge_patch(env: &Env, name: &str, patch: &str) -> crate::support::Run 
             name,
             "-n",
             &env.ns,
-            "--type=merge",
+            &kind,
             "-p",
             patch,
         ],
@@ -40,21 +38,12 @@ async fn merge_patch(env: &Env, name: &str, patch: &str) -> crate::support::Run 
     .await
 }
 
-async fn json_patch(env: &Env, name: &str, patch: &str) -> crate::support::Run {
-    kubectl(
-        &[
-            "patch",
-            "checkpointconversion",
-            name,
-            "-n",
-            &env.ns,
-            "--type=json",
-            "-p",
-            patch,
-        ],
-        "",
-    )
-    .await
+async fn merge_patch(env: &Env, name: &str, p: &str) -> crate::support::Run {
+    patch(env, name, "merge", p).await
+}
+
+async fn json_patch(env: &Env, name: &str, p: &str) -> crate::support::Run {
+    patch(env, name, "json", p).await
 }
 
 /// How many events with `reason` were told about `name` (a repeated one counts its
@@ -73,19 +62,14 @@ async fn told(env: &Env, name: &str, reason: &str) -> i32 {
 /// resource Failed. Job settings, labels and annotations must change nothing.
 #[tokio::test]
 async fn editing_what_does_not_define_the_output_reruns_nothing() {
-    let mut env = Env::new("edit-finished").await;
-    fixtures(&env);
-    env.start_node().await;
-    let mut op = Operator::start(&env, "edit-finished").await;
-    env.apply_example("megatron-to-hf.yaml")
-        .await
-        .expect_ok("megatron-to-hf.yaml");
+    let (env, mut op) = converting("edit-finished").await;
+    env.apply_ok("megatron-to-hf.yaml").await;
     let done = env
         .wait_for(
             "sft-to-hf",
             "Succeeded and Validated",
             &mut [&mut op],
-            |cr| succeeded(cr) && condition_status(cr, "Validated").as_deref() == Some("True"),
+            validated,
         )
         .await;
     let output = env.claim("lustre-shared").join("output/convert/sft-hf");
@@ -290,10 +274,7 @@ fn same_target(env: &Env, names: &[&str]) -> String {
 /// different "first" than the one reconciled first.
 #[tokio::test]
 async fn resources_applied_together_for_one_target_start_one_job() {
-    let mut env = Env::new("race").await;
-    fixtures(&env);
-    env.start_node().await;
-    let mut op = Operator::start(&env, "race").await;
+    let (env, mut op) = converting("race").await;
     let names = ["d-sft", "c-sft", "b-sft", "a-sft"];
     kubectl(&["apply", "-f", "-"], &same_target(&env, &names))
         .await
@@ -341,13 +322,8 @@ async fn resources_applied_together_for_one_target_start_one_job() {
 /// looked at again when the owner goes, and takes the target.
 #[tokio::test]
 async fn a_refused_resource_is_reconsidered_when_the_owner_goes() {
-    let mut env = Env::new("owner-gone").await;
-    fixtures(&env);
-    env.start_node().await;
-    let mut op = Operator::start(&env, "owner-gone").await;
-    env.apply_example("megatron-to-hf.yaml")
-        .await
-        .expect_ok("the owner");
+    let (env, mut op) = converting("owner-gone").await;
+    env.apply_ok("megatron-to-hf.yaml").await;
     env.wait_for("sft-to-hf", "Succeeded", &mut [&mut op], succeeded)
         .await;
     // The same target in float32: another output, so it may not overwrite.
@@ -396,9 +372,7 @@ async fn a_refused_resource_is_reconsidered_when_the_owner_goes() {
     // It ran (and the converter, finding another conversion there, refused to
     // overwrite it).
     let cr = env
-        .wait_for("sft-to-hf-fp32", "finished", &mut [&mut op], |cr| {
-            matches!(phase(cr), Some("Succeeded" | "Failed"))
-        })
+        .wait_for("sft-to-hf-fp32", "finished", &mut [&mut op], finished)
         .await;
     assert_eq!(
         cr.status.unwrap().job_name.as_deref(),
@@ -412,10 +386,7 @@ async fn a_refused_resource_is_reconsidered_when_the_owner_goes() {
 /// operator has written status, and the applier alone owns the spec.
 #[tokio::test]
 async fn server_side_apply_is_idempotent_and_shows_no_drift() {
-    let mut env = Env::new("ssa").await;
-    fixtures(&env);
-    env.start_node().await;
-    let mut op = Operator::start(&env, "ssa").await;
+    let (env, mut op) = converting("ssa").await;
     let manifest = env.example("megatron-to-hf.yaml");
     env.apply_server_side(&manifest, "argocd-controller")
         .await

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use k8s_openapi::api::batch::v1::Job;
 
-use crate::support::{Env, Operator, fixtures};
+use crate::support::{Env, Operator, fixtures, succeeded};
 
 fn created_by(j: &Job) -> Option<String> {
     j.metadata
@@ -32,13 +32,9 @@ async fn two_replicas_share_one_lease_and_only_the_holder_reconciles() {
     let mut a = Operator::start(&env, "replica-a").await;
     env.wait_lease_held_by("replica-a", &mut [&mut a]).await;
     let mut b = Operator::start(&env, "replica-b").await;
-    env.apply_example("megatron-to-hf.yaml")
-        .await
-        .expect_ok("megatron-to-hf.yaml");
-    env.wait_for("sft-to-hf", "Succeeded", &mut [&mut a, &mut b], |cr| {
-        crate::support::condition_status(cr, "Succeeded").as_deref() == Some("True")
-    })
-    .await;
+    env.apply_ok("megatron-to-hf.yaml").await;
+    env.wait_for("sft-to-hf", "Succeeded", &mut [&mut a, &mut b], succeeded)
+        .await;
     assert_eq!(env.lease_holder().await.as_deref(), Some("replica-a"));
     let jobs = env.jobs().await;
     assert_eq!(jobs.len(), 1);
@@ -52,13 +48,9 @@ async fn two_replicas_share_one_lease_and_only_the_holder_reconciles() {
     // that reconciles from then on.
     a.stop();
     env.wait_lease_held_by("replica-b", &mut [&mut b]).await;
-    env.apply_example("hf-to-megatron.yaml")
-        .await
-        .expect_ok("hf-to-megatron.yaml");
-    env.wait_for("llama3b-to-megatron", "Succeeded", &mut [&mut b], |cr| {
-        crate::support::condition_status(cr, "Succeeded").as_deref() == Some("True")
-    })
-    .await;
+    env.apply_ok("hf-to-megatron.yaml").await;
+    env.wait_for("llama3b-to-megatron", "Succeeded", &mut [&mut b], succeeded)
+        .await;
     let job = env
         .jobs()
         .await
@@ -79,9 +71,7 @@ async fn a_restarted_operator_makes_no_second_job_and_picks_up_the_result() {
     let mut env = Env::new("restart").await;
     fixtures(&env);
     let mut first = Operator::start(&env, "restart-1").await;
-    env.apply_example("megatron-to-hf.yaml")
-        .await
-        .expect_ok("megatron-to-hf.yaml");
+    env.apply_ok("megatron-to-hf.yaml").await;
     // No node yet: the Job's pod waits, as on a busy cluster.
     env.wait_condition("sft-to-hf", "Running", "True", &mut first)
         .await;

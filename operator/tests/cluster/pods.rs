@@ -147,9 +147,7 @@ async fn a_namespace_without_the_converter_account_says_why_nothing_starts() {
 async fn pods_that_cannot_start_are_reported_within_seconds() {
     let env = Env::new("pod-waits").await;
     let mut op = Operator::start(&env, "pod-waits").await;
-    env.apply_example("megatron-to-hf.yaml")
-        .await
-        .expect_ok("megatron-to-hf.yaml");
+    env.apply_ok("megatron-to-hf.yaml").await;
     let pod = nth_pod(&env, "sft-to-hf-g1", 0).await;
     env.wait_condition("sft-to-hf", "Running", "True", &mut op)
         .await;
@@ -224,9 +222,7 @@ async fn a_failed_attempt_is_told_at_once_and_running_never_reads_as_starting() 
     let env = Env::new("attempts").await;
     let mut op = Operator::start(&env, "attempts").await;
     let reasons = record_reasons(&env, "sft-to-hf").await;
-    env.apply_example("megatron-to-hf.yaml")
-        .await
-        .expect_ok("megatron-to-hf.yaml");
+    env.apply_ok("megatron-to-hf.yaml").await;
     let first = nth_pod(&env, "sft-to-hf-g1", 0).await;
     set_pod_status(&env, &first, running()).await;
     wait_reason(
@@ -309,9 +305,7 @@ async fn a_failed_attempt_is_told_at_once_and_running_never_reads_as_starting() 
 async fn converter_warnings_and_reuse_reach_status_and_events() {
     let env = Env::new("warnings").await;
     let mut op = Operator::start(&env, "warnings").await;
-    env.apply_example("megatron-to-hf.yaml")
-        .await
-        .expect_ok("megatron-to-hf.yaml");
+    env.apply_ok("megatron-to-hf.yaml").await;
     let pod = nth_pod(&env, "sft-to-hf-g1", 0).await;
     let summary = json!({"v": 1, "step": "convert/megatron_to_hf", "status": "succeeded",
         "output": "/data/target/sft-hf", "reused": true, "checks_passed": 4, "checks_failed": 0,

@@ -218,6 +218,31 @@ pub async fn crd_installed() {
     .await;
 }
 
+/// A namespace with the fixtures on its claims, a node stand-in, and the operator
+/// (replica `prefix`) running: what most conversion tests start from.
+pub async fn converting(prefix: &str) -> (Env, Operator) {
+    let mut env = Env::new(prefix).await;
+    fixtures(&env);
+    env.start_node().await;
+    let op = Operator::start(&env, prefix).await;
+    (env, op)
+}
+
+/// True once condition Succeeded is True.
+pub fn succeeded(cr: &CheckpointConversion) -> bool {
+    condition_status(cr, "Succeeded").as_deref() == Some("True")
+}
+
+/// True once conditions Succeeded and Validated are True.
+pub fn validated(cr: &CheckpointConversion) -> bool {
+    succeeded(cr) && condition_status(cr, "Validated").as_deref() == Some("True")
+}
+
+/// True once the run finished, either way.
+pub fn finished(cr: &CheckpointConversion) -> bool {
+    matches!(phase(cr), Some("Succeeded" | "Failed"))
+}
+
 /// A test's namespace with its own release of the chart, its claims (local
 /// directories) and, once started, a node stand-in.
 pub struct Env {
@@ -327,6 +352,11 @@ impl Env {
     /// `kubectl apply` of an example, moved into this test's namespace.
     pub async fn apply_example(&self, file: &str) -> Run {
         kubectl(&["apply", "-f", "-"], &self.example(file)).await
+    }
+
+    /// Applies an example, which must be accepted by the apiserver.
+    pub async fn apply_ok(&self, file: &str) {
+        self.apply_example(file).await.expect_ok(file);
     }
 
     /// Server-side apply of `yaml` as field manager `manager`, as GitOps tools do.

@@ -55,6 +55,9 @@ pub use plan::{REASON_CANNOT_EMULATE, REASON_PVC_NOT_FOUND};
 use sandbox::{BindMount, Sandbox};
 use status::Terminated;
 
+/// How long [`NodeStandIn::start`] waits for the pod watch's initial list.
+const INITIAL_LIST_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// What the stand-in may run and where its volumes live.
 #[derive(Debug, Clone)]
 pub struct StandInConfig {
@@ -279,13 +282,15 @@ impl NodeStandIn {
         });
         let (ready_tx, ready_rx) = oneshot::channel();
         let task = tokio::spawn(watch_pods(shared.clone(), ready_tx));
-        match tokio::time::timeout(Duration::from_secs(30), ready_rx).await {
+        // A bound for a broken apiserver, not a pace: a loaded machine lists slowly.
+        match tokio::time::timeout(INITIAL_LIST_TIMEOUT, ready_rx).await {
             Ok(Ok(())) => {}
             _ => {
                 task.abort();
                 return Err(Error::Sandbox {
-                    message: "the pod watch did not deliver its initial list within 30 s"
-                        .to_string(),
+                    message: format!(
+                        "the pod watch did not deliver its initial list within {INITIAL_LIST_TIMEOUT:?}"
+                    ),
                 });
             }
         }
