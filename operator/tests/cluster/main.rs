@@ -22,6 +22,7 @@ mod support;
 mod chart;
 mod contract;
 mod conversions;
+mod faults;
 mod gitops;
 mod leader;
 mod pods;
