@@ -2,11 +2,12 @@
 //! Job and writing status, and termination messages that are not what the converter
 //! writes. Nothing is lost, nothing is done twice, and the operator keeps running.
 
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::json;
 
-use crate::support::{Env, Operator, Waiting, condition, cp, kubectl, phase, succeeded};
+use crate::support::{
+    Env, Operator, Waiting, condition, kubectl, nth_pod, phase, set_pod_status, succeeded,
+    terminated,
+};
 
 /// Takes the permission to write status away from the operator's Role in `env`'s
 /// namespace (`revoke`), or gives it back.
@@ -92,35 +93,9 @@ async fn malformed_and_oversized_termination_messages_are_reported() {
     let env = Env::new("bad-message").await;
     let mut op = Operator::start(&env, "bad-message").await;
     env.apply_ok("megatron-to-hf.yaml").await;
-    let pods: Api<Pod> = Api::namespaced(cp().await.client(), &env.ns);
-    let waiting = Waiting::new("the Job's pod");
-    let pod = loop {
-        let list = pods
-            .list(&ListParams::default().labels("batch.kubernetes.io/job-name=sft-to-hf-g1"))
-            .await
-            .unwrap()
-            .items;
-        if let Some(p) = list.into_iter().next() {
-            break p;
-        }
-        waiting.tick(String::new).await;
-    };
+    let pod = nth_pod(&env, "sft-to-hf-g1", 0).await;
     let garbage = format!("{{\"v\": 1, \"error\": \"{}", "é".repeat(40_000));
-    let now = serde_json::to_value(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-        k8s_openapi::jiff::Timestamp::now(),
-    ))
-    .unwrap();
-    pods.patch_status(
-        pod.metadata.name.as_deref().unwrap(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({"status": {"phase": "Failed", "containerStatuses": [{
-            "name": "convert", "image": "ghcr.io/ckpt-dev/ckpt-convert:0.1.0", "imageID": "",
-            "ready": false, "restartCount": 0,
-            "state": {"terminated": {"exitCode": 2, "reason": "Error", "message": garbage,
-                "startedAt": now, "finishedAt": now}}}]}})),
-    )
-    .await
-    .expect("pod status");
+    set_pod_status(&env, &pod, terminated(2, &garbage)).await;
     let cr = env
         .wait_condition("sft-to-hf", "Failed", "True", &mut op)
         .await;

@@ -12,71 +12,18 @@ use std::time::Duration;
 
 use ckpt_operator::api::CheckpointConversion;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::support::{Env, Operator, Waiting, condition, cp, kubectl, phase};
+use crate::support::{
+    Env, Operator, Waiting, condition, cp, kubectl, nth_pod, phase, running, set_pod_status,
+    terminated,
+};
 
 /// "Within seconds": a pod-level cause shows in status this soon (the operator
 /// watches pods and Job events; it used to notice only on a one-minute requeue).
 const PROMPTLY: Duration = Duration::from_secs(45);
-
-/// The `n`th pod (0-based, by creation) of Job `job`, once it exists.
-async fn nth_pod(env: &Env, job: &str, n: usize) -> Pod {
-    let pods: Api<Pod> = Api::namespaced(cp().await.client(), &env.ns);
-    let waiting = Waiting::new(format!("pod {n} of Job {job}"));
-    loop {
-        let mut list = pods
-            .list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job}")))
-            .await
-            .unwrap()
-            .items;
-        list.sort_by_key(|p| p.metadata.creation_timestamp.clone());
-        if let Some(p) = list.get(n) {
-            return p.clone();
-        }
-        waiting.tick(|| format!("{} pods", list.len())).await;
-    }
-}
-
-/// Writes pod status as the scheduler or kubelet would.
-async fn set_pod_status(env: &Env, pod: &Pod, status: Value) {
-    let pods: Api<Pod> = Api::namespaced(cp().await.client(), &env.ns);
-    pods.patch_status(
-        pod.metadata.name.as_deref().unwrap(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "status": status })),
-    )
-    .await
-    .expect("pod status");
-}
-
-fn now() -> Value {
-    serde_json::to_value(Time(k8s_openapi::jiff::Timestamp::now())).unwrap()
-}
-
-fn running() -> Value {
-    json!({
-        "phase": "Running",
-        "conditions": [{"type": "PodScheduled", "status": "True"}],
-        "containerStatuses": [{"name": "convert", "image": "ghcr.io/ckpt-dev/ckpt-convert:0.1.0",
-            "imageID": "", "ready": true, "restartCount": 0, "started": true,
-            "state": {"running": {"startedAt": now()}}}]
-    })
-}
-
-fn terminated(code: i32, message: &str) -> Value {
-    json!({
-        "phase": if code == 0 { "Succeeded" } else { "Failed" },
-        "containerStatuses": [{"name": "convert", "image": "ghcr.io/ckpt-dev/ckpt-convert:0.1.0",
-            "imageID": "", "ready": false, "restartCount": 0, "started": false,
-            "state": {"terminated": {"exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" },
-                "message": message, "startedAt": now(), "finishedAt": now()}}}]
-    })
-}
 
 async fn wait_reason(
     env: &Env,

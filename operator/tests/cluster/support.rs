@@ -12,11 +12,13 @@ use ckpt_testcluster::{
 };
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ListParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::wait::{await_condition, conditions};
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::OnceCell;
 
@@ -875,4 +877,58 @@ pub fn tensors_of(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
         }
     }
     out
+}
+
+/// The `n`th pod (0-based, by creation) of Job `job`, once it exists.
+pub async fn nth_pod(env: &Env, job: &str, n: usize) -> Pod {
+    let pods: Api<Pod> = Api::namespaced(cp().await.client(), &env.ns);
+    let waiting = Waiting::new(format!("pod {n} of Job {job}"));
+    loop {
+        let mut list = pods
+            .list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job}")))
+            .await
+            .unwrap()
+            .items;
+        list.sort_by_key(|p| p.metadata.creation_timestamp.clone());
+        if let Some(p) = list.get(n) {
+            return p.clone();
+        }
+        waiting.tick(|| format!("{} pods", list.len())).await;
+    }
+}
+
+/// Writes pod status as the scheduler or kubelet would.
+pub async fn set_pod_status(env: &Env, pod: &Pod, status: Value) {
+    let pods: Api<Pod> = Api::namespaced(cp().await.client(), &env.ns);
+    pods.patch_status(
+        pod.metadata.name.as_deref().unwrap(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": status })),
+    )
+    .await
+    .expect("pod status");
+}
+
+pub fn now() -> Value {
+    serde_json::to_value(Time(k8s_openapi::jiff::Timestamp::now())).unwrap()
+}
+
+pub fn running() -> Value {
+    json!({
+        "phase": "Running",
+        "conditions": [{"type": "PodScheduled", "status": "True"}],
+        "containerStatuses": [{"name": "convert", "image": "ghcr.io/ckpt-dev/ckpt-convert:0.1.0",
+            "imageID": "", "ready": true, "restartCount": 0, "started": true,
+            "state": {"running": {"startedAt": now()}}}]
+    })
+}
+
+pub fn terminated(code: i32, message: &str) -> Value {
+    json!({
+        "phase": if code == 0 { "Succeeded" } else { "Failed" },
+        "containerStatuses": [{"name": "convert", "image": "ghcr.io/ckpt-dev/ckpt-convert:0.1.0",
+            "imageID": "", "ready": false, "restartCount": 0, "started": false,
+            "state": {"terminated": {"exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" },
+                "message": message, "startedAt": now(), "finishedAt": now()}}}]
+    })
 }
