@@ -12,18 +12,20 @@
 //! in the same write.
 //!
 //! An owner that no longer exists (by name and uid, read from the apiserver) holds
-//! nothing: its entries are dropped by the next writer. Every owner is also an owner
+//! nothing once its pods have stopped: its entries are dropped by the next writer. Every owner is also an owner
 //! reference of the record, so the garbage collector deletes a record nobody holds.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::api::{Api, ListParams, ObjectMeta, PostParams};
 use kube::{Resource, ResourceExt};
 use serde::{Deserialize, Serialize};
 
 use crate::api::{CheckpointConversion, CheckpointConversionSpec};
+use crate::job::CONVERSION_LABEL;
 
 /// The annotation of a record holding its entries (JSON: path → owner).
 pub const RECORD_ANNOTATION: &str = "ckpt.dev/targets";
@@ -115,21 +117,59 @@ fn owner_of(cr: &CheckpointConversion) -> Owner {
     }
 }
 
-/// Whether `owner` still exists, asked of the apiserver (the watch cache may not
-/// have seen a resource created a moment ago).
-async fn alive(api: &Api<CheckpointConversion>, owner: &Owner) -> Result<bool, kube::Error> {
-    Ok(api
+/// Who stands in the way of a claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    /// The resource that holds the target.
+    pub owner: String,
+    /// When that resource is gone: a pod of it that still runs (the garbage collector
+    /// removes it, but until it has stopped it may still write the target).
+    pub running_pod: Option<String>,
+}
+
+/// Whether `owner` still holds its claim, asked of the apiserver (the watch cache
+/// may not have seen a resource created a moment ago): it exists, or it is gone but
+/// one of its pods still runs.
+async fn holder(
+    client: &kube::Client,
+    ns: &str,
+    owner: &Owner,
+) -> Result<Option<Conflict>, kube::Error> {
+    let crs: Api<CheckpointConversion> = Api::namespaced(client.clone(), ns);
+    if crs
         .get_opt(&owner.name)
         .await?
-        .is_some_and(|cr| cr.metadata.uid.as_deref() == Some(owner.uid.as_str())))
+        .is_some_and(|cr| cr.metadata.uid.as_deref() == Some(owner.uid.as_str()))
+    {
+        return Ok(Some(Conflict {
+            owner: owner.name.clone(),
+            running_pod: None,
+        }));
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let running = pods
+        .list(&ListParams::default().labels(&format!("{CONVERSION_LABEL}={}", owner.name)))
+        .await?
+        .items
+        .into_iter()
+        .find(|p| {
+            !matches!(
+                p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            )
+        });
+    Ok(running.map(|p| Conflict {
+        owner: owner.name.clone(),
+        running_pod: Some(p.name_any()),
+    }))
 }
 
 /// How many times a write that lost a race is tried again before the reconcile
 /// fails (and is retried by the controller).
 const ATTEMPTS: usize = 8;
 
-/// Takes every target of `cr`, or none: the owner of the first target held by
-/// another resource, whose name is returned. Already held targets cost one read.
+/// Takes every target of `cr`, or none: then who holds the first target held by
+/// another resource. Already held targets cost one read.
 ///
 /// # Errors
 /// API errors, and a record that kept changing under us for [`ATTEMPTS`] writes.
@@ -137,7 +177,7 @@ pub async fn claim(
     client: &kube::Client,
     ns: &str,
     cr: &CheckpointConversion,
-) -> Result<Option<String>, kube::Error> {
+) -> Result<Option<Conflict>, kube::Error> {
     let me = owner_of(cr);
     let mut taken: Vec<(String, String)> = Vec::new();
     for (pvc, path) in targets(&cr.spec) {
@@ -159,9 +199,8 @@ async fn claim_one(
     me: &Owner,
     pvc: &str,
     path: &str,
-) -> Result<Option<String>, kube::Error> {
+) -> Result<Option<Conflict>, kube::Error> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
-    let crs: Api<CheckpointConversion> = Api::namespaced(client.clone(), ns);
     let name = record_name(pvc);
     let mut last = None;
     for _ in 0..ATTEMPTS {
@@ -172,8 +211,8 @@ async fn claim_one(
         }
         let mut dead = Vec::new();
         for (_, owner) in blockers(&record, path, me) {
-            if alive(&crs, owner).await? {
-                return Ok(Some(owner.name.clone()));
+            if let Some(conflict) = holder(client, ns, owner).await? {
+                return Ok(Some(conflict));
             }
             dead.push(owner.clone());
         }

@@ -198,9 +198,13 @@ async fn observe(cr: &CheckpointConversion, ctx: &Context, ns: &str) -> Result<O
     obs.previous_job = previous;
     if let Ok(inv) = crate::step::invocation(&cr.spec) {
         // The target is taken before any Job of a new run is created (see claim).
-        obs.conflict = claim::claim(&ctx.client, ns, cr)
+        if let Some(c) = claim::claim(&ctx.client, ns, cr)
             .await
-            .map_err(kube_err(format!("claiming the target of {ns}/{name}")))?;
+            .map_err(kube_err(format!("claiming the target of {ns}/{name}")))?
+        {
+            obs.conflict = Some(c.owner);
+            obs.conflict_running_pod = c.running_pod;
+        }
         let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
         let mut claims: Vec<&str> = inv.mounts.iter().map(|m| m.claim.as_str()).collect();
         claims.sort_unstable();
@@ -674,6 +678,25 @@ mod tests {
         )
     }
 
+    /// The claim's owner `gone` is asked for: deleted, and none of its pods runs.
+    async fn owner_gone(h: &mut Mock) {
+        expect(h, "GET", &format!("{CR}/gone"), Some(not_found())).await;
+        let pods = expect(
+            h,
+            "GET",
+            "/api/v1/namespaces/training/pods",
+            Some(empty_list("PodList")),
+        )
+        .await;
+        assert!(
+            pods["uri"]
+                .as_str()
+                .unwrap()
+                .contains("ckpt.dev%2Fconversion%3Dgone"),
+            "{pods}"
+        );
+    }
+
     async fn events(h: &mut Mock, n: usize) -> Vec<Value> {
         let mut out = Vec::new();
         for _ in 0..n {
@@ -865,7 +888,7 @@ mod tests {
                 Some(record("7", gone.clone(), owners.clone())),
             )
             .await;
-            expect(&mut h, "GET", &format!("{CR}/gone"), Some(not_found())).await;
+            owner_gone(&mut h).await;
             // A write that lost a race is read again and retried.
             let conflict = json_response(
                 409,
@@ -873,7 +896,7 @@ mod tests {
             );
             let first = expect(&mut h, "PUT", &lease, Some(conflict)).await;
             expect(&mut h, "GET", &lease, Some(record("8", gone, owners))).await;
-            expect(&mut h, "GET", &format!("{CR}/gone"), Some(not_found())).await;
+            owner_gone(&mut h).await;
             let second = expect(&mut h, "PUT", &lease, None).await;
             claims_exist(&mut h).await;
             expect(

@@ -25,6 +25,8 @@ pub struct Refusal {
 /// net only, since the watches on claims' owners and the resources themselves
 /// trigger the real re-evaluation.
 const RECHECK: Duration = Duration::from_secs(300);
+/// A deleted owner's pod is not watched; whether it stopped is asked this often.
+const DRAIN_RECHECK: Duration = Duration::from_secs(10);
 /// Claims are not watched; a missing one is looked for again this often.
 const PVC_RECHECK: Duration = Duration::from_secs(30);
 
@@ -41,14 +43,26 @@ pub fn admit(cr: &CheckpointConversion, obs: &Observed) -> Result<Invocation, Re
     if let Some(owner) = &obs.conflict
         && obs.job.is_none()
     {
-        return Err(Refusal {
-            reason: Reason::TargetConflict,
-            message: format!(
-                "target {}:{} is owned by CheckpointConversion {owner}; no Job is started until {owner} is deleted",
-                cr.spec.target.pvc, cr.spec.target.path
-            ),
-            phase: phase::REJECTED,
-            requeue: Some(RECHECK),
+        let target = format!("{}:{}", cr.spec.target.pvc, cr.spec.target.path);
+        return Err(match &obs.conflict_running_pod {
+            None => Refusal {
+                reason: Reason::TargetConflict,
+                message: format!(
+                    "target {target} is owned by CheckpointConversion {owner}; no Job is started until {owner} is deleted"
+                ),
+                phase: phase::REJECTED,
+                requeue: Some(RECHECK),
+            },
+            // The owner is gone but may still write: wait, and look again soon (a
+            // pod's end wakes nothing here).
+            Some(pod) => Refusal {
+                reason: Reason::TargetConflict,
+                message: format!(
+                    "target {target} was owned by CheckpointConversion {owner}, which is deleted; waiting for its pod {pod} to stop"
+                ),
+                phase: phase::PENDING,
+                requeue: Some(DRAIN_RECHECK),
+            },
         });
     }
     if !obs.missing_pvcs.is_empty() && obs.job.is_none() {

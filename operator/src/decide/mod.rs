@@ -78,6 +78,8 @@ pub struct Observed {
     pub previous_job: Option<String>,
     /// The resource that owns the target instead of this one (its name).
     pub conflict: Option<String>,
+    /// When that resource is deleted: its pod that still runs.
+    pub conflict_running_pod: Option<String>,
     /// Claims the resource names that do not exist.
     pub missing_pvcs: Vec<String>,
 }
@@ -209,6 +211,29 @@ mod tests {
         assert!(d.create_job.is_none());
         assert_eq!(cond(&d, types::ACCEPTED), ("False", "PVCNotFound"));
         assert!(d.requeue.is_some());
+    }
+
+    #[test]
+    fn a_deleted_owners_running_pod_is_waited_for() {
+        let d = decide(
+            &cr(),
+            &Observed {
+                conflict: Some("older".into()),
+                conflict_running_pod: Some("older-g1-abcde".into()),
+                ..Observed::default()
+            },
+            &at(1),
+        );
+        assert!(d.create_job.is_none());
+        assert_eq!(cond(&d, types::ACCEPTED), ("False", "TargetConflict"));
+        assert_eq!(d.status.phase.as_deref(), Some("Pending"));
+        assert!(
+            d.status
+                .message
+                .unwrap()
+                .contains("waiting for its pod older-g1-abcde")
+        );
+        assert_eq!(d.requeue, Some(Duration::from_secs(10)));
     }
 
     #[test]
