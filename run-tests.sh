@@ -6,7 +6,8 @@
 #     in ~/.cache/ckpt/venv-<hash of e2e/requirements.txt>;
 #   - the Kubernetes control plane built from Go modules in ~/.cache/ckpt/k8s-bin/<hash>;
 #   - Megatron-Bridge 0.3.1 in ~/.cache/ckpt/bridge-venv-<hash of e2e/bridge/requirements.txt>
-#     and the references it writes in ~/.cache/ckpt/bridge-refs-<hash> (CKPT_BRIDGE_REFS).
+#     and the references it writes in ~/.cache/ckpt/bridge-refs-<hash> (CKPT_BRIDGE_REFS);
+#   - Argo CD's Lua engine (gopher-lua) for the health check in ~/.cache/ckpt/argocd-lua/<hash>.
 # A missing prerequisite fails the run with a message; nothing is skipped.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -50,6 +51,9 @@ control_plane() {
   CKPT_K8S_BIN=$(printf '%s\n' "$out" | tail -n 1)
   export CKPT_K8S_BIN
   "$CKPT_K8S_BIN/kube-apiserver" --version
+  # A few seconds, then cached.
+  CKPT_ARGOCD_HEALTH_BIN=$(e2e/argocd-lua/build.sh | tail -n 1)
+  export CKPT_ARGOCD_HEALTH_BIN
 }
 
 rust_tests() {
@@ -144,7 +148,7 @@ static_binaries() {
 }
 
 step "rust: fmt and clippy" rust_checks
-step "control plane: etcd, kube-apiserver, kube-controller-manager, helm" control_plane
+step "control plane: etcd, kube-apiserver, kube-controller-manager, helm; Argo CD's Lua" control_plane
 step "python: reference stack" python_env
 step "python: Megatron-Bridge reference stack" bridge_env
 # The Rust tests compare with these too, so they come first.

@@ -52,14 +52,17 @@ elseif is(accepted, "False") then
   end
   hs.message = text(accepted)
 elseif is(succeeded, "True") then
+  local spec = obj.spec or {}
+  local switched_off = spec.validation ~= nil and spec.validation.enabled == false
   if is(validated, "True") then
     hs.status = "Healthy"
     hs.message = text(succeeded) .. "; validated: " .. text(validated)
-  elseif is(validated, "False") and validated.reason == "ValidationDisabled" then
-    -- The resource asked for no validation (spec.validation.enabled: false).
+  elseif validated == nil and switched_off then
+    -- The resource asked for no validation, so there is no verdict to wait for.
     hs.status = "Healthy"
-    hs.message = text(succeeded) .. "; not validated: " .. text(validated)
-  elseif is(validated, "False") then
+    hs.message = text(succeeded) .. "; not validated: spec.validation.enabled is false"
+  elseif validated ~= nil then
+    -- False (checks failed) or Unknown (asked for, not reported).
     hs.status = "Degraded"
     hs.message = "converted, but not validated: " .. text(validated)
   else

@@ -9,10 +9,19 @@
 //! | `checkpoint_megatron` | `checkpoint_hf` | `convert/megatron_to_hf` |
 //! | `checkpoint_lora` | `checkpoint_hf` | `convert/merge_lora` |
 //!
-//! What defines the output (source, target, base model, LoRA settings, parallelism,
-//! dtype, validation) is immutable once set; the Job knobs may change, and a new
-//! generation after a failure runs again with them. The apiserver enforces the
-//! rules below with CEL, so invalid resources never reach the operator.
+//! # What defines the output
+//!
+//! `source`, `target`, `baseModel`, `lora`, `parallelism`, `dtype` and `validation`
+//! define the output. They are fixed at creation: the CEL rules below refuse a change,
+//! and refuse adding or removing an optional one (a rule at the parent compares
+//! `has(self.x)` with `has(oldSelf.x)`, because a rule on the field itself only runs
+//! when an old value exists).
+//!
+//! Everything else does not define the output and never decides whether a conversion
+//! runs: `job` (how the Job runs) applies to the next Job the resource starts, and
+//! labels and annotations are not looked at. A conversion runs once; one that failed
+//! runs again only when `retry` is raised. One that succeeded never runs again. The
+//! apiserver enforces the rules with CEL, so invalid resources never reach the operator.
 
 use std::collections::BTreeMap;
 
@@ -201,7 +210,9 @@ pub struct ValidationSpec {
     pub smoke_test: Option<bool>,
 }
 
-/// How the conversion Job runs. These fields may change; they apply to the next Job.
+/// How the conversion Job runs. These fields may change at any time; they do not
+/// define the output, never start a Job by themselves, and apply to the next Job the
+/// resource starts (see `retry`).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct JobOptions {
@@ -276,7 +287,9 @@ pub struct JobOptions {
     status = "CheckpointConversionStatus",
     printcolumn(name = "Step", type_ = "string", json_path = ".status.step"),
     printcolumn(name = "Phase", type_ = "string", description = "Summary of the conditions", json_path = ".status.phase"),
+    printcolumn(name = "Reason", type_ = "string", description = "Why the resource is in its phase", json_path = ".status.reason"),
     printcolumn(name = "Validated", type_ = "string", json_path = ".status.conditions[?(@.type==\"Validated\")].status"),
+    printcolumn(name = "Message", type_ = "string", description = "What the reason means for this resource", json_path = ".status.message"),
     printcolumn(name = "Target", type_ = "string", priority = 1, json_path = ".spec.target.path"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("self.metadata.name.size() <= 63").message("metadata.name must be at most 63 characters (it names the conversion Job)"),
@@ -288,6 +301,12 @@ pub struct JobOptions {
     validation = Rule::new("!has(self.lora) || self.source.kind == 'checkpoint_lora'").message("lora is only valid with a checkpoint_lora source"),
     validation = Rule::new("self.source.kind == 'checkpoint_hf' || has(self.baseModel) || (has(self.lora) && has(self.lora.baseMegatron))").message("baseModel is required for this step (it supplies config, tokenizer and chat template)"),
     validation = Rule::new("!has(self.baseModel) || !(self.target.pvc == self.baseModel.pvc && (self.target.path == self.baseModel.path || self.target.path.startsWith(self.baseModel.path + '/') || self.baseModel.path.startsWith(self.target.path + '/')))").message("target.path must not equal, be inside, or contain baseModel.path on the same PVC"),
+    validation = Rule::new("has(self.baseModel) == has(oldSelf.baseModel)").message("baseModel is immutable: it cannot be added or removed after creation"),
+    validation = Rule::new("has(self.lora) == has(oldSelf.lora)").message("lora is immutable: it cannot be added or removed after creation"),
+    validation = Rule::new("has(self.parallelism) == has(oldSelf.parallelism)").message("parallelism is immutable: it cannot be added or removed after creation"),
+    validation = Rule::new("has(self.dtype) == has(oldSelf.dtype)").message("dtype is immutable: it cannot be added or removed after creation"),
+    validation = Rule::new("has(self.validation) == has(oldSelf.validation)").message("validation is immutable: it cannot be added or removed after creation"),
+    validation = Rule::new("!has(oldSelf.retry) || (has(self.retry) && self.retry >= oldSelf.retry)").message("retry may only be raised"),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct CheckpointConversionSpec {
@@ -317,9 +336,14 @@ pub struct CheckpointConversionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self == oldSelf").message("validation is immutable"))]
     pub validation: Option<ValidationSpec>,
-    /// Job settings (mutable; apply to the next Job).
+    /// Job settings (mutable; they apply to the next Job and never start one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<JobOptions>,
+    /// Raise to run a failed conversion again, with the current `job` settings (a
+    /// conversion that succeeded never runs again). Default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub retry: Option<i32>,
 }
 
 /// What the converter reported, parsed from its termination message.
@@ -356,6 +380,14 @@ pub struct ConversionSummary {
     /// The output directory (inside the target claim).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_path: Option<String>,
+    /// The target was already published by an identical conversion (same step,
+    /// parameters and source digests) and was not rewritten.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reused: Option<bool>,
+    /// What the converter warned about (for example a base it could not confirm).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub warnings: Vec<String>,
 }
 
 /// Observed state.
@@ -374,6 +406,18 @@ pub struct CheckpointConversionStatus {
     /// Succeeded, Failed, Rejected).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
+    /// The reason of the condition that decides the phase (CamelCase).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The first line of that condition's message, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The `spec.retry` the conversion described here ran for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<i32>,
+    /// Pods of the current Job that failed (each one a failed attempt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_attempts: Option<i32>,
     /// The converter step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<String>,

@@ -56,15 +56,8 @@ fn set_status(
     generation: Option<i64>,
     now: &Time,
 ) {
-    let mut message: String = message.into();
     // The apiserver limits condition messages to 32768 bytes.
-    if message.len() > 32_000 {
-        let mut cut = 32_000;
-        while !message.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        message.truncate(cut);
-    }
+    let message = shorten(&message.into(), 32_000);
     match conditions.iter_mut().find(|c| c.type_ == type_) {
         Some(c) => {
             if c.status != status {
@@ -84,6 +77,15 @@ fn set_status(
             last_transition_time: now.clone(),
         }),
     }
+}
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+pub fn shorten(text: &str, max: usize) -> String {
+    let mut cut = text.len().min(max);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    text[..cut].to_owned()
 }
 
 /// Removes condition `type_`.

@@ -6,19 +6,21 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{Event as CoreEvent, PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 
 use crate::api::CheckpointConversion;
+use crate::claim;
 use crate::decide::{self, JobView, Observed, PodView};
 use crate::job::{self, JobDefaults};
 use crate::metrics::Metrics;
+use crate::reason::Reason;
 
 /// The field manager of everything the operator applies.
 pub const MANAGER: &str = "ckpt-operator";
@@ -81,35 +83,6 @@ pub struct Context {
     pub recorder: Recorder,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// All conversions, for target conflicts.
-    pub store: Store<CheckpointConversion>,
-}
-
-/// True when two claim paths are the same or one contains the other.
-fn overlaps(a: &str, b: &str) -> bool {
-    a == b || a.starts_with(&format!("{b}/")) || b.starts_with(&format!("{a}/"))
-}
-
-/// The earliest other resource writing the same target (creation time, then name).
-pub fn target_conflict(
-    cr: &CheckpointConversion,
-    all: &[Arc<CheckpointConversion>],
-) -> Option<String> {
-    let key = |c: &CheckpointConversion| (c.metadata.creation_timestamp.clone(), c.name_any());
-    let mine = key(cr);
-    let mut others: Vec<&Arc<CheckpointConversion>> = all
-        .iter()
-        .filter(|o| {
-            o.namespace() == cr.namespace()
-                && o.name_any() != cr.name_any()
-                && o.metadata.deletion_timestamp.is_none()
-                && o.spec.target.pvc == cr.spec.target.pvc
-                && overlaps(&o.spec.target.path, &cr.spec.target.path)
-                && key(o) < mine
-        })
-        .collect();
-    others.sort_by_key(|o| key(o));
-    others.first().map(|o| o.name_any())
 }
 
 fn job_view(j: &Job) -> JobView {
@@ -135,7 +108,15 @@ fn job_view(j: &Job) -> JobView {
         failure: cond("Failed"),
         start_time: status.start_time.clone(),
         completion_time: status.completion_time.clone(),
+        retry: label_number(j, job::RETRY_LABEL) as i32,
     }
+}
+
+fn label_number(j: &Job, label: &str) -> i64 {
+    j.labels()
+        .get(label)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 fn pod_view(p: &Pod) -> PodView {
@@ -173,12 +154,57 @@ fn pod_view(p: &Pod) -> PodView {
     }
 }
 
+fn failed_pod(p: &Pod) -> bool {
+    p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed")
+}
+
+/// The Jobs of `cr` (by label, and owned by this very resource: one created again
+/// under the same name does not inherit them): the current run's, and an earlier
+/// run's that has not finished.
+fn runs(cr: &CheckpointConversion, jobs: Vec<Job>) -> (Option<Job>, Option<String>) {
+    let uid = cr.metadata.uid.clone();
+    let retry = i64::from(cr.spec.retry.unwrap_or(0));
+    let mut mine: Vec<Job> = jobs
+        .into_iter()
+        .filter(|j| {
+            j.owner_references()
+                .iter()
+                .any(|r| Some(&r.uid) == uid.as_ref())
+        })
+        .collect();
+    mine.sort_by_key(|j| label_number(j, job::GENERATION_LABEL));
+    let current = mine
+        .iter()
+        .rev()
+        .find(|j| label_number(j, job::RETRY_LABEL) == retry)
+        .cloned();
+    let previous = mine
+        .iter()
+        .filter(|j| label_number(j, job::RETRY_LABEL) != retry && !job_view(j).finished())
+        .map(ResourceExt::name_any)
+        .next_back();
+    (current, previous)
+}
+
 async fn observe(cr: &CheckpointConversion, ctx: &Context, ns: &str) -> Result<Observed, Error> {
-    let mut obs = Observed {
-        conflict: target_conflict(cr, &ctx.store.state()),
-        ..Observed::default()
-    };
+    let mut obs = Observed::default();
+    let name = cr.name_any();
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
+    let list = jobs
+        .list(&ListParams::default().labels(&format!("{}={name}", job::CONVERSION_LABEL)))
+        .await
+        .map_err(kube_err(format!("listing the Jobs of {ns}/{name}")))?;
+    let (current, previous) = runs(cr, list.items);
+    obs.previous_job = previous;
     if let Ok(inv) = crate::step::invocation(&cr.spec) {
+        // The target is taken before any Job of a new run is created (see claim).
+        if let Some(c) = claim::claim(&ctx.client, ns, cr)
+            .await
+            .map_err(kube_err(format!("claiming the target of {ns}/{name}")))?
+        {
+            obs.conflict = Some(c.owner);
+            obs.conflict_running_pod = c.running_pod;
+        }
         let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
         let mut claims: Vec<&str> = inv.mounts.iter().map(|m| m.claim.as_str()).collect();
         claims.sort_unstable();
@@ -196,27 +222,58 @@ async fn observe(cr: &CheckpointConversion, ctx: &Context, ns: &str) -> Result<O
             }
         }
     }
-    let name = job::job_name(&cr.name_any(), cr.metadata.generation.unwrap_or(1));
-    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
-    if let Some(j) = jobs
-        .get_opt(&name)
-        .await
-        .map_err(kube_err(format!("reading Job {ns}/{name}")))?
-    {
+    if let Some(j) = current {
+        let job_name = j.name_any();
         let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-        let list = pods
-            .list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={name}")))
+        let mut list = pods
+            .list(
+                &ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job_name}")),
+            )
             .await
-            .map_err(kube_err(format!("listing the pods of Job {ns}/{name}")))?;
-        // The most recent pod tells the current story.
-        obs.pod = list
-            .items
-            .iter()
-            .max_by_key(|p| p.metadata.creation_timestamp.clone())
-            .map(pod_view);
+            .map_err(kube_err(format!("listing the pods of Job {ns}/{job_name}")))?
+            .items;
+        // The most recent pod tells the current story; the last failed one, why the
+        // previous attempt ended.
+        list.sort_by_key(|p| p.metadata.creation_timestamp.clone());
+        obs.pod = list.last().map(pod_view);
+        obs.failed_pod = list.iter().rev().find(|p| failed_pod(p)).map(pod_view);
+        if list.is_empty() && !job_view(&j).finished() {
+            obs.pod_creation_failure = pod_creation_failure(ctx, ns, &j).await?;
+        }
         obs.job = Some(job_view(&j));
     }
     Ok(obs)
+}
+
+/// The message of the Job's latest `FailedCreate` event: why it has no pod (a
+/// missing ServiceAccount, a quota, an admission webhook). Only the Job controller's
+/// events say so; the Job's status does not.
+async fn pod_creation_failure(ctx: &Context, ns: &str, j: &Job) -> Result<Option<String>, Error> {
+    let Some(uid) = j.metadata.uid.as_deref() else {
+        return Ok(None);
+    };
+    let events: Api<CoreEvent> = Api::namespaced(ctx.client.clone(), ns);
+    let list = events
+        .list(&ListParams::default().fields(&format!(
+            "involvedObject.kind=Job,involvedObject.uid={uid},reason=FailedCreate"
+        )))
+        .await
+        .map_err(kube_err(format!(
+            "listing the events of Job {ns}/{}",
+            j.name_any()
+        )))?;
+    let when = |e: &CoreEvent| {
+        e.last_timestamp
+            .clone()
+            .map(|t| t.0)
+            .or(e.event_time.clone().map(|t| t.0))
+            .or(e.metadata.creation_timestamp.clone().map(|t| t.0))
+    };
+    Ok(list
+        .items
+        .iter()
+        .max_by_key(|e| when(e))
+        .and_then(|e| e.message.clone()))
 }
 
 fn now() -> Time {
@@ -233,6 +290,17 @@ pub async fn reconcile(cr: Arc<CheckpointConversion>, ctx: Arc<Context>) -> Resu
     let ns = cr
         .namespace()
         .ok_or_else(|| Error::NoNamespace(cr.name_any()))?;
+    let api: Api<CheckpointConversion> = Api::namespaced(ctx.client.clone(), &ns);
+    // The watch cache can lag behind our own last status write; deciding on it would
+    // repeat that write's events. The apiserver's copy is the truth.
+    let Some(cr) = api
+        .get_opt(&cr.name_any())
+        .await
+        .map_err(kube_err(format!("reading {ns}/{}", cr.name_any())))?
+        .filter(|fresh| fresh.metadata.uid == cr.metadata.uid)
+    else {
+        return Ok(Action::await_change());
+    };
     if cr.metadata.deletion_timestamp.is_some() {
         // The Job and its pods go with the resource (owner references); the output
         // on the PVC stays.
@@ -240,18 +308,22 @@ pub async fn reconcile(cr: Arc<CheckpointConversion>, ctx: Arc<Context>) -> Resu
     }
     let obs = observe(&cr, &ctx, &ns).await?;
     let decision = decide::decide(&cr, &obs, &now());
+    let mut created = false;
     if let Some(inv) = &decision.create_job {
         let job = job::build(&cr, inv, &ctx.defaults);
         let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
-        match jobs.create(&PostParams::default(), &job).await {
-            Ok(_) => {}
+        let params = PostParams {
+            field_manager: Some(MANAGER.into()),
+            ..PostParams::default()
+        };
+        match jobs.create(&params, &job).await {
+            Ok(_) => created = true,
             // Created by an earlier reconcile whose status write was lost: fine.
             Err(kube::Error::Api(s)) if s.code == 409 => {}
             Err(e) => return Err(kube_err(format!("creating Job {ns}/{}", job.name_any()))(e)),
         }
     }
     if cr.status.as_ref() != Some(&decision.status) {
-        let api: Api<CheckpointConversion> = Api::namespaced(ctx.client.clone(), &ns);
         let patch = serde_json::json!({
             "apiVersion": CheckpointConversion::api_version(&()),
             "kind": CheckpointConversion::kind(&()),
@@ -270,6 +342,10 @@ pub async fn reconcile(cr: Arc<CheckpointConversion>, ctx: Arc<Context>) -> Resu
     }
     let reference = cr.object_ref(&());
     for n in &decision.events {
+        // Only the reconcile that created the Job tells of it.
+        if n.reason == Reason::JobCreated.as_str() && !created {
+            continue;
+        }
         let ev = Event {
             type_: if n.warning {
                 EventType::Warning
@@ -321,40 +397,31 @@ pub fn error_policy(cr: Arc<CheckpointConversion>, err: &Error, ctx: Arc<Context
 /// Settings of the controller loop.
 #[derive(Debug, Clone)]
 pub struct RunSettings {
-    /// Watch only this namespace (all when `None`).
-    pub namespace: Option<String>,
+    /// Watch only these namespaces (all when empty).
+    pub namespaces: Vec<String>,
     /// Job defaults.
     pub defaults: JobDefaults,
     /// The reporting instance (pod name) for events.
     pub instance: Option<String>,
 }
 
-/// Runs the controller until `shutdown` resolves.
+/// Runs the controller until `shutdown` resolves: one controller per watched
+/// namespace (or one for all), so that a namespaced install needs no cluster-wide
+/// permission. Targets are per namespace (claims are), so nothing is shared.
 ///
 /// # Errors
-/// When the CRD is not installed.
+/// When the CRD is not installed or cannot be listed.
 pub async fn run(
     client: Client,
     settings: RunSettings,
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
-    let (crs, jobs): (Api<CheckpointConversion>, Api<Job>) = match &settings.namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
+    let scopes: Vec<Option<String>> = if settings.namespaces.is_empty() {
+        vec![None]
+    } else {
+        settings.namespaces.iter().cloned().map(Some).collect()
     };
-    if let Err(e) = crs.list(&ListParams::default().limit(1)).await {
-        anyhow::bail!(
-            "cannot list CheckpointConversions ({e}); is the CRD installed? kubectl apply -f crds/"
-        );
-    }
-    let controller = Controller::new(crs, watcher::Config::default().any_semantic()).owns(
-        jobs,
-        watcher::Config::default().labels(job::CONVERSION_LABEL),
-    );
     let ctx = Arc::new(Context {
         recorder: Recorder::new(
             client.clone(),
@@ -363,22 +430,111 @@ pub async fn run(
                 instance: settings.instance.clone(),
             },
         ),
-        client,
+        client: client.clone(),
         defaults: settings.defaults,
         metrics,
-        store: controller.store(),
     });
-    controller
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|r| async move {
-            match r {
-                Ok((obj, _)) => tracing::debug!(resource = %obj_name(&obj), "reconciled"),
-                Err(e) => tracing::debug!(error = %e, "reconcile error"),
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let mut loops = Vec::new();
+    for scope in scopes {
+        let api = |c: &Client| -> Api<CheckpointConversion> {
+            match &scope {
+                Some(ns) => Api::namespaced(c.clone(), ns),
+                None => Api::all(c.clone()),
             }
-        })
-        .await;
+        };
+        if let Err(e) = api(&client).list(&ListParams::default().limit(1)).await {
+            anyhow::bail!(
+                "cannot list CheckpointConversions in {} ({e}); is the CRD installed (kubectl apply -f crds/), and may the operator read them there?",
+                scope.as_deref().unwrap_or("all namespaces")
+            );
+        }
+        let mut stop = stop_rx.clone();
+        loops.push(controller(&client, scope).graceful_shutdown_on(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }));
+    }
+    futures::future::join_all(loops.into_iter().map(|c| {
+        c.run(reconcile, error_policy, ctx.clone())
+            .for_each(|r| async move {
+                match r {
+                    Ok((obj, _)) => tracing::debug!(resource = %obj_name(&obj), "reconciled"),
+                    Err(e) => tracing::debug!(error = %e, "reconcile error"),
+                }
+            })
+    }))
+    .await;
     Ok(())
+}
+
+/// The controller of one scope: the resources, their Jobs, the Jobs' pods and
+/// events (what a pod that cannot start says), and the resources again, so that a
+/// resource refused for a target is looked at when the target's owner goes.
+fn controller(client: &Client, scope: Option<String>) -> Controller<CheckpointConversion> {
+    fn api<K>(c: &Client, scope: &Option<String>) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as Resource>::DynamicType: Default,
+    {
+        match scope {
+            Some(ns) => Api::namespaced(c.clone(), ns),
+            None => Api::all(c.clone()),
+        }
+    }
+    let labelled = watcher::Config::default().labels(job::CONVERSION_LABEL);
+    let controller = Controller::new(
+        api::<CheckpointConversion>(client, &scope),
+        watcher::Config::default().any_semantic(),
+    )
+    .owns(api::<Job>(client, &scope), labelled.clone());
+    let store = controller.store();
+    let for_events = store.clone();
+    controller
+        .watches(api::<Pod>(client, &scope), labelled, |pod: Pod| {
+            let ns = pod.namespace();
+            pod.labels()
+                .get(job::CONVERSION_LABEL)
+                .map(|name| ObjectRef::new(name).within(ns.as_deref().unwrap_or_default()))
+        })
+        .watches(
+            api::<CoreEvent>(client, &scope),
+            watcher::Config::default().fields("involvedObject.kind=Job"),
+            move |ev: CoreEvent| {
+                let job = ev.involved_object.name.clone();
+                let ns = ev.involved_object.namespace.clone();
+                for_events
+                    .state()
+                    .into_iter()
+                    .filter(|cr| {
+                        cr.namespace() == ns
+                            && cr.status.as_ref().and_then(|s| s.job_name.clone()) == job
+                    })
+                    .map(|cr| ObjectRef::from_obj(&*cr))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .watches(
+            api::<CheckpointConversion>(client, &scope),
+            watcher::Config::default(),
+            move |changed: CheckpointConversion| {
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|cr| {
+                        cr.namespace() == changed.namespace()
+                            && cr.name_any() != changed.name_any()
+                            && cr.status.as_ref().and_then(|s| s.reason.as_deref())
+                                == Some(Reason::TargetConflict.as_str())
+                            && claim::conflicting(&cr.spec, &changed.spec)
+                    })
+                    .map(|cr| ObjectRef::from_obj(&*cr))
+                    .collect::<Vec<_>>()
+            },
+        )
 }
 
 fn obj_name(o: &ObjectRef<CheckpointConversion>) -> String {
@@ -394,51 +550,18 @@ mod tests {
     //! scripts the requests the reconcile must make, in order, and answers them.
 
     use super::*;
-    use crate::api::{Artifact, ArtifactKind, BaseModel, CheckpointConversionSpec};
     use http::{Request, Response};
     use kube::client::Body;
-    use kube::runtime::reflector::store;
+    use serde_json::{Value, json};
     use tower_test::mock::{self, Handle};
 
     type Mock = Handle<Request<Body>, Response<Body>>;
 
     fn resource() -> CheckpointConversion {
-        let mut c = CheckpointConversion::new(
-            "sft-to-hf",
-            CheckpointConversionSpec {
-                source: Artifact {
-                    kind: ArtifactKind::CheckpointMegatron,
-                    pvc: "lustre".into(),
-                    path: "sft/iter_0000100".into(),
-                },
-                target: Artifact {
-                    kind: ArtifactKind::CheckpointHf,
-                    pvc: "lustre".into(),
-                    path: "convert/sft-hf".into(),
-                },
-                base_model: Some(BaseModel {
-                    pvc: "models".into(),
-                    path: "hf/base".into(),
-                    model_id: None,
-                }),
-                lora: None,
-                parallelism: None,
-                dtype: None,
-                validation: None,
-                job: None,
-            },
-        );
-        c.metadata.namespace = Some("training".into());
-        c.metadata.generation = Some(1);
-        c.metadata.uid = Some("u-1".into());
-        c
+        crate::fixtures::sft_to_hf()
     }
 
-    fn context(client: Client, others: Vec<CheckpointConversion>) -> Arc<Context> {
-        let (reader, mut writer) = store::<CheckpointConversion>();
-        for o in others {
-            writer.apply_watcher_event(&watcher::Event::Apply(o));
-        }
+    fn context(client: Client) -> Arc<Context> {
         Arc::new(Context {
             recorder: Recorder::new(
                 client.clone(),
@@ -448,13 +571,15 @@ mod tests {
                 },
             ),
             client,
-            defaults: JobDefaults::default(),
+            defaults: JobDefaults {
+                created_by: Some("operator-a".into()),
+                ..JobDefaults::default()
+            },
             metrics: Arc::new(Metrics::default()),
-            store: reader,
         })
     }
 
-    fn json(status: u16, body: serde_json::Value) -> Response<Body> {
+    fn json_response(status: u16, body: Value) -> Response<Body> {
         Response::builder()
             .status(status)
             .body(Body::from(serde_json::to_vec(&body).unwrap()))
@@ -462,21 +587,44 @@ mod tests {
     }
 
     fn not_found() -> Response<Body> {
-        json(
+        json_response(
             404,
-            serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
         )
     }
 
-    async fn expect(h: &mut Mock, method: &str, path_prefix: &str) -> serde_json::Value {
-        let (req, send) = tokio::time::timeout(Duration::from_secs(2), h.next_request())
+    fn empty_list(kind: &str) -> Response<Body> {
+        json_response(
+            200,
+            json!({"kind": kind, "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": []}),
+        )
+    }
+
+    fn pvc() -> Response<Body> {
+        json_response(
+            200,
+            json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "x"}}),
+        )
+    }
+
+    /// Waits for the next request, checks its method and path, answers it with
+    /// `answer` (or, for `None`, as the apiserver would: the created object, or the
+    /// patched resource) and returns
+    /// `{"uri", "body"}`.
+    async fn expect(
+        h: &mut Mock,
+        method: &str,
+        path: &str,
+        answer: Option<Response<Body>>,
+    ) -> Value {
+        let (req, send) = tokio::time::timeout(Duration::from_secs(5), h.next_request())
             .await
-            .unwrap_or_else(|_| panic!("no {method} {path_prefix} request came"))
+            .unwrap_or_else(|_| panic!("no {method} {path} request came"))
             .expect("service alive");
-        assert_eq!(req.method().as_str(), method, "{}", req.uri());
-        assert!(
-            req.uri().path().starts_with(path_prefix),
-            "expected {method} {path_prefix}…, got {}",
+        assert_eq!(
+            (req.method().as_str(), req.uri().path()),
+            (method, path),
+            "unexpected request {}",
             req.uri()
         );
         let uri = req.uri().to_string();
@@ -484,72 +632,147 @@ mod tests {
             .await
             .unwrap()
             .to_bytes();
-        let v: serde_json::Value = if body.is_empty() {
-            serde_json::Value::Null
+        let v: Value = if body.is_empty() {
+            Value::Null
         } else {
             serde_json::from_slice(&body).unwrap()
         };
-        let answer = match (method, path_prefix) {
-            ("GET", p) if p.contains("persistentvolumeclaims") => json(
-                200,
-                serde_json::json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "x"}}),
-            ),
-            ("GET", p) if p.contains("/jobs/") => not_found(),
-            ("POST", p) if p.contains("/jobs") => json(201, v.clone()),
-            ("PATCH", _) => json(200, serde_json::to_value(resource()).unwrap()),
-            ("POST", p) if p.contains("/events") => json(201, v.clone()),
-            _ => panic!("unscripted request {method} {uri}"),
+        let echo = || match method {
+            // A status patch answers with the whole resource.
+            "PATCH" => json_response(200, serde_json::to_value(resource()).unwrap()),
+            _ => json_response(201, v.clone()),
         };
-        send.send_response(answer);
-        serde_json::json!({"uri": uri, "body": v})
+        send.send_response(answer.unwrap_or_else(echo));
+        json!({"uri": uri, "body": v})
     }
 
+    /// The reconcile's first reads: the resource from the apiserver, then its Jobs
+    /// (none). Returns the Job list request.
+    async fn fresh_read_and_no_jobs(h: &mut Mock) -> Value {
+        let me = json_response(200, serde_json::to_value(resource()).unwrap());
+        expect(h, "GET", &format!("{CR}/sft-to-hf"), Some(me)).await;
+        expect(
+            h,
+            "GET",
+            "/apis/batch/v1/namespaces/training/jobs",
+            Some(empty_list("JobList")),
+        )
+        .await
+    }
+
+    /// Both claims of the resource exist.
+    async fn claims_exist(h: &mut Mock) {
+        expect(h, "GET", &format!("{PVCS}/lustre-shared"), Some(pvc())).await;
+        expect(h, "GET", &format!("{PVCS}/models"), Some(pvc())).await;
+    }
+
+    /// The claim record of `lustre-shared` at `version`, holding `entries` (path →
+    /// owner) and owned by `owners`.
+    fn record(version: &str, entries: Value, owners: Value) -> Response<Body> {
+        json_response(
+            200,
+            json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                   "metadata": {"name": "ckpt-targets.lustre-shared", "resourceVersion": version,
+                                "ownerReferences": owners,
+                                "annotations": {"ckpt.dev/targets": entries.to_string()}}}),
+        )
+    }
+
+    /// The claim's owner `gone` is asked for: deleted, and none of its pods runs.
+    async fn owner_gone(h: &mut Mock) {
+        expect(h, "GET", &format!("{CR}/gone"), Some(not_found())).await;
+        let pods = expect(
+            h,
+            "GET",
+            "/api/v1/namespaces/training/pods",
+            Some(empty_list("PodList")),
+        )
+        .await;
+        assert!(
+            pods["uri"]
+                .as_str()
+                .unwrap()
+                .contains("ckpt.dev%2Fconversion%3Dgone"),
+            "{pods}"
+        );
+    }
+
+    async fn events(h: &mut Mock, n: usize) -> Vec<Value> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.push(
+                expect(
+                    h,
+                    "POST",
+                    "/apis/events.k8s.io/v1/namespaces/training/events",
+                    None,
+                )
+                .await,
+            );
+        }
+        out
+    }
+
+    const CR: &str = "/apis/ckpt.dev/v1alpha1/namespaces/training/checkpointconversions";
+    const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/training/leases";
+    const PVCS: &str = "/api/v1/namespaces/training/persistentvolumeclaims";
+
     #[tokio::test]
-    async fn a_new_resource_creates_its_job_then_writes_status_and_events() {
+    async fn a_new_resource_claims_its_target_creates_its_job_then_writes_status_and_events() {
         let (svc, mut h) = mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(svc, "training");
-        let ctx = context(client, vec![]);
+        let ctx = context(Client::new(svc, "training"));
         let server = tokio::spawn(async move {
-            // Claims first (lustre, models), then the Job of generation 1.
-            expect(
-                &mut h,
-                "GET",
-                "/api/v1/namespaces/training/persistentvolumeclaims/",
-            )
-            .await;
-            expect(
-                &mut h,
-                "GET",
-                "/api/v1/namespaces/training/persistentvolumeclaims/",
-            )
-            .await;
-            expect(
-                &mut h,
-                "GET",
-                "/apis/batch/v1/namespaces/training/jobs/sft-to-hf-g1",
-            )
-            .await;
-            let job = expect(&mut h, "POST", "/apis/batch/v1/namespaces/training/jobs").await;
-            let status = expect(&mut h, "PATCH", "/apis/ckpt.dev/v1alpha1/namespaces/training/checkpointconversions/sft-to-hf/status").await;
-            let e1 = expect(
+            // The apiserver's copy, not the watch cache's.
+            let jobs = fresh_read_and_no_jobs(&mut h).await;
+            // The target is taken before the Job exists: the claim record is created.
+            let name = format!("{LEASES}/ckpt-targets.lustre-shared");
+            expect(&mut h, "GET", &name, Some(not_found())).await;
+            let record = expect(&mut h, "POST", LEASES, None).await;
+            claims_exist(&mut h).await;
+            let job = expect(
                 &mut h,
                 "POST",
-                "/apis/events.k8s.io/v1/namespaces/training/events",
+                "/apis/batch/v1/namespaces/training/jobs",
+                None,
             )
             .await;
-            let e2 = expect(
-                &mut h,
-                "POST",
-                "/apis/events.k8s.io/v1/namespaces/training/events",
-            )
-            .await;
-            (job, status, e1, e2)
+            let status = expect(&mut h, "PATCH", &format!("{CR}/sft-to-hf/status"), None).await;
+            (jobs, record, job, status, events(&mut h, 2).await)
         });
         let action = reconcile(Arc::new(resource()), ctx).await.unwrap();
-        let (job, status, e1, e2) = server.await.unwrap();
+        let (jobs, record, job, status, events) = server.await.unwrap();
         assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+        assert!(
+            jobs["uri"]
+                .as_str()
+                .unwrap()
+                .contains("labelSelector=ckpt.dev%2Fconversion%3Dsft-to-hf"),
+            "{jobs}"
+        );
+        let annotations = &record["body"]["metadata"]["annotations"];
+        let entries: Value =
+            serde_json::from_str(annotations["ckpt.dev/targets"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            entries,
+            json!({"output/convert/sft-hf": {"name": "sft-to-hf", "uid": "u-1"}})
+        );
+        assert_eq!(
+            record["body"]["metadata"]["ownerReferences"][0]["uid"],
+            "u-1"
+        );
         assert_eq!(job["body"]["metadata"]["name"], "sft-to-hf-g1");
         assert_eq!(job["body"]["metadata"]["ownerReferences"][0]["uid"], "u-1");
+        assert_eq!(
+            job["body"]["metadata"]["annotations"]["ckpt.dev/created-by"],
+            "operator-a"
+        );
+        assert_eq!(job["body"]["metadata"]["labels"]["ckpt.dev/retry"], "0");
+        assert!(
+            job["uri"]
+                .as_str()
+                .unwrap()
+                .contains("fieldManager=ckpt-operator")
+        );
         assert_eq!(
             job["body"]["spec"]["template"]["spec"]["containers"][0]["args"][1],
             "convert/megatron_to_hf"
@@ -562,59 +785,187 @@ mod tests {
         );
         assert!(status["uri"].as_str().unwrap().contains("force=true"));
         assert_eq!(status["body"]["status"]["phase"], "Running");
-        assert_eq!(e1["body"]["reason"], "Accepted");
-        assert_eq!(e2["body"]["reason"], "JobCreated");
+        assert_eq!(status["body"]["status"]["reason"], "JobCreated");
+        assert_eq!(events[0]["body"]["reason"], "Accepted");
+        assert_eq!(events[1]["body"]["reason"], "JobCreated");
     }
 
     #[tokio::test]
-    async fn a_conflicting_resource_starts_nothing() {
+    async fn a_job_created_by_an_earlier_reconcile_is_not_announced_again() {
         let (svc, mut h) = mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(svc, "training");
-        let mut earlier = resource();
-        earlier.metadata.name = Some("earlier".into());
-        earlier.metadata.creation_timestamp =
-            Some(Time(k8s_openapi::jiff::Timestamp::from_second(1).unwrap()));
-        let mut mine = resource();
-        mine.metadata.creation_timestamp =
-            Some(Time(k8s_openapi::jiff::Timestamp::from_second(2).unwrap()));
-        let ctx = context(client, vec![earlier, mine.clone()]);
+        let ctx = context(Client::new(svc, "training"));
         let server = tokio::spawn(async move {
+            fresh_read_and_no_jobs(&mut h).await;
+            let held = record(
+                "7",
+                json!({"output/convert/sft-hf": {"name": "sft-to-hf", "uid": "u-1"}}),
+                json!([]),
+            );
             expect(
                 &mut h,
                 "GET",
-                "/api/v1/namespaces/training/persistentvolumeclaims/",
+                &format!("{LEASES}/ckpt-targets.lustre-shared"),
+                Some(held),
             )
             .await;
+            claims_exist(&mut h).await;
+            // The Job exists already: its creation is not news.
+            let exists = json_response(
+                409,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists", "code": 409, "message": "exists"}),
+            );
             expect(
-                &mut h,
-                "GET",
-                "/api/v1/namespaces/training/persistentvolumeclaims/",
-            )
-            .await;
-            expect(
-                &mut h,
-                "GET",
-                "/apis/batch/v1/namespaces/training/jobs/sft-to-hf-g1",
-            )
-            .await;
-            // No Job is created: the status comes next.
-            let status = expect(&mut h, "PATCH", "/apis/ckpt.dev/v1alpha1/namespaces/training/checkpointconversions/sft-to-hf/status").await;
-            let event = expect(
                 &mut h,
                 "POST",
-                "/apis/events.k8s.io/v1/namespaces/training/events",
+                "/apis/batch/v1/namespaces/training/jobs",
+                Some(exists),
             )
             .await;
-            (status, event)
+            expect(&mut h, "PATCH", &format!("{CR}/sft-to-hf/status"), None).await;
+            // Nothing else: the mock closing makes any further call fail the reconcile.
+            events(&mut h, 1).await
         });
-        reconcile(Arc::new(mine), ctx).await.unwrap();
-        let (status, event) = server.await.unwrap();
+        reconcile(Arc::new(resource()), ctx).await.unwrap();
+        let events = server.await.unwrap();
+        assert_eq!(events[0]["body"]["reason"], "Accepted");
+    }
+
+    #[tokio::test]
+    async fn a_target_owned_by_a_live_resource_starts_nothing() {
+        let (svc, mut h) = mock::pair::<Request<Body>, Response<Body>>();
+        let ctx = context(Client::new(svc, "training"));
+        let mut earlier = resource();
+        earlier.metadata.name = Some("earlier".into());
+        earlier.metadata.uid = Some("u-0".into());
+        let server = tokio::spawn(async move {
+            fresh_read_and_no_jobs(&mut h).await;
+            // A directory containing the target is owned.
+            let owned = record(
+                "7",
+                json!({"output/convert": {"name": "earlier", "uid": "u-0"}}),
+                json!([]),
+            );
+            expect(
+                &mut h,
+                "GET",
+                &format!("{LEASES}/ckpt-targets.lustre-shared"),
+                Some(owned),
+            )
+            .await;
+            // The owner is asked of the apiserver: alive, so the claim is lost.
+            let alive = json_response(200, serde_json::to_value(earlier).unwrap());
+            expect(&mut h, "GET", &format!("{CR}/earlier"), Some(alive)).await;
+            claims_exist(&mut h).await;
+            // No Job is created: the status comes next.
+            let status = expect(&mut h, "PATCH", &format!("{CR}/sft-to-hf/status"), None).await;
+            (status, events(&mut h, 1).await)
+        });
+        reconcile(Arc::new(resource()), ctx).await.unwrap();
+        let (status, events) = server.await.unwrap();
         let accepted = &status["body"]["status"]["conditions"][0];
         assert_eq!(
             (accepted["type"].as_str(), accepted["reason"].as_str()),
             (Some("Accepted"), Some("TargetConflict"))
         );
-        assert_eq!(event["body"]["type"], "Warning");
+        assert!(accepted["message"].as_str().unwrap().contains("earlier"));
+        assert_eq!(status["body"]["status"]["phase"], "Rejected");
+        assert_eq!(events[0]["body"]["type"], "Warning");
+    }
+
+    #[tokio::test]
+    async fn a_dead_owners_claim_is_taken_over() {
+        let (svc, mut h) = mock::pair::<Request<Body>, Response<Body>>();
+        let ctx = context(Client::new(svc, "training"));
+        let server = tokio::spawn(async move {
+            fresh_read_and_no_jobs(&mut h).await;
+            let lease = format!("{LEASES}/ckpt-targets.lustre-shared");
+            let gone = json!({"output/convert/sft-hf": {"name": "gone", "uid": "u-0"}});
+            let owners = json!([{"apiVersion": "ckpt.dev/v1alpha1", "kind": "CheckpointConversion", "name": "gone", "uid": "u-0"}]);
+            expect(
+                &mut h,
+                "GET",
+                &lease,
+                Some(record("7", gone.clone(), owners.clone())),
+            )
+            .await;
+            owner_gone(&mut h).await;
+            // A write that lost a race is read again and retried.
+            let conflict = json_response(
+                409,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "modified"}),
+            );
+            let first = expect(&mut h, "PUT", &lease, Some(conflict)).await;
+            expect(&mut h, "GET", &lease, Some(record("8", gone, owners))).await;
+            owner_gone(&mut h).await;
+            let second = expect(&mut h, "PUT", &lease, None).await;
+            claims_exist(&mut h).await;
+            expect(
+                &mut h,
+                "POST",
+                "/apis/batch/v1/namespaces/training/jobs",
+                None,
+            )
+            .await;
+            expect(&mut h, "PATCH", &format!("{CR}/sft-to-hf/status"), None).await;
+            events(&mut h, 2).await;
+            (first, second)
+        });
+        reconcile(Arc::new(resource()), ctx).await.unwrap();
+        let (first, second) = server.await.unwrap();
+        assert_eq!(first["body"]["metadata"]["resourceVersion"], "7");
+        assert_eq!(second["body"]["metadata"]["resourceVersion"], "8");
+        let entries: Value = serde_json::from_str(
+            second["body"]["metadata"]["annotations"]["ckpt.dev/targets"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            entries,
+            json!({"output/convert/sft-hf": {"name": "sft-to-hf", "uid": "u-1"}})
+        );
+        let refs = second["body"]["metadata"]["ownerReferences"]
+            .as_array()
+            .unwrap();
+        assert_eq!(refs.len(), 1, "the dead owner's reference goes: {refs:?}");
+        assert_eq!(refs[0]["uid"], "u-1");
+    }
+
+    #[tokio::test]
+    async fn a_resource_deleted_meanwhile_is_left_alone() {
+        let (svc, mut h) = mock::pair::<Request<Body>, Response<Body>>();
+        let ctx = context(Client::new(svc, "training"));
+        let server = tokio::spawn(async move {
+            expect(&mut h, "GET", &format!("{CR}/sft-to-hf"), Some(not_found())).await;
+        });
+        let action = reconcile(Arc::new(resource()), ctx).await.unwrap();
+        server.await.unwrap();
+        assert_eq!(action, Action::await_change());
+    }
+
+    #[test]
+    fn runs_pick_the_current_retrys_job_and_an_unfinished_earlier_one() {
+        let job = |name: &str, generation: i64, retry: i32, owner: &str, done: bool| -> Job {
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "labels": {"ckpt.dev/generation": generation.to_string(), "ckpt.dev/retry": retry.to_string()},
+                             "ownerReferences": [{"apiVersion": "ckpt.dev/v1alpha1", "kind": "CheckpointConversion", "name": "sft-to-hf", "uid": owner}]},
+                "status": if done { json!({"conditions": [{"type": "Failed", "status": "True"}]}) } else { json!({"active": 1}) }
+            }))
+            .unwrap()
+        };
+        let mut cr = resource();
+        cr.spec.retry = Some(1);
+        let (current, previous) = runs(
+            &cr,
+            vec![
+                job("sft-to-hf-g1", 1, 0, "u-1", false),
+                job("sft-to-hf-g3", 3, 1, "u-1", false),
+                job("sft-to-hf-g2", 2, 1, "u-1", true),
+                job("sft-to-hf-g9", 9, 1, "u-other", false),
+            ],
+        );
+        assert_eq!(current.unwrap().name_any(), "sft-to-hf-g3");
+        assert_eq!(previous.as_deref(), Some("sft-to-hf-g1"));
     }
 
     #[test]

@@ -1,6 +1,5 @@
 //! Health, readiness and metrics over HTTP.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -54,12 +53,13 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until `shutdown`.
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown`. The
+/// caller binds it, so that port 0 works and the bound address is known.
 ///
 /// # Errors
-/// When the address cannot be bound.
+/// When accepting connections fails.
 pub async fn serve(
-    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -69,9 +69,52 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(AppState { metrics, health });
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.unwrap();
+        text
+    }
+
+    #[tokio::test]
+    async fn readiness_says_whether_this_replica_leads() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let health = Arc::new(Health::default());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            listener,
+            Arc::new(Metrics::default()),
+            health.clone(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        assert!(get(addr, "/readyz").await.contains("503"));
+        health.ready.store(true, Ordering::Relaxed);
+        assert!(get(addr, "/readyz").await.ends_with("ready (standby)\n"));
+        health.leader.store(true, Ordering::Relaxed);
+        assert!(get(addr, "/readyz").await.ends_with("ready (leader)\n"));
+        assert!(get(addr, "/healthz").await.ends_with("ok\n"));
+        assert!(
+            get(addr, "/metrics")
+                .await
+                .contains("ckpt_operator_reconciles")
+        );
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
+    }
 }

@@ -22,6 +22,11 @@ use crate::step::Invocation;
 pub const CONVERSION_LABEL: &str = "ckpt.dev/conversion";
 /// Label with the resource generation the Job was made for.
 pub const GENERATION_LABEL: &str = "ckpt.dev/generation";
+/// Label with the `spec.retry` the Job was made for: the run it belongs to.
+pub const RETRY_LABEL: &str = "ckpt.dev/retry";
+/// Annotation naming the operator replica that created the Job (its `--instance`,
+/// the pod name in the chart), so a reader can tell which leader acted.
+pub const CREATED_BY_ANNOTATION: &str = "ckpt.dev/created-by";
 /// The converter container's name.
 pub const CONTAINER: &str = "convert";
 /// Exit code of a preflight refusal: the input will not get better on retry.
@@ -44,6 +49,8 @@ pub struct JobDefaults {
     pub service_account: Option<String>,
     /// The converter binary inside the image.
     pub command: String,
+    /// This operator replica, recorded on the Jobs it creates.
+    pub created_by: Option<String>,
 }
 
 impl Default for JobDefaults {
@@ -56,6 +63,7 @@ impl Default for JobDefaults {
             run_as_user: 65532,
             service_account: None,
             command: "/ckpt-convert".into(),
+            created_by: None,
         }
     }
 }
@@ -95,6 +103,10 @@ pub fn build(cr: &CheckpointConversion, inv: &Invocation, defaults: &JobDefaults
         ),
         (CONVERSION_LABEL.to_owned(), cr.name_any()),
         (GENERATION_LABEL.to_owned(), generation.to_string()),
+        (
+            RETRY_LABEL.to_owned(),
+            cr.spec.retry.unwrap_or(0).to_string(),
+        ),
     ]);
     // One volume per claim; a claim only ever mounted read-only is also read-only
     // at the volume level.
@@ -212,6 +224,10 @@ pub fn build(cr: &CheckpointConversion, inv: &Invocation, defaults: &JobDefaults
             name: Some(name),
             namespace: cr.namespace(),
             labels: Some(labels.clone()),
+            annotations: defaults
+                .created_by
+                .as_ref()
+                .map(|who| BTreeMap::from([(CREATED_BY_ANNOTATION.to_owned(), who.clone())])),
             owner_references: cr.controller_owner_ref(&()).map(|mut r| {
                 // Deleting the resource waits for the Job's removal in foreground
                 // deletions, as controller-runtime's owner references do.

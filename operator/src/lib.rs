@@ -9,11 +9,15 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod claim;
 pub mod conditions;
 pub mod controller;
 pub mod decide;
+#[cfg(test)]
+mod fixtures;
 pub mod http;
 pub mod job;
 pub mod metrics;
+pub mod reason;
 pub mod step;
 pub mod summary;

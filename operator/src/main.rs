@@ -29,9 +29,10 @@ struct Args {
     /// The converter binary inside the image.
     #[arg(long, env = "CKPT_CONVERTER_COMMAND", default_value = "/ckpt-convert")]
     converter_command: String,
-    /// Watch only this namespace (default: all).
-    #[arg(long, env = "WATCH_NAMESPACE")]
-    namespace: Option<String>,
+    /// Watch (and run Jobs in) only these namespaces: repeat the flag, or separate
+    /// them with commas. Without it, all namespaces.
+    #[arg(long = "namespace", env = "WATCH_NAMESPACE", value_delimiter = ',')]
+    namespaces: Vec<String>,
     /// Default pod retries of a conversion Job.
     #[arg(long, default_value_t = 2)]
     job_backoff_limit: i32,
@@ -56,6 +57,16 @@ struct Args {
     /// The Lease namespace (default: the pod's namespace).
     #[arg(long, env = "POD_NAMESPACE")]
     lease_namespace: Option<String>,
+    /// Seconds a leader holds the Lease without renewing it. A leader that cannot
+    /// renew in time (a stalled node, an overloaded apiserver) stops reconciling. A
+    /// standby looks again when the Lease would expire, so this is also how long
+    /// failover takes, even after a leader released the Lease on shutdown.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..))]
+    lease_duration_seconds: u64,
+    /// Seconds before the Lease expires at which the leader renews it (less than
+    /// the duration): the time a renewal may take.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    lease_renew_grace_seconds: u64,
     /// This replica's identity (default: the pod name).
     #[arg(long, env = "POD_NAME")]
     instance: Option<String>,
@@ -77,6 +88,13 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.lease_renew_grace_seconds >= args.lease_duration_seconds {
+        anyhow::bail!(
+            "--lease-renew-grace-seconds ({}) must be less than --lease-duration-seconds ({})",
+            args.lease_renew_grace_seconds,
+            args.lease_duration_seconds
+        );
+    }
     let filter = EnvFilter::try_from_env("LOG_LEVEL").unwrap_or_else(|_| EnvFilter::new("info"));
     let subscriber = tracing_subscriber::fmt().with_env_filter(filter);
     if args.log_json {
@@ -97,15 +115,20 @@ async fn main() -> anyhow::Result<()> {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("binding {}", args.metrics_addr))?;
+    // With port 0 the kernel picks one; say which.
+    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
     let server = tokio::spawn(http::serve(
-        args.metrics_addr,
+        listener,
         metrics.clone(),
         health.clone(),
         stopped(stop_rx.clone()),
     ));
 
     let settings = RunSettings {
-        namespace: args.namespace.clone(),
+        namespaces: args.namespaces.clone(),
         defaults: JobDefaults {
             image: args.converter_image.clone(),
             image_pull_policy: args.converter_image_pull_policy.clone(),
@@ -114,6 +137,7 @@ async fn main() -> anyhow::Result<()> {
             run_as_user: args.job_run_as_user,
             service_account: args.job_service_account.clone(),
             command: args.converter_command.clone(),
+            created_by: args.instance.clone(),
         },
         instance: args.instance.clone(),
     };
@@ -126,8 +150,8 @@ async fn main() -> anyhow::Result<()> {
         let mut builder =
             kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &args.lease_name)
                 .with_identity(&identity)
-                .with_duration(15)
-                .with_grace(5);
+                .with_duration(args.lease_duration_seconds)
+                .with_grace(args.lease_renew_grace_seconds);
         if let Some(ns) = &args.lease_namespace {
             builder = builder.with_namespace(ns);
         }

@@ -255,6 +255,7 @@ mod tests {
             dtype: Some(crate::api::Dtype::Bfloat16),
             validation: None,
             job: None,
+            retry: None,
         }
     }
 

@@ -43,6 +43,30 @@ pub struct Wire {
     pub exit_code: Option<i32>,
     /// The error of a failure.
     pub error: Option<String>,
+    /// The target already held an identical conversion's output, which was not
+    /// rewritten (absent: false).
+    #[serde(default, deserialize_with = "lenient_bool")]
+    pub reused: Option<bool>,
+    /// Warnings of the run (absent: none).
+    #[serde(default, deserialize_with = "lenient_strings")]
+    pub warnings: Vec<String>,
+}
+
+/// The optional fields are read leniently: a value of another type is dropped rather
+/// than making the whole summary unreadable (the numbers and the error still count).
+fn lenient_bool<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+    Ok(serde_json::Value::deserialize(d)?.as_bool())
+}
+
+fn lenient_strings<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Array(items) => items
+            .into_iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect(),
+        serde_json::Value::String(s) => vec![s],
+        _ => Vec::new(),
+    })
 }
 
 /// Parses a termination message; `None` when it is not the converter's summary
@@ -87,6 +111,13 @@ impl Wire {
                 .or(self.manifest.as_deref())
                 .map(|p| claim_path(p, target_dir)),
             output_path: self.output.as_deref().map(|p| claim_path(p, target_dir)),
+            reused: self.reused.filter(|r| *r),
+            warnings: self
+                .warnings
+                .iter()
+                .take(16)
+                .map(|w| crate::conditions::shorten(w, 1024))
+                .collect(),
         }
     }
 }
@@ -106,6 +137,19 @@ mod tests {
             Some("output/convert/sft-hf/ckpt-manifest.json")
         );
         assert_eq!(s.output_digest.as_deref(), Some("ab"));
+    }
+
+    #[test]
+    fn reuse_and_warnings_are_read_leniently() {
+        let w = parse(r#"{"v":1,"step":"s","status":"succeeded","reused":true,"warnings":["base name could not be confirmed"]}"#).unwrap();
+        let s = w.to_status("");
+        assert_eq!(s.reused, Some(true));
+        assert_eq!(s.warnings, vec!["base name could not be confirmed"]);
+        // Absent, or of an unexpected type: the rest of the summary still counts.
+        let w = parse(r#"{"v":1,"step":"s","status":"succeeded","tensors":3,"reused":"yes","warnings":{"a":1}}"#).unwrap();
+        assert_eq!((w.tensors, w.reused, w.warnings.len()), (Some(3), None, 0));
+        let w = parse(r#"{"v":1,"step":"s","status":"succeeded","reused":false}"#).unwrap();
+        assert_eq!(w.to_status("").reused, None);
     }
 
     #[test]

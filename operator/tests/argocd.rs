@@ -1,19 +1,19 @@
-//! The Argo CD health check (`docs/argocd/health.lua`) run as Argo CD runs it: a Lua 5.1
-//! state (Argo CD uses gopher-lua, a Lua 5.1 implementation) with only the base, package
-//! and table libraries (its default sandbox has no `string` or `math`), the resource in the
-//! global `obj` (JSON null as nil), and the chunk's returned table read as the health.
+//! The Argo CD health check (`docs/argocd/health.lua`) run by Argo CD's own Lua engine:
+//! gopher-lua, at the version Argo CD pins, through `e2e/argocd-lua` (a small Go program
+//! that runs a script as Argo CD's `util/lua` does: only the package, base and table
+//! libraries, no `string` or `math`, the resource in the global `obj`, the returned
+//! table encoded with gopher-json and read as the health).
 //!
 //! The statuses come from the operator's own decision code ([`decide::decide`]), so a
 //! change of conditions or reasons there shows up here.
 
-use ckpt_operator::api::{
-    Artifact, ArtifactKind, BaseModel, CheckpointConversion, CheckpointConversionSpec,
-    ValidationSpec,
-};
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use ckpt_operator::api::{ArtifactKind, CheckpointConversion, ValidationSpec};
 use ckpt_operator::conditions;
 use ckpt_operator::decide::{self, JobView, Observed, PodView};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use mlua::{Lua, LuaOptions, StdLib, Table, Value};
 use serde_json::json;
 
 const SCRIPT_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/argocd/health.lua");
@@ -23,50 +23,37 @@ fn script() -> String {
     std::fs::read_to_string(SCRIPT_PATH).unwrap_or_else(|e| panic!("{SCRIPT_PATH}: {e}"))
 }
 
-/// JSON → Lua as Argo CD's `decodeValue` does it: objects and arrays become tables
-/// (arrays 1-based), numbers become numbers, null becomes nil.
-fn to_lua(lua: &Lua, v: &serde_json::Value) -> mlua::Result<Value> {
-    Ok(match v {
-        serde_json::Value::Null => Value::Nil,
-        serde_json::Value::Bool(b) => Value::Boolean(*b),
-        serde_json::Value::Number(n) => Value::Number(n.as_f64().expect("a finite number")),
-        serde_json::Value::String(s) => Value::String(lua.create_string(s)?),
-        serde_json::Value::Array(items) => {
-            let t = lua.create_table()?;
-            for (i, item) in items.iter().enumerate() {
-                t.raw_set(i + 1, to_lua(lua, item)?)?;
-            }
-            Value::Table(t)
-        }
-        serde_json::Value::Object(map) => {
-            let t = lua.create_table()?;
-            for (k, item) in map {
-                t.raw_set(k.as_str(), to_lua(lua, item)?)?;
-            }
-            Value::Table(t)
-        }
-    })
+/// Runs `script_path` on `obj` in Argo CD's engine: its JSON answer.
+fn run_lua(script_path: &str, obj: &serde_json::Value) -> serde_json::Value {
+    let bin = ckpt_testcluster::argocd_health_binary().unwrap_or_else(|e| panic!("{e}"));
+    let mut child = Command::new(&bin)
+        .arg(script_path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
+    let mut stdin = child.stdin.take().expect("piped");
+    writeln!(stdin, "{obj}").unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        bin.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON answer")
 }
 
 /// Runs the health script on `obj`: (status, message).
 fn health(obj: &serde_json::Value) -> (String, String) {
-    let lua =
-        Lua::new_with(StdLib::PACKAGE | StdLib::TABLE, LuaOptions::default()).expect("a Lua state");
-    let globals = lua.globals();
-    for absent in ["string", "math", "io", "os", "debug"] {
-        assert!(
-            matches!(globals.get::<Value>(absent).unwrap(), Value::Nil),
-            "the sandbox must not have {absent}"
-        );
+    let answer = run_lua(SCRIPT_PATH, obj);
+    if let Some(e) = answer["error"].as_str() {
+        panic!("health.lua failed on {obj:#}:\n{e}");
     }
-    globals.set("obj", to_lua(&lua, obj).unwrap()).unwrap();
-    let result: Table = lua
-        .load(script())
-        .set_name("health.lua")
-        .eval()
-        .unwrap_or_else(|e| panic!("health.lua failed on {obj:#}:\n{e}"));
-    let status: String = result.get("status").expect("a status string");
-    let message: String = result.get("message").expect("a message string");
+    let status = answer["status"].as_str().expect("a status").to_owned();
+    let message = answer["message"].as_str().unwrap_or_default().to_owned();
     assert!(
         [
             "Healthy",
@@ -82,37 +69,52 @@ fn health(obj: &serde_json::Value) -> (String, String) {
     (status, message)
 }
 
+#[test]
+fn the_engine_is_argo_cds_sandbox() {
+    // What a health script may use without useOpenLibs: no string or math library,
+    // no io, os or debug.
+    let dir = tempfile::tempdir().unwrap();
+    let probe = dir.path().join("probe.lua");
+    std::fs::write(
+        &probe,
+        "local present = {}\n\
+         for _, name in ipairs({'string', 'math', 'io', 'os', 'debug', 'table', 'pairs', 'require'}) do\n\
+           if _G[name] ~= nil then table.insert(present, name) end\n\
+         end\n\
+         return { status = 'Healthy', message = table.concat(present, ',') }\n",
+    )
+    .unwrap();
+    let answer = run_lua(probe.to_str().unwrap(), &json!({}));
+    assert_eq!(answer["message"], "table,pairs,require", "{answer}");
+    // A status Argo CD does not know is Unknown, as in Argo CD.
+    std::fs::write(&probe, "return { status = 'Fine', message = 'x' }\n").unwrap();
+    let answer = run_lua(probe.to_str().unwrap(), &json!({}));
+    assert_eq!(answer["status"], "Unknown", "{answer}");
+    // The resource arrives in `obj`, null as nil, integers as numbers.
+    std::fs::write(
+        &probe,
+        "return { status = 'Healthy', message = tostring(obj.metadata.generation + 1) .. tostring(obj.status) }\n",
+    )
+    .unwrap();
+    let answer = run_lua(
+        probe.to_str().unwrap(),
+        &json!({"metadata": {"generation": 2}, "status": null}),
+    );
+    assert_eq!(answer["message"], "3nil", "{answer}");
+}
+
 fn at(secs: i64) -> Time {
     Time(k8s_openapi::jiff::Timestamp::from_second(secs).unwrap())
 }
 
+/// examples/megatron-to-hf.yaml as the apiserver stores it at creation.
 fn resource() -> CheckpointConversion {
-    let mut c = CheckpointConversion::new(
-        "sft-to-hf",
-        CheckpointConversionSpec {
-            source: Artifact {
-                kind: ArtifactKind::CheckpointMegatron,
-                pvc: "lustre-shared".into(),
-                path: "output/sft/megatron_bridge/iter_0000100".into(),
-            },
-            target: Artifact {
-                kind: ArtifactKind::CheckpointHf,
-                pvc: "lustre-shared".into(),
-                path: "output/convert/sft-hf".into(),
-            },
-            base_model: Some(BaseModel {
-                pvc: "models".into(),
-                path: "hf/Llama-3.2-3B".into(),
-                model_id: None,
-            }),
-            lora: None,
-            parallelism: None,
-            dtype: None,
-            validation: None,
-            job: None,
-        },
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/megatron-to-hf.yaml"
     );
-    c.metadata.namespace = Some("training".into());
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let mut c: CheckpointConversion = serde_yaml_ng::from_str(&text).expect("the example parses");
     c.metadata.generation = Some(1);
     c.metadata.creation_timestamp = Some(at(1_000));
     c

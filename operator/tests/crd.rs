@@ -95,6 +95,56 @@ fn output_defining_fields_are_immutable_and_job_knobs_are_not() {
     check(&new, Some(&old)).unwrap();
 }
 
+/// Regression (issue 10, finding 2): a rule on an optional field runs only when an
+/// old value exists, so the parent compares presence, for every optional field that
+/// defines the output.
+#[test]
+fn optional_output_fields_can_be_neither_added_nor_removed() {
+    let old = spec();
+    for (field, value) in [
+        ("lora", json!({"backend": "hf_peft"})),
+        ("parallelism", json!({"tp": 2})),
+        ("validation", json!({"enabled": false})),
+    ] {
+        let mut new = spec();
+        new[field] = value.clone();
+        let err = check(&new, Some(&old)).unwrap_err();
+        assert!(
+            err.contains(&format!("{field} is immutable")),
+            "{field}: {err}"
+        );
+        // And once set at creation, it cannot go.
+        let mut with = spec();
+        with[field] = value;
+        let err = check(&spec(), Some(&with)).unwrap_err();
+        assert!(
+            err.contains(&format!("{field} is immutable")),
+            "{field}: {err}"
+        );
+    }
+    for field in ["baseModel", "dtype"] {
+        let mut new = spec();
+        new.as_object_mut().unwrap().remove(field);
+        let err = check(&new, Some(&old)).unwrap_err();
+        assert!(
+            err.contains(&format!("{field} is immutable")),
+            "{field}: {err}"
+        );
+    }
+    // retry only goes up; job settings and a first retry are free.
+    let mut raised = spec();
+    raised["retry"] = json!(2);
+    check(&raised, Some(&old)).unwrap();
+    let mut lowered = spec();
+    lowered["retry"] = json!(1);
+    assert!(
+        check(&lowered, Some(&raised))
+            .unwrap_err()
+            .contains("retry may only be raised")
+    );
+    assert!(check(&spec(), Some(&raised)).is_err());
+}
+
 #[test]
 fn crd_schema_bounds_strings_and_lists_for_cel_cost() {
     let crd = serde_json::to_value(CheckpointConversion::crd()).unwrap();
@@ -104,4 +154,14 @@ fn crd_schema_bounds_strings_and_lists_for_cel_cost() {
     assert_eq!(props["parallelism"]["properties"]["tp"]["minimum"], 1.0);
     let status = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"];
     assert_eq!(status["conditions"]["x-kubernetes-list-type"], "map");
+    // kubectl get shows why and what, not only the phase.
+    let columns: Vec<&str> = crd["spec"]["versions"][0]["additionalPrinterColumns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["jsonPath"].as_str().unwrap())
+        .collect();
+    for path in [".status.phase", ".status.reason", ".status.message"] {
+        assert!(columns.contains(&path), "{columns:?}");
+    }
 }

@@ -58,14 +58,34 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
+{{/*
+The namespaces the operator watches, one per line: watchNamespaces, or the release
+namespace. Empty with clusterWide (all namespaces).
+*/}}
+{{- define "ckpt-operator.watchedNamespaces" -}}
+{{- if .Values.clusterWide }}
+{{- if .Values.watchNamespaces }}
+{{- fail "clusterWide watches every namespace: leave watchNamespaces empty" }}
+{{- end }}
+{{- else if .Values.watchNamespaces }}
+{{- range .Values.watchNamespaces }}
+{{ . }}
+{{- end }}
+{{- else }}
+{{ .Release.Namespace }}
+{{- end }}
+{{- end }}
+
 {{/* The namespaces the converter ServiceAccount is created in, one per line. */}}
 {{- define "ckpt-operator.converterNamespaces" -}}
 {{- if .Values.converter.serviceAccount.namespaces }}
 {{- range .Values.converter.serviceAccount.namespaces }}
 {{ . }}
 {{- end }}
+{{- else if .Values.clusterWide }}
+{{ .Release.Namespace }}
 {{- else }}
-{{ default .Release.Namespace .Values.watchNamespace }}
+{{ include "ckpt-operator.watchedNamespaces" . }}
 {{- end }}
 {{- end }}
 
@@ -93,12 +113,13 @@ annotations:
 {{- end }}
 
 {{/*
-The rules of the operator's (Cluster)Role: exactly the calls in operator/src
-(controller.rs, the kube runtime's watcher and event recorder). Keep in sync with
-the expected rules in operator/tests/chart.rs.
+The rules of the operator's Roles (or ClusterRole): exactly the calls in operator/src
+(controller.rs, claim.rs, the kube runtime's watcher and event recorder). Keep in sync
+with the expected rules in operator/tests/cluster/chart.rs.
 */}}
 {{- define "ckpt-operator.rules" -}}
-# Watch resources (Controller::new), read them.
+# Watch resources (Controller::new), and read each afresh before deciding (and the
+# owner of a claimed target).
 - apiGroups: ["ckpt.dev"]
   resources: ["checkpointconversions"]
   verbs: ["get", "list", "watch"]
@@ -112,18 +133,30 @@ the expected rules in operator/tests/chart.rs.
 - apiGroups: ["ckpt.dev"]
   resources: ["checkpointconversions/finalizers"]
   verbs: ["update"]
-# Owned Jobs: watched (Controller::owns), read and created per generation.
+# Owned Jobs: watched (Controller::owns), listed per resource, created per run.
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create"]
-# The Job's pods, listed for exit codes and termination messages.
+  verbs: ["list", "watch", "create"]
+# The Jobs' pods: watched and listed for exit codes, termination messages and why
+# a pod waits.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list"]
+  verbs: ["list", "watch"]
+# The Jobs' events: why a Job has no pod (FailedCreate: a missing ServiceAccount,
+# a quota).
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["list", "watch"]
 # Preflight: do the claims exist?
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]
   verbs: ["get"]
+# Target claim records, one Lease per claim (claim.rs). Each holder is an owner
+# reference of the record; the OwnerReferencesPermissionEnforcement admission plugin
+# lets only who may delete an object change its owner references.
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["get", "create", "update", "delete"]
 # Events on every transition (kube::runtime::events::Recorder creates, then patches series).
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]

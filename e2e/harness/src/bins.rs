@@ -56,7 +56,13 @@ pub fn k8s_bin_dir() -> Result<PathBuf> {
 }
 
 fn run_build_script() -> Result<PathBuf> {
-    let script = workspace_root().join("e2e/k8s/build.sh");
+    build_script_output("e2e/k8s/build.sh")
+}
+
+/// Runs a build script of ours (its progress goes to this process's stderr) and
+/// returns the last line of its stdout: where its product is.
+fn build_script_output(rel: &str) -> Result<PathBuf> {
+    let script = workspace_root().join(rel);
     let output = Command::new("bash")
         .arg(&script)
         .stdin(Stdio::null())
@@ -82,6 +88,32 @@ fn run_build_script() -> Result<PathBuf> {
             message: format!("{} printed no bin directory", script.display()),
         }),
     }
+}
+
+/// `argocd-health`, which runs an Argo CD health script with Argo CD's Lua engine
+/// (gopher-lua) as Argo CD does: `$CKPT_ARGOCD_HEALTH_BIN`, else what
+/// `e2e/argocd-lua/build.sh` builds and caches (a few seconds the first time; needs
+/// Go). Remembered for the life of the process.
+pub fn argocd_health_binary() -> Result<PathBuf> {
+    static CACHED: Mutex<Option<PathBuf>> = Mutex::new(None);
+    let mut cached = CACHED.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(bin) = cached.as_ref() {
+        return Ok(bin.clone());
+    }
+    let bin = match std::env::var_os("CKPT_ARGOCD_HEALTH_BIN") {
+        Some(bin) => PathBuf::from(bin),
+        None => build_script_output("e2e/argocd-lua/build.sh")?,
+    };
+    if !is_executable(&bin) {
+        return Err(Error::Binaries {
+            message: format!(
+                "{}: missing or not executable (CKPT_ARGOCD_HEALTH_BIN or e2e/argocd-lua/build.sh, which needs Go)",
+                bin.display()
+            ),
+        });
+    }
+    *cached = Some(bin.clone());
+    Ok(bin)
 }
 
 fn is_executable(path: &Path) -> bool {

@@ -48,6 +48,36 @@ pub struct ControlPlaneOptions {
     pub stop_grace: Duration,
     /// Extra kube-apiserver flags (`--flag=value`), appended last.
     pub extra_apiserver_args: Vec<String>,
+    /// Admission plugins turned on besides the apiserver's defaults.
+    pub enable_admission_plugins: Vec<String>,
+    /// Write an audit log of the requests ServiceAccounts make (see
+    /// [`ControlPlane::denied_requests`]).
+    pub audit_service_accounts: bool,
+    /// Default admission plugins turned off. Default: `ServiceAccount`, because no
+    /// ServiceAccount controller runs to create the `default` accounts it requires;
+    /// [`ControlPlaneOptions::cluster_like`] runs one and keeps the plugin.
+    pub disable_admission_plugins: Vec<String>,
+}
+
+impl ControlPlaneOptions {
+    /// Closer to a real cluster: the `ServiceAccount` admission plugin on (a pod
+    /// naming a ServiceAccount that does not exist is refused, as a Job's events then
+    /// say) with kube-controller-manager's ServiceAccount controller creating each
+    /// namespace's `default` account, and `OwnerReferencesPermissionEnforcement` on
+    /// (setting `blockOwnerDeletion` needs permission to update the owner's
+    /// finalizers). Pods must then set `automountServiceAccountToken: false`: the node
+    /// stand-in cannot emulate the token volume the plugin would add otherwise.
+    pub fn cluster_like() -> Self {
+        let mut opts = ControlPlaneOptions::default();
+        opts.controllers.push("serviceaccount-controller".into());
+        opts.enable_admission_plugins = vec![
+            "ServiceAccount".into(),
+            "OwnerReferencesPermissionEnforcement".into(),
+        ];
+        opts.disable_admission_plugins.clear();
+        opts.audit_service_accounts = true;
+        opts
+    }
 }
 
 impl Default for ControlPlaneOptions {
@@ -59,6 +89,9 @@ impl Default for ControlPlaneOptions {
             startup_timeout: Duration::from_secs(90),
             stop_grace: Duration::from_secs(5),
             extra_apiserver_args: Vec::new(),
+            enable_admission_plugins: Vec::new(),
+            disable_admission_plugins: vec!["ServiceAccount".into()],
+            audit_service_accounts: false,
         }
     }
 }
@@ -125,6 +158,21 @@ impl Boot {
         }
     }
 }
+
+/// The audit log, in the control plane's directory.
+const AUDIT_LOG: &str = "audit.log";
+/// Every request of a ServiceAccount, without bodies; nothing else.
+const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: Metadata
+    userGroups: [\"system:serviceaccounts\"]
+  - level: None
+";
+
+/// How many times [`ControlPlane::start`] picks new ports after a clash.
+pub const PORT_ATTEMPTS: usize = 5;
 
 fn free_ports<const N: usize>() -> Result<[u16; N]> {
     // Hold all listeners until every port is chosen, so the N ports differ.
@@ -196,7 +244,27 @@ impl ControlPlane {
     /// certificates, ports and temp dir, and waits until the apiserver is ready
     /// (`/readyz`, the `default` namespace exists) and kube-controller-manager
     /// holds its leader lease. Takes about 15 s on 2 cores once the binaries exist.
+    ///
+    /// Ports are chosen by binding port 0 and releasing it, since etcd and
+    /// kube-apiserver must be told theirs; another process may take one in between.
+    /// A component that then exits because its address is in use is started again
+    /// on fresh ports (up to [`PORT_ATTEMPTS`] times), any other failure is returned.
     pub async fn start(opts: ControlPlaneOptions) -> Result<ControlPlane> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(&opts).await {
+                Err(e) if e.address_in_use() && attempt < PORT_ATTEMPTS => {
+                    eprintln!(
+                        "ckpt-testcluster: a port was taken before its component bound it (attempt {attempt}); starting again on new ports: {e}"
+                    );
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn start_once(opts: &ControlPlaneOptions) -> Result<ControlPlane> {
         let bin_dir = match opts.bin_dir.clone() {
             Some(dir) => dir,
             None => tokio::task::spawn_blocking(bins::k8s_bin_dir)
@@ -264,11 +332,28 @@ impl ControlPlane {
             format!("--service-account-key-file={}", s(&certs.sa_pub)),
             format!("--service-account-signing-key-file={}", s(&certs.sa_key)),
             "--service-cluster-ip-range=10.0.0.0/24".to_string(),
-            // No ServiceAccount controller runs, so pods get no token volume.
-            "--disable-admission-plugins=ServiceAccount".to_string(),
             "--allow-privileged=true".to_string(),
             format!("--cert-dir={}", s(&dir.join("apiserver-certs"))),
         ];
+        for (flag, plugins) in [
+            ("enable", &opts.enable_admission_plugins),
+            ("disable", &opts.disable_admission_plugins),
+        ] {
+            if !plugins.is_empty() {
+                api_args.push(format!("--{flag}-admission-plugins={}", plugins.join(",")));
+            }
+        }
+        if opts.audit_service_accounts {
+            let policy = dir.join("audit-policy.yaml");
+            std::fs::write(&policy, AUDIT_POLICY).map_err(|e| Error::io(&policy, e))?;
+            api_args.extend([
+                format!("--audit-policy-file={}", s(&policy)),
+                format!("--audit-log-path={}", s(&dir.join(AUDIT_LOG))),
+                // Written while the request is handled, not batched later.
+                "--audit-log-mode=blocking".to_string(),
+                "--audit-log-format=json".to_string(),
+            ]);
+        }
         api_args.extend(opts.extra_apiserver_args.iter().cloned());
         boot.processes.push(ManagedProcess::spawn(
             "kube-apiserver",
@@ -381,9 +466,18 @@ impl ControlPlane {
     /// ([`ControlPlane::new_namespace`]). If starting fails, every caller gets
     /// the same error without trying again.
     pub async fn shared() -> Result<&'static ControlPlane> {
+        Self::shared_with(ControlPlaneOptions::default).await
+    }
+
+    /// Like [`ControlPlane::shared`], started with `options()` by the first caller
+    /// (a test binary should always pass the same options; later callers' are not
+    /// used).
+    pub async fn shared_with(
+        options: impl FnOnce() -> ControlPlaneOptions,
+    ) -> Result<&'static ControlPlane> {
         let result = SHARED
             .get_or_init(|| async {
-                let result = ControlPlane::start(ControlPlaneOptions::default())
+                let result = ControlPlane::start(options())
                     .await
                     .map_err(|e| e.to_string());
                 if result.is_ok() {
@@ -443,6 +537,38 @@ impl ControlPlane {
             .iter()
             .map(|p| (p.name.clone(), p.pid()))
             .collect()
+    }
+
+    /// The requests of `user` (`system:serviceaccount:NS:NAME`) that the apiserver
+    /// refused with 403, as `VERB RESOURCE NAMESPACE/NAME: MESSAGE` lines, from its
+    /// audit log: what RBAC denied, whatever the client logged. Needs
+    /// [`ControlPlaneOptions::audit_service_accounts`].
+    ///
+    /// # Errors
+    /// When the audit log cannot be read (not enabled, or an I/O error).
+    pub fn denied_requests(&self, user: &str) -> Result<Vec<String>> {
+        let path = self.dir.join(AUDIT_LOG);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        Ok(text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["user"]["username"] == user && e["responseStatus"]["code"] == 403)
+            .map(|e| {
+                let o = &e["objectRef"];
+                format!(
+                    "{} {}{} {}/{}: {}",
+                    e["verb"].as_str().unwrap_or("?"),
+                    o["resource"].as_str().unwrap_or("?"),
+                    o["subresource"]
+                        .as_str()
+                        .map(|s| format!("/{s}"))
+                        .unwrap_or_default(),
+                    o["namespace"].as_str().unwrap_or("-"),
+                    o["name"].as_str().unwrap_or("-"),
+                    e["responseStatus"]["message"].as_str().unwrap_or("")
+                )
+            })
+            .collect())
     }
 
     /// The last `lines` lines of `etcd`, `kube-apiserver` or

@@ -56,7 +56,7 @@ mod error;
 mod process;
 mod standin;
 
-pub use bins::{K8S_BINARIES, converter_binary, k8s_bin_dir, workspace_root};
+pub use bins::{K8S_BINARIES, argocd_health_binary, converter_binary, k8s_bin_dir, workspace_root};
 pub use control_plane::{ControlPlane, ControlPlaneOptions, DEFAULT_CONTROLLERS};
 pub use error::{Error, Result};
 pub use standin::status::{

@@ -55,6 +55,9 @@ pub use plan::{REASON_CANNOT_EMULATE, REASON_PVC_NOT_FOUND};
 use sandbox::{BindMount, Sandbox};
 use status::Terminated;
 
+/// How long [`NodeStandIn::start`] waits for the pod watch's initial list.
+const INITIAL_LIST_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// What the stand-in may run and where its volumes live.
 #[derive(Debug, Clone)]
 pub struct StandInConfig {
@@ -69,6 +72,10 @@ pub struct StandInConfig {
     pub binaries: HashMap<String, PathBuf>,
     /// PersistentVolumeClaim name → local directory.
     pub pvcs: HashMap<String, PathBuf>,
+    /// Claims whose storage is read-only whatever the pod asks (a read-only export,
+    /// a full or write-protected volume): every mount of them is read-only, so a
+    /// write fails with `EROFS` as it would on such a volume.
+    pub read_only_pvcs: HashSet<String>,
     /// The image's entrypoint, used when a container sets no `command`.
     pub entrypoint: Vec<String>,
     /// Absolute paths that may pass through unchanged although no volume is
@@ -87,6 +94,7 @@ impl StandInConfig {
             any_tag: false,
             binaries: HashMap::new(),
             pvcs: HashMap::new(),
+            read_only_pvcs: HashSet::new(),
             entrypoint: Vec::new(),
             passthrough_paths: vec!["/dev/null".to_string()],
             extra_env: Vec::new(),
@@ -114,6 +122,15 @@ impl StandInConfig {
     /// Maps a PersistentVolumeClaim to a local directory.
     pub fn pvc(mut self, claim: impl Into<String>, dir: impl Into<PathBuf>) -> Self {
         self.pvcs.insert(claim.into(), dir.into());
+        self
+    }
+
+    /// Maps a PersistentVolumeClaim to a local directory whose storage is
+    /// read-only (see [`StandInConfig::read_only_pvcs`]).
+    pub fn read_only_pvc(mut self, claim: impl Into<String>, dir: impl Into<PathBuf>) -> Self {
+        let claim = claim.into();
+        self.read_only_pvcs.insert(claim.clone());
+        self.pvcs.insert(claim, dir.into());
         self
     }
 
@@ -265,13 +282,15 @@ impl NodeStandIn {
         });
         let (ready_tx, ready_rx) = oneshot::channel();
         let task = tokio::spawn(watch_pods(shared.clone(), ready_tx));
-        match tokio::time::timeout(Duration::from_secs(30), ready_rx).await {
+        // A bound for a broken apiserver, not a pace: a loaded machine lists slowly.
+        match tokio::time::timeout(INITIAL_LIST_TIMEOUT, ready_rx).await {
             Ok(Ok(())) => {}
             _ => {
                 task.abort();
                 return Err(Error::Sandbox {
-                    message: "the pod watch did not deliver its initial list within 30 s"
-                        .to_string(),
+                    message: format!(
+                        "the pod watch did not deliver its initial list within {INITIAL_LIST_TIMEOUT:?}"
+                    ),
                 });
             }
         }

@@ -327,7 +327,11 @@ pub(crate) fn plan(pod: &Pod, config: &StandInConfig, run_dir: &Path) -> Result<
             }
             volumes.insert(
                 &v.name,
-                Source::Dir(dir.clone(), pvc.read_only.unwrap_or(false)),
+                Source::Dir(
+                    dir.clone(),
+                    pvc.read_only.unwrap_or(false)
+                        || config.read_only_pvcs.contains(&pvc.claim_name),
+                ),
             );
         } else if v.empty_dir.is_some() {
             volumes.insert(&v.name, Source::Empty);

@@ -1,55 +1,42 @@
 //! The Helm chart `charts/ckpt-operator`: its CRD is `crds/` verbatim, it lints (also
 //! `--strict`), its schema refuses wrong types and unknown keys, it renders what the
-//! operator's flags expect, the rendered manifests pass a server-side dry run against a
+//! operator's flags expect, the rendered manifests pass a server-side dry run against the
 //! real kube-apiserver, and a real `helm install` creates an established CRD, RBAC with
-//! exactly the verbs the operator uses, and ServiceAccounts under which the operator binary
-//! starts, leads, and creates a conversion Job without a single denied call.
-//!
-//! helm, kubectl and the control plane come from `e2e/k8s/build.sh` (`CKPT_K8S_BIN`); when
-//! they are missing the tests fail with the harness's message, never skip.
+//! exactly the verbs the operator uses in exactly the namespaces it watches (a
+//! cluster-wide role only when asked for), and ServiceAccounts under which the operator
+//! binary starts, leads, and creates a conversion Job without a single denied call.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
-use std::time::{Duration, Instant};
 
-use ckpt_testcluster::ControlPlane;
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role};
+use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
-use kube::api::{Api, ApiResource, DynamicObject, PostParams};
-use kube::runtime::wait::{await_condition, conditions};
+use kube::api::{Api, PostParams};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::io::AsyncWriteExt;
 
-const CRD_NAME: &str = "checkpointconversions.ckpt.dev";
+use crate::support::{
+    CRD_NAME, CRD_NAMESPACE, CRD_RELEASE, Run, Waiting, chart_dir as chart, cp, crd_installed,
+    helm_local as helm_template, kubectl, root,
+};
+
 const CRD_FILE: &str = "crds/checkpointconversions.ckpt.dev.yaml";
 const CRD_TEMPLATE: &str =
     "charts/ckpt-operator/templates/crds/checkpointconversions.ckpt.dev.yaml";
 const RELEASE: &str = "ckpt-operator";
-
-fn root() -> PathBuf {
-    let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    here.canonicalize().unwrap_or(here)
-}
-
-fn chart() -> String {
-    root().join("charts/ckpt-operator").display().to_string()
-}
 
 fn read(rel: &str) -> String {
     let path = root().join(rel);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// The (apiGroup, resource, verb) triples the operator's ClusterRole or Role must grant:
-/// exactly what operator/src calls.
+/// The (apiGroup, resource, verb) triples the operator's Roles (or ClusterRole) must
+/// grant: exactly what operator/src calls.
 fn operator_permissions() -> BTreeSet<(String, String, String)> {
     let mut set = BTreeSet::new();
     for (group, resource, verbs) in [
@@ -60,9 +47,15 @@ fn operator_permissions() -> BTreeSet<(String, String, String)> {
         ),
         ("ckpt.dev", "checkpointconversions/status", &["patch"]),
         ("ckpt.dev", "checkpointconversions/finalizers", &["update"]),
-        ("batch", "jobs", &["get", "list", "watch", "create"]),
-        ("", "pods", &["list"]),
+        ("batch", "jobs", &["list", "watch", "create"]),
+        ("", "pods", &["list", "watch"]),
+        ("", "events", &["list", "watch"]),
         ("", "persistentvolumeclaims", &["get"]),
+        (
+            "coordination.k8s.io",
+            "leases",
+            &["get", "create", "update", "delete"],
+        ),
         ("events.k8s.io", "events", &["create", "patch"]),
     ] {
         for verb in verbs {
@@ -98,107 +91,8 @@ fn triples(rules: &[PolicyRule]) -> BTreeSet<(String, String, String)> {
     set
 }
 
-// ---------------------------------------------------------------------------------------
-// Running helm and kubectl
-
-/// The directory with helm, kubectl and the control plane; panics with the harness's
-/// message when they are missing.
-fn bin_dir() -> PathBuf {
-    ckpt_testcluster::k8s_bin_dir().unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn helm_in(dir: &Path) -> PathBuf {
-    let helm = dir.join("helm");
-    assert!(
-        helm.is_file(),
-        "{} has no helm: e2e/k8s/build.sh builds it with the control plane (CKPT_K8S_BIN names its output directory)",
-        dir.display()
-    );
-    helm
-}
-
-struct Run {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn expect_ok(self, what: &str) -> String {
-        assert!(
-            self.ok,
-            "{what} failed:\nstdout:\n{}\nstderr:\n{}",
-            self.stdout, self.stderr
-        );
-        self.stdout
-    }
-
-    fn expect_err(self, what: &str) -> String {
-        assert!(
-            !self.ok,
-            "{what} should have failed; stdout:\n{}",
-            self.stdout
-        );
-        self.stderr
-    }
-}
-
-impl From<Output> for Run {
-    fn from(o: Output) -> Run {
-        Run {
-            ok: o.status.success(),
-            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-        }
-    }
-}
-
-/// Runs `program args` with `stdin`, helm's state in a private directory.
-async fn run(program: &Path, args: &[&str], stdin: &str) -> Run {
-    let helm_home = Path::new(env!("CARGO_TARGET_TMPDIR")).join("helm-home");
-    let mut child = tokio::process::Command::new(program)
-        .args(args)
-        .env("HELM_CACHE_HOME", helm_home.join("cache"))
-        .env("HELM_CONFIG_HOME", helm_home.join("config"))
-        .env("HELM_DATA_HOME", helm_home.join("data"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("{}: {e}", program.display()));
-    let mut input = child.stdin.take().expect("piped");
-    let data = stdin.as_bytes().to_vec();
-    let writer = tokio::spawn(async move {
-        let _ = input.write_all(&data).await;
-    });
-    let out = child.wait_with_output().await.expect("wait");
-    let _ = writer.await;
-    out.into()
-}
-
 async fn helm(args: &[&str]) -> Run {
-    run(&helm_in(&bin_dir()), args, "").await
-}
-
-async fn helm_on(cp: &ControlPlane, args: &[&str]) -> Run {
-    let kubeconfig = format!("--kubeconfig={}", cp.kubeconfig_path().display());
-    let mut all = vec![kubeconfig.as_str()];
-    all.extend_from_slice(args);
-    run(&helm_in(cp.bin_dir()), &all, "").await
-}
-
-async fn kubectl(cp: &ControlPlane, args: &[&str], stdin: &str) -> Run {
-    cp.kubectl_with_stdin(args, stdin)
-        .await
-        .unwrap_or_else(|e| panic!("kubectl: {e}"))
-        .into()
-}
-
-async fn control_plane() -> &'static ControlPlane {
-    ControlPlane::shared()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
+    helm_template(args).await
 }
 
 /// `helm template` of the chart as release `RELEASE` in `namespace`, parsed.
@@ -241,6 +135,16 @@ fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
     docs.iter()
         .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
         .unwrap_or_else(|| panic!("no {kind} {name} in {:#?}", kinds(docs)))
+}
+
+fn find_in<'a>(docs: &'a [Value], kind: &str, namespace: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| {
+            d["kind"] == kind
+                && d["metadata"]["name"] == name
+                && d["metadata"]["namespace"] == namespace
+        })
+        .unwrap_or_else(|| panic!("no {kind} {namespace}/{name} in {:#?}", kinds(docs)))
 }
 
 fn kinds(docs: &[Value]) -> Vec<String> {
@@ -325,7 +229,8 @@ async fn helm_lint_passes_also_strict() {
     for extra in [
         &[][..],
         &["--strict"],
-        &["--strict", "--set", "watchNamespace=training"],
+        &["--strict", "--set", "watchNamespaces={training,research}"],
+        &["--strict", "--set", "clusterWide=true"],
         &["--strict", "-f", "ALL"],
     ] {
         let all = all_values();
@@ -404,7 +309,12 @@ async fn the_schema_refuses_wrong_types_and_unknown_keys() {
         ("converter.backoffLimit=-1", "backoffLimit"),
         ("converter.image.pullPolicy=Sometimes", "pullPolicy"),
         ("metrics.port=0", "port"),
-        ("watchNamespace=Not_A_Namespace", "watchNamespace"),
+        ("watchNamespaces={Not_A_Namespace}", "watchNamespaces"),
+        ("clusterWide=sometimes", "clusterWide"),
+        (
+            "leaderElection.leaseDurationSeconds=1",
+            "leaseDurationSeconds",
+        ),
     ] {
         for cmd in ["lint", "template"] {
             let r = helm(&[cmd, &chart, "--set", set]).await;
@@ -422,19 +332,32 @@ async fn the_schema_refuses_wrong_types_and_unknown_keys() {
     ])
     .await;
     r.expect_err("a string for converter.serviceAccount.namespaces");
+    // Cluster-wide and a namespace list contradict each other.
+    let err = helm(&[
+        "template",
+        &chart,
+        "--set",
+        "clusterWide=true",
+        "--set",
+        "watchNamespaces={training}",
+    ])
+    .await
+    .expect_err("clusterWide with watchNamespaces");
+    assert!(err.contains("leave watchNamespaces empty"), "{err}");
 }
 
 #[tokio::test]
-async fn default_values_render_a_cluster_wide_operator() {
+/// Regression (issue 10): by default the operator may act in its own namespace only.
+async fn default_values_render_an_operator_for_its_own_namespace() {
     let docs = render("ckpt-system", &[]).await;
     assert_eq!(
         kinds(&docs),
         [
-            "ClusterRole -/ckpt-operator",
-            "ClusterRoleBinding -/ckpt-operator",
             "CustomResourceDefinition -/checkpointconversions.ckpt.dev",
             "Deployment ckpt-system/ckpt-operator",
+            "Role ckpt-system/ckpt-operator",
             "Role ckpt-system/ckpt-operator-leader-election",
+            "RoleBinding ckpt-system/ckpt-operator",
             "RoleBinding ckpt-system/ckpt-operator-leader-election",
             "Service ckpt-system/ckpt-operator-metrics",
             "ServiceAccount ckpt-system/ckpt-operator",
@@ -457,16 +380,16 @@ async fn default_values_render_a_cluster_wide_operator() {
         "the rendered CRD differs from {CRD_FILE}"
     );
 
-    // RBAC: exactly the operator's calls, cluster-wide; the Lease in the release namespace.
+    // RBAC: exactly the operator's calls, in its namespace; the Lease there too.
     assert_eq!(
-        rules_of(find(&docs, "ClusterRole", RELEASE)),
+        rules_of(find_in(&docs, "Role", "ckpt-system", RELEASE)),
         operator_permissions()
     );
     assert_eq!(
         rules_of(find(&docs, "Role", "ckpt-operator-leader-election")),
         lease_permissions()
     );
-    let binding = find(&docs, "ClusterRoleBinding", RELEASE);
+    let binding = find_in(&docs, "RoleBinding", "ckpt-system", RELEASE);
     assert_eq!(
         binding["subjects"],
         json!([{"kind": "ServiceAccount", "name": RELEASE, "namespace": "ckpt-system"}])
@@ -482,12 +405,15 @@ async fn default_values_render_a_cluster_wide_operator() {
         [
             "--converter-image=ghcr.io/ckpt-dev/ckpt-convert:0.1.0",
             "--converter-command=/ckpt-convert",
+            "--namespace=ckpt-system",
             "--job-backoff-limit=2",
             "--job-service-account=ckpt-operator-converter",
             "--job-run-as-user=65532",
             "--metrics-addr=0.0.0.0:8080",
             "--leader-elect",
             "--lease-name=ckpt-operator",
+            "--lease-duration-seconds=30",
+            "--lease-renew-grace-seconds=20",
             "--log-json",
         ]
     );
@@ -539,8 +465,8 @@ async fn default_values_render_a_cluster_wide_operator() {
 }
 
 #[tokio::test]
-async fn watch_namespace_renders_a_role_in_that_namespace_only() {
-    let docs = render("ckpt-system", &["watchNamespace=training"]).await;
+async fn watch_namespaces_render_a_role_in_each_and_nothing_cluster_wide() {
+    let docs = render("ckpt-system", &["watchNamespaces={training,research}"]).await;
     assert!(
         !docs
             .iter()
@@ -548,23 +474,59 @@ async fn watch_namespace_renders_a_role_in_that_namespace_only() {
         "{:#?}",
         kinds(&docs)
     );
-    let role = find(&docs, "Role", RELEASE);
-    assert_eq!(role["metadata"]["namespace"], "training");
-    assert_eq!(rules_of(role), operator_permissions());
-    let binding = find(&docs, "RoleBinding", RELEASE);
-    assert_eq!(binding["metadata"]["namespace"], "training");
-    assert_eq!(
-        binding["subjects"],
-        json!([{"kind": "ServiceAccount", "name": RELEASE, "namespace": "ckpt-system"}])
+    for ns in ["training", "research"] {
+        assert_eq!(
+            rules_of(find_in(&docs, "Role", ns, RELEASE)),
+            operator_permissions()
+        );
+        let binding = find_in(&docs, "RoleBinding", ns, RELEASE);
+        assert_eq!(
+            binding["subjects"],
+            json!([{"kind": "ServiceAccount", "name": RELEASE, "namespace": "ckpt-system"}])
+        );
+        // Converter pods run in the watched namespaces, so their account lives there.
+        find_in(&docs, "ServiceAccount", ns, "ckpt-operator-converter");
+    }
+    // Not in the release namespace, which is not watched.
+    assert!(
+        !docs.iter().any(|d| d["kind"] == "Role"
+            && d["metadata"]["name"] == RELEASE
+            && d["metadata"]["namespace"] == "ckpt-system"),
+        "{:#?}",
+        kinds(&docs)
     );
     // The Lease stays in the operator's namespace.
     let lease = find(&docs, "Role", "ckpt-operator-leader-election");
     assert_eq!(lease["metadata"]["namespace"], "ckpt-system");
-    // Converter pods run in the watched namespace, so their account lives there.
-    let sa = find(&docs, "ServiceAccount", "ckpt-operator-converter");
-    assert_eq!(sa["metadata"]["namespace"], "training");
+    let args = args_of(&docs);
     assert!(
-        args_of(&docs).contains(&"--namespace=training".to_owned()),
+        args.contains(&"--namespace=training".to_owned())
+            && args.contains(&"--namespace=research".to_owned()),
+        "{args:?}"
+    );
+}
+
+#[tokio::test]
+async fn cluster_wide_is_an_opt_in_with_a_cluster_role() {
+    let docs = render("ckpt-system", &["clusterWide=true"]).await;
+    assert_eq!(
+        rules_of(find(&docs, "ClusterRole", RELEASE)),
+        operator_permissions()
+    );
+    let binding = find(&docs, "ClusterRoleBinding", RELEASE);
+    assert_eq!(
+        binding["subjects"],
+        json!([{"kind": "ServiceAccount", "name": RELEASE, "namespace": "ckpt-system"}])
+    );
+    assert!(
+        !docs
+            .iter()
+            .any(|d| d["kind"] == "Role" && d["metadata"]["name"] == RELEASE),
+        "{:#?}",
+        kinds(&docs)
+    );
+    assert!(
+        !args_of(&docs).iter().any(|a| a.starts_with("--namespace")),
         "{:?}",
         args_of(&docs)
     );
@@ -575,7 +537,9 @@ async fn values_switch_what_they_say() {
     // No leader election: no Lease Role, no flag.
     let docs = render("ckpt-system", &["leaderElection.enabled=false"]).await;
     assert!(
-        !docs.iter().any(|d| d["kind"] == "Role"),
+        !docs.iter().any(
+            |d| d["kind"] == "Role" && d["metadata"]["name"] == "ckpt-operator-leader-election"
+        ),
         "{:#?}",
         kinds(&docs)
     );
@@ -598,6 +562,23 @@ async fn values_switch_what_they_say() {
     .await
     .expect_err("replicaCount=2 without leader election");
     assert!(err.contains("leaderElection.enabled"), "{err}");
+
+    // Lease timing.
+    let docs = render(
+        "ckpt-system",
+        &[
+            "leaderElection.leaseDurationSeconds=60",
+            "leaderElection.renewGraceSeconds=20",
+        ],
+    )
+    .await;
+    let args = args_of(&docs);
+    for want in [
+        "--lease-duration-seconds=60",
+        "--lease-renew-grace-seconds=20",
+    ] {
+        assert!(args.contains(&want.to_owned()), "{want} not in {args:?}");
+    }
 
     // CRD switches.
     let docs = render("ckpt-system", &["crds.install=false"]).await;
@@ -764,9 +745,10 @@ async fn the_operator_binary_accepts_the_rendered_flags() {
     for sets in [
         &[][..],
         &[
-            "watchNamespace=training",
+            "watchNamespaces={training,research}",
             "converter.ttlSecondsAfterFinished=600",
         ],
+        &["clusterWide=true"],
         &[
             "logJson=false",
             "leaderElection.enabled=false",
@@ -797,16 +779,22 @@ async fn the_operator_binary_accepts_the_rendered_flags() {
 
 #[tokio::test]
 async fn the_rendered_chart_passes_a_server_side_dry_run() {
-    let cp = control_plane().await;
+    let cp = cp().await;
     let ns = cp.new_namespace("chart-dry-run").await.unwrap();
+    let other = cp.new_namespace("chart-dry-run-watched").await.unwrap();
     let chart = chart();
     let all = all_values();
-    let watch = format!("watchNamespace={ns}");
-    for extra in [&[][..], &["--set", &watch], &["-f", &all]] {
+    let watch = format!("watchNamespaces={{{ns},{other}}}");
+    for extra in [
+        &[][..],
+        &["--set", &watch],
+        &["--set", "clusterWide=true"],
+        &["-f", &all],
+    ] {
         let mut args = vec!["template", RELEASE, chart.as_str(), "--namespace", &ns];
         args.extend_from_slice(extra);
         let yaml = helm(&args).await.expect_ok("helm template");
-        let out = kubectl(cp, &["apply", "--dry-run=server", "-f", "-"], &yaml)
+        let out = kubectl(&["apply", "--dry-run=server", "-f", "-"], &yaml)
             .await
             .expect_ok(&format!(
                 "kubectl apply --dry-run=server of helm {}",
@@ -860,8 +848,8 @@ async fn access(client: &Client, user: &str, ns: Option<&str>, attrs: (&str, &st
 }
 
 /// Creates (or keeps) namespace `name`.
-async fn namespace(cp: &ControlPlane, name: &str) {
-    let r = kubectl(cp, &["create", "namespace", name], "").await;
+async fn namespace(name: &str) {
+    let r = kubectl(&["create", "namespace", name], "").await;
     assert!(
         r.ok || r.stderr.contains("AlreadyExists"),
         "creating namespace {name}: {}",
@@ -870,96 +858,135 @@ async fn namespace(cp: &ControlPlane, name: &str) {
 }
 
 /// A real `helm install` and what it creates; the examples against its CRD; the operator
-/// binary run as the chart deploys it; a second, namespaced release; upgrade; uninstall
-/// keeps the CRD. One test, because the CRD is one per cluster.
+/// binary run as the chart deploys it; a cluster-wide release for who opts in; upgrade;
+/// uninstall keeps the CRD. The CRD is one per cluster: it came with the first release
+/// ([`crd_installed`], the chart's defaults), which this test checks and finally
+/// uninstalls.
 #[tokio::test]
 async fn helm_install_creates_a_working_operator_setup() {
-    let cp = control_plane().await;
+    let cp = cp().await;
     let client = cp.client();
+    crd_installed().await;
+    check_crd(&client).await;
     let ns = cp.new_namespace("chart-install").await.unwrap();
     // The examples' namespace; only this test uses it.
-    namespace(cp, "training").await;
+    namespace("training").await;
     let chart = chart();
 
     // Wrong values are refused by install too, before anything is created.
-    let err = helm_on(
-        cp,
-        &[
-            "install",
-            "bad",
-            &chart,
-            "-n",
-            &ns,
-            "--set",
-            "replicaCount=two",
-        ],
-    )
+    let err = crate::support::helm(&[
+        "install",
+        "bad",
+        &chart,
+        "-n",
+        &ns,
+        "--set",
+        "replicaCount=two",
+    ])
     .await
     .expect_err("helm install with replicaCount=two");
     assert!(err.contains("replicaCount"), "{err}");
 
-    let sets = [format!(
-        "converter.serviceAccount.namespaces={{{ns},training}}"
-    )];
+    let sets = ["watchNamespaces={training}", "crds.install=false"];
     let mut args = vec!["install", RELEASE, chart.as_str(), "-n", ns.as_str()];
     for s in &sets {
-        args.extend(["--set", s.as_str()]);
+        args.extend(["--set", s]);
     }
-    let started = Instant::now();
-    let notes = helm_on(cp, &args).await.expect_ok("helm install");
-    eprintln!("helm install: {:?}", started.elapsed());
+    let notes = crate::support::helm(&args).await.expect_ok("helm install");
     for want in [
         "kubectl apply -f examples/megatron-to-hf.yaml",
-        "It watches all namespaces (leader election on, 1 replica(s)).",
-        &format!("created in: {ns}, training."),
+        "It watches namespace training (leader election on, 1 replica(s)).",
+        "Conversions in any other namespace are not seen.",
+        "--set 'watchNamespaces={training,NEW-NAMESPACE}'",
+        "created in: training.",
     ] {
         assert!(notes.contains(want), "{want:?} not in the NOTES:\n{notes}");
     }
+    check_installed_objects(&client, &ns).await;
+    check_examples().await;
+    let docs = render(&ns, &sets).await;
+    run_operator_as_deployed(&client, &ns, &docs).await;
+    check_cluster_wide_release(&client, &ns).await;
 
-    let started = Instant::now();
-    check_installed_objects(cp, &client, &ns).await;
-    eprintln!("CRD, RBAC and account checks: {:?}", started.elapsed());
-
-    let started = Instant::now();
-    check_examples(cp).await;
-    eprintln!("examples: {:?}", started.elapsed());
-
-    let started = Instant::now();
-    let set_refs: Vec<&str> = sets.iter().map(String::as_str).collect();
-    let docs = render(&ns, &set_refs).await;
-    run_operator_as_deployed(cp, &client, &ns, &docs).await;
-    eprintln!(
-        "operator under the chart's account: {:?}",
-        started.elapsed()
-    );
-
-    let started = Instant::now();
-    check_namespaced_release(cp, &client, &ns).await;
-    eprintln!("namespaced release: {:?}", started.elapsed());
-
-    // Upgrade re-applies the CRD template; uninstall keeps the CRD.
-    helm_on(
-        cp,
-        &[
-            "upgrade",
-            RELEASE,
-            &chart,
-            "-n",
-            &ns,
-            "--reuse-values",
-            "--set",
-            "replicaCount=2",
-        ],
-    )
+    // Upgrade re-applies what the values say; uninstall takes the Roles along.
+    crate::support::helm(&[
+        "upgrade",
+        RELEASE,
+        &chart,
+        "-n",
+        &ns,
+        "--reuse-values",
+        "--set",
+        "replicaCount=2",
+    ])
     .await
     .expect_ok("helm upgrade");
-    helm_on(cp, &["uninstall", RELEASE, "-n", &ns])
+    crate::support::helm(&["uninstall", RELEASE, "-n", &ns])
         .await
         .expect_ok("helm uninstall");
+    assert!(
+        Api::<Role>::namespaced(client.clone(), "training")
+            .get_opt(RELEASE)
+            .await
+            .unwrap()
+            .is_none(),
+        "the Role goes with the release"
+    );
+    // The first release's CRD survives its uninstall (crds.keep).
+    crate::support::helm(&["uninstall", CRD_RELEASE, "-n", CRD_NAMESPACE])
+        .await
+        .expect_ok("helm uninstall of the CRD release");
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     assert!(
         crds.get_opt(CRD_NAME).await.unwrap().is_some(),
         "crds.keep: the CRD survives helm uninstall"
+    );
+}
+
+/// The CRD a real `helm install` created: established, Helm's, kept on uninstall.
+async fn check_crd(client: &Client) {
+    let crd = Api::<CustomResourceDefinition>::all(client.clone())
+        .get(CRD_NAME)
+        .await
+        .unwrap();
+    let established = crd
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+        });
+    assert!(established, "{:#?}", crd.status);
+    assert_eq!(
+        crd.metadata
+            .annotations
+            .clone()
+            .unwrap_or_default()
+            .get("helm.sh/resource-policy")
+            .map(String::as_str),
+        Some("keep")
+    );
+    assert_eq!(
+        crd.metadata
+            .labels
+            .unwrap_or_default()
+            .get("app.kubernetes.io/managed-by")
+            .map(String::as_str),
+        Some("Helm")
+    );
+}
+
+async fn check_installed_objects(client: &Client, ns: &str) {
+    // RBAC: exactly the operator's calls, in the watched namespace only.
+    let role = Api::<Role>::namespaced(client.clone(), "training")
+        .get(RELEASE)
+        .await
+        .unwrap();
+    assert_eq!(
+        triples(role.rules.as_deref().unwrap_or_default()),
+        operator_permissions(),
+        "Role training/{RELEASE}"
     );
     assert!(
         Api::<ClusterRole>::all(client.clone())
@@ -967,40 +994,7 @@ async fn helm_install_creates_a_working_operator_setup() {
             .await
             .unwrap()
             .is_none(),
-        "the ClusterRole goes with the release"
-    );
-}
-
-async fn check_installed_objects(cp: &ControlPlane, client: &Client, ns: &str) {
-    let _ = cp;
-    // The CRD is established and kept on uninstall.
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        await_condition(crds.clone(), CRD_NAME, conditions::is_crd_established()),
-    )
-    .await
-    .expect("the CRD is established within 30 s")
-    .unwrap();
-    let crd = crds.get(CRD_NAME).await.unwrap();
-    assert_eq!(
-        crd.metadata
-            .annotations
-            .unwrap_or_default()
-            .get("helm.sh/resource-policy")
-            .map(String::as_str),
-        Some("keep")
-    );
-
-    // RBAC: exactly the operator's calls.
-    let cluster_role = Api::<ClusterRole>::all(client.clone())
-        .get(RELEASE)
-        .await
-        .unwrap();
-    assert_eq!(
-        triples(cluster_role.rules.as_deref().unwrap_or_default()),
-        operator_permissions(),
-        "ClusterRole {RELEASE}"
+        "no ClusterRole unless clusterWide"
     );
     let lease_role = Api::<Role>::namespaced(client.clone(), ns)
         .get("ckpt-operator-leader-election")
@@ -1010,7 +1004,7 @@ async fn check_installed_objects(cp: &ControlPlane, client: &Client, ns: &str) {
         triples(lease_role.rules.as_deref().unwrap_or_default()),
         lease_permissions()
     );
-    let binding = Api::<ClusterRoleBinding>::all(client.clone())
+    let binding = Api::<RoleBinding>::namespaced(client.clone(), "training")
         .get(RELEASE)
         .await
         .unwrap();
@@ -1024,27 +1018,33 @@ async fn check_installed_objects(cp: &ControlPlane, client: &Client, ns: &str) {
         ("ServiceAccount", RELEASE, Some(ns))
     );
 
-    // The accounts.
+    // The accounts: the operator's in its namespace, the converter's where it runs.
     Api::<ServiceAccount>::namespaced(client.clone(), ns)
         .get(RELEASE)
         .await
         .expect("the operator ServiceAccount");
-    for n in [ns, "training"] {
-        let converter = Api::<ServiceAccount>::namespaced(client.clone(), n)
-            .get("ckpt-operator-converter")
-            .await
-            .unwrap_or_else(|e| panic!("converter ServiceAccount in {n}: {e}"));
-        assert_eq!(converter.automount_service_account_token, Some(false));
-    }
+    let converter = Api::<ServiceAccount>::namespaced(client.clone(), "training")
+        .get("ckpt-operator-converter")
+        .await
+        .expect("converter ServiceAccount in training");
+    assert_eq!(converter.automount_service_account_token, Some(false));
 
-    // What the apiserver's authorizer lets the operator do, and what not.
+    // What the apiserver's authorizer lets the operator do, and where not.
     let user = format!("system:serviceaccount:{ns}:{RELEASE}");
     for (group, resource, verb) in operator_permissions() {
         assert!(
             access(client, &user, Some("training"), (&group, &resource, &verb)).await,
             "{user} may not {verb} {resource}.{group} in training"
         );
+        assert!(
+            !access(client, &user, Some("default"), (&group, &resource, &verb)).await,
+            "{user} may {verb} {resource}.{group} in a namespace it does not watch"
+        );
     }
+    assert!(
+        !access(client, &user, None, ("batch", "jobs", "create")).await,
+        "the operator may create Jobs in every namespace"
+    );
     for (_, _, verb) in lease_permissions() {
         assert!(
             access(
@@ -1059,16 +1059,16 @@ async fn check_installed_objects(cp: &ControlPlane, client: &Client, ns: &str) {
     for denied in [
         ("", "secrets", "get"),
         ("", "pods", "get"),
-        ("", "pods", "watch"),
         ("", "pods", "create"),
+        ("", "events", "create"),
+        ("batch", "jobs", "get"),
         ("batch", "jobs", "delete"),
         ("batch", "jobs", "patch"),
         ("ckpt.dev", "checkpointconversions", "update"),
         ("ckpt.dev", "checkpointconversions", "delete"),
         ("ckpt.dev", "checkpointconversions/status", "update"),
         ("", "persistentvolumeclaims", "list"),
-        ("", "events", "create"),
-        ("coordination.k8s.io", "leases", "get"),
+        ("coordination.k8s.io", "leases", "patch"),
     ] {
         assert!(
             !access(client, &user, Some("training"), denied).await,
@@ -1078,7 +1078,7 @@ async fn check_installed_objects(cp: &ControlPlane, client: &Client, ns: &str) {
 }
 
 /// Four examples are accepted by the installed CRD, one is refused by its CEL rule.
-async fn check_examples(cp: &ControlPlane) {
+async fn check_examples() {
     for example in [
         "hf-to-megatron.yaml",
         "megatron-to-hf.yaml",
@@ -1086,7 +1086,7 @@ async fn check_examples(cp: &ControlPlane) {
         "merge-lora-megatron-bridge.yaml",
     ] {
         let path = root().join("examples").join(example).display().to_string();
-        kubectl(cp, &["apply", "--dry-run=server", "-f", &path], "")
+        kubectl(&["apply", "--dry-run=server", "-f", &path], "")
             .await
             .expect_ok(&format!(
                 "kubectl apply --dry-run=server -f examples/{example}"
@@ -1096,7 +1096,7 @@ async fn check_examples(cp: &ControlPlane) {
         .join("examples/illegal-target-inside-source.yaml")
         .display()
         .to_string();
-    let err = kubectl(cp, &["apply", "--dry-run=server", "-f", &path], "")
+    let err = kubectl(&["apply", "--dry-run=server", "-f", &path], "")
         .await
         .expect_err("examples/illegal-target-inside-source.yaml");
     assert!(
@@ -1107,34 +1107,16 @@ async fn check_examples(cp: &ControlPlane) {
     );
 }
 
-/// GET http://127.0.0.1:PORT/PATH, the body when the status is 200.
-async fn http_get(port: u16, path: &str) -> Option<String> {
-    use tokio::io::AsyncReadExt;
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).await.ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    (head.split(' ').nth(1) == Some("200")).then(|| body.to_owned())
-}
-
 /// The operator binary with the arguments and environment the chart's Deployment gives
 /// it, authenticated with a token of the chart's ServiceAccount: it takes the Lease and
-/// turns examples/megatron-to-hf.yaml into a Job, and nothing it calls is denied.
-async fn run_operator_as_deployed(cp: &ControlPlane, client: &Client, ns: &str, docs: &[Value]) {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+/// turns examples/megatron-to-hf.yaml into a Job, and the apiserver denies it nothing.
+async fn run_operator_as_deployed(client: &Client, ns: &str, docs: &[Value]) {
+    let cp = cp().await;
     let args: Vec<String> = args_of(docs)
         .into_iter()
         .map(|a| {
             if a.starts_with("--metrics-addr=") {
-                format!("--metrics-addr=127.0.0.1:{port}")
+                "--metrics-addr=127.0.0.1:0".to_owned()
             } else {
                 a
             }
@@ -1158,7 +1140,7 @@ async fn run_operator_as_deployed(cp: &ControlPlane, client: &Client, ns: &str, 
         };
         cmd.env(name, value);
     }
-    let log = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("operator-{ns}.log"));
+    let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("operator-{ns}.log"));
     let file = std::fs::File::create(&log).unwrap();
     let mut operator = cmd
         .stdout(file.try_clone().unwrap())
@@ -1168,23 +1150,26 @@ async fn run_operator_as_deployed(cp: &ControlPlane, client: &Client, ns: &str, 
         .unwrap();
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
 
-    // /readyz says "leader" once the Lease is held.
-    let started = Instant::now();
+    // It holds the Lease the chart named, under its pod name.
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), ns);
+    let waiting = Waiting::new("the operator to hold its Lease");
     loop {
-        if let Some(body) = http_get(port, "/readyz").await
-            && body.contains("leader")
-        {
+        let holder = leases
+            .get_opt(RELEASE)
+            .await
+            .unwrap()
+            .and_then(|l| l.spec)
+            .and_then(|s| s.holder_identity);
+        if holder.as_deref() == Some("ckpt-operator-test-0") {
             break;
         }
         if let Ok(Some(status)) = operator.try_wait() {
             panic!("the operator exited ({status}):\n{}", log_text());
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the operator did not lead within 30 s:\n{}",
-            log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        waiting
+            .tick(|| format!("holder {holder:?}; log:\n{}", log_text()))
+            .await;
     }
 
     // The claims exist; then the conversion: a Job, status Running, events.
@@ -1202,31 +1187,22 @@ async fn run_operator_as_deployed(cp: &ControlPlane, client: &Client, ns: &str, 
         .join("examples/megatron-to-hf.yaml")
         .display()
         .to_string();
-    kubectl(cp, &["apply", "-f", &example], "")
+    kubectl(&["apply", "-f", &example], "")
         .await
         .expect_ok("kubectl apply -f examples/megatron-to-hf.yaml");
     let jobs: Api<Job> = Api::namespaced(client.clone(), "training");
-    let crs: Api<DynamicObject> = Api::namespaced_with(
-        client.clone(),
-        "training",
-        &ApiResource {
-            group: "ckpt.dev".into(),
-            version: "v1alpha1".into(),
-            api_version: "ckpt.dev/v1alpha1".into(),
-            kind: "CheckpointConversion".into(),
-            plural: "checkpointconversions".into(),
-        },
-    );
+    let crs: Api<ckpt_operator::api::CheckpointConversion> =
+        Api::namespaced(client.clone(), "training");
     let events: Api<k8s_openapi::api::events::v1::Event> =
         Api::namespaced(client.clone(), "training");
-    let started = Instant::now();
+    let waiting = Waiting::new("a Job, Running status and an event for sft-to-hf");
     let job = loop {
         let job = jobs.get_opt("sft-to-hf-g1").await.unwrap();
         let phase = crs
             .get("sft-to-hf")
             .await
             .ok()
-            .and_then(|c| c.data["status"]["phase"].as_str().map(str::to_owned));
+            .and_then(|c| c.status.and_then(|s| s.phase));
         let published = events
             .list(&Default::default())
             .await
@@ -1240,17 +1216,12 @@ async fn run_operator_as_deployed(cp: &ControlPlane, client: &Client, ns: &str, 
         {
             break job;
         }
-        let text = log_text();
-        assert!(
-            !text.to_lowercase().contains("forbidden"),
-            "the operator was denied something under the chart's RBAC:\n{text}"
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "no Job, Running status and event within 30 s (phase {phase:?}, event {published}):\n{}",
-            log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        if let Ok(Some(status)) = operator.try_wait() {
+            panic!("the operator exited ({status}):\n{}", log_text());
+        }
+        waiting
+            .tick(|| format!("phase {phase:?}, event {published}:\n{}", log_text()))
+            .await;
     };
     let pod_spec = job.spec.unwrap().template.spec.unwrap();
     assert_eq!(
@@ -1262,68 +1233,73 @@ async fn run_operator_as_deployed(cp: &ControlPlane, client: &Client, ns: &str, 
         pod_spec.containers[0].image.as_deref(),
         Some("ghcr.io/ckpt-dev/ckpt-convert:0.1.0")
     );
+    assert_eq!(
+        job.metadata
+            .annotations
+            .unwrap_or_default()
+            .get("ckpt.dev/created-by")
+            .map(String::as_str),
+        Some("ckpt-operator-test-0")
+    );
 
     let _ = operator.start_kill();
     let _ = operator.wait().await;
-    let text = log_text();
-    let lower = text.to_lowercase();
+    let denied = cp
+        .denied_requests(&format!("system:serviceaccount:{ns}:{account}"))
+        .unwrap();
     assert!(
-        !lower.contains("forbidden") && !lower.contains("403"),
-        "the operator was denied something under the chart's RBAC:\n{text}"
+        denied.is_empty(),
+        "the apiserver denied the operator under the chart's RBAC:\n{}",
+        denied.join("\n")
     );
-    kubectl(cp, &["delete", "-f", &example, "--wait=false"], "")
+    kubectl(&["delete", "-f", &example, "--wait=false"], "")
         .await
         .expect_ok("kubectl delete -f examples/megatron-to-hf.yaml");
 }
 
-/// A second release watching only `training`, with the CRD left to the first.
-async fn check_namespaced_release(cp: &ControlPlane, client: &Client, other_ns: &str) {
-    let ns = cp.new_namespace("chart-install-ns").await.unwrap();
+/// A second release that opts in to all namespaces: a ClusterRole, with the CRD left to
+/// the first.
+async fn check_cluster_wide_release(client: &Client, other_ns: &str) {
+    let cp = cp().await;
+    let ns = cp.new_namespace("chart-install-wide").await.unwrap();
     let chart = chart();
-    helm_on(
-        cp,
-        &[
-            "install",
-            "ckpt-training",
-            &chart,
-            "-n",
-            &ns,
-            "--set",
-            "watchNamespace=training",
-            "--set",
-            "crds.install=false",
-        ],
-    )
+    crate::support::helm(&[
+        "install",
+        "ckpt-wide",
+        &chart,
+        "-n",
+        &ns,
+        "--set",
+        "clusterWide=true",
+        "--set",
+        "crds.install=false",
+    ])
     .await
-    .expect_ok("helm install with watchNamespace");
-    let role = Api::<Role>::namespaced(client.clone(), "training")
-        .get("ckpt-training-ckpt-operator")
+    .expect_ok("helm install with clusterWide");
+    let role = Api::<ClusterRole>::all(client.clone())
+        .get("ckpt-wide-ckpt-operator")
         .await
         .unwrap();
     assert_eq!(
         triples(role.rules.as_deref().unwrap_or_default()),
         operator_permissions()
     );
-    let user = format!("system:serviceaccount:{ns}:ckpt-training-ckpt-operator");
+    let user = format!("system:serviceaccount:{ns}:ckpt-wide-ckpt-operator");
     assert!(
-        access(client, &user, Some("training"), ("batch", "jobs", "create")).await,
-        "the namespaced operator may create Jobs in training"
+        access(client, &user, Some(other_ns), ("batch", "jobs", "create")).await,
+        "the cluster-wide operator may create Jobs anywhere"
     );
     assert!(
-        !access(client, &user, Some(other_ns), ("batch", "jobs", "create")).await,
-        "the namespaced operator may not create Jobs elsewhere"
-    );
-    assert!(
-        !access(
+        access(
             client,
             &user,
             None,
             ("ckpt.dev", "checkpointconversions", "list")
         )
         .await,
-        "the namespaced operator may not list across namespaces"
+        "the cluster-wide operator may list across namespaces"
     );
-    helm_on(cp, &["uninstall", "ckpt-training", "-n", &ns])
+    crate::support::helm(&["uninstall", "ckpt-wide", "-n", &ns])
         .await
-        .expect_ok("helm uninstall ckpt-training");
+        .expect_ok("helm uninstall ckpt-wide");
 }
