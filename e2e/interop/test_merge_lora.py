@@ -9,6 +9,9 @@
   b. Tied embeddings: where PEFT's merge_and_unload changes the shared matrix (a LoRA on lm_head or on
      the embedding of a tied model, peft#2018), we write both matrices and untie; the comparison is
      then against the unmerged model, and PEFT's own (wrong) merge is reported alongside.
+  d. MoE and hybrid models (Qwen3-MoE, Mixtral, Nemotron-H): PEFT on attention, Mamba and MLP
+     projections and, through target_parameters, on the experts transformers 5 fuses in memory;
+     bit-identical to PEFT's merge in bf16, logits equal the unmerged model's in float32.
   c. Megatron-Bridge adapters (fused linear_qkv/linear_fc1 and canonical q/k/v, gate/up), built here as
      torch_dist checkpoints in Megatron-Bridge's naming and layout with a run_config.yaml: the merged
      Megatron tensors and the exported HF tensors against the spec formula computed here in torch,
@@ -67,8 +70,45 @@ def _gpt2(dtype):
     return m.to(dtype).eval()
 
 
+# MoE and hybrid families, tiny; transformers 5 fuses their experts in memory
+# (`experts.gate_up_proj` [E, 2F, h]) while the checkpoint keeps one matrix per expert.
+MOE_FAMILIES = {
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       norm_topk_prob=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    # Mamba-2, attention, squared-ReLU MLP and MoE layers (sigmoid router, shared expert).
+    "nemotron_h": ("NemotronHConfig", "NemotronHForCausalLM",
+                   dict(layers_block_type=["mamba", "attention", "mlp", "moe"], num_hidden_layers=4,
+                        head_dim=16, mamba_num_heads=8, mamba_head_dim=8, n_groups=2, ssm_state_size=8,
+                        conv_kernel=4, chunk_size=8, intermediate_size=96, n_routed_experts=4,
+                        num_experts_per_tok=2, moe_intermediate_size=32,
+                        moe_shared_expert_intermediate_size=48, use_mamba_kernels=False)),
+}
+
+
+def _moe_model(family: str, dtype):
+    import transformers
+
+    cfg_cls, model_cls, kw = MOE_FAMILIES[family]
+    args = dict(iu.BASE, **kw)
+    cfg = getattr(transformers, cfg_cls)(**args)
+    cfg.architectures = [model_cls]
+    cfg._attn_implementation = "eager"
+    m = getattr(transformers, model_cls)(cfg)
+    iu.randomize_(m, SEED)
+    return m.to(dtype).eval()
+
+
 def build(family: str, dtype, vocab: int | None = None):
-    m = _gpt2(dtype) if family == "gpt2" else iu.hf_model(family, SEED, dtype=dtype)
+    if family == "gpt2":
+        m = _gpt2(dtype)
+    elif family in MOE_FAMILIES:
+        m = _moe_model(family, dtype)
+    else:
+        m = iu.hf_model(family, SEED, dtype=dtype)
     if vocab:
         m.resize_token_embeddings(vocab, mean_resizing=False)
     return m
@@ -128,8 +168,13 @@ def run_case(ckpt, tmp, family, dtype, kw, vocab=None, extra=()):
         l_ours = ours_model(toks).logits.float()
     ours, _ = iu.hf_dir_tensors(out)
     base, _ = iu.hf_dir_tensors(base_dir)
+    peft_sd = merged.state_dict()
+    if family in MOE_FAMILIES:
+        # In memory the experts are fused; compare with what save_pretrained writes.
+        merged.save_pretrained(os.path.join(d, "peft_merged"))
+        peft_sd, _ = iu.hf_dir_tensors(os.path.join(d, "peft_merged"))
     return {
-        "ours": ours, "peft": merged.state_dict(), "base": base, "report": rep,
+        "ours": ours, "peft": peft_sd, "base": base, "report": rep,
         "config": json.load(open(os.path.join(out, "config.json"))),
         "peft_tied": bool(merged.config.tie_word_embeddings),
         "l_ours": l_ours, "l_peft": l_peft, "l_unmerged": l_unmerged,
@@ -229,6 +274,36 @@ def test_peft_option(option, family, ckpt, tmp, report):
            f"{frac:.2e} of elements differ | f32: max |ours - PEFT merge| {compare_f32:.1e}, "
            f"rel. max |logits(ours) - logits(unmerged PEFT)| {diff:.1e}")
     assert diff <= LOGITS_TOL, f"{option}/{family}: logits differ from the unmerged model by {diff:.3e}"
+    assert float(r32["l_unmerged"].abs().max()) > 0.5, "degenerate logits: the comparison would prove little"
+
+
+# PEFT on MoE and hybrid models: attention, Mamba in_proj, dense and shared-expert MLPs through
+# target_modules; the routed experts through target_parameters (one nested wrapper per adapted
+# parameter; one rank block per expert, B's columns interleaved by expert).
+MOE_CASES = {
+    "qwen3_moe": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
+                      target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
+    "mixtral": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"],
+                    target_parameters=["mlp.experts.gate_up_proj"]),
+    "nemotron_h": dict(r=4, lora_alpha=8, target_modules=["in_proj", "q_proj", "o_proj", "up_proj", "down_proj"],
+                       target_parameters=["mixer.experts.up_proj", "mixer.experts.down_proj"]),
+}
+
+
+@pytest.mark.parametrize("family", list(MOE_CASES))
+def test_peft_on_moe_and_hybrid_models(family, ckpt, tmp, report):
+    kw = MOE_CASES[family]
+    r = run_case(ckpt, tmp, family, torch.bfloat16, kw)
+    worst, frac = compare_bf16(r)
+    expert_keys = [k for k in r["ours"] if ".experts.0." in k]
+    assert expert_keys, "the checkpoint keeps one matrix per expert"
+    changed = [k for k in expert_keys if not torch.equal(r["ours"][k], r["base"][k])]
+    assert changed, "target_parameters must change the experts"
+    r32 = run_case(ckpt, tmp, family, torch.float32, kw)
+    diff = logits_diff(r32["l_ours"], r32["l_unmerged"])
+    report(f"[merge_lora d] {family:<10} bf16 vs PEFT merge: max {worst} ulp ({len(changed)} expert-0 "
+           f"matrices changed) | f32 rel. max |logits(ours) - logits(unmerged PEFT)| {diff:.1e}")
+    assert diff <= LOGITS_TOL, f"{family}: logits differ from the unmerged model by {diff:.3e}"
     assert float(r32["l_unmerged"].abs().max()) > 0.5, "degenerate logits: the comparison would prove little"
 
 

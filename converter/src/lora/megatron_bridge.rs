@@ -907,6 +907,7 @@ impl Planner<'_> {
                 inputs: vec![base_inputs + inputs.len() - 1],
                 rows: r,
                 cols: cols.1,
+                transposed: false,
             };
             let mut b_inputs = Vec::new();
             for &run in &b_runs {
@@ -921,6 +922,7 @@ impl Planner<'_> {
                     inputs: b_inputs,
                     rows: rows_total,
                     cols: r,
+                    transposed: false,
                 },
                 scale: self.config.scale(),
                 rounding: self.rounding,

@@ -403,6 +403,8 @@ pub struct AdapterConfig {
     pub revision: Option<String>,
     /// `task_type`.
     pub task_type: Option<String>,
+    /// `target_parameters`: parameters adapted directly (fused MoE experts).
+    pub target_parameters: Vec<String>,
 }
 
 /// PEFT's default `target_modules` per `model_type`
@@ -446,7 +448,7 @@ impl AdapterConfig {
     /// [`LoraError::Refused`] for what cannot be merged faithfully (another
     /// `peft_type`; `layer_replication`; initialisations that rewrite the base:
     /// PiSSA, OLoRA, LoftQ, CorDA, MiCA; the variants aLoRA, Arrow, QALoRA,
-    /// BD-LoRA, KaSA, VeLoRA, MonteCLoRA; `target_parameters`; classification
+    /// BD-LoRA, KaSA, VeLoRA, MonteCLoRA; classification
     /// task types, whose merged model has another head); [`LoraError::Config`] for
     /// a field of the wrong type or a pattern that cannot be evaluated.
     pub fn read(dir: &Path) -> Result<AdapterConfig, LoraError> {
@@ -551,11 +553,28 @@ impl AdapterConfig {
                 return Err(refuse(format!("{key} is set: {what}")));
             }
         }
-        if present(get("target_parameters")) {
-            return Err(refuse(
-                "target_parameters is set: LoRA on raw parameters (fused MoE experts) is not supported by this converter".into(),
-            ));
-        }
+        let target_parameters = match get("target_parameters") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| LoraError::Config {
+                            path: path.to_owned(),
+                            key: "target_parameters".into(),
+                            why: format!("expected parameter names, found {v}"),
+                        })
+                })
+                .collect::<Result<_, _>>()?,
+            Some(other) => {
+                return Err(LoraError::Config {
+                    path: path.to_owned(),
+                    key: "target_parameters".into(),
+                    why: format!("expected a list of parameter names, found {other}"),
+                });
+            }
+        };
         let task_type = opt_str(get("task_type"));
         if let Some(t) = task_type.as_deref()
             && matches!(t, "SEQ_CLS" | "TOKEN_CLS" | "QUESTION_ANS")
@@ -797,7 +816,16 @@ impl AdapterConfig {
             base_model_name_or_path: opt_str(get("base_model_name_or_path")),
             revision: opt_str(get("revision")),
             task_type,
+            target_parameters,
         })
+    }
+
+    /// Whether `target_parameters` names the parameter `key` (`…experts.gate_up_proj`):
+    /// the whole key or a dotted suffix of it, as PEFT matches them.
+    pub fn targets_parameter(&self, key: &str) -> bool {
+        self.target_parameters
+            .iter()
+            .any(|t| key == t || key.ends_with(&format!(".{t}")))
     }
 
     /// The layer index PEFT reads from `module` for `layers_to_transform`.
@@ -1059,6 +1087,9 @@ pub struct Keys {
     pub modules: BTreeMap<String, BTreeMap<Part, usize>>,
     /// Whole-tensor replacements.
     pub replacements: Vec<Replacement>,
+    /// LoRA tensors of nested parameter wrappers (`target_parameters`): module
+    /// path → nesting depth (≥ 1) → its tensors.
+    pub nested: BTreeMap<String, BTreeMap<usize, BTreeMap<Part, usize>>>,
 }
 
 /// Sorts the adapter's tensor names (`names[i]` is tensor `i`) into LoRA tensors
@@ -1066,8 +1097,7 @@ pub struct Keys {
 ///
 /// # Errors
 /// [`LoraError::Refused`] naming `path` and the key: a key without the prefix, a
-/// LoRA key of another method or layout (`lora_E`, nested `base_layer.lora_A`),
-/// or one of a module wrapper's internals.
+/// LoRA key of another method (`lora_E`), or one of a module wrapper's internals.
 pub fn classify(path: &Path, names: &[&str]) -> Result<Keys, LoraError> {
     let mut keys = Keys::default();
     for (i, name) in names.iter().enumerate() {
@@ -1084,19 +1114,30 @@ pub fn classify(path: &Path, names: &[&str]) -> Result<Keys, LoraError> {
             .iter()
             .find_map(|(s, p)| rest.strip_suffix(s).map(|m| (m, *p)))
         {
-            if module.ends_with(".base_layer") || module.contains(".base_layer.") {
+            // `target_parameters` nests one wrapper per adapted parameter of a
+            // module: the k-th inner one is under k `.base_layer`s.
+            let mut module = module;
+            let mut depth = 0usize;
+            while let Some(m) = module.strip_suffix(".base_layer") {
+                module = m;
+                depth += 1;
+            }
+            if module.contains(".base_layer.") {
                 return Err(refuse(
-                    "nested LoRA layers (LoRA on parameters, target_parameters) are not supported"
+                    "is a LoRA tensor inside a wrapped module's base layer, which PEFT does not write"
                         .into(),
                 ));
             }
-            if keys
-                .modules
-                .entry(module.to_owned())
-                .or_default()
-                .insert(part, i)
-                .is_some()
-            {
+            let slot = if depth == 0 {
+                keys.modules.entry(module.to_owned()).or_default()
+            } else {
+                keys.nested
+                    .entry(module.to_owned())
+                    .or_default()
+                    .entry(depth)
+                    .or_default()
+            };
+            if slot.insert(part, i).is_some() {
                 return Err(refuse("appears twice".into()));
             }
             continue;
@@ -1255,11 +1296,6 @@ mod tests {
                 "rewrites the base",
             ),
             ("use_qalora", serde_json::json!(true), "QALoRA"),
-            (
-                "target_parameters",
-                serde_json::json!(["experts.gate_up_proj"]),
-                "target_parameters",
-            ),
             ("task_type", serde_json::json!("SEQ_CLS"), "classification"),
         ] {
             let e = cfg(serde_json::json!({ k: v })).unwrap_err();
@@ -1299,6 +1335,23 @@ mod tests {
                 ("model.layers.0.self_attn.q_proj.bias", true)
             ]
         );
+        // target_parameters: one wrapper per parameter, the inner ones under base_layer.
+        let k = classify(
+            Path::new("a"),
+            &[
+                "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight",
+                "base_model.model.model.layers.0.mlp.experts.lora_B.weight",
+            ],
+        )
+        .unwrap();
+        assert_eq!(k.nested["model.layers.0.mlp.experts"][&1][&Part::A], 0);
+        assert_eq!(k.modules["model.layers.0.mlp.experts"][&Part::B], 1);
+        let e = classify(
+            Path::new("a"),
+            &["base_model.model.m.base_layer.q.lora_A.weight"],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("base layer"), "{e}");
         let e = classify(Path::new("a"), &["model.layers.0.q.lora_A.weight"]).unwrap_err();
         assert!(e.to_string().contains("base_model.model."), "{e}");
         let e = classify(Path::new("a"), &["base_model.model.x.lora_E"]).unwrap_err();

@@ -15,7 +15,7 @@
 //! `merge_and_unload` adds a head LoRA to the shared storage, changing the input
 //! embedding too, peft#2018; the interop suite measures both.)
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::Value;
 
@@ -23,6 +23,7 @@ use super::LoraError;
 use super::peft::{AdapterConfig, AdapterWeights, Keys, Part};
 use crate::formats::dtype::DType;
 use crate::formats::hf::HfCheckpoint;
+use crate::models::ExpertParam;
 use crate::plan::tensor::{TensorOut, row_len, rows};
 use crate::plan::{Input, LoraMerge, Operand, Rounding, RowGather, Update};
 
@@ -42,6 +43,19 @@ const OUTPUT_HEADS: [&str; 2] = ["lm_head.weight", "embed_out.weight"];
 /// Model types whose square projections are transformers `Conv1D` (stored
 /// `[in, out]`); non-square weights tell their layout by shape.
 const CONV1D_MODEL_TYPES: [&str; 4] = ["gpt2", "openai-gpt", "imagegpt", "decision_transformer"];
+
+/// How the base's family names its modules in memory where that differs from
+/// the checkpoint (adapters made with transformers 5 name them so).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Naming {
+    /// `(in memory, checkpoint)`, the first occurrence replaced.
+    pub renames: &'static [(&'static str, &'static str)],
+    /// The fused experts' parameters, in registration order.
+    pub expert_params: &'static [ExpertParam],
+}
+
+/// An adapted experts parameter: its description, lora_A and lora_B.
+type WrappedParam = (ExpertParam, usize, usize);
 
 /// The planned merge.
 #[derive(Debug, Clone)]
@@ -96,6 +110,19 @@ enum Op {
         indices: Vec<u64>,
         values: usize,
     },
+    /// Rows `rows` (start, count) of expert `expert`'s slice of a fused experts
+    /// parameter adapted through `target_parameters`: `A` rows `expert·r..`, `B`
+    /// columns `k·experts + expert` (PEFT lays the experts' ranks out so).
+    Expert {
+        a: usize,
+        b: usize,
+        expert: u64,
+        experts: u64,
+        r: u64,
+        rows: (u64, u64),
+        scale: f32,
+        note: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -131,6 +158,7 @@ pub fn plan(
     adapter: &AdapterWeights,
     cfg: &AdapterConfig,
     keys: &Keys,
+    naming: Naming,
 ) -> Result<Planned, LoraError> {
     let model_type = base_config
         .and_then(|c| c.get("model_type"))
@@ -169,20 +197,139 @@ pub fn plan(
         })
     };
 
+    // Fused experts adapted through `target_parameters`: one nested wrapper per
+    // adapted parameter, the first registered innermost.
+    let mut wrapped: Vec<(String, Vec<WrappedParam>)> = Vec::new();
+    if !cfg.target_parameters.is_empty() {
+        let modules: BTreeSet<&String> = keys.modules.keys().chain(keys.nested.keys()).collect();
+        for m in modules {
+            let targeted: Vec<ExpertParam> = naming
+                .expert_params
+                .iter()
+                .filter(|p| cfg.targets_parameter(&format!("{m}.{}", p.name)))
+                .copied()
+                .collect();
+            if targeted.is_empty() {
+                continue;
+            }
+            let n = targeted.len();
+            let mut params = Vec::new();
+            for (i, p) in targeted.into_iter().enumerate() {
+                let depth = n - 1 - i;
+                let key = |part: &str| {
+                    format!(
+                        "{}{m}{}.{part}",
+                        super::peft::KEY_PREFIX,
+                        ".base_layer".repeat(depth)
+                    )
+                };
+                let parts = if depth == 0 {
+                    keys.modules.get(m)
+                } else {
+                    keys.nested.get(m).and_then(|d| d.get(&depth))
+                };
+                let (Some(a), Some(b)) = (
+                    parts.and_then(|p| p.get(&Part::A)),
+                    parts.and_then(|p| p.get(&Part::B)),
+                ) else {
+                    return Err(mismatch(
+                        &key("lora_A.weight"),
+                        format!(
+                            "the LoRA matrices of parameter {m}.{} (target_parameters), the {} of {n} nested wrappers",
+                            p.name,
+                            depth + 1
+                        ),
+                        "no such tensors in the adapter".into(),
+                    ));
+                };
+                if let Some(other) =
+                    parts.and_then(|p| p.keys().find(|k| !matches!(k, Part::A | Part::B)))
+                {
+                    return Err(refuse(format!(
+                        "{}: a {other:?} tensor on a parameter wrapper, which PEFT does not allow",
+                        key("")
+                    )));
+                }
+                params.push((p, *a, *b));
+            }
+            if let Some(extra) = keys.nested.get(m).and_then(|d| d.keys().find(|k| **k >= n)) {
+                return Err(refuse(format!(
+                    "module {m} has {} nested LoRA wrappers, but target_parameters names {n} of its parameters",
+                    extra + 1
+                )));
+            }
+            wrapped.push((m.clone(), params));
+        }
+    }
+    // PEFT refuses a target_parameters entry that matches nothing, so an adapter
+    // whose entry adapts no parameter it holds is not of this base.
+    for t in &cfg.target_parameters {
+        let used = wrapped.iter().any(|(m, ps)| {
+            ps.iter().any(|(p, _, _)| {
+                let key = format!("{m}.{}", p.name);
+                key == *t || key.ends_with(&format!(".{t}"))
+            })
+        });
+        if !used {
+            return Err(LoraError::Refused {
+                path: cfg.path.clone(),
+                why: format!(
+                    "target_parameters names {t:?}, but the adapter holds no LoRA weights of such a parameter ({})",
+                    if naming.expert_params.is_empty() {
+                        "this model family has no fused parameters to adapt".to_owned()
+                    } else {
+                        format!(
+                            "this family's fused experts have {}",
+                            naming
+                                .expert_params
+                                .iter()
+                                .map(|p| p.name)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    }
+                ),
+            });
+        }
+    }
+    let is_wrapped = |m: &str| wrapped.iter().any(|(w, _)| w == m);
+    if let Some(m) = keys.nested.keys().find(|m| !is_wrapped(m)) {
+        return Err(refuse(format!(
+            "module {m} has nested LoRA wrappers (target_parameters), but no parameter of it that target_parameters names is one this converter maps (fused experts of Qwen3-MoE, Mixtral, Nemotron-H)"
+        )));
+    }
+
     // Adapters trained on a headless model (AutoModel) name `layers.0…` where the
-    // checkpoint has `model.layers.0…`: find the prefix under which everything fits.
+    // checkpoint has `model.layers.0…`, and transformers 5 names some modules
+    // otherwise than the checkpoint: find the naming under which everything fits.
     let names_to_fit: Vec<String> = keys
         .modules
         .keys()
+        .filter(|m| !is_wrapped(m))
         .map(|m| format!("{m}.weight"))
+        .chain(
+            wrapped
+                .iter()
+                .map(|(m, ps)| format!("{m}.0.{}.weight", ps[0].0.parts[0])),
+        )
         .chain(keys.replacements.iter().map(|r| r.target.clone()))
         .collect();
-    let prefix = ["", "model."]
+    let renames: Vec<Option<(&str, &str)>> = std::iter::once(None)
+        .chain(naming.renames.iter().map(|r| Some(*r)))
+        .collect();
+    let map_name = |prefix: &str, rename: Option<(&str, &str)>, n: &str| -> String {
+        match rename {
+            Some((from, to)) => format!("{prefix}{}", n.replacen(from, to, 1)),
+            None => format!("{prefix}{n}"),
+        }
+    };
+    let (prefix, rename) = ["", "model."]
         .into_iter()
-        .find(|p| {
+        .flat_map(|p| renames.iter().map(move |r| (p, *r)))
+        .find(|(p, r)| {
             names_to_fit
                 .iter()
-                .all(|n| lookup(&format!("{p}{n}")).is_some())
+                .all(|n| lookup(&map_name(p, *r, n)).is_some())
         })
         .ok_or_else(|| {
             let missing = names_to_fit
@@ -212,7 +359,15 @@ pub fn plan(
                 "no such tensor in the base (is this the base the adapter was trained on?)".into(),
             )
         })?;
-    let full = |n: &str| format!("{prefix}{n}");
+    let full = |n: &str| map_name(prefix, rename, n);
+    // The adapter's name of a base tensor's module (the inverse of `full`).
+    let adapter_name = |n: &str| -> Option<String> {
+        let n = n.strip_prefix(prefix)?;
+        Some(match rename {
+            Some((from, to)) => n.replacen(to, from, 1),
+            None => n.to_owned(),
+        })
+    };
     let is_head_module = |m: &str| format!("{}.weight", full(m)) == head_name;
     let is_emb_module = |m: &str| Some(format!("{}.weight", full(m))) == emb_name;
 
@@ -327,6 +482,9 @@ pub fn plan(
     let mut lora_modules = 0usize;
     let mut shared_rows: Vec<Op> = Vec::new();
     for (module, parts) in &keys.modules {
+        if is_wrapped(module) {
+            continue;
+        }
         let weight = format!("{}.weight", full(module));
         let part = |p: Part| parts.get(&p).copied();
         let first = parts
@@ -577,6 +735,103 @@ pub fn plan(
         }
     }
 
+    // The fused experts' parameters, per expert and checkpoint matrix.
+    for (m, params) in &wrapped {
+        for &(p, a, b) in params {
+            let key = format!("{m}.{}", p.name);
+            let (r, alpha, scale) = cfg.scale(&key)?;
+            let (ta, tb) = (at(a), at(b));
+            let (Some(&[ra, inn]), Some(&[out, rb])) = (
+                ta.shape.as_slice().try_into().ok().map(|s: &[u64; 2]| s),
+                tb.shape.as_slice().try_into().ok().map(|s: &[u64; 2]| s),
+            ) else {
+                return Err(mismatch(
+                    &ta.name,
+                    format!("matrices [r·experts, in] and [out, r·experts] for parameter {key}"),
+                    format!("{:?} and {:?}", ta.shape, tb.shape),
+                ));
+            };
+            if ra % r != 0 || rb != ra {
+                return Err(mismatch(
+                    &tb.name,
+                    format!(
+                        "[{out}, {ra}] with {ra} a multiple of r={r} (one rank block per expert) for {key}"
+                    ),
+                    format!("{:?} (lora_A {:?})", tb.shape, ta.shape),
+                ));
+            }
+            let experts = ra / r;
+            let more = full(&format!("{m}.{experts}.{}.weight", p.parts[0]));
+            if lookup(&more).is_some() {
+                return Err(mismatch(
+                    &ta.name,
+                    format!("rank blocks for every expert of the base (it has {more:?})"),
+                    format!("{experts} experts' ({ra} rows at r={r})"),
+                ));
+            }
+            let mut row = 0u64;
+            for part in p.parts {
+                let mut rows_here = None;
+                for e in 0..experts {
+                    let name = full(&format!("{m}.{e}.{part}.weight"));
+                    let Some(spec) = specs.get_mut(&name) else {
+                        return Err(mismatch(
+                            &ta.name,
+                            format!("base tensor {name:?} (expert {e} of {experts})"),
+                            "no such tensor in the base".into(),
+                        ));
+                    };
+                    if !matches!(spec.dtype, DType::BF16 | DType::F16 | DType::F32) {
+                        return Err(refuse(format!(
+                            "base tensor {name:?} is {}: merging into quantized or integer weights is not supported (dequantize the base first)",
+                            spec.dtype
+                        )));
+                    }
+                    let n = match spec.shape.as_slice() {
+                        [n, i] if *i == inn => *n,
+                        other => {
+                            return Err(mismatch(
+                                &name,
+                                format!("[rows, {inn}] (lora_A of {key} has {inn} columns)"),
+                                format!("{other:?}"),
+                            ));
+                        }
+                    };
+                    if rows_here.is_some_and(|h| h != n) {
+                        return Err(mismatch(
+                            &name,
+                            format!("{} rows like expert 0's {part}", rows_here.unwrap_or(0)),
+                            format!("{n}"),
+                        ));
+                    }
+                    rows_here = Some(n);
+                    spec.ops.push(Op::Expert {
+                        a,
+                        b,
+                        expert: e,
+                        experts,
+                        r,
+                        rows: (row, n),
+                        scale,
+                        note: format!("lora r={r} alpha={alpha} on {key}, expert {e}"),
+                    });
+                }
+                row += rows_here.unwrap_or(0);
+            }
+            if row != out {
+                return Err(mismatch(
+                    &tb.name,
+                    format!(
+                        "{row} rows (the experts' {} stacked) for {key}",
+                        p.parts.join(" and ")
+                    ),
+                    format!("{out}"),
+                ));
+            }
+            lora_modules += 1;
+        }
+    }
+
     // Every module the configuration targets must have its weights.
     let mut candidates: Vec<String> = base
         .tensors
@@ -587,10 +842,18 @@ pub fn plan(
     if virtual_head && let Some(h) = head_name.strip_suffix(".weight") {
         candidates.push(h.to_owned());
     }
+    // With fused experts in memory (transformers 5), the checkpoint's per-expert
+    // matrices are no modules PEFT could have targeted; an adapter made where
+    // they are modules names some of them.
+    let per_expert_modules = keys.modules.keys().any(|m| is_expert_matrix(m));
     for base_module in candidates {
-        let Some(module) = base_module.strip_prefix(prefix) else {
+        let Some(module) = adapter_name(&base_module) else {
             continue;
         };
+        let module = module.as_str();
+        if !naming.expert_params.is_empty() && !per_expert_modules && is_expert_matrix(module) {
+            continue;
+        }
         if keys
             .modules
             .get(module)
@@ -684,6 +947,14 @@ pub fn plan(
     })
 }
 
+/// Whether a module is one expert's matrix (`….experts.3.up_proj`).
+fn is_expert_matrix(module: &str) -> bool {
+    module
+        .split_once(".experts.")
+        .and_then(|(_, rest)| rest.split('.').next())
+        .is_some_and(|e| !e.is_empty() && e.bytes().all(|b| b.is_ascii_digit()))
+}
+
 fn describe_difference(e: &Spec, h: &Spec) -> String {
     let what = |s: &Spec| -> String {
         let mut parts = Vec::new();
@@ -695,6 +966,7 @@ fn describe_difference(e: &Spec, h: &Spec) -> String {
                 Op::Linear { note, .. } | Op::Embedding { note, .. } => note.clone(),
                 Op::Bias { .. } => "lora bias".into(),
                 Op::Rows { .. } => "trainable tokens".into(),
+                Op::Expert { note, .. } => note.clone(),
             });
         }
         if parts.is_empty() {
@@ -704,6 +976,22 @@ fn describe_difference(e: &Spec, h: &Spec) -> String {
         }
     };
     format!("{}: {}; {}: {}", e.name, what(e), h.name, what(h))
+}
+
+/// A whole adapter tensor as an operand, appended to `inputs`.
+fn whole_operand(inputs: &mut Vec<Input>, adapter: &AdapterWeights, i: usize) -> Operand {
+    let t = &adapter.tensors[i];
+    inputs.push(Input::whole(ADAPTER, i, t));
+    let (rows, cols) = match t.shape.as_slice() {
+        [r, c] => (*r, *c),
+        _ => (1, t.numel()),
+    };
+    Operand {
+        inputs: vec![inputs.len() - 1],
+        rows,
+        cols,
+        transposed: false,
+    }
 }
 
 /// The output tensor and merge of a spec: input 0 is the starting value (base or
@@ -724,19 +1012,6 @@ fn to_tensor(
         ),
     };
     let mut inputs = vec![first];
-    let mut operand = |i: usize| -> Operand {
-        let t = &adapter.tensors[i];
-        inputs.push(Input::whole(ADAPTER, i, t));
-        let (rows, cols) = match t.shape.as_slice() {
-            [r, c] => (*r, *c),
-            _ => (1, t.numel()),
-        };
-        Operand {
-            inputs: vec![inputs.len() - 1],
-            rows,
-            cols,
-        }
-    };
     let mut updates = Vec::new();
     let mut words = Vec::new();
     match s.source {
@@ -761,9 +1036,9 @@ fn to_tensor(
                 magnitude,
                 note,
             } => {
-                let a = operand(*a);
-                let b = operand(*b);
-                let magnitude = magnitude.map(&mut operand);
+                let a = whole_operand(&mut inputs, adapter, *a);
+                let b = whole_operand(&mut inputs, adapter, *b);
+                let magnitude = magnitude.map(|m| whole_operand(&mut inputs, adapter, m));
                 updates.push(Update::Linear {
                     a,
                     b,
@@ -782,9 +1057,9 @@ fn to_tensor(
                 magnitude,
                 note,
             } => {
-                let a = operand(*a);
-                let b = operand(*b);
-                let magnitude = magnitude.map(&mut operand);
+                let a = whole_operand(&mut inputs, adapter, *a);
+                let b = whole_operand(&mut inputs, adapter, *b);
+                let magnitude = magnitude.map(|m| whole_operand(&mut inputs, adapter, m));
                 updates.push(Update::Embedding {
                     a,
                     b,
@@ -794,7 +1069,7 @@ fn to_tensor(
                 words.push(format!("+ {note}"));
             }
             Op::Bias { values, scale } => {
-                let values = operand(*values);
+                let values = whole_operand(&mut inputs, adapter, *values);
                 updates.push(Update::Bias {
                     values,
                     scale: *scale,
@@ -802,12 +1077,62 @@ fn to_tensor(
                 words.push("+ lora bias".into());
             }
             Op::Rows { indices, values } => {
-                let values = operand(*values);
+                let values = whole_operand(&mut inputs, adapter, *values);
                 updates.push(Update::Rows {
                     indices: indices.clone(),
                     values,
                 });
                 words.push(format!("+ {} trainable token rows", indices.len()));
+            }
+            Op::Expert {
+                a,
+                b,
+                expert,
+                experts,
+                r,
+                rows,
+                scale,
+                note,
+            } => {
+                let inn = adapter.tensors[*a].shape[1];
+                inputs.push(Input {
+                    store: ADAPTER,
+                    tensor: *a,
+                    offsets: vec![expert * r, 0],
+                    sizes: vec![*r, inn],
+                });
+                let a_op = Operand {
+                    inputs: vec![inputs.len() - 1],
+                    rows: *r,
+                    cols: inn,
+                    transposed: false,
+                };
+                // B's columns for this expert are strided: one input per rank.
+                let mut b_inputs = Vec::new();
+                for k in 0..*r {
+                    inputs.push(Input {
+                        store: ADAPTER,
+                        tensor: *b,
+                        offsets: vec![rows.0, k * experts + expert],
+                        sizes: vec![rows.1, 1],
+                    });
+                    b_inputs.push(inputs.len() - 1);
+                }
+                updates.push(Update::Linear {
+                    a: a_op,
+                    b: Operand {
+                        inputs: b_inputs,
+                        rows: rows.1,
+                        cols: *r,
+                        transposed: true,
+                    },
+                    scale: *scale,
+                    rounding: Rounding::DeltaFirst,
+                    transposed: false,
+                    rows: None,
+                    magnitude: None,
+                });
+                words.push(format!("+ {note}"));
             }
         }
     }

@@ -11,7 +11,7 @@ use super::Model;
 use super::blocks::{HfName, MoeNames};
 use super::config::{Config, ModelError};
 use super::gpt::{self, DenseConfig, MoeOptions};
-use super::registry::Family;
+use super::registry::{ExpertParam, Family};
 
 /// The Mixtral family.
 pub struct Mixtral;
@@ -60,5 +60,22 @@ impl Family for Mixtral {
             ..gpt::Options::default()
         };
         Ok(gpt::model(c, self.name(), PROVIDER, &d, &o))
+    }
+
+    fn hf_module_renames(&self) -> &'static [(&'static str, &'static str)] {
+        &[(".mlp.", ".block_sparse_moe.")]
+    }
+
+    fn hf_expert_params(&self) -> &'static [ExpertParam] {
+        &[
+            ExpertParam {
+                name: "gate_up_proj",
+                parts: &["w1", "w3"],
+            },
+            ExpertParam {
+                name: "down_proj",
+                parts: &["w2"],
+            },
+        ]
     }
 }

@@ -35,7 +35,7 @@ use crate::plan::layout::DcpBytesSpec;
 use crate::plan::tensor::{ChunkOut, TensorOut};
 
 pub use config::{Config, ModelError, Overrides};
-pub use registry::{Family, for_config};
+pub use registry::{ExpertParam, Family, family_of, for_config};
 
 use blocks::{Attention, LayerAt, Mamba, Mlp, Moe};
 use rules::{Context, HfTensor, McIndex, McKey, Precision, Rule, Transform};

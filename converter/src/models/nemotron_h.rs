@@ -15,7 +15,7 @@ use super::blocks::{
     Attention, AttentionNames, HfName, Mamba, MambaNames, Mlp, MlpNames, Moe, MoeNames,
 };
 use super::config::{Config, ModelError};
-use super::registry::Family;
+use super::registry::{ExpertParam, Family};
 use super::{Block, Divisor, HfNames, Model};
 use crate::formats::run_config::Yaml;
 
@@ -436,5 +436,22 @@ impl Family for NemotronH {
             warnings: Vec::new(),
             output_extra_state: true,
         })
+    }
+
+    fn hf_module_renames(&self) -> &'static [(&'static str, &'static str)] {
+        &[("model.", "backbone.")]
+    }
+
+    fn hf_expert_params(&self) -> &'static [ExpertParam] {
+        &[
+            ExpertParam {
+                name: "up_proj",
+                parts: &["up_proj"],
+            },
+            ExpertParam {
+                name: "down_proj",
+                parts: &["down_proj"],
+            },
+        ]
     }
 }

@@ -6,7 +6,7 @@ use super::Model;
 use super::blocks::{HfName, MoeNames};
 use super::config::{Config, ModelError};
 use super::gpt::{self, DenseConfig, MoeOptions};
-use super::registry::Family;
+use super::registry::{ExpertParam, Family};
 
 /// The Qwen3-MoE family.
 pub struct Qwen3Moe;
@@ -73,5 +73,18 @@ impl Family for Qwen3Moe {
             ..gpt::Options::default()
         };
         Ok(gpt::model(c, self.name(), gpt::PROVIDER, &d, &o))
+    }
+
+    fn hf_expert_params(&self) -> &'static [ExpertParam] {
+        &[
+            ExpertParam {
+                name: "gate_up_proj",
+                parts: &["gate_proj", "up_proj"],
+            },
+            ExpertParam {
+                name: "down_proj",
+                parts: &["down_proj"],
+            },
+        ]
     }
 }

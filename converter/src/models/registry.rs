@@ -19,6 +19,28 @@ pub trait Family: Sync {
     /// # Errors
     /// [`ModelError`] naming the field and value.
     fn model(&self, config: &Config<'_>) -> Result<Model, ModelError>;
+    /// Where transformers 5 names a module in memory (and so in the adapters
+    /// PEFT makes with it) otherwise than the checkpoint does: `(in memory,
+    /// checkpoint)`, the first occurrence replaced.
+    fn hf_module_renames(&self) -> &'static [(&'static str, &'static str)] {
+        &[]
+    }
+    /// The parameters of the fused `experts` module transformers 5 builds from the
+    /// checkpoint's per-expert matrices, in registration order (the order PEFT's
+    /// `target_parameters` nests its wrappers in).
+    fn hf_expert_params(&self) -> &'static [ExpertParam] {
+        &[]
+    }
+}
+
+/// A parameter of a fused `experts` module, `[experts, out, in]` in memory: per
+/// expert, the checkpoint's matrices `experts.{e}.{part}.weight` stacked on rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpertParam {
+    /// The parameter (`gate_up_proj`).
+    pub name: &'static str,
+    /// The checkpoint's matrices, in row order (`gate_proj`, `up_proj`).
+    pub parts: &'static [&'static str],
 }
 
 /// Every family, in the order help lists them.

@@ -231,7 +231,7 @@ fn operand(op: &Operand, inputs: &[(DType, &[u8])]) -> Vec<f32> {
         decode(d, bytes, &mut out[at..at + n]);
         at += n;
     }
-    out
+    op.arrange(out)
 }
 
 /// Row-major transpose of a `rows` × `cols` matrix.
@@ -470,6 +470,7 @@ pub fn apply(
                 let how = match rounding {
                     Rounding::Once => Combine::Add,
                     Rounding::EachStep => Combine::AddStepwise,
+                    Rounding::DeltaFirst => Combine::AddRounded,
                 };
                 match magnitude {
                     None => update_rows(dtype, from, out, cols, &p, &map, how),
@@ -703,6 +704,7 @@ mod tests {
             inputs: vec![input],
             rows,
             cols,
+            transposed: false,
         }
     }
 
@@ -992,6 +994,7 @@ mod tests {
                     .as_ref()
                     .map_or(rows as u64, |v| v.iter().map(|x| x.1).sum()),
                 cols: r as u64,
+                transposed: false,
             },
             scale: 0.75,
             rounding: Rounding::Once,

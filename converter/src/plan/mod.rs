@@ -128,7 +128,8 @@ impl RowGather {
 
 /// A matrix operand of a merge: the boxes of some of the piece's inputs, read in
 /// order and concatenated, as `rows` × `cols` row-major elements (any float dtype;
-/// widened to f32 exactly).
+/// widened to f32 exactly), or, when `transposed`, as its transpose (`cols` ×
+/// `rows` row-major: one input per column gathers a strided column set).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Operand {
     /// Indices into the piece's inputs.
@@ -137,6 +138,25 @@ pub struct Operand {
     pub rows: u64,
     /// Columns.
     pub cols: u64,
+    /// The inputs hold the matrix transposed.
+    pub transposed: bool,
+}
+
+impl Operand {
+    /// The row-major matrix of a column-major buffer when `transposed`.
+    pub fn arrange<T: Copy + Default>(&self, read: Vec<T>) -> Vec<T> {
+        if !self.transposed {
+            return read;
+        }
+        let (r, c) = (self.rows as usize, self.cols as usize);
+        let mut out = vec![T::default(); read.len()];
+        for j in 0..c {
+            for i in 0..r {
+                out[i * c + j] = read[j * r + i];
+            }
+        }
+        out
+    }
 }
 
 /// One update of a weight by an adapter, in the arithmetic of the tool whose
@@ -212,6 +232,10 @@ pub enum Rounding {
     /// `W ← rne(W + rne(rne(acc) · s))` (Megatron-Bridge ≤ 0.4's `LoRAMerge`, whose
     /// product, scaling and sum are bf16 tensor operations).
     EachStep,
+    /// The delta computed in f32 and rounded to the weight's dtype before the sum:
+    /// `W ← rne(W + rne(acc · s))` (PEFT's merge of a parameter adapted through
+    /// `target_parameters`, which casts the delta to the parameter's dtype).
+    DeltaFirst,
 }
 
 /// The merge stage of a piece: updates applied in order to the gathered weight.

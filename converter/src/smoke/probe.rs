@@ -159,7 +159,7 @@ fn operand(op: &Operand, piece: &Piece, stores: &[&dyn TensorStore]) -> Result<V
             op.cols
         ));
     }
-    Ok(out)
+    Ok(op.arrange(out))
 }
 
 /// Reads output rows `start..start + n` of the piece's base weight (its gather of
@@ -344,6 +344,7 @@ fn probe_piece(piece: &Piece, stores: &[&dyn TensorStore], out: &Output) -> Prob
                 // half an ulp of a value about the weight's size.
                 roundings: match rounding {
                     Rounding::Once => 1,
+                    Rounding::DeltaFirst => 2,
                     Rounding::EachStep => 3,
                 },
             },
@@ -361,6 +362,7 @@ fn probe_piece(piece: &Piece, stores: &[&dyn TensorStore], out: &Output) -> Prob
                 scale: f64::from(*scale),
                 roundings: match rounding {
                     Rounding::Once => 1,
+                    Rounding::DeltaFirst => 2,
                     Rounding::EachStep => 3,
                 },
             },
@@ -800,11 +802,13 @@ mod tests {
                         inputs: vec![1],
                         rows: r as u64,
                         cols: cols as u64,
+                        transposed: false,
                     },
                     b: Operand {
                         inputs: vec![2],
                         rows: rows as u64,
                         cols: r as u64,
+                        transposed: false,
                     },
                     scale,
                     rounding: Rounding::Once,

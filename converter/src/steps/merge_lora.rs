@@ -397,7 +397,22 @@ fn run_peft(
     // The plan: shapes are checked here.
     let names: Vec<&str> = weights.tensors.iter().map(|t| t.name.as_str()).collect();
     let keys = peft::classify(&weights.path, &names)?;
-    let planned = peft_plan::plan(&base_ckpt, base_config.as_ref(), &weights, &cfg, &keys)?;
+    let naming = base_config
+        .as_ref()
+        .and_then(models::family_of)
+        .map(|f| peft_plan::Naming {
+            renames: f.hf_module_renames(),
+            expert_params: f.hf_expert_params(),
+        })
+        .unwrap_or_default();
+    let planned = peft_plan::plan(
+        &base_ckpt,
+        base_config.as_ref(),
+        &weights,
+        &cfg,
+        &keys,
+        naming,
+    )?;
     warnings.extend(planned.notes.iter().cloned());
     let sharding = Sharding::Assigned {
         shard_of: base_ckpt.shard_of.clone(),
