@@ -132,6 +132,45 @@ pub fn parallel_fields(p: &Parallelism, dtype: DType) -> Vec<(String, Yaml)> {
     ]
 }
 
+/// The `model:` parallel sizes of a `run_config.yaml` as PyYAML writes it (block
+/// style, two-space indent) replaced by `p`'s, every other line kept; a size
+/// absent from the section is added at its end.
+///
+/// # Errors
+/// Why the text has no `model:` section to edit.
+pub fn with_parallel(text: &str, p: &Parallelism) -> Result<String, String> {
+    let fields = [
+        ("tensor_model_parallel_size", p.tp),
+        ("pipeline_model_parallel_size", p.pp),
+        ("expert_model_parallel_size", p.ep),
+        ("expert_tensor_parallel_size", p.etp),
+    ];
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines
+        .iter()
+        .position(|l| *l == "model:")
+        .ok_or("no top-level model: section")?;
+    let end = lines[start + 1..]
+        .iter()
+        .position(|l| !l.is_empty() && !l.starts_with(' '))
+        .map_or(lines.len(), |i| start + 1 + i);
+    let mut out: Vec<String> = lines.iter().map(|l| (*l).to_owned()).collect();
+    let mut missing = Vec::new();
+    for (key, value) in fields {
+        let prefix = format!("  {key}:");
+        match (start + 1..end).find(|&i| out[i].starts_with(&prefix)) {
+            Some(i) => out[i] = format!("{prefix} {value}"),
+            None => missing.push(format!("{prefix} {value}")),
+        }
+    }
+    out.splice(end..end, missing);
+    let mut s = out.join("\n");
+    if text.ends_with('\n') {
+        s.push('\n');
+    }
+    Ok(s)
+}
+
 /// Writes a block mapping with its keys sorted, as Megatron-Bridge's
 /// `yaml.safe_dump` does (so `_target_` comes first).
 fn section(out: &mut String, name: &str, fields: &[(String, Yaml)]) {
@@ -192,6 +231,23 @@ pub fn render(rc: &RunConfig) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn parallel_sizes_are_replaced_in_place() {
+        let text = "_target_: x\nmodel:\n  hidden_size: 8\n  tensor_model_parallel_size: 1\n  pipeline_model_parallel_size: 1\nrng:\n  seed: 1\n";
+        let p = super::Parallelism {
+            tp: 2,
+            pp: 1,
+            ep: 8,
+            etp: 1,
+        };
+        let edited = super::with_parallel(text, &p).unwrap();
+        assert_eq!(
+            edited,
+            "_target_: x\nmodel:\n  hidden_size: 8\n  tensor_model_parallel_size: 2\n  pipeline_model_parallel_size: 1\n  expert_model_parallel_size: 8\n  expert_tensor_parallel_size: 1\nrng:\n  seed: 1\n"
+        );
+        assert!(super::with_parallel("a: 1\n", &p).is_err());
+    }
+
     use super::*;
 
     #[test]

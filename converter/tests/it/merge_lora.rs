@@ -1567,3 +1567,46 @@ fn outputs_overlapping_inputs_are_refused() {
     .stderr_has("lora_checkpoint=");
     assert_eq!(before, w.snapshot("base"));
 }
+
+/// The guide's `tp`, `pp` and `ep` overrides: the merged Megatron checkpoint
+/// records the sizes asked for (the rest of the base's run_config.yaml is kept),
+/// and sizes the model cannot be split into are refused before anything is written.
+#[test]
+fn megatron_bridge_merge_records_the_parallel_sizes_asked_for() {
+    let refs = crate::util::bridge_refs();
+    let case = refs.join("nemotron_h");
+    let w = Workdir::new();
+    let merge = |out: &str, extra: &[&str]| {
+        bridge_merge(
+            &w,
+            &case.join("lora"),
+            &case.join("bridge_import"),
+            &case.join("hf"),
+            out,
+            extra,
+        )
+    };
+    merge("sized", &["tp=2", "pp=1", "ep=4"]).assert_exit(0);
+    let rc = std::fs::read_to_string(w.path("sized-mg/iter_0000000/run_config.yaml")).unwrap();
+    let base =
+        std::fs::read_to_string(case.join("bridge_import/iter_0000000/run_config.yaml")).unwrap();
+    for line in [
+        "  tensor_model_parallel_size: 2\n",
+        "  pipeline_model_parallel_size: 1\n",
+        "  expert_model_parallel_size: 4\n",
+    ] {
+        assert!(rc.contains(line), "{line:?} missing");
+    }
+    let rest = |t: &str| -> Vec<String> {
+        t.lines()
+            .filter(|l| !l.contains("_parallel_size:"))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(rest(&rc), rest(&base), "only the parallel sizes change");
+    merge("toowide", &["ep=8"])
+        .assert_exit(2)
+        .stderr_has("ep=8")
+        .stderr_has("n_routed_experts=4");
+    assert!(!w.path("toowide-mg").exists() && !w.path("toowide-hf").exists());
+}
