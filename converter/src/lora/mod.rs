@@ -12,7 +12,6 @@
 pub mod base;
 pub mod megatron_bridge;
 pub mod peft;
-pub mod peft_plan;
 
 use std::path::PathBuf;
 
