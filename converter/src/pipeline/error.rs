@@ -36,7 +36,41 @@ pub enum Error {
     Publish(#[from] PublishError),
     /// Validation found a problem (exit 1).
     #[error("validation failed: {0}")]
-    Validation(String),
+    Validation(#[from] ValidationError),
+}
+
+/// Why validation failed or could not run (exit 1).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ValidationError {
+    /// Checks of a staged output failed; nothing was published.
+    #[error("{} of {total} checks failed, nothing published: {}", failures.len(), failures.join("; "))]
+    ChecksFailed {
+        /// The output that was not published.
+        output: std::path::PathBuf,
+        /// Checks run.
+        total: usize,
+        /// What each failed check found.
+        failures: Vec<String>,
+    },
+    /// The output could not be read as a model for a forward pass.
+    #[error("{}: {why}", path.display())]
+    Unreadable {
+        /// The output.
+        path: std::path::PathBuf,
+        /// What could not be read.
+        why: String,
+    },
+    /// Generation or the logits dump could not run.
+    #[error("{}: {what}: {why}", path.display())]
+    Forward {
+        /// The output, or the file written.
+        path: std::path::PathBuf,
+        /// `generation`, `logits dump`.
+        what: &'static str,
+        /// Why.
+        why: String,
+    },
 }
 
 impl Error {

@@ -432,12 +432,12 @@ pub fn stage(
             text.as_bytes(),
         )?;
         if v.failed > 0 {
-            return Err(Error::Validation(format!(
-                "{} of {} checks failed, nothing published: {}",
-                v.failed,
-                v.passed + v.failed,
-                v.failures().join("; ")
-            )));
+            return Err(error::ValidationError::ChecksFailed {
+                output: target.dir.clone(),
+                total: v.passed + v.failed,
+                failures: v.failures(),
+            }
+            .into());
         }
         Some(v)
     } else {

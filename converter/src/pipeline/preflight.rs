@@ -66,9 +66,6 @@ pub enum PreflightError {
         /// The path.
         path: PathBuf,
     },
-    /// The model or its options are not supported.
-    #[error("{0}")]
-    Unsupported(String),
 }
 
 /// Refuses an output equal to, inside, or containing an input.

@@ -21,7 +21,7 @@ use ckpt_wire::Step;
 use std::path::{Path, PathBuf};
 
 use crate::formats::{hf, megatron};
-use crate::pipeline::error::Error;
+use crate::pipeline::error::{Error, ValidationError};
 use crate::pipeline::preflight::PreflightError;
 use crate::smoke;
 use crate::validate::{self, Report};
@@ -152,17 +152,25 @@ pub fn run(params: &mut Params) -> Result<Report, Error> {
     let mut report = validate::validate_with(&req.dir, req.kind, true, &req.options);
     let hf_model = req.options.hf_model.as_deref();
     if req.generate.is_some() || req.dump_logits.is_some() {
-        let model = smoke::Model::open(&req.dir, hf_model)
-            .map_err(|e| Error::Validation(format!("{}: {e}", req.dir.display())))?;
+        let model =
+            smoke::Model::open(&req.dir, hf_model).map_err(|e| ValidationError::Unreadable {
+                path: req.dir.clone(),
+                why: e.to_string(),
+            })?;
         if let Some(prompt) = &req.generate {
+            let forward = |why: String| ValidationError::Forward {
+                path: req.dir.clone(),
+                what: "generation",
+                why,
+            };
             let tok = smoke::generate::tokenizer_file(&req.dir, hf_model).ok_or_else(|| {
-                Error::Validation(format!(
-                    "{}: no tokenizer.json (nor tokenizer/tokenizer.json); hf_model_id= names a model that has one",
-                    req.dir.display()
-                ))
+                forward(
+                    "no tokenizer.json (nor tokenizer/tokenizer.json); hf_model_id= names a model that has one"
+                        .into(),
+                )
             })?;
             let g = smoke::generate::generate(&model, &tok, prompt, req.max_new_tokens, hf_model)
-                .map_err(Error::Validation)?;
+                .map_err(forward)?;
             report.generation = Some(g);
         }
         if let Some(out) = &req.dump_logits {
@@ -170,7 +178,13 @@ pub fn run(params: &mut Params) -> Result<Report, Error> {
                 .tokens
                 .clone()
                 .unwrap_or_else(|| smoke::tokens(model.arch.vocab, smoke::TOKENS));
-            let logits = model.logits(&tokens, None).map_err(Error::Validation)?;
+            let logits = model
+                .logits(&tokens, None)
+                .map_err(|why| ValidationError::Forward {
+                    path: req.dir.clone(),
+                    what: "logits dump",
+                    why,
+                })?;
             write_logits(out, &tokens, &logits)?;
         }
     }
@@ -190,7 +204,7 @@ pub fn run(params: &mut Params) -> Result<Report, Error> {
 /// Writes `logits` (f32) and `tokens` (i64) as a safetensors file.
 ///
 /// # Errors
-/// [`Error::Validation`] naming the file.
+/// [`ValidationError::Forward`] naming the file.
 pub fn write_logits(path: &Path, tokens: &[u32], logits: &smoke::Logits) -> Result<(), Error> {
     use safetensors::tensor::TensorView;
     let lbytes: Vec<u8> = logits.values.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -198,8 +212,13 @@ pub fn write_logits(path: &Path, tokens: &[u32], logits: &smoke::Logits) -> Resu
         .iter()
         .flat_map(|&t| i64::from(t).to_le_bytes())
         .collect();
-    let err = |e: safetensors::SafeTensorError| {
-        Error::Validation(format!("{}: cannot write logits: {e}", path.display()))
+    let err = |e: safetensors::SafeTensorError| -> Error {
+        ValidationError::Forward {
+            path: path.to_owned(),
+            what: "logits dump",
+            why: e.to_string(),
+        }
+        .into()
     };
     let views = vec![
         (
