@@ -36,6 +36,19 @@ def bridge_refs() -> str:
     return d
 
 
+def require_transformers(*names: str):
+    """transformers with these classes (5.24.0 of e2e/requirements.txt has them), else fail with
+    the install hint."""
+    import transformers
+
+    missing = [n for n in names if not hasattr(transformers, n)]
+    if missing:
+        pytest.fail(f"transformers {transformers.__version__} has no {', '.join(missing)}: these tests "
+                    "need the pinned reference stack (transformers 5.24.0): `pip install --no-deps -r "
+                    "e2e/requirements.txt` into the interop venv, or run ./run-tests.sh", pytrace=False)
+    return transformers
+
+
 def rel_diff(got: torch.Tensor, want: torch.Tensor) -> float:
     """max |got - want|, relative to max |want| when that exceeds 1 (as test_merge_lora.py)."""
     return float((got.float() - want.float()).abs().max()) / max(1.0, float(want.abs().max()))

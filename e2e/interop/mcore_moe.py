@@ -15,16 +15,21 @@ why (all process-local):
       `pre_mlp_layernorm.` to `mlp.linear_fc1.layer_norm_` (right for a dense MLP, whose TE
       linear_fc1 fuses the norm); a MoE layer has no fused fc1, and the TransformerEngine spec
       (what Megatron-Bridge trains and saves with) keeps `pre_mlp_layernorm.weight`.
-  Config choices, not patches: `moe_grouped_gemm=False` (GroupedMLP needs the grouped_gemm CUDA
-  package, TEGroupedMLP needs TE; both save the same expert keys as SequentialMLP,
-  experts.py `sharded_state_dict`), `moe_token_dispatcher_type="allgather"` (the all-to-all one
-  keeps CUDA streams), no load balancing / aux loss (training only), router dtype fp32.
+  M3. Only for `grouped=True` (megatron-core's legacy GroupedMLP: `moe_grouped_gemm=True` with the
+      local spec; weights as [hidden, experts·ffn] matrices, transposed per expert when saved):
+      `grouped_gemm_util.assert_grouped_gemm_is_available` -> no-op, so the module can be built
+      without the grouped_gemm CUDA package; such a model is only loaded and saved, never run.
+  Config choices, not patches: SequentialMLP experts by default (TEGroupedMLP needs TE),
+  `moe_token_dispatcher_type="allgather"` (the all-to-all one keeps CUDA streams), no load
+  balancing / aux loss (training only), router dtype fp32.
 
 Python API:
     moe_cfg_from_hf(hc) -> cfg dict (mcore_cpu names + num_moe_experts, moe_router_topk,
                                      moe_ffn_hidden_size, moe_router_pre_softmax)
-    build_moe_gpt(cfg, metadata=None) -> GPTModel (current process group)
-    load_moe(cfg, iter_dir) -> GPTModel (TP=1, in process; reads the checkpoint's content metadata)
+    build_moe_gpt(cfg, grouped=False) -> GPTModel (current process group)
+    load_moe(cfg, iter_dir, grouped=False) -> GPTModel (TP=1, in process; reads the checkpoint's
+                                             content metadata)
+    save_moe(model, iter_dir, singleton_local_shards) (dist_checkpointing.save, as Megatron-LM)
     sharded_keys(model) -> mcore_cpu.sharded_keys
     load_save_multi(cfg, iter_dir, tp, ep, expected, saves) -> per-rank results
         (tp*ep... ranks build their shard of the model, load ``iter_dir`` as Megatron does,
@@ -84,7 +89,7 @@ def moe_cfg_from_hf(hc) -> Dict[str, Any]:
     return cfg
 
 
-def make_moe_config(cfg: Dict[str, Any]):
+def make_moe_config(cfg: Dict[str, Any], grouped: bool = False):
     from megatron.core import parallel_state as ps
 
     base = mc.make_config(cfg)
@@ -98,16 +103,22 @@ def make_moe_config(cfg: Dict[str, Any]):
         moe_aux_loss_coeff=0.0,
         moe_router_dtype="fp32",
         moe_token_dispatcher_type="allgather",
-        moe_grouped_gemm=False,
+        moe_grouped_gemm=grouped,
+        moe_use_legacy_grouped_gemm=grouped,
         moe_permute_fusion=False,
         expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
         expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
     )
 
 
-def build_moe_gpt(cfg: Dict[str, Any]):
-    """GPTModel with MoE layers (local spec, SequentialMLP experts) for the current group."""
+def build_moe_gpt(cfg: Dict[str, Any], grouped: bool = False):
+    """GPTModel with MoE layers (local spec; SequentialMLP experts, or GroupedMLP) for the
+    current group."""
     patch_moe_for_cpu()
+    if grouped:
+        from megatron.core.transformer.moe import grouped_gemm_util
+
+        grouped_gemm_util.assert_grouped_gemm_is_available = lambda: None  # M3
     if not torch.distributed.is_initialized():
         mc._ensure_dist(1, 1)
     from megatron.core import parallel_state as ps
@@ -115,12 +126,13 @@ def build_moe_gpt(cfg: Dict[str, Any]):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     c = mc.normalize_cfg(cfg)
-    spec = get_gpt_layer_local_spec(num_experts=c["num_moe_experts"], moe_grouped_gemm=False,
+    spec = get_gpt_layer_local_spec(num_experts=c["num_moe_experts"], moe_grouped_gemm=grouped,
+                                    moe_use_legacy_grouped_gemm=grouped,
                                     qk_layernorm=c["qk_layernorm"], normalization=c["normalization"])
     spec.submodules.sharded_state_dict_keys_map = {  # M2
         "input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
     model = GPTModel(
-        config=make_moe_config(c), transformer_layer_spec=spec, vocab_size=c["vocab_size"],
+        config=make_moe_config(c, grouped), transformer_layer_spec=spec, vocab_size=c["vocab_size"],
         max_sequence_length=c["max_sequence_length"], pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=c["share_embeddings_and_output_weights"],
@@ -136,10 +148,10 @@ def content_metadata(iter_dir: str) -> Optional[Dict[str, Any]]:
     return dist_checkpointing.load_content_metadata(iter_dir)
 
 
-def _load(cfg: Dict[str, Any], iter_dir: str):
+def _load(cfg: Dict[str, Any], iter_dir: str, grouped: bool = False):
     from megatron.core import dist_checkpointing
 
-    model = build_moe_gpt(cfg)
+    model = build_moe_gpt(cfg, grouped)
     md = content_metadata(iter_dir)
     sd = dist_checkpointing.load({"model": model.sharded_state_dict(metadata=md)}, iter_dir)["model"]
     r = model.load_state_dict(sd, strict=False)
@@ -150,19 +162,19 @@ def _load(cfg: Dict[str, Any], iter_dir: str):
     return model, md
 
 
-def load_moe(cfg: Dict[str, Any], iter_dir: str):
+def load_moe(cfg: Dict[str, Any], iter_dir: str, grouped: bool = False):
     """Load ``iter_dir`` into a TP=1/EP=1 MoE GPTModel in this process (MCore's default
     strictness), as Megatron-LM does: the content metadata of the checkpoint decides the
     expert layout requested."""
     mc._ensure_dist(1, 1)
-    return _load(cfg, iter_dir)[0]
+    return _load(cfg, iter_dir, grouped)[0]
 
 
 def sharded_keys(model, metadata=None):
     return mc.sharded_keys(model, metadata)
 
 
-def _save(model, out_dir: str, singleton: bool) -> None:
+def save_moe(model, out_dir: str, singleton: bool) -> None:
     from megatron.core import dist_checkpointing
 
     md = dict(mc.MLM_CONTENT_METADATA, singleton_local_shards=singleton)
@@ -240,7 +252,7 @@ def _rank_main(job_file: str, rank: int) -> None:
                           "no_expected": []}, None
         if model is not None:
             for s in job["saves"]:
-                _save(model, s["dir"], bool(s["singleton_local_shards"]))
+                save_moe(model, s["dir"], bool(s["singleton_local_shards"]))
         out = {"rank": rank, "tp_rank": ps.get_tensor_model_parallel_rank(),
                "ep_rank": ps.get_expert_model_parallel_rank(),
                "local_experts": _local_experts(model), "result": res}
@@ -269,5 +281,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     sys.exit(main())

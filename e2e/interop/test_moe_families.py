@@ -20,7 +20,8 @@ softmax after / before the top-k), Mixtral (w1/w3/w2, always renormalised).
      then saved by megatron-core itself in both on-disk expert layouts it writes (the expert axis
      `mlp.experts.experts.linear_fc1.weight`, and singleton local shards, one key per expert
      `mlp.experts.experts.{e}.linear_fc1.weight_w/_v`), and our megatron_to_hf of each gives the
-     HF source back bit for bit.
+     HF source back bit for bit.  The same with megatron-core's other CPU-buildable expert module,
+     GroupedMLP (TP=1; TEGroupedMLP needs TransformerEngine).
 
 Run: python -m pytest -q e2e/interop/test_moe_families.py   (about a minute on 2 cores)
 """
@@ -37,7 +38,8 @@ import interop_util as iu
 import mcore_moe as mm
 
 SEED = 23
-pytestmark = pytest.mark.filterwarnings("ignore:Apex is not installed.*:UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:Apex is not installed.*:UserWarning"),
+              pytest.mark.filterwarnings("ignore:The legacy GroupedMLP will be deprecated.*:UserWarning")]
 TOL = 1e-4  # relative to the largest |logit| when that exceeds 1
 
 CASES = {
@@ -60,9 +62,8 @@ PARALLEL = [("qwen3_moe", 2, 1), ("qwen3_moe", 1, 2), ("mixtral", 1, 2)]
 
 
 def hf_moe_model(case: str, seed: int = SEED):
-    import transformers
-
     cfg_cls, model_cls, kw = CASES[case]
+    transformers = fu.require_transformers(cfg_cls, model_cls)
     cfg = getattr(transformers, cfg_cls)(**BASE, **kw)
     cfg.architectures = [model_cls]
     cfg._attn_implementation = "eager"
@@ -231,3 +232,30 @@ def test_parallel_load_and_mcore_saves(case, tp, ep, src, ckpt, tmp, report):
     assert not problems, "\n".join(problems)
     report(f"[moe c] {case:<10} tp={tp} ep={ep}: our conversion loads into MCore ({sum(r['result']['checked'] for r in results)}"
            f" shards equal over {tp * ep} ranks); MCore's saves (expert axis, singleton local shards) export to the source bit for bit")
+
+
+@pytest.mark.parametrize("case", ["qwen3_moe", "mixtral"])
+def test_grouped_mlp_saves(case, src, mcore, ckpt, tmp, report):
+    """megatron-core's other expert module, GroupedMLP (legacy grouped GEMM: one [hidden, experts·ffn]
+    matrix per projection, transposed per expert when saved; built on CPU with patch M3 of
+    mcore_moe.py, never run): our conversion loads into it, every shard equal, and its own saves in
+    both layouts export back to the source bit for bit."""
+    import mcore_cpu as mc
+
+    from megatron.core.transformer.moe.experts import GroupedMLP
+
+    s = src(case)
+    model = mm.load_moe(s["cfg"], s["iter"], grouped=True)
+    assert isinstance(model.decoder.layers[0].mlp.experts, GroupedMLP)
+    res = mc.check_loaded_shards(model, mc.read_global_tensors(s["iter"]))
+    assert res["checked"] and not res["mismatched"] and not res["no_expected"], res
+    for single in (False, True):
+        it = os.path.join(tmp, f"grouped_{single}", "iter_0000001")
+        mm.save_moe(model, it, single)
+        out = os.path.join(tmp, f"hf_{single}")
+        ckpt("run", "convert/megatron_to_hf", f"megatron_path={it}", f"hf_model_id={s['dir']}",
+             f"hf_path={out}", "dtype=float32")
+        got, _ = iu.hf_dir_tensors(out)
+        iu.assert_bitwise_equal(got, s["tensors"], f"export of GroupedMLP's save (singleton={single})")
+    report(f"[moe c] {case:<10} GroupedMLP: loads our conversion ({res['checked']} shards equal); its saves "
+           f"(expert axis, singleton local shards) export to the source bit for bit")

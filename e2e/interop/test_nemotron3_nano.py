@@ -64,8 +64,9 @@ def released_form_config() -> dict:
 @pytest.fixture(scope="module")
 def nano(mod_tmp):
     """The stand-in's HF directory and tensors."""
-    import transformers
     from safetensors.torch import load_file, save_file
+
+    transformers = fu.require_transformers("NemotronHConfig", "NemotronHForCausalLM")
 
     cfg_json = released_form_config()
     hc = transformers.NemotronHConfig(**{k: v for k, v in cfg_json.items()

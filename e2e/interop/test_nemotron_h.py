@@ -63,8 +63,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Apex is not installed.*:UserWarn
 
 
 def nemotron_config(**over):
-    import transformers
-
+    transformers = fu.require_transformers("NemotronHConfig", "NemotronHForCausalLM")
     kw = dict(CONFIG)
     kw.update({k: v for k, v in over.items() if k != "dt_bias"})
     cfg = transformers.NemotronHConfig(**kw)
