@@ -53,7 +53,8 @@ impl LayerAt {
 
     /// The Megatron keys of expert `e`'s `module` (`linear_fc1`) of this layer:
     /// the expert axis Megatron-Core saves (`mlp.experts.experts.linear_fc1.weight`
-    /// with (layer,) expert leading axes) first, then the per-expert keys of the
+    /// with (layer,) expert leading axes) first, then the per-expert keys of
+    /// singleton local shards (`experts.experts.{e}.linear_fc1.weight`), the
     /// grouped-GEMM (`experts.linear_fc1.weight{e}`) and sequential
     /// (`experts.local_experts.{e}.linear_fc1.weight`) layouts.
     pub fn expert_mc(&self, module: &str, e: u64, experts: u64) -> Vec<McKey> {
@@ -74,6 +75,7 @@ impl LayerAt {
         } else {
             vec![per_layer, stacked]
         };
+        keys.extend(self.expert_singleton_mc(module, e, ""));
         for name in [
             format!("mlp.experts.{module}.weight{e}"),
             format!("mlp.experts.local_experts.{e}.{module}.weight"),
@@ -86,6 +88,20 @@ impl LayerAt {
             });
         }
         keys
+    }
+
+    /// Expert `e`'s `module` saved with singleton local shards, one key per
+    /// expert: `mlp.experts.experts.{e}.linear_fc1.weight{suffix}`, where a gated
+    /// `linear_fc1` is saved as its halves (`suffix` `_w` gate, `_v` up).
+    pub fn expert_singleton_mc(&self, module: &str, e: u64, suffix: &str) -> Vec<McKey> {
+        let name = format!("mlp.experts.experts.{e}.{module}.weight{suffix}");
+        let per_layer = McKey::plain(format!("decoder.layers.{}.{name}", self.layer));
+        let stacked = McKey {
+            name: format!("decoder.layers.{name}"),
+            prefix: vec![self.layer],
+            prefix_dims: vec![self.layers],
+        };
+        vec![per_layer, stacked]
     }
 
     /// The Megatron keys of the layer tensor spelled `names` (preferred first):
@@ -434,7 +450,17 @@ impl Moe {
                     mc: fc1,
                     shape: vec![2 * f, w],
                     transform: Transform::Concat,
-                    or: Vec::new(),
+                    // Singleton local shards save the halves under keys of their own.
+                    or: vec![
+                        copy(
+                            expert(n.gate, 0, vec![f, w]),
+                            at.expert_singleton_mc("linear_fc1", e, "_w"),
+                        ),
+                        copy(
+                            expert(n.up, 1, vec![f, w]),
+                            at.expert_singleton_mc("linear_fc1", e, "_v"),
+                        ),
+                    ],
                 });
             } else {
                 out.push(copy(expert(n.up, 1, vec![f, w]), fc1));
@@ -611,4 +637,98 @@ impl Mamba {
 
     /// Modules with an `_extra_state` item in a TransformerEngine layer.
     pub const EXTRA_STATE: &'static [&'static str] = &["mixer.in_proj", "mixer.out_proj"];
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NAMES: MoeNames = MoeNames {
+        norm: HfName("post_attention_layernorm", 0),
+        router: HfName("mlp.gate", 1),
+        router_bias: HfName("mlp.gate.e_score_correction_bias", 2),
+        experts: "mlp.experts.",
+        gate: "gate_proj",
+        up: "up_proj",
+        down: "down_proj",
+        experts_order: 3,
+        shared_gate: HfName("mlp.shared_expert.gate_proj", 9),
+        shared_up: HfName("mlp.shared_expert.up_proj", 9),
+        shared_down: HfName("mlp.shared_expert.down_proj", 9),
+        fc1_latent: HfName("mlp.fc1_latent_proj", 9),
+        fc2_latent: HfName("mlp.fc2_latent_proj", 9),
+    };
+
+    fn keys(r: &Rule) -> Vec<&str> {
+        r.mc.iter().map(|k| k.name.as_str()).collect()
+    }
+
+    /// Megatron-Core saves with singleton local shards (`experts.experts.{e}.…`,
+    /// a gated `linear_fc1` as `weight_w`/`weight_v`) when its metadata asks for
+    /// it; the export reads that layout too.
+    #[test]
+    fn experts_saved_as_singleton_local_shards() {
+        let at = LayerAt {
+            layer: 1,
+            layers: 2,
+            hf_prefix: "model.layers.1.".into(),
+            order: 1,
+            stacked: true,
+        };
+        let moe = Moe {
+            hidden: 8,
+            experts: 4,
+            ffn: 2,
+            gated: true,
+            router_bias: false,
+            shared_ffn: None,
+            latent: None,
+            names: NAMES,
+        };
+        let rules = moe.rules(&at);
+        let fc1 = rules
+            .iter()
+            .find(|r| r.hf[0].name == "model.layers.1.mlp.experts.3.gate_proj.weight")
+            .unwrap();
+        assert_eq!(
+            keys(fc1)[0],
+            "decoder.layers.mlp.experts.experts.linear_fc1.weight"
+        );
+        let halves: Vec<(&str, &str)> = fc1
+            .or
+            .iter()
+            .map(|r| (r.hf[0].name.as_str(), r.mc[0].name.as_str()))
+            .collect();
+        assert_eq!(
+            halves,
+            vec![
+                (
+                    "model.layers.1.mlp.experts.3.gate_proj.weight",
+                    "decoder.layers.1.mlp.experts.experts.3.linear_fc1.weight_w"
+                ),
+                (
+                    "model.layers.1.mlp.experts.3.up_proj.weight",
+                    "decoder.layers.1.mlp.experts.experts.3.linear_fc1.weight_v"
+                ),
+            ]
+        );
+        assert!(fc1.or.iter().all(|r| r.shape == vec![2, 8]));
+        let fc2 = rules
+            .iter()
+            .find(|r| r.hf[0].name == "model.layers.1.mlp.experts.3.down_proj.weight")
+            .unwrap();
+        assert!(keys(fc2).contains(&"decoder.layers.1.mlp.experts.experts.3.linear_fc2.weight"));
+        // A plain (squared-ReLU) expert keeps its linear_fc1 whole.
+        let plain = Moe {
+            gated: false,
+            ..moe
+        }
+        .rules(&at);
+        let up = plain
+            .iter()
+            .find(|r| r.hf[0].name == "model.layers.1.mlp.experts.3.up_proj.weight")
+            .unwrap();
+        assert!(keys(up).contains(&"decoder.layers.1.mlp.experts.experts.3.linear_fc1.weight"));
+        assert!(up.or.is_empty());
+    }
 }

@@ -430,7 +430,8 @@ impl<'a> MegatronView<'a> {
     }
 
     /// The first projection of an MLP or expert under `key` (`mlp.linear_fc1`):
-    /// SwiGLU's `[gate; up]` fused, or a plain `up`.
+    /// SwiGLU's `[gate; up]` fused (or its halves `weight_w`, `weight_v`, as
+    /// singleton local shards save it), or a plain `up`.
     fn up(
         &self,
         key: &str,
@@ -440,6 +441,16 @@ impl<'a> MegatronView<'a> {
         width: usize,
         act: Act,
     ) -> Result<Up<'a>, String> {
+        if act == Act::SwiGlu {
+            let half =
+                |s: &str| self.try_find(&[format!("{key}.weight{s}")], l, inner, &[ffn, width]);
+            if let (Some((g, pg)), Some((u, pu))) = (half("_w")?, half("_v")?) {
+                return Ok(Up::Split {
+                    gate: Mat::new(&self.ckpt.files, g, pg, self.round_to)?,
+                    up: Mat::new(&self.ckpt.files, u, pu, self.round_to)?,
+                });
+            }
+        }
         let rows = if act == Act::SwiGlu { 2 * ffn } else { ffn };
         let (t, prefix) = self.find(&[format!("{key}.weight")], l, inner, &[rows, width])?;
         let m = Mat::new(&self.ckpt.files, t, prefix, self.round_to)?;
@@ -451,7 +462,9 @@ impl<'a> MegatronView<'a> {
     }
 
     /// Expert `e` of layer `l`: on the expert axis Megatron-Core saves, or one key
-    /// per expert (grouped GEMM `weight{e}`, sequential `local_experts.{e}`).
+    /// per expert (singleton local shards `experts.{e}`, a gated `linear_fc1` as
+    /// its halves `weight_w`/`weight_v`; grouped GEMM `weight{e}`; sequential
+    /// `local_experts.{e}`).
     fn expert(
         &self,
         l: usize,
@@ -475,6 +488,7 @@ impl<'a> MegatronView<'a> {
                 }
                 self.find(
                     &[
+                        format!("mlp.experts.experts.{e}.{module}.weight"),
                         format!("mlp.experts.{module}.weight{e}"),
                         format!("mlp.experts.local_experts.{e}.{module}.weight"),
                     ],
@@ -483,15 +497,28 @@ impl<'a> MegatronView<'a> {
                     shape,
                 )
             };
-        let (t1, p1) = find("linear_fc1", &[rows, width])?;
-        let (t2, p2) = find("linear_fc2", &[width, ffn])?;
-        let fc1 = Mat::new(&self.ckpt.files, t1, p1, self.round_to)?;
-        Ok(Ffn {
-            up: if act == Act::SwiGlu {
-                Up::Fused(fc1)
-            } else {
-                Up::Plain(fc1)
+        let half = |suffix: &str| {
+            let name = format!("mlp.experts.experts.{e}.linear_fc1.weight{suffix}");
+            self.try_find(&[name], l, &[], &[ffn, width])
+        };
+        let up = match (act, half("_w")?, half("_v")?) {
+            (Act::SwiGlu, Some((g, pg)), Some((u, pu))) => Up::Split {
+                gate: Mat::new(&self.ckpt.files, g, pg, self.round_to)?,
+                up: Mat::new(&self.ckpt.files, u, pu, self.round_to)?,
             },
+            _ => {
+                let (t1, p1) = find("linear_fc1", &[rows, width])?;
+                let fc1 = Mat::new(&self.ckpt.files, t1, p1, self.round_to)?;
+                if act == Act::SwiGlu {
+                    Up::Fused(fc1)
+                } else {
+                    Up::Plain(fc1)
+                }
+            }
+        };
+        let (t2, p2) = find("linear_fc2", &[width, ffn])?;
+        Ok(Ffn {
+            up,
             down: Mat::new(&self.ckpt.files, t2, p2, self.round_to)?,
         })
     }

@@ -49,6 +49,19 @@ fn ffn_up(act: Act, ffn: u64, width: u64) -> Vec<u64> {
     }
 }
 
+/// A `linear_fc1` under `key` (`mlp.linear_fc1.weight`): fused, or a gated one's
+/// halves `{key}_w`, `{key}_v` when the checkpoint saves those.
+fn fc1(layout: Layout, key: &str, act: Act, ffn: u64, width: u64) -> Vec<LayerTensor> {
+    if layout.fc1_halves && act == Act::SwiGlu {
+        ["_w", "_v"]
+            .iter()
+            .map(|s| (vec![format!("{key}{s}")], vec![ffn, width], false))
+            .collect()
+    } else {
+        vec![(vec![key.to_owned()], ffn_up(act, ffn, width), false)]
+    }
+}
+
 /// The tensors of a Hugging Face checkpoint of `arch`, named as its family names
 /// them.
 pub fn hf(arch: &Arch, names: &HfNames, has_lm_head: bool) -> Vec<Expected> {
@@ -185,6 +198,9 @@ pub struct Layout {
     pub per_layer: bool,
     /// Experts on an expert axis (`mlp.experts.experts.…`), not one key each.
     pub expert_axis: bool,
+    /// A gated `linear_fc1` saved as its halves (`weight_w`, `weight_v`), as
+    /// singleton local shards save it.
+    pub fc1_halves: bool,
     /// Mamba's `in_proj` and `conv1d` saved per component.
     pub mamba_split: bool,
 }
@@ -196,8 +212,11 @@ impl Layout {
         Layout {
             per_layer: any(&|n| n.starts_with("decoder.layers.0.")),
             expert_axis: !any(&|n| {
-                n.contains(".local_experts.") || n.contains(".linear_fc1.weight0")
+                n.contains(".local_experts.")
+                    || n.contains(".linear_fc1.weight0")
+                    || n.contains(".experts.experts.0.")
             }),
+            fc1_halves: any(&|n| n.ends_with(".linear_fc1.weight_w")),
             mamba_split: !any(&|n| n.ends_with("mixer.in_proj.weight")),
         }
     }
@@ -262,11 +281,7 @@ pub fn megatron(arch: &Arch, layout: Layout, has_output: bool) -> Vec<Expected> 
                         .as_ref()
                         .expect("an MLP layer has its configuration");
                     let f = m.ffn as u64;
-                    t.push((
-                        names(&["mlp.linear_fc1.weight"]),
-                        ffn_up(m.act, f, h),
-                        false,
-                    ));
+                    t.extend(fc1(layout, "mlp.linear_fc1.weight", m.act, f, h));
                     t.push((names(&["mlp.linear_fc2.weight"]), vec![h, f], false));
                 }
                 Sub::Moe => {
@@ -294,16 +309,23 @@ pub fn megatron(arch: &Arch, layout: Layout, has_output: bool) -> Vec<Expected> 
                         ));
                     } else {
                         for x in 0..m.experts {
+                            if layout.fc1_halves && m.act == Act::SwiGlu {
+                                let key = format!("mlp.experts.experts.{x}.linear_fc1.weight");
+                                t.extend(self::fc1(layout, &key, m.act, f, w));
+                            } else {
+                                t.push((
+                                    vec![
+                                        format!("mlp.experts.experts.{x}.linear_fc1.weight"),
+                                        format!("mlp.experts.linear_fc1.weight{x}"),
+                                        format!("mlp.experts.local_experts.{x}.linear_fc1.weight"),
+                                    ],
+                                    fc1.clone(),
+                                    false,
+                                ));
+                            }
                             t.push((
                                 vec![
-                                    format!("mlp.experts.linear_fc1.weight{x}"),
-                                    format!("mlp.experts.local_experts.{x}.linear_fc1.weight"),
-                                ],
-                                fc1.clone(),
-                                false,
-                            ));
-                            t.push((
-                                vec![
+                                    format!("mlp.experts.experts.{x}.linear_fc2.weight"),
                                     format!("mlp.experts.linear_fc2.weight{x}"),
                                     format!("mlp.experts.local_experts.{x}.linear_fc2.weight"),
                                 ],
