@@ -467,8 +467,10 @@ def _bridge_adapter(run_dir, hc, dim, alpha, dtype, canonical, seed=3, hf_model_
 
 
 def _expected_hf(base, sd, hc, scale, dtype, canonical):
-    """The merged HF tensors from the spec formula (§6.2, path 1): per HF tensor,
-    W' = dtype(f32(W) + scale * (f32(B_part) @ f32(A))), B split like the fused weight, A shared."""
+    """The merged HF tensors of `merge_arithmetic=fp32` (Megatron-Bridge >= 0.5): per HF tensor,
+    W' = dtype(f32(W) + scale * (f32(B_part) @ f32(A))), B split like the fused weight, A shared.
+    (The default arithmetic, Megatron-Bridge 0.3.1's, is proven bit for bit against Bridge's own
+    merges in converter/tests/it/merge_lora.rs.)"""
     q, k, v, _ = _qkv_rows(hc)
     f = hc.intermediate_size
     pre = "decoder.layers."
@@ -566,7 +568,7 @@ def test_megatron_bridge(family, canonical, ckpt, tmp, report):
         sd = _bridge_adapter(os.path.join(d, "adapter"), hc, dim, alpha, dtype, canonical, hf_model_id=hf_dir)
         rep = ckpt("run", "convert/merge_lora", f"lora_checkpoint={d}/adapter", f"base_megatron_path={base_iter}",
                    f"output_megatron_path={d}/merged_mg", f"output_hf_path={d}/merged_hf",
-                   f"hf_model_id={hf_dir}", "--json").json()
+                   f"hf_model_id={hf_dir}", "merge_arithmetic=fp32", "--json").json()
         assert rep["kind"] == "checkpoint_hf" and rep["other_outputs"][0]["kind"] == "checkpoint_megatron", rep
         ours, _ = iu.hf_dir_tensors(f"{d}/merged_hf")
         base, _ = iu.hf_dir_tensors(hf_dir)

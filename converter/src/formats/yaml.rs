@@ -58,10 +58,25 @@ enum Kind {
     Seq,
 }
 
-fn tag_kind(tag: &Option<Tag>, mark: &Marker) -> Result<Kind, YamlError> {
+/// What a tag asks for, or why it is refused, naming the line the tag is on (a
+/// collection's own position is its first entry, which may be a line later).
+fn tag_kind(tag: &Option<Tag>, mark: &Marker, text: &str) -> Result<Kind, YamlError> {
     let Some(t) = tag else {
         return Ok(Kind::Plain);
     };
+    tag_kind_at(t, mark).map_err(|mut e| {
+        let lines: Vec<&str> = text.lines().collect();
+        if let Some(l) = (1..=e.line.min(lines.len()))
+            .rev()
+            .find(|&l| lines[l - 1].contains(t.suffix.as_str()))
+        {
+            e.line = l;
+        }
+        e
+    })
+}
+
+fn tag_kind_at(t: &Tag, mark: &Marker) -> Result<Kind, YamlError> {
     // `!!x` arrives as handle `tag:yaml.org,2002:`, suffix `x`.
     let name = if t.handle == "tag:yaml.org,2002:" || t.handle == "!!" {
         t.suffix.as_str()
@@ -390,7 +405,7 @@ pub fn parse(text: &str) -> Result<Value, YamlError> {
                 b.add(v, weight, 0, &mark)?;
             }
             Event::Scalar(value, style, anchor, tag) => {
-                let v = match tag_kind(&tag, &mark)? {
+                let v = match tag_kind(&tag, &mark, text)? {
                     Kind::Str => Value::String(value),
                     Kind::Set | Kind::Seq => {
                         return Err(err(&mark, "a collection tag on a scalar"));
@@ -402,7 +417,7 @@ pub fn parse(text: &str) -> Result<Value, YamlError> {
                 b.add(v, 1, anchor, &mark)?;
             }
             Event::SequenceStart(anchor, tag) => {
-                if let Kind::Set | Kind::Str = tag_kind(&tag, &mark)? {
+                if let Kind::Set | Kind::Str = tag_kind(&tag, &mark, text)? {
                     return Err(err(&mark, "a set or string tag on a sequence"));
                 }
                 b.stack.push(Frame::Seq {
@@ -412,7 +427,7 @@ pub fn parse(text: &str) -> Result<Value, YamlError> {
                 });
             }
             Event::MappingStart(anchor, tag) => {
-                let set = match tag_kind(&tag, &mark)? {
+                let set = match tag_kind(&tag, &mark, text)? {
                     Kind::Set => Some(Vec::new()),
                     Kind::Plain => None,
                     Kind::Str | Kind::Seq => {

@@ -535,10 +535,19 @@ pub fn check(
         ));
     }
     if problems.is_empty() {
+        let kept = floats
+            .iter()
+            .filter(|t| Some(t.dtype) != want && t.dtype == DType::F32)
+            .count();
         Ok(format!(
-            "{} tensors: none missing or extra for the architecture, shapes as {source} says, all {}",
+            "{} tensors: none missing or extra for the architecture, shapes as {source} says, all {}{}",
             tensors.len(),
-            want.map_or("-".into(), |d| d.to_string())
+            want.map_or("-".into(), |d| d.to_string()),
+            if kept > 0 {
+                format!(" except {kept} kept float32 (routers, Mamba A_log and D)")
+            } else {
+                String::new()
+            }
         ))
     } else {
         Err(problems)
