@@ -34,6 +34,9 @@ pub struct LayerAt {
     /// Megatron keys are stacked on a leading layer axis (a homogeneous
     /// `TransformerBlock`); otherwise one key per layer.
     pub stacked: bool,
+    /// The Megatron prefix of the layer stack (`decoder.layers.`; a
+    /// multi-token-prediction depth's `mtp.layers.0.mtp_model_layer.layers.`).
+    pub root: String,
 }
 
 impl LayerAt {
@@ -61,12 +64,12 @@ impl LayerAt {
         let (l, n) = (self.layer, self.layers);
         let axis = format!("mlp.experts.experts.{module}.weight");
         let stacked = McKey {
-            name: format!("decoder.layers.{axis}"),
+            name: format!("{}{axis}", self.root),
             prefix: vec![l, e],
             prefix_dims: vec![n, experts],
         };
         let per_layer = McKey {
-            name: format!("decoder.layers.{l}.{axis}"),
+            name: format!("{}{l}.{axis}", self.root),
             prefix: vec![e],
             prefix_dims: vec![experts],
         };
@@ -80,9 +83,9 @@ impl LayerAt {
             format!("mlp.experts.{module}.weight{e}"),
             format!("mlp.experts.local_experts.{e}.{module}.weight"),
         ] {
-            keys.push(McKey::plain(format!("decoder.layers.{l}.{name}")));
+            keys.push(McKey::plain(format!("{}{l}.{name}", self.root)));
             keys.push(McKey {
-                name: format!("decoder.layers.{name}"),
+                name: format!("{}{name}", self.root),
                 prefix: vec![l],
                 prefix_dims: vec![n],
             });
@@ -95,9 +98,9 @@ impl LayerAt {
     /// `linear_fc1` is saved as its halves (`suffix` `_w` gate, `_v` up).
     pub fn expert_singleton_mc(&self, module: &str, e: u64, suffix: &str) -> Vec<McKey> {
         let name = format!("mlp.experts.experts.{e}.{module}.weight{suffix}");
-        let per_layer = McKey::plain(format!("decoder.layers.{}.{name}", self.layer));
+        let per_layer = McKey::plain(format!("{}{}.{name}", self.root, self.layer));
         let stacked = McKey {
-            name: format!("decoder.layers.{name}"),
+            name: format!("{}{name}", self.root),
             prefix: vec![self.layer],
             prefix_dims: vec![self.layers],
         };
@@ -109,11 +112,11 @@ impl LayerAt {
     /// spellings.
     pub fn mc(&self, names: &[&str]) -> Vec<McKey> {
         let stacked = |n: &str| McKey {
-            name: format!("decoder.layers.{n}"),
+            name: format!("{}{n}", self.root),
             prefix: vec![self.layer],
             prefix_dims: vec![self.layers],
         };
-        let per_layer = |n: &str| McKey::plain(format!("decoder.layers.{}.{n}", self.layer));
+        let per_layer = |n: &str| McKey::plain(format!("{}{}.{n}", self.root, self.layer));
         let mut keys = Vec::with_capacity(2 * names.len());
         for n in names {
             if self.stacked {
@@ -674,6 +677,7 @@ mod tests {
             hf_prefix: "model.layers.1.".into(),
             order: 1,
             stacked: true,
+            root: "decoder.layers.".into(),
         };
         let moe = Moe {
             hidden: 8,

@@ -391,6 +391,7 @@ pub fn model(
         megatron_config: provider_fields(provider, d, o),
         warnings: d.warnings.clone(),
         output_extra_state: false,
+        mtp: None,
         divisors,
     }
 }

@@ -195,6 +195,22 @@ pub struct Model {
     /// The output layer has an `_extra_state` item (Megatron-Core's hybrid model
     /// keeps it; its GPT model does not).
     pub output_extra_state: bool,
+    /// Multi-token-prediction layers, when the model has them.
+    pub mtp: Option<Mtp>,
+}
+
+/// Multi-token-prediction layers (Nemotron-3 Super): `depth` times the layers of
+/// a pattern, each depth with its input projection and norms. Hugging Face
+/// numbers the layers flat (`mtp.layers.{depth · len + i}.`), Megatron-Core
+/// nests them (`mtp.layers.{depth}.mtp_model_layer.layers.{i}.`); the input
+/// projection and its two norms belong to the first inner layer in Hugging Face,
+/// the final norm to the last.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mtp {
+    /// `num_nextn_predict_layers`.
+    pub depth: u64,
+    /// The blocks of each layer of one depth.
+    pub layers: Vec<Vec<Block>>,
 }
 
 /// Megatron-Bridge's default `make_vocab_size_divisible_by`: the largest power of
@@ -254,6 +270,7 @@ impl Model {
             hf_prefix: format!("{}{l}.", self.hf.layers),
             order: l + 1,
             stacked: self.stacked,
+            root: "decoder.layers.".into(),
         }
     }
 
@@ -289,6 +306,39 @@ impl Model {
         ));
         if !tied {
             out.push(vocab_rule(self.hf.head, OUTPUT, end + 1));
+        }
+        if let Some(m) = &self.mtp {
+            let per = m.layers.len() as u64;
+            for d in 0..m.depth {
+                for (i, blocks) in m.layers.iter().enumerate() {
+                    let f = d * per + i as u64;
+                    let at = LayerAt {
+                        layer: i as u64,
+                        layers: per,
+                        hf_prefix: format!("mtp.layers.{f}."),
+                        order: end + 2 + f,
+                        stacked: false,
+                        root: format!("mtp.layers.{d}.mtp_model_layer.layers."),
+                    };
+                    let own = |name: &str, shape: Vec<u64>, order: u64| {
+                        blocks::copy(
+                            at.hf_at(name, order, ".weight", shape),
+                            vec![McKey::plain(format!("mtp.layers.{d}.{name}.weight"))],
+                        )
+                    };
+                    if i == 0 {
+                        out.push(own("enorm", vec![h], 100));
+                        out.push(own("hnorm", vec![h], 101));
+                        out.push(own("eh_proj", vec![h, 2 * h], 102));
+                    }
+                    for b in blocks {
+                        out.extend(b.rules(&at));
+                    }
+                    if i as u64 == per - 1 {
+                        out.push(own("final_layernorm", vec![h], 103));
+                    }
+                }
+            }
         }
         out
     }
@@ -442,6 +492,23 @@ impl Model {
                             keys.push(format!(
                                 "decoder.layers.{l}.{module}._extra_state/shard_{e}_{experts}"
                             ));
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(m) = &self.mtp {
+            for d in 0..m.depth {
+                keys.push(format!("mtp.layers.{d}.eh_proj._extra_state/shard_0_1"));
+                for (i, blocks) in m.layers.iter().enumerate() {
+                    for b in blocks {
+                        for (module, per_expert) in b.extra_state() {
+                            let experts = b.experts().filter(|_| per_expert).unwrap_or(1);
+                            for e in 0..experts {
+                                keys.push(format!(
+                                    "mtp.layers.{d}.mtp_model_layer.layers.{i}.{module}._extra_state/shard_{e}_{experts}"
+                                ));
+                            }
                         }
                     }
                 }

@@ -16,7 +16,7 @@ use super::blocks::{
 };
 use super::config::{Config, ModelError};
 use super::registry::{ExpertParam, Family};
-use super::{Block, Divisor, HfNames, Model};
+use super::{Block, Divisor, HfNames, Model, Mtp};
 use crate::formats::run_config::Yaml;
 
 /// The Nemotron-H family.
@@ -124,6 +124,63 @@ pub fn pattern(c: &Config<'_>) -> Result<String, ModelError> {
     Ok(pattern)
 }
 
+/// The multi-token-prediction layers: `num_nextn_predict_layers` and their
+/// pattern, from `mtp_hybrid_override_pattern`, `mtp_layers_block_type`
+/// (transformers 5), or the part of `hybrid_override_pattern` after `/`.
+///
+/// # Errors
+/// [`ModelError`] for depths without a pattern, layer kinds the multi-token
+/// prediction of Megatron-Bridge does not map (Mamba), or depths that would
+/// share one layer (`mtp_use_repeated_layer`, which Megatron-Core saves once).
+pub fn mtp_pattern(c: &Config<'_>) -> Result<(u64, String), ModelError> {
+    let depth = c.int_or("num_nextn_predict_layers", 0)?;
+    if depth == 0 {
+        return Ok((0, String::new()));
+    }
+    let pattern: String = if let Some(p) = c.text("mtp_hybrid_override_pattern") {
+        p.to_owned()
+    } else if let Some(list) = c.get("mtp_layers_block_type").and_then(|v| v.as_array()) {
+        list.iter()
+            .map(|t| match t.as_str() {
+                Some("full_attention" | "attention") => Ok('*'),
+                Some("mlp") => Ok('-'),
+                Some("moe") => Ok('E'),
+                Some("linear_attention" | "mamba") => Ok('M'),
+                _ => Err(c.field_error(
+                    "mtp_layers_block_type",
+                    "a list of full_attention, mlp and moe",
+                )),
+            })
+            .collect::<Result<String, _>>()?
+    } else if let Some((_, p)) = c
+        .text("hybrid_override_pattern")
+        .and_then(|p| p.split_once('/'))
+    {
+        p.split('/').next().unwrap_or("").to_owned()
+    } else {
+        return Err(c.field_error(
+            "mtp_hybrid_override_pattern",
+            &format!("the pattern of the {depth} multi-token-prediction layers"),
+        ));
+    };
+    if pattern.is_empty() {
+        return Err(c.field_error("mtp_hybrid_override_pattern", "at least one layer"));
+    }
+    if let Some(bad) = pattern.chars().find(|ch| !"*-E".contains(*ch)) {
+        return Err(c.unsupported(
+            format!("a {bad:?} layer in the multi-token-prediction pattern {pattern:?}"),
+            Some("Megatron-Bridge maps attention (*), MLP (-) and MoE (E) layers there"),
+        ));
+    }
+    if depth > 1 && c.flag("mtp_use_repeated_layer") != Some(false) {
+        return Err(c.unsupported(
+            format!("num_nextn_predict_layers={depth} with one repeated layer"),
+            Some("Megatron-Bridge shares the layer between the depths; set mtp_use_repeated_layer=false for separate layers"),
+        ));
+    }
+    Ok((depth, pattern))
+}
+
 impl Family for NemotronH {
     fn name(&self) -> &'static str {
         "nemotron_h"
@@ -151,13 +208,7 @@ impl Family for NemotronH {
         if c.get("quantization_config").is_some() {
             return Err(c.unsupported("quantization_config", Some("quantized weights")));
         }
-        let mtp = c.int_or("num_nextn_predict_layers", 0)?;
-        if mtp > 0 {
-            return Err(c.unsupported(
-                format!("num_nextn_predict_layers={mtp}"),
-                Some("multi-token-prediction layers are not converted yet"),
-            ));
-        }
+        let (mtp_depth, mtp_pattern) = mtp_pattern(c)?;
         for (key, want) in [("mlp_hidden_act", "relu2"), ("mamba_hidden_act", "silu")] {
             if let Some(act) = c.text(key)
                 && act != want
@@ -172,7 +223,7 @@ impl Family for NemotronH {
             Some(_) => c.positive("layer_norm_epsilon", 1e-5)?,
             None => c.positive("norm_eps", 1e-5)?,
         };
-        let has = |ch: char| pattern.contains(ch);
+        let has = |ch: char| pattern.contains(ch) || mtp_pattern.contains(ch);
         let mut divisors = Vec::new();
         let attention = if has('*') {
             let heads = c.count("num_attention_heads")?;
@@ -347,17 +398,17 @@ impl Family for NemotronH {
         } else {
             None
         };
-        let layers: Vec<Vec<Block>> = pattern
-            .chars()
-            .map(|ch| {
-                vec![match ch {
-                    'M' => Block::Mamba(mamba.clone().expect("an M layer has its mixer")),
-                    '*' => Block::Attention(attention.clone().expect("a * layer has attention")),
-                    '-' => Block::Mlp(mlp.clone().expect("a - layer has its MLP")),
-                    _ => Block::Moe(moe.clone().expect("an E layer has its experts")),
-                }]
-            })
-            .collect();
+        let block = |ch: char| match ch {
+            'M' => Block::Mamba(mamba.clone().expect("an M layer has its mixer")),
+            '*' => Block::Attention(attention.clone().expect("a * layer has attention")),
+            '-' => Block::Mlp(mlp.clone().expect("a - layer has its MLP")),
+            _ => Block::Moe(moe.clone().expect("an E layer has its experts")),
+        };
+        let layers: Vec<Vec<Block>> = pattern.chars().map(|ch| vec![block(ch)]).collect();
+        let mtp = (mtp_depth > 0).then(|| Mtp {
+            depth: mtp_depth,
+            layers: mtp_pattern.chars().map(|ch| vec![block(ch)]).collect(),
+        });
         let mut megatron_config: Vec<(String, Yaml)> = vec![
             ("_target_".into(), Yaml::str(PROVIDER)),
             ("num_layers".into(), Yaml::Int(pattern.len() as i64)),
@@ -417,6 +468,16 @@ impl Family for NemotronH {
             ]);
         }
         megatron_config.extend(moe_fields);
+        if mtp_depth > 0 {
+            megatron_config.extend([
+                ("mtp_num_layers".into(), Yaml::Int(mtp_depth as i64)),
+                (
+                    "mtp_hybrid_override_pattern".into(),
+                    Yaml::str(&mtp_pattern),
+                ),
+                ("mtp_use_repeated_layer".into(), Yaml::Bool(mtp_depth == 1)),
+            ]);
+        }
         Ok(Model {
             family: self.name(),
             architecture: c.architecture.clone(),
@@ -435,6 +496,7 @@ impl Family for NemotronH {
             divisors,
             warnings: Vec::new(),
             output_extra_state: true,
+            mtp,
         })
     }
 

@@ -72,7 +72,25 @@ pub fn read(rc: &Value) -> Result<Arch, NotSupported> {
         };
         vec![vec![Sub::Attention, ffn]; count(m, "num_layers", what)?]
     };
-    let has = |s: Sub| layers.iter().flatten().any(|x| *x == s);
+    let mtp = match count_or(m, "mtp_num_layers", 0) {
+        0 => None,
+        depth => {
+            let p = field(m, "mtp_hybrid_override_pattern")
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    format!("{what}: mtp_num_layers={depth} without mtp_hybrid_override_pattern")
+                })?;
+            let subs = super::nemotron_h::pattern_layers(p, what)?
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>();
+            Some((depth, subs))
+        }
+    };
+    let has = |s: Sub| {
+        layers.iter().flatten().any(|x| *x == s)
+            || mtp.as_ref().is_some_and(|(_, l)| l.contains(&s))
+    };
     let attention = if has(Sub::Attention) {
         let heads = count(m, "num_attention_heads", what)?;
         let groups = count_or(m, "num_query_groups", heads);
@@ -198,6 +216,7 @@ pub fn read(rc: &Value) -> Result<Arch, NotSupported> {
         mamba,
         dtype: field(m, "params_dtype").and_then(dtype_of),
         padded_vocab,
+        mtp,
     })
 }
 

@@ -225,6 +225,9 @@ pub struct Arch {
     /// Megatron only: rows of the embedding and output layer when the vocabulary
     /// is padded (`should_pad_vocab`), from `make_vocab_size_divisible_by` × TP.
     pub padded_vocab: Option<usize>,
+    /// Multi-token-prediction layers: their depth and the blocks of one depth's
+    /// layers (checked for completeness; the forward is of the main model).
+    pub mtp: Option<(usize, Vec<Sub>)>,
 }
 
 impl Arch {
@@ -252,12 +255,19 @@ impl Arch {
             mamba: None,
             dtype: None,
             padded_vocab: None,
+            mtp: None,
         }
     }
 
     /// Decoder layers.
     pub fn num_layers(&self) -> usize {
         self.layers.len()
+    }
+
+    /// Whether any layer, multi-token prediction included, has a `sub` block.
+    pub fn has(&self, sub: Sub) -> bool {
+        self.layers.iter().flatten().any(|s| *s == sub)
+            || self.mtp.as_ref().is_some_and(|(_, l)| l.contains(&sub))
     }
 
     /// Whether every layer has the same blocks (Megatron-Core's GPT model stacks

@@ -78,6 +78,42 @@ pub fn pattern_layers(pattern: &str, what: &str) -> Result<Vec<Vec<Sub>>, NotSup
         .collect()
 }
 
+/// `num_nextn_predict_layers` and the pattern of one depth
+/// (`mtp_hybrid_override_pattern`, `mtp_layers_block_type`, or the part of
+/// `hybrid_override_pattern` after `/`).
+fn mtp(cfg: &Value, what: &str) -> Result<Option<(usize, Vec<Sub>)>, NotSupported> {
+    let depth = count_or(cfg, "num_nextn_predict_layers", 0);
+    if depth == 0 {
+        return Ok(None);
+    }
+    let subs: Vec<Sub> =
+        if let Some(p) = field(cfg, "mtp_hybrid_override_pattern").and_then(Value::as_str) {
+            pattern_layers(p, what)?.into_iter().flatten().collect()
+        } else if let Some(list) = field(cfg, "mtp_layers_block_type").and_then(Value::as_array) {
+            list.iter()
+                .map(|t| match t.as_str() {
+                    Some("full_attention" | "attention") => Ok(Sub::Attention),
+                    Some("mlp") => Ok(Sub::Mlp),
+                    Some("moe") => Ok(Sub::Moe),
+                    _ => Err(format!("{what}: multi-token-prediction layer type {t}")),
+                })
+                .collect::<Result<_, NotSupported>>()?
+        } else if let Some((_, p)) = field(cfg, "hybrid_override_pattern")
+            .and_then(Value::as_str)
+            .and_then(|p| p.split_once('/'))
+        {
+            pattern_layers(p.split('/').next().unwrap_or(""), what)?
+                .into_iter()
+                .flatten()
+                .collect()
+        } else {
+            return Err(format!(
+                "{what}: num_nextn_predict_layers={depth} without the layers' pattern"
+            ));
+        };
+    Ok(Some((depth, subs)))
+}
+
 fn read(cfg: &Value, name: &str) -> Result<Arch, NotSupported> {
     let what = format!("config.json ({name})");
     let layers = if let Some(p) = field(cfg, "hybrid_override_pattern").and_then(Value::as_str) {
@@ -98,7 +134,11 @@ fn read(cfg: &Value, name: &str) -> Result<Arch, NotSupported> {
             })
             .collect::<Result<_, NotSupported>>()?
     };
-    let has = |s: Sub| layers.iter().flatten().any(|x| *x == s);
+    let mtp = mtp(cfg, &what)?;
+    let has = |s: Sub| {
+        layers.iter().flatten().any(|x| *x == s)
+            || mtp.as_ref().is_some_and(|(_, l)| l.contains(&s))
+    };
     let hidden = count(cfg, "hidden_size", &what)?;
     let attention = if has(Sub::Attention) {
         let heads = count(cfg, "num_attention_heads", &what)?;
@@ -178,5 +218,6 @@ fn read(cfg: &Value, name: &str) -> Result<Arch, NotSupported> {
         mamba,
         dtype: None,
         padded_vocab: None,
+        mtp,
     })
 }

@@ -71,107 +71,7 @@ pub fn hf(arch: &Arch, names: &HfNames, has_lm_head: bool) -> Vec<Expected> {
     for (l, subs) in arch.layers.iter().enumerate() {
         let p = format!("{}{l}.", names.layers);
         for (i, sub) in subs.iter().enumerate() {
-            out.push(one(format!("{p}{}.weight", names.norms[i]), vec![h]));
-            match sub {
-                Sub::Attention => {
-                    let a = arch.attn();
-                    let d = a.head_dim as u64;
-                    let (q, kv) = (a.heads as u64 * d, a.groups as u64 * d);
-                    for (n, rows) in [(0, q), (1, kv), (2, kv)] {
-                        let name = names.attention[n];
-                        out.push(one(format!("{p}{name}.weight"), vec![rows, h]));
-                        if a.qkv_bias {
-                            out.push(one(format!("{p}{name}.bias"), vec![rows]));
-                        }
-                    }
-                    if a.qk_norm {
-                        out.push(one(format!("{p}{}.weight", names.attention[4]), vec![d]));
-                        out.push(one(format!("{p}{}.weight", names.attention[5]), vec![d]));
-                    }
-                    out.push(one(format!("{p}{}.weight", names.attention[3]), vec![h, q]));
-                }
-                Sub::Mlp => {
-                    let m = arch
-                        .mlp
-                        .as_ref()
-                        .expect("an MLP layer has its configuration");
-                    hf_ffn(
-                        &mut out,
-                        &p,
-                        [names.mlp[0], names.mlp[1], names.mlp[2]],
-                        m.act,
-                        m.ffn as u64,
-                        h,
-                    );
-                }
-                Sub::Moe => {
-                    let m = arch
-                        .moe
-                        .as_ref()
-                        .expect("an MoE layer has its configuration");
-                    let e = m.experts as u64;
-                    let w = m.latent.map_or(h, |l| l as u64);
-                    out.push(fp32_ok(one(
-                        format!("{p}{}.weight", names.moe[0]),
-                        vec![e, h],
-                    )));
-                    if m.expert_bias {
-                        out.push(fp32_ok(one(format!("{p}{}", names.moe[1]), vec![e])));
-                    }
-                    for x in 0..m.experts {
-                        let ep = format!("{p}{}{x}.", names.moe[2]);
-                        hf_ffn(
-                            &mut out,
-                            &ep,
-                            [names.moe[3], names.moe[4], names.moe[5]],
-                            m.act,
-                            m.ffn as u64,
-                            w,
-                        );
-                    }
-                    if let Some(s) = m.shared_ffn {
-                        let extra = &names.moe_extra;
-                        hf_ffn(
-                            &mut out,
-                            &p,
-                            [extra[0], extra[1], extra[2]],
-                            m.act,
-                            s as u64,
-                            h,
-                        );
-                    }
-                    if let Some(lat) = m.latent {
-                        out.push(one(
-                            format!("{p}{}.weight", names.moe_extra[3]),
-                            vec![lat as u64, h],
-                        ));
-                        out.push(one(
-                            format!("{p}{}.weight", names.moe_extra[4]),
-                            vec![h, lat as u64],
-                        ));
-                    }
-                }
-                Sub::Mamba => {
-                    let m = arch
-                        .mamba
-                        .as_ref()
-                        .expect("a Mamba layer has its configuration");
-                    let (di, bc, nh) = (m.d_inner() as u64, m.d_bc() as u64, m.heads as u64);
-                    let k = m.conv_kernel.unwrap_or(4) as u64;
-                    let x = format!("{p}{}", names.mamba);
-                    out.push(one(
-                        format!("{x}in_proj.weight"),
-                        vec![2 * di + 2 * bc + nh, h],
-                    ));
-                    out.push(one(format!("{x}conv1d.weight"), vec![di + 2 * bc, 1, k]));
-                    out.push(one(format!("{x}conv1d.bias"), vec![di + 2 * bc]));
-                    out.push(one(format!("{x}dt_bias"), vec![nh]));
-                    out.push(fp32_ok(one(format!("{x}A_log"), vec![nh])));
-                    out.push(fp32_ok(one(format!("{x}D"), vec![nh])));
-                    out.push(one(format!("{x}norm.weight"), vec![di]));
-                    out.push(one(format!("{x}out_proj.weight"), vec![h, di]));
-                }
-            }
+            hf_sub(&mut out, arch, names, &p, i, *sub);
         }
     }
     out.push(one(names.final_norm.into(), vec![h]));
@@ -180,7 +80,123 @@ pub fn hf(arch: &Arch, names: &HfNames, has_lm_head: bool) -> Vec<Expected> {
         optional: tied,
         ..one(names.head.into(), vec![v, h])
     });
+    // Multi-token prediction, numbered flat: `mtp.layers.{depth · len + i}.`.
+    if let Some((depth, subs)) = &arch.mtp {
+        for d in 0..*depth {
+            for (i, sub) in subs.iter().enumerate() {
+                let p = format!("mtp.layers.{}.", d * subs.len() + i);
+                if i == 0 {
+                    out.push(one(format!("{p}enorm.weight"), vec![h]));
+                    out.push(one(format!("{p}hnorm.weight"), vec![h]));
+                    out.push(one(format!("{p}eh_proj.weight"), vec![h, 2 * h]));
+                }
+                hf_sub(&mut out, arch, names, &p, 0, *sub);
+                if i + 1 == subs.len() {
+                    out.push(one(format!("{p}final_layernorm.weight"), vec![h]));
+                }
+            }
+        }
+    }
     out
+}
+
+/// The tensors of block `sub` (the `i`-th of its layer) under the HF prefix `p`.
+fn hf_sub(out: &mut Vec<Expected>, arch: &Arch, names: &HfNames, p: &str, i: usize, sub: Sub) {
+    let h = arch.hidden as u64;
+    out.push(one(format!("{p}{}.weight", names.norms[i]), vec![h]));
+    match sub {
+        Sub::Attention => {
+            let a = arch.attn();
+            let d = a.head_dim as u64;
+            let (q, kv) = (a.heads as u64 * d, a.groups as u64 * d);
+            for (n, rows) in [(0, q), (1, kv), (2, kv)] {
+                let name = names.attention[n];
+                out.push(one(format!("{p}{name}.weight"), vec![rows, h]));
+                if a.qkv_bias {
+                    out.push(one(format!("{p}{name}.bias"), vec![rows]));
+                }
+            }
+            if a.qk_norm {
+                out.push(one(format!("{p}{}.weight", names.attention[4]), vec![d]));
+                out.push(one(format!("{p}{}.weight", names.attention[5]), vec![d]));
+            }
+            out.push(one(format!("{p}{}.weight", names.attention[3]), vec![h, q]));
+        }
+        Sub::Mlp => {
+            let m = arch
+                .mlp
+                .as_ref()
+                .expect("an MLP layer has its configuration");
+            hf_ffn(
+                out,
+                p,
+                [names.mlp[0], names.mlp[1], names.mlp[2]],
+                m.act,
+                m.ffn as u64,
+                h,
+            );
+        }
+        Sub::Moe => {
+            let m = arch
+                .moe
+                .as_ref()
+                .expect("an MoE layer has its configuration");
+            let e = m.experts as u64;
+            let w = m.latent.map_or(h, |l| l as u64);
+            out.push(fp32_ok(one(
+                format!("{p}{}.weight", names.moe[0]),
+                vec![e, h],
+            )));
+            if m.expert_bias {
+                out.push(fp32_ok(one(format!("{p}{}", names.moe[1]), vec![e])));
+            }
+            for x in 0..m.experts {
+                let ep = format!("{p}{}{x}.", names.moe[2]);
+                hf_ffn(
+                    out,
+                    &ep,
+                    [names.moe[3], names.moe[4], names.moe[5]],
+                    m.act,
+                    m.ffn as u64,
+                    w,
+                );
+            }
+            if let Some(s) = m.shared_ffn {
+                let extra = &names.moe_extra;
+                hf_ffn(out, p, [extra[0], extra[1], extra[2]], m.act, s as u64, h);
+            }
+            if let Some(lat) = m.latent {
+                out.push(one(
+                    format!("{p}{}.weight", names.moe_extra[3]),
+                    vec![lat as u64, h],
+                ));
+                out.push(one(
+                    format!("{p}{}.weight", names.moe_extra[4]),
+                    vec![h, lat as u64],
+                ));
+            }
+        }
+        Sub::Mamba => {
+            let m = arch
+                .mamba
+                .as_ref()
+                .expect("a Mamba layer has its configuration");
+            let (di, bc, nh) = (m.d_inner() as u64, m.d_bc() as u64, m.heads as u64);
+            let k = m.conv_kernel.unwrap_or(4) as u64;
+            let x = format!("{p}{}", names.mamba);
+            out.push(one(
+                format!("{x}in_proj.weight"),
+                vec![2 * di + 2 * bc + nh, h],
+            ));
+            out.push(one(format!("{x}conv1d.weight"), vec![di + 2 * bc, 1, k]));
+            out.push(one(format!("{x}conv1d.bias"), vec![di + 2 * bc]));
+            out.push(one(format!("{x}dt_bias"), vec![nh]));
+            out.push(fp32_ok(one(format!("{x}A_log"), vec![nh])));
+            out.push(fp32_ok(one(format!("{x}D"), vec![nh])));
+            out.push(one(format!("{x}norm.weight"), vec![di]));
+            out.push(one(format!("{x}out_proj.weight"), vec![h, di]));
+        }
+    }
 }
 
 fn hf_ffn(out: &mut Vec<Expected>, p: &str, names: [&str; 3], act: Act, ffn: u64, width: u64) {
@@ -226,6 +242,160 @@ impl Layout {
 /// allowed.
 type LayerTensor = (Vec<String>, Vec<u64>, bool);
 
+/// The tensors of block `sub`, relative to its layer, into `t`.
+fn mc_sub(t: &mut Vec<LayerTensor>, arch: &Arch, layout: Layout, sub: Sub) {
+    let h = arch.hidden as u64;
+    let names = |ns: &[&str]| ns.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    t.push((names(megatron::norm_names(sub)), vec![h], false));
+    match sub {
+        Sub::Attention => {
+            let a = arch.attn();
+            let (d, qkv) = (a.head_dim as u64, a.qkv_rows() as u64);
+            t.push((
+                names(&["self_attention.linear_qkv.weight"]),
+                vec![qkv, h],
+                false,
+            ));
+            if a.qkv_bias {
+                t.push((names(&["self_attention.linear_qkv.bias"]), vec![qkv], false));
+            }
+            t.push((
+                names(&["self_attention.linear_proj.weight"]),
+                vec![h, a.heads as u64 * d],
+                false,
+            ));
+            if a.qk_norm {
+                t.push((
+                    names(&["self_attention.q_layernorm.weight"]),
+                    vec![d],
+                    false,
+                ));
+                t.push((
+                    names(&["self_attention.k_layernorm.weight"]),
+                    vec![d],
+                    false,
+                ));
+            }
+        }
+        Sub::Mlp => {
+            let m = arch
+                .mlp
+                .as_ref()
+                .expect("an MLP layer has its configuration");
+            let f = m.ffn as u64;
+            t.extend(fc1(layout, "mlp.linear_fc1.weight", m.act, f, h));
+            t.push((names(&["mlp.linear_fc2.weight"]), vec![h, f], false));
+        }
+        Sub::Moe => {
+            let m = arch
+                .moe
+                .as_ref()
+                .expect("an MoE layer has its configuration");
+            let (e, f) = (m.experts as u64, m.ffn as u64);
+            let w = m.latent.map_or(h, |l| l as u64);
+            t.push((names(&["mlp.router.weight"]), vec![e, h], true));
+            if m.expert_bias {
+                t.push((names(&["mlp.router.expert_bias"]), vec![e], true));
+            }
+            let fc1 = ffn_up(m.act, f, w);
+            if layout.expert_axis {
+                t.push((
+                    names(&["mlp.experts.experts.linear_fc1.weight"]),
+                    [&[e][..], &fc1].concat(),
+                    false,
+                ));
+                t.push((
+                    names(&["mlp.experts.experts.linear_fc2.weight"]),
+                    vec![e, w, f],
+                    false,
+                ));
+            } else {
+                for x in 0..m.experts {
+                    if layout.fc1_halves && m.act == Act::SwiGlu {
+                        let key = format!("mlp.experts.experts.{x}.linear_fc1.weight");
+                        t.extend(self::fc1(layout, &key, m.act, f, w));
+                    } else {
+                        t.push((
+                            vec![
+                                format!("mlp.experts.experts.{x}.linear_fc1.weight"),
+                                format!("mlp.experts.linear_fc1.weight{x}"),
+                                format!("mlp.experts.local_experts.{x}.linear_fc1.weight"),
+                            ],
+                            fc1.clone(),
+                            false,
+                        ));
+                    }
+                    t.push((
+                        vec![
+                            format!("mlp.experts.experts.{x}.linear_fc2.weight"),
+                            format!("mlp.experts.linear_fc2.weight{x}"),
+                            format!("mlp.experts.local_experts.{x}.linear_fc2.weight"),
+                        ],
+                        vec![w, f],
+                        false,
+                    ));
+                }
+            }
+            if let Some(s) = m.shared_ffn {
+                let s = s as u64;
+                t.push((
+                    names(&["mlp.shared_experts.linear_fc1.weight"]),
+                    ffn_up(m.act, s, h),
+                    false,
+                ));
+                t.push((
+                    names(&["mlp.shared_experts.linear_fc2.weight"]),
+                    vec![h, s],
+                    false,
+                ));
+            }
+            if let Some(lat) = m.latent {
+                let lat = lat as u64;
+                t.push((names(&["mlp.fc1_latent_proj.weight"]), vec![lat, h], false));
+                t.push((names(&["mlp.fc2_latent_proj.weight"]), vec![h, lat], false));
+            }
+        }
+        Sub::Mamba => {
+            let m = arch
+                .mamba
+                .as_ref()
+                .expect("a Mamba layer has its configuration");
+            let (di, bc, nh) = (m.d_inner() as u64, m.d_bc() as u64, m.heads as u64);
+            let k = m.conv_kernel.unwrap_or(4) as u64;
+            if layout.mamba_split {
+                for (c, r) in [("z", di), ("x", di), ("B", bc), ("C", bc), ("dt", nh)] {
+                    t.push((vec![format!("mixer.in_proj.weight.{c}")], vec![r, h], false));
+                }
+                for (c, r) in [("x", di), ("B", bc), ("C", bc)] {
+                    t.push((
+                        vec![format!("mixer.conv1d.weight.{c}")],
+                        vec![r, 1, k],
+                        false,
+                    ));
+                    t.push((vec![format!("mixer.conv1d.bias.{c}")], vec![r], false));
+                }
+            } else {
+                t.push((
+                    names(&["mixer.in_proj.weight"]),
+                    vec![2 * di + 2 * bc + nh, h],
+                    false,
+                ));
+                t.push((
+                    names(&["mixer.conv1d.weight"]),
+                    vec![di + 2 * bc, 1, k],
+                    false,
+                ));
+                t.push((names(&["mixer.conv1d.bias"]), vec![di + 2 * bc], false));
+            }
+            t.push((names(&["mixer.dt_bias"]), vec![nh], false));
+            t.push((names(&["mixer.A_log"]), vec![nh], true));
+            t.push((names(&["mixer.D"]), vec![nh], true));
+            t.push((names(&["mixer.norm.weight"]), vec![di], false));
+            t.push((names(&["mixer.out_proj.weight"]), vec![h, di], false));
+        }
+    }
+}
+
 /// The tensors of a Megatron-Core iteration of `arch`, laid out as `layout`.
 pub fn megatron(arch: &Arch, layout: Layout, has_output: bool) -> Vec<Expected> {
     let h = arch.hidden as u64;
@@ -240,158 +410,10 @@ pub fn megatron(arch: &Arch, layout: Layout, has_output: bool) -> Vec<Expected> 
     }];
     // Per layer, relative to the layer; stacked layers share one key.
     let mut layer_tensors: Vec<Vec<LayerTensor>> = Vec::new();
-    let names = |ns: &[&str]| ns.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
     for subs in &arch.layers {
         let mut t: Vec<LayerTensor> = Vec::new();
         for sub in subs {
-            t.push((names(megatron::norm_names(*sub)), vec![h], false));
-            match sub {
-                Sub::Attention => {
-                    let a = arch.attn();
-                    let (d, qkv) = (a.head_dim as u64, a.qkv_rows() as u64);
-                    t.push((
-                        names(&["self_attention.linear_qkv.weight"]),
-                        vec![qkv, h],
-                        false,
-                    ));
-                    if a.qkv_bias {
-                        t.push((names(&["self_attention.linear_qkv.bias"]), vec![qkv], false));
-                    }
-                    t.push((
-                        names(&["self_attention.linear_proj.weight"]),
-                        vec![h, a.heads as u64 * d],
-                        false,
-                    ));
-                    if a.qk_norm {
-                        t.push((
-                            names(&["self_attention.q_layernorm.weight"]),
-                            vec![d],
-                            false,
-                        ));
-                        t.push((
-                            names(&["self_attention.k_layernorm.weight"]),
-                            vec![d],
-                            false,
-                        ));
-                    }
-                }
-                Sub::Mlp => {
-                    let m = arch
-                        .mlp
-                        .as_ref()
-                        .expect("an MLP layer has its configuration");
-                    let f = m.ffn as u64;
-                    t.extend(fc1(layout, "mlp.linear_fc1.weight", m.act, f, h));
-                    t.push((names(&["mlp.linear_fc2.weight"]), vec![h, f], false));
-                }
-                Sub::Moe => {
-                    let m = arch
-                        .moe
-                        .as_ref()
-                        .expect("an MoE layer has its configuration");
-                    let (e, f) = (m.experts as u64, m.ffn as u64);
-                    let w = m.latent.map_or(h, |l| l as u64);
-                    t.push((names(&["mlp.router.weight"]), vec![e, h], true));
-                    if m.expert_bias {
-                        t.push((names(&["mlp.router.expert_bias"]), vec![e], true));
-                    }
-                    let fc1 = ffn_up(m.act, f, w);
-                    if layout.expert_axis {
-                        t.push((
-                            names(&["mlp.experts.experts.linear_fc1.weight"]),
-                            [&[e][..], &fc1].concat(),
-                            false,
-                        ));
-                        t.push((
-                            names(&["mlp.experts.experts.linear_fc2.weight"]),
-                            vec![e, w, f],
-                            false,
-                        ));
-                    } else {
-                        for x in 0..m.experts {
-                            if layout.fc1_halves && m.act == Act::SwiGlu {
-                                let key = format!("mlp.experts.experts.{x}.linear_fc1.weight");
-                                t.extend(self::fc1(layout, &key, m.act, f, w));
-                            } else {
-                                t.push((
-                                    vec![
-                                        format!("mlp.experts.experts.{x}.linear_fc1.weight"),
-                                        format!("mlp.experts.linear_fc1.weight{x}"),
-                                        format!("mlp.experts.local_experts.{x}.linear_fc1.weight"),
-                                    ],
-                                    fc1.clone(),
-                                    false,
-                                ));
-                            }
-                            t.push((
-                                vec![
-                                    format!("mlp.experts.experts.{x}.linear_fc2.weight"),
-                                    format!("mlp.experts.linear_fc2.weight{x}"),
-                                    format!("mlp.experts.local_experts.{x}.linear_fc2.weight"),
-                                ],
-                                vec![w, f],
-                                false,
-                            ));
-                        }
-                    }
-                    if let Some(s) = m.shared_ffn {
-                        let s = s as u64;
-                        t.push((
-                            names(&["mlp.shared_experts.linear_fc1.weight"]),
-                            ffn_up(m.act, s, h),
-                            false,
-                        ));
-                        t.push((
-                            names(&["mlp.shared_experts.linear_fc2.weight"]),
-                            vec![h, s],
-                            false,
-                        ));
-                    }
-                    if let Some(lat) = m.latent {
-                        let lat = lat as u64;
-                        t.push((names(&["mlp.fc1_latent_proj.weight"]), vec![lat, h], false));
-                        t.push((names(&["mlp.fc2_latent_proj.weight"]), vec![h, lat], false));
-                    }
-                }
-                Sub::Mamba => {
-                    let m = arch
-                        .mamba
-                        .as_ref()
-                        .expect("a Mamba layer has its configuration");
-                    let (di, bc, nh) = (m.d_inner() as u64, m.d_bc() as u64, m.heads as u64);
-                    let k = m.conv_kernel.unwrap_or(4) as u64;
-                    if layout.mamba_split {
-                        for (c, r) in [("z", di), ("x", di), ("B", bc), ("C", bc), ("dt", nh)] {
-                            t.push((vec![format!("mixer.in_proj.weight.{c}")], vec![r, h], false));
-                        }
-                        for (c, r) in [("x", di), ("B", bc), ("C", bc)] {
-                            t.push((
-                                vec![format!("mixer.conv1d.weight.{c}")],
-                                vec![r, 1, k],
-                                false,
-                            ));
-                            t.push((vec![format!("mixer.conv1d.bias.{c}")], vec![r], false));
-                        }
-                    } else {
-                        t.push((
-                            names(&["mixer.in_proj.weight"]),
-                            vec![2 * di + 2 * bc + nh, h],
-                            false,
-                        ));
-                        t.push((
-                            names(&["mixer.conv1d.weight"]),
-                            vec![di + 2 * bc, 1, k],
-                            false,
-                        ));
-                        t.push((names(&["mixer.conv1d.bias"]), vec![di + 2 * bc], false));
-                    }
-                    t.push((names(&["mixer.dt_bias"]), vec![nh], false));
-                    t.push((names(&["mixer.A_log"]), vec![nh], true));
-                    t.push((names(&["mixer.D"]), vec![nh], true));
-                    t.push((names(&["mixer.norm.weight"]), vec![di], false));
-                    t.push((names(&["mixer.out_proj.weight"]), vec![h, di], false));
-                }
-            }
+            mc_sub(&mut t, arch, layout, *sub);
         }
         layer_tensors.push(t);
     }
@@ -435,6 +457,35 @@ pub fn megatron(arch: &Arch, layout: Layout, has_output: bool) -> Vec<Expected> 
             rows_at_least: at_least,
             ..one("output_layer.weight".into(), vec![rows, h])
         });
+    }
+    // Multi-token prediction, nested: `mtp.layers.{depth}.mtp_model_layer.layers.{i}.`.
+    if let Some((depth, subs)) = &arch.mtp {
+        for d in 0..*depth {
+            for (i, sub) in subs.iter().enumerate() {
+                let mut t: Vec<LayerTensor> = Vec::new();
+                mc_sub(&mut t, arch, layout, *sub);
+                for (ns, shape, fp32) in t {
+                    out.push(Expected {
+                        names: ns
+                            .iter()
+                            .map(|n| format!("mtp.layers.{d}.mtp_model_layer.layers.{i}.{n}"))
+                            .collect(),
+                        shape,
+                        optional: false,
+                        rows_at_least: None,
+                        fp32_ok: fp32,
+                    });
+                }
+            }
+            for (name, shape) in [
+                ("enorm", vec![h]),
+                ("hnorm", vec![h]),
+                ("eh_proj", vec![h, 2 * h]),
+                ("final_layernorm", vec![h]),
+            ] {
+                out.push(one(format!("mtp.layers.{d}.{name}.weight"), shape));
+            }
+        }
     }
     out
 }
