@@ -169,3 +169,32 @@ def test_multi_token_prediction_layers_round_trip_as_megatron_bridge_names_them(
     out = ckpt("run", "convert/hf_to_megatron", f"hf_model_id={bad}", f"megatron_path={tmp}/bad_mg", expect=2)
     assert "mtp.layers.0.eh_proj.weight" in out.stderr, out.stderr
     assert not os.path.exists(f"{tmp}/bad_mg")
+
+
+def test_the_guides_default_ep8_from_a_nemotron_step_config(ckpt, tmp, monkeypatch):
+    """The Nemotron tooling's default config passes `ep: ${oc.env:NEMOTRON_CONVERT_EP,8}`: a copy of
+    such a config given with -c converts a model with 8 experts per layer in one process, records
+    ep=8, and the export is the source bit for bit."""
+    import transformers
+
+    cfg = transformers.NemotronHConfig(**dict(BASE, n_routed_experts=8, moe_latent_size=None))
+    cfg.architectures = ["NemotronHForCausalLM"]
+    m = transformers.NemotronHForCausalLM(cfg)
+    iu.randomize_(m, SEED)
+    src = os.path.join(tmp, "src")
+    m.to(torch.bfloat16).save_pretrained(src)
+    conf = os.path.join(tmp, "default.yaml")
+    with open(conf, "w") as f:
+        f.write("run:\n  env:\n    container_image: nvcr.io/nvidia/nemo:26.04\n"
+                f"hf_model_id: {src}\nmegatron_path: {tmp}/mg\ntorch_dtype: bfloat16\n"
+                "trust_remote_code: true\ndistributed: true\n"
+                "tp: ${oc.env:NEMOTRON_CONVERT_TP,1}\npp: ${oc.env:NEMOTRON_CONVERT_PP,1}\n"
+                "ep: ${oc.env:NEMOTRON_CONVERT_EP,8}\netp: ${oc.env:NEMOTRON_CONVERT_ETP,1}\n")
+    monkeypatch.delenv("NEMOTRON_CONVERT_EP", raising=False)
+    rep = ckpt("run", "convert/hf_to_megatron", "-c", conf, "--json").json()
+    assert rep["status"] == "succeeded", rep
+    with open(os.path.join(tmp, "mg", "iter_0000000", "run_config.yaml")) as f:
+        assert yaml.safe_load(f)["model"]["expert_model_parallel_size"] == 8
+    ckpt("run", "convert/megatron_to_hf", f"megatron_path={tmp}/mg/iter_0000000", f"hf_model_id={src}",
+         f"hf_path={tmp}/back")
+    same(tensors(src), tensors(f"{tmp}/back"))
