@@ -3,7 +3,7 @@
 //!
 //! Data flows one way through the layers, each a module that names only the
 //! ones before it (a test holds the code to this order):
-//! 1. [`formats`] (and [`paths`]): bytes on disk ↔ validated headers and tensor
+//! 1. [`formats`] (and [`paths`], [`failpoint`]): bytes on disk ↔ validated headers and tensor
 //!    views; `run_config.yaml`, manifests;
 //! 2. [`plan`]: what a plan is made of (planned tensors, row gathers, LoRA
 //!    updates and their kernels) and every output byte offset ([`plan::layout`]);
@@ -20,6 +20,7 @@
 #![deny(missing_docs)]
 
 pub mod execute;
+pub mod failpoint;
 pub mod formats;
 pub mod inspect;
 pub mod lora;

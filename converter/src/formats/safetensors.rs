@@ -175,7 +175,7 @@ pub fn pt_metadata() -> HashMap<String, String> {
 /// # Errors
 /// As [`read`], plus the I/O error of mapping the file.
 pub fn open(files: &mut Files, path: &Path) -> Result<(FileId, SafetensorsFile), FormatError> {
-    let id = files.add(path).map_err(|e| FormatError::io(path, e))?;
+    let id = files.add(path)?;
     Ok((id, read(files, id)?))
 }
 

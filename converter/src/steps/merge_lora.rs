@@ -281,7 +281,10 @@ pub fn check_digest(
 /// The files of an adapter directory that identify it.
 fn adapter_source(dir: &Path, weights: &AdapterWeights) -> SourceInfo {
     let mut files = Vec::new();
-    if let Ok(bytes) = std::fs::read(dir.join(peft::CONFIG_FILE)) {
+    if let Ok(Some(bytes)) = crate::formats::file::read_opt(
+        &dir.join(peft::CONFIG_FILE),
+        crate::formats::file::limit::CONFIG,
+    ) {
         files.push(manifest::SourceFile {
             path: peft::CONFIG_FILE.into(),
             size: bytes.len() as u64,
@@ -764,7 +767,7 @@ fn run_bridge(
         let mut s = crate::pipeline::megatron_source_info("lora_checkpoint", &adapter);
         s.kind = ArtifactKind::CheckpointLora;
         if let Some(rc) = &adapter.run_config
-            && let Ok(b) = std::fs::read(rc)
+            && let Ok(b) = crate::formats::file::read(rc, crate::formats::file::limit::YAML)
         {
             s.files.push(manifest::SourceFile {
                 path: "run_config.yaml".into(),
