@@ -60,6 +60,12 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             return validate(None, &args);
         }
         Command::Run { step, args } => {
+            // A signal ends the run cleanly, and says so where the orchestrator looks.
+            let name = step.clone();
+            ckpt_convert::publish::signals::install(Box::new(move |code, why| {
+                eprintln!("error: {why}");
+                report::write(&Summary::failed(&name, code, why));
+            }))?;
             // The orchestrator learns the outcome from the termination message.
             let (report, json) = match cli::run_step(&step, &args) {
                 Ok(r) => r,
@@ -92,6 +98,25 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Validate { path, args } => return validate(Some(&path), &args),
+        Command::Clean { path, json } => {
+            let c = ckpt_convert::publish::clean(&path)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&c)?);
+            } else {
+                for p in &c.removed {
+                    println!("removed  {}", p.display());
+                }
+                for (from, to) in &c.restored {
+                    println!("restored {} -> {}", from.display(), to.display());
+                }
+                for (p, why) in &c.kept {
+                    println!("kept     {}: {why}", p.display());
+                }
+                if c.removed.is_empty() && c.restored.is_empty() && c.kept.is_empty() {
+                    println!("nothing to clean in {}", path.display());
+                }
+            }
+        }
         Command::Demo { dir, json } => {
             let r = cli::demo::run(dir)?;
             if json {

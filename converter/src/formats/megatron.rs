@@ -690,7 +690,10 @@ mod tests {
             ),
         ] {
             let err = check_carried(bytes, 0).unwrap_err();
-            assert!(err.contains(says) && err.contains("posix.system"), "{name}: {err}");
+            assert!(
+                err.contains(says) && err.contains("posix.system"),
+                "{name}: {err}"
+            );
         }
         for ok in [
             data!("extra_state_te_empty.pt"),

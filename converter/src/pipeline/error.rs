@@ -45,6 +45,8 @@ impl Error {
         match self {
             // The source moved under the run: a failure, not a refusal.
             Error::Format(crate::formats::FormatError::Changed { .. }) => 1,
+            // Nothing could be written where the output was asked for.
+            Error::Publish(crate::publish::PublishError::NotWritable { .. }) => 2,
             Error::Preflight(_)
             | Error::Format(_)
             | Error::Plan(_)

@@ -3,6 +3,8 @@
 
 mod bad_inputs;
 mod cli;
+mod faults;
+mod hostile;
 mod layers;
 mod merge_lora;
 mod preflight;
