@@ -16,12 +16,14 @@
 //!    independent of the mapping;
 //! 7. [`pipeline`]: preflight → plan → execute → publish → validate → commit,
 //!    in order, with the report;
-//! 8. [`steps`]: the steps users type (`convert/hf_to_megatron`, …).
+//! 8. [`steps`]: the steps users type (`convert/hf_to_megatron`, …); beside them,
+//!    [`fuzz`], the entry points of the fuzz targets.
 #![deny(missing_docs)]
 
 pub mod execute;
 pub mod failpoint;
 pub mod formats;
+pub mod fuzz;
 pub mod inspect;
 pub mod lora;
 pub mod models;

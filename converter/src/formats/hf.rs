@@ -172,14 +172,23 @@ fn present(path: &Path) -> bool {
 }
 
 /// The index's weight map and its `metadata` object.
-type Index = (
+pub type Index = (
     BTreeMap<String, String>,
     serde_json::Map<String, serde_json::Value>,
 );
 
 fn read_index(path: &Path) -> Result<Index, FormatError> {
-    let text = file::read_text(path, file::limit::INDEX)?;
-    let json: serde_json::Value = serde_json::from_str(&text)
+    parse_index(&file::read_text(path, file::limit::INDEX)?, path)
+}
+
+/// Parses the text of an index (`path` names it in errors): its weight map,
+/// every shard a plain file name, and its `metadata` object.
+///
+/// # Errors
+/// [`FormatError::File`] when it is not JSON, has no weight map, or names a
+/// shard outside the directory.
+pub fn parse_index(text: &str, path: &Path) -> Result<Index, FormatError> {
+    let json: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| FormatError::file(path, format!("not valid JSON: {e}")))?;
     let map = json
         .get("weight_map")

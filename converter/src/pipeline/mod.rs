@@ -43,7 +43,13 @@ pub struct RunOptions {
     pub smoke_test: bool,
     /// Execution settings.
     pub exec: execute::Options,
+    /// Called with every plan before any data moves (the property tests check
+    /// each plan's reads and layout with it).
+    pub plan_check: Option<PlanCheck>,
 }
+
+/// A check of a plan and the stores it reads, before any data moves.
+pub type PlanCheck = fn(&Plan, &[&dyn TensorStore]);
 
 impl Default for RunOptions {
     fn default() -> Self {
@@ -53,6 +59,7 @@ impl Default for RunOptions {
             validate: true,
             smoke_test: true,
             exec: execute::Options::default(),
+            plan_check: None,
         }
     }
 }
@@ -332,6 +339,9 @@ pub fn stage(
         .iter()
         .map(|(n, why)| format!("{n}: {why}"))
         .collect();
+    if let Some(check) = opts.plan_check {
+        check(&plan, stores);
+    }
     if opts.dry_run {
         execute::check(&plan, stores)?;
         return Ok(Prepared::Planned(Report {

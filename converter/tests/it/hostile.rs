@@ -250,3 +250,42 @@ fn extra_state_pickles_that_call_code_are_refused() {
         run_bounded(&to_hf(&w, &iter, &src), &[], BOUND).assert_exit(0);
     }
 }
+
+/// The case: a Megatron-Bridge base whose `_extra_state` holds a pickle
+/// calling `os.system` used to merge, validate and publish with that pickle in
+/// the merged checkpoint. Now the merge is refused naming the item and the
+/// global, and nothing is written; the same base with a real payload merges.
+#[test]
+fn a_bridge_merge_into_a_base_with_hostile_extra_state_is_refused() {
+    let refs = crate::util::bridge_refs();
+    let case = refs.join("llama");
+    for (file, hostile_payload) in [
+        ("extra_state_os_system.pt", true),
+        ("extra_state_te_empty.pt", false),
+    ] {
+        let w = Workdir::new();
+        crate::util::copy_tree(&case.join("bridge_import"), &w.path("base"));
+        let iter = w.path("base/iter_0000000");
+        let fqn = with_bytes_item(&iter, &hostile(file));
+        let r = run_bounded(
+            &[
+                "run".to_owned(),
+                "convert/merge_lora".into(),
+                kv("lora_checkpoint", &case.join("lora")),
+                kv("base_megatron_path", &iter),
+                kv("output_megatron_path", &w.path("merged-mg")),
+                kv("output_hf_path", &w.path("merged-hf")),
+                kv("hf_model_id", &case.join("hf")),
+            ],
+            &[],
+            BOUND,
+        );
+        if hostile_payload {
+            r.assert_exit(2).stderr_has(&fqn).stderr_has("posix.system");
+            nothing_written(&w, "merged-mg");
+            nothing_written(&w, "merged-hf");
+        } else {
+            r.assert_exit(0);
+        }
+    }
+}

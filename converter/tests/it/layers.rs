@@ -23,6 +23,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("pipeline", 6),
     ("steps", 7),
     ("inspect", 7),
+    ("fuzz", 7),
 ];
 
 fn rank(module: &str) -> Option<u32> {
