@@ -45,6 +45,24 @@ fn main() -> ExitCode {
     } else {
         builder.init();
     }
+    // Signals end every command cleanly (also as PID 1 in a container, where the
+    // kernel drops signals left at their default), and a step's end is reported
+    // where the orchestrator looks.
+    let step = match &args.command {
+        Command::Run { step, .. } => Some(step.clone()),
+        Command::Validate { .. } => Some(ckpt_convert::steps::validate::STEP.name().to_owned()),
+        _ => None,
+    };
+    let installed = ckpt_convert::publish::signals::install(Box::new(move |code, why| {
+        eprintln!("error: {why}");
+        if let Some(step) = &step {
+            report::write(&Summary::failed(step, code, why));
+        }
+    }));
+    if let Err(e) = installed {
+        eprintln!("error: cannot install signal handlers: {e}");
+        return ExitCode::from(1);
+    }
     match dispatch(args.command) {
         Ok(code) => code,
         Err(err) => {
@@ -60,12 +78,6 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             return validate(None, &args);
         }
         Command::Run { step, args } => {
-            // A signal ends the run cleanly, and says so where the orchestrator looks.
-            let name = step.clone();
-            ckpt_convert::publish::signals::install(Box::new(move |code, why| {
-                eprintln!("error: {why}");
-                report::write(&Summary::failed(&name, code, why));
-            }))?;
             // The orchestrator learns the outcome from the termination message.
             let (report, json) = match cli::run_step(&step, &args) {
                 Ok(r) => r,

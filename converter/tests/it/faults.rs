@@ -26,33 +26,41 @@ fn to_megatron(src: &Path, out: &Path) -> Vec<String> {
 struct Paused {
     child: Child,
     pause: PathBuf,
+    /// Where its stdout and stderr go (files: a pipe nobody drains could block it).
+    logs: (PathBuf, PathBuf),
 }
 
 impl Paused {
     /// Starts `args` and waits until it reaches `point`.
     fn start(w: &Workdir, args: &[String], point: &str) -> Paused {
+        Paused::start_with(w, bin(), args, point)
+    }
+
+    /// Starts `args` with `cmd` (the binary, or a wrapper of it) and waits until
+    /// it reaches `point`.
+    fn start_with(w: &Workdir, mut cmd: Command, args: &[String], point: &str) -> Paused {
         let pause = w.path("pause");
         let _ = std::fs::remove_file(&pause);
         let _ = std::fs::remove_file(pause.with_extension("go"));
-        let mut child = bin()
+        let logs = (w.path("stdout"), w.path("stderr"));
+        let mut child = cmd
             .args(args)
             .env("CKPT_CONVERT_PAUSE_AT", point)
             .env("CKPT_CONVERT_PAUSE_FILE", &pause)
             .env("CKPT_TERMINATION_LOG", w.path("termination-log"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdout(Stdio::from(std::fs::File::create(&logs.0).unwrap()))
+            .stderr(Stdio::from(std::fs::File::create(&logs.1).unwrap()))
             .spawn()
             .unwrap();
         // Bounded only against a hang: the run reaches the point, or ends.
         for _ in 0..60_000 {
             if pause.exists() {
-                return Paused { child, pause };
+                return Paused { child, pause, logs };
             }
             if let Some(status) = child.try_wait().unwrap() {
-                let out = child.wait_with_output().unwrap();
                 panic!(
                     "the run ended ({status}) before reaching {point}:\n{}",
-                    String::from_utf8_lossy(&out.stderr)
+                    std::fs::read_to_string(&logs.1).unwrap_or_default()
                 );
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
@@ -71,10 +79,23 @@ impl Paused {
         self.finish()
     }
 
-    fn finish(self) -> Run {
-        Run {
-            out: self.child.wait_with_output().unwrap(),
+    /// Waits for the run to end; one that has not ended after 300 s (a signal
+    /// it ignored) is killed and fails the test.
+    fn finish(mut self) -> Run {
+        for _ in 0..60_000 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Run {
+                    out: std::process::Output {
+                        status,
+                        stdout: std::fs::read(&self.logs.0).unwrap(),
+                        stderr: std::fs::read(&self.logs.1).unwrap(),
+                    },
+                };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
         }
+        let _ = self.child.kill();
+        panic!("the run did not end within 300 s of being signalled or let go");
     }
 }
 
@@ -122,6 +143,36 @@ fn sigterm_mid_write_removes_staging_and_reports() {
             ("failed", Some(code))
         );
     }
+}
+
+/// As PID 1 of a container (here: of a new PID namespace), where the kernel
+/// drops signals whose disposition is the default, SIGTERM still ends the run,
+/// cleanly.
+#[cfg(feature = "failpoints")]
+#[test]
+fn sigterm_as_pid_1_removes_staging() {
+    let w = Workdir::new();
+    let src = w.hf("src", &ModelShape::tiny_llama(), 60_000);
+    let mut unshare = Command::new("unshare");
+    unshare
+        .args(["--pid", "--fork", "--kill-child"])
+        .arg(env!("CARGO_BIN_EXE_ckpt-convert"));
+    let p = Paused::start_with(&w, unshare, &to_megatron(&src, &w.path("run")), "pieces:3");
+    assert_eq!(
+        std::fs::read_to_string(&p.pause).unwrap(),
+        "1",
+        "the converter is not PID 1 in its namespace"
+    );
+    // The converter is unshare's only child.
+    let id = p.child.id();
+    let children = std::fs::read_to_string(format!("/proc/{id}/task/{id}/children")).unwrap();
+    let pid: i32 = children.trim().parse().unwrap();
+    // SAFETY: kill(2) of the converter, a child of our child, still running.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    p.finish()
+        .assert_exit(143)
+        .stderr_has("interrupted by SIGTERM");
+    assert!(!w.path("run").exists(), "{:?}", w.ls("run"));
 }
 
 /// SIGKILL at every stage: no target ever looks complete before the rename; a
