@@ -90,12 +90,17 @@ pub fn torch_save(data: &[u8]) {
     let _ = megatron::describe_bytes_item(data);
 }
 
-/// A DCP `.metadata`: what is accepted is covered exactly by its chunks, and what
-/// we write from it reads back the same.
+/// A DCP `.metadata`: what is accepted is covered exactly by its chunks, each
+/// with a storage item of its own, and what we write from it reads back the same.
 pub fn dcp_metadata(data: &[u8]) {
     if let Ok(md) = DcpMetadata::parse(data) {
         for t in &md.tensors {
             dcp::check_coverage(t).expect("accepted tensors are covered");
+            let mut offsets: Vec<_> = t.chunks.iter().map(|c| &c.offsets).collect();
+            offsets.sort();
+            let n = offsets.len();
+            offsets.dedup();
+            assert_eq!(offsets.len(), n, "two chunks share one storage item");
         }
         let again = DcpMetadata::parse(&md.to_bytes()).expect("what we write is read back");
         assert_eq!(md, again, "round trip through our writer");

@@ -111,7 +111,15 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Validate { path, args } => return validate(Some(&path), &args),
         Command::Clean { path, json } => {
-            let c = ckpt_convert::publish::clean(&path)?;
+            let c = ckpt_convert::publish::clean(&path).map_err(|e| {
+                anyhow::Error::from(
+                    ckpt_convert::pipeline::preflight::PreflightError::BadValue {
+                        name: "PATH".into(),
+                        value: path.display().to_string(),
+                        expected: format!("an output, or a directory holding outputs ({e})"),
+                    },
+                )
+            })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&c)?);
             } else {

@@ -486,6 +486,16 @@ pub fn check_coverage(t: &TensorEntry) -> Result<(), String> {
         // Inside the tensor, so within its (checked) element count.
         sum += c.sizes.iter().map(|&d| u128::from(d)).product::<u128>();
     }
+    // DCP finds a chunk's item by its offsets: two chunks at the same offsets
+    // (an empty one beside a full one) would share one item.
+    let mut starts: Vec<&Vec<u64>> = t.chunks.iter().map(|c| &c.offsets).collect();
+    starts.sort();
+    if let Some(w) = starts.windows(2).find(|w| w[0] == w[1]) {
+        return Err(format!(
+            "two chunks at offsets {:?}: expected one chunk (and one storage item) per offset",
+            w[0]
+        ));
+    }
     // Sweep along axis 0 so only chunks sharing rows are compared.
     if !t.size.is_empty() {
         let mut order: Vec<&Chunk> = t.chunks.iter().collect();
@@ -563,6 +573,20 @@ mod tests {
             assert!(err.contains("more elements than 64 bits count"), "{err}");
             assert!(DcpMetadata::parse(&md.to_bytes()).is_err());
         }
+    }
+
+    /// Found by the `dcp_structure` fuzz target: an empty chunk at the offsets of
+    /// a full one passed the coverage check, and the reader then gave both the
+    /// empty chunk's storage item.
+    #[test]
+    fn chunks_at_the_same_offsets_are_refused() {
+        let mut md = one_tensor();
+        let mut empty = md.tensors[0].chunks[0].clone();
+        empty.sizes = vec![0, 3];
+        empty.storage.offset = 9999;
+        md.tensors[0].chunks.push(empty);
+        let err = DcpMetadata::parse(&md.to_bytes()).unwrap_err().to_string();
+        assert!(err.contains("two chunks at offsets [0, 0]"), "{err}");
     }
 
     #[test]

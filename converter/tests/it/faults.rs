@@ -265,6 +265,18 @@ fn sigkill_inside_an_overwrite_restores_the_old_output() {
     assert!(leftovers(&w.path("run")).is_empty());
 }
 
+/// `clean` of a path that is not there is a bad invocation.
+#[test]
+fn clean_of_nothing_is_refused() {
+    let w = Workdir::new();
+    run(&["clean".to_owned(), w.path("a/b").display().to_string()])
+        .assert_exit(2)
+        .stderr_has("a/b");
+    run(&["clean".to_owned(), w.path("a").display().to_string()])
+        .assert_exit(0)
+        .stdout_has("nothing to clean");
+}
+
 /// `clean` and a second run never touch a live run's staging directory.
 #[cfg(feature = "failpoints")]
 #[test]
