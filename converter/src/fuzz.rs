@@ -177,10 +177,24 @@ pub fn yaml(data: &[u8]) {
     }
 }
 
-/// A PEFT `adapter_config.json`.
+/// A PEFT `adapter_config.json`, and its patterns matched against module names
+/// (a pattern that backtracks without end would hang the merge).
 pub fn peft_config(data: &[u8]) {
-    if let Ok(serde_json::Value::Object(obj)) = serde_json::from_slice(data) {
-        let _ = crate::lora::peft::AdapterConfig::from_json(Path::new(PATH), &obj);
+    if let Ok(serde_json::Value::Object(obj)) = serde_json::from_slice(data)
+        && let Ok(c) = crate::lora::peft::AdapterConfig::from_json(Path::new(PATH), &obj)
+    {
+        for module in [
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.11.mlp.down_proj",
+            "model.embed_tokens",
+            "lm_head",
+            "base_model.model.model.layers.3.self_attn.v_proj",
+        ] {
+            let _ = c.targets(module, true, "llama");
+            let _ = c.rank_and_alpha(module);
+            let _ = c.inside_modules_to_save(module);
+            let _ = c.token_indices(module, module.contains("embed"));
+        }
     }
 }
 
