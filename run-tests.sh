@@ -7,7 +7,10 @@
 #   - the Kubernetes control plane built from Go modules in ~/.cache/ckpt/k8s-bin/<hash>;
 #   - Megatron-Bridge 0.3.1 in ~/.cache/ckpt/bridge-venv-<hash of e2e/bridge/requirements.txt>
 #     and the references it writes in ~/.cache/ckpt/bridge-refs-<hash> (CKPT_BRIDGE_REFS);
-#   - Argo CD's Lua engine (gopher-lua) for the health check in ~/.cache/ckpt/argocd-lua/<hash>.
+#   - Argo CD's Lua engine (gopher-lua) for the health check in ~/.cache/ckpt/argocd-lua/<hash>;
+#   - cargo-fuzz in ~/.cache/ckpt/cargo-fuzz-<version>, the fuzz targets' build and their
+#     growing working corpora (converter/fuzz/run.sh; CKPT_FUZZ_SECONDS per target,
+#     default 20: about 6 minutes warm for the 14 targets on 2 cores).
 # A missing prerequisite fails the run with a message; nothing is skipped.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -116,6 +119,12 @@ interop_tests() {
     "$VENV/bin/python" -m pytest -q -p no:cacheprovider e2e/interop
 }
 
+fuzz() {
+  # Every parser of untrusted bytes under libFuzzer (nightly) for a bounded time; the
+  # checked-in corpora and regressions were replayed on stable by the Rust tests.
+  converter/fuzz/run.sh
+}
+
 demo() {
   "$CARGO_TARGET_DIR/release/ckpt-convert" demo --dir "$(mktemp -d)/demo" >/dev/null
 }
@@ -154,6 +163,7 @@ step "python: Megatron-Bridge reference stack" bridge_env
 # The Rust tests compare with these too, so they come first.
 step "bridge: Megatron-Bridge 0.3.1 references" bridge_refs
 step "rust: build, unit, integration and control-plane tests" rust_tests
+step "fuzz: every parser for ${CKPT_FUZZ_SECONDS:-20} s each" fuzz
 step "demo" demo
 step "images: static musl binaries (as the Dockerfiles build them)" static_binaries
 step "interop: torch DCP, megatron-core, transformers" interop_tests

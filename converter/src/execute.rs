@@ -131,6 +131,9 @@ pub enum ExecuteError {
         /// What did not match.
         why: String,
     },
+    /// A source file was refused or changed while being read.
+    #[error(transparent)]
+    Source(#[from] crate::formats::FormatError),
     /// The plan is inconsistent (a bug in a mapping).
     #[error("invalid plan: {0}")]
     Plan(String),
@@ -340,21 +343,10 @@ impl SourceDigests {
     }
 }
 
-/// Test hook: with the `failpoints` feature, `CKPT_CONVERT_ABORT_AFTER_PIECES=N`
-/// aborts the process (like `kill -9`) after N pieces are written.
-#[cfg(feature = "failpoints")]
+/// Test hook: see [`crate::failpoint`] (`pieces:N`).
 fn failpoint(done: u64) {
-    if let Some(n) = std::env::var("CKPT_CONVERT_ABORT_AFTER_PIECES")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        && done >= n
-    {
-        std::process::abort();
-    }
+    crate::failpoint::pieces(done);
 }
-
-#[cfg(not(feature = "failpoints"))]
-fn failpoint(_: u64) {}
 
 /// Runs `plan` against `stores`, writing under `root` (a fresh staging directory).
 ///
@@ -468,7 +460,8 @@ fn run(
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(io(parent))?;
         }
-        std::fs::copy(&c.from, &path).map_err(io(&c.from))?;
+        // Regular files inside their source only, exactly the length they had.
+        crate::formats::file::copy(&c.from, &path)?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)

@@ -234,9 +234,6 @@ pub fn is_yaml(path: &Path) -> bool {
 /// # Errors
 /// [`FormatError`] naming the file and line.
 pub fn inspect_yaml(path: &Path) -> Result<serde_json::Value, Error> {
-    let text = std::fs::read_to_string(path).map_err(|e| FormatError::Io {
-        path: path.to_owned(),
-        source: e,
-    })?;
+    let text = crate::formats::file::read_named_text(path, crate::formats::file::limit::YAML)?;
     crate::formats::yaml::parse(&text).map_err(|e| FormatError::file(path, e.to_string()).into())
 }

@@ -3,7 +3,7 @@
 //!
 //! Data flows one way through the layers, each a module that names only the
 //! ones before it (a test holds the code to this order):
-//! 1. [`formats`] (and [`paths`]): bytes on disk ↔ validated headers and tensor
+//! 1. [`formats`] (and [`paths`], [`failpoint`]): bytes on disk ↔ validated headers and tensor
 //!    views; `run_config.yaml`, manifests;
 //! 2. [`plan`]: what a plan is made of (planned tensors, row gathers, LoRA
 //!    updates and their kernels) and every output byte offset ([`plan::layout`]);
@@ -16,11 +16,14 @@
 //!    independent of the mapping;
 //! 7. [`pipeline`]: preflight → plan → execute → publish → validate → commit,
 //!    in order, with the report;
-//! 8. [`steps`]: the steps users type (`convert/hf_to_megatron`, …).
+//! 8. [`steps`]: the steps users type (`convert/hf_to_megatron`, …); beside them,
+//!    [`fuzz`], the entry points of the fuzz targets.
 #![deny(missing_docs)]
 
 pub mod execute;
+pub mod failpoint;
 pub mod formats;
+pub mod fuzz;
 pub mod inspect;
 pub mod lora;
 pub mod models;

@@ -45,6 +45,24 @@ fn main() -> ExitCode {
     } else {
         builder.init();
     }
+    // Signals end every command cleanly (also as PID 1 in a container, where the
+    // kernel drops signals left at their default), and a step's end is reported
+    // where the orchestrator looks.
+    let step = match &args.command {
+        Command::Run { step, .. } => Some(step.clone()),
+        Command::Validate { .. } => Some(ckpt_convert::steps::validate::STEP.name().to_owned()),
+        _ => None,
+    };
+    let installed = ckpt_convert::publish::signals::install(Box::new(move |code, why| {
+        eprintln!("error: {why}");
+        if let Some(step) = &step {
+            report::write(&Summary::failed(step, code, why));
+        }
+    }));
+    if let Err(e) = installed {
+        eprintln!("error: cannot install signal handlers: {e}");
+        return ExitCode::from(1);
+    }
     match dispatch(args.command) {
         Ok(code) => code,
         Err(err) => {
@@ -92,6 +110,33 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Validate { path, args } => return validate(Some(&path), &args),
+        Command::Clean { path, json } => {
+            let c = ckpt_convert::publish::clean(&path).map_err(|e| {
+                anyhow::Error::from(
+                    ckpt_convert::pipeline::preflight::PreflightError::BadValue {
+                        name: "PATH".into(),
+                        value: path.display().to_string(),
+                        expected: format!("an output, or a directory holding outputs ({e})"),
+                    },
+                )
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&c)?);
+            } else {
+                for p in &c.removed {
+                    println!("removed  {}", p.display());
+                }
+                for (from, to) in &c.restored {
+                    println!("restored {} -> {}", from.display(), to.display());
+                }
+                for (p, why) in &c.kept {
+                    println!("kept     {}: {why}", p.display());
+                }
+                if c.removed.is_empty() && c.restored.is_empty() && c.kept.is_empty() {
+                    println!("nothing to clean in {}", path.display());
+                }
+            }
+        }
         Command::Demo { dir, json } => {
             let r = cli::demo::run(dir)?;
             if json {

@@ -33,19 +33,11 @@ pub fn parameters(name: &str) -> Result<BTreeMap<String, String>> {
         return Ok(BTreeMap::new());
     }
     let path = Path::new(name);
-    let meta = std::fs::metadata(path).with_context(|| {
-        format!("-c {name}: neither the built-in config \"default\" nor a readable YAML file")
-    })?;
-    if !meta.is_file() {
-        bail!("-c {name}: not a regular file");
+    if !path.exists() {
+        bail!("-c {name}: neither the built-in config \"default\" nor a YAML file");
     }
-    if meta.len() > MAX_BYTES {
-        bail!(
-            "-c {name}: {} bytes; a step configuration is at most {MAX_BYTES}",
-            meta.len()
-        );
-    }
-    let text = std::fs::read_to_string(path).with_context(|| format!("-c {name}"))?;
+    let text = ckpt_convert::formats::file::read_text(path, MAX_BYTES)
+        .with_context(|| format!("-c {name}"))?;
     let doc = ckpt_convert::formats::yaml::parse(&text).with_context(|| format!("-c {name}"))?;
     let mut out = BTreeMap::new();
     match doc {

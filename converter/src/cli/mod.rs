@@ -74,6 +74,19 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Remove what interrupted runs left: staging directories whose run is gone
+    /// (in PATH, and beside PATH for PATH itself as an output), old outputs an
+    /// interrupted --overwrite moved aside (put back, or removed once superseded).
+    /// A live run's staging, published outputs and directories without the
+    /// converter's marker are never touched.
+    #[command(verbatim_doc_comment)]
+    Clean {
+        /// An output, or the directory holding outputs (a run directory, say).
+        path: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a small Llama checkpoint, convert it HF → Megatron → HF, check it, report.
     Demo {
         /// Where to write (default: a new directory under the system temp dir).
@@ -154,6 +167,16 @@ pub fn print_report(r: &Report) {
             r.kind,
             r.files
         );
+    } else if r.reused {
+        println!(
+            "{} {}: reused, {} already holds this output ({} tensors, {}); nothing rewritten",
+            r.step,
+            r.status,
+            r.output.display(),
+            r.tensors,
+            size(r.tensor_bytes)
+        );
+        print_validation_summary("  ", r);
     } else {
         println!(
             "{} {}: {} tensors, {} in {:.1} s ({}/s)",

@@ -453,9 +453,18 @@ fn parse_tensor(
     Ok(entry)
 }
 
+/// The elements of `shape`, when every partial product (as readers compute them,
+/// left to right) and the byte count fit in 64 bits.
+fn checked_numel(shape: &[u64], dtype: DType) -> Option<u64> {
+    let n = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d))?;
+    n.checked_mul(dtype.size() as u64).map(|_| n)
+}
+
 /// Checks that the chunks lie inside the tensor, do not overlap and cover it.
 pub fn check_coverage(t: &TensorEntry) -> Result<(), String> {
-    let total: u128 = t.size.iter().map(|&d| u128::from(d)).product();
+    let total = checked_numel(&t.size, t.dtype)
+        .ok_or_else(|| format!("shape {:?} has more elements than 64 bits count", t.size))?;
+    let total = u128::from(total);
     let mut sum: u128 = 0;
     for c in &t.chunks {
         if c.offsets.len() != t.size.len() || c.sizes.len() != t.size.len() {
@@ -474,7 +483,18 @@ pub fn check_coverage(t: &TensorEntry) -> Result<(), String> {
                 ));
             }
         }
+        // Inside the tensor, so within its (checked) element count.
         sum += c.sizes.iter().map(|&d| u128::from(d)).product::<u128>();
+    }
+    // DCP finds a chunk's item by its offsets: two chunks at the same offsets
+    // (an empty one beside a full one) would share one item.
+    let mut starts: Vec<&Vec<u64>> = t.chunks.iter().map(|c| &c.offsets).collect();
+    starts.sort();
+    if let Some(w) = starts.windows(2).find(|w| w[0] == w[1]) {
+        return Err(format!(
+            "two chunks at offsets {:?}: expected one chunk (and one storage item) per offset",
+            w[0]
+        ));
     }
     // Sweep along axis 0 so only chunks sharing rows are compared.
     if !t.size.is_empty() {
@@ -533,6 +553,40 @@ mod tests {
             }],
             bytes: vec![],
         }
+    }
+
+    /// Element counts past 64 bits (the shape's product in any order readers
+    /// compute it) are refused, not overflowed: [2^62, 2^62, 2^62] overflowed the
+    /// 128-bit product, and [2^63, 2^63, 0] the 64-bit one downstream.
+    #[test]
+    fn shapes_beyond_64_bits_are_refused() {
+        for size in [
+            vec![1u64 << 62; 3],
+            vec![1 << 63, 1 << 63, 0],
+            vec![1 << 62, 8],
+        ] {
+            let mut md = one_tensor();
+            md.tensors[0].size = size.clone();
+            md.tensors[0].chunks[0].sizes = size.clone();
+            md.tensors[0].chunks[0].offsets = vec![0; size.len()];
+            let err = check_coverage(&md.tensors[0]).unwrap_err();
+            assert!(err.contains("more elements than 64 bits count"), "{err}");
+            assert!(DcpMetadata::parse(&md.to_bytes()).is_err());
+        }
+    }
+
+    /// Found by the `dcp_structure` fuzz target: an empty chunk at the offsets of
+    /// a full one passed the coverage check, and the reader then gave both the
+    /// empty chunk's storage item.
+    #[test]
+    fn chunks_at_the_same_offsets_are_refused() {
+        let mut md = one_tensor();
+        let mut empty = md.tensors[0].chunks[0].clone();
+        empty.sizes = vec![0, 3];
+        empty.storage.offset = 9999;
+        md.tensors[0].chunks.push(empty);
+        let err = DcpMetadata::parse(&md.to_bytes()).unwrap_err().to_string();
+        assert!(err.contains("two chunks at offsets [0, 0]"), "{err}");
     }
 
     #[test]

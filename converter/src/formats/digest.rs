@@ -36,10 +36,14 @@ pub fn of_lines(mut lines: Vec<String>) -> String {
 /// after use (so digesting a large file does not grow resident memory).
 ///
 /// # Errors
-/// The I/O error of opening or mapping it.
+/// The I/O error of opening or mapping it (or one saying why it was refused:
+/// not a regular file, a link leaving its directory).
 pub fn file(path: &Path) -> std::io::Result<(u64, String)> {
     const WINDOW: u64 = 64 << 20;
-    let map = MappedFile::open(path)?;
+    let map = MappedFile::open(path).map_err(|e| match e {
+        crate::formats::FormatError::Io { source, .. } => source,
+        other => std::io::Error::other(other.to_string()),
+    })?;
     let mut h = Xxh3::new();
     let len = map.len();
     let mut at = 0u64;

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use super::{FormatError, natural_cmp, safetensors};
+use super::{FormatError, file, natural_cmp, safetensors};
 use crate::formats::dtype::DType;
 use crate::formats::source::{Files, GlobalTensor};
 
@@ -47,17 +47,21 @@ impl HfCheckpoint {
         if !root.is_dir() {
             return Err(FormatError::NotACheckpoint {
                 path: root.to_owned(),
-                why: "expected a Hugging Face model directory, found no directory".into(),
+                why: if root.exists() {
+                    "expected a Hugging Face model directory, found a file".into()
+                } else {
+                    "does not exist (expected a Hugging Face model directory)".into()
+                },
             });
         }
         let index_path = root.join(INDEX_FILE);
-        let (shards, weight_map, index_metadata) = if index_path.is_file() {
+        let (shards, weight_map, index_metadata) = if present(&index_path) {
             let (map, meta) = read_index(&index_path)?;
             let mut shards: Vec<String> = map.values().cloned().collect();
             shards.sort_by(|a, b| natural_cmp(a, b));
             shards.dedup();
             (shards, Some(map), Some(meta))
-        } else if root.join(SINGLE_FILE).is_file() {
+        } else if present(&root.join(SINGLE_FILE)) {
             (vec![SINGLE_FILE.to_owned()], None, None)
         } else {
             let mut found: Vec<String> = std::fs::read_dir(root)
@@ -90,7 +94,7 @@ impl HfCheckpoint {
         let mut headers = Vec::new();
         for shard in &shards {
             let path = root.join(shard);
-            if !path.is_file() {
+            if !present(&path) {
                 let example = weight_map
                     .as_ref()
                     .and_then(|m| m.iter().find(|(_, s)| *s == shard).map(|(t, _)| t.clone()))
@@ -161,15 +165,30 @@ impl HfCheckpoint {
     }
 }
 
+/// True when something is at `path` (a FIFO or a dangling link too, which the
+/// reader then refuses by name rather than passing over).
+fn present(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok()
+}
+
 /// The index's weight map and its `metadata` object.
-type Index = (
+pub type Index = (
     BTreeMap<String, String>,
     serde_json::Map<String, serde_json::Value>,
 );
 
 fn read_index(path: &Path) -> Result<Index, FormatError> {
-    let text = std::fs::read_to_string(path).map_err(|e| FormatError::io(path, e))?;
-    let json: serde_json::Value = serde_json::from_str(&text)
+    parse_index(&file::read_text(path, file::limit::INDEX)?, path)
+}
+
+/// Parses the text of an index (`path` names it in errors): its weight map,
+/// every shard a plain file name, and its `metadata` object.
+///
+/// # Errors
+/// [`FormatError::File`] when it is not JSON, has no weight map, or names a
+/// shard outside the directory.
+pub fn parse_index(text: &str, path: &Path) -> Result<Index, FormatError> {
+    let json: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| FormatError::file(path, format!("not valid JSON: {e}")))?;
     let map = json
         .get("weight_map")
@@ -265,7 +284,8 @@ pub struct SideFile {
 /// custom code), sorted by relative path.
 ///
 /// # Errors
-/// The I/O error of listing the directory.
+/// The I/O error of listing the directory; [`FormatError::File`] for a side file
+/// that is not a regular file or is a link leaving the source ([`file::open`]).
 pub fn side_files(root: &Path) -> Result<Vec<SideFile>, FormatError> {
     let mut out = Vec::new();
     let mut visit = |dir: &Path, prefix: &str| -> Result<(), FormatError> {
@@ -274,11 +294,14 @@ pub fn side_files(root: &Path) -> Result<Vec<SideFile>, FormatError> {
         }
         for entry in std::fs::read_dir(dir).map_err(|e| FormatError::io(dir, e))? {
             let entry = entry.map_err(|e| FormatError::io(dir, e))?;
-            // Follow symlinks (HF cache snapshots are links into blobs/).
-            if !entry.path().is_file() {
+            let rel = format!("{prefix}{}", entry.file_name().to_string_lossy());
+            if side_file_kind(&rel).is_none() || entry.path().is_dir() {
                 continue;
             }
-            let rel = format!("{prefix}{}", entry.file_name().to_string_lossy());
+            // Links are followed only where they stay inside the source (HF cache
+            // snapshots are links into the repository's blobs/); what travels must
+            // be a regular file.
+            file::check(&entry.path())?;
             if let Some(kind) = side_file_kind(&rel) {
                 out.push(SideFile {
                     rel,
@@ -301,15 +324,24 @@ pub fn side_files(root: &Path) -> Result<Vec<SideFile>, FormatError> {
 /// Reads `config.json` of an HF directory, if present.
 ///
 /// # Errors
-/// [`FormatError`] when it exists but is not JSON.
+/// [`FormatError`] when it exists but cannot be read ([`file::read`]) or is not
+/// JSON.
 pub fn read_config(dir: &Path) -> Result<Option<serde_json::Value>, FormatError> {
-    let path = dir.join("config.json");
-    match std::fs::read_to_string(&path) {
-        Ok(text) => serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| FormatError::file(&path, format!("not valid JSON: {e}"))),
-        Err(_) => Ok(None),
-    }
+    read_json_opt(&dir.join("config.json"))
+}
+
+/// Reads a JSON configuration file (at most [`file::limit::CONFIG`] bytes), or
+/// `None` when it does not exist.
+///
+/// # Errors
+/// [`FormatError`] when it exists but cannot be read or is not JSON.
+pub fn read_json_opt(path: &Path) -> Result<Option<serde_json::Value>, FormatError> {
+    file::read_text_opt(path, file::limit::CONFIG)?
+        .map(|text| {
+            serde_json::from_str(&text)
+                .map_err(|e| FormatError::file(path, format!("not valid JSON: {e}")))
+        })
+        .transpose()
 }
 
 /// Resolves `hf_model_id`: a local directory, or a model id looked up offline in the
@@ -323,33 +355,43 @@ pub fn resolve_model(id: &str) -> Result<PathBuf, FormatError> {
     if local.is_dir() {
         return Ok(local.to_owned());
     }
+    let not_found = |why: String| FormatError::NotACheckpoint {
+        path: local.to_owned(),
+        why,
+    };
+    if local.exists() {
+        return Err(not_found(
+            "expected a Hugging Face model directory, found a file".into(),
+        ));
+    }
+    // One name component is a plain file or directory name: no separators, no `..`.
+    let plain = |s: &str| !s.is_empty() && s != "." && s != ".." && !s.contains('/');
+    let (repo, revision) = id.split_once('@').unwrap_or((id, "main"));
+    let looks_like_id =
+        repo.split('/').count() == 2 && repo.split('/').all(plain) && plain(revision);
+    if !looks_like_id {
+        return Err(not_found(
+            "does not exist (expected a Hugging Face model directory, or a model id org/name in the cache)"
+                .into(),
+        ));
+    }
     let cache = std::env::var_os("HF_HUB_CACHE")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
         .or_else(|| {
             std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
         });
-    let not_found = |why: String| FormatError::NotACheckpoint {
-        path: local.to_owned(),
-        why,
-    };
     let Some(cache) = cache else {
         return Err(not_found(
-            "not a local directory, and no Hugging Face cache is configured".into(),
+            "does not exist as a local directory, and no Hugging Face cache is configured".into(),
         ));
     };
-    let (repo, revision) = id.split_once('@').unwrap_or((id, "main"));
-    if repo.split('/').count() != 2 || repo.contains("..") {
-        return Err(not_found(format!(
-            "not a local directory, and not a model id of the form org/name (looked in {})",
-            cache.display()
-        )));
-    }
     let model_dir = cache.join(format!("models--{}", repo.replace('/', "--")));
     let snapshots = model_dir.join("snapshots");
-    let by_ref = std::fs::read_to_string(model_dir.join("refs").join(revision))
-        .ok()
-        .map(|commit| snapshots.join(commit.trim()));
+    let by_ref = file::read_text_opt(&model_dir.join("refs").join(revision), file::limit::TRACKER)?
+        .map(|commit| commit.trim().to_owned())
+        .filter(|commit| plain(commit))
+        .map(|commit| snapshots.join(commit));
     if let Some(dir) = by_ref.filter(|d| d.is_dir()) {
         return Ok(dir);
     }
@@ -367,7 +409,7 @@ pub fn resolve_model(id: &str) -> Result<PathBuf, FormatError> {
     match entries.as_slice() {
         [only] => Ok(only.clone()),
         [] => Err(not_found(format!(
-            "not a local directory, and not in the Hugging Face cache at {} (downloads are never attempted)",
+            "does not exist as a local directory, nor in the Hugging Face cache at {} (downloads are never attempted)",
             model_dir.display()
         ))),
         _ => Err(not_found(format!(

@@ -143,7 +143,8 @@ impl Manifest {
     /// # Errors
     /// A message naming the file when it is missing or not a manifest.
     pub fn read(path: &Path) -> Result<Manifest, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = crate::formats::file::read_text(path, crate::formats::file::limit::INDEX)
+            .map_err(|e| e.to_string())?;
         serde_json::from_str(&text)
             .map_err(|e| format!("{}: not a ckpt manifest: {e}", path.display()))
     }

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use super::dcp::{DcpMetadata, StorageRef};
 use super::pickle::{AllowList, Id, Node, Pickle, Py};
 use super::torch_save::{self, Archive, tensor_allow_list};
-use super::{FormatError, natural_cmp};
+use super::{FormatError, file, natural_cmp};
 use crate::formats::dtype::DType;
 use crate::formats::source::{ByteRef, ChunkData, Files, GlobalTensor, TensorChunk};
 
@@ -101,9 +101,13 @@ pub fn resolve_iteration(
     }
 }
 
-/// Reads a run directory's tracker: the latest iteration, or `None` for `release`.
+/// Reads a run directory's tracker: the latest iteration, or `None` for `release`;
+/// `None` when there is no tracker.
 pub fn read_tracker(run_dir: &Path) -> Option<Result<Option<u64>, String>> {
-    let text = std::fs::read_to_string(run_dir.join(TRACKER)).ok()?;
+    let text = match file::read_text_opt(&run_dir.join(TRACKER), file::limit::TRACKER) {
+        Ok(t) => t?,
+        Err(e) => return Some(Err(e.to_string())),
+    };
     let t = text.trim();
     Some(if t == "release" {
         Ok(None)
@@ -254,32 +258,40 @@ impl MegatronCheckpoint {
         if !dir.is_dir() {
             return Err(FormatError::NotACheckpoint {
                 path: dir.to_owned(),
-                why: "expected an iter_* directory, found no directory".into(),
+                why: if dir.exists() {
+                    "expected an iter_* directory, found a file".into()
+                } else {
+                    "does not exist (expected an iter_* directory)".into()
+                },
             });
         }
-        if !md_path.is_file() {
+        if std::fs::symlink_metadata(&md_path).is_err() {
             return Err(not_an_iteration_dir(dir));
         }
-        let metadata_json = match std::fs::read_to_string(dir.join("metadata.json")) {
-            Ok(text) => {
-                let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-                    FormatError::file(&dir.join("metadata.json"), format!("not valid JSON: {e}"))
-                })?;
-                let backend = v
-                    .get("sharded_backend")
-                    .and_then(|b| b.as_str())
-                    .unwrap_or("");
-                if backend != "torch_dist" {
-                    return Err(FormatError::file(
-                        &dir.join("metadata.json"),
-                        format!("expected sharded_backend \"torch_dist\", found {backend:?}"),
-                    ));
+        let metadata_json =
+            match file::read_text_opt(&dir.join("metadata.json"), file::limit::CONFIG)? {
+                Some(text) => {
+                    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                        FormatError::file(
+                            &dir.join("metadata.json"),
+                            format!("not valid JSON: {e}"),
+                        )
+                    })?;
+                    let backend = v
+                        .get("sharded_backend")
+                        .and_then(|b| b.as_str())
+                        .unwrap_or("");
+                    if backend != "torch_dist" {
+                        return Err(FormatError::file(
+                            &dir.join("metadata.json"),
+                            format!("expected sharded_backend \"torch_dist\", found {backend:?}"),
+                        ));
+                    }
+                    Some(v)
                 }
-                Some(v)
-            }
-            Err(_) => None,
-        };
-        let metadata_bytes = std::fs::read(&md_path).map_err(|e| FormatError::io(&md_path, e))?;
+                None => None,
+            };
+        let metadata_bytes = file::read(&md_path, file::limit::DCP_METADATA)?;
         let md = DcpMetadata::parse(&metadata_bytes).map_err(|source| FormatError::Dcp {
             path: md_path.clone(),
             source,
@@ -291,14 +303,14 @@ impl MegatronCheckpoint {
                         s: &StorageRef|
          -> Result<ByteRef, FormatError> {
             let path = dir.join(&s.relative_path);
-            if !path.is_file() {
+            if std::fs::symlink_metadata(&path).is_err() {
                 return Err(FormatError::Tensor {
                     path: md_path.clone(),
                     tensor: fqn.to_owned(),
                     why: format!("its data file {} does not exist", s.relative_path),
                 });
             }
-            let id = files.add(&path).map_err(|e| FormatError::io(&path, e))?;
+            let id = files.add(&path)?;
             let len = files.get(id).len();
             if s.offset.checked_add(s.length).is_none_or(|end| end > len) {
                 return Err(FormatError::Tensor {
@@ -402,6 +414,13 @@ impl MegatronCheckpoint {
                 continue;
             }
             let data = item_ref(&mut files, &b.fqn, &b.storage)?;
+            // Bytes items travel into merged outputs verbatim, where a loader
+            // unpickles them: they pass the same allow-list as what we read.
+            check_carried(files.slice(data), 0).map_err(|why| FormatError::Tensor {
+                path: files.get(data.file).path.clone(),
+                tensor: b.fqn.clone(),
+                why: format!("bytes item (module state) refused: {why}"),
+            })?;
             byte_items.push(ByteItem {
                 fqn: b.fqn.clone(),
                 data,
@@ -410,8 +429,7 @@ impl MegatronCheckpoint {
         byte_items.sort_by(|a, b| natural_cmp(&a.fqn, &b.fqn));
 
         let common_pt = dir.join("common.pt");
-        let common = if common_pt.is_file() {
-            let bytes = std::fs::read(&common_pt).map_err(|e| FormatError::io(&common_pt, e))?;
+        let common = if let Some(bytes) = file::read_opt(&common_pt, file::limit::COMMON)? {
             read_common(&bytes, false).map_err(|why| FormatError::file(&common_pt, why))?
         } else if let Some(item) = common_item {
             read_common(files.slice(item), true).map_err(|why| FormatError::Tensor {
@@ -426,7 +444,10 @@ impl MegatronCheckpoint {
             .file_name()
             .and_then(|n| parse_iter_dir_name(&n.to_string_lossy()))
             .or_else(|| common.iteration.and_then(|i| u64::try_from(i).ok()));
-        let run_config = Some(dir.join("run_config.yaml")).filter(|p| p.is_file());
+        let run_config = Some(dir.join("run_config.yaml"))
+            .filter(|p| std::fs::symlink_metadata(p).is_ok())
+            .map(|p| file::check(&p).map(|()| p))
+            .transpose()?;
         Ok(MegatronCheckpoint {
             dir: dir.to_owned(),
             iteration,
@@ -449,6 +470,96 @@ impl MegatronCheckpoint {
     /// Total bytes of model tensor data.
     pub fn total_bytes(&self) -> u64 {
         self.tensors.iter().map(GlobalTensor::nbytes).sum()
+    }
+}
+
+/// Globals a bytes item (`_extra_state`) may name: tensors, and the `io.BytesIO`
+/// older TransformerEngine versions saved (built from `_codecs.encode(text,
+/// "latin1")`).
+fn carried_allow_list() -> AllowList {
+    tensor_allow_list().with(&[("_io", "BytesIO"), ("io", "BytesIO"), ("_codecs", "encode")])
+}
+
+/// How deep `BytesIO` payloads may nest archives.
+const MAX_CARRIED_DEPTH: usize = 2;
+
+/// Checks a `torch.save` payload that is copied into an output, where a loader
+/// will unpickle it with `weights_only=False` or `pickle.loads`: its `data.pkl`
+/// passes [`carried_allow_list`], and so does every pickle nested inside it. A
+/// non-empty `uint8` tensor is what TransformerEngine `pickle.loads` (its FP8
+/// metadata): it must be a pickle of plain data. A non-empty `BytesIO` is what
+/// older TransformerEngine `torch.load`s: it must be a `torch.save` archive that
+/// passes this same check.
+///
+/// # Errors
+/// What was refused, naming the global or the nested payload.
+pub fn check_carried(bytes: &[u8], depth: usize) -> Result<(), String> {
+    let archive = Archive::open(bytes).map_err(|e| e.to_string())?;
+    let p = archive
+        .pickle(&carried_allow_list())
+        .map_err(|e| e.to_string())?;
+    for id in p.ids() {
+        let Some((callable, args, state)) = p.as_object(id) else {
+            continue;
+        };
+        match (callable.module.as_str(), callable.name.as_str()) {
+            ("torch._utils", _) => {
+                let t = archive.tensor(&p, id).map_err(|e| e.to_string())?;
+                if t.dtype != DType::U8 || t.numel() == 0 {
+                    continue;
+                }
+                let (off, len) = t
+                    .contiguous_range()
+                    .ok_or("a uint8 tensor that is not contiguous")?;
+                let data = bytes
+                    .get(off as usize..(off + len) as usize)
+                    .ok_or("a uint8 tensor outside its archive")?;
+                Pickle::parse(data, &AllowList::new(&[])).map_err(|e| {
+                    format!("its uint8 tensor of {len} bytes (unpickled by TransformerEngine): {e}")
+                })?;
+            }
+            ("_codecs", "encode") => {
+                let enc = args.get(1).and_then(|&a| p.as_str(a));
+                if !matches!(enc, Some("latin1" | "latin-1")) || args.len() != 2 {
+                    return Err(format!(
+                        "_codecs.encode called with {}: expected (text, \"latin1\")",
+                        p.describe(id, 3)
+                    ));
+                }
+            }
+            (_, "BytesIO") => {
+                let content = state
+                    .and_then(|s| p.as_seq(s))
+                    .and_then(|s| s.first().copied())
+                    .map(|c| carried_bytes(&p, c))
+                    .unwrap_or(Some(Vec::new()))
+                    .ok_or("a BytesIO whose content is not bytes")?;
+                if content.is_empty() {
+                    continue;
+                }
+                if depth >= MAX_CARRIED_DEPTH {
+                    return Err("BytesIO payloads nested too deep".into());
+                }
+                check_carried(&content, depth + 1)
+                    .map_err(|e| format!("its BytesIO of {} bytes: {e}", content.len()))?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The bytes a `BytesIO` state holds: `bytes`, or `_codecs.encode(text, "latin1")`.
+fn carried_bytes(p: &Pickle, id: Id) -> Option<Vec<u8>> {
+    match p.node(id) {
+        Node::Bytes(b) => Some(b.clone()),
+        Node::Object { callable, args, .. } if callable.name == "encode" => {
+            let text = p.as_str(*args.first()?)?;
+            text.chars()
+                .map(|c| u8::try_from(u32::from(c)).ok())
+                .collect()
+        }
+        _ => None,
     }
 }
 
@@ -616,6 +727,50 @@ mod tests {
         assert_eq!((t.dtype, t.shape.len()), (DType::I64, 0));
         let (off, len) = t.contiguous_range().unwrap();
         assert_eq!(&ts[off as usize..(off + len) as usize], &3i64.to_le_bytes());
+    }
+
+    /// Real `torch.save` payloads (tests/data/hostile/make.py): what loaders would
+    /// unpickle is refused by name when it calls anything, accepted when inert.
+    #[test]
+    fn carried_payloads_are_vetted_like_what_we_read() {
+        macro_rules! data {
+            ($f:literal) => {
+                &include_bytes!(concat!("../../tests/data/hostile/", $f))[..]
+            };
+        }
+        for (name, bytes, says) in [
+            (
+                "plain",
+                data!("extra_state_os_system.pt"),
+                "the global posix.system",
+            ),
+            (
+                "uint8",
+                data!("extra_state_uint8_os_system.pt"),
+                "uint8 tensor of",
+            ),
+            (
+                "BytesIO",
+                data!("extra_state_bytesio_os_system.pt"),
+                "its BytesIO of",
+            ),
+        ] {
+            let err = check_carried(bytes, 0).unwrap_err();
+            assert!(
+                err.contains(says) && err.contains("posix.system"),
+                "{name}: {err}"
+            );
+        }
+        for ok in [
+            data!("extra_state_te_empty.pt"),
+            data!("extra_state_none.pt"),
+            data!("extra_state_bytesio_tensors.pt"),
+            data!("extra_state_uint8_plain.pt"),
+        ] {
+            check_carried(ok, 0).unwrap();
+        }
+        check_carried(&te_extra_state_payload(), 0).unwrap();
+        check_carried(&local_extra_state_payload(), 0).unwrap();
     }
 
     #[test]

@@ -8,10 +8,13 @@
 //! - [`manifest`]: the `ckpt-manifest.json` every output carries.
 //! - [`dtype`], [`source`], [`digest`]: element types, tensors as mapped sources,
 //!   and the digests that identify them.
+//! - [`file`]: how every source file is opened (regular files only, inside their
+//!   checkpoint, reads bounded).
 
 pub mod dcp;
 pub mod digest;
 pub mod dtype;
+pub mod file;
 pub mod hf;
 pub mod manifest;
 pub mod megatron;
@@ -85,6 +88,14 @@ pub enum FormatError {
         /// The directory.
         path: PathBuf,
         /// What was expected and found.
+        why: String,
+    },
+    /// A source changed while the run read it.
+    #[error("{}: {why} while the conversion read it; nothing was published (run again once the source is stable)", path.display())]
+    Changed {
+        /// The file.
+        path: PathBuf,
+        /// What changed.
         why: String,
     },
     /// A bug: an invariant the code established did not hold.

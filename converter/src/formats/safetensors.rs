@@ -31,8 +31,16 @@ pub struct SafetensorsFile {
 /// uses a dtype a checkpoint converter cannot carry.
 pub fn read(files: &Files, id: FileId) -> Result<SafetensorsFile, FormatError> {
     let file = files.get(id);
-    let path = &file.path;
-    let bytes = file.bytes();
+    parse(file.bytes(), &file.path, id)
+}
+
+/// Reads the header of the safetensors file `bytes` (file `id`, at `path`, for
+/// the ranges and messages) and lists its tensors; see [`read`].
+///
+/// # Errors
+/// As [`read`].
+pub fn parse(bytes: &[u8], path: &Path, id: FileId) -> Result<SafetensorsFile, FormatError> {
+    let path = &path.to_path_buf();
     let st_err = |source: safetensors::SafeTensorError| FormatError::Safetensors {
         path: path.clone(),
         why: describe(&source, bytes.len()),
@@ -175,7 +183,7 @@ pub fn pt_metadata() -> HashMap<String, String> {
 /// # Errors
 /// As [`read`], plus the I/O error of mapping the file.
 pub fn open(files: &mut Files, path: &Path) -> Result<(FileId, SafetensorsFile), FormatError> {
-    let id = files.add(path).map_err(|e| FormatError::io(path, e))?;
+    let id = files.add(path)?;
     Ok((id, read(files, id)?))
 }
 

@@ -6,12 +6,13 @@
 //! the same to the planner, which asks for boxes of the global tensor.
 
 use std::borrow::Cow;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::{Mmap, MmapOptions, UncheckedAdvice};
 
+use crate::formats::FormatError;
 use crate::formats::dtype::DType;
+use crate::formats::file::Identity;
 
 /// Index of a file in a [`Files`] set.
 pub type FileId = usize;
@@ -22,30 +23,44 @@ pub struct MappedFile {
     /// The file's path.
     pub path: PathBuf,
     map: Option<Mmap>,
+    identity: Identity,
 }
 
 impl MappedFile {
-    /// Maps `path` read-only.
+    /// Maps `path` read-only: a regular file inside its directory
+    /// ([`crate::formats::file::open`]).
     ///
     /// # Errors
-    /// The I/O error of opening or mapping the file.
-    pub fn open(path: &Path) -> std::io::Result<MappedFile> {
-        let file = File::open(path)?;
-        let len = file.metadata()?.len();
+    /// [`FormatError`] naming the file: it cannot be opened or mapped, is not a
+    /// regular file, or resolves outside its directory.
+    pub fn open(path: &Path) -> Result<MappedFile, FormatError> {
+        let (file, meta) = crate::formats::file::open(path)?;
+        let len = meta.len();
         // An empty file cannot be mapped; keep it as an empty slice.
         let map = if len == 0 {
             None
         } else {
             // SAFETY: the map is read-only and sources are never written while we run
-            // (they are inputs, opened read-only, and on Kubernetes mounted read-only);
-            // a concurrent writer outside our control could change bytes under us,
-            // which validation digests would then reveal.
-            Some(unsafe { MmapOptions::new().map(&file)? })
+            // (they are inputs, opened read-only, and on Kubernetes mounted read-only).
+            // A concurrent writer outside our control could change bytes under us:
+            // the file's identity is checked again before anything is published
+            // (`check_unchanged`), and a read past a truncation raises SIGBUS, which
+            // the binary turns into a failed run.
+            Some(unsafe { MmapOptions::new().map(&file) }.map_err(|e| FormatError::io(path, e))?)
         };
         Ok(MappedFile {
             path: path.to_owned(),
             map,
+            identity: Identity::of(&meta),
         })
+    }
+
+    /// Checks that the file is still the one mapped, unchanged.
+    ///
+    /// # Errors
+    /// [`FormatError::Changed`] saying what changed.
+    pub fn check_unchanged(&self) -> Result<(), FormatError> {
+        self.identity.check(&self.path)
     }
 
     /// The whole file.
@@ -180,8 +195,8 @@ impl Files {
     /// Maps a file and returns its id.
     ///
     /// # Errors
-    /// The I/O error of opening or mapping it.
-    pub fn add(&mut self, path: &Path) -> std::io::Result<FileId> {
+    /// As [`MappedFile::open`].
+    pub fn add(&mut self, path: &Path) -> Result<FileId, FormatError> {
         if let Some(i) = self.files.iter().position(|f| f.path == path) {
             return Ok(i);
         }
@@ -197,6 +212,14 @@ impl Files {
     /// All mapped files.
     pub fn iter(&self) -> impl Iterator<Item = &MappedFile> {
         self.files.iter()
+    }
+
+    /// Checks that no mapped file changed since it was opened.
+    ///
+    /// # Errors
+    /// [`FormatError::Changed`] naming the first that did.
+    pub fn check_unchanged(&self) -> Result<(), FormatError> {
+        self.files.iter().try_for_each(MappedFile::check_unchanged)
     }
 
     /// The bytes of a range (checked when the range was created).

@@ -103,7 +103,11 @@ impl Identity {
                 .map(|rd| {
                     rd.filter_map(Result::ok)
                         .filter(|e| {
-                            std::fs::read_to_string(e.path()).is_ok_and(|t| t.trim() == commit)
+                            crate::formats::file::read_text(
+                                &e.path(),
+                                crate::formats::file::limit::TRACKER,
+                            )
+                            .is_ok_and(|t| t.trim() == commit)
                         })
                         .map(|e| e.file_name().to_string_lossy().into_owned())
                         .collect()

@@ -59,10 +59,16 @@ pub fn resolve(path: &Path) -> Result<(PathBuf, Option<String>), LoraError> {
 /// Reads a `run_config.yaml`, when present.
 ///
 /// # Errors
-/// [`LoraError::Config`] when it is present but not readable YAML.
+/// [`LoraError::Config`] when it is present but cannot be read, or is not YAML.
 pub fn read_run_config(dir: &Path) -> Result<Option<Value>, LoraError> {
     let path = dir.join("run_config.yaml");
-    let Ok(text) = std::fs::read_to_string(&path) else {
+    let text = crate::formats::file::read_text_opt(&path, crate::formats::file::limit::YAML)
+        .map_err(|e| LoraError::Config {
+            path: path.clone(),
+            key: "(file)".into(),
+            why: e.to_string(),
+        })?;
+    let Some(text) = text else {
         return Ok(None);
     };
     crate::formats::yaml::parse(&text)

@@ -77,6 +77,10 @@ impl Error {
     /// 2 for refusals before any output was written, 1 for failures after.
     pub fn exit_code(&self) -> i32 {
         match self {
+            // The source moved under the run: a failure, not a refusal.
+            Error::Format(crate::formats::FormatError::Changed { .. }) => 1,
+            // Nothing could be written where the output was asked for.
+            Error::Publish(crate::publish::PublishError::NotWritable { .. }) => 2,
             Error::Preflight(_)
             | Error::Format(_)
             | Error::Plan(_)

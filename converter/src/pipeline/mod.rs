@@ -9,6 +9,7 @@
 pub mod error;
 pub mod preflight;
 pub mod report;
+pub mod reuse;
 
 use ckpt_wire::ArtifactKind;
 use std::collections::BTreeMap;
@@ -20,6 +21,8 @@ use serde::Serialize;
 use crate::execute::{self, Outcome, Progress};
 use ckpt_wire::Step;
 
+use crate::formats::FormatError;
+use crate::formats::file::Identity;
 use crate::formats::hf;
 use crate::formats::manifest::{self, Manifest};
 use crate::pipeline::error::Error;
@@ -40,7 +43,13 @@ pub struct RunOptions {
     pub smoke_test: bool,
     /// Execution settings.
     pub exec: execute::Options,
+    /// Called with every plan before any data moves (the property tests check
+    /// each plan's reads and layout with it).
+    pub plan_check: Option<PlanCheck>,
 }
+
+/// A check of a plan and the stores it reads, before any data moves.
+pub type PlanCheck = fn(&Plan, &[&dyn TensorStore]);
 
 impl Default for RunOptions {
     fn default() -> Self {
@@ -50,6 +59,7 @@ impl Default for RunOptions {
             validate: true,
             smoke_test: true,
             exec: execute::Options::default(),
+            plan_check: None,
         }
     }
 }
@@ -150,7 +160,9 @@ pub fn hf_source_info(role: &str, dir: &Path, ckpt: Option<&hf::HfCheckpoint>) -
         })
         .collect();
     for name in ["config.json", hf::INDEX_FILE] {
-        if let Ok(bytes) = std::fs::read(dir.join(name)) {
+        if let Ok(Some(bytes)) =
+            crate::formats::file::read_opt(&dir.join(name), crate::formats::file::limit::INDEX)
+        {
             files.push(manifest::SourceFile {
                 path: name.into(),
                 size: bytes.len() as u64,
@@ -256,7 +268,8 @@ pub enum Prepared {
 /// An output complete in staging, validated, waiting for [`Staged::commit`].
 /// Dropping it removes the staging directory.
 pub struct Staged {
-    staging: Staging,
+    /// `None` when the target already held this output ([`reuse`]).
+    staging: Option<Staging>,
     report: Report,
     run_dir: Option<(PathBuf, u64)>,
     overwrite: bool,
@@ -276,8 +289,16 @@ impl Staged {
             overwrite,
             started,
         } = self;
-        staging.commit(overwrite)?;
-        if let Some((run_dir, iteration)) = &run_dir {
+        let reused = staging.is_none();
+        if let Some(staging) = staging {
+            staging.commit(overwrite)?;
+            crate::failpoint::hit("committed");
+        }
+        // A reused output's run directory keeps its trackers unless they are
+        // missing (the first run was killed between its rename and this).
+        if let Some((run_dir, iteration)) = run_dir.as_ref().filter(|(d, _)| {
+            !reused || std::fs::symlink_metadata(d.join(crate::formats::megatron::TRACKER)).is_err()
+        }) {
             crate::publish::write_atomic(
                 &run_dir.join(crate::formats::megatron::TRACKER),
                 iteration.to_string().as_bytes(),
@@ -318,6 +339,9 @@ pub fn stage(
         .iter()
         .map(|(n, why)| format!("{n}: {why}"))
         .collect();
+    if let Some(check) = opts.plan_check {
+        check(&plan, stores);
+    }
     if opts.dry_run {
         execute::check(&plan, stores)?;
         return Ok(Prepared::Planned(Report {
@@ -341,8 +365,43 @@ pub fn stage(
             other_outputs: Vec::new(),
         }));
     }
+    // Without --overwrite, an existing output is this conversion's (then done) or
+    // refused; with it, it is replaced whatever it holds.
+    if !opts.overwrite && std::fs::symlink_metadata(&target.dir).is_ok() {
+        match reuse::check(step, parameters, &sources, &plan, &target) {
+            Ok(mut report) => {
+                report.warnings.extend(warnings);
+                return Ok(Prepared::Staged(Staged {
+                    staging: None,
+                    report,
+                    run_dir: target.run_dir,
+                    overwrite: opts.overwrite,
+                    started,
+                }));
+            }
+            Err(why) => {
+                return Err(preflight::PreflightError::Occupied {
+                    path: target.dir,
+                    why,
+                }
+                .into());
+            }
+        }
+    }
     let staging = Staging::new(&target.dir)?;
+    // Side files are read once, by the copy; their identity now is what the
+    // copy must still see when the output is complete.
+    let copied: Vec<(PathBuf, Identity)> = plan
+        .copied
+        .iter()
+        .map(|c| {
+            std::fs::metadata(&c.from)
+                .map(|m| (c.from.clone(), Identity::of(&m)))
+                .map_err(|e| FormatError::io(&c.from, e))
+        })
+        .collect::<Result<_, _>>()?;
     let outcome: Outcome = execute::execute(&plan, stores, staging.path(), &opts.exec, progress)?;
+    crate::failpoint::hit("executed");
     if let Some(check) = check {
         check(&outcome)?;
     }
@@ -443,6 +502,15 @@ pub fn stage(
     } else {
         None
     };
+    // A source that moved while we read it makes the output untrustworthy,
+    // whatever validation said (it read the same moving source).
+    for store in stores {
+        store.files().check_unchanged()?;
+    }
+    for (path, identity) in &copied {
+        identity.check(path)?;
+    }
+    crate::failpoint::hit("validated");
     let report = Report {
         step: step.name().into(),
         status: "succeeded".into(),
@@ -471,7 +539,7 @@ pub fn stage(
         other_outputs: Vec::new(),
     };
     Ok(Prepared::Staged(Staged {
-        staging,
+        staging: Some(staging),
         report,
         run_dir: target.run_dir,
         overwrite: opts.overwrite,

@@ -49,7 +49,10 @@ fn eos_ids(dirs: &[&Path]) -> Vec<u32> {
     let mut out = Vec::new();
     for dir in dirs {
         for f in ["generation_config.json", "config.json"] {
-            let Ok(text) = std::fs::read_to_string(dir.join(f)) else {
+            let Ok(Some(text)) = crate::formats::file::read_text_opt(
+                &dir.join(f),
+                crate::formats::file::limit::CONFIG,
+            ) else {
                 continue;
             };
             let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
@@ -80,7 +83,9 @@ pub fn generate(
     hf_model: Option<&Path>,
 ) -> Result<Generation, String> {
     let started = Instant::now();
-    let tok = tokenizers::Tokenizer::from_file(tokenizer)
+    let bytes = crate::formats::file::read(tokenizer, crate::formats::file::limit::TOKENIZER)
+        .map_err(|e| e.to_string())?;
+    let tok = tokenizers::Tokenizer::from_bytes(bytes)
         .map_err(|e| format!("{}: {e}", tokenizer.display()))?;
     let enc = tok
         .encode(prompt, true)

@@ -100,12 +100,7 @@ pub struct Model {
 }
 
 fn read_json(path: &Path) -> Result<Option<serde_json::Value>, SmokeError> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| SmokeError::Failed(format!("{}: not valid JSON: {e}", path.display()))),
-        Err(_) => Ok(None),
-    }
+    crate::formats::hf::read_json_opt(path).map_err(|e| SmokeError::Failed(e.to_string()))
 }
 
 /// The configuration of an HF directory: its config.json.
@@ -129,12 +124,14 @@ pub fn hf_arch(dir: &Path) -> Result<Arch, SmokeError> {
 /// [`SmokeError::NotApplicable`] when neither describes a dense decoder.
 pub fn megatron_arch(dir: &Path, hf_config: Option<&Path>) -> Result<(Arch, String), SmokeError> {
     let rc_path = dir.join("run_config.yaml");
-    let from_rc = match std::fs::read_to_string(&rc_path) {
-        Ok(text) => crate::formats::yaml::parse(&text)
-            .map_err(|e| format!("{}: {e}", rc_path.display()))
-            .and_then(|v| Arch::from_run_config(&v)),
-        Err(_) => Err(format!("{} has no run_config.yaml", dir.display())),
-    };
+    let from_rc =
+        match crate::formats::file::read_text_opt(&rc_path, crate::formats::file::limit::YAML) {
+            Ok(Some(text)) => crate::formats::yaml::parse(&text)
+                .map_err(|e| format!("{}: {e}", rc_path.display()))
+                .and_then(|v| Arch::from_run_config(&v)),
+            Ok(None) => Err(format!("{} has no run_config.yaml", dir.display())),
+            Err(e) => Err(e.to_string()),
+        };
     match (from_rc, hf_config) {
         (Ok(a), _) => Ok((a, "run_config.yaml".into())),
         (Err(why), Some(h)) => match hf_arch(h) {

@@ -100,6 +100,7 @@ impl Request {
             &hf_dir,
         )?;
         preflight::check_new("megatron_path", &iter_dir, overwrite)?;
+        preflight::check_run_dir("megatron_path", &run_dir)?;
         if run_dir.is_file() {
             return Err(PreflightError::BadValue {
                 name: "megatron_path".into(),

@@ -544,7 +544,10 @@ fn validate_megatron(
 ) {
     checks.add(
         "metadata.json",
-        match std::fs::read_to_string(dir.join("metadata.json")) {
+        match crate::formats::file::read_text(
+            &dir.join("metadata.json"),
+            crate::formats::file::limit::CONFIG,
+        ) {
             Ok(t)
                 if serde_json::from_str::<serde_json::Value>(&t)
                     .ok()

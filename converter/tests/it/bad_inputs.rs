@@ -6,36 +6,14 @@ use std::path::Path;
 use ckpt_convert::formats::pickle::{Py, write_pickle};
 use ckpt_convert::synthetic::ModelShape;
 
-use crate::util::{Workdir, kv, run};
+use crate::util::{Workdir, nothing_written, run};
 
 fn to_megatron(w: &Workdir, src: &Path) -> crate::util::Run {
-    run(&[
-        "run".to_owned(),
-        "convert/hf_to_megatron".into(),
-        kv("hf_model_id", src),
-        kv("megatron_path", &w.path("out")),
-    ])
+    run(&crate::util::to_megatron_args(w, src, "out"))
 }
 
 fn to_hf(w: &Workdir, iter: &Path, hf: &Path) -> crate::util::Run {
-    run(&[
-        "run".to_owned(),
-        "convert/megatron_to_hf".into(),
-        kv("megatron_path", iter),
-        kv("hf_model_id", hf),
-        kv("hf_path", &w.path("back")),
-    ])
-}
-
-#[track_caller]
-fn nothing_written(w: &Workdir, name: &str) {
-    assert!(!w.path(name).exists(), "{name} was written");
-    let leftovers: Vec<String> = w
-        .ls("")
-        .into_iter()
-        .filter(|n| n.contains("ckpt-staging"))
-        .collect();
-    assert!(leftovers.is_empty(), "staging left behind: {leftovers:?}");
+    run(&crate::util::to_hf_args(w, iter, hf))
 }
 
 /// Writes a one-file safetensors checkpoint with a hand-made header.

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, u32)] = &[
     ("formats", 0),
     ("paths", 0),
+    ("failpoint", 0),
     ("plan", 1),
     ("synthetic", 1),
     ("models", 2),
@@ -22,6 +23,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("pipeline", 6),
     ("steps", 7),
     ("inspect", 7),
+    ("fuzz", 7),
 ];
 
 fn rank(module: &str) -> Option<u32> {

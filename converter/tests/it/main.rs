@@ -3,9 +3,13 @@
 
 mod bad_inputs;
 mod cli;
+mod faults;
+mod fuzz_corpus;
+mod hostile;
 mod layers;
 mod merge_lora;
 mod preflight;
+mod properties;
 mod publish;
 mod roundtrip;
 mod util;

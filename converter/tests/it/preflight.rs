@@ -75,15 +75,18 @@ fn outputs_overlapping_inputs_are_refused() {
 fn an_existing_output_needs_overwrite() {
     let w = Workdir::new();
     let src = converted(&w);
+    // Another conversion into the same place is refused (an identical one is
+    // recognised as done: see `publish::an_identical_rerun_is_done`).
     let again = [
         "run".to_owned(),
         "convert/hf_to_megatron".into(),
         kv("hf_model_id", &src),
         kv("megatron_path", &w.path("run")),
+        "dtype=float32".into(),
     ];
     run(&again)
         .assert_exit(2)
-        .stderr_has("already exists")
+        .stderr_has("already holds the output of another conversion")
         .stderr_has("--overwrite");
     // A file the conversion never writes: it goes only if the iteration is replaced
     // as a whole (time stamps would say nothing on a coarse or fast clock).

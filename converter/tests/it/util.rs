@@ -216,3 +216,103 @@ pub fn copy_tree(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Runs `ckpt-convert` with `args` and `envs`, failing the test if it has not
+/// ended after `secs` seconds (a guard against a hang, far above any run's time).
+pub fn run_bounded<S: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    envs: &[(&str, &Path)],
+    secs: u64,
+) -> Run {
+    let mut cmd = bin();
+    cmd.args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("run ckpt-convert");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(secs)) {
+        Ok(out) => Run {
+            out: out.expect("wait for ckpt-convert"),
+        },
+        Err(_) => {
+            // SAFETY: a plain kill(2) of the child we started.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!(
+                "ckpt-convert {:?} did not end within {secs} s (a hang)",
+                args.iter()
+                    .map(|a| a.as_ref().to_owned())
+                    .collect::<Vec<_>>()
+            );
+        }
+    }
+}
+
+/// Makes a FIFO at `path`.
+pub fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(
+        unsafe { libc::mkfifo(c.as_ptr(), 0o600) },
+        0,
+        "mkfifo {}",
+        path.display()
+    );
+}
+
+/// Replaces `path` with `what` (a FIFO, or a symbolic link to a target).
+pub fn replace_with(path: &Path, what: &Replacement) {
+    let _ = std::fs::remove_file(path);
+    match what {
+        Replacement::Fifo => mkfifo(path),
+        Replacement::Link(to) => std::os::unix::fs::symlink(to, path).unwrap(),
+    }
+}
+
+/// What a hostile source puts where a file should be.
+pub enum Replacement {
+    /// A FIFO: opening it would wait for a writer forever.
+    Fifo,
+    /// A symbolic link (to `/dev/zero`, or to a file outside the source).
+    Link(PathBuf),
+}
+
+/// `convert/hf_to_megatron` of `src` into `w`'s `out`.
+pub fn to_megatron_args(w: &Workdir, src: &Path, out: &str) -> Vec<String> {
+    vec![
+        "run".to_owned(),
+        "convert/hf_to_megatron".into(),
+        kv("hf_model_id", src),
+        kv("megatron_path", &w.path(out)),
+    ]
+}
+
+/// `convert/megatron_to_hf` of `iter` (config and tokenizer from `hf`) into
+/// `w`'s `back`.
+pub fn to_hf_args(w: &Workdir, iter: &Path, hf: &Path) -> Vec<String> {
+    vec![
+        "run".to_owned(),
+        "convert/megatron_to_hf".into(),
+        kv("megatron_path", iter),
+        kv("hf_model_id", hf),
+        kv("hf_path", &w.path("back")),
+    ]
+}
+
+/// Asserts that `name` was not written and no staging directory is left in `w`.
+#[track_caller]
+pub fn nothing_written(w: &Workdir, name: &str) {
+    assert!(!w.path(name).exists(), "{name} was written");
+    let left: Vec<String> = w
+        .ls("")
+        .into_iter()
+        .filter(|n| n.contains("ckpt-staging"))
+        .collect();
+    assert!(left.is_empty(), "staging left behind: {left:?}");
+}

@@ -185,6 +185,11 @@ impl Pickle {
         self.root
     }
 
+    /// Every node built, reachable from the root or not.
+    pub fn ids(&self) -> std::ops::Range<Id> {
+        0..self.nodes.len()
+    }
+
     /// The node behind an id.
     pub fn node(&self, id: Id) -> &Node {
         &self.nodes[id]

@@ -260,10 +260,11 @@ impl AdapterConfig {
     /// a field of the wrong type or a pattern that cannot be evaluated.
     pub fn read(dir: &Path) -> Result<AdapterConfig, LoraError> {
         let path = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| LoraError::Refused {
-            path: path.clone(),
-            why: format!("cannot be read: {e}"),
-        })?;
+        let text = crate::formats::file::read_text(&path, crate::formats::file::limit::CONFIG)
+            .map_err(|e| LoraError::Refused {
+                path: path.clone(),
+                why: format!("cannot be read: {e}"),
+            })?;
         let json: Value = serde_json::from_str(&text).map_err(|e| LoraError::Refused {
             path: path.clone(),
             why: format!("is not valid JSON: {e}"),

@@ -22,7 +22,10 @@ use std::path::Path;
 /// The files of an adapter directory that identify it.
 fn adapter_source(dir: &Path, weights: &AdapterWeights) -> SourceInfo {
     let mut files = Vec::new();
-    if let Ok(bytes) = std::fs::read(dir.join(peft::CONFIG_FILE)) {
+    if let Ok(Some(bytes)) = crate::formats::file::read_opt(
+        &dir.join(peft::CONFIG_FILE),
+        crate::formats::file::limit::CONFIG,
+    ) {
         files.push(manifest::SourceFile {
             path: peft::CONFIG_FILE.into(),
             size: bytes.len() as u64,

@@ -346,8 +346,7 @@ pub(super) fn run(
         }),
         // The sizes asked for replace the base's; the rest of its record stays.
         (Some(rc), asked) => {
-            let text = std::fs::read_to_string(rc)
-                .map_err(|e| crate::formats::FormatError::io(rc, e))?;
+            let text = crate::formats::file::read_text(rc, crate::formats::file::limit::YAML)?;
             let size = |key: &str| {
                 base_run
                     .as_ref()
@@ -392,7 +391,7 @@ pub(super) fn run(
         let mut s = crate::pipeline::megatron_source_info("lora_checkpoint", &adapter);
         s.kind = ArtifactKind::CheckpointLora;
         if let Some(rc) = &adapter.run_config
-            && let Ok(b) = std::fs::read(rc)
+            && let Ok(b) = crate::formats::file::read(rc, crate::formats::file::limit::YAML)
         {
             s.files.push(manifest::SourceFile {
                 path: "run_config.yaml".into(),

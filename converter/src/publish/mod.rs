@@ -1,12 +1,26 @@
 //! Publishing: write beside the target, commit by rename.
 //!
 //! Everything is written into a staging directory in the target's parent (same
-//! filesystem, so `rename` is atomic), fsynced, and then renamed into place. A run
-//! that fails removes its staging directory; a run that is killed leaves one whose
-//! name says it is incomplete (`.NAME.ckpt-staging-PID`), which the next run for the
-//! same target removes once its process is gone. No state in between looks like a
-//! finished checkpoint. Directories the run had to create for its target (a new
-//! run directory, say) are removed again when it fails, if they are still empty.
+//! filesystem, so `rename` is atomic), fsynced, and then renamed into place. No
+//! state in between looks like a finished checkpoint.
+//!
+//! A staging directory is named `.NAME.ckpt-staging-ID` and holds a marker file
+//! ([`MARKER`]) that its run keeps locked (`flock`) for as long as it lives; the
+//! kernel drops the lock when the process ends, however it ends. So a staging
+//! directory whose marker is unlocked belongs to a run that is gone: the next run
+//! for the same target, or `ckpt-convert clean`, removes it ([`clean`]). A
+//! directory without a complete marker is not ours and is left alone, and a
+//! published output never carries a staging name.
+//!
+//! A run that fails removes its staging directory, and the directories it had to
+//! create for its target (a new run directory, say) if they are still empty. A
+//! run ended by SIGTERM, SIGINT or SIGHUP does the same before it exits
+//! ([`signals`]).
+
+pub mod signals;
+mod stale;
+
+pub use stale::{Cleaned, clean};
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -29,6 +43,20 @@ pub enum PublishError {
         /// The target.
         path: PathBuf,
     },
+    /// The output cannot be written where it was asked for (exit 2: nothing
+    /// was written, and retrying will not help).
+    #[error("{}: {why}: expected a directory this run may write {} into", path.display(), target.display())]
+    NotWritable {
+        /// The directory that could not be written.
+        path: PathBuf,
+        /// The output.
+        target: PathBuf,
+        /// `permission denied` or `read-only file system`.
+        why: &'static str,
+    },
+    /// The run was told to stop before it could publish.
+    #[error("interrupted before publishing; nothing was published")]
+    Interrupted,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PublishError + '_ {
@@ -38,51 +66,60 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PublishError + '_ {
     }
 }
 
+/// Like [`io`] for creating `path` on the way to `target`, but a directory we
+/// may not write is a refusal of its own.
+fn creating<'a>(
+    path: &'a Path,
+    target: &'a Path,
+) -> impl FnOnce(std::io::Error) -> PublishError + 'a {
+    move |source| {
+        let why = match source.raw_os_error() {
+            Some(libc::EACCES | libc::EPERM) => Some("permission denied"),
+            Some(libc::EROFS) => Some("read-only file system"),
+            _ => None,
+        };
+        match why {
+            Some(why) => PublishError::NotWritable {
+                // The directory whose permission or filesystem refused.
+                path: path.parent().unwrap_or(path).to_owned(),
+                target: target.to_owned(),
+                why,
+            },
+            None => PublishError::Io {
+                path: path.to_owned(),
+                source,
+            },
+        }
+    }
+}
+
 const STAGING_TAG: &str = ".ckpt-staging-";
 const OLD_TAG: &str = ".ckpt-replaced-";
+/// The marker file inside a staging directory (see the module docs).
+pub const MARKER: &str = ".ckpt-staging";
 
 /// A staging directory for one target.
 #[derive(Debug)]
 pub struct Staging {
     target: PathBuf,
     dir: PathBuf,
+    /// The part of the staging name after the tag, shared with the name the
+    /// replaced target gets while the new one moves in.
+    id: String,
     done: bool,
     /// Parents created for the target, outermost first.
     created: Vec<PathBuf>,
-}
-
-fn process_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// Leftover staging directories of `target` whose writer process is gone.
-pub fn stale_staging(target: &Path) -> Vec<PathBuf> {
-    let (Some(parent), Some(name)) = (target.parent(), target.file_name()) else {
-        return Vec::new();
-    };
-    let prefix = format!(".{}{STAGING_TAG}", name.to_string_lossy());
-    let Ok(rd) = std::fs::read_dir(if parent.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        parent
-    }) else {
-        return Vec::new();
-    };
-    rd.filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let n = e.file_name().to_string_lossy().into_owned();
-            let pid: u32 = n.strip_prefix(&prefix)?.split('-').next()?.parse().ok()?;
-            (!process_alive(pid)).then(|| e.path())
-        })
-        .collect()
+    /// The marker, locked while this run lives.
+    marker: Option<File>,
 }
 
 impl Staging {
     /// Creates a fresh staging directory beside `target` (creating the parent if
-    /// needed) and removes stale ones left by killed runs.
+    /// needed) and removes stale ones left by runs that are gone.
     ///
     /// # Errors
-    /// [`PublishError::Io`] when the directory cannot be created.
+    /// [`PublishError::NotWritable`] when the parent refuses (permissions, a
+    /// read-only filesystem); [`PublishError::Io`] for other failures.
     pub fn new(target: &Path) -> Result<Staging, PublishError> {
         let parent = target
             .parent()
@@ -98,25 +135,41 @@ impl Staging {
             .map(Path::to_owned)
             .collect();
         created.reverse();
-        std::fs::create_dir_all(parent).map_err(io(parent))?;
-        for stale in stale_staging(target) {
-            tracing::warn!(path = %stale.display(), "removing the staging directory of an interrupted run");
-            let _ = std::fs::remove_dir_all(&stale);
+        for d in &created {
+            match std::fs::create_dir(d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(creating(d, target)(e)),
+            }
+        }
+        let cleaned = stale::clean_beside(target);
+        for p in &cleaned.removed {
+            tracing::warn!(path = %p.display(), "removed the staging directory of an interrupted run");
         }
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
-        let dir = parent.join(format!(
-            ".{name}{STAGING_TAG}{}-{nanos}",
-            std::process::id()
-        ));
-        std::fs::create_dir(&dir).map_err(io(&dir))?;
-        Ok(Staging {
+        let id = format!("{}-{nanos}", std::process::id());
+        let dir = parent.join(format!(".{name}{STAGING_TAG}{id}"));
+        if let Err(e) = std::fs::create_dir(&dir) {
+            for d in created.iter().rev() {
+                let _ = std::fs::remove_dir(d);
+            }
+            return Err(creating(&dir, target)(e));
+        }
+        let mut staging = Staging {
             target: target.to_owned(),
             dir,
+            id,
             done: false,
             created,
-        })
+            marker: None,
+        };
+        signals::register(&staging.dir, &staging.created);
+        // Dropping `staging` on error removes the directory again.
+        staging.marker = Some(stale::mark(&staging.dir, target)?);
+        crate::failpoint::hit("staged");
+        Ok(staging)
     }
 
     /// Where to write.
@@ -133,15 +186,18 @@ impl Staging {
     /// target is moved aside first and removed after the new one is in place.
     ///
     /// # Errors
-    /// [`PublishError`] when a rename or sync fails, or the target exists and
-    /// `overwrite` is false.
+    /// [`PublishError`] when a rename or sync fails, the target exists and
+    /// `overwrite` is false, or the run is being interrupted.
     pub fn commit(mut self, overwrite: bool) -> Result<(), PublishError> {
         let parent = self.dir.parent().expect("staging has a parent").to_owned();
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(io(&self.dir))?;
+        // A signal's cleanup and this commit exclude each other: the output is
+        // either published whole or removed whole.
+        let guard = signals::commit_guard()?;
         let mut replaced = None;
-        if self.target.exists() {
+        if std::fs::symlink_metadata(&self.target).is_ok() {
             if !overwrite {
                 return Err(PublishError::TargetAppeared {
                     path: self.target.clone(),
@@ -152,17 +208,33 @@ impl Staging {
                 .file_name()
                 .expect("target has a name")
                 .to_string_lossy();
-            let aside = parent.join(format!(".{name}{OLD_TAG}{}", std::process::id()));
+            let aside = parent.join(format!(".{name}{OLD_TAG}{}", self.id));
             std::fs::rename(&self.target, &aside).map_err(io(&self.target))?;
             replaced = Some(aside);
+            crate::failpoint::hit("commit:aside");
         }
         std::fs::rename(&self.dir, &self.target).map_err(io(&self.target))?;
         self.done = true;
-        File::open(&parent)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&parent))?;
+        signals::deregister(&self.dir);
+        signals::published();
+        drop(guard);
+        // The marker came along; the lock is released with it.
+        match std::fs::remove_file(self.target.join(MARKER)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&self.target.join(MARKER))(e)),
+        }
+        self.marker = None;
+        for d in [&self.target, &parent] {
+            File::open(d).and_then(|f| f.sync_all()).map_err(io(d))?;
+        }
         if let Some(old) = replaced {
-            std::fs::remove_dir_all(&old).map_err(io(&old))?;
+            // A concurrent `clean` may be removing it too.
+            match std::fs::remove_dir_all(&old) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&old)(e)),
+            }
         }
         Ok(())
     }
@@ -171,6 +243,7 @@ impl Staging {
 impl Drop for Staging {
     fn drop(&mut self) {
         if !self.done {
+            signals::deregister(&self.dir);
             let _ = std::fs::remove_dir_all(&self.dir);
             // Only what is still empty: another writer may have put something there.
             for d in self.created.iter().rev() {
@@ -254,14 +327,26 @@ mod tests {
     }
 
     #[test]
-    fn stale_staging_of_dead_processes_is_found() {
+    fn a_live_runs_staging_is_kept_and_a_dead_ones_removed() {
         let tmp = tempfile::tempdir().unwrap();
         let target = tmp.path().join("out");
-        // No process has this id (above the kernel maximum of 2^22).
-        let dead = tmp.path().join(format!(".out{STAGING_TAG}999999999-1"));
+        let live = Staging::new(&target).unwrap();
+        // Another run for the same target leaves the live one alone.
+        let other = Staging::new(&target).unwrap();
+        assert!(live.path().join(MARKER).is_file());
+        drop(other);
+        // A run that is gone: its marker is complete but nobody holds the lock.
+        let dead = tmp.path().join(format!(".out{STAGING_TAG}1-1"));
         std::fs::create_dir(&dead).unwrap();
-        assert_eq!(stale_staging(&target), vec![dead.clone()]);
-        let _s = Staging::new(&target).unwrap();
-        assert!(!dead.exists());
+        drop(stale::mark(&dead, &target).unwrap());
+        // Not ours: no marker.
+        let foreign = tmp.path().join(format!(".out{STAGING_TAG}2-2"));
+        std::fs::create_dir(&foreign).unwrap();
+        let c = clean(tmp.path()).unwrap();
+        assert_eq!(c.removed, vec![dead.clone()]);
+        assert!(!dead.exists() && foreign.exists() && live.path().exists());
+        assert_eq!(c.kept.len(), 2, "{:?}", c.kept);
+        live.commit(false).unwrap();
+        assert!(target.is_dir() && !target.join(MARKER).exists());
     }
 }
