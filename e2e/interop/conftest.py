@@ -1,4 +1,4 @@
-"""Shared fixtures of the interop suite (DESIGN.md, "Testing, in tiers", tier 2).
+"""Shared fixtures of the interop suite (tier 2: the Python reference stack, on CPU).
 
 Run (from the repository root, after ``cargo build --release``):
 

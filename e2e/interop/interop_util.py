@@ -99,7 +99,8 @@ def check_perturbed(sd: Dict[str, torch.Tensor]) -> None:
 
 
 def mcore_cfg_from_hf(hc, vocab_size: int | None = None, params_dtype: str = "float32") -> Dict[str, Any]:
-    """mcore_cpu cfg dict from an HF config (the CONFIG_MAPPING of Megatron-Bridge §4.1)."""
+    """mcore_cpu cfg dict from an HF config (Megatron-Bridge's CONFIG_MAPPING;
+    docs/mapping.md#configuration)."""
     rp = getattr(hc, "rope_parameters", None) or {}
     theta = rp.get("rope_theta", getattr(hc, "rope_theta", 10000.0))
     heads = hc.num_attention_heads

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Run megatron-core 0.16.1 on CPU (gloo) for the interop tests (DESIGN.md, tier 2).
+"""Run megatron-core 0.16.1 on CPU (gloo) for the interop tests (MCORE_NOTES.md).
 
 Reusable helpers, imported by the interop tests (``sys.path`` must contain this
 directory), and a small CLI for the Rust harness / shell:
@@ -68,7 +68,8 @@ import torch  # noqa: E402
 _PATCHED = False
 DEFAULT_SEED = 1234
 
-# What Megatron-LM / Megatron-Bridge record in the common state (spec §7 item 4).
+# What Megatron-LM / Megatron-Bridge record in the common state
+# (docs/megatron-torch-dist.md#common-state).
 MLM_CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 
 
@@ -92,12 +93,12 @@ def patch_mcore_for_cpu() -> None:
          CUDA generator states.  On CPU we do not need a separate TP RNG stream: weights are
          initialised from the (CPU) master weight with ``use_cpu_initialization=True`` and
          our tests overwrite them anyway; dropout is 0.
-      4. (beyond the three of DESIGN.md) CudaRNGStatesTracker.add -> bookkeeping only:
+      4. (extra, beyond the usual three) CudaRNGStatesTracker.add -> bookkeeping only:
          ``model_parallel_cuda_manual_seed`` calls ``tracker.add(name, seed)``, which reads
          and writes CUDA generator states (``torch.cuda.get_rng_state``) and fails without a
          GPU.  Without the seeded tracker, ``fork`` would raise "cuda rng state … is not
          added", so we keep the names (state ``None``) and skip the CUDA calls.
-      5. (beyond DESIGN.md; a torch 2.15 incompatibility, not a CPU one)
+      5. (extra; a torch 2.15 incompatibility, not a CPU one)
          TorchDistLoadShardedStrategy.load_tensors_metadata builds meta tensors with
          ``torch.empty(size, **tp.properties.__dict__)``.  torch 2.15 added the dataclass field
          ``TensorProperties.strides`` (set to None even when reading 5-tuple files), and
@@ -107,7 +108,7 @@ def patch_mcore_for_cpu() -> None:
          load_sharded_metadata.  The wrapper hands the unchanged MCore method a shallow copy
          of the metadata whose TensorProperties lack the ``strides`` instance attribute.
          Set MCORE_CPU_NO_STRIDES_PATCH=1 to skip it (to observe the failure).
-      6. (beyond DESIGN.md; only PP>1 with tied embeddings) not a global patch: build_gpt
+      6. (extra; only PP>1 with tied embeddings) not a global patch: build_gpt
          constructs the GPTModel under ``_tensor_cuda_is_identity()``, because
          LanguageModule.setup_embeddings_and_output_layer does ``weight.data.cuda()`` before
          all-reducing the shared embedding between the first and last stage.

@@ -146,7 +146,8 @@ def local_hybrid_spec():
 
 
 def hybrid_cfg_from_hf(hc, params_dtype: str = "bfloat16") -> Dict[str, Any]:
-    """cfg of a transformers NemotronHConfig (Megatron-Bridge's NemotronH CONFIG_MAPPING, §4.2)."""
+    """cfg of a transformers NemotronHConfig (Megatron-Bridge's NemotronH CONFIG_MAPPING;
+    docs/mapping.md#configuration)."""
     pattern = hc.hybrid_override_pattern
     return dict(
         pattern=pattern, num_layers=len(pattern), hidden_size=hc.hidden_size,

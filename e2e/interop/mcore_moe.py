@@ -71,7 +71,8 @@ def patch_moe_for_cpu() -> None:
 
 
 def moe_cfg_from_hf(hc) -> Dict[str, Any]:
-    """cfg dict of a Qwen3-MoE or Mixtral HF config (Megatron-Bridge's CONFIG_MAPPING, §4.1-4.2)."""
+    """cfg dict of a Qwen3-MoE or Mixtral HF config (Megatron-Bridge's CONFIG_MAPPING;
+    docs/mapping.md#configuration)."""
     import interop_util as iu
 
     cfg = iu.mcore_cfg_from_hf(hc)

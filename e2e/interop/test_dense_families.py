@@ -197,7 +197,7 @@ def test_padded_vocab_tp_multiple(ckpt, tmp, tp):
 
 def test_default_vocab_not_padded_at_tp2(f32, ckpt, tmp):
     """Megatron-Bridge builds exactly vocab_size rows unless padding is asked for
-    (should_pad_vocab=False; specs/megatron-bridge-mapping.md §2.8, §11): with tp=2 and no
+    (should_pad_vocab=False; docs/mapping.md#vocabulary-padding): with tp=2 and no
     make_vocab_size_divisible_by, vocab 128 stays 128 rows, as in megatron-core's own TP=2 save."""
     src = f32("llama")
     run = os.path.join(tmp, "mg")
@@ -343,7 +343,8 @@ def test_mcore_tp2_checkpoint_reimport_at_tp2(family, mcore_saved, ckpt, tmp):
     shapes and global tensors (bit for bit) as megatron-core's own TP=2 checkpoint, and it loads
     into a TP=2 GPTModel (2 gloo ranks, default strictness) with every shard equal.
     Chunk boxes are not compared: ckpt-convert writes one chunk per layer (two for fc1) at any
-    TP, which DCP/MCore read by intersection (specs/megatron-torch-dist.md §7.1)."""
+    TP, which DCP/MCore read by intersection
+    (docs/megatron-torch-dist.md#keys-global-shapes-and-chunks)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 

@@ -1,5 +1,5 @@
 """Interop tier 2: the FILE FORMATS ckpt-convert reads and writes, proved by their reference
-readers/writers (DESIGN.md "Testing, in tiers"; specs/megatron-torch-dist.md §1, §5-§7).
+readers/writers (docs/megatron-torch-dist.md, docs/hf-layout.md).
 
 Peers: torch 2.15.0 (torch.distributed.checkpoint, torch.load weights_only),
 safetensors 0.8.0, transformers 5.24.0 (save_pretrained / from_pretrained),
@@ -93,7 +93,7 @@ def test_identity_megatron_dcp_to_torch_save(src, mg, tmp):
     iu.assert_bitwise_equal(sd, src["tensors"], "dcp_to_torch_save vs source")
 
 
-TRAIN_STATE_DTYPES = {  # specs/megatron-torch-dist.md §6.4 (Megatron-Bridge TrainState)
+TRAIN_STATE_DTYPES = {  # docs/megatron-torch-dist.md#train-state (Megatron-Bridge TrainState)
     "step": torch.int64, "consumed_train_samples": torch.int64, "skipped_train_samples": torch.int64,
     "consumed_valid_samples": torch.int64, "floating_point_operations_so_far": torch.float32,
     "do_train": torch.bool, "do_valid": torch.bool, "do_test": torch.bool,
@@ -159,7 +159,8 @@ def test_megatron_path_naming_the_iteration(ckpt, src, tmp):
 
 def test_identity_back_to_hf_mirrors_source_shards(ckpt, src, mg, tmp):
     """safetensors 0.8.0 load_file + transformers 5.24.0 from_pretrained read the export;
-    with hf_model_id the shard assignment mirrors the source index (Megatron-Bridge §4.3)."""
+    with hf_model_id the shard assignment mirrors the source index
+    (docs/hf-layout.md#index-and-shards)."""
     import transformers
 
     out = os.path.join(tmp, "hf_out")

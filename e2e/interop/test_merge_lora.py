@@ -7,15 +7,17 @@
      float32 twin of each case: logits of our merged model in transformers against the UNMERGED PEFT
      model (the ground truth of what the adapter computes).
   b. Tied embeddings: where PEFT's merge_and_unload changes the shared matrix (a LoRA on lm_head or on
-     the embedding of a tied model, peft#2018), we write both matrices and untie; the comparison is
-     then against the unmerged model, and PEFT's own (wrong) merge is reported alongside.
+     the embedding of a tied model: docs/lora.md#tied-embeddings), we write both matrices and untie;
+     the comparison is then against the unmerged model, and PEFT's own (wrong) merge is reported
+     alongside.
   d. MoE and hybrid models (Qwen3-MoE, Mixtral, Nemotron-H): PEFT on attention, Mamba and MLP
      projections and, through target_parameters, on the experts transformers 5 fuses in memory;
      bit-identical to PEFT's merge in bf16, logits equal the unmerged model's in float32.
   c. Megatron-Bridge adapters (fused linear_qkv/linear_fc1 and canonical q/k/v, gate/up), built here as
      torch_dist checkpoints in Megatron-Bridge's naming and layout with a run_config.yaml: the merged
-     Megatron tensors and the exported HF tensors against the spec formula computed here in torch,
-     and the exported model's logits against the base plus the adapter applied unmerged.
+     Megatron tensors and the exported HF tensors against the formula computed here in torch
+     (docs/lora.md#megatron-bridge-merge-arithmetic), and the exported model's logits against the
+     base plus the adapter applied unmerged.
 
 Tolerance (pinned here, printed per case): bf16 tensors must be bit-identical to PEFT's, except DoRA,
 where the per-row (or per-column) norm is a reduction whose order differs from torch.linalg.norm's;
@@ -418,7 +420,8 @@ def _qkv_rows(hc):
 
 def _bridge_adapter(run_dir, hc, dim, alpha, dtype, canonical, seed=3, hf_model_id=None):
     """A Megatron-Bridge LoRA (or CanonicalLoRA) checkpoint: stacked adapter tensors
-    (spec §6.1, §11) written with torch DCP, metadata.json, run_config.yaml, and a tracker."""
+    (docs/lora.md#megatron-bridge-adapter-checkpoints) written with torch DCP, metadata.json,
+    run_config.yaml, and a tracker."""
     import torch.distributed.checkpoint as dcp
 
     L, h, f = hc.num_hidden_layers, hc.hidden_size, hc.intermediate_size
@@ -504,7 +507,8 @@ def _expected_hf(base, sd, hc, scale, dtype, canonical):
 
 def _unmerged_peft(family, dtype, sd, hc, dim, alpha, canonical):
     """The base with the Megatron-Bridge adapter applied unmerged, as PEFT LoRA layers (the HF-PEFT
-    export of spec §6.3: A shared by q/k/v and by gate/up, B split)."""
+    adapter export of docs/lora.md#megatron-bridge-merge-arithmetic: A shared by q/k/v and by
+    gate/up, B split)."""
     model = iu.hf_model(family, SEED, dtype=dtype)
     mods = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     pm = get_peft_model(model, LoraConfig(r=dim, lora_alpha=alpha, target_modules=mods))

@@ -9,7 +9,7 @@ no dense MLP; `hybrid_override_pattern`, not transformers 5's `layers_block_type
 NemotronHForCausalLM (random, fixed seed), saved in several shards with an index, bf16 except
 the tensors the real checkpoint keeps in float32: the Mamba `A_log` and `D` and the router's
 `e_score_correction_bias` (which ones are float32 in the real checkpoint is inferred, not read
-from it: specs/megatron-bridge-mapping.md §8-9; transformers 5.24 itself keeps the router weight
+from it: docs/mapping.md#dtypes; transformers 5.24 itself keeps the router weight
 and the bias in float32 when it loads or makes a model).
 
   a. hf_to_megatron (default dtype bf16) at tp=1, tp=2, ep=2 and tp=2 ep=2: the same global tensors

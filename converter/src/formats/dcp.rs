@@ -4,7 +4,7 @@
 //! ignores what we do not need (`planner_data`, `storage_meta`, `version`, MCore's
 //! `mcore_data` and `all_local_plans`), so files from torch 2.3 to 2.15 and from
 //! MCore 0.8 on all read. Writing follows the "safest emission" recipe of
-//! `specs/megatron-torch-dist.md` §3.8: protocol 2, 5-tuple `TensorProperties`, no
+//! `docs/megatron-torch-dist.md#writing-the-metadata`: protocol 2, 5-tuple `TensorProperties`, no
 //! `storage_meta`, `planner_data` filled, which every torch from 2.3 on loads.
 
 use std::collections::HashMap;
@@ -591,7 +591,7 @@ mod tests {
 
     #[test]
     fn matches_the_verified_golden_vector() {
-        // specs/megatron-torch-dist.md §3.8: 837 bytes, sha256 8b236c66…a4042c.
+        // docs/megatron-torch-dist.md#writing-the-metadata: 837 bytes, sha256 8b236c66…a4042c.
         let bytes = one_tensor().to_bytes();
         let head: [u8; 59] = [
             0x80, 0x02, 0x63, 0x74, 0x6f, 0x72, 0x63, 0x68, 0x2e, 0x64, 0x69, 0x73, 0x74, 0x72,

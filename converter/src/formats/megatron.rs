@@ -8,7 +8,7 @@
 //! `common_state` item.
 //!
 //! Write helpers produce the side files of a weights-only checkpoint as
-//! Megatron-Bridge's import writes them (`specs/megatron-torch-dist.md` §7).
+//! Megatron-Bridge's import writes them (`docs/megatron-torch-dist.md#weights-only-checkpoints`).
 
 use std::path::{Path, PathBuf};
 
@@ -22,7 +22,8 @@ use crate::formats::source::{ByteRef, ChunkData, Files, GlobalTensor, TensorChun
 /// The tracker file in a run directory.
 pub const TRACKER: &str = "latest_checkpointed_iteration.txt";
 
-/// The `metadata.json` MCore ≤ 0.18 writes, accepted by every version (§2).
+/// The `metadata.json` MCore ≤ 0.18 writes, accepted by every version
+/// (`docs/megatron-torch-dist.md#backend-marker`).
 pub const METADATA_JSON: &str = r#"{"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}"#;
 
 /// Name of an iteration directory.
@@ -605,7 +606,7 @@ fn read_common(bytes: &[u8], wrapped: bool) -> Result<CommonState, String> {
     })
 }
 
-/// `common.pt` for a weights-only checkpoint (§7 item 4).
+/// `common.pt` for a weights-only checkpoint (`docs/megatron-torch-dist.md#common-state`).
 pub fn common_pt(iteration: u64) -> Vec<u8> {
     let value = Py::str_dict([
         ("checkpoint_version", Py::Float(3.0)),
@@ -621,7 +622,8 @@ pub fn common_pt(iteration: u64) -> Vec<u8> {
     torch_save::save(&value, &[])
 }
 
-/// `train_state.pt`: Megatron-Bridge's eight 0-d tensors (§6.4).
+/// `train_state.pt`: Megatron-Bridge's eight 0-d tensors
+/// (`docs/megatron-torch-dist.md#train-state`).
 pub fn train_state_pt(step: u64) -> Vec<u8> {
     let mut items = Vec::new();
     let mut storages = Vec::new();

@@ -1,5 +1,5 @@
 //! `run_config.yaml`: the configuration Megatron-Bridge reads to load an iteration
-//! (`specs/megatron-torch-dist.md` §6.3). We write the sections its loaders index:
+//! (`docs/megatron-torch-dist.md#run-configuration`). We write the sections its loaders index:
 //! `checkpoint` (format, no optimizer or RNG state), `model` (the provider and its
 //! fields, so `load_model_config` can rebuild the model), `tokenizer`.
 

@@ -1,5 +1,5 @@
-//! Megatron-Bridge LoRA adapter checkpoints (`specs/megatron-bridge-mapping.md`
-//! §6 and §11): a Megatron-Core `torch_dist` iteration holding adapter tensors
+//! Megatron-Bridge LoRA adapter checkpoints (`docs/lora.md#megatron-bridge-adapter-checkpoints`):
+//! a Megatron-Core `torch_dist` iteration holding adapter tensors
 //! only, `<module>.adapter.linear_in.weight` (A, `[r, in]`) and
 //! `<module>.adapter.linear_out.weight` (B, `[out, r]`), stacked on a leading
 //! layer axis like the base (or one key per layer), and a `run_config.yaml` whose

@@ -1,7 +1,7 @@
 //! Layer kinds as reusable rule sets: a decoder layer is a list of blocks, so a
 //! hybrid model is a list of layer kinds, not a new code path. The Megatron-Core
-//! names of a block are fixed by the layer kind (`specs/megatron-bridge-mapping.md`
-//! §3); the Hugging Face names are the family's ([`HfName`]).
+//! names of a block are fixed by the layer kind (`docs/mapping.md#layer-kinds`); the
+//! Hugging Face names are the family's ([`HfName`]).
 //!
 //! | block | HF (family's names) | Megatron-Core (per layer) | transform |
 //! |---|---|---|---|
@@ -523,7 +523,7 @@ pub struct MambaNames {
     pub mixer: &'static str,
 }
 
-/// A Mamba-2 mixer (`specs/megatron-bridge-mapping.md` §2.5) and the norm before
+/// A Mamba-2 mixer (`docs/mapping.md#mamba-2`) and the norm before
 /// it, which Megatron-Core fuses into `in_proj`. Megatron-Core saves the fused
 /// projections per component so their layout does not depend on TP: `in_proj` as
 /// `in_proj.weight.{z,x,B,C,dt}`, the convolution as `conv1d.{weight,bias}.{x,B,C}`.

@@ -1,5 +1,5 @@
 //! The dense GPT decoder that Llama, Mistral, Qwen2 and Qwen3 share, as
-//! Megatron-Bridge maps it (`specs/megatron-bridge-mapping.md` §2–§4): every
+//! Megatron-Bridge maps it (`docs/mapping.md#dense-gpt`): every
 //! layer an attention block and a SwiGLU MLP block, Megatron keys stacked on a
 //! leading layer axis, and the `GPTModelProvider` fields of `run_config.yaml`.
 //! A family reads its options here and adds or refuses its own.

@@ -4,7 +4,7 @@
 //! router computes as a softmax after the top-k.
 //!
 //! Megatron-Bridge has no Mixtral bridge; the names follow its Qwen3-MoE mapping
-//! (`specs/megatron-bridge-mapping.md` §3.6), and the interop suite proves them
+//! (`docs/mapping.md#mixtral`), and the interop suite proves them
 //! by the logits of megatron-core's MoE model against transformers'.
 
 use super::Model;

@@ -1,7 +1,7 @@
 //! Nemotron-H and Nemotron-3 (`NemotronHForCausalLM`, `model_type` `nemotron_h`):
 //! a hybrid of Mamba-2 (`M`), attention (`*`), squared-ReLU MLP (`-`) and
 //! mixture-of-experts (`E`) layers in the order of its layer pattern
-//! (`specs/megatron-bridge-mapping.md` §3.7), saved by Megatron-Core's hybrid
+//! (`docs/mapping.md#nemotron-h`), saved by Megatron-Core's hybrid
 //! stack with one key per layer. Every layer is one block after one norm;
 //! attention has no rotary embedding; experts and the shared expert are plain
 //! (not gated) squared-ReLU MLPs; the router scores with a sigmoid and selects

@@ -70,7 +70,7 @@ pub enum Transform {
     /// The one HF tensor, unchanged.
     Copy,
     /// HF q, k and v interleaved per query group: each group's query heads, then
-    /// its key head, then its value head (`specs/megatron-bridge-mapping.md` §2.3).
+    /// its key head, then its value head (`docs/mapping.md#qkv-interleave`).
     Qkv {
         /// Query heads per group.
         heads_per_group: u64,

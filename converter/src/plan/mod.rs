@@ -160,8 +160,8 @@ impl Operand {
 }
 
 /// One update of a weight by an adapter, in the arithmetic of the tool whose
-/// merge is reproduced (`specs/peft-lora-and-hf-layout.md` §4.9,
-/// `specs/megatron-bridge-mapping.md` §6.2). The weight `W` is the gathered piece
+/// merge is reproduced (`docs/lora.md#peft-merge-arithmetic`,
+/// `docs/lora.md#megatron-bridge-merge-arithmetic`). The weight `W` is the gathered piece
 /// viewed as rows of its last axis. `acc = B @ A` is summed in f32 over the rank
 /// with one fused multiply-add per term, in rank order (as CPU sgemm kernels do),
 /// then `Δ = acc · scale` in f32.

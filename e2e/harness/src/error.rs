@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// What went wrong while starting, using or stopping a test control plane or
-/// the node stand-in. Messages follow STYLE.md §3: where, what, then the tail of
+/// the node stand-in. Messages say where, then what, then the tail of
 /// the log that explains it when a process is involved.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -2,7 +2,7 @@
 //! `.metadata`, a tensor's `data.pkl`, `common.pt`).
 //!
 //! Protocol 2 with text `GLOBAL`s and no memo is what every torch version from 2.3
-//! on reads (see `specs/megatron-torch-dist.md` §3.8); so we never emit newer opcodes.
+//! on reads (`docs/megatron-torch-dist.md#writing-the-metadata`); so we never emit newer opcodes.
 
 /// A Python value to be pickled.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,4 +1,4 @@
-//! PEFT LoRA adapter directories (`specs/peft-lora-and-hf-layout.md` §1–§3): which
+//! PEFT LoRA adapter directories (`docs/lora.md#peft-adapter-directories`): which
 //! directory `lora_checkpoint` means, `adapter_config.json` with PEFT's defaults
 //! and matching rules, and the keys of `adapter_model.safetensors`.
 //!

@@ -1,7 +1,7 @@
 //! The merged HF checkpoint of a PEFT adapter, planned from headers: every base
 //! tensor, copied, replaced by the adapter's full tensor (`modules_to_save`, saved
 //! embedding layers, trained biases; cast to the base dtype as loading does), or
-//! updated by its LoRA matrices (`specs/peft-lora-and-hf-layout.md` §3–§4).
+//! updated by its LoRA matrices (`docs/lora.md#peft-merge-arithmetic`).
 //!
 //! Tied embeddings (`tie_word_embeddings=true`, one matrix for input and output)
 //! are planned as two tensors, the input embedding and the output head, each with
@@ -13,7 +13,7 @@
 //! When the two end up different, both are written and `tie_word_embeddings` is set
 //! to false; the merged model then computes what the unmerged one did. (PEFT's own
 //! `merge_and_unload` adds a head LoRA to the shared storage, changing the input
-//! embedding too, peft#2018; the interop suite measures both.)
+//! embedding too; the interop suite measures both: `docs/lora.md#tied-embeddings`.)
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 

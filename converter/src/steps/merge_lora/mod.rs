@@ -7,7 +7,7 @@
 //!   (changed only where the merge requires: `tie_word_embeddings`, `vocab_size`),
 //!   and tokenizer and chat-template files from the adapter directory first, the
 //!   base second. Adapter files are never copied (transformers would attach them
-//!   again, peft#1381).
+//!   again and apply the adapter twice).
 //! - `backend=megatron_bridge`: a Megatron-Bridge adapter checkpoint into a
 //!   Megatron base (`base_megatron_path`), written as a Megatron iteration
 //!   (`output_megatron_path`) and, with `export_hf=true` (the default), as an HF
@@ -281,7 +281,8 @@ pub fn check_digest(
 }
 
 /// Refuses a quantized base (`quantization_config`, fp8 weights): its merge
-/// would dequantize, which PEFT does differently per backend (peft#2321).
+/// would dequantize, which PEFT does differently per backend
+/// (`docs/lora.md#quantized-bases`).
 ///
 /// # Errors
 /// [`LoraError::Refused`] naming the file.
