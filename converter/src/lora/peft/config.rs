@@ -309,7 +309,7 @@ impl AdapterConfig {
         }
         if present(get("layer_replication")) {
             return Err(refuse(format!(
-                "layer_replication={} replicates base layers that share weights; the copies cannot be merged separately into one set of weights (peft#1707)",
+                "layer_replication={} replicates base layers that share weights; the copies cannot be merged separately into one set of weights",
                 get("layer_replication").expect("present")
             )));
         }
