@@ -59,6 +59,8 @@ pub struct ByteItem {
     pub fqn: String,
     /// Where its `torch.save` payload is.
     pub data: ByteRef,
+    /// Why it may not be carried into an output ([`check_carried`]), if so.
+    pub refused: Option<String>,
 }
 
 /// The common (non-sharded) state, as far as conversion needs it.
@@ -348,16 +350,10 @@ impl MegatronCheckpoint {
                 continue;
             }
             let data = item_ref(&mut files, &b.fqn, &b.storage)?;
-            // Bytes items travel into merged outputs verbatim, where a loader
-            // unpickles them: they pass the same allow-list as what we read.
-            check_carried(files.slice(data), 0).map_err(|why| FormatError::Tensor {
-                path: files.get(data.file).path.clone(),
-                tensor: b.fqn.clone(),
-                why: format!("bytes item (module state) refused: {why}"),
-            })?;
             byte_items.push(ByteItem {
                 fqn: b.fqn.clone(),
                 data,
+                refused: check_carried(files.slice(data), 0).err(),
             });
         }
         byte_items.sort_by(|a, b| natural_cmp(&a.fqn, &b.fqn));
@@ -404,6 +400,29 @@ impl MegatronCheckpoint {
     /// Total bytes of model tensor data.
     pub fn total_bytes(&self) -> u64 {
         self.tensors.iter().map(GlobalTensor::nbytes).sum()
+    }
+
+    /// The bytes items with their payloads, to be carried into an output
+    /// verbatim: a loader will unpickle them, so each must have passed the same
+    /// allow-list as what we read ([`check_carried`]).
+    ///
+    /// # Errors
+    /// [`FormatError::Tensor`] naming the data file, the first refused item and
+    /// the global its pickle names.
+    pub fn carried_bytes(&self) -> Result<Vec<(&ByteItem, &[u8])>, FormatError> {
+        self.byte_items
+            .iter()
+            .map(|b| match &b.refused {
+                Some(why) => Err(FormatError::Tensor {
+                    path: self.files.get(b.data.file).path.clone(),
+                    tensor: b.fqn.clone(),
+                    why: format!(
+                        "bytes item (module state) cannot be carried into the output: {why}"
+                    ),
+                }),
+                None => Ok((b, self.files.slice(b.data))),
+            })
+            .collect()
     }
 }
 
@@ -605,7 +624,8 @@ pub fn local_extra_state_payload() -> Vec<u8> {
     torch_save::save(&Py::List(vec![Py::None]), &[])
 }
 
-/// Reads what a bytes item holds, for `inspect`: a short description.
+/// Reads what a bytes item holds, for `inspect`: a short description (it says
+/// when the item could not be carried into an output).
 pub fn describe_bytes_item(bytes: &[u8]) -> String {
     let Ok(archive) = Archive::open(bytes) else {
         return format!("{} bytes (not a torch.save archive)", bytes.len());
