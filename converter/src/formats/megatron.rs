@@ -631,21 +631,24 @@ pub fn describe_bytes_item(bytes: &[u8]) -> String {
         return format!("{} bytes (not a torch.save archive)", bytes.len());
     };
     match archive.pickle(&common_allow_list()) {
-        Ok(p) => describe_payload(&archive, &p, p.root()),
+        Ok(p) => describe_payload(&archive, &p, p.root(), 4),
         Err(e) => format!("{} bytes ({e})", bytes.len()),
     }
 }
 
-fn describe_payload(archive: &Archive<'_>, p: &Pickle, id: Id) -> String {
+/// Describes `id` to `depth` levels (a pickle's memo can make a list contain
+/// itself, so the depth is what ends the walk).
+fn describe_payload(archive: &Archive<'_>, p: &Pickle, id: Id, depth: usize) -> String {
     if let Ok(t) = archive.tensor(p, id) {
         return format!("tensor {} {:?}", t.dtype, t.shape);
     }
     match p.node(id) {
+        Node::List(_) | Node::Tuple(_) if depth == 0 => "[…]".into(),
         Node::List(items) | Node::Tuple(items) => {
             let inner: Vec<String> = items
                 .iter()
                 .take(4)
-                .map(|&i| describe_payload(archive, p, i))
+                .map(|&i| describe_payload(archive, p, i, depth - 1))
                 .collect();
             format!("[{}]", inner.join(", "))
         }
@@ -725,6 +728,17 @@ mod tests {
         }
         check_carried(&te_extra_state_payload(), 0).unwrap();
         check_carried(&local_extra_state_payload(), 0).unwrap();
+    }
+
+    /// Found by the `pickle_ops` fuzz target: a list that contains itself (a memo
+    /// reference appended to the list it names) made the description recurse
+    /// until the stack overflowed (`inspect` of such a checkpoint crashed).
+    #[test]
+    fn a_list_containing_itself_is_described() {
+        // PROTO 2, EMPTY_LIST, BINPUT 0, BINGET 0, APPEND, STOP.
+        let pkl = vec![0x80, 2, b']', b'q', 0, b'h', 0, b'a', b'.'];
+        let archive = crate::formats::torch_zip::write_archive(&[("archive/data.pkl", pkl)]);
+        assert_eq!(describe_bytes_item(&archive), "[[[[[…]]]]]");
     }
 
     #[test]
