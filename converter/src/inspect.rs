@@ -170,7 +170,10 @@ fn inspect_megatron(dir: &Path, note: Option<String>) -> Result<Inspection, Erro
         .map(|b| ByteItemInfo {
             name: b.fqn.clone(),
             bytes: b.data.len,
-            payload: megatron::describe_bytes_item(ckpt.files.slice(b.data)),
+            payload: match &b.refused {
+                Some(why) => format!("refused, would not be carried into an output: {why}"),
+                None => megatron::describe_bytes_item(ckpt.files.slice(b.data)),
+            },
         })
         .collect();
     out.skipped_keys = ckpt.skipped.len();

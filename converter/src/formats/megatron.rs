@@ -126,6 +126,8 @@ pub struct ByteItem {
     pub fqn: String,
     /// Where its `torch.save` payload is.
     pub data: ByteRef,
+    /// Why it may not be carried into an output ([`check_carried`]), if so.
+    pub refused: Option<String>,
 }
 
 /// The common (non-sharded) state, as far as conversion needs it.
@@ -415,16 +417,10 @@ impl MegatronCheckpoint {
                 continue;
             }
             let data = item_ref(&mut files, &b.fqn, &b.storage)?;
-            // Bytes items travel into merged outputs verbatim, where a loader
-            // unpickles them: they pass the same allow-list as what we read.
-            check_carried(files.slice(data), 0).map_err(|why| FormatError::Tensor {
-                path: files.get(data.file).path.clone(),
-                tensor: b.fqn.clone(),
-                why: format!("bytes item (module state) refused: {why}"),
-            })?;
             byte_items.push(ByteItem {
                 fqn: b.fqn.clone(),
                 data,
+                refused: check_carried(files.slice(data), 0).err(),
             });
         }
         byte_items.sort_by(|a, b| natural_cmp(&a.fqn, &b.fqn));
@@ -471,6 +467,29 @@ impl MegatronCheckpoint {
     /// Total bytes of model tensor data.
     pub fn total_bytes(&self) -> u64 {
         self.tensors.iter().map(GlobalTensor::nbytes).sum()
+    }
+
+    /// The bytes items with their payloads, to be carried into an output
+    /// verbatim: a loader will unpickle them, so each must have passed the same
+    /// allow-list as what we read ([`check_carried`]).
+    ///
+    /// # Errors
+    /// [`FormatError::Tensor`] naming the data file, the first refused item and
+    /// the global its pickle names.
+    pub fn carried_bytes(&self) -> Result<Vec<(&ByteItem, &[u8])>, FormatError> {
+        self.byte_items
+            .iter()
+            .map(|b| match &b.refused {
+                Some(why) => Err(FormatError::Tensor {
+                    path: self.files.get(b.data.file).path.clone(),
+                    tensor: b.fqn.clone(),
+                    why: format!(
+                        "bytes item (module state) cannot be carried into the output: {why}"
+                    ),
+                }),
+                None => Ok((b, self.files.slice(b.data))),
+            })
+            .collect()
     }
 }
 
@@ -673,27 +692,31 @@ pub fn local_extra_state_payload() -> Vec<u8> {
     torch_save::save(&Py::List(vec![Py::None]), &[])
 }
 
-/// Reads what a bytes item holds, for `inspect`: a short description.
+/// Reads what a bytes item holds, for `inspect`: a short description (it says
+/// when the item could not be carried into an output).
 pub fn describe_bytes_item(bytes: &[u8]) -> String {
     let Ok(archive) = Archive::open(bytes) else {
         return format!("{} bytes (not a torch.save archive)", bytes.len());
     };
     match archive.pickle(&common_allow_list()) {
-        Ok(p) => describe_payload(&archive, &p, p.root()),
+        Ok(p) => describe_payload(&archive, &p, p.root(), 4),
         Err(e) => format!("{} bytes ({e})", bytes.len()),
     }
 }
 
-fn describe_payload(archive: &Archive<'_>, p: &Pickle, id: Id) -> String {
+/// Describes `id` to `depth` levels (a pickle's memo can make a list contain
+/// itself, so the depth is what ends the walk).
+fn describe_payload(archive: &Archive<'_>, p: &Pickle, id: Id, depth: usize) -> String {
     if let Ok(t) = archive.tensor(p, id) {
         return format!("tensor {} {:?}", t.dtype, t.shape);
     }
     match p.node(id) {
+        Node::List(_) | Node::Tuple(_) if depth == 0 => "[…]".into(),
         Node::List(items) | Node::Tuple(items) => {
             let inner: Vec<String> = items
                 .iter()
                 .take(4)
-                .map(|&i| describe_payload(archive, p, i))
+                .map(|&i| describe_payload(archive, p, i, depth - 1))
                 .collect();
             format!("[{}]", inner.join(", "))
         }
@@ -773,6 +796,17 @@ mod tests {
         }
         check_carried(&te_extra_state_payload(), 0).unwrap();
         check_carried(&local_extra_state_payload(), 0).unwrap();
+    }
+
+    /// Found by the `pickle_ops` fuzz target: a list that contains itself (a memo
+    /// reference appended to the list it names) made the description recurse
+    /// until the stack overflowed (`inspect` of such a checkpoint crashed).
+    #[test]
+    fn a_list_containing_itself_is_described() {
+        // PROTO 2, EMPTY_LIST, BINPUT 0, BINGET 0, APPEND, STOP.
+        let pkl = vec![0x80, 2, b']', b'q', 0, b'h', 0, b'a', b'.'];
+        let archive = crate::formats::torch_zip::write_archive(&[("archive/data.pkl", pkl)]);
+        assert_eq!(describe_bytes_item(&archive), "[[[[[…]]]]]");
     }
 
     #[test]

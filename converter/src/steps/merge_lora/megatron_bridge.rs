@@ -309,11 +309,11 @@ pub(super) fn run(
         }
     }
     let bytes: Vec<DcpBytesSpec> = base
-        .byte_items
-        .iter()
-        .map(|b| DcpBytesSpec {
+        .carried_bytes()?
+        .into_iter()
+        .map(|(b, payload)| DcpBytesSpec {
             fqn: b.fqn.clone(),
-            payload: base.files.slice(b.data).to_vec(),
+            payload: payload.to_vec(),
         })
         .collect();
     let mut mplan = crate::plan::tensor::plan_megatron(chunks, &bytes, distcp_files);
