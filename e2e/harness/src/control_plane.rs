@@ -1,7 +1,9 @@
 //! A real control plane on 127.0.0.1: etcd, kube-apiserver (RBAC, client
 //! certificates) and kube-controller-manager running the Job, garbage-collector,
 //! TTL-after-finished and namespace controllers. Flags as in
-//! `e2e/k8s/NOTES.md` / `smoke.sh`.
+//! `e2e/k8s/NOTES.md` / `smoke.sh`. With [`ControlPlaneOptions::real_node`] it
+//! is ready for a kubelet ([`crate::RealNode`]): kube-scheduler, the Node
+//! authorizer, the node, volume and claim controllers.
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -31,6 +33,17 @@ pub const DEFAULT_CONTROLLERS: [&str; 4] = [
     "namespace-controller",
 ];
 
+/// The controllers a control plane for a real node runs on top of
+/// [`DEFAULT_CONTROLLERS`]: node lifecycle (it lifts the `not-ready` taint every
+/// new Node gets, so pods can be scheduled), the PersistentVolume binder and the
+/// protection controllers that let claims and volumes be deleted.
+pub const REAL_NODE_CONTROLLERS: [&str; 4] = [
+    "node-lifecycle-controller",
+    "persistentvolume-binder-controller",
+    "persistentvolumeclaim-protection-controller",
+    "persistentvolume-protection-controller",
+];
+
 /// How to start a [`ControlPlane`].
 #[derive(Debug, Clone)]
 pub struct ControlPlaneOptions {
@@ -48,6 +61,21 @@ pub struct ControlPlaneOptions {
     pub stop_grace: Duration,
     /// Extra kube-apiserver flags (`--flag=value`), appended last.
     pub extra_apiserver_args: Vec<String>,
+    /// Prepare for a real node: also start kube-scheduler, authorize with
+    /// `Node,RBAC`, enable the `NodeRestriction` and
+    /// `OwnerReferencesPermissionEnforcement` admission plugins, and run
+    /// [`REAL_NODE_CONTROLLERS`] (when kube-controller-manager runs at all).
+    pub real_node: bool,
+}
+
+impl ControlPlaneOptions {
+    /// The default options with [`ControlPlaneOptions::real_node`] set.
+    pub fn for_real_node() -> Self {
+        ControlPlaneOptions {
+            real_node: true,
+            ..Default::default()
+        }
+    }
 }
 
 impl Default for ControlPlaneOptions {
@@ -59,6 +87,7 @@ impl Default for ControlPlaneOptions {
             startup_timeout: Duration::from_secs(90),
             stop_grace: Duration::from_secs(5),
             extra_apiserver_args: Vec::new(),
+            real_node: false,
         }
     }
 }
@@ -81,6 +110,7 @@ pub struct ControlPlane {
     processes: Mutex<Vec<ManagedProcess>>,
     stop_grace: Duration,
     names: AtomicU64,
+    real_node: bool,
 }
 
 /// What `start` builds up; stopped (and the dir kept for its logs) if starting fails.
@@ -161,11 +191,42 @@ async fn etcd_healthy(port: u16) -> bool {
         .unwrap_or(false)
 }
 
+/// Waits until `component` (kube-controller-manager or kube-scheduler) holds
+/// its leader Lease in kube-system: the sign that it is up and working.
+async fn wait_for_lease(
+    client: &Client,
+    component: &str,
+    boot: &mut Boot,
+    timeout: Duration,
+) -> Result<()> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-system");
+    let started = Instant::now();
+    loop {
+        if let Ok(Some(lease)) = leases.get_opt(component).await
+            && lease
+                .spec
+                .and_then(|s| s.holder_identity)
+                .is_some_and(|h| !h.is_empty())
+        {
+            return Ok(());
+        }
+        boot.check_running(&format!("waiting for the {component} leader lease"))?;
+        if started.elapsed() > timeout {
+            return Err(boot.timeout(
+                &format!("{component} to hold lease kube-system/{component}"),
+                timeout,
+                component,
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn yaml_str(s: &str) -> String {
     serde_json::to_string(s).expect("a string serializes")
 }
 
-fn kubeconfig_text(server: &str, ca: &Path, user: &str, user_fields: &[(&str, String)]) -> String {
+pub(crate) fn kubeconfig_text(server: &str, ca: &Path, user: &str, user_fields: &[(&str, String)]) -> String {
     let mut text = format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: ckpt-testcluster\n  cluster:\n    server: {}\n    certificate-authority: {}\nusers:\n- name: {user}\n  user:\n",
         yaml_str(server),
@@ -215,7 +276,7 @@ impl ControlPlane {
         };
         let timeout = opts.startup_timeout;
         let certs = certs::write_all(&dir)?;
-        let [etcd_port, peer_port, api_port] = free_ports::<3>()?;
+        let [etcd_port, peer_port, api_port, scheduler_port] = free_ports::<4>()?;
         let bin = |name: &str| bin_dir.join(name);
         let s = |p: &Path| p.display().to_string();
 
@@ -259,7 +320,11 @@ impl ControlPlane {
             format!("--tls-cert-file={}", s(&certs.serving_cert)),
             format!("--tls-private-key-file={}", s(&certs.serving_key)),
             format!("--client-ca-file={}", s(&certs.ca_cert)),
-            "--authorization-mode=RBAC".to_string(),
+            if opts.real_node {
+                "--authorization-mode=Node,RBAC".to_string()
+            } else {
+                "--authorization-mode=RBAC".to_string()
+            },
             "--service-account-issuer=https://kubernetes.default.svc".to_string(),
             format!("--service-account-key-file={}", s(&certs.sa_pub)),
             format!("--service-account-signing-key-file={}", s(&certs.sa_key)),
@@ -269,6 +334,16 @@ impl ControlPlane {
             "--allow-privileged=true".to_string(),
             format!("--cert-dir={}", s(&dir.join("apiserver-certs"))),
         ];
+        if opts.real_node {
+            // NodeRestriction: the kubelet may only change its own Node and its
+            // pods. OwnerReferencesPermissionEnforcement: changing ownerReferences
+            // needs delete on the object, and blockOwnerDeletion needs update on
+            // the owner's finalizers, so missing operator RBAC shows here.
+            api_args.push(
+                "--enable-admission-plugins=NodeRestriction,OwnerReferencesPermissionEnforcement"
+                    .to_string(),
+            );
+        }
         api_args.extend(opts.extra_apiserver_args.iter().cloned());
         boot.processes.push(ManagedProcess::spawn(
             "kube-apiserver",
@@ -320,9 +395,13 @@ impl ControlPlane {
 
         // kube-controller-manager
         if !opts.controllers.is_empty() {
+            let mut controllers = opts.controllers.clone();
+            if opts.real_node {
+                controllers.extend(REAL_NODE_CONTROLLERS.iter().map(|c| c.to_string()));
+            }
             let kcm_args = vec![
                 format!("--kubeconfig={}", s(&kubeconfig)),
-                format!("--controllers={}", opts.controllers.join(",")),
+                format!("--controllers={}", controllers.join(",")),
                 // Leader election on: the lease is how we know it is up.
                 "--leader-elect=true".to_string(),
                 "--use-service-account-credentials=false".to_string(),
@@ -334,27 +413,26 @@ impl ControlPlane {
                 &kcm_args,
                 dir.join("kube-controller-manager.log"),
             )?);
-            let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-system");
-            let started = Instant::now();
-            loop {
-                if let Ok(Some(lease)) = leases.get_opt("kube-controller-manager").await
-                    && lease
-                        .spec
-                        .and_then(|s| s.holder_identity)
-                        .is_some_and(|h| !h.is_empty())
-                {
-                    break;
-                }
-                boot.check_running("waiting for the kube-controller-manager leader lease")?;
-                if started.elapsed() > timeout {
-                    return Err(boot.timeout(
-                        "kube-controller-manager to hold lease kube-system/kube-controller-manager",
-                        timeout,
-                        "kube-controller-manager",
-                    ));
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            wait_for_lease(&client, "kube-controller-manager", &mut boot, timeout).await?;
+        }
+
+        if opts.real_node {
+            let scheduler_args = vec![
+                format!("--kubeconfig={}", s(&kubeconfig)),
+                format!("--authentication-kubeconfig={}", s(&kubeconfig)),
+                format!("--authorization-kubeconfig={}", s(&kubeconfig)),
+                "--bind-address=127.0.0.1".to_string(),
+                format!("--secure-port={scheduler_port}"),
+                // As for kube-controller-manager: the lease says it is up.
+                "--leader-elect=true".to_string(),
+            ];
+            boot.processes.push(ManagedProcess::spawn(
+                "kube-scheduler",
+                &bin("kube-scheduler"),
+                &scheduler_args,
+                dir.join("kube-scheduler.log"),
+            )?);
+            wait_for_lease(&client, "kube-scheduler", &mut boot, timeout).await?;
         }
 
         let tempdir = boot.tempdir.take();
@@ -371,21 +449,39 @@ impl ControlPlane {
             processes: Mutex::new(processes),
             stop_grace: opts.stop_grace,
             names: AtomicU64::new(0),
+            real_node: opts.real_node,
         })
     }
 
     /// The control plane shared by every test in this process, started by the
-    /// first caller with default options. It is stopped when the process exits
+    /// first caller with default options, or with
+    /// [`ControlPlaneOptions::for_real_node`] when `CKPT_TEST_NODE=real` (see
+    /// [`crate::NodeKind`]). It is stopped when the process exits
     /// normally (an `atexit` hook; `Drop` never runs for statics) and killed by
     /// the parent-death signal otherwise. Give each test its own namespace
     /// ([`ControlPlane::new_namespace`]). If starting fails, every caller gets
     /// the same error without trying again.
     pub async fn shared() -> Result<&'static ControlPlane> {
+        let real = crate::NodeKind::from_env()? == crate::NodeKind::Real;
+        Self::shared_with(real).await
+    }
+
+    /// The shared control plane, ready for the shared [`crate::RealNode`]
+    /// whatever `CKPT_TEST_NODE` says. Fails if this process already started
+    /// the shared control plane without it.
+    pub async fn shared_for_real_node() -> Result<&'static ControlPlane> {
+        Self::shared_with(true).await
+    }
+
+    async fn shared_with(real_node: bool) -> Result<&'static ControlPlane> {
         let result = SHARED
             .get_or_init(|| async {
-                let result = ControlPlane::start(ControlPlaneOptions::default())
-                    .await
-                    .map_err(|e| e.to_string());
+                let opts = if real_node {
+                    ControlPlaneOptions::for_real_node()
+                } else {
+                    ControlPlaneOptions::default()
+                };
+                let result = ControlPlane::start(opts).await.map_err(|e| e.to_string());
                 if result.is_ok() {
                     // SAFETY: registers a plain extern "C" function without captures.
                     unsafe {
@@ -395,7 +491,23 @@ impl ControlPlane {
                 result
             })
             .await;
-        result.as_ref().map_err(|e| Error::Shared(e.clone()))
+        let cp = result.as_ref().map_err(|e| Error::Shared(e.clone()))?;
+        if real_node && !cp.real_node {
+            return Err(Error::Shared(
+                "it was started without a real node (ControlPlane::shared without CKPT_TEST_NODE=real) before a test asked for one; a test binary uses either the stand-in or the real node".to_string(),
+            ));
+        }
+        Ok(cp)
+    }
+
+    /// Whether it was started for a real node ([`ControlPlaneOptions::real_node`]).
+    pub fn is_for_real_node(&self) -> bool {
+        self.real_node
+    }
+
+    /// The certificate and key the kubelet of [`crate::RealNode`] authenticates with.
+    pub(crate) fn node_credentials(&self) -> (&Path, &Path) {
+        (&self.certs.node_cert, &self.certs.node_key)
     }
 
     /// A new admin client (user `admin`, group `system:masters`) on the

@@ -53,11 +53,19 @@ mod bins;
 mod certs;
 mod control_plane;
 mod error;
+pub mod images;
+mod node;
 mod process;
 mod standin;
 
 pub use bins::{K8S_BINARIES, converter_binary, k8s_bin_dir, workspace_root};
-pub use control_plane::{ControlPlane, ControlPlaneOptions, DEFAULT_CONTROLLERS};
+pub use certs::NODE_NAME;
+pub use control_plane::{
+    ControlPlane, ControlPlaneOptions, DEFAULT_CONTROLLERS, REAL_NODE_CONTROLLERS,
+};
+pub use node::{
+    IMAGE_USER, NodeKind, PAUSE_IMAGE, RealNode, RealNodeOptions, check_prerequisites, chown_tree,
+};
 pub use error::{Error, Result};
 pub use standin::status::{
     MAX_LOG_FALLBACK_BYTES, MAX_LOG_FALLBACK_LINES, MAX_TERMINATION_MESSAGE,
