@@ -36,12 +36,16 @@ pub const DEFAULT_CONTROLLERS: [&str; 4] = [
 /// The controllers a control plane for a real node runs on top of
 /// [`DEFAULT_CONTROLLERS`]: node lifecycle (it lifts the `not-ready` taint every
 /// new Node gets, so pods can be scheduled), the PersistentVolume binder and the
-/// protection controllers that let claims and volumes be deleted.
-pub const REAL_NODE_CONTROLLERS: [&str; 4] = [
+/// protection controllers that let claims and volumes be deleted, and what pods
+/// need for ServiceAccount tokens: the `default` account of each namespace and
+/// the `kube-root-ca.crt` ConfigMap (the CA in every token volume).
+pub const REAL_NODE_CONTROLLERS: [&str; 6] = [
     "node-lifecycle-controller",
     "persistentvolume-binder-controller",
     "persistentvolumeclaim-protection-controller",
     "persistentvolume-protection-controller",
+    "serviceaccount-controller",
+    "root-ca-certificate-publisher-controller",
 ];
 
 /// How to start a [`ControlPlane`].
@@ -63,8 +67,9 @@ pub struct ControlPlaneOptions {
     pub extra_apiserver_args: Vec<String>,
     /// Prepare for a real node: also start kube-scheduler, authorize with
     /// `Node,RBAC`, enable the `NodeRestriction` and
-    /// `OwnerReferencesPermissionEnforcement` admission plugins, and run
-    /// [`REAL_NODE_CONTROLLERS`] (when kube-controller-manager runs at all).
+    /// `OwnerReferencesPermissionEnforcement` admission plugins and keep the
+    /// `ServiceAccount` one (pods get token volumes, which the kubelet fills),
+    /// and run [`REAL_NODE_CONTROLLERS`] (when kube-controller-manager runs at all).
     pub real_node: bool,
 }
 
@@ -226,7 +231,12 @@ fn yaml_str(s: &str) -> String {
     serde_json::to_string(s).expect("a string serializes")
 }
 
-pub(crate) fn kubeconfig_text(server: &str, ca: &Path, user: &str, user_fields: &[(&str, String)]) -> String {
+pub(crate) fn kubeconfig_text(
+    server: &str,
+    ca: &Path,
+    user: &str,
+    user_fields: &[(&str, String)],
+) -> String {
     let mut text = format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: ckpt-testcluster\n  cluster:\n    server: {}\n    certificate-authority: {}\nusers:\n- name: {user}\n  user:\n",
         yaml_str(server),
@@ -329,11 +339,13 @@ impl ControlPlane {
             format!("--service-account-key-file={}", s(&certs.sa_pub)),
             format!("--service-account-signing-key-file={}", s(&certs.sa_key)),
             "--service-cluster-ip-range=10.0.0.0/24".to_string(),
-            // No ServiceAccount controller runs, so pods get no token volume.
-            "--disable-admission-plugins=ServiceAccount".to_string(),
             "--allow-privileged=true".to_string(),
             format!("--cert-dir={}", s(&dir.join("apiserver-certs"))),
         ];
+        if !opts.real_node {
+            // No ServiceAccount controller runs, so pods get no token volume.
+            api_args.push("--disable-admission-plugins=ServiceAccount".to_string());
+        }
         if opts.real_node {
             // NodeRestriction: the kubelet may only change its own Node and its
             // pods. OwnerReferencesPermissionEnforcement: changing ownerReferences
@@ -399,7 +411,7 @@ impl ControlPlane {
             if opts.real_node {
                 controllers.extend(REAL_NODE_CONTROLLERS.iter().map(|c| c.to_string()));
             }
-            let kcm_args = vec![
+            let mut kcm_args = vec![
                 format!("--kubeconfig={}", s(&kubeconfig)),
                 format!("--controllers={}", controllers.join(",")),
                 // Leader election on: the lease is how we know it is up.
@@ -407,6 +419,10 @@ impl ControlPlane {
                 "--use-service-account-credentials=false".to_string(),
                 "--secure-port=0".to_string(),
             ];
+            if opts.real_node {
+                // What root-ca-certificate-publisher-controller publishes.
+                kcm_args.push(format!("--root-ca-file={}", s(&certs.ca_cert)));
+            }
             boot.processes.push(ManagedProcess::spawn(
                 "kube-controller-manager",
                 &bin("kube-controller-manager"),
@@ -624,6 +640,23 @@ impl ControlPlane {
             .create(&PostParams::default(), &ns)
             .await
             .map_err(|e| Error::kube(format!("creating namespace {name}"), e))?;
+        if self.real_node {
+            // Pods are refused until the ServiceAccount controller has made the
+            // namespace's `default` account; wait here rather than in every Job.
+            let sas: Api<ServiceAccount> = Api::namespaced(self.client(), &name);
+            let started = Instant::now();
+            while !matches!(sas.get_opt("default").await, Ok(Some(_))) {
+                if started.elapsed() > Duration::from_secs(120) {
+                    return Err(Error::Timeout {
+                        what: format!("serviceaccount {name}/default"),
+                        after: started.elapsed(),
+                        log: self.dir.join("kube-controller-manager.log"),
+                        tail: self.log_tail("kube-controller-manager", 30),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         Ok(name)
     }
 

@@ -146,7 +146,10 @@ fn skopeo_accepts_the_images_and_they_hold_only_the_binary() -> Result<()> {
             .layout
             .join("blobs/sha256")
             .join(layer.trim_start_matches("sha256:"));
-        let listing = ok("tar", &["--numeric-owner", "-tvzf", &blob.display().to_string()])?;
+        let listing = ok(
+            "tar",
+            &["--numeric-owner", "-tvzf", &blob.display().to_string()],
+        )?;
         let entries: Vec<&str> = listing.lines().collect();
         assert_eq!(entries.len(), 1, "{listing}");
         let f: Vec<&str> = entries[0].split_whitespace().collect();
@@ -177,14 +180,15 @@ fn binaries_carry_no_build_paths() -> Result<()> {
     ];
     for image in [&images.converter, &images.operator] {
         let binary = target_dir()
-            .join(format!("{}-unknown-linux-musl/release", std::env::consts::ARCH))
+            .join(format!(
+                "{}-unknown-linux-musl/release",
+                std::env::consts::ARCH
+            ))
             .join(&image.name);
         let bytes = std::fs::read(&binary).with_context(|| binary.display().to_string())?;
         for needle in &needles {
             assert!(
-                !bytes
-                    .windows(needle.len())
-                    .any(|w| w == needle.as_bytes()),
+                !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
                 "{} contains the build path {needle}",
                 binary.display()
             );
@@ -215,8 +219,7 @@ impl Bundle {
                 &bundle.display().to_string(),
             ],
         )?;
-        let config: Value =
-            serde_json::from_slice(&std::fs::read(bundle.join("config.json"))?)?;
+        let config: Value = serde_json::from_slice(&std::fs::read(bundle.join("config.json"))?)?;
         Ok(Bundle { dir, config })
     }
 
@@ -243,7 +246,10 @@ impl Bundle {
             }));
         }
         let bundle = self.dir.path().join("bundle");
-        std::fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
+        std::fs::write(
+            bundle.join("config.json"),
+            serde_json::to_vec_pretty(&config)?,
+        )?;
         let state = self.dir.path().join("runc-state");
         let out = run(
             "runc",
@@ -273,7 +279,10 @@ fn uid_of(p: &Path) -> Result<u32> {
 fn demo_source(dir: &Path) -> Result<PathBuf> {
     // The image's own binary, run on the host, writes the fixture.
     let binary = target_dir()
-        .join(format!("{}-unknown-linux-musl/release", std::env::consts::ARCH))
+        .join(format!(
+            "{}-unknown-linux-musl/release",
+            std::env::consts::ARCH
+        ))
         .join("ckpt-convert");
     let scratch = dir.join("scratch");
     let out = Command::new(&binary)
@@ -339,7 +348,10 @@ fn converter_image_converts_under_runc_as_65532_and_writes_only_its_target() -> 
         &source,
         &target,
     )?;
-    assert_ne!(code, 0, "writing into the root filesystem succeeded:\n{out}");
+    assert_ne!(
+        code, 0,
+        "writing into the root filesystem succeeded:\n{out}"
+    );
     assert!(out.contains("Read-only file system"), "{out}");
 
     // A target beside the input on the read-only source mount (not inside the
@@ -355,7 +367,10 @@ fn converter_image_converts_under_runc_as_65532_and_writes_only_its_target() -> 
         &source,
         &target,
     )?;
-    assert_ne!(code, 0, "writing into the read-only source succeeded:\n{out}");
+    assert_ne!(
+        code, 0,
+        "writing into the read-only source succeeded:\n{out}"
+    );
     assert!(out.contains("Read-only file system"), "{out}");
     if files(&source)? != before {
         bail!("the source changed");

@@ -62,7 +62,11 @@ fn sysctl(key: &str) -> String {
 
 #[tokio::test]
 async fn an_owned_node_runs_pods_and_leaves_nothing_behind() -> Result<()> {
-    let sysctls = ["vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops"];
+    let sysctls = [
+        "vm/overcommit_memory",
+        "kernel/panic",
+        "kernel/panic_on_oops",
+    ];
     let before: Vec<String> = sysctls.iter().map(|k| sysctl(k)).collect();
     let cp = ControlPlane::start(ControlPlaneOptions::for_real_node()).await?;
     let t0 = Instant::now();

@@ -283,7 +283,11 @@ impl RealNode {
         while !ctr(l, &["version"]).is_ok_and(|o| o.status.success()) {
             boot.check_running("waiting for containerd's socket")?;
             if started.elapsed() > timeout {
-                return Err(boot.timeout("containerd to answer `ctr version`", timeout, "containerd"));
+                return Err(boot.timeout(
+                    "containerd to answer `ctr version`",
+                    timeout,
+                    "containerd",
+                ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -372,8 +376,7 @@ impl RealNode {
         let cp = ControlPlane::shared_for_real_node().await?;
         let result = SHARED_NODE
             .get_or_init(|| async {
-                let images = match tokio::task::spawn_blocking(crate::images::built_images).await
-                {
+                let images = match tokio::task::spawn_blocking(crate::images::built_images).await {
                     Ok(Ok(images)) => images,
                     Ok(Err(e)) => return Err(e.to_string()),
                     Err(e) => return Err(format!("building the images panicked: {e}")),
@@ -452,7 +455,13 @@ impl RealNode {
     /// by the kubelet, read-only where their volumeMount says so. The
     /// converter runs as uid 65532: give it the directories it writes
     /// ([`chown_tree`]).
-    pub async fn bind_claim(&self, client: &Client, ns: &str, claim: &str, dir: &Path) -> Result<()> {
+    pub async fn bind_claim(
+        &self,
+        client: &Client,
+        ns: &str,
+        claim: &str,
+        dir: &Path,
+    ) -> Result<()> {
         bind_claim(client, ns, claim, dir).await
     }
 

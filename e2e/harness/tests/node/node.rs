@@ -11,7 +11,11 @@ async fn kubectl_shows_a_ready_node_running_the_pinned_kubelet_on_containerd() -
     let table = w.cp.kubectl(["get", "nodes", "-o", "wide"]).await?;
     eprintln!("{}", String::from_utf8_lossy(&table.stdout));
     let out = w.cp.kubectl(["get", "nodes", "-o", "json"]).await?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let list: Value = serde_json::from_slice(&out.stdout)?;
     let items = list["items"].as_array().cloned().unwrap_or_default();
     assert_eq!(items.len(), 1, "{list:#}");
@@ -37,13 +41,19 @@ async fn kubectl_shows_a_ready_node_running_the_pinned_kubelet_on_containerd() -
         node["status"]["conditions"]
     );
     // The node lifecycle controller lifted the not-ready taint every new Node gets.
-    let taints = node["spec"]["taints"].as_array().cloned().unwrap_or_default();
+    let taints = node["spec"]["taints"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     assert!(taints.is_empty(), "{taints:#?}");
     // Both images were imported into the namespace the kubelet uses.
     let images = w.node.ctr(&["images", "list", "--quiet"])?;
     let images = String::from_utf8_lossy(&images.stdout);
     for image in [&w.images.converter.reference, &w.images.operator.reference] {
-        assert!(images.lines().any(|l| l == image), "{image} not in:\n{images}");
+        assert!(
+            images.lines().any(|l| l == image),
+            "{image} not in:\n{images}"
+        );
     }
     Ok(())
 }

@@ -86,7 +86,13 @@ async fn a_read_only_source_volume_cannot_be_written() -> Result<()> {
         "megatron_path=/models/source/megatron",
     ];
     let name = w
-        .create_job(converter_job("ro", image, &args, true, serde_json::json!({})))
+        .create_job(converter_job(
+            "ro",
+            image,
+            &args,
+            true,
+            serde_json::json!({}),
+        ))
         .await?;
     w.job_reaches(&name, "Failed").await?;
     let (_, term) = w.terminated(&name).await?;
@@ -99,9 +105,18 @@ async fn a_read_only_source_volume_cannot_be_written() -> Result<()> {
     assert_eq!(snapshot(&w.path("source"))?, before, "the source changed");
 
     let name = w
-        .create_job(converter_job("rw", image, &args, false, serde_json::json!({})))
+        .create_job(converter_job(
+            "rw",
+            image,
+            &args,
+            false,
+            serde_json::json!({}),
+        ))
         .await?;
     w.job_reaches(&name, "Complete").await?;
-    assert!(w.path("source/megatron/latest_checkpointed_iteration.txt").is_file());
+    assert!(
+        w.path("source/megatron/latest_checkpointed_iteration.txt")
+            .is_file()
+    );
     Ok(())
 }

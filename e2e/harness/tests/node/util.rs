@@ -138,7 +138,12 @@ impl World {
             .and_then(|cs| cs.first())
             .and_then(|c| c.state.as_ref())
             .and_then(|s| s.terminated.clone())
-            .with_context(|| format!("pod of job {job} has no terminated state: {:#?}", pod.status))?;
+            .with_context(|| {
+                format!(
+                    "pod of job {job} has no terminated state: {:#?}",
+                    pod.status
+                )
+            })?;
         Ok((pod.clone(), term))
     }
 
