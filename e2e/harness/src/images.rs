@@ -38,8 +38,10 @@ pub struct Images {
 pub fn build_images(out: &Path, no_cargo: bool) -> Result<Images> {
     let script = workspace_root().join("images/build.sh");
     let mut cmd = Command::new("bash");
+    // The binaries go where this process looks for them.
     cmd.arg(&script)
         .env("OUT", out)
+        .env("CARGO_TARGET_DIR", target_dir())
         .stdin(Stdio::null())
         .stderr(Stdio::inherit());
     if no_cargo {

@@ -109,7 +109,9 @@ pub(crate) fn cgroup_pids(l: &Layout) -> Vec<u32> {
 /// containerd, the kubelet and the shims, whose `-address` is under it.
 pub(crate) fn processes_mentioning(dir: &Path) -> Vec<u32> {
     let me = std::process::id();
-    let needle = dir.as_os_str().as_encoded_bytes();
+    // With the trailing slash, so that another node's dir sharing a prefix never matches.
+    let mut needle = dir.as_os_str().as_encoded_bytes().to_vec();
+    needle.push(b'/');
     let mut pids = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return pids;
@@ -122,7 +124,9 @@ pub(crate) fn processes_mentioning(dir: &Path) -> Vec<u32> {
             continue;
         }
         if let Ok(cmdline) = std::fs::read(e.path().join("cmdline"))
-            && cmdline.windows(needle.len()).any(|w| w == needle)
+            && cmdline
+                .windows(needle.len())
+                .any(|w| w == needle.as_slice())
         {
             pids.push(pid);
         }
