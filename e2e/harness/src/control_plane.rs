@@ -38,14 +38,17 @@ pub const DEFAULT_CONTROLLERS: [&str; 4] = [
 /// new Node gets, so pods can be scheduled), the PersistentVolume binder and the
 /// protection controllers that let claims and volumes be deleted, and what pods
 /// need for ServiceAccount tokens: the `default` account of each namespace and
-/// the `kube-root-ca.crt` ConfigMap (the CA in every token volume).
-pub const REAL_NODE_CONTROLLERS: [&str; 6] = [
+/// the `kube-root-ca.crt` ConfigMap (the CA in every token volume); and the
+/// Deployment and ReplicaSet controllers, so that a chart's Deployment gets pods.
+pub const REAL_NODE_CONTROLLERS: [&str; 8] = [
     "node-lifecycle-controller",
     "persistentvolume-binder-controller",
     "persistentvolumeclaim-protection-controller",
     "persistentvolume-protection-controller",
     "serviceaccount-controller",
     "root-ca-certificate-publisher-controller",
+    "deployment-controller",
+    "replicaset-controller",
 ];
 
 /// How to start a [`ControlPlane`].

@@ -23,6 +23,33 @@ pub struct Image {
     pub layout: PathBuf,
 }
 
+impl Image {
+    /// The digest of the image's config blob, `sha256:…` (what containerd 1.6
+    /// reports as a pod's `imageID` for an image imported from an archive).
+    pub fn config_digest(&self) -> Result<String> {
+        let manifest = self
+            .layout
+            .join("blobs/sha256")
+            .join(self.digest.trim_start_matches("sha256:"));
+        let text = std::fs::read(&manifest).map_err(|e| Error::io(&manifest, e))?;
+        let json: serde_json::Value = serde_json::from_slice(&text).map_err(|e| Error::Images {
+            message: format!("{}: {e}", manifest.display()),
+        })?;
+        json["config"]["digest"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| Error::Images {
+                message: format!("{}: no config digest", manifest.display()),
+            })
+    }
+
+    /// Whether a pod's `imageID` names this image (by manifest or config digest).
+    pub fn is_image_id(&self, image_id: &str) -> bool {
+        image_id.contains(&self.digest)
+            || self.config_digest().is_ok_and(|c| image_id.ends_with(&c))
+    }
+}
+
 /// Both images.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Images {
@@ -46,6 +73,18 @@ pub fn build_images(out: &Path, no_cargo: bool) -> Result<Images> {
         .stderr(Stdio::inherit());
     if no_cargo {
         cmd.env("CKPT_IMAGES_NO_CARGO", "1");
+    }
+    // `cargo test` gives this process variables (CARGO_PKG_*, CARGO_MANIFEST_*,
+    // …) that build scripts (ring's, through cc) watch: passed on, they would
+    // make the nested build rebuild what run-tests.sh already built.
+    for (key, _) in std::env::vars_os() {
+        if let Some(k) = key.to_str()
+            && (k.starts_with("CARGO_") || k == "OUT_DIR")
+            && k != "CARGO_HOME"
+            && k != "CARGO_TARGET_DIR"
+        {
+            cmd.env_remove(k);
+        }
     }
     let output = cmd.output().map_err(|source| Error::Spawn {
         program: script.display().to_string(),

@@ -12,23 +12,28 @@ use std::process::Command;
 
 use anyhow::{Context, Result, ensure};
 
-use crate::util::{World, converter, converter_job};
+use crate::util::{Source, World, converter, converter_job};
 
-/// CPU seconds of `ckpt-convert ARGS…` on the host (children's rusage).
+/// CPU seconds (user + system) of `ckpt-convert ARGS…` on the host, from
+/// `wait4` on that child alone: other tests' children do not count.
 fn cpu_seconds(args: &[String]) -> Result<f64> {
-    let mut before: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: getrusage writes into the struct we own.
-    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut before) };
-    let out = Command::new(converter()).args(args).output()?;
+    let child = Command::new(converter())
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: wait4 writes into the two values we own; the child is ours and
+    // not waited for elsewhere (std's Child does not reap on drop).
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    ensure!(waited == pid, "wait4: {}", std::io::Error::last_os_error());
     ensure!(
-        out.status.success(),
-        "measuring run failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the measuring run failed (wait status {status}); its stderr is above"
     );
-    let mut after: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut after) };
     let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    Ok(secs(after.ru_utime) - secs(before.ru_utime) + secs(after.ru_stime) - secs(before.ru_stime))
+    Ok(secs(usage.ru_utime) + secs(usage.ru_stime))
 }
 
 /// The deadline for a conversion of the world's demo source under a 10m CPU
@@ -46,7 +51,7 @@ pub fn deadline_for(w: &World) -> Result<i64> {
     let deadline = (throttled / 3.0).floor().min(20.0) as i64;
     ensure!(
         deadline >= 2,
-        "the demo conversion needs only {cpu:.3} s of CPU ({throttled:.1} s at 10m): too little to outlast any deadline safely"
+        "the conversion needs only {cpu:.3} s of CPU ({throttled:.1} s at 10m): too little to outlast any deadline safely"
     );
     eprintln!("conversion CPU {cpu:.3} s, {throttled:.0} s at 10m; deadline {deadline} s");
     Ok(deadline)
@@ -54,7 +59,7 @@ pub fn deadline_for(w: &World) -> Result<i64> {
 
 #[tokio::test]
 async fn active_deadline_kills_a_slow_conversion_pod() -> Result<()> {
-    let w = World::new("deadline-job").await?;
+    let w = World::with_source("deadline-job", Source::Medium).await?;
     let deadline = deadline_for(&w)?;
     let mut job = converter_job(
         "slow",

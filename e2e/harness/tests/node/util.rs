@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
 
+use ckpt_convert::synthetic::{self, ModelShape};
 use ckpt_testcluster::images::{Images, built_images, target_dir};
 use ckpt_testcluster::{ControlPlane, IMAGE_USER, RealNode, chown_tree};
 
@@ -30,8 +31,21 @@ pub struct World {
     pub dir: tempfile::TempDir,
 }
 
+/// The source checkpoint a world's claim holds at `source/hf`.
+pub enum Source {
+    /// `ckpt-convert demo`'s tiny Llama (hidden 64): converts in a blink.
+    Demo,
+    /// A synthetic Llama of about 21 M parameters (42 MB): enough CPU work to
+    /// outlast a deadline under a small CPU limit.
+    Medium,
+}
+
 impl World {
     pub async fn new(prefix: &str) -> Result<World> {
+        World::with_source(prefix, Source::Demo).await
+    }
+
+    pub async fn with_source(prefix: &str, source: Source) -> Result<World> {
         let t0 = Instant::now();
         let node = RealNode::shared().await?;
         let cp = ControlPlane::shared_for_real_node().await?;
@@ -39,7 +53,22 @@ impl World {
         let client = cp.client();
         let ns = cp.new_namespace(prefix).await?;
         let dir = tempfile::Builder::new().prefix("ckpt-claim-").tempdir()?;
-        demo_checkpoint(&dir.path().join("source/hf"))?;
+        match source {
+            Source::Demo => demo_checkpoint(&dir.path().join("source/hf"))?,
+            Source::Medium => {
+                let shape = ModelShape {
+                    layers: 4,
+                    hidden: 512,
+                    intermediate: 1536,
+                    heads: 8,
+                    kv_heads: 4,
+                    head_dim: 64,
+                    vocab: 8192,
+                    ..ModelShape::tiny_llama()
+                };
+                synthetic::write_hf(&dir.path().join("source/hf"), &shape, 7, 1 << 30)?;
+            }
+        }
         std::fs::create_dir_all(dir.path().join("target"))?;
         // Only the mount may stop the converter from writing the source.
         chown_tree(dir.path(), IMAGE_USER)?;
