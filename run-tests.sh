@@ -122,9 +122,9 @@ images() {
 }
 
 step "rust: fmt and clippy" rust_checks
-step "debian: node, image and musl packages" debian_packages
-step "control plane and node: etcd, kube-*, kubelet, helm" control_plane
-step "images: converter and operator (images/build.sh)" images
+step "debian: node and image packages" debian_packages
+step "kubernetes: control plane and kubelet" control_plane
+step "images: converter and operator" images
 step "rust: build, unit, integration and control-plane tests" rust_tests
 step "demo" demo
 step "python: reference stack" python_env
