@@ -47,7 +47,7 @@ if [[ ${CKPT_IMAGES_NO_CARGO:-0} != 1 ]]; then
     die "the Rust target $triple is missing: rustup target add $triple"
   command -v "$arch-linux-musl-gcc" >/dev/null ||
     die "$arch-linux-musl-gcc is missing (Debian: apt-get install musl-tools)"
-  # The same build as run-tests.sh's static_binaries step and the Dockerfiles;
+  # The same build as the Dockerfiles (run-tests.sh's images step runs this script);
   # the workspace, cargo home and rustup paths are remapped so that the
   # binaries do not depend on where the checkout lives.
   RUSTFLAGS="${RUSTFLAGS:-} --remap-path-prefix=$repo=/src --remap-path-prefix=${CARGO_HOME:-$HOME/.cargo}=/cargo --remap-path-prefix=${RUSTUP_HOME:-$HOME/.rustup}=/rustup" \

@@ -167,7 +167,8 @@ fn skopeo_accepts_the_images_and_they_hold_only_the_binary() -> Result<()> {
 }
 
 /// The binaries in the images name no directory of the machine that built
-/// them (the workspace, cargo's or rustup's home).
+/// them (the workspace, the target dir, cargo's or rustup's home), so the
+/// same commit built elsewhere gives the same bytes.
 #[test]
 fn binaries_carry_no_build_paths() -> Result<()> {
     let images = built_images()?;
@@ -175,6 +176,7 @@ fn binaries_carry_no_build_paths() -> Result<()> {
     let workspace = ckpt_testcluster::workspace_root();
     let needles = [
         workspace.display().to_string(),
+        target_dir().display().to_string(),
         format!("{home}/.cargo"),
         format!("{home}/.rustup"),
     ];
