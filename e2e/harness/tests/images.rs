@@ -157,6 +157,30 @@ fn skopeo_accepts_the_images_and_they_hold_only_the_binary() -> Result<()> {
         assert_eq!(f[1], "0/0", "{listing}");
         assert_eq!(f.last().copied(), Some(binary), "{listing}");
     }
+    // The README's way into `docker load`: a docker-archive with the image's name.
+    let dir = tempfile::tempdir()?;
+    let docker = dir.path().join("ckpt-convert.docker.tar");
+    ok(
+        "skopeo",
+        &[
+            "copy",
+            &format!("oci-archive:{}", converter.archive.display()),
+            &format!(
+                "docker-archive:{}:{}",
+                docker.display(),
+                converter.reference
+            ),
+        ],
+    )?;
+    let manifest: Value = serde_json::from_str(&ok(
+        "tar",
+        &["-xOf", &docker.display().to_string(), "manifest.json"],
+    )?)?;
+    assert_eq!(
+        manifest[0]["RepoTags"],
+        serde_json::json!([converter.reference]),
+        "{manifest:#}"
+    );
     // The operator serves metrics on 8080.
     let config = inspect(&operator, &["--config"])?;
     assert!(
