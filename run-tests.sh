@@ -45,7 +45,7 @@ rust_checks() {
 }
 
 control_plane() {
-  # Built once from the pinned Go modules (about 14 minutes on 2 cores), then cached.
+  # Built once from the pinned Go modules (about 12 minutes on 2 cores), then cached.
   local out
   out=$(e2e/k8s/build.sh)
   CKPT_K8S_BIN=$(printf '%s\n' "$out" | tail -n 1)
