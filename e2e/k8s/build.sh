@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Build kube-apiserver, kube-controller-manager, kubectl, kube-scheduler, kubelet,
-# etcd and helm from the
-# pinned Go modules in e2e/k8s/{kubernetes,etcd,helm} and cache them outside the
-# work tree. Prints the bin directory as the LAST line of stdout:
+# etcd and helm from the pinned Go modules in e2e/k8s/{kubernetes,etcd,helm} and
+# cache them outside the work tree. Prints the bin directory as the LAST line of stdout:
 #
 #   BIN=$(e2e/k8s/build.sh | tail -1)
 #
