@@ -183,6 +183,15 @@ pub(crate) const KEPT_FILE: &str = "KEPT";
 /// of earlier test processes that died without cleaning up (an abort or
 /// SIGKILL runs no `Drop`; an etcd data dir alone holds a 64 MB WAL).
 pub(crate) fn owned_tempdir(prefix: &str) -> Result<tempfile::TempDir> {
+    owned_tempdir_with(prefix, |_| {})
+}
+
+/// [`owned_tempdir`], calling `cleanup` on each stale dir before removing it
+/// (a node's dir needs its containers killed and its mounts removed first).
+pub(crate) fn owned_tempdir_with(
+    prefix: &str,
+    cleanup: impl Fn(&Path),
+) -> Result<tempfile::TempDir> {
     let tmp = std::env::temp_dir();
     if let Ok(entries) = std::fs::read_dir(&tmp) {
         for e in entries.flatten() {
@@ -194,6 +203,7 @@ pub(crate) fn owned_tempdir(prefix: &str) -> Result<tempfile::TempDir> {
                     .and_then(|pid| pid.trim().parse::<u32>().ok())
                     .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
             if stale {
+                cleanup(&path);
                 let _ = std::fs::remove_dir_all(&path);
             }
         }
