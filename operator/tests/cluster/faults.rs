@@ -81,7 +81,7 @@ async fn an_operator_killed_between_job_and_status_leaves_one_job() {
         Some("killed-1")
     );
     assert_eq!(cr.status.unwrap().job_name.as_deref(), Some("sft-to-hf-g1"));
-    assert_eq!(env.runs().len(), 1);
+    assert_eq!(env.pods_run().await, 1);
     second.stop();
 }
 

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use ckpt_operator::api::CheckpointConversion;
 use ckpt_testcluster::{
-    ControlPlane, ControlPlaneOptions, NodeStandIn, StandInConfig, converter_binary,
+    ControlPlane, ControlPlaneOptions, IMAGE_USER, NodeKind, NodeStandIn, RealNode, StandInConfig,
+    chown_tree, converter_binary,
 };
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -50,10 +51,17 @@ pub fn root() -> PathBuf {
         .expect("repository root")
 }
 
+/// The shared control plane; with `CKPT_TEST_NODE=real`, ready for the shared real
+/// node (see [`Env::start_node`]).
 pub async fn cp() -> &'static ControlPlane {
     ControlPlane::shared_with(ControlPlaneOptions::cluster_like)
         .await
         .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Which node this test process runs pods on (`CKPT_TEST_NODE`).
+pub fn node_kind() -> NodeKind {
+    NodeKind::from_env().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Waits for something observable, failing with `what` and `state()` once
@@ -246,11 +254,14 @@ pub fn finished(cr: &CheckpointConversion) -> bool {
 }
 
 /// A test's namespace with its own release of the chart, its claims (local
-/// directories) and, once started, a node stand-in.
+/// directories) and, once started, a node: the stand-in, or with
+/// `CKPT_TEST_NODE=real` the shared real node.
 pub struct Env {
     pub ns: String,
     pub dir: tempfile::TempDir,
     pub standin: Option<NodeStandIn>,
+    /// On the real node: the claims are bound to hostPath volumes.
+    bound: bool,
 }
 
 impl Env {
@@ -290,6 +301,7 @@ impl Env {
             ns,
             dir,
             standin: None,
+            bound: false,
         };
         env.create_claims(&env.ns, &["lustre-shared", "models"])
             .await;
@@ -327,12 +339,22 @@ impl Env {
             .pvc("models", self.claim("models"))
     }
 
+    /// Starts the node that runs this namespace's pods: the stand-in, or with
+    /// `CKPT_TEST_NODE=real` the shared real node, running the chart's converter
+    /// image with the claims bound to hostPath volumes.
     pub async fn start_node(&mut self) {
+        if node_kind() == NodeKind::Real {
+            self.bind_claims_to_real_node().await;
+            return;
+        }
         let cfg = self.node_config();
         self.start_node_with(cfg).await;
     }
 
+    /// Starts a stand-in configured by `cfg`: for what only the stand-in can do (a
+    /// claim whose storage is read-only, say).
     pub async fn start_node_with(&mut self, cfg: StandInConfig) {
+        self.needs_standin("configures the node stand-in");
         self.standin = Some(
             NodeStandIn::start(cp().await.client(), cfg)
                 .await
@@ -340,15 +362,77 @@ impl Env {
         );
     }
 
+    /// Fails a test that only the stand-in can run when `CKPT_TEST_NODE=real`:
+    /// `what` says why.
+    pub fn needs_standin(&self, what: &str) {
+        assert!(
+            node_kind() == NodeKind::StandIn,
+            "this test {what}, which needs the node stand-in: run it without CKPT_TEST_NODE=real"
+        );
+    }
+
+    async fn bind_claims_to_real_node(&mut self) {
+        let node = RealNode::shared().await.unwrap_or_else(|e| panic!("{e}"));
+        let client = cp().await.client();
+        // The kubelet creates a missing subPath directory as root and hostPath
+        // volumes ignore fsGroup: the targets' parent must exist and belong to the
+        // converter's user, as on such a volume in production.
+        std::fs::create_dir_all(self.claim("lustre-shared").join("output/convert")).unwrap();
+        for claim in ["lustre-shared", "models"] {
+            chown_tree(&self.claim(claim), IMAGE_USER).expect("chown");
+            if !self.bound {
+                node.bind_claim(&client, &self.ns, claim, &self.claim(claim))
+                    .await
+                    .unwrap_or_else(|e| panic!("binding claim {claim}: {e}"));
+            }
+        }
+        self.bound = true;
+    }
+
+    /// What the stand-in ran (only the stand-in records argv and output).
     pub fn runs(&self) -> Vec<ckpt_testcluster::Run> {
+        self.needs_standin("reads what the node stand-in ran");
         self.standin.as_ref().map(|s| s.runs()).unwrap_or_default()
     }
 
-    /// An example, moved into this test's namespace.
-    pub fn example(&self, file: &str) -> String {
-        std::fs::read_to_string(root().join("examples").join(file))
+    /// How many pods ran: the stand-in's runs, or on the real node the pods of the
+    /// namespace that started a container.
+    pub async fn pods_run(&self) -> usize {
+        if let Some(s) = &self.standin {
+            return s.runs().len();
+        }
+        let api: Api<Pod> = Api::namespaced(cp().await.client(), &self.ns);
+        api.list(&ListParams::default())
+            .await
             .unwrap()
-            .replace("namespace: training", &format!("namespace: {}", self.ns))
+            .items
+            .iter()
+            .filter(|p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.container_statuses.as_ref())
+                    .is_some_and(|cs| {
+                        cs.iter().any(|c| {
+                            c.state
+                                .as_ref()
+                                .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+                        })
+                    })
+            })
+            .count()
+    }
+
+    /// An example, moved into this test's namespace. On the real node its 8-CPU
+    /// request becomes 1: the node has 2, and the scheduler means it.
+    pub fn example(&self, file: &str) -> String {
+        let text = std::fs::read_to_string(root().join("examples").join(file))
+            .unwrap()
+            .replace("namespace: training", &format!("namespace: {}", self.ns));
+        if node_kind() == NodeKind::Real {
+            text.replace("cpu: \"8\"", "cpu: \"1\"")
+        } else {
+            text
+        }
     }
 
     /// `kubectl apply` of an example, moved into this test's namespace.
@@ -403,7 +487,7 @@ impl Env {
             if done(&cr) {
                 return cr;
             }
-            let runs = self.runs();
+            let runs = self.standin.as_ref().map(|s| s.runs());
             waiting
                 .tick(|| {
                     format!(
@@ -897,8 +981,10 @@ pub async fn nth_pod(env: &Env, job: &str, n: usize) -> Pod {
     }
 }
 
-/// Writes pod status as the scheduler or kubelet would.
+/// Writes pod status as the scheduler or kubelet would: only where no node runs
+/// the pods (the stand-in is not started, and no real node exists).
 pub async fn set_pod_status(env: &Env, pod: &Pod, status: Value) {
+    env.needs_standin("writes pod status as a scheduler and kubelet would");
     let pods: Api<Pod> = Api::namespaced(cp().await.client(), &env.ns);
     pods.patch_status(
         pod.metadata.name.as_deref().unwrap(),
