@@ -20,6 +20,7 @@ mod fixtures;
 pub mod http;
 pub mod job;
 pub mod metrics;
+pub mod pace;
 pub mod reason;
 pub mod step;
 pub mod summary;

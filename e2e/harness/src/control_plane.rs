@@ -176,6 +176,8 @@ pub struct ControlPlane {
     stop_grace: Duration,
     names: AtomicU64,
     real_node: bool,
+    etcd_port: u16,
+    startup_timeout: Duration,
 }
 
 /// What `start` builds up; stopped (and the dir kept for its logs) if starting fails.
@@ -518,8 +520,12 @@ impl ControlPlane {
             let mut kcm_args = vec![
                 format!("--kubeconfig={}", s(&kubeconfig)),
                 format!("--controllers={}", controllers.join(",")),
-                // Leader election on: the lease is how we know it is up.
+                // Leader election on: the lease is how we know it is up. Renewals
+                // may fail for 45 s (an apiserver restart, a brief etcd outage in
+                // the fault tests) before it gives up leading and exits.
                 "--leader-elect=true".to_string(),
+                "--leader-elect-lease-duration=60s".to_string(),
+                "--leader-elect-renew-deadline=45s".to_string(),
                 "--use-service-account-credentials=false".to_string(),
                 "--secure-port=0".to_string(),
             ];
@@ -545,6 +551,8 @@ impl ControlPlane {
                 format!("--secure-port={scheduler_port}"),
                 // As for kube-controller-manager: the lease says it is up.
                 "--leader-elect=true".to_string(),
+                "--leader-elect-lease-duration=60s".to_string(),
+                "--leader-elect-renew-deadline=45s".to_string(),
             ];
             boot.processes.push(ManagedProcess::spawn(
                 "kube-scheduler",
@@ -570,6 +578,8 @@ impl ControlPlane {
             stop_grace: opts.stop_grace,
             names: AtomicU64::new(0),
             real_node: opts.real_node,
+            etcd_port,
+            startup_timeout: opts.startup_timeout,
         })
     }
 
@@ -683,6 +693,70 @@ impl ControlPlane {
             .iter()
             .map(|p| (p.name.clone(), p.pid()))
             .collect()
+    }
+
+    /// Stops `component` (`etcd`, `kube-apiserver`, …) as a crash or an outage
+    /// would, leaving the others running: SIGTERM, then SIGKILL after
+    /// [`ControlPlaneOptions::stop_grace`]. [`ControlPlane::start_component`]
+    /// brings it back.
+    ///
+    /// # Errors
+    /// When no such component runs here.
+    pub fn stop_component(&self, component: &str) -> Result<()> {
+        let mut processes = self.processes.lock().unwrap_or_else(|p| p.into_inner());
+        let p = processes
+            .iter_mut()
+            .find(|p| p.name == component)
+            .ok_or_else(|| unknown_component(component))?;
+        p.stop(self.stop_grace);
+        Ok(())
+    }
+
+    /// Starts a component stopped by [`ControlPlane::stop_component`] again, with
+    /// its arguments (same ports, same etcd data), and waits until the control
+    /// plane serves: etcd healthy, then the apiserver's `/readyz` (which checks
+    /// etcd too).
+    ///
+    /// # Errors
+    /// When no such component runs here, it cannot be started, or the control
+    /// plane is not ready within [`ControlPlaneOptions::startup_timeout`].
+    pub async fn start_component(&self, component: &str) -> Result<()> {
+        {
+            let mut processes = self.processes.lock().unwrap_or_else(|p| p.into_inner());
+            processes
+                .iter_mut()
+                .find(|p| p.name == component)
+                .ok_or_else(|| unknown_component(component))?
+                .respawn()?;
+        }
+        let started = Instant::now();
+        let timeout = |what: &str, component: &str| Error::Timeout {
+            what: what.to_string(),
+            after: started.elapsed(),
+            log: self.dir.join(format!("{component}.log")),
+            tail: self.log_tail(component, 30),
+        };
+        while !etcd_healthy(self.etcd_port).await {
+            if started.elapsed() > self.startup_timeout {
+                return Err(timeout("etcd /health", "etcd"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let client = self.client();
+        loop {
+            let req = http::Request::get("/readyz")
+                .body(Vec::new())
+                .expect("a static request builds");
+            if let Ok(body) = client.request_text(req).await
+                && body.trim() == "ok"
+            {
+                return Ok(());
+            }
+            if started.elapsed() > self.startup_timeout {
+                return Err(timeout("kube-apiserver /readyz", "kube-apiserver"));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// The requests of `user` (`system:serviceaccount:NS:NAME`) that the apiserver
@@ -907,6 +981,13 @@ impl ControlPlane {
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+fn unknown_component(component: &str) -> Error {
+    Error::Spawn {
+        program: component.to_string(),
+        source: std::io::Error::other("no such component runs in this control plane"),
     }
 }
 

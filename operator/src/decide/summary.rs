@@ -209,6 +209,33 @@ fn start(mut b: Builder<'_>, inv: Invocation) -> Decision {
     b.done(Some(inv), Some(RUNNING_RECHECK))
 }
 
+/// `start` waiting for its Job creation slot (`--jobs-per-second`), which comes
+/// after `wait`: nothing is created yet, the status says so, and the resource is
+/// looked at again then.
+pub fn queued(cr: &CheckpointConversion, mut d: Decision, wait: Duration, now: &Time) -> Decision {
+    let job = d.status.job_name.clone().unwrap_or_default();
+    let reason = Reason::JobQueued;
+    conditions::set(
+        &mut d.status.conditions,
+        types::RUNNING,
+        false,
+        reason.as_str(),
+        format!(
+            "Job {job} waits for its turn: the operator creates a limited number of Jobs per second"
+        ),
+        cr.metadata.generation,
+        now,
+    );
+    d.status.phase = Some(phase::PENDING.into());
+    d.status.reason = Some(reason.as_str().into());
+    d.status.message =
+        conditions::get(&d.status.conditions, types::RUNNING).map(|c| short(&c.message));
+    d.events.retain(|e| e.reason != Reason::JobCreated.as_str());
+    d.create_job = None;
+    d.requeue = Some(wait);
+    d
+}
+
 /// Records the Job as the one this status describes.
 fn observe_job(b: &mut Builder<'_>, job: &JobView) {
     b.st.job_name = Some(job.name.clone());

@@ -28,4 +28,6 @@ mod conversions;
 mod faults;
 mod gitops;
 mod leader;
+mod load;
+mod params;
 mod pods;

@@ -176,19 +176,27 @@ pub async fn helm_local(args: &[&str]) -> Run {
     run(&bin_dir().join("helm"), args, "").await
 }
 
-/// helm against the control plane.
+/// helm against the shared control plane.
 pub async fn helm(args: &[&str]) -> Run {
-    let cp = cp().await;
+    helm_on(cp().await, args).await
+}
+
+/// helm against `cp`.
+pub async fn helm_on(cp: &ControlPlane, args: &[&str]) -> Run {
     let kubeconfig = format!("--kubeconfig={}", cp.kubeconfig_path().display());
     let mut all = vec![kubeconfig.as_str()];
     all.extend_from_slice(args);
     run(&cp.bin_dir().join("helm"), &all, "").await
 }
 
-/// kubectl as the cluster admin.
+/// kubectl as the cluster admin of the shared control plane.
 pub async fn kubectl(args: &[&str], stdin: &str) -> Run {
-    cp().await
-        .kubectl_with_stdin(args, stdin)
+    kubectl_on(cp().await, args, stdin).await
+}
+
+/// kubectl as the cluster admin of `cp`.
+pub async fn kubectl_on(cp: &ControlPlane, args: &[&str], stdin: &str) -> Run {
+    cp.kubectl_with_stdin(args, stdin)
         .await
         .unwrap_or_else(|e| panic!("kubectl: {e}"))
         .into()
@@ -202,9 +210,16 @@ pub fn chart_dir() -> String {
 /// default values) and established; every test's own release leaves the CRD to it.
 pub async fn crd_installed() {
     static DONE: OnceCell<()> = OnceCell::const_new();
-    DONE.get_or_init(|| async {
-        let chart = chart_dir();
-        helm(&[
+    DONE.get_or_init(|| async { install_crd(cp().await).await })
+        .await;
+}
+
+/// Installs the CRD release into `cp` and waits until the CRD is established.
+pub async fn install_crd(cp: &ControlPlane) {
+    let chart = chart_dir();
+    helm_on(
+        cp,
+        &[
             "install",
             CRD_RELEASE,
             &chart,
@@ -213,19 +228,46 @@ pub async fn crd_installed() {
             "--create-namespace",
             "--set",
             "replicaCount=0",
-        ])
-        .await
-        .expect_ok("helm install of the CRD release");
-        let crds: Api<CustomResourceDefinition> = Api::all(cp().await.client());
-        tokio::time::timeout(
-            deadline(),
-            await_condition(crds, CRD_NAME, conditions::is_crd_established()),
-        )
-        .await
-        .expect("the CRD is established")
-        .expect("watching the CRD");
-    })
-    .await;
+        ],
+    )
+    .await
+    .expect_ok("helm install of the CRD release");
+    let crds: Api<CustomResourceDefinition> = Api::all(cp.client());
+    tokio::time::timeout(
+        deadline(),
+        await_condition(crds, CRD_NAME, conditions::is_crd_established()),
+    )
+    .await
+    .expect("the CRD is established")
+    .expect("watching the CRD");
+}
+
+/// A control plane of one test's own, for faults that would disturb every other
+/// test (restarting the apiserver, stopping etcd): started like the shared one,
+/// with the CRD installed, and stopped when dropped.
+pub struct PrivateControlPlane(&'static ControlPlane);
+
+impl PrivateControlPlane {
+    pub async fn start() -> PrivateControlPlane {
+        let cp = ControlPlane::start(ControlPlaneOptions::cluster_like())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        // Leaked so that environments can borrow it like the shared one; its
+        // processes and files go when it is dropped.
+        let cp: &'static ControlPlane = Box::leak(Box::new(cp));
+        install_crd(cp).await;
+        PrivateControlPlane(cp)
+    }
+
+    pub fn get(&self) -> &'static ControlPlane {
+        self.0
+    }
+}
+
+impl Drop for PrivateControlPlane {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
 }
 
 /// A namespace with the fixtures on its claims, a node stand-in, and the operator
@@ -257,6 +299,8 @@ pub fn finished(cr: &CheckpointConversion) -> bool {
 /// directories) and, once started, a node: the stand-in, or with
 /// `CKPT_TEST_NODE=real` the shared real node.
 pub struct Env {
+    /// The control plane it lives in (the shared one, or a test's own).
+    pub cp: &'static ControlPlane,
     pub ns: String,
     pub dir: tempfile::TempDir,
     pub standin: Option<NodeStandIn>,
@@ -274,7 +318,11 @@ impl Env {
     /// Like [`Env::new`], with extra `--set` values for the release.
     pub async fn with_values(prefix: &str, sets: &[&str]) -> Env {
         crd_installed().await;
-        let cp = cp().await;
+        Env::on(cp().await, prefix, sets).await
+    }
+
+    /// Like [`Env::with_values`], in `cp` (whose CRD is installed).
+    pub async fn on(cp: &'static ControlPlane, prefix: &str, sets: &[&str]) -> Env {
         let ns = cp.new_namespace(prefix).await.expect("namespace");
         let chart = chart_dir();
         let mut args = vec![
@@ -293,11 +341,12 @@ impl Env {
         for s in &sets {
             args.extend(["--set", s.as_str()]);
         }
-        helm(&args)
+        helm_on(cp, &args)
             .await
             .expect_ok("helm install into the test namespace");
         let dir = tempfile::tempdir().unwrap();
         let env = Env {
+            cp,
             ns,
             dir,
             standin: None,
@@ -316,7 +365,7 @@ impl Env {
             let pvc = format!(
                 r#"{{"apiVersion":"v1","kind":"PersistentVolumeClaim","metadata":{{"name":"{claim}","namespace":"{ns}"}},"spec":{{"accessModes":["ReadWriteMany"],"resources":{{"requests":{{"storage":"1Gi"}}}}}}}}"#
             );
-            kubectl(&["apply", "-f", "-"], &pvc)
+            self.kubectl(&["apply", "-f", "-"], &pvc)
                 .await
                 .expect_ok("creating a claim");
         }
@@ -324,6 +373,11 @@ impl Env {
 
     pub fn claim(&self, claim: &str) -> PathBuf {
         self.dir.path().join(claim)
+    }
+
+    /// kubectl as the admin of this environment's control plane.
+    pub async fn kubectl(&self, args: &[&str], stdin: &str) -> Run {
+        kubectl_on(self.cp, args, stdin).await
     }
 
     /// The stand-in for this namespace, mapping the two claims.
@@ -356,7 +410,7 @@ impl Env {
     pub async fn start_node_with(&mut self, cfg: StandInConfig) {
         self.needs_standin("configures the node stand-in");
         self.standin = Some(
-            NodeStandIn::start(cp().await.client(), cfg)
+            NodeStandIn::start(self.cp.client(), cfg)
                 .await
                 .expect("node stand-in"),
         );
@@ -373,7 +427,7 @@ impl Env {
 
     async fn bind_claims_to_real_node(&mut self) {
         let node = RealNode::shared().await.unwrap_or_else(|e| panic!("{e}"));
-        let client = cp().await.client();
+        let client = self.cp.client();
         // The kubelet creates a missing subPath directory as root and hostPath
         // volumes ignore fsGroup: the targets' parent must exist and belong to the
         // converter's user, as on such a volume in production.
@@ -401,7 +455,7 @@ impl Env {
         if let Some(s) = &self.standin {
             return s.runs().len();
         }
-        let api: Api<Pod> = Api::namespaced(cp().await.client(), &self.ns);
+        let api: Api<Pod> = Api::namespaced(self.cp.client(), &self.ns);
         api.list(&ListParams::default())
             .await
             .unwrap()
@@ -437,7 +491,8 @@ impl Env {
 
     /// `kubectl apply` of an example, moved into this test's namespace.
     pub async fn apply_example(&self, file: &str) -> Run {
-        kubectl(&["apply", "-f", "-"], &self.example(file)).await
+        self.kubectl(&["apply", "-f", "-"], &self.example(file))
+            .await
     }
 
     /// Applies an example, which must be accepted by the apiserver.
@@ -448,7 +503,7 @@ impl Env {
     /// Server-side apply of `yaml` as field manager `manager`, as GitOps tools do.
     pub async fn apply_server_side(&self, yaml: &str, manager: &str) -> Run {
         let manager = format!("--field-manager={manager}");
-        kubectl(
+        self.kubectl(
             &[
                 "apply",
                 "--server-side",
@@ -463,7 +518,7 @@ impl Env {
     }
 
     pub async fn api(&self) -> Api<CheckpointConversion> {
-        Api::namespaced(cp().await.client(), &self.ns)
+        Api::namespaced(self.cp.client(), &self.ns)
     }
 
     pub async fn get(&self, name: &str) -> CheckpointConversion {
@@ -519,13 +574,13 @@ impl Env {
     }
 
     pub async fn jobs(&self) -> Vec<Job> {
-        let api: Api<Job> = Api::namespaced(cp().await.client(), &self.ns);
+        let api: Api<Job> = Api::namespaced(self.cp.client(), &self.ns);
         api.list(&ListParams::default()).await.unwrap().items
     }
 
     /// The events about resource `name` (events.k8s.io), oldest first.
     pub async fn events_of(&self, name: &str) -> Vec<Event> {
-        let api: Api<Event> = Api::namespaced(cp().await.client(), &self.ns);
+        let api: Api<Event> = Api::namespaced(self.cp.client(), &self.ns);
         let mut list: Vec<Event> = api
             .list(&ListParams::default())
             .await
@@ -544,7 +599,7 @@ impl Env {
 
     /// The holder of this release's leader Lease.
     pub async fn lease_holder(&self) -> Option<String> {
-        let api: Api<Lease> = Api::namespaced(cp().await.client(), &self.ns);
+        let api: Api<Lease> = Api::namespaced(self.cp.client(), &self.ns);
         api.get_opt(RELEASE)
             .await
             .unwrap()
@@ -631,13 +686,14 @@ impl Operator {
 
     /// Like [`Operator::start`], with `extra` arguments appended.
     pub async fn start_with(env: &Env, identity: &str, extra: &[&str]) -> Operator {
-        let cp = cp().await;
-        let out = kubectl(
-            &["get", "deployment", RELEASE, "-n", &env.ns, "-o", "json"],
-            "",
-        )
-        .await
-        .expect_ok("reading the release's Deployment");
+        let cp = env.cp;
+        let out = env
+            .kubectl(
+                &["get", "deployment", RELEASE, "-n", &env.ns, "-o", "json"],
+                "",
+            )
+            .await
+            .expect_ok("reading the release's Deployment");
         let deployment: Value = serde_json::from_str(&out).expect("deployment JSON");
         let pod = &deployment["spec"]["template"]["spec"];
         let account = pod["serviceAccountName"]
@@ -663,6 +719,11 @@ impl Operator {
             // Human-readable logs in the test's log file.
             .filter(|a| a != "--log-json")
             .chain(TEST_LEASE_ARGS.iter().map(|a| (*a).to_owned()))
+            // A flag in `extra` replaces the Deployment's.
+            .filter(|a| {
+                let flag = a.split('=').next().unwrap_or(a);
+                !extra.iter().any(|e| e.split('=').next() == Some(flag))
+            })
             .chain(extra.iter().map(|a| (*a).to_owned()))
             .collect();
         let kubeconfig = cp
@@ -689,6 +750,11 @@ impl Operator {
             cp,
             expected_denials: Vec::new(),
         }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The log, for failure messages only: nothing is decided by reading it.
@@ -780,7 +846,12 @@ pub fn convert(args: &[String]) {
 /// The models claim holds `hf/Llama-3.2-3B` (a small synthetic Llama); the shared
 /// claim holds the SFT output `output/sft/megatron_bridge/iter_0000100`.
 pub fn fixtures(env: &Env) {
-    let scratch = env.dir.path().join("scratch");
+    fixtures_in(env.dir.path());
+}
+
+/// [`fixtures`] in claim directories under `dir` (`dir/models`, `dir/lustre-shared`).
+pub fn fixtures_in(dir: &Path) {
+    let scratch = dir.join("scratch");
     let out = Command::new(converter_binary().unwrap_or_else(|e| panic!("{e}")))
         .arg("demo")
         .arg("--dir")
@@ -792,12 +863,10 @@ pub fn fixtures(env: &Env) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let base = env.claim("models").join("hf/Llama-3.2-3B");
+    let base = dir.join("models/hf/Llama-3.2-3B");
     std::fs::create_dir_all(base.parent().unwrap()).unwrap();
     std::fs::rename(scratch.join("hf-source"), &base).unwrap();
-    let sft = env
-        .claim("lustre-shared")
-        .join("output/sft/megatron_bridge/iter_0000100");
+    let sft = dir.join("lustre-shared/output/sft/megatron_bridge/iter_0000100");
     convert(&[
         "run".into(),
         "convert/hf_to_megatron".into(),
@@ -872,16 +941,20 @@ fn write_tensors(path: &Path, tensors: &[(String, Vec<usize>)]) {
 /// linear_fc2 at `output/sft-lora/iter_0000200`, with the Megatron base the example
 /// names at `output/convert/llama3b-megatron/iter_0000000`.
 pub fn lora_fixtures(env: &Env) {
-    lora_adapters(env);
-    let base = env.claim("models").join("hf/Llama-3.2-3B");
+    lora_fixtures_in(env.dir.path());
+}
+
+/// [`lora_fixtures`] in claim directories under `dir`.
+pub fn lora_fixtures_in(dir: &Path) {
+    lora_adapters_in(dir);
+    let base = dir.join("models/hf/Llama-3.2-3B");
     convert(&[
         "run".into(),
         "convert/hf_to_megatron".into(),
         format!("hf_model_id={}", base.display()),
         format!(
             "megatron_path={}",
-            env.claim("lustre-shared")
-                .join("output/convert/llama3b-megatron")
+            dir.join("lustre-shared/output/convert/llama3b-megatron")
                 .display()
         ),
     ]);
@@ -890,7 +963,11 @@ pub fn lora_fixtures(env: &Env) {
 /// The two adapters of [`lora_fixtures`], without the Megatron base (which
 /// examples/hf-to-megatron.yaml writes).
 pub fn lora_adapters(env: &Env) {
-    let lustre = env.claim("lustre-shared");
+    lora_adapters_in(env.dir.path());
+}
+
+fn lora_adapters_in(dir: &Path) {
+    let lustre = dir.join("lustre-shared");
     let peft = lustre.join("output/peft/adapter");
     std::fs::create_dir_all(&peft).unwrap();
     std::fs::write(
@@ -908,7 +985,7 @@ pub fn lora_adapters(env: &Env) {
     }
     write_tensors(&peft.join("adapter_model.safetensors"), &tensors);
 
-    let flat = env.dir.path().join("scratch/bridge-adapter");
+    let flat = dir.join("scratch/bridge-adapter");
     let k = "decoder.layers.";
     write_tensors(
         &flat.join("model.safetensors"),
@@ -965,7 +1042,7 @@ pub fn tensors_of(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
 
 /// The `n`th pod (0-based, by creation) of Job `job`, once it exists.
 pub async fn nth_pod(env: &Env, job: &str, n: usize) -> Pod {
-    let pods: Api<Pod> = Api::namespaced(cp().await.client(), &env.ns);
+    let pods: Api<Pod> = Api::namespaced(env.cp.client(), &env.ns);
     let waiting = Waiting::new(format!("pod {n} of Job {job}"));
     loop {
         let mut list = pods
@@ -985,7 +1062,7 @@ pub async fn nth_pod(env: &Env, job: &str, n: usize) -> Pod {
 /// the pods (the stand-in is not started, and no real node exists).
 pub async fn set_pod_status(env: &Env, pod: &Pod, status: Value) {
     env.needs_standin("writes pod status as a scheduler and kubelet would");
-    let pods: Api<Pod> = Api::namespaced(cp().await.client(), &env.ns);
+    let pods: Api<Pod> = Api::namespaced(env.cp.client(), &env.ns);
     pods.patch_status(
         pod.metadata.name.as_deref().unwrap(),
         &PatchParams::default(),
