@@ -4,13 +4,16 @@
 #   - Rust build products in $CARGO_TARGET_DIR (default ~/.cache/ckpt/target);
 #   - the pinned Python reference stack (torch, transformers, peft, megatron-core)
 #     in ~/.cache/ckpt/venv-<hash of e2e/requirements.txt>;
-#   - the Kubernetes control plane built from Go modules in ~/.cache/ckpt/k8s-bin/<hash>;
+#   - the Kubernetes control plane and the kubelet built from Go modules in
+#     ~/.cache/ckpt/k8s-bin/<hash>;
 #   - Megatron-Bridge 0.3.1 in ~/.cache/ckpt/bridge-venv-<hash of e2e/bridge/requirements.txt>
 #     and the references it writes in ~/.cache/ckpt/bridge-refs-<hash> (CKPT_BRIDGE_REFS);
 #   - Argo CD's Lua engine (gopher-lua) for the health check in ~/.cache/ckpt/argocd-lua/<hash>;
 #   - cargo-fuzz in ~/.cache/ckpt/cargo-fuzz-<version>, the fuzz targets' build and their
 #     growing working corpora (converter/fuzz/run.sh; CKPT_FUZZ_SECONDS per target,
 #     default 20: about 6 minutes warm for the 14 targets on 2 cores).
+#   - Debian packages for the test node (containerd, runc, CNI plugins) and the
+#     image checks (skopeo, umoci), installed with apt-get.
 # A missing prerequisite fails the run with a message; nothing is skipped.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -48,7 +51,7 @@ rust_checks() {
 }
 
 control_plane() {
-  # Built once from the pinned Go modules (about 11 minutes on 2 cores), then cached.
+  # Built once from the pinned Go modules (about 12 minutes on 2 cores), then cached.
   local out
   out=$(e2e/k8s/build.sh)
   CKPT_K8S_BIN=$(printf '%s\n' "$out" | tail -n 1)
@@ -129,22 +132,30 @@ demo() {
   "$CARGO_TARGET_DIR/release/ckpt-convert" demo --dir "$(mktemp -d)/demo" >/dev/null
 }
 
-static_binaries() {
-  # What converter/Dockerfile and operator/Dockerfile build, checked without Docker:
-  # both binaries as static musl executables that run.
-  local triple gcc
-  triple="$(uname -m)-unknown-linux-musl"
-  gcc="$(uname -m)-linux-musl-gcc"
-  rustup target list --installed | grep -qx "$triple" || rustup target add "$triple"
-  if ! command -v "$gcc" >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-      apt-get install -y -qq musl-tools >/dev/null || { apt-get update -qq && apt-get install -y -qq musl-tools >/dev/null; }
-    else
-      echo "error: $gcc is required (Debian: apt-get install musl-tools)" >&2
-      exit 1
-    fi
+debian_packages() {
+  # The real test node (containerd, runc, CNI plugins, iproute2), the image
+  # checks (skopeo, umoci) and the static builds (musl-tools) come from Debian.
+  local missing=() pkg
+  for pkg in musl-tools containerd runc containernetworking-plugins skopeo umoci iproute2; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get install -y -qq "${missing[@]}" >/dev/null ||
+      { apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null; }
+  else
+    echo "error: missing Debian packages: ${missing[*]} (apt-get install ${missing[*]})" >&2
+    exit 1
   fi
-  cargo build --release --locked --target "$triple" -p ckpt-convert -p ckpt-operator
+}
+
+images() {
+  # The converter and operator images (images/build.sh), from static musl
+  # binaries built as the Dockerfiles build them; checked to be static and to run.
+  local triple
+  triple="$(uname -m)-unknown-linux-musl"
+  rustup target list --installed | grep -qx "$triple" || rustup target add "$triple"
+  images/build.sh
   local bin
   for bin in ckpt-convert ckpt-operator; do
     local f="$CARGO_TARGET_DIR/$triple/release/$bin"
@@ -157,15 +168,16 @@ static_binaries() {
 }
 
 step "rust: fmt and clippy" rust_checks
-step "control plane: etcd, kube-apiserver, kube-controller-manager, helm; Argo CD's Lua" control_plane
+step "debian: node and image packages" debian_packages
+step "kubernetes: control plane and kubelet; Argo CD's Lua" control_plane
 step "python: reference stack" python_env
 step "python: Megatron-Bridge reference stack" bridge_env
 # The Rust tests compare with these too, so they come first.
 step "bridge: Megatron-Bridge 0.3.1 references" bridge_refs
+step "images: converter and operator" images
 step "rust: build, unit, integration and control-plane tests" rust_tests
 step "fuzz: every parser for ${CKPT_FUZZ_SECONDS:-20} s each" fuzz
 step "demo" demo
-step "images: static musl binaries (as the Dockerfiles build them)" static_binaries
 step "interop: torch DCP, megatron-core, transformers" interop_tests
 
 echo

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Build kube-apiserver, kube-controller-manager, kubectl, etcd and helm from the
-# pinned Go modules in e2e/k8s/{kubernetes,etcd,helm} and cache them outside the
-# work tree. Prints the bin directory as the LAST line of stdout:
+# Build kube-apiserver, kube-controller-manager, kubectl, kube-scheduler, kubelet,
+# etcd and helm from the pinned Go modules in e2e/k8s/{kubernetes,etcd,helm} and
+# cache them outside the work tree. Prints the bin directory as the LAST line of stdout:
 #
 #   BIN=$(e2e/k8s/build.sh | tail -1)
 #
 # Cache: ${CKPT_CACHE:-$HOME/.cache/ckpt}/k8s-bin/<key>/, where <key> hashes the
 # go.mod/go.sum files, this script and the Go version; an unchanged checkout
-# reuses it, a version bump rebuilds. The directory only appears once all five
+# reuses it, a version bump rebuilds. The directory only appears once all seven
 # binaries are built (temp dir + rename), so an interrupted build never looks done.
 # Needs only Go (>= the go directive in the go.mod files) and the Go module proxy.
 set -euo pipefail
@@ -36,7 +36,7 @@ key_input() {
 hash=$(key_input | sha256sum | cut -c1-16)
 key=k8s-${k8s_version}-etcd-${etcd_version}-helm-${helm_version}-${hash}
 bin=$cache_root/$key
-binaries=(kube-apiserver kube-controller-manager kubectl etcd helm)
+binaries=(kube-apiserver kube-controller-manager kubectl kube-scheduler kubelet etcd helm)
 
 complete() {
   local b
@@ -74,9 +74,10 @@ k8s_ldflags="-s -w"
 for pkg in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
   k8s_ldflags+=" -X $pkg.gitVersion=$k8s_version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
 done
-log "building kube-apiserver, kube-controller-manager, kubectl $k8s_version"
+log "building kube-apiserver, kube-controller-manager, kubectl, kube-scheduler, kubelet $k8s_version"
 (cd "$here/kubernetes" && gobuild -tags=selinux,notest,grpcnotrace -ldflags="all=$k8s_ldflags" -o "$tmp/" \
-  k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl)
+  k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl \
+  k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubelet)
 
 # etcd's version string is a constant in go.etcd.io/etcd/api/v3/version.
 log "kubernetes binaries done at +$(( $(date +%s) - start ))s"

@@ -11,11 +11,11 @@
 //!
 //! # What defines the output
 //!
-//! `source`, `target`, `baseModel`, `lora`, `parallelism`, `dtype` and `validation`
-//! define the output. They are fixed at creation: the CEL rules below refuse a change,
-//! and refuse adding or removing an optional one (a rule at the parent compares
-//! `has(self.x)` with `has(oldSelf.x)`, because a rule on the field itself only runs
-//! when an old value exists).
+//! `source`, `target`, `baseModel`, `lora`, `parallelism`, `dtype`, `validation` and
+//! `parameters` define the output. They are fixed at creation: the CEL rules below
+//! refuse a change, and refuse adding or removing an optional one (a rule at the
+//! parent compares `has(self.x)` with `has(oldSelf.x)`, because a rule on the field
+//! itself only runs when an old value exists).
 //!
 //! Everything else does not define the output and never decides whether a conversion
 //! runs: `job` (how the Job runs) applies to the next Job the resource starts, and
@@ -35,29 +35,8 @@ use serde::{Deserialize, Serialize};
 const PVC_PATH_PATTERN: &str =
     r"^[A-Za-z0-9_@+=-][A-Za-z0-9._@+=-]*(/[A-Za-z0-9_@+=-][A-Za-z0-9._@+=-]*)*$";
 
-/// The kind of a checkpoint artifact.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum ArtifactKind {
-    /// A Hugging Face safetensors directory.
-    CheckpointHf,
-    /// A Megatron-Core `torch_dist` checkpoint (an `iter_*` directory as source; a
-    /// run directory or `iter_*` path as target).
-    CheckpointMegatron,
-    /// A LoRA adapter (PEFT directory or Megatron-Bridge adapter checkpoint).
-    CheckpointLora,
-}
-
-impl ArtifactKind {
-    /// The vocabulary name (`checkpoint_hf`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ArtifactKind::CheckpointHf => "checkpoint_hf",
-            ArtifactKind::CheckpointMegatron => "checkpoint_megatron",
-            ArtifactKind::CheckpointLora => "checkpoint_lora",
-        }
-    }
-}
+/// The kind of a checkpoint artifact: the vocabulary the converter speaks.
+pub use ckpt_wire::ArtifactKind;
 
 /// A checkpoint on a PVC.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
@@ -198,6 +177,11 @@ impl Dtype {
     }
 }
 
+/// The value of a step parameter, as typed after `key=` on the command line.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(transparent)]
+pub struct Parameter(#[schemars(length(min = 1, max = 256))] pub String);
+
 /// Validation after the conversion.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -306,6 +290,7 @@ pub struct JobOptions {
     validation = Rule::new("has(self.parallelism) == has(oldSelf.parallelism)").message("parallelism is immutable: it cannot be added or removed after creation"),
     validation = Rule::new("has(self.dtype) == has(oldSelf.dtype)").message("dtype is immutable: it cannot be added or removed after creation"),
     validation = Rule::new("has(self.validation) == has(oldSelf.validation)").message("validation is immutable: it cannot be added or removed after creation"),
+    validation = Rule::new("has(self.parameters) == has(oldSelf.parameters)").message("parameters is immutable: it cannot be added or removed after creation"),
     validation = Rule::new("!has(oldSelf.retry) || (has(self.retry) && self.retry >= oldSelf.retry)").message("retry may only be raised"),
 )]
 #[serde(rename_all = "camelCase")]
@@ -336,6 +321,14 @@ pub struct CheckpointConversionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self == oldSelf").message("validation is immutable"))]
     pub validation: Option<ValidationSpec>,
+    /// Further parameters of the step, by the names `ckpt-convert run STEP --help`
+    /// documents (`keep_fp32: "false"`, `make_vocab_size_divisible_by: "128"`). Those
+    /// that name paths, and those with a field above (dtype, parallelism, validation,
+    /// lora), are set there instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxProperties" = 32))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("parameters is immutable"))]
+    pub parameters: Option<BTreeMap<String, Parameter>>,
     /// Job settings (mutable; they apply to the next Job and never start one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<JobOptions>,

@@ -9,7 +9,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Event as CoreEvent, PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -20,6 +20,7 @@ use crate::claim;
 use crate::decide::{self, JobView, Observed, PodView};
 use crate::job::{self, JobDefaults};
 use crate::metrics::Metrics;
+use crate::pace::Pacer;
 use crate::reason::Reason;
 
 /// The field manager of everything the operator applies.
@@ -83,6 +84,11 @@ pub struct Context {
     pub recorder: Recorder,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Job creation slots (`--jobs-per-second`).
+    pub pacer: Pacer,
+    /// Reconciles allowed to run at once, across every watched namespace
+    /// (`--reconcile-concurrency`).
+    pub running: tokio::sync::Semaphore,
 }
 
 fn job_view(j: &Job) -> JobView {
@@ -285,11 +291,18 @@ fn now() -> Time {
 /// # Errors
 /// [`Error`] when an API call fails; the controller retries per [`error_policy`].
 pub async fn reconcile(cr: Arc<CheckpointConversion>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _permit = ctx
+        .running
+        .acquire()
+        .await
+        .expect("the reconcile semaphore is never closed");
+    let _running = ctx.metrics.running();
     let started = Instant::now();
     ctx.metrics.reconciles.inc();
     let ns = cr
         .namespace()
         .ok_or_else(|| Error::NoNamespace(cr.name_any()))?;
+    let key = format!("{ns}/{}", cr.name_any());
     let api: Api<CheckpointConversion> = Api::namespaced(ctx.client.clone(), &ns);
     // The watch cache can lag behind our own last status write; deciding on it would
     // repeat that write's events. The apiserver's copy is the truth.
@@ -299,15 +312,24 @@ pub async fn reconcile(cr: Arc<CheckpointConversion>, ctx: Arc<Context>) -> Resu
         .map_err(kube_err(format!("reading {ns}/{}", cr.name_any())))?
         .filter(|fresh| fresh.metadata.uid == cr.metadata.uid)
     else {
+        ctx.pacer.forget(&key);
         return Ok(Action::await_change());
     };
     if cr.metadata.deletion_timestamp.is_some() {
         // The Job and its pods go with the resource (owner references); the output
         // on the PVC stays.
+        ctx.pacer.forget(&key);
         return Ok(Action::await_change());
     }
     let obs = observe(&cr, &ctx, &ns).await?;
-    let decision = decide::decide(&cr, &obs, &now());
+    let now = now();
+    let mut decision = decide::decide(&cr, &obs, &now);
+    if decision.create_job.is_none() {
+        ctx.pacer.forget(&key);
+    } else if let Some(wait) = ctx.pacer.slot(&key) {
+        decision = decide::queued(&cr, decision, wait, &now);
+    }
+    ctx.metrics.jobs_waiting.set(ctx.pacer.waiting() as i64);
     let mut created = false;
     if let Some(inv) = &decision.create_job {
         let job = job::build(&cr, inv, &ctx.defaults);
@@ -317,7 +339,10 @@ pub async fn reconcile(cr: Arc<CheckpointConversion>, ctx: Arc<Context>) -> Resu
             ..PostParams::default()
         };
         match jobs.create(&params, &job).await {
-            Ok(_) => created = true,
+            Ok(_) => {
+                created = true;
+                ctx.metrics.jobs_created.inc();
+            }
             // Created by an earlier reconcile whose status write was lost: fine.
             Err(kube::Error::Api(s)) if s.code == 409 => {}
             Err(e) => return Err(kube_err(format!("creating Job {ns}/{}", job.name_any()))(e)),
@@ -403,6 +428,10 @@ pub struct RunSettings {
     pub defaults: JobDefaults,
     /// The reporting instance (pod name) for events.
     pub instance: Option<String>,
+    /// Reconciles that may run at once, across all watched namespaces (at least 1).
+    pub concurrency: u16,
+    /// At most this many Jobs created per second (`None`: no limit).
+    pub jobs_per_second: Option<f64>,
 }
 
 /// Runs the controller until `shutdown` resolves: one controller per watched
@@ -433,6 +462,8 @@ pub async fn run(
         client: client.clone(),
         defaults: settings.defaults,
         metrics,
+        pacer: Pacer::new(settings.jobs_per_second),
+        running: tokio::sync::Semaphore::new(usize::from(settings.concurrency.max(1))),
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -454,9 +485,15 @@ pub async fn run(
             );
         }
         let mut stop = stop_rx.clone();
-        loops.push(controller(&client, scope).graceful_shutdown_on(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        }));
+        loops.push(
+            controller(&client, scope)
+                // The queue holds one entry per resource at most (requests for one
+                // resource are merged); this bounds the reconciles started at once.
+                .with_config(ControllerConfig::default().concurrency(settings.concurrency.max(1)))
+                .graceful_shutdown_on(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                }),
+        );
     }
     futures::future::join_all(loops.into_iter().map(|c| {
         c.run(reconcile, error_policy, ctx.clone())
@@ -576,6 +613,8 @@ mod tests {
                 ..JobDefaults::default()
             },
             metrics: Arc::new(Metrics::default()),
+            pacer: Pacer::new(None),
+            running: tokio::sync::Semaphore::new(1),
         })
     }
 

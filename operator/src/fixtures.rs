@@ -38,6 +38,7 @@ pub fn sft_to_hf() -> CheckpointConversion {
             parallelism: None,
             dtype: None,
             validation: None,
+            parameters: None,
             job: None,
             retry: None,
         },

@@ -5,7 +5,9 @@
 //! functions tested without a server: [`step`] renders the converter invocation,
 //! [`job`] builds the Job, [`decide`] turns observations into status, events and
 //! the Job to create. The operator never opens a checkpoint: it knows the
-//! converter only through [`step`] and [`summary`].
+//! converter only through the vocabulary both share ([`ckpt_wire`]: steps, their
+//! parameter tables, artifact kinds, the termination summary), which [`step`]
+//! renders into Job arguments and [`summary`] reads into status.
 #![deny(missing_docs)]
 
 pub mod api;
@@ -18,6 +20,7 @@ mod fixtures;
 pub mod http;
 pub mod job;
 pub mod metrics;
+pub mod pace;
 pub mod reason;
 pub mod step;
 pub mod summary;

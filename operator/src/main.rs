@@ -45,6 +45,14 @@ struct Args {
     /// Default user id of converter pods.
     #[arg(long, default_value_t = 65532)]
     job_run_as_user: i64,
+    /// At most this many conversion Jobs created per second, across all watched
+    /// namespaces (0: no limit). Resources beyond it wait, `Pending` with reason
+    /// `JobQueued`, for their turn.
+    #[arg(long, default_value_t = 2.0)]
+    jobs_per_second: f64,
+    /// Reconciles that may run at once, across all watched namespaces.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    reconcile_concurrency: u16,
     /// Address of /metrics, /healthz, /readyz.
     #[arg(long, default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
@@ -95,6 +103,12 @@ async fn main() -> anyhow::Result<()> {
             args.lease_duration_seconds
         );
     }
+    if !(args.jobs_per_second.is_finite() && args.jobs_per_second >= 0.0) {
+        anyhow::bail!(
+            "--jobs-per-second={}: expected a number ≥ 0 (0: no limit)",
+            args.jobs_per_second
+        );
+    }
     let filter = EnvFilter::try_from_env("LOG_LEVEL").unwrap_or_else(|_| EnvFilter::new("info"));
     let subscriber = tracing_subscriber::fmt().with_env_filter(filter);
     if args.log_json {
@@ -140,6 +154,8 @@ async fn main() -> anyhow::Result<()> {
             created_by: args.instance.clone(),
         },
         instance: args.instance.clone(),
+        concurrency: args.reconcile_concurrency,
+        jobs_per_second: (args.jobs_per_second > 0.0).then_some(args.jobs_per_second),
     };
 
     if args.leader_elect {

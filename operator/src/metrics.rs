@@ -7,6 +7,7 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -46,6 +47,14 @@ pub struct Metrics {
     pub reconcile_seconds: Histogram,
     /// Conversion durations (Job start to finish), by step.
     pub conversion_seconds: Family<StepLabels, Histogram>,
+    /// Reconciles running now (at most `--reconcile-concurrency`).
+    pub reconciles_running: Gauge,
+    /// The most reconciles that ran at once.
+    pub reconciles_running_peak: Gauge,
+    /// Jobs created.
+    pub jobs_created: Counter,
+    /// Resources waiting for a Job creation slot (`--jobs-per-second`).
+    pub jobs_waiting: Gauge,
 }
 
 impl Default for Metrics {
@@ -79,6 +88,26 @@ impl Default for Metrics {
             "Job start to finish, by step",
             conversion_seconds.clone(),
         );
+        let reconciles_running = Gauge::default();
+        let reconciles_running_peak = Gauge::default();
+        let jobs_created = Counter::default();
+        let jobs_waiting = Gauge::default();
+        registry.register(
+            "reconciles_running",
+            "Reconciles running now",
+            reconciles_running.clone(),
+        );
+        registry.register(
+            "reconciles_running_peak",
+            "The most reconciles that ran at once",
+            reconciles_running_peak.clone(),
+        );
+        registry.register("jobs_created", "Jobs created", jobs_created.clone());
+        registry.register(
+            "jobs_waiting",
+            "Resources waiting for a Job creation slot",
+            jobs_waiting.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             reconciles,
@@ -86,11 +115,24 @@ impl Default for Metrics {
             conversions,
             reconcile_seconds,
             conversion_seconds,
+            reconciles_running,
+            reconciles_running_peak,
+            jobs_created,
+            jobs_waiting,
         }
     }
 }
 
 impl Metrics {
+    /// Counts a reconcile as running until the guard is dropped.
+    pub fn running(&self) -> Running<'_> {
+        let now = self.reconciles_running.inc() + 1;
+        self.reconciles_running_peak
+            .inner()
+            .fetch_max(now, std::sync::atomic::Ordering::Relaxed);
+        Running(self)
+    }
+
     /// Counts a finished conversion.
     pub fn finished(&self, step: &str, outcome: &str, duration: Option<Duration>) {
         self.conversions
@@ -115,5 +157,14 @@ impl Metrics {
         )
         .expect("writing to a String cannot fail");
         out
+    }
+}
+
+/// A running reconcile ([`Metrics::running`]).
+pub struct Running<'a>(&'a Metrics);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.reconciles_running.dec();
     }
 }

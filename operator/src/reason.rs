@@ -19,6 +19,8 @@ pub enum Reason {
     PvcNotFound,
 
     // Running
+    /// The Job waits for its creation slot (the operator's `--jobs-per-second`).
+    JobQueued,
     /// The Job was created; no pod runs yet.
     JobCreated,
     /// The Job's pod runs.
@@ -78,6 +80,7 @@ impl Reason {
             Reason::InvalidSpec => "InvalidSpec",
             Reason::TargetConflict => "TargetConflict",
             Reason::PvcNotFound => "PVCNotFound",
+            Reason::JobQueued => "JobQueued",
             Reason::JobCreated => "JobCreated",
             Reason::JobRunning => "JobRunning",
             Reason::Retrying => "Retrying",

@@ -1,10 +1,16 @@
 //! The converter's vocabulary, as the operator speaks it: which step a resource
 //! asks for, the parameters it passes, and where each artifact is mounted.
 //!
-//! The operator never opens a checkpoint; this module is its whole contract with
-//! the converter (the other half is [`crate::summary`]).
+//! Steps, parameter names and their scopes are the converter's own tables
+//! ([`ckpt_wire`]): every parameter is looked up in the step's table as it is
+//! rendered, so a name the converter does not document cannot reach a Job. The
+//! operator never opens a checkpoint; the other half of its contract is the
+//! termination summary ([`crate::summary`]).
 
-use crate::api::{ArtifactKind, CheckpointConversionSpec, LoraBackend};
+use ckpt_wire::params::{Role, names};
+use ckpt_wire::{Param, Step, Value};
+
+use crate::api::{CheckpointConversionSpec, LoraBackend};
 
 /// Where artifacts appear inside the converter's container.
 pub mod paths {
@@ -36,8 +42,8 @@ pub struct Mount {
 /// How to run the converter for a resource.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Invocation {
-    /// The step (`convert/megatron_to_hf`).
-    pub step: &'static str,
+    /// The step.
+    pub step: Step,
     /// Arguments after the binary: `run STEP key=value ...`.
     pub args: Vec<String>,
     /// Environment.
@@ -46,23 +52,113 @@ pub struct Invocation {
     pub mounts: Vec<Mount>,
 }
 
-/// A spec the operator cannot turn into a step (the CRD's CEL rules normally stop
-/// these at the apiserver).
+/// A spec the operator cannot turn into a converter invocation (the CRD's CEL
+/// rules stop most of these at the apiserver; `spec.parameters` is checked here,
+/// against the converter's tables).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct InvalidSpec(pub String);
 
-/// The step for a pair of artifact kinds.
-pub fn step_for(source: ArtifactKind, target: ArtifactKind) -> Option<&'static str> {
-    match (source, target) {
-        (ArtifactKind::CheckpointHf, ArtifactKind::CheckpointMegatron) => {
-            Some("convert/hf_to_megatron")
+/// The parameters a field of the spec sets, with that field: `spec.parameters`
+/// may not set them too.
+pub const SET_BY_FIELDS: &[(&str, &str)] = &[
+    (names::DTYPE, "dtype"),
+    (names::TP, "parallelism.tp"),
+    (names::PP, "parallelism.pp"),
+    (names::EP, "parallelism.ep"),
+    (names::ETP, "parallelism.etp"),
+    (names::VALIDATE, "validation.enabled"),
+    (names::SMOKE_TEST, "validation.smokeTest"),
+    (names::BACKEND, "lora.backend"),
+    (names::EXPORT_HF, "lora.exportHf"),
+    (names::BASE_DIGEST, "lora.baseDigest"),
+    (names::ALLOW_BASE_MISMATCH, "lora.allowBaseMismatch"),
+];
+
+/// The parameters of one step as they are rendered, each the table's entry.
+struct Rendered {
+    step: Step,
+    params: Vec<(&'static str, String)>,
+}
+
+impl Rendered {
+    /// Whether `key=value` (a parameter's `only`) has been rendered.
+    fn has(&self, key_value: &str) -> bool {
+        key_value
+            .split_once('=')
+            .is_some_and(|(k, v)| self.params.iter().any(|(pk, pv)| *pk == k && pv == v))
+    }
+
+    /// The table's entry for `name` in the scope rendered so far.
+    fn lookup(&self, name: &str) -> Result<&'static Param, InvalidSpec> {
+        let all = self.step.params().iter().filter(|p| p.name == name);
+        let mut scopes = Vec::new();
+        for p in all {
+            match p.only {
+                Some(only) if !self.has(only) => scopes.push(only),
+                _ => return Ok(p),
+            }
         }
-        (ArtifactKind::CheckpointMegatron, ArtifactKind::CheckpointHf) => {
-            Some("convert/megatron_to_hf")
+        Err(InvalidSpec(if scopes.is_empty() {
+            format!("{}: the converter takes no parameter {name}", self.step)
+        } else {
+            format!(
+                "{}: the converter takes {name} only with {}",
+                self.step,
+                scopes.join(" or ")
+            )
+        }))
+    }
+
+    /// Renders `name=value` as the table's parameter `name`.
+    fn set(&mut self, name: &str, value: impl Into<String>) -> Result<(), InvalidSpec> {
+        let value = value.into();
+        let param = self.lookup(name)?;
+        if let Value::Choice(choices) = param.value
+            && !choices.contains(&value.as_str())
+        {
+            return Err(InvalidSpec(format!(
+                "{}: {name}={value}: expected one of {}",
+                self.step,
+                choices.join(", ")
+            )));
         }
-        (ArtifactKind::CheckpointLora, ArtifactKind::CheckpointHf) => Some("convert/merge_lora"),
-        _ => None,
+        self.params.push((param.name, value));
+        Ok(())
+    }
+
+    /// Renders an entry of `spec.parameters`: a documented parameter of the step
+    /// that no field of the spec sets and that names no path.
+    fn set_extra(&mut self, name: &str, value: &str) -> Result<(), InvalidSpec> {
+        let refuse = |why: String| Err(InvalidSpec(format!("parameters.{name}: {why}")));
+        let alias_of = self
+            .step
+            .params()
+            .iter()
+            .find(|p| p.alias == Some(name))
+            .map(|p| p.name);
+        let canonical = alias_of.unwrap_or(name);
+        if let Some((_, field)) = SET_BY_FIELDS.iter().find(|(n, _)| *n == canonical) {
+            return refuse(format!("set spec.{field} instead"));
+        }
+        if let Some(canonical) = alias_of {
+            return refuse(format!("spell it {canonical}"));
+        }
+        let param = self.lookup(name)?;
+        match (param.role, param.value) {
+            (_, Value::Ignored) => refuse(format!(
+                "{} accepts it only for command lines written for the Python runners; it has no effect",
+                self.step
+            )),
+            (Role::Input | Role::Output, _) => refuse(
+                "names a path, which the operator mounts from source, target, baseModel and lora"
+                    .into(),
+            ),
+            _ if self.params.iter().any(|(n, _)| *n == param.name) => {
+                refuse("is set by another field of the spec".into())
+            }
+            _ => self.set(name, value),
+        }
     }
 }
 
@@ -78,16 +174,19 @@ fn split_target(path: &str) -> (String, String) {
 /// Renders the converter invocation for `spec`.
 ///
 /// # Errors
-/// [`InvalidSpec`] for a kind pair no step converts or a missing base model.
+/// [`InvalidSpec`] for a kind pair no step converts, a missing base model, or a
+/// parameter the step's table does not have (in that scope).
 pub fn invocation(spec: &CheckpointConversionSpec) -> Result<Invocation, InvalidSpec> {
-    let step = step_for(spec.source.kind, spec.target.kind).ok_or_else(|| {
+    let step = Step::for_kinds(spec.source.kind, spec.target.kind).ok_or_else(|| {
         InvalidSpec(format!(
             "no step converts {} to {}",
-            spec.source.kind.as_str(),
-            spec.target.kind.as_str()
+            spec.source.kind, spec.target.kind
         ))
     })?;
-    let mut params: Vec<(String, String)> = Vec::new();
+    let mut params = Rendered {
+        step,
+        params: Vec::new(),
+    };
     let mut env = Vec::new();
     let mut mounts = vec![Mount {
         claim: spec.source.pvc.clone(),
@@ -129,16 +228,16 @@ pub fn invocation(spec: &CheckpointConversionSpec) -> Result<Invocation, Invalid
         })
     };
     match step {
-        "convert/hf_to_megatron" => {
-            params.push(("hf_model_id".into(), paths::SOURCE.into()));
-            params.push(("megatron_path".into(), target));
+        Step::HfToMegatron => {
+            params.set(names::HF_MODEL_ID, paths::SOURCE)?;
+            params.set(names::MEGATRON_PATH, target)?;
         }
-        "convert/megatron_to_hf" => {
-            params.push(("megatron_path".into(), paths::SOURCE.into()));
-            params.push(("hf_model_id".into(), need_base()?));
-            params.push(("hf_path".into(), target));
+        Step::MegatronToHf => {
+            params.set(names::MEGATRON_PATH, paths::SOURCE)?;
+            params.set(names::HF_MODEL_ID, need_base()?)?;
+            params.set(names::HF_PATH, target)?;
         }
-        _ => {
+        Step::MergeLora => {
             let lora = spec.lora.clone().unwrap_or(crate::api::LoraSpec {
                 backend: None,
                 base_megatron: None,
@@ -152,11 +251,11 @@ pub fn invocation(spec: &CheckpointConversionSpec) -> Result<Invocation, Invalid
                 LoraBackend::Auto | LoraBackend::HfPeft => "hf_peft",
                 LoraBackend::MegatronBridge => "megatron_bridge",
             };
-            params.push(("backend".into(), backend.into()));
-            params.push(("lora_checkpoint".into(), paths::SOURCE.into()));
+            params.set(names::BACKEND, backend)?;
+            params.set(names::LORA_CHECKPOINT, paths::SOURCE)?;
             if backend == "hf_peft" {
-                params.push(("base_hf_path".into(), need_base()?));
-                params.push(("output_hf_path".into(), target));
+                params.set(names::BASE_HF_PATH, need_base()?)?;
+                params.set(names::OUTPUT_HF_PATH, target)?;
             } else {
                 let bm = lora.base_megatron.as_ref().ok_or_else(|| {
                     InvalidSpec("lora.backend megatron_bridge needs lora.baseMegatron".into())
@@ -167,7 +266,7 @@ pub fn invocation(spec: &CheckpointConversionSpec) -> Result<Invocation, Invalid
                     sub_path: bm.path.clone(),
                     read_only: true,
                 });
-                params.push(("base_megatron_path".into(), paths::BASE_MEGATRON.into()));
+                params.set(names::BASE_MEGATRON_PATH, paths::BASE_MEGATRON)?;
                 if let Some(mt) = &lora.megatron_target {
                     let (parent, name) = split_target(&mt.path);
                     mounts.push(Mount {
@@ -176,47 +275,58 @@ pub fn invocation(spec: &CheckpointConversionSpec) -> Result<Invocation, Invalid
                         sub_path: parent,
                         read_only: false,
                     });
-                    params.push((
-                        "output_megatron_path".into(),
+                    params.set(
+                        names::OUTPUT_MEGATRON_PATH,
                         format!("{}/{name}", paths::MEGATRON_TARGET),
-                    ));
+                    )?;
                 }
                 let export = lora.export_hf.unwrap_or(true);
-                params.push(("export_hf".into(), export.to_string()));
+                params.set(names::EXPORT_HF, export.to_string())?;
                 if export {
-                    params.push(("hf_model_id".into(), need_base()?));
-                    params.push(("output_hf_path".into(), target));
+                    params.set(names::HF_MODEL_ID, need_base()?)?;
+                    params.set(names::OUTPUT_HF_PATH, target)?;
                 }
             }
             if let Some(d) = &lora.base_digest {
-                params.push(("base_digest".into(), d.clone()));
+                params.set(names::BASE_DIGEST, d.clone())?;
             }
             if lora.allow_base_mismatch == Some(true) {
-                params.push(("allow_base_mismatch".into(), "true".into()));
+                params.set(names::ALLOW_BASE_MISMATCH, "true")?;
             }
+        }
+        Step::Validate => {
+            return Err(InvalidSpec(format!("{step} is not a conversion")));
         }
     }
     if let Some(dtype) = spec.dtype {
-        params.push(("dtype".into(), dtype.as_str().into()));
+        params.set(names::DTYPE, dtype.as_str())?;
     }
     if let Some(p) = &spec.parallelism {
         // Parallel sizes shape the Megatron layout the converter writes.
-        for (k, v) in [("tp", p.tp), ("pp", p.pp), ("ep", p.ep), ("etp", p.etp)] {
+        for (k, v) in [
+            (names::TP, p.tp),
+            (names::PP, p.pp),
+            (names::EP, p.ep),
+            (names::ETP, p.etp),
+        ] {
             if let Some(v) = v {
-                params.push((k.into(), v.to_string()));
+                params.set(k, v.to_string())?;
             }
         }
     }
     if let Some(v) = &spec.validation {
         if v.enabled == Some(false) {
-            params.push(("validate".into(), "false".into()));
+            params.set(names::VALIDATE, "false")?;
         }
         if v.smoke_test == Some(false) {
-            params.push(("smoke_test".into(), "false".into()));
+            params.set(names::SMOKE_TEST, "false")?;
         }
     }
-    let mut args = vec!["run".to_owned(), step.to_owned()];
-    args.extend(params.into_iter().map(|(k, v)| format!("{k}={v}")));
+    for (name, value) in spec.parameters.iter().flatten() {
+        params.set_extra(name, &value.0)?;
+    }
+    let mut args = vec!["run".to_owned(), step.name().to_owned()];
+    args.extend(params.params.into_iter().map(|(k, v)| format!("{k}={v}")));
     if let Some(threads) = spec.job.as_ref().and_then(|j| j.threads) {
         args.push(format!("--threads={threads}"));
     }
@@ -230,8 +340,10 @@ pub fn invocation(spec: &CheckpointConversionSpec) -> Result<Invocation, Invalid
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
-    use crate::api::{Artifact, BaseModel};
+    use crate::api::{Artifact, ArtifactKind, BaseModel, Parallelism, Parameter, PvcPath};
 
     fn spec(source: ArtifactKind, target: ArtifactKind) -> CheckpointConversionSpec {
         CheckpointConversionSpec {
@@ -254,9 +366,34 @@ mod tests {
             parallelism: None,
             dtype: Some(crate::api::Dtype::Bfloat16),
             validation: None,
+            parameters: None,
             job: None,
             retry: None,
         }
+    }
+
+    fn lora(backend: LoraBackend) -> crate::api::LoraSpec {
+        crate::api::LoraSpec {
+            backend: Some(backend),
+            base_megatron: Some(PvcPath {
+                pvc: "lustre-shared".into(),
+                path: "base/iter_0000001".into(),
+            }),
+            megatron_target: Some(PvcPath {
+                pvc: "lustre-shared".into(),
+                path: "output/merged-megatron".into(),
+            }),
+            export_hf: Some(true),
+            base_digest: Some("0123456789abcdef0123456789abcdef".into()),
+            allow_base_mismatch: Some(true),
+        }
+    }
+
+    fn keys(inv: &Invocation) -> Vec<&str> {
+        inv.args
+            .iter()
+            .filter_map(|a| a.split_once('=').map(|(k, _)| k))
+            .collect()
     }
 
     #[test]
@@ -266,6 +403,7 @@ mod tests {
             ArtifactKind::CheckpointHf,
         ))
         .unwrap();
+        assert_eq!(inv.step, Step::MegatronToHf);
         assert_eq!(
             inv.args,
             vec![
@@ -309,52 +447,198 @@ mod tests {
     }
 
     #[test]
-    fn kind_pairs_pick_the_step() {
-        assert_eq!(
-            step_for(ArtifactKind::CheckpointHf, ArtifactKind::CheckpointMegatron),
-            Some("convert/hf_to_megatron")
-        );
-        assert_eq!(
-            step_for(ArtifactKind::CheckpointLora, ArtifactKind::CheckpointHf),
-            Some("convert/merge_lora")
-        );
-        assert_eq!(
-            step_for(ArtifactKind::CheckpointHf, ArtifactKind::CheckpointHf),
-            None
-        );
-        assert!(
-            invocation(&spec(
-                ArtifactKind::CheckpointHf,
-                ArtifactKind::CheckpointLora
-            ))
-            .is_err()
-        );
+    fn kind_pairs_without_a_step_are_invalid() {
+        let err = invocation(&spec(
+            ArtifactKind::CheckpointHf,
+            ArtifactKind::CheckpointLora,
+        ))
+        .unwrap_err();
+        assert_eq!(err.0, "no step converts checkpoint_hf to checkpoint_lora");
     }
 
     #[test]
     fn lora_auto_picks_megatron_bridge_with_a_megatron_base() {
         let mut s = spec(ArtifactKind::CheckpointLora, ArtifactKind::CheckpointHf);
-        s.lora = Some(crate::api::LoraSpec {
-            backend: None,
-            base_megatron: Some(crate::api::PvcPath {
-                pvc: "lustre-shared".into(),
-                path: "base/iter_0000001".into(),
-            }),
-            megatron_target: None,
-            export_hf: None,
-            base_digest: Some("abc".into()),
-            allow_base_mismatch: None,
-        });
+        let mut l = lora(LoraBackend::Auto);
+        l.megatron_target = None;
+        s.lora = Some(l);
         let inv = invocation(&s).unwrap();
         assert!(inv.args.contains(&"backend=megatron_bridge".to_owned()));
         assert!(
             inv.args
                 .contains(&"base_megatron_path=/data/base-megatron".to_owned())
         );
-        assert!(inv.args.contains(&"base_digest=abc".to_owned()));
+        assert!(
+            inv.args
+                .contains(&"base_digest=0123456789abcdef0123456789abcdef".to_owned())
+        );
         s.lora.as_mut().unwrap().base_megatron = None;
         let inv = invocation(&s).unwrap();
         assert!(inv.args.contains(&"backend=hf_peft".to_owned()));
         assert!(inv.args.contains(&"base_hf_path=/data/base".to_owned()));
+    }
+
+    /// A sample value a parameter of this kind takes (not its default, so that it
+    /// shows in the arguments).
+    fn sample(value: Value) -> String {
+        match value {
+            Value::Bool => "true".into(),
+            Value::Int { min } => min.max(2).to_string(),
+            Value::Size => "2GB".into(),
+            Value::DType { .. } => "float32".into(),
+            Value::Choice(c) => c[c.len() - 1].into(),
+            Value::Digest => "0123456789abcdef0123456789abcdef".into(),
+            Value::Ints => "1,2".into(),
+            other => panic!("no sample for {other:?}"),
+        }
+    }
+
+    /// The specs that use every field the step's invocation reads, with every other
+    /// parameter of the step's table in `spec.parameters`.
+    fn everything(step: Step) -> Vec<CheckpointConversionSpec> {
+        let (source, target) = match step {
+            Step::HfToMegatron => (ArtifactKind::CheckpointHf, ArtifactKind::CheckpointMegatron),
+            Step::MegatronToHf => (ArtifactKind::CheckpointMegatron, ArtifactKind::CheckpointHf),
+            _ => (ArtifactKind::CheckpointLora, ArtifactKind::CheckpointHf),
+        };
+        let backends = match step {
+            Step::MergeLora => vec![Some("hf_peft"), Some("megatron_bridge")],
+            _ => vec![None],
+        };
+        backends
+            .into_iter()
+            .map(|backend| {
+                let mut s = spec(source, target);
+                s.lora = backend.map(|b| {
+                    lora(if b == "hf_peft" {
+                        LoraBackend::HfPeft
+                    } else {
+                        LoraBackend::MegatronBridge
+                    })
+                });
+                let scoped = |p: &Param| {
+                    p.only.is_none_or(|o| {
+                        Some(o) == backend.map(|b| format!("backend={b}")).as_deref()
+                    })
+                };
+                let has = |name: &str| step.params().iter().any(|p| p.name == name && scoped(p));
+                s.parallelism = Some(Parallelism {
+                    tp: has(names::TP).then_some(2),
+                    pp: has(names::PP).then_some(2),
+                    ep: has(names::EP).then_some(2),
+                    etp: has(names::ETP).then_some(2),
+                });
+                s.validation = Some(crate::api::ValidationSpec {
+                    enabled: Some(false),
+                    smoke_test: Some(false),
+                });
+                let extra: BTreeMap<String, Parameter> = step
+                    .params()
+                    .iter()
+                    .filter(|p| scoped(p))
+                    .filter(|p| !matches!(p.role, Role::Input | Role::Output))
+                    .filter(|p| !matches!(p.value, Value::Ignored))
+                    .filter(|p| !SET_BY_FIELDS.iter().any(|(n, _)| *n == p.name))
+                    .map(|p| (p.name.to_owned(), Parameter(sample(p.value))))
+                    .collect();
+                s.parameters = Some(extra);
+                s
+            })
+            .collect()
+    }
+
+    /// Every parameter the converter documents for a conversion step can be set on a
+    /// resource: through a field of the spec, or through `spec.parameters`. Only the
+    /// spellings kept for the Python runners' command lines (no effect) are not.
+    #[test]
+    fn every_documented_parameter_of_a_step_can_be_rendered() {
+        for step in [Step::HfToMegatron, Step::MegatronToHf, Step::MergeLora] {
+            let mut rendered: Vec<String> = Vec::new();
+            for s in everything(step) {
+                let inv = invocation(&s).unwrap_or_else(|e| panic!("{step}: {e}"));
+                rendered.extend(keys(&inv).into_iter().map(str::to_owned));
+            }
+            for p in step.params() {
+                let rendered = rendered.iter().any(|r| r == p.name);
+                match p.value {
+                    Value::Ignored => assert!(!rendered, "{step}: {} has no effect", p.name),
+                    // Megatron-Bridge's base_hf_path stands in for hf_model_id, which
+                    // the operator always passes.
+                    _ if p.name == names::BASE_HF_PATH
+                        && p.only == Some("backend=megatron_bridge") => {}
+                    _ => assert!(rendered, "{step}: {} is never rendered", p.name),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn parameters_take_only_what_no_field_sets_and_no_path() {
+        let with = |k: &str, v: &str| {
+            let mut s = spec(ArtifactKind::CheckpointMegatron, ArtifactKind::CheckpointHf);
+            s.parameters = Some(BTreeMap::from([(k.to_owned(), Parameter(v.to_owned()))]));
+            invocation(&s).map(|i| i.args)
+        };
+        assert!(
+            with("keep_fp32", "false")
+                .unwrap()
+                .contains(&"keep_fp32=false".to_owned())
+        );
+        for (k, v, why) in [
+            (
+                "dtype",
+                "float32",
+                "parameters.dtype: set spec.dtype instead",
+            ),
+            ("tp", "2", "parameters.tp: set spec.parallelism.tp instead"),
+            (
+                "torch_dtype",
+                "float32",
+                "parameters.torch_dtype: set spec.dtype instead",
+            ),
+            ("hf_path", "/elsewhere", "parameters.hf_path: names a path"),
+            (
+                "strict",
+                "true",
+                "parameters.strict: convert/megatron_to_hf accepts it only for command lines",
+            ),
+            (
+                "no_such",
+                "1",
+                "convert/megatron_to_hf: the converter takes no parameter no_such",
+            ),
+            (
+                "mapping",
+                "onnx",
+                "convert/megatron_to_hf: mapping=onnx: expected one of auto, identity",
+            ),
+        ] {
+            let err = with(k, v).unwrap_err().0;
+            assert!(err.starts_with(why), "{k}: {err}");
+        }
+        // A parameter of the other backend is refused with the scope that takes it.
+        let mut s = spec(ArtifactKind::CheckpointLora, ArtifactKind::CheckpointHf);
+        s.lora = Some(lora(LoraBackend::HfPeft));
+        s.parameters = Some(BTreeMap::from([(
+            "merge_arithmetic".to_owned(),
+            Parameter("fp32".into()),
+        )]));
+        assert_eq!(
+            invocation(&s).unwrap_err().0,
+            "convert/merge_lora: the converter takes merge_arithmetic only with backend=megatron_bridge"
+        );
+        // A field the step does not take is refused, not passed on to fail later.
+        let mut s = spec(ArtifactKind::CheckpointLora, ArtifactKind::CheckpointHf);
+        s.lora = Some(lora(LoraBackend::HfPeft));
+        s.parallelism = Some(Parallelism {
+            tp: None,
+            pp: None,
+            ep: None,
+            etp: Some(2),
+        });
+        assert_eq!(
+            invocation(&s).unwrap_err().0,
+            "convert/merge_lora: the converter takes no parameter etp"
+        );
     }
 }

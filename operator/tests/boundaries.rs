@@ -2,7 +2,7 @@
 //! vocabulary it renders into Job arguments, the summary it parses from the
 //! termination message): it never opens a checkpoint. This keeps it so.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[test]
 fn the_operator_does_not_depend_on_the_converter() {
@@ -13,28 +13,59 @@ fn the_operator_does_not_depend_on_the_converter() {
         !deps.iter().any(|d| d == "ckpt-convert"),
         "operator/Cargo.toml depends on ckpt-convert: the operator must talk to the converter through Job arguments and the termination summary only"
     );
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut stack = vec![src];
+    for (path, text) in sources() {
+        for word in [
+            "ckpt_convert",
+            "safetensors::",
+            "memmap2",
+            "formats::",
+            "execute::",
+            "publish::",
+        ] {
+            assert!(
+                !text.contains(word),
+                "{} names {word}: checkpoint formats belong to the converter",
+                path.display()
+            );
+        }
+    }
+}
+
+/// Every file under `operator/src`, with its text.
+fn sources() -> Vec<(PathBuf, String)> {
+    let mut out = Vec::new();
+    let mut stack = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("src")];
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
             if path.is_dir() {
                 stack.push(path);
+            } else {
+                let text = std::fs::read_to_string(&path).unwrap();
+                out.push((path, text));
+            }
+        }
+    }
+    out
+}
+
+/// Steps and artifact kinds are the converter's enums (`ckpt_wire`), never spelled
+/// again in the operator's code (its tests may quote them).
+#[test]
+fn step_and_kind_names_are_not_copied() {
+    for (path, text) in sources() {
+        let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+        for (n, line) in code.lines().enumerate() {
+            let line = line.trim_start();
+            if line.starts_with("//") {
                 continue;
             }
-            let text = std::fs::read_to_string(&path).unwrap();
-            for word in [
-                "ckpt_convert",
-                "safetensors::",
-                "memmap2",
-                "formats::",
-                "execute::",
-                "publish::",
-            ] {
+            for word in ["\"convert/", "\"checkpoint_"] {
                 assert!(
-                    !text.contains(word),
-                    "{} names {word}: checkpoint formats belong to the converter",
-                    path.display()
+                    !line.contains(word),
+                    "{}:{}: {line}: use ckpt_wire::Step and ckpt_wire::ArtifactKind",
+                    path.display(),
+                    n + 1
                 );
             }
         }

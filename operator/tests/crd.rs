@@ -2,7 +2,8 @@
 //! the documentation says (checked locally here; the apiserver enforces them in
 //! the control-plane tests).
 
-use ckpt_operator::api::{CheckpointConversion, CheckpointConversionSpec};
+use ckpt_operator::api::{ArtifactKind, CheckpointConversion, CheckpointConversionSpec};
+use ckpt_wire::Step;
 use kube::CustomResourceExt;
 use serde_json::json;
 
@@ -73,6 +74,32 @@ fn cel_rules_refuse_what_the_issue_lists() {
     );
 }
 
+/// The CEL rule on kind pairs is the converter's step table, spelled for the
+/// apiserver: it accepts exactly the pairs a step converts.
+#[test]
+fn cel_kind_pairs_are_the_converter_steps() {
+    for source in ArtifactKind::ALL {
+        for target in ArtifactKind::ALL {
+            let mut s = spec();
+            s["source"]["kind"] = json!(source);
+            s["target"]["kind"] = json!(target);
+            if source == ArtifactKind::CheckpointLora {
+                s["lora"] = json!({"backend": "hf_peft"});
+            }
+            let accepted = match check(&s, None) {
+                Ok(()) => true,
+                Err(e) if e.contains("no step converts") => false,
+                Err(e) => panic!("{source} → {target}: {e}"),
+            };
+            assert_eq!(
+                accepted,
+                Step::for_kinds(source, target).is_some(),
+                "{source} → {target}"
+            );
+        }
+    }
+}
+
 #[test]
 fn output_defining_fields_are_immutable_and_job_knobs_are_not() {
     let old = spec();
@@ -93,6 +120,15 @@ fn output_defining_fields_are_immutable_and_job_knobs_are_not() {
     let mut new = spec();
     new["job"] = json!({"backoffLimit": 4});
     check(&new, Some(&old)).unwrap();
+    let mut old = spec();
+    old["parameters"] = json!({"keep_fp32": "false"});
+    let mut new = old.clone();
+    new["parameters"]["keep_fp32"] = json!("true");
+    assert!(
+        check(&new, Some(&old))
+            .unwrap_err()
+            .contains("parameters is immutable")
+    );
 }
 
 /// Regression (issue 10, finding 2): a rule on an optional field runs only when an
@@ -105,6 +141,7 @@ fn optional_output_fields_can_be_neither_added_nor_removed() {
         ("lora", json!({"backend": "hf_peft"})),
         ("parallelism", json!({"tp": 2})),
         ("validation", json!({"enabled": false})),
+        ("parameters", json!({"keep_fp32": "false"})),
     ] {
         let mut new = spec();
         new[field] = value.clone();

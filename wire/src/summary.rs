@@ -21,6 +21,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::ArtifactKind;
+
 /// The kubelet's limit on a container's termination message.
 pub const MAX_BYTES: usize = 4096;
 
@@ -48,8 +50,12 @@ pub struct Summary {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
     /// Output artifact kind.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kind: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient::kind"
+    )]
+    pub kind: Option<ArtifactKind>,
     /// Tensors written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tensors: Option<u64>,
@@ -83,10 +89,18 @@ pub struct Summary {
     pub report: Option<String>,
     /// Things the user should know (a base name that could not be confirmed,
     /// tensors kept in float32).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "lenient::strings"
+    )]
     pub warnings: Vec<String>,
     /// The target already held this conversion's output; nothing was rewritten.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(
+        default,
+        skip_serializing_if = "std::ops::Not::not",
+        deserialize_with = "lenient::flag"
+    )]
     pub reused: bool,
     /// Exit code of a failed run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -94,6 +108,37 @@ pub struct Summary {
     /// The error of a failed run (shortened to fit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// Fields that only inform are read leniently: a value of another type is dropped
+/// rather than making the whole summary unreadable (the numbers and the error still
+/// count).
+mod lenient {
+    use serde::{Deserialize, Deserializer};
+    use serde_json::Value;
+
+    use crate::ArtifactKind;
+
+    pub(super) fn flag<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+        Ok(Value::deserialize(d)?.as_bool().unwrap_or(false))
+    }
+
+    pub(super) fn strings<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        Ok(match Value::deserialize(d)? {
+            Value::Array(items) => items
+                .into_iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect(),
+            Value::String(s) => vec![s],
+            _ => Vec::new(),
+        })
+    }
+
+    pub(super) fn kind<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ArtifactKind>, D::Error> {
+        Ok(Value::deserialize(d)?
+            .as_str()
+            .and_then(ArtifactKind::from_name))
+    }
 }
 
 /// Cuts `s` to at most `max` bytes on a character boundary, marking the cut.
@@ -267,5 +312,25 @@ mod tests {
         )
         .unwrap();
         assert_eq!((f.exit_code, f.error.as_deref()), (Some(2), Some("bad")));
+    }
+
+    #[test]
+    fn informative_fields_of_another_type_are_dropped_not_fatal() {
+        let s = Summary::parse(
+            r#"{"v":1,"step":"s","status":"succeeded","tensors":3,"reused":"yes","warnings":{"a":1},"kind":"checkpoint_onnx"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (s.tensors, s.reused, s.warnings.len(), s.kind),
+            (Some(3), false, 0, None)
+        );
+        let s = Summary::parse(
+            r#"{"v":1,"step":"s","status":"succeeded","reused":true,"warnings":"one","kind":"checkpoint_hf"}"#,
+        )
+        .unwrap();
+        assert!(s.reused);
+        assert_eq!(s.warnings, vec!["one"]);
+        assert_eq!(s.kind, Some(ArtifactKind::CheckpointHf));
+        assert_eq!(Summary::parse(&s.to_json()), Some(s));
     }
 }

@@ -60,15 +60,23 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/*
 The namespaces the operator watches, one per line: watchNamespaces, or the release
-namespace. Empty with clusterWide (all namespaces).
+namespace. Empty with clusterWide (all namespaces). The deprecated single-namespace
+key watchNamespace of chart 0.1 is read as watchNamespaces: [it].
 */}}
 {{- define "ckpt-operator.watchedNamespaces" -}}
+{{- $listed := .Values.watchNamespaces }}
+{{- with .Values.watchNamespace }}
+{{- if $listed }}
+{{- fail "watchNamespace (deprecated) and watchNamespaces are both set: list every namespace in watchNamespaces" }}
+{{- end }}
+{{- $listed = list . }}
+{{- end }}
 {{- if .Values.clusterWide }}
-{{- if .Values.watchNamespaces }}
+{{- if $listed }}
 {{- fail "clusterWide watches every namespace: leave watchNamespaces empty" }}
 {{- end }}
-{{- else if .Values.watchNamespaces }}
-{{- range .Values.watchNamespaces }}
+{{- else if $listed }}
+{{- range $listed }}
 {{ . }}
 {{- end }}
 {{- else }}

@@ -1,7 +1,9 @@
 //! Certificates and keys for one control plane, made with `rcgen` (pure Rust,
 //! ECDSA P-256): a CA, the apiserver's serving certificate for 127.0.0.1 and
-//! localhost, an admin client certificate in group `system:masters`, and the
-//! service-account signing key pair.
+//! localhost, an admin client certificate in group `system:masters`, the
+//! client certificate of the test node's kubelet (`system:node:<name>` in
+//! `system:nodes`, what the Node authorizer expects), and the service-account
+//! signing key pair.
 
 use std::path::{Path, PathBuf};
 
@@ -20,9 +22,14 @@ pub(crate) struct CertFiles {
     pub(crate) serving_key: PathBuf,
     pub(crate) admin_cert: PathBuf,
     pub(crate) admin_key: PathBuf,
+    pub(crate) node_cert: PathBuf,
+    pub(crate) node_key: PathBuf,
     pub(crate) sa_key: PathBuf,
     pub(crate) sa_pub: PathBuf,
 }
+
+/// The name of the real node a control plane can have (one per control plane).
+pub const NODE_NAME: &str = "ckpt-node";
 
 fn cert_err(what: &str) -> impl FnOnce(rcgen::Error) -> Error + '_ {
     move |source| Error::Certificate {
@@ -88,6 +95,12 @@ pub(crate) fn write_all(dir: &Path) -> Result<CertFiles> {
         name("admin", Some("system:masters")),
         ExtendedKeyUsagePurpose::ClientAuth,
     )?;
+    let (node_pem, node_key_pem) = leaf(
+        "kubelet client certificate",
+        vec![],
+        name(&format!("system:node:{NODE_NAME}"), Some("system:nodes")),
+        ExtendedKeyUsagePurpose::ClientAuth,
+    )?;
     let sa = KeyPair::generate().map_err(cert_err("service-account key"))?;
 
     Ok(CertFiles {
@@ -96,6 +109,8 @@ pub(crate) fn write_all(dir: &Path) -> Result<CertFiles> {
         serving_key: write("apiserver.key", &serving_key_pem)?,
         admin_cert: write("admin.crt", &admin_pem)?,
         admin_key: write("admin.key", &admin_key_pem)?,
+        node_cert: write("node.crt", &node_pem)?,
+        node_key: write("node.key", &node_key_pem)?,
         sa_key: write("sa.key", &sa.serialize_pem())?,
         sa_pub: write("sa.pub", &sa.public_key_pem())?,
     })

@@ -1,7 +1,9 @@
 //! A real control plane on 127.0.0.1: etcd, kube-apiserver (RBAC, client
 //! certificates) and kube-controller-manager running the Job, garbage-collector,
 //! TTL-after-finished and namespace controllers. Flags as in
-//! `e2e/k8s/NOTES.md` / `smoke.sh`.
+//! `e2e/k8s/NOTES.md` / `smoke.sh`. With [`ControlPlaneOptions::real_node`] it
+//! is ready for a kubelet ([`crate::RealNode`]): kube-scheduler, the Node
+//! authorizer, the node, volume and claim controllers.
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -19,6 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::bins;
 use crate::certs::{self, CertFiles};
 use crate::error::{Error, Result};
+use crate::node::NodeKind;
 use crate::process::{KEPT_FILE, ManagedProcess, log_tail, owned_tempdir};
 
 /// The controllers kube-controller-manager runs by default: enough for Jobs to
@@ -29,6 +32,24 @@ pub const DEFAULT_CONTROLLERS: [&str; 4] = [
     "garbage-collector-controller",
     "ttl-after-finished-controller",
     "namespace-controller",
+];
+
+/// The controllers a control plane for a real node runs on top of
+/// [`DEFAULT_CONTROLLERS`]: node lifecycle (it lifts the `not-ready` taint every
+/// new Node gets, so pods can be scheduled), the PersistentVolume binder and the
+/// protection controllers that let claims and volumes be deleted, and what pods
+/// need for ServiceAccount tokens: the `default` account of each namespace and
+/// the `kube-root-ca.crt` ConfigMap (the CA in every token volume); and the
+/// Deployment and ReplicaSet controllers, so that a chart's Deployment gets pods.
+pub const REAL_NODE_CONTROLLERS: [&str; 8] = [
+    "node-lifecycle-controller",
+    "persistentvolume-binder-controller",
+    "persistentvolumeclaim-protection-controller",
+    "persistentvolume-protection-controller",
+    "serviceaccount-controller",
+    "root-ca-certificate-publisher-controller",
+    "deployment-controller",
+    "replicaset-controller",
 ];
 
 /// How to start a [`ControlPlane`].
@@ -57,16 +78,23 @@ pub struct ControlPlaneOptions {
     /// ServiceAccount controller runs to create the `default` accounts it requires;
     /// [`ControlPlaneOptions::cluster_like`] runs one and keeps the plugin.
     pub disable_admission_plugins: Vec<String>,
+    /// Ready for a real node ([`crate::RealNode`]): also start kube-scheduler,
+    /// authorize with `Node,RBAC`, run [`REAL_NODE_CONTROLLERS`] (when
+    /// kube-controller-manager runs at all) and publish the CA for token volumes.
+    /// Set it with [`ControlPlaneOptions::with_real_node`], which also sets the
+    /// admission plugins a node needs.
+    pub real_node: bool,
 }
 
 impl ControlPlaneOptions {
     /// Closer to a real cluster: the `ServiceAccount` admission plugin on (a pod
     /// naming a ServiceAccount that does not exist is refused, as a Job's events then
     /// say) with kube-controller-manager's ServiceAccount controller creating each
-    /// namespace's `default` account, and `OwnerReferencesPermissionEnforcement` on
+    /// namespace's `default` account, `OwnerReferencesPermissionEnforcement` on
     /// (setting `blockOwnerDeletion` needs permission to update the owner's
-    /// finalizers). Pods must then set `automountServiceAccountToken: false`: the node
-    /// stand-in cannot emulate the token volume the plugin would add otherwise.
+    /// finalizers), and the audit log of ServiceAccounts' requests. On the node
+    /// stand-in, pods must then set `automountServiceAccountToken: false`: it cannot
+    /// emulate the token volume the plugin would add otherwise.
     pub fn cluster_like() -> Self {
         let mut opts = ControlPlaneOptions::default();
         opts.controllers.push("serviceaccount-controller".into());
@@ -77,6 +105,38 @@ impl ControlPlaneOptions {
         opts.disable_admission_plugins.clear();
         opts.audit_service_accounts = true;
         opts
+    }
+
+    /// The default options made ready for a real node
+    /// ([`ControlPlaneOptions::with_real_node`]).
+    pub fn for_real_node() -> Self {
+        ControlPlaneOptions::default().with_real_node()
+    }
+
+    /// These options made ready for a real node ([`ControlPlaneOptions::real_node`]),
+    /// with the `ServiceAccount` admission plugin kept (pods get token volumes, which
+    /// the kubelet fills), and `NodeRestriction` (the kubelet may only change its own
+    /// Node and its pods) and `OwnerReferencesPermissionEnforcement` (changing
+    /// ownerReferences needs delete on the object, `blockOwnerDeletion` needs update
+    /// on the owner's finalizers, so missing operator RBAC shows) turned on.
+    pub fn with_real_node(mut self) -> Self {
+        self.real_node = true;
+        self.disable_admission_plugins
+            .retain(|p| p != "ServiceAccount");
+        for plugin in ["NodeRestriction", "OwnerReferencesPermissionEnforcement"] {
+            if !self.enable_admission_plugins.iter().any(|p| p == plugin) {
+                self.enable_admission_plugins.push(plugin.into());
+            }
+        }
+        self
+    }
+
+    /// These options, made ready for a real node when `kind` is [`NodeKind::Real`].
+    pub fn for_node(self, kind: NodeKind) -> Self {
+        match kind {
+            NodeKind::Real => self.with_real_node(),
+            NodeKind::StandIn => self,
+        }
     }
 }
 
@@ -92,6 +152,7 @@ impl Default for ControlPlaneOptions {
             enable_admission_plugins: Vec::new(),
             disable_admission_plugins: vec!["ServiceAccount".into()],
             audit_service_accounts: false,
+            real_node: false,
         }
     }
 }
@@ -114,6 +175,9 @@ pub struct ControlPlane {
     processes: Mutex<Vec<ManagedProcess>>,
     stop_grace: Duration,
     names: AtomicU64,
+    real_node: bool,
+    etcd_port: u16,
+    startup_timeout: Duration,
 }
 
 /// What `start` builds up; stopped (and the dir kept for its logs) if starting fails.
@@ -209,11 +273,47 @@ async fn etcd_healthy(port: u16) -> bool {
         .unwrap_or(false)
 }
 
+/// Waits until `component` (kube-controller-manager or kube-scheduler) holds
+/// its leader Lease in kube-system: the sign that it is up and working.
+async fn wait_for_lease(
+    client: &Client,
+    component: &str,
+    boot: &mut Boot,
+    timeout: Duration,
+) -> Result<()> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-system");
+    let started = Instant::now();
+    loop {
+        if let Ok(Some(lease)) = leases.get_opt(component).await
+            && lease
+                .spec
+                .and_then(|s| s.holder_identity)
+                .is_some_and(|h| !h.is_empty())
+        {
+            return Ok(());
+        }
+        boot.check_running(&format!("waiting for the {component} leader lease"))?;
+        if started.elapsed() > timeout {
+            return Err(boot.timeout(
+                &format!("{component} to hold lease kube-system/{component}"),
+                timeout,
+                component,
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn yaml_str(s: &str) -> String {
     serde_json::to_string(s).expect("a string serializes")
 }
 
-fn kubeconfig_text(server: &str, ca: &Path, user: &str, user_fields: &[(&str, String)]) -> String {
+pub(crate) fn kubeconfig_text(
+    server: &str,
+    ca: &Path,
+    user: &str,
+    user_fields: &[(&str, String)],
+) -> String {
     let mut text = format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: ckpt-testcluster\n  cluster:\n    server: {}\n    certificate-authority: {}\nusers:\n- name: {user}\n  user:\n",
         yaml_str(server),
@@ -283,7 +383,7 @@ impl ControlPlane {
         };
         let timeout = opts.startup_timeout;
         let certs = certs::write_all(&dir)?;
-        let [etcd_port, peer_port, api_port] = free_ports::<3>()?;
+        let [etcd_port, peer_port, api_port, scheduler_port] = free_ports::<4>()?;
         let bin = |name: &str| bin_dir.join(name);
         let s = |p: &Path| p.display().to_string();
 
@@ -327,7 +427,11 @@ impl ControlPlane {
             format!("--tls-cert-file={}", s(&certs.serving_cert)),
             format!("--tls-private-key-file={}", s(&certs.serving_key)),
             format!("--client-ca-file={}", s(&certs.ca_cert)),
-            "--authorization-mode=RBAC".to_string(),
+            if opts.real_node {
+                "--authorization-mode=Node,RBAC".to_string()
+            } else {
+                "--authorization-mode=RBAC".to_string()
+            },
             "--service-account-issuer=https://kubernetes.default.svc".to_string(),
             format!("--service-account-key-file={}", s(&certs.sa_pub)),
             format!("--service-account-signing-key-file={}", s(&certs.sa_key)),
@@ -405,41 +509,58 @@ impl ControlPlane {
 
         // kube-controller-manager
         if !opts.controllers.is_empty() {
-            let kcm_args = vec![
+            let mut controllers = opts.controllers.clone();
+            if opts.real_node {
+                for c in REAL_NODE_CONTROLLERS {
+                    if !controllers.iter().any(|have| have == c) {
+                        controllers.push(c.to_string());
+                    }
+                }
+            }
+            let mut kcm_args = vec![
                 format!("--kubeconfig={}", s(&kubeconfig)),
-                format!("--controllers={}", opts.controllers.join(",")),
-                // Leader election on: the lease is how we know it is up.
+                format!("--controllers={}", controllers.join(",")),
+                // Leader election on: the lease is how we know it is up. Renewals
+                // may fail for 45 s (an apiserver restart, a brief etcd outage in
+                // the fault tests) before it gives up leading and exits.
                 "--leader-elect=true".to_string(),
+                "--leader-elect-lease-duration=60s".to_string(),
+                "--leader-elect-renew-deadline=45s".to_string(),
                 "--use-service-account-credentials=false".to_string(),
                 "--secure-port=0".to_string(),
             ];
+            if opts.real_node {
+                // What root-ca-certificate-publisher-controller publishes.
+                kcm_args.push(format!("--root-ca-file={}", s(&certs.ca_cert)));
+            }
             boot.processes.push(ManagedProcess::spawn(
                 "kube-controller-manager",
                 &bin("kube-controller-manager"),
                 &kcm_args,
                 dir.join("kube-controller-manager.log"),
             )?);
-            let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-system");
-            let started = Instant::now();
-            loop {
-                if let Ok(Some(lease)) = leases.get_opt("kube-controller-manager").await
-                    && lease
-                        .spec
-                        .and_then(|s| s.holder_identity)
-                        .is_some_and(|h| !h.is_empty())
-                {
-                    break;
-                }
-                boot.check_running("waiting for the kube-controller-manager leader lease")?;
-                if started.elapsed() > timeout {
-                    return Err(boot.timeout(
-                        "kube-controller-manager to hold lease kube-system/kube-controller-manager",
-                        timeout,
-                        "kube-controller-manager",
-                    ));
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            wait_for_lease(&client, "kube-controller-manager", &mut boot, timeout).await?;
+        }
+
+        if opts.real_node {
+            let scheduler_args = vec![
+                format!("--kubeconfig={}", s(&kubeconfig)),
+                format!("--authentication-kubeconfig={}", s(&kubeconfig)),
+                format!("--authorization-kubeconfig={}", s(&kubeconfig)),
+                "--bind-address=127.0.0.1".to_string(),
+                format!("--secure-port={scheduler_port}"),
+                // As for kube-controller-manager: the lease says it is up.
+                "--leader-elect=true".to_string(),
+                "--leader-elect-lease-duration=60s".to_string(),
+                "--leader-elect-renew-deadline=45s".to_string(),
+            ];
+            boot.processes.push(ManagedProcess::spawn(
+                "kube-scheduler",
+                &bin("kube-scheduler"),
+                &scheduler_args,
+                dir.join("kube-scheduler.log"),
+            )?);
+            wait_for_lease(&client, "kube-scheduler", &mut boot, timeout).await?;
         }
 
         let tempdir = boot.tempdir.take();
@@ -456,11 +577,16 @@ impl ControlPlane {
             processes: Mutex::new(processes),
             stop_grace: opts.stop_grace,
             names: AtomicU64::new(0),
+            real_node: opts.real_node,
+            etcd_port,
+            startup_timeout: opts.startup_timeout,
         })
     }
 
     /// The control plane shared by every test in this process, started by the
-    /// first caller with default options. It is stopped when the process exits
+    /// first caller with default options, or with
+    /// [`ControlPlaneOptions::for_real_node`] when `CKPT_TEST_NODE=real` (see
+    /// [`crate::NodeKind`]). It is stopped when the process exits
     /// normally (an `atexit` hook; `Drop` never runs for statics) and killed by
     /// the parent-death signal otherwise. Give each test its own namespace
     /// ([`ControlPlane::new_namespace`]). If starting fails, every caller gets
@@ -471,15 +597,29 @@ impl ControlPlane {
 
     /// Like [`ControlPlane::shared`], started with `options()` by the first caller
     /// (a test binary should always pass the same options; later callers' are not
-    /// used).
+    /// used), made ready for a real node when `CKPT_TEST_NODE=real`.
     pub async fn shared_with(
         options: impl FnOnce() -> ControlPlaneOptions,
     ) -> Result<&'static ControlPlane> {
+        let kind = crate::NodeKind::from_env()?;
+        Self::shared_for(options, kind).await
+    }
+
+    /// The shared control plane (default options), ready for the shared
+    /// [`crate::RealNode`] whatever `CKPT_TEST_NODE` says. Fails if this process
+    /// already started the shared control plane without it.
+    pub async fn shared_for_real_node() -> Result<&'static ControlPlane> {
+        Self::shared_for(ControlPlaneOptions::default, NodeKind::Real).await
+    }
+
+    async fn shared_for(
+        options: impl FnOnce() -> ControlPlaneOptions,
+        kind: NodeKind,
+    ) -> Result<&'static ControlPlane> {
         let result = SHARED
             .get_or_init(|| async {
-                let result = ControlPlane::start(options())
-                    .await
-                    .map_err(|e| e.to_string());
+                let opts = options().for_node(kind);
+                let result = ControlPlane::start(opts).await.map_err(|e| e.to_string());
                 if result.is_ok() {
                     // SAFETY: registers a plain extern "C" function without captures.
                     unsafe {
@@ -489,7 +629,23 @@ impl ControlPlane {
                 result
             })
             .await;
-        result.as_ref().map_err(|e| Error::Shared(e.clone()))
+        let cp = result.as_ref().map_err(|e| Error::Shared(e.clone()))?;
+        if kind == NodeKind::Real && !cp.real_node {
+            return Err(Error::Shared(
+                "it was started without a real node (ControlPlane::shared without CKPT_TEST_NODE=real) before a test asked for one; a test binary uses either the stand-in or the real node".to_string(),
+            ));
+        }
+        Ok(cp)
+    }
+
+    /// Whether it was started for a real node ([`ControlPlaneOptions::real_node`]).
+    pub fn is_for_real_node(&self) -> bool {
+        self.real_node
+    }
+
+    /// The certificate and key the kubelet of [`crate::RealNode`] authenticates with.
+    pub(crate) fn node_credentials(&self) -> (&Path, &Path) {
+        (&self.certs.node_cert, &self.certs.node_key)
     }
 
     /// A new admin client (user `admin`, group `system:masters`) on the
@@ -537,6 +693,70 @@ impl ControlPlane {
             .iter()
             .map(|p| (p.name.clone(), p.pid()))
             .collect()
+    }
+
+    /// Stops `component` (`etcd`, `kube-apiserver`, …) as a crash or an outage
+    /// would, leaving the others running: SIGTERM, then SIGKILL after
+    /// [`ControlPlaneOptions::stop_grace`]. [`ControlPlane::start_component`]
+    /// brings it back.
+    ///
+    /// # Errors
+    /// When no such component runs here.
+    pub fn stop_component(&self, component: &str) -> Result<()> {
+        let mut processes = self.processes.lock().unwrap_or_else(|p| p.into_inner());
+        let p = processes
+            .iter_mut()
+            .find(|p| p.name == component)
+            .ok_or_else(|| unknown_component(component))?;
+        p.stop(self.stop_grace);
+        Ok(())
+    }
+
+    /// Starts a component stopped by [`ControlPlane::stop_component`] again, with
+    /// its arguments (same ports, same etcd data), and waits until the control
+    /// plane serves: etcd healthy, then the apiserver's `/readyz` (which checks
+    /// etcd too).
+    ///
+    /// # Errors
+    /// When no such component runs here, it cannot be started, or the control
+    /// plane is not ready within [`ControlPlaneOptions::startup_timeout`].
+    pub async fn start_component(&self, component: &str) -> Result<()> {
+        {
+            let mut processes = self.processes.lock().unwrap_or_else(|p| p.into_inner());
+            processes
+                .iter_mut()
+                .find(|p| p.name == component)
+                .ok_or_else(|| unknown_component(component))?
+                .respawn()?;
+        }
+        let started = Instant::now();
+        let timeout = |what: &str, component: &str| Error::Timeout {
+            what: what.to_string(),
+            after: started.elapsed(),
+            log: self.dir.join(format!("{component}.log")),
+            tail: self.log_tail(component, 30),
+        };
+        while !etcd_healthy(self.etcd_port).await {
+            if started.elapsed() > self.startup_timeout {
+                return Err(timeout("etcd /health", "etcd"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let client = self.client();
+        loop {
+            let req = http::Request::get("/readyz")
+                .body(Vec::new())
+                .expect("a static request builds");
+            if let Ok(body) = client.request_text(req).await
+                && body.trim() == "ok"
+            {
+                return Ok(());
+            }
+            if started.elapsed() > self.startup_timeout {
+                return Err(timeout("kube-apiserver /readyz", "kube-apiserver"));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// The requests of `user` (`system:serviceaccount:NS:NAME`) that the apiserver
@@ -638,6 +858,23 @@ impl ControlPlane {
             .create(&PostParams::default(), &ns)
             .await
             .map_err(|e| Error::kube(format!("creating namespace {name}"), e))?;
+        if self.real_node {
+            // Pods are refused until the ServiceAccount controller has made the
+            // namespace's `default` account; wait here rather than in every Job.
+            let sas: Api<ServiceAccount> = Api::namespaced(self.client(), &name);
+            let started = Instant::now();
+            while !matches!(sas.get_opt("default").await, Ok(Some(_))) {
+                if started.elapsed() > Duration::from_secs(120) {
+                    return Err(Error::Timeout {
+                        what: format!("serviceaccount {name}/default"),
+                        after: started.elapsed(),
+                        log: self.dir.join("kube-controller-manager.log"),
+                        tail: self.log_tail("kube-controller-manager", 30),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         Ok(name)
     }
 
@@ -744,6 +981,13 @@ impl ControlPlane {
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+fn unknown_component(component: &str) -> Error {
+    Error::Spawn {
+        program: component.to_string(),
+        source: std::io::Error::other("no such component runs in this control plane"),
     }
 }
 

@@ -95,6 +95,18 @@ pub enum Error {
         /// What failed and what to do about it.
         message: String,
     },
+    /// The real node could not be set up or used.
+    #[error("real node: {message}")]
+    Node {
+        /// What failed and what to do about it.
+        message: String,
+    },
+    /// Building the container images failed.
+    #[error("images: {message}")]
+    Images {
+        /// What failed.
+        message: String,
+    },
     /// The shared control plane failed to start earlier in this process.
     #[error("the shared control plane failed to start: {0}")]
     Shared(String),

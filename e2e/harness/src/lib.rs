@@ -1,7 +1,20 @@
-//! A real Kubernetes control plane for tests, without a cluster, images or
-//! downloads: etcd, kube-apiserver and kube-controller-manager built from Go
-//! modules (`e2e/k8s/build.sh`), plus a node stand-in that runs our Jobs' pods
-//! as local processes.
+//! A real Kubernetes control plane for tests, without a cluster or downloads:
+//! etcd, kube-apiserver and kube-controller-manager built from Go modules
+//! (`e2e/k8s/build.sh`), and one of two nodes for our Jobs' pods:
+//!
+//! * [`RealNode`]: containerd, runc and a kubelet (v1.37.2, from the same
+//!   module), with kube-scheduler in the control plane
+//!   ([`ControlPlaneOptions::for_real_node`]). Pods run the converter image
+//!   built by `images/build.sh` ([`images`]), imported into containerd;
+//!   claims are hostPath volumes ([`RealNode::bind_claim`]). Needs root and
+//!   Debian's containerd, runc and CNI plugins.
+//! * [`NodeStandIn`]: the harness plays the node and runs the pod's command
+//!   as a local process (no image, no kubelet), for machines without those.
+//!
+//! A test process picks one: `CKPT_TEST_NODE=real` makes
+//! [`ControlPlane::shared`] and [`ControlPlane::shared_with`] start for a real
+//! node ([`NodeKind`]); a test that needs the real node asks for
+//! [`RealNode::shared`] directly.
 //!
 //! ```no_run
 //! # async fn demo() -> ckpt_testcluster::Result<()> {
@@ -20,6 +33,20 @@
 //! // … create a Job in `ns`; the Job controller creates its pod, the stand-in
 //! // runs it, the Job becomes Complete or Failed …
 //! assert!(standin.take_errors().is_empty());
+//! # Ok(()) }
+//! ```
+//!
+//! On a real node:
+//!
+//! ```no_run
+//! # async fn demo(dir: &std::path::Path) -> ckpt_testcluster::Result<()> {
+//! use ckpt_testcluster::{ControlPlane, RealNode};
+//!
+//! let node = RealNode::shared().await?; // control plane + node, images imported
+//! let cp = ControlPlane::shared_for_real_node().await?;
+//! let ns = cp.new_namespace("my-test").await?;
+//! node.bind_claim(&cp.client(), &ns, "models", dir).await?; // hostPath volume
+//! // … create a Job running ghcr.io/ckpt-dev/ckpt-convert:0.1.0 in `ns` …
 //! # Ok(()) }
 //! ```
 //!
@@ -45,7 +72,8 @@
 //!
 //! Environment: `CKPT_K8S_BIN` (control-plane binaries; else `build.sh` runs),
 //! `CKPT_CONVERT_BIN` (the converter; else `<target dir>/release/ckpt-convert`),
-//! `CKPT_KEEP_CLUSTER=1` (keep temp dirs and logs).
+//! `CKPT_KEEP_CLUSTER=1` (keep temp dirs and logs), `CKPT_TEST_NODE`
+//! (`standin` or `real`).
 
 #![deny(missing_docs)]
 
@@ -53,12 +81,20 @@ mod bins;
 mod certs;
 mod control_plane;
 mod error;
+pub mod images;
+mod node;
 mod process;
 mod standin;
 
 pub use bins::{K8S_BINARIES, argocd_health_binary, converter_binary, k8s_bin_dir, workspace_root};
-pub use control_plane::{ControlPlane, ControlPlaneOptions, DEFAULT_CONTROLLERS};
+pub use certs::NODE_NAME;
+pub use control_plane::{
+    ControlPlane, ControlPlaneOptions, DEFAULT_CONTROLLERS, REAL_NODE_CONTROLLERS,
+};
 pub use error::{Error, Result};
+pub use node::{
+    IMAGE_USER, NodeKind, PAUSE_IMAGE, RealNode, RealNodeOptions, check_prerequisites, chown_tree,
+};
 pub use standin::status::{
     MAX_LOG_FALLBACK_BYTES, MAX_LOG_FALLBACK_LINES, MAX_TERMINATION_MESSAGE,
 };

@@ -83,31 +83,58 @@ pub(crate) fn spawn_from_process_thread(mut cmd: Command) -> io::Result<Child> {
 pub(crate) struct ManagedProcess {
     pub(crate) name: String,
     pub(crate) log: PathBuf,
+    program: PathBuf,
+    args: Vec<String>,
     child: Child,
 }
 
+fn start(program: &Path, args: &[String], log: &Path, append: bool) -> Result<Child> {
+    let out = File::options()
+        .create(true)
+        .write(true)
+        .append(append)
+        .truncate(!append)
+        .open(log)
+        .map_err(|e| Error::io(log, e))?;
+    let err = out.try_clone().map_err(|e| Error::io(log, e))?;
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err));
+    if let Some(dir) = log.parent() {
+        cmd.current_dir(dir);
+    }
+    spawn_from_process_thread(cmd).map_err(|source| Error::Spawn {
+        program: program.display().to_string(),
+        source,
+    })
+}
+
 impl ManagedProcess {
-    /// Starts `program args…` with both output streams appended to `log`.
+    /// Starts `program args…` with both output streams written to `log`.
     pub(crate) fn spawn(name: &str, program: &Path, args: &[String], log: PathBuf) -> Result<Self> {
-        let out = File::create(&log).map_err(|e| Error::io(&log, e))?;
-        let err = out.try_clone().map_err(|e| Error::io(&log, e))?;
-        let mut cmd = Command::new(program);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err));
-        if let Some(dir) = log.parent() {
-            cmd.current_dir(dir);
-        }
-        let child = spawn_from_process_thread(cmd).map_err(|source| Error::Spawn {
-            program: program.display().to_string(),
-            source,
-        })?;
+        let child = start(program, args, &log, false)?;
         Ok(ManagedProcess {
             name: name.to_string(),
             log,
+            program: program.to_owned(),
+            args: args.to_vec(),
             child,
         })
+    }
+
+    /// Starts the process again with the same arguments, its output appended to
+    /// the same log, once it has stopped ([`ManagedProcess::stop`]).
+    pub(crate) fn respawn(&mut self) -> Result<()> {
+        if let Ok(None) = self.child.try_wait() {
+            return Err(Error::Spawn {
+                program: self.name.clone(),
+                source: io::Error::other("it is still running"),
+            });
+        }
+        self.child = start(&self.program, &self.args, &self.log, true)?;
+        Ok(())
     }
 
     /// The process id.
@@ -183,6 +210,15 @@ pub(crate) const KEPT_FILE: &str = "KEPT";
 /// of earlier test processes that died without cleaning up (an abort or
 /// SIGKILL runs no `Drop`; an etcd data dir alone holds a 64 MB WAL).
 pub(crate) fn owned_tempdir(prefix: &str) -> Result<tempfile::TempDir> {
+    owned_tempdir_with(prefix, |_| {})
+}
+
+/// [`owned_tempdir`], calling `cleanup` on each stale dir before removing it
+/// (a node's dir needs its containers killed and its mounts removed first).
+pub(crate) fn owned_tempdir_with(
+    prefix: &str,
+    cleanup: impl Fn(&Path),
+) -> Result<tempfile::TempDir> {
     let tmp = std::env::temp_dir();
     if let Ok(entries) = std::fs::read_dir(&tmp) {
         for e in entries.flatten() {
@@ -194,6 +230,7 @@ pub(crate) fn owned_tempdir(prefix: &str) -> Result<tempfile::TempDir> {
                     .and_then(|pid| pid.trim().parse::<u32>().ok())
                     .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
             if stale {
+                cleanup(&path);
                 let _ = std::fs::remove_dir_all(&path);
             }
         }

@@ -125,6 +125,8 @@ pub mod phase {
     pub const REJECTED: &str = "Rejected";
 }
 
+pub use summary::queued;
+
 /// Decides for `cr` given `obs` at time `now`.
 pub fn decide(cr: &CheckpointConversion, obs: &Observed, now: &Time) -> Decision {
     match admit::admit(cr, obs) {
@@ -184,6 +186,25 @@ mod tests {
         );
         assert!(again.create_job.is_none());
         assert!(again.events.is_empty(), "{:?}", again.events);
+    }
+
+    #[test]
+    fn a_job_waiting_for_its_creation_slot_is_pending_until_it_comes() {
+        let d = decide(&cr(), &Observed::default(), &at(1));
+        let q = queued(&cr(), d, Duration::from_secs(3), &at(1));
+        assert!(q.create_job.is_none());
+        assert_eq!(cond(&q, types::RUNNING), ("False", "JobQueued"));
+        assert_eq!(q.status.phase.as_deref(), Some("Pending"));
+        assert_eq!(q.status.reason.as_deref(), Some("JobQueued"));
+        assert_eq!(q.requeue, Some(Duration::from_secs(3)));
+        let told: Vec<&str> = q.events.iter().map(|e| e.reason.as_str()).collect();
+        assert_eq!(told, ["Accepted"]);
+        // Its slot came: the Job is created and told of, Accepted is not told again.
+        let again = decide(&with_status(cr(), &q), &Observed::default(), &at(4));
+        assert!(again.create_job.is_some());
+        assert_eq!(cond(&again, types::RUNNING), ("True", "JobCreated"));
+        let told: Vec<&str> = again.events.iter().map(|e| e.reason.as_str()).collect();
+        assert_eq!(told, ["JobCreated"]);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use crate::api::CheckpointConversion;
 use crate::conditions::{self, types};
 use crate::job::EXIT_PREFLIGHT;
 use crate::reason::Reason;
-use crate::summary::{self, Wire};
+use ckpt_wire::Summary;
 
 /// Where the run stands.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,7 +22,7 @@ pub enum Outcome {
     /// The Job exists and has not finished.
     InProgress(JobView, Progress),
     /// The Job completed.
-    Succeeded(JobView, Option<Wire>),
+    Succeeded(JobView, Option<Summary>),
     /// The Job failed.
     Failed(JobView, Failure),
 }
@@ -48,13 +48,13 @@ pub struct Failure {
     /// The converter's error, or the Job's.
     pub message: String,
     /// The converter's summary, if it left one.
-    pub wire: Option<Wire>,
+    pub wire: Option<Summary>,
 }
 
 /// The converter's summary in a pod's termination message (a log tail is not one).
-pub fn wire_of(pod: Option<&PodView>) -> Option<Wire> {
+pub fn wire_of(pod: Option<&PodView>) -> Option<Summary> {
     pod.and_then(|p| p.message.as_deref())
-        .and_then(summary::parse)
+        .and_then(Summary::parse)
 }
 
 /// What the converter said went wrong in `pod`: its summary's error, else the

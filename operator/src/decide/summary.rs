@@ -13,7 +13,9 @@ use crate::conditions::{self, types};
 use crate::job::job_name;
 use crate::reason::Reason;
 use crate::step::Invocation;
-use crate::summary::Wire;
+use ckpt_wire::Summary;
+
+use crate::summary::to_status;
 
 /// How often an unfinished run is looked at without a watch event (a safety net:
 /// the Job, its pods and its events are watched).
@@ -143,7 +145,7 @@ pub fn admitted(
     now: &Time,
 ) -> Decision {
     let mut b = Builder::new(cr, now);
-    b.st.step = Some(inv.step.into());
+    b.st.step = Some(inv.step.name().into());
     b.set(
         types::ACCEPTED,
         true,
@@ -205,6 +207,33 @@ fn start(mut b: Builder<'_>, inv: Invocation) -> Decision {
     b.emit(types::RUNNING, &reason);
     b.phase(phase::RUNNING, types::RUNNING);
     b.done(Some(inv), Some(RUNNING_RECHECK))
+}
+
+/// `start` waiting for its Job creation slot (`--jobs-per-second`), which comes
+/// after `wait`: nothing is created yet, the status says so, and the resource is
+/// looked at again then.
+pub fn queued(cr: &CheckpointConversion, mut d: Decision, wait: Duration, now: &Time) -> Decision {
+    let job = d.status.job_name.clone().unwrap_or_default();
+    let reason = Reason::JobQueued;
+    conditions::set(
+        &mut d.status.conditions,
+        types::RUNNING,
+        false,
+        reason.as_str(),
+        format!(
+            "Job {job} waits for its turn: the operator creates a limited number of Jobs per second"
+        ),
+        cr.metadata.generation,
+        now,
+    );
+    d.status.phase = Some(phase::PENDING.into());
+    d.status.reason = Some(reason.as_str().into());
+    d.status.message =
+        conditions::get(&d.status.conditions, types::RUNNING).map(|c| short(&c.message));
+    d.events.retain(|e| e.reason != Reason::JobCreated.as_str());
+    d.create_job = None;
+    d.requeue = Some(wait);
+    d
 }
 
 /// Records the Job as the one this status describes.
@@ -331,13 +360,13 @@ fn warnings(b: &mut Builder<'_>, newly: bool, summary: &ConversionSummary) {
     }
 }
 
-fn succeeded(mut b: Builder<'_>, job: JobView, wire: Option<Wire>) -> Decision {
+fn succeeded(mut b: Builder<'_>, job: JobView, wire: Option<Summary>) -> Decision {
     observe_job(&mut b, &job);
     let newly = finished(&mut b, &job);
     let cr = b.cr;
     let s = wire
         .as_ref()
-        .map(|w| w.to_status(&target_dir(cr)))
+        .map(|w| to_status(w, &target_dir(cr)))
         .unwrap_or_default();
     let output = s.output_path.as_deref().unwrap_or(&cr.spec.target.path);
     let (reason, detail) = match (s.reused, s.tensors, s.bytes, s.seconds) {
@@ -438,7 +467,7 @@ fn failed(mut b: Builder<'_>, job: JobView, failure: Failure) -> Decision {
     let s = failure
         .wire
         .as_ref()
-        .map(|w| w.to_status(&target_dir(b.cr)));
+        .map(|w| to_status(w, &target_dir(b.cr)));
     // Validated only when validation ran: a failed conversion is not a failed
     // validation, unless the converter says it was.
     match s.as_ref().map(|s| (s.checks_passed, s.checks_failed)) {

@@ -506,6 +506,69 @@ async fn watch_namespaces_render_a_role_in_each_and_nothing_cluster_wide() {
     );
 }
 
+/// Chart 0.1's single `watchNamespace` still works, read as `watchNamespaces: [it]`,
+/// and the install notes say it is deprecated; an empty one no longer means every
+/// namespace; set together with `watchNamespaces`, the chart refuses.
+#[tokio::test]
+async fn the_deprecated_watch_namespace_is_read_as_watch_namespaces() {
+    assert_eq!(
+        render("ckpt-system", &["watchNamespace=training"]).await,
+        render("ckpt-system", &["watchNamespaces={training}"]).await
+    );
+    assert_eq!(
+        render("ckpt-system", &["watchNamespace="]).await,
+        render("ckpt-system", &[]).await
+    );
+    let chart = chart();
+    let notes = |value: &'static str| {
+        let chart = chart.clone();
+        async move {
+            helm(&[
+                "install",
+                RELEASE,
+                &chart,
+                "-n",
+                "ckpt-system",
+                "--dry-run=client",
+                "--set",
+                value,
+            ])
+            .await
+            .expect_ok("helm install --dry-run")
+        }
+    };
+    let out = notes("watchNamespace=training").await;
+    assert!(
+        out.contains("DEPRECATED: watchNamespace")
+            && out.contains("It is read as watchNamespaces: [training].")
+            && out.contains("It watches namespace training"),
+        "{out}"
+    );
+    let out = notes("watchNamespace=").await;
+    assert!(
+        out.contains("An empty watchNamespace used to mean every namespace")
+            && out.contains("It watches namespace ckpt-system"),
+        "{out}"
+    );
+    assert!(
+        !notes("watchNamespaces={training}")
+            .await
+            .contains("DEPRECATED")
+    );
+    let err = helm(&[
+        "template",
+        RELEASE,
+        &chart,
+        "--set",
+        "watchNamespace=training",
+        "--set",
+        "watchNamespaces={research}",
+    ])
+    .await
+    .expect_err("both keys");
+    assert!(err.contains("are both set"), "{err}");
+}
+
 #[tokio::test]
 async fn cluster_wide_is_an_opt_in_with_a_cluster_role() {
     let docs = render("ckpt-system", &["clusterWide=true"]).await;
@@ -714,6 +777,8 @@ async fn every_optional_value_is_rendered() {
         "--job-ttl-seconds=3600",
         "--job-service-account=converter",
         "--job-run-as-user=1000",
+        "--jobs-per-second=0.5",
+        "--reconcile-concurrency=8",
         "--lease-name=ckpt-operator-test",
         "--instance=ckpt-operator-test",
     ] {

@@ -54,8 +54,7 @@ async fn examples_convert_and_validate_through_the_operator() {
             .join("output/convert/llama3b-megatron/iter_0000000/.metadata")
             .is_file()
     );
-    let runs = env.standin.as_ref().unwrap().runs();
-    assert_eq!(runs.len(), 2, "one pod per conversion: {runs:#?}");
+    assert_eq!(env.pods_run().await, 2, "one pod per conversion");
     // Events mark the transitions, each once (issue 10: JobCreated came twice on a
     // normal run), from the replica that holds the Lease.
     for name in ["sft-to-hf", "llama3b-to-megatron"] {
@@ -147,7 +146,7 @@ async fn a_corrupt_source_fails_at_once_with_the_converter_message() {
     assert_eq!(jobs.len(), 1);
     let st = jobs[0].status.clone().unwrap();
     assert_eq!(st.failed, Some(1));
-    assert_eq!(env.standin.as_ref().unwrap().runs().len(), 1);
+    assert_eq!(env.pods_run().await, 1);
     assert!(
         !env.claim("lustre-shared")
             .join("output/convert/sft-hf")

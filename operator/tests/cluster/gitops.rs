@@ -133,7 +133,7 @@ async fn editing_what_does_not_define_the_output_reruns_nothing() {
         .filter_map(|j| j.metadata.name.clone())
         .collect();
     assert!(jobs.is_empty() || jobs == ["sft-to-hf-g1"], "{jobs:?}");
-    assert_eq!(env.runs().len(), 1, "{:#?}", env.runs());
+    assert_eq!(env.pods_run().await, 1);
     assert_eq!(told(&env, "sft-to-hf", "JobCreated").await, 1);
     assert_eq!(contents(&output), published, "the output changed");
     op.stop();
@@ -313,7 +313,7 @@ async fn resources_applied_together_for_one_target_start_one_job() {
             .collect::<Vec<_>>(),
         vec![format!("{owner_name}-g1")]
     );
-    assert_eq!(env.runs().len(), 1);
+    assert_eq!(env.pods_run().await, 1);
     op.stop();
 }
 
@@ -646,7 +646,7 @@ async fn an_argo_cd_style_sync_loop_changes_nothing_it_should_not() {
         ],
         "one Job per resource"
     );
-    assert_eq!(env.runs().len(), 4, "{:#?}", env.runs());
+    assert_eq!(env.pods_run().await, 4);
     for (o, b) in outputs.iter().zip(&before) {
         assert_eq!(
             &contents(&env.claim("lustre-shared").join(o)),

@@ -62,7 +62,7 @@ async fn two_replicas_share_one_lease_and_only_the_holder_reconciles() {
         reporters(&env, "llama3b-to-megatron").await,
         BTreeSet::from(["replica-b".to_owned()])
     );
-    assert_eq!(env.runs().len(), 2, "{:#?}", env.runs());
+    assert_eq!(env.pods_run().await, 2);
     b.stop();
 }
 
@@ -88,7 +88,7 @@ async fn a_restarted_operator_makes_no_second_job_and_picks_up_the_result() {
     assert_eq!(jobs.len(), 1, "a second Job was created");
     assert_eq!(created_by(&jobs[0]).as_deref(), Some("restart-1"));
     assert_eq!(cr.status.unwrap().job_name.as_deref(), Some("sft-to-hf-g1"));
-    assert_eq!(env.runs().len(), 1);
+    assert_eq!(env.pods_run().await, 1);
     // The restarted replica is the one that saw the result.
     let succeeded = env
         .events_of("sft-to-hf")

@@ -8,9 +8,12 @@
 //! watch only that namespace and elect their leader through their own Lease. The
 //! operator binary runs with the arguments the release's Deployment gives it and a
 //! token of the release's ServiceAccount; the node stand-in runs the real converter
-//! for the Jobs' pods. Nothing waits on a log line or a fixed sleep: tests wait for
-//! observable state (conditions, Jobs, Leases, events) with a generous deadline
-//! ([`support::DEADLINE`]).
+//! for the Jobs' pods. With `CKPT_TEST_NODE=real` the shared real node runs them
+//! instead, from the converter image (the claims become hostPath volumes); a test
+//! that configures the stand-in or writes pod status itself then fails saying so.
+//! Nothing waits on a log line or a fixed sleep: tests wait for observable state
+//! (conditions, Jobs, Leases, events) with a generous deadline
+//! ([`support::deadline`]).
 //!
 //! Needs the control-plane binaries and helm (`CKPT_K8S_BIN`, else
 //! `e2e/k8s/build.sh` builds them), the release converter (`CKPT_CONVERT_BIN`, else
@@ -25,4 +28,6 @@ mod conversions;
 mod faults;
 mod gitops;
 mod leader;
+mod load;
+mod params;
 mod pods;

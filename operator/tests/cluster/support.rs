@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use ckpt_operator::api::CheckpointConversion;
 use ckpt_testcluster::{
-    ControlPlane, ControlPlaneOptions, NodeStandIn, StandInConfig, converter_binary,
+    ControlPlane, ControlPlaneOptions, IMAGE_USER, NodeKind, NodeStandIn, RealNode, StandInConfig,
+    chown_tree, converter_binary,
 };
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -50,10 +51,17 @@ pub fn root() -> PathBuf {
         .expect("repository root")
 }
 
+/// The shared control plane; with `CKPT_TEST_NODE=real`, ready for the shared real
+/// node (see [`Env::start_node`]).
 pub async fn cp() -> &'static ControlPlane {
     ControlPlane::shared_with(ControlPlaneOptions::cluster_like)
         .await
         .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Which node this test process runs pods on (`CKPT_TEST_NODE`).
+pub fn node_kind() -> NodeKind {
+    NodeKind::from_env().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Waits for something observable, failing with `what` and `state()` once
@@ -168,19 +176,27 @@ pub async fn helm_local(args: &[&str]) -> Run {
     run(&bin_dir().join("helm"), args, "").await
 }
 
-/// helm against the control plane.
+/// helm against the shared control plane.
 pub async fn helm(args: &[&str]) -> Run {
-    let cp = cp().await;
+    helm_on(cp().await, args).await
+}
+
+/// helm against `cp`.
+pub async fn helm_on(cp: &ControlPlane, args: &[&str]) -> Run {
     let kubeconfig = format!("--kubeconfig={}", cp.kubeconfig_path().display());
     let mut all = vec![kubeconfig.as_str()];
     all.extend_from_slice(args);
     run(&cp.bin_dir().join("helm"), &all, "").await
 }
 
-/// kubectl as the cluster admin.
+/// kubectl as the cluster admin of the shared control plane.
 pub async fn kubectl(args: &[&str], stdin: &str) -> Run {
-    cp().await
-        .kubectl_with_stdin(args, stdin)
+    kubectl_on(cp().await, args, stdin).await
+}
+
+/// kubectl as the cluster admin of `cp`.
+pub async fn kubectl_on(cp: &ControlPlane, args: &[&str], stdin: &str) -> Run {
+    cp.kubectl_with_stdin(args, stdin)
         .await
         .unwrap_or_else(|e| panic!("kubectl: {e}"))
         .into()
@@ -194,9 +210,16 @@ pub fn chart_dir() -> String {
 /// default values) and established; every test's own release leaves the CRD to it.
 pub async fn crd_installed() {
     static DONE: OnceCell<()> = OnceCell::const_new();
-    DONE.get_or_init(|| async {
-        let chart = chart_dir();
-        helm(&[
+    DONE.get_or_init(|| async { install_crd(cp().await).await })
+        .await;
+}
+
+/// Installs the CRD release into `cp` and waits until the CRD is established.
+pub async fn install_crd(cp: &ControlPlane) {
+    let chart = chart_dir();
+    helm_on(
+        cp,
+        &[
             "install",
             CRD_RELEASE,
             &chart,
@@ -205,19 +228,46 @@ pub async fn crd_installed() {
             "--create-namespace",
             "--set",
             "replicaCount=0",
-        ])
-        .await
-        .expect_ok("helm install of the CRD release");
-        let crds: Api<CustomResourceDefinition> = Api::all(cp().await.client());
-        tokio::time::timeout(
-            deadline(),
-            await_condition(crds, CRD_NAME, conditions::is_crd_established()),
-        )
-        .await
-        .expect("the CRD is established")
-        .expect("watching the CRD");
-    })
-    .await;
+        ],
+    )
+    .await
+    .expect_ok("helm install of the CRD release");
+    let crds: Api<CustomResourceDefinition> = Api::all(cp.client());
+    tokio::time::timeout(
+        deadline(),
+        await_condition(crds, CRD_NAME, conditions::is_crd_established()),
+    )
+    .await
+    .expect("the CRD is established")
+    .expect("watching the CRD");
+}
+
+/// A control plane of one test's own, for faults that would disturb every other
+/// test (restarting the apiserver, stopping etcd): started like the shared one,
+/// with the CRD installed, and stopped when dropped.
+pub struct PrivateControlPlane(&'static ControlPlane);
+
+impl PrivateControlPlane {
+    pub async fn start() -> PrivateControlPlane {
+        let cp = ControlPlane::start(ControlPlaneOptions::cluster_like())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        // Leaked so that environments can borrow it like the shared one; its
+        // processes and files go when it is dropped.
+        let cp: &'static ControlPlane = Box::leak(Box::new(cp));
+        install_crd(cp).await;
+        PrivateControlPlane(cp)
+    }
+
+    pub fn get(&self) -> &'static ControlPlane {
+        self.0
+    }
+}
+
+impl Drop for PrivateControlPlane {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
 }
 
 /// A namespace with the fixtures on its claims, a node stand-in, and the operator
@@ -246,11 +296,16 @@ pub fn finished(cr: &CheckpointConversion) -> bool {
 }
 
 /// A test's namespace with its own release of the chart, its claims (local
-/// directories) and, once started, a node stand-in.
+/// directories) and, once started, a node: the stand-in, or with
+/// `CKPT_TEST_NODE=real` the shared real node.
 pub struct Env {
+    /// The control plane it lives in (the shared one, or a test's own).
+    pub cp: &'static ControlPlane,
     pub ns: String,
     pub dir: tempfile::TempDir,
     pub standin: Option<NodeStandIn>,
+    /// On the real node: the claims are bound to hostPath volumes.
+    bound: bool,
 }
 
 impl Env {
@@ -263,7 +318,11 @@ impl Env {
     /// Like [`Env::new`], with extra `--set` values for the release.
     pub async fn with_values(prefix: &str, sets: &[&str]) -> Env {
         crd_installed().await;
-        let cp = cp().await;
+        Env::on(cp().await, prefix, sets).await
+    }
+
+    /// Like [`Env::with_values`], in `cp` (whose CRD is installed).
+    pub async fn on(cp: &'static ControlPlane, prefix: &str, sets: &[&str]) -> Env {
         let ns = cp.new_namespace(prefix).await.expect("namespace");
         let chart = chart_dir();
         let mut args = vec![
@@ -282,14 +341,16 @@ impl Env {
         for s in &sets {
             args.extend(["--set", s.as_str()]);
         }
-        helm(&args)
+        helm_on(cp, &args)
             .await
             .expect_ok("helm install into the test namespace");
         let dir = tempfile::tempdir().unwrap();
         let env = Env {
+            cp,
             ns,
             dir,
             standin: None,
+            bound: false,
         };
         env.create_claims(&env.ns, &["lustre-shared", "models"])
             .await;
@@ -304,7 +365,7 @@ impl Env {
             let pvc = format!(
                 r#"{{"apiVersion":"v1","kind":"PersistentVolumeClaim","metadata":{{"name":"{claim}","namespace":"{ns}"}},"spec":{{"accessModes":["ReadWriteMany"],"resources":{{"requests":{{"storage":"1Gi"}}}}}}}}"#
             );
-            kubectl(&["apply", "-f", "-"], &pvc)
+            self.kubectl(&["apply", "-f", "-"], &pvc)
                 .await
                 .expect_ok("creating a claim");
         }
@@ -312,6 +373,11 @@ impl Env {
 
     pub fn claim(&self, claim: &str) -> PathBuf {
         self.dir.path().join(claim)
+    }
+
+    /// kubectl as the admin of this environment's control plane.
+    pub async fn kubectl(&self, args: &[&str], stdin: &str) -> Run {
+        kubectl_on(self.cp, args, stdin).await
     }
 
     /// The stand-in for this namespace, mapping the two claims.
@@ -327,33 +393,106 @@ impl Env {
             .pvc("models", self.claim("models"))
     }
 
+    /// Starts the node that runs this namespace's pods: the stand-in, or with
+    /// `CKPT_TEST_NODE=real` the shared real node, running the chart's converter
+    /// image with the claims bound to hostPath volumes.
     pub async fn start_node(&mut self) {
+        if node_kind() == NodeKind::Real {
+            self.bind_claims_to_real_node().await;
+            return;
+        }
         let cfg = self.node_config();
         self.start_node_with(cfg).await;
     }
 
+    /// Starts a stand-in configured by `cfg`: for what only the stand-in can do (a
+    /// claim whose storage is read-only, say).
     pub async fn start_node_with(&mut self, cfg: StandInConfig) {
+        self.needs_standin("configures the node stand-in");
         self.standin = Some(
-            NodeStandIn::start(cp().await.client(), cfg)
+            NodeStandIn::start(self.cp.client(), cfg)
                 .await
                 .expect("node stand-in"),
         );
     }
 
+    /// Fails a test that only the stand-in can run when `CKPT_TEST_NODE=real`:
+    /// `what` says why.
+    pub fn needs_standin(&self, what: &str) {
+        assert!(
+            node_kind() == NodeKind::StandIn,
+            "this test {what}, which needs the node stand-in: run it without CKPT_TEST_NODE=real"
+        );
+    }
+
+    async fn bind_claims_to_real_node(&mut self) {
+        let node = RealNode::shared().await.unwrap_or_else(|e| panic!("{e}"));
+        let client = self.cp.client();
+        // The kubelet creates a missing subPath directory as root and hostPath
+        // volumes ignore fsGroup: the targets' parent must exist and belong to the
+        // converter's user, as on such a volume in production.
+        std::fs::create_dir_all(self.claim("lustre-shared").join("output/convert")).unwrap();
+        for claim in ["lustre-shared", "models"] {
+            chown_tree(&self.claim(claim), IMAGE_USER).expect("chown");
+            if !self.bound {
+                node.bind_claim(&client, &self.ns, claim, &self.claim(claim))
+                    .await
+                    .unwrap_or_else(|e| panic!("binding claim {claim}: {e}"));
+            }
+        }
+        self.bound = true;
+    }
+
+    /// What the stand-in ran (only the stand-in records argv and output).
     pub fn runs(&self) -> Vec<ckpt_testcluster::Run> {
+        self.needs_standin("reads what the node stand-in ran");
         self.standin.as_ref().map(|s| s.runs()).unwrap_or_default()
     }
 
-    /// An example, moved into this test's namespace.
-    pub fn example(&self, file: &str) -> String {
-        std::fs::read_to_string(root().join("examples").join(file))
+    /// How many pods ran: the stand-in's runs, or on the real node the pods of the
+    /// namespace that started a container.
+    pub async fn pods_run(&self) -> usize {
+        if let Some(s) = &self.standin {
+            return s.runs().len();
+        }
+        let api: Api<Pod> = Api::namespaced(self.cp.client(), &self.ns);
+        api.list(&ListParams::default())
+            .await
             .unwrap()
-            .replace("namespace: training", &format!("namespace: {}", self.ns))
+            .items
+            .iter()
+            .filter(|p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.container_statuses.as_ref())
+                    .is_some_and(|cs| {
+                        cs.iter().any(|c| {
+                            c.state
+                                .as_ref()
+                                .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+                        })
+                    })
+            })
+            .count()
+    }
+
+    /// An example, moved into this test's namespace. On the real node its 8-CPU
+    /// request becomes 1: the node has 2, and the scheduler means it.
+    pub fn example(&self, file: &str) -> String {
+        let text = std::fs::read_to_string(root().join("examples").join(file))
+            .unwrap()
+            .replace("namespace: training", &format!("namespace: {}", self.ns));
+        if node_kind() == NodeKind::Real {
+            text.replace("cpu: \"8\"", "cpu: \"1\"")
+        } else {
+            text
+        }
     }
 
     /// `kubectl apply` of an example, moved into this test's namespace.
     pub async fn apply_example(&self, file: &str) -> Run {
-        kubectl(&["apply", "-f", "-"], &self.example(file)).await
+        self.kubectl(&["apply", "-f", "-"], &self.example(file))
+            .await
     }
 
     /// Applies an example, which must be accepted by the apiserver.
@@ -364,7 +503,7 @@ impl Env {
     /// Server-side apply of `yaml` as field manager `manager`, as GitOps tools do.
     pub async fn apply_server_side(&self, yaml: &str, manager: &str) -> Run {
         let manager = format!("--field-manager={manager}");
-        kubectl(
+        self.kubectl(
             &[
                 "apply",
                 "--server-side",
@@ -379,7 +518,7 @@ impl Env {
     }
 
     pub async fn api(&self) -> Api<CheckpointConversion> {
-        Api::namespaced(cp().await.client(), &self.ns)
+        Api::namespaced(self.cp.client(), &self.ns)
     }
 
     pub async fn get(&self, name: &str) -> CheckpointConversion {
@@ -403,7 +542,7 @@ impl Env {
             if done(&cr) {
                 return cr;
             }
-            let runs = self.runs();
+            let runs = self.standin.as_ref().map(|s| s.runs());
             waiting
                 .tick(|| {
                     format!(
@@ -435,13 +574,13 @@ impl Env {
     }
 
     pub async fn jobs(&self) -> Vec<Job> {
-        let api: Api<Job> = Api::namespaced(cp().await.client(), &self.ns);
+        let api: Api<Job> = Api::namespaced(self.cp.client(), &self.ns);
         api.list(&ListParams::default()).await.unwrap().items
     }
 
     /// The events about resource `name` (events.k8s.io), oldest first.
     pub async fn events_of(&self, name: &str) -> Vec<Event> {
-        let api: Api<Event> = Api::namespaced(cp().await.client(), &self.ns);
+        let api: Api<Event> = Api::namespaced(self.cp.client(), &self.ns);
         let mut list: Vec<Event> = api
             .list(&ListParams::default())
             .await
@@ -460,7 +599,7 @@ impl Env {
 
     /// The holder of this release's leader Lease.
     pub async fn lease_holder(&self) -> Option<String> {
-        let api: Api<Lease> = Api::namespaced(cp().await.client(), &self.ns);
+        let api: Api<Lease> = Api::namespaced(self.cp.client(), &self.ns);
         api.get_opt(RELEASE)
             .await
             .unwrap()
@@ -547,13 +686,14 @@ impl Operator {
 
     /// Like [`Operator::start`], with `extra` arguments appended.
     pub async fn start_with(env: &Env, identity: &str, extra: &[&str]) -> Operator {
-        let cp = cp().await;
-        let out = kubectl(
-            &["get", "deployment", RELEASE, "-n", &env.ns, "-o", "json"],
-            "",
-        )
-        .await
-        .expect_ok("reading the release's Deployment");
+        let cp = env.cp;
+        let out = env
+            .kubectl(
+                &["get", "deployment", RELEASE, "-n", &env.ns, "-o", "json"],
+                "",
+            )
+            .await
+            .expect_ok("reading the release's Deployment");
         let deployment: Value = serde_json::from_str(&out).expect("deployment JSON");
         let pod = &deployment["spec"]["template"]["spec"];
         let account = pod["serviceAccountName"]
@@ -579,6 +719,11 @@ impl Operator {
             // Human-readable logs in the test's log file.
             .filter(|a| a != "--log-json")
             .chain(TEST_LEASE_ARGS.iter().map(|a| (*a).to_owned()))
+            // A flag in `extra` replaces the Deployment's.
+            .filter(|a| {
+                let flag = a.split('=').next().unwrap_or(a);
+                !extra.iter().any(|e| e.split('=').next() == Some(flag))
+            })
             .chain(extra.iter().map(|a| (*a).to_owned()))
             .collect();
         let kubeconfig = cp
@@ -605,6 +750,11 @@ impl Operator {
             cp,
             expected_denials: Vec::new(),
         }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The log, for failure messages only: nothing is decided by reading it.
@@ -696,7 +846,12 @@ pub fn convert(args: &[String]) {
 /// The models claim holds `hf/Llama-3.2-3B` (a small synthetic Llama); the shared
 /// claim holds the SFT output `output/sft/megatron_bridge/iter_0000100`.
 pub fn fixtures(env: &Env) {
-    let scratch = env.dir.path().join("scratch");
+    fixtures_in(env.dir.path());
+}
+
+/// [`fixtures`] in claim directories under `dir` (`dir/models`, `dir/lustre-shared`).
+pub fn fixtures_in(dir: &Path) {
+    let scratch = dir.join("scratch");
     let out = Command::new(converter_binary().unwrap_or_else(|e| panic!("{e}")))
         .arg("demo")
         .arg("--dir")
@@ -708,12 +863,10 @@ pub fn fixtures(env: &Env) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let base = env.claim("models").join("hf/Llama-3.2-3B");
+    let base = dir.join("models/hf/Llama-3.2-3B");
     std::fs::create_dir_all(base.parent().unwrap()).unwrap();
     std::fs::rename(scratch.join("hf-source"), &base).unwrap();
-    let sft = env
-        .claim("lustre-shared")
-        .join("output/sft/megatron_bridge/iter_0000100");
+    let sft = dir.join("lustre-shared/output/sft/megatron_bridge/iter_0000100");
     convert(&[
         "run".into(),
         "convert/hf_to_megatron".into(),
@@ -788,16 +941,20 @@ fn write_tensors(path: &Path, tensors: &[(String, Vec<usize>)]) {
 /// linear_fc2 at `output/sft-lora/iter_0000200`, with the Megatron base the example
 /// names at `output/convert/llama3b-megatron/iter_0000000`.
 pub fn lora_fixtures(env: &Env) {
-    lora_adapters(env);
-    let base = env.claim("models").join("hf/Llama-3.2-3B");
+    lora_fixtures_in(env.dir.path());
+}
+
+/// [`lora_fixtures`] in claim directories under `dir`.
+pub fn lora_fixtures_in(dir: &Path) {
+    lora_adapters_in(dir);
+    let base = dir.join("models/hf/Llama-3.2-3B");
     convert(&[
         "run".into(),
         "convert/hf_to_megatron".into(),
         format!("hf_model_id={}", base.display()),
         format!(
             "megatron_path={}",
-            env.claim("lustre-shared")
-                .join("output/convert/llama3b-megatron")
+            dir.join("lustre-shared/output/convert/llama3b-megatron")
                 .display()
         ),
     ]);
@@ -806,7 +963,11 @@ pub fn lora_fixtures(env: &Env) {
 /// The two adapters of [`lora_fixtures`], without the Megatron base (which
 /// examples/hf-to-megatron.yaml writes).
 pub fn lora_adapters(env: &Env) {
-    let lustre = env.claim("lustre-shared");
+    lora_adapters_in(env.dir.path());
+}
+
+fn lora_adapters_in(dir: &Path) {
+    let lustre = dir.join("lustre-shared");
     let peft = lustre.join("output/peft/adapter");
     std::fs::create_dir_all(&peft).unwrap();
     std::fs::write(
@@ -824,7 +985,7 @@ pub fn lora_adapters(env: &Env) {
     }
     write_tensors(&peft.join("adapter_model.safetensors"), &tensors);
 
-    let flat = env.dir.path().join("scratch/bridge-adapter");
+    let flat = dir.join("scratch/bridge-adapter");
     let k = "decoder.layers.";
     write_tensors(
         &flat.join("model.safetensors"),
@@ -881,7 +1042,7 @@ pub fn tensors_of(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
 
 /// The `n`th pod (0-based, by creation) of Job `job`, once it exists.
 pub async fn nth_pod(env: &Env, job: &str, n: usize) -> Pod {
-    let pods: Api<Pod> = Api::namespaced(cp().await.client(), &env.ns);
+    let pods: Api<Pod> = Api::namespaced(env.cp.client(), &env.ns);
     let waiting = Waiting::new(format!("pod {n} of Job {job}"));
     loop {
         let mut list = pods
@@ -897,9 +1058,11 @@ pub async fn nth_pod(env: &Env, job: &str, n: usize) -> Pod {
     }
 }
 
-/// Writes pod status as the scheduler or kubelet would.
+/// Writes pod status as the scheduler or kubelet would: only where no node runs
+/// the pods (the stand-in is not started, and no real node exists).
 pub async fn set_pod_status(env: &Env, pod: &Pod, status: Value) {
-    let pods: Api<Pod> = Api::namespaced(cp().await.client(), &env.ns);
+    env.needs_standin("writes pod status as a scheduler and kubelet would");
+    let pods: Api<Pod> = Api::namespaced(env.cp.client(), &env.ns);
     pods.patch_status(
         pod.metadata.name.as_deref().unwrap(),
         &PatchParams::default(),

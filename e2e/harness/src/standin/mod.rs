@@ -57,6 +57,8 @@ use status::Terminated;
 
 /// How long [`NodeStandIn::start`] waits for the pod watch's initial list.
 const INITIAL_LIST_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a pod status write is retried while the apiserver cannot take it.
+const STATUS_RETRY_FOR: Duration = Duration::from_secs(300);
 
 /// What the stand-in may run and where its volumes live.
 #[derive(Debug, Clone)]
@@ -232,16 +234,38 @@ impl Shared {
         }
     }
 
+    /// Writes pod status as the kubelet's status manager does: a strategic merge
+    /// (conditions others set, such as the eviction's `DisruptionTarget`, stay),
+    /// retried while the apiserver cannot take it (restarting, its etcd away) for
+    /// up to [`STATUS_RETRY_FOR`]. A pod that is gone needs no status.
     async fn patch_status(&self, ns: &str, name: &str, body: &serde_json::Value) {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
-        match api
-            .patch_status(name, &PatchParams::default(), &Patch::Merge(body))
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => {
-                eprintln!("ckpt-testcluster node stand-in: patching status of pod {ns}/{name}: {e}")
+        let started = std::time::Instant::now();
+        let mut pause = Duration::from_millis(200);
+        loop {
+            match api
+                .patch_status(name, &PatchParams::default(), &Patch::Strategic(body))
+                .await
+            {
+                Ok(_) => return,
+                Err(kube::Error::Api(s)) if s.code == 404 => return,
+                Err(kube::Error::Api(s)) if s.code < 500 && s.code != 429 => {
+                    eprintln!(
+                        "ckpt-testcluster node stand-in: patching status of pod {ns}/{name}: {s}"
+                    );
+                    return;
+                }
+                Err(e) if started.elapsed() > STATUS_RETRY_FOR => {
+                    eprintln!(
+                        "ckpt-testcluster node stand-in: gave up patching status of pod {ns}/{name} after {:?}: {e}",
+                        started.elapsed()
+                    );
+                    return;
+                }
+                Err(_) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
             }
         }
     }

@@ -1,0 +1,318 @@
+//! The operator as users run it: `helm install` of the chart, the operator
+//! running from its own image on the node under the chart's ServiceAccount and
+//! RBAC (the apiserver enforces OwnerReferencesPermissionEnforcement), and the
+//! converter image running the conversions it creates.
+//!
+//! The operator pod uses the host network (`hostNetwork=true`, a chart value):
+//! the API server listens on 127.0.0.1 and no kube-proxy runs, so the pod is
+//! told the address with KUBERNETES_SERVICE_HOST/PORT (the chart's
+//! `extraEnv`). Its token and CA come from the ServiceAccount volume, as in
+//! any cluster.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DynamicObject, GroupVersionKind, ListParams};
+use kube::discovery::ApiResource;
+use serde_json::Value;
+use tokio::sync::OnceCell;
+
+use crate::deadline::deadline_for;
+use crate::util::{Source, WAIT, World};
+use ckpt_testcluster::ControlPlane;
+
+const RELEASE: &str = "ckpt";
+const SYSTEM_NS: &str = "ckpt-system";
+
+/// What `helm install` created, once per process.
+pub struct Installed {
+    pub converter_service_account: String,
+}
+
+static INSTALLED: OnceCell<Installed> = OnceCell::const_new();
+
+fn helm(cp: &ControlPlane, args: &[String]) -> Result<String> {
+    let home = tempfile::Builder::new().prefix("ckpt-helm-").tempdir()?;
+    let out = std::process::Command::new(cp.bin_dir().join("helm"))
+        .args(args)
+        .arg("--kubeconfig")
+        .arg(cp.kubeconfig_path())
+        .env("HELM_CACHE_HOME", home.path().join("cache"))
+        .env("HELM_CONFIG_HOME", home.path().join("config"))
+        .env("HELM_DATA_HOME", home.path().join("data"))
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "helm {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+async fn operator_pods(cp: &ControlPlane) -> Result<Vec<Pod>> {
+    let pods: Api<Pod> = Api::namespaced(cp.client(), SYSTEM_NS);
+    let lp = ListParams::default().labels(&format!("app.kubernetes.io/instance={RELEASE}"));
+    Ok(pods.list(&lp).await?.items)
+}
+
+fn pod_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// The chart installed with one operator replica from the operator image, and
+/// that replica Ready (its readiness probe answers once it reconciles).
+pub async fn installed(w: &World) -> Result<&'static Installed> {
+    let cp = w.cp;
+    let image = w.images.operator.reference.clone();
+    let converter = w.images.converter.reference.clone();
+    INSTALLED
+        .get_or_try_init(|| async move {
+            let chart = ckpt_testcluster::workspace_root().join("charts/ckpt-operator");
+            let api_port = cp
+                .api_url()
+                .rsplit(':')
+                .next()
+                .context("apiserver port")?
+                .to_owned();
+            let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            let (repo, tag) = image.rsplit_once(':').context("operator image tag")?;
+            let (crepo, ctag) = converter.rsplit_once(':').context("converter image tag")?;
+            let env = serde_json::json!([
+                {"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
+                {"name": "KUBERNETES_SERVICE_PORT", "value": api_port},
+            ]);
+            helm(
+                cp,
+                &[
+                    "install".into(),
+                    RELEASE.into(),
+                    chart.display().to_string(),
+                    "--namespace".into(),
+                    SYSTEM_NS.into(),
+                    "--create-namespace".into(),
+                    "--set".into(),
+                    format!("image.repository={repo},image.tag={tag}"),
+                    "--set".into(),
+                    format!("converter.image.repository={crepo},converter.image.tag={ctag}"),
+                    "--set".into(),
+                    "hostNetwork=true".into(),
+                    // Each test has its own namespace; the release watches them all.
+                    "--set".into(),
+                    "clusterWide=true".into(),
+                    "--set".into(),
+                    format!("metrics.port={metrics_port}"),
+                    "--set-json".into(),
+                    format!("extraEnv={env}"),
+                    "--wait=false".into(),
+                ],
+            )?;
+            let deployments: Api<Deployment> = Api::namespaced(cp.client(), SYSTEM_NS);
+            let lp = ListParams::default().labels(&format!("app.kubernetes.io/instance={RELEASE}"));
+            let deployment = deployments
+                .list(&lp)
+                .await?
+                .items
+                .pop()
+                .context("the chart's Deployment")?;
+            let args = deployment
+                .spec
+                .and_then(|s| s.template.spec)
+                .and_then(|p| p.containers.into_iter().next())
+                .and_then(|c| c.args)
+                .unwrap_or_default();
+            let converter_service_account = args
+                .iter()
+                .find_map(|a| a.strip_prefix("--job-service-account="))
+                .context("the chart passes --job-service-account")?
+                .to_owned();
+            let start = Instant::now();
+            loop {
+                let pods = operator_pods(cp).await?;
+                if pods.iter().any(pod_ready) {
+                    break;
+                }
+                if start.elapsed() > WAIT {
+                    bail!(
+                        "the operator pod is not Ready after {WAIT:?}: {:#?}\nkubelet log:\n{}",
+                        pods.iter().map(|p| &p.status).collect::<Vec<_>>(),
+                        w.node.log_tail("kubelet", 30)
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Ok::<_, anyhow::Error>(Installed {
+                converter_service_account,
+            })
+        })
+        .await
+}
+
+/// The operator's log, read from the node (the kubelet's server is not
+/// reachable from the API server here, so `kubectl logs` is not).
+fn operator_log(w: &World) -> String {
+    let dir = w.node.dir().join("pod-logs");
+    let mut out = String::new();
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{SYSTEM_NS}_"))
+            {
+                let c = e.path().join("operator");
+                if let Ok(files) = std::fs::read_dir(&c) {
+                    for f in files.flatten() {
+                        out.push_str(&std::fs::read_to_string(f.path()).unwrap_or_default());
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn conversions(w: &World) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("ckpt.dev", "v1alpha1", "CheckpointConversion");
+    Api::namespaced_with(w.client.clone(), &w.ns, &ApiResource::from_gvk(&gvk))
+}
+
+async fn create(w: &World, name: &str, job: Value) -> Result<()> {
+    let installed = installed(w).await?;
+    let out =
+        w.cp.kubectl([
+            "create",
+            "serviceaccount",
+            &installed.converter_service_account,
+            "-n",
+            &w.ns,
+        ])
+        .await?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cr: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "ckpt.dev/v1alpha1",
+        "kind": "CheckpointConversion",
+        "metadata": {"name": name, "namespace": w.ns},
+        "spec": {
+            "source": {"kind": "checkpoint_hf", "pvc": "models", "path": "source/hf"},
+            "target": {"kind": "checkpoint_megatron", "pvc": "models", "path": "target/megatron"},
+            "job": job,
+        },
+    }))?;
+    conversions(w).create(&Default::default(), &cr).await?;
+    Ok(())
+}
+
+/// Waits until condition `type_` is True and returns the resource's status.
+async fn wait_condition(w: &World, name: &str, type_: &str, within: Duration) -> Result<Value> {
+    let start = Instant::now();
+    loop {
+        let cr = conversions(w).get(name).await?;
+        let status = cr.data["status"].clone();
+        let hit = status["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == type_ && c["status"] == "True");
+        if hit {
+            return Ok(status);
+        }
+        if start.elapsed() > within {
+            bail!(
+                "{name}: {type_} never became True; status: {status:#}\noperator log:\n{}\n{}",
+                operator_log(w),
+                w.diagnostics(status["jobName"].as_str().unwrap_or_default())
+                    .await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
+        .unwrap_or(&Value::Null)
+}
+
+fn assert_no_denials(w: &World) {
+    let log = operator_log(w);
+    assert!(
+        !log.contains("is forbidden"),
+        "the operator was denied an API call (chart RBAC):\n{log}"
+    );
+}
+
+#[tokio::test]
+async fn the_operator_from_its_image_converts_through_the_converter_image() -> Result<()> {
+    let w = World::new("operator").await?;
+    create(&w, "hf-to-megatron", serde_json::json!({})).await?;
+    let status = wait_condition(&w, "hf-to-megatron", "Succeeded", WAIT).await?;
+    assert_eq!(
+        condition(&status, "Validated")["status"],
+        "True",
+        "{status:#}"
+    );
+    assert!(
+        w.path("target/megatron/latest_checkpointed_iteration.txt")
+            .is_file(),
+        "{status:#}"
+    );
+    // The operator's pod is the one the kubelet runs from the operator image.
+    let pods = operator_pods(w.cp).await?;
+    let pod = pods
+        .iter()
+        .find(|p| pod_ready(p))
+        .context("a Ready operator pod")?;
+    let c = &pod
+        .status
+        .as_ref()
+        .context("status")?
+        .container_statuses
+        .as_ref()
+        .context("statuses")?[0];
+    assert_eq!(c.image, w.images.operator.reference);
+    assert!(w.images.operator.is_image_id(&c.image_id), "{c:#?}");
+    assert_no_denials(&w);
+    Ok(())
+}
+
+#[tokio::test]
+async fn active_deadline_fails_the_checkpoint_conversion_with_the_reason() -> Result<()> {
+    let w = World::with_source("deadline-cr", Source::Medium).await?;
+    let deadline = deadline_for(&w)?;
+    create(
+        &w,
+        "slow",
+        serde_json::json!({
+            "activeDeadlineSeconds": deadline,
+            "resources": {"limits": {"cpu": "10m"}},
+        }),
+    )
+    .await?;
+    let within = WAIT + Duration::from_secs(deadline as u64);
+    let status = wait_condition(&w, "slow", "Failed", within).await?;
+    let failed = condition(&status, "Failed");
+    assert_eq!(failed["reason"], "DeadlineExceeded", "{status:#}");
+    assert_ne!(
+        condition(&status, "Succeeded")["status"],
+        "True",
+        "{status:#}"
+    );
+    assert!(
+        !w.path("target/megatron/latest_checkpointed_iteration.txt")
+            .exists()
+    );
+    assert_no_denials(&w);
+    Ok(())
+}
