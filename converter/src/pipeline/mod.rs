@@ -243,7 +243,7 @@ pub fn execute_and_publish(
 /// A check of what execution read and wrote, run after the output is complete in
 /// staging and before it is published (a base's identity, computed from its
 /// tensors as they were read). An error leaves nothing published.
-pub type OutcomeCheck<'a> = &'a dyn Fn(&Outcome) -> Result<(), Error>;
+pub type OutcomeCheck<'a> = &'a (dyn Fn(&Outcome) -> Result<(), Error> + Sync);
 
 /// A plan carried as far as it goes without publishing.
 pub enum Prepared {
@@ -342,10 +342,125 @@ pub fn stage(
         }));
     }
     let staging = Staging::new(&target.dir)?;
-    let outcome: Outcome = execute::execute(&plan, stores, staging.path(), &opts.exec, progress)?;
-    if let Some(check) = check {
-        check(&outcome)?;
-    }
+    let merged = plan.pieces.iter().any(|p| p.merge.is_some());
+    let smoke = opts.validate && opts.smoke_test;
+    // A merge's smoke test: every merged tensor probed against base + s·B·A as
+    // it is written.
+    let probe = (smoke && merged).then(|| crate::smoke::probe::Probe::new(stores));
+    let observer: &dyn execute::Observer = match &probe {
+        Some(p) => p,
+        None => &execute::Unobserved,
+    };
+    // A conversion's: the reference's forward pass runs while the conversion
+    // writes, the output's once it is written.
+    let reference = match (&target.reference, smoke && !merged) {
+        (Some(r), true) => Some(crate::validate::open_reference(
+            r,
+            target.hf_model.as_deref(),
+            target.rope_as_megatron,
+        )),
+        _ => None,
+    };
+    // The dtype the output's weights will have, if the plan gives them one.
+    let planned_dtype = {
+        let mut floats = plan.pieces.iter().map(|p| p.dtype).filter(|d| d.is_float());
+        let first = floats.next();
+        first.filter(|f| floats.all(|d| d == *f))
+    };
+    let pool = opts.exec.pool()?;
+    let (outcome, validation) = pool.install(|| {
+        std::thread::scope(|scope| {
+            let ahead = reference
+                .as_ref()
+                .and_then(|r| r.as_ref().ok())
+                .map(|r| scope.spawn(|| pool.install(|| r.ahead(planned_dtype))));
+            execute::execute_with(
+                &plan,
+                stores,
+                staging.path(),
+                &opts.exec,
+                progress,
+                observer,
+                |outcome| -> Result<Option<crate::validate::Report>, Error> {
+                    if let Some(check) = check {
+                        check(outcome)?;
+                    }
+                    write_manifest(
+                        step,
+                        parameters,
+                        &plan,
+                        outcome,
+                        sources,
+                        &target,
+                        staging.path(),
+                    )?;
+                    if !opts.validate {
+                        return Ok(None);
+                    }
+                    let ahead = ahead.map(|h| h.join().expect("the reference pass does not panic"));
+                    validate_staged(
+                        &plan,
+                        &target,
+                        staging.path(),
+                        opts,
+                        progress,
+                        outcome,
+                        reference.as_ref(),
+                        ahead,
+                        probe.as_ref(),
+                    )
+                    .map(Some)
+                },
+            )
+        })
+    })?;
+    let validation = validation?;
+    let report = Report {
+        step: step.name().into(),
+        status: "succeeded".into(),
+        output: target.dir.clone(),
+        kind: target.kind,
+        tensors: outcome.pieces,
+        tensor_bytes: outcome.tensor_bytes,
+        files: outcome.files.len() + 1,
+        seconds: 0.0,
+        bytes_per_second: 0.0,
+        peak_in_flight_bytes: outcome.peak_in_flight,
+        weights_digest: outcome.weights_digest,
+        manifest: Some(target.dir.join(manifest::FILE_NAME)),
+        validation: validation.map(|v| ValidationSummary {
+            passed: v.passed,
+            failed: v.failed,
+            seconds: v.seconds,
+            report: target.dir.join(crate::validate::FILE_NAME),
+            smoke_test: v.smoke_test.as_ref().map(|t| t.status.clone()),
+            smoke_test_max_abs_diff: v.smoke_test_max_abs_diff,
+        }),
+        plan: Vec::new(),
+        skipped,
+        warnings,
+        reused: false,
+        other_outputs: Vec::new(),
+    };
+    Ok(Prepared::Staged(Staged {
+        staging,
+        report,
+        run_dir: target.run_dir,
+        overwrite: opts.overwrite,
+        started,
+    }))
+}
+
+/// Writes the manifest of a staged output.
+fn write_manifest(
+    step: Step,
+    parameters: &BTreeMap<String, String>,
+    plan: &Plan,
+    outcome: &Outcome,
+    sources: Vec<SourceInfo>,
+    target: &Target,
+    staging: &Path,
+) -> Result<(), Error> {
     let side_files = plan
         .copied
         .iter()
@@ -391,92 +506,72 @@ pub fn stage(
             side_files,
         },
     };
-    let manifest_path = staging.path().join(manifest::FILE_NAME);
-    crate::publish::write_atomic(&manifest_path, m.to_json().as_bytes())?;
-    // Validate before publishing: an output that fails is never put in place.
-    let validation = if opts.validate {
-        progress.phase("validate", outcome.tensor_bytes);
-        let vopts = crate::validate::Options {
-            reference: target.reference.clone(),
-            hf_model: target.hf_model.clone(),
-            smoke_test: opts.smoke_test,
-            rope_as_megatron: target.rope_as_megatron,
-        };
-        let mut v = crate::validate::validate_with(staging.path(), target.kind, false, &vopts);
-        // A merge's smoke test: every merged tensor probed against base + s·B·A.
-        let merged = plan.pieces.iter().any(|p| p.merge.is_some());
-        if opts.smoke_test && target.reference.is_none() && !merged {
-            v.set_smoke_test(
-                crate::validate::SmokeTest {
-                    kind: "forward".into(),
-                    status: "not_applicable".into(),
-                    detail: "not applicable: no reference model for a forward pass (mapping=identity keeps the source's names) and no merged tensors to probe".into(),
-                    comparison: None,
-                    probe: None,
-                },
-                None,
-            );
-        }
-        if opts.smoke_test && merged {
-            let probe_started = Instant::now();
-            let probed = crate::smoke::probe::run(&plan, stores, staging.path(), target.kind);
-            let (t, diff) = crate::validate::probe_smoke_test(probed);
-            v.set_smoke_test(t, diff);
-            v.seconds += probe_started.elapsed().as_secs_f64();
-        }
-        v.path = target.dir.clone();
-        let mut text = serde_json::to_string_pretty(&v).expect("report serializes");
-        text.push('\n');
-        crate::publish::write_atomic(
-            &staging.path().join(crate::validate::FILE_NAME),
-            text.as_bytes(),
-        )?;
-        if v.failed > 0 {
-            return Err(Error::Validation(format!(
-                "{} of {} checks failed, nothing published: {}",
-                v.failed,
-                v.passed + v.failed,
-                v.failures().join("; ")
-            )));
-        }
-        Some(v)
-    } else {
-        None
+    crate::publish::write_atomic(&staging.join(manifest::FILE_NAME), m.to_json().as_bytes())?;
+    Ok(())
+}
+
+/// Validates a staged output before it is published (an output that fails is
+/// never put in place), with the smoke test that fits it: the reference's pass
+/// (run ahead) against the output's, or the probe that ran as the merge wrote.
+#[allow(clippy::too_many_arguments)]
+fn validate_staged(
+    plan: &Plan,
+    target: &Target,
+    staging: &Path,
+    opts: &RunOptions,
+    progress: &dyn Progress,
+    outcome: &Outcome,
+    reference: Option<&Result<crate::smoke::Model, crate::smoke::SmokeError>>,
+    ahead: Option<crate::smoke::Ahead>,
+    probe: Option<&crate::smoke::probe::Probe<'_>>,
+) -> Result<crate::validate::Report, Error> {
+    progress.phase("validate", outcome.tensor_bytes);
+    let vopts = crate::validate::Options {
+        reference: None,
+        hf_model: target.hf_model.clone(),
+        smoke_test: false,
+        rope_as_megatron: target.rope_as_megatron,
     };
-    let report = Report {
-        step: step.name().into(),
-        status: "succeeded".into(),
-        output: target.dir.clone(),
-        kind: target.kind,
-        tensors: outcome.pieces,
-        tensor_bytes: outcome.tensor_bytes,
-        files: outcome.files.len() + 1,
-        seconds: 0.0,
-        bytes_per_second: 0.0,
-        peak_in_flight_bytes: outcome.peak_in_flight,
-        weights_digest: outcome.weights_digest,
-        manifest: Some(target.dir.join(manifest::FILE_NAME)),
-        validation: validation.map(|v| ValidationSummary {
-            passed: v.passed,
-            failed: v.failed,
-            seconds: v.seconds,
-            report: target.dir.join(crate::validate::FILE_NAME),
-            smoke_test: v.smoke_test.as_ref().map(|t| t.status.clone()),
-            smoke_test_max_abs_diff: v.smoke_test_max_abs_diff,
-        }),
-        plan: Vec::new(),
-        skipped,
-        warnings,
-        reused: false,
-        other_outputs: Vec::new(),
-    };
-    Ok(Prepared::Staged(Staged {
-        staging,
-        report,
-        run_dir: target.run_dir,
-        overwrite: opts.overwrite,
-        started,
-    }))
+    let mut v = crate::validate::validate_with(staging, target.kind, false, &vopts);
+    if let Some(r) = reference {
+        let started = Instant::now();
+        let (t, diff) = crate::validate::forward_smoke_test_ahead(
+            r.as_ref(),
+            ahead,
+            staging,
+            target.hf_model.as_deref(),
+            target.rope_as_megatron,
+        );
+        v.set_smoke_test(t, diff);
+        v.seconds += started.elapsed().as_secs_f64();
+    } else if let Some(p) = probe {
+        let (t, diff) = crate::validate::probe_smoke_test(Ok(p.report(plan)));
+        v.set_smoke_test(t, diff);
+    } else if opts.smoke_test {
+        v.set_smoke_test(
+            crate::validate::SmokeTest {
+                kind: "forward".into(),
+                status: "not_applicable".into(),
+                detail: "not applicable: no reference model for a forward pass (mapping=identity keeps the source's names) and no merged tensors to probe".into(),
+                comparison: None,
+                probe: None,
+            },
+            None,
+        );
+    }
+    v.path = target.dir.clone();
+    let mut text = serde_json::to_string_pretty(&v).expect("report serializes");
+    text.push('\n');
+    crate::publish::write_atomic(&staging.join(crate::validate::FILE_NAME), text.as_bytes())?;
+    if v.failed > 0 {
+        return Err(Error::Validation(format!(
+            "{} of {} checks failed, nothing published: {}",
+            v.failed,
+            v.passed + v.failed,
+            v.failures().join("; ")
+        )));
+    }
+    Ok(v)
 }
 
 /// Resolves an output `megatron_path`: a run directory (we write `iter_NNNNNNN`

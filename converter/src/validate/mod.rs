@@ -282,6 +282,46 @@ pub fn forward_smoke_test(
     hf_model: Option<&Path>,
     rope_as_megatron: bool,
 ) -> (SmokeTest, Option<f64>) {
+    let r = open_reference(reference, hf_model, rope_as_megatron);
+    forward_smoke_test_ahead(r.as_ref(), None, dir, hf_model, rope_as_megatron)
+}
+
+fn adjust_rope(m: &mut smoke::Model, rope_as_megatron: bool) {
+    if rope_as_megatron
+        && let Some(at) = &mut m.arch.attention
+        && let Some((_, rope)) = &mut at.rope
+    {
+        *rope = rope.as_megatron_computes();
+    }
+}
+
+/// The reference of a forward smoke test, opened (headers and configuration
+/// only) so that its pass can run before the output exists.
+///
+/// # Errors
+/// [`SmokeError`], its message naming the reference.
+pub fn open_reference(
+    reference: &Path,
+    hf_model: Option<&Path>,
+    rope_as_megatron: bool,
+) -> Result<smoke::Model, SmokeError> {
+    let mut r = smoke::Model::open(reference, hf_model).map_err(|e| match e {
+        SmokeError::Failed(why) => SmokeError::Failed(format!("reference: {why}")),
+        other => other,
+    })?;
+    adjust_rope(&mut r, rope_as_megatron);
+    Ok(r)
+}
+
+/// [`forward_smoke_test`] against an opened reference whose pass may have run
+/// ahead ([`smoke::Model::ahead`]).
+pub fn forward_smoke_test_ahead(
+    reference: Result<&smoke::Model, &SmokeError>,
+    ahead: Option<smoke::Ahead>,
+    dir: &Path,
+    hf_model: Option<&Path>,
+    rope_as_megatron: bool,
+) -> (SmokeTest, Option<f64>) {
     let test = |status: &str, detail: String, c: Option<smoke::Comparison>| SmokeTest {
         kind: "forward".into(),
         status: status.into(),
@@ -289,25 +329,11 @@ pub fn forward_smoke_test(
         comparison: c,
         probe: None,
     };
-    let opened = smoke::Model::open(reference, hf_model)
-        .map_err(|e| match e {
-            SmokeError::Failed(why) => SmokeError::Failed(format!("reference: {why}")),
-            other => other,
-        })
-        .and_then(|r| smoke::Model::open(dir, hf_model).map(|o| (r, o)))
-        .map(|(mut r, mut o)| {
-            if rope_as_megatron {
-                for a in [&mut r.arch, &mut o.arch] {
-                    if let Some(at) = &mut a.attention
-                        && let Some((_, rope)) = &mut at.rope
-                    {
-                        *rope = rope.as_megatron_computes();
-                    }
-                }
-            }
-            (r, o)
-        });
-    let result = opened.and_then(|(r, o)| smoke::compare(&r, &o));
+    let result = reference.map_err(Clone::clone).and_then(|r| {
+        let mut o = smoke::Model::open(dir, hf_model)?;
+        adjust_rope(&mut o, rope_as_megatron);
+        smoke::compare_ahead(r, ahead, &o)
+    });
     match result {
         Ok(c) if c.passed() => {
             let d = c.max_abs_diff;
