@@ -532,18 +532,25 @@ fn validate_staged(
         smoke_test: false,
         rope_as_megatron: target.rope_as_megatron,
     };
-    let mut v = crate::validate::validate_with(staging, target.kind, false, &vopts);
-    if let Some(r) = reference {
-        let started = Instant::now();
-        let (t, diff) = crate::validate::forward_smoke_test_ahead(
-            r.as_ref(),
-            ahead,
-            staging,
-            target.hf_model.as_deref(),
-            target.rope_as_megatron,
-        );
+    // The checks (one read of every file) beside the output's forward pass.
+    let started = Instant::now();
+    let (mut v, forward) = rayon::join(
+        || crate::validate::validate_with(staging, target.kind, false, &vopts),
+        || {
+            reference.map(|r| {
+                crate::validate::forward_smoke_test_ahead(
+                    r.as_ref(),
+                    ahead,
+                    staging,
+                    target.hf_model.as_deref(),
+                    target.rope_as_megatron,
+                )
+            })
+        },
+    );
+    v.seconds = started.elapsed().as_secs_f64();
+    if let Some((t, diff)) = forward {
         v.set_smoke_test(t, diff);
-        v.seconds += started.elapsed().as_secs_f64();
     } else if let Some(p) = probe {
         let (t, diff) = crate::validate::probe_smoke_test(Ok(p.report(plan)));
         v.set_smoke_test(t, diff);

@@ -3,6 +3,7 @@
 
 mod bad_inputs;
 mod cli;
+mod injected_faults;
 mod layers;
 mod merge_lora;
 mod preflight;
