@@ -368,12 +368,19 @@ pub fn stage(
         first.filter(|f| floats.all(|d| d == *f))
     };
     let pool = opts.exec.pool()?;
+    // The reference's pass gets workers of its own: the conversion's mostly wait
+    // for the disk while it computes.
+    let ahead_pool = match reference {
+        Some(Ok(_)) => Some(opts.exec.pool()?),
+        _ => None,
+    };
     let (outcome, validation) = pool.install(|| {
         std::thread::scope(|scope| {
             let ahead = reference
                 .as_ref()
                 .and_then(|r| r.as_ref().ok())
-                .map(|r| scope.spawn(|| pool.install(|| r.ahead(planned_dtype))));
+                .zip(ahead_pool.as_ref())
+                .map(|(r, p)| scope.spawn(|| p.install(|| r.ahead(planned_dtype))));
             execute::execute_with(
                 &plan,
                 stores,
