@@ -1,97 +1,155 @@
-//! End-to-end benchmark: converts a synthetic checkpoint of a real model shape
-//! (Llama 3.2 3B by default, 3.2 billion parameters) both ways and compares each
-//! conversion with a durable copy of the same bytes (`cp -r` then `sync` of the
-//! copied files) measured in the same run, with peak resident memory from the
-//! kernel's accounting of each child process.
+//! End-to-end benchmark of the conversion steps as users run them: the default
+//! step (validation and its smoke test included) both ways, against a durable
+//! copy of the same bytes (`cp -r` then `sync` of the copied files) measured in
+//! the same run, interleaved, with the inputs' pages kept (warm) or dropped
+//! (cold, `posix_fadvise(DONTNEED)` on every input file after a `sync`). Each
+//! stage is timed too, as the same step with `validate=false` (the conversion
+//! alone) and `smoke_test=false` (without the forward passes), and peak resident
+//! memory comes from the kernel's accounting of each child process.
 //!
-//! The conversions run with `validate=false`: the target is for the conversion;
-//! validation (which every conversion runs by default before publishing) is
-//! timed on its own afterwards, as `convert/validate` of the same output.
+//! Models (`CKPT_BENCH_MODELS`, comma-separated; default
+//! `llama-1b,qwen3-moe,nemotron-h`):
+//! - `llama-1b`: TinyLlama-1.1B's shape (22 layers, 2.2 GB bf16);
+//! - `llama-3b`: Llama 3.2 3B's shape (28 layers, 6.4 GB);
+//! - `qwen3-moe`: Qwen3-MoE-30B-A3B's shapes (128 experts, top 8), 2 layers;
+//! - `nemotron-h`: Nemotron-3 Nano 30B-A3B's (`e2e/bridge/nemotron3_nano_30b_a3b_config.json`,
+//!   128 experts), 3 layers: Mamba-2, attention, MoE (`CKPT_BENCH_NEMOTRON_PATTERN`);
+//! - `tiny`: a small Llama, to try the benchmark itself.
 //!
-//! `cargo bench --bench convert` (env: `CKPT_BENCH_DIR`, default
-//! `target/ckpt-bench`, on the filesystem to measure; `CKPT_BENCH_SHAPE=tiny` for
-//! a quick smoke run; `CKPT_BENCH_RUNS`, default 2).
+//! A model needs twice its size free (source and output; the source's weights
+//! are removed before the Megatron → HF half, whose output replaces them) and is
+//! skipped, saying so, without it. Sources are written to `CKPT_BENCH_DIR`
+//! (default `target/ckpt-bench`, on the filesystem to measure) and removed after
+//! (`CKPT_BENCH_KEEP=1` keeps them). `CKPT_BENCH_RUNS` (default 3) runs of each
+//! kind, interleaved; medians are printed with every run. `CKPT_BENCH_BASELINE`
+//! names another `ckpt-convert` binary (an earlier build) whose default step runs
+//! interleaved with the rest, for a before/after in the same run.
+//!
+//! `cargo bench --bench convert`
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
 
 mod support;
 
-use support::{Measured, gib, measure};
+use support::{Cache, Measured, durable_copy, gib, measure, median, rounded, settle};
 
+use ckpt_convert::formats::dtype::DType;
+use ckpt_convert::reference::Arch;
 use ckpt_convert::synthetic::{self, ModelShape};
 
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
+/// A synthetic model: its config.json and tensors.
+struct Model {
+    config: String,
+    tensors: Vec<(String, DType, Vec<u64>)>,
+    vocab: u64,
+}
+
+impl Model {
+    fn bytes(&self) -> u64 {
+        self.tensors
+            .iter()
+            .map(|(_, d, s)| s.iter().product::<u64>() * d.size() as u64)
+            .sum()
+    }
+
+    fn largest(&self) -> u64 {
+        self.tensors
+            .iter()
+            .map(|(_, d, s)| s.iter().product::<u64>() * d.size() as u64)
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn dense(shape: &ModelShape) -> Model {
+        Model {
+            config: shape.config_json(),
+            tensors: shape
+                .tensors()
+                .into_iter()
+                .map(|(n, s)| (n, shape.dtype, s))
+                .collect(),
+            vocab: shape.vocab,
         }
     }
-    out
-}
 
-/// `cp -r src dst` then `sync` of every copied file: the durable-copy baseline.
-fn durable_copy(src: &Path, dst: &Path) -> Measured {
-    let _ = std::fs::remove_dir_all(dst);
-    let start = Instant::now();
-    let cp = measure(Command::new("cp").arg("-r").arg(src).arg(dst));
-    let mut sync = Command::new("sync");
-    sync.args(files_under(dst));
-    measure(&mut sync);
-    Measured {
-        seconds: start.elapsed().as_secs_f64(),
-        max_rss: cp.max_rss,
+    /// Any family, from its config.json: the tensors its architecture has
+    /// (bf16; float32 where models keep it), as validation expects them.
+    fn from_config(config: serde_json::Value) -> Model {
+        let arch = Arch::from_hf_config(&config).expect("a configuration the forward computes");
+        let names = arch.hf_names().expect("HF names for the family");
+        let tied = config["tie_word_embeddings"].as_bool().unwrap_or(false);
+        let tensors = ckpt_convert::validate::expected::hf(&arch, &names, !tied)
+            .into_iter()
+            .filter(|e| !e.optional)
+            .map(|e| {
+                let dtype = if e.fp32_ok { DType::F32 } else { DType::BF16 };
+                (e.names[0].clone(), dtype, e.shape)
+            })
+            .collect();
+        let mut text = serde_json::to_string_pretty(&config).expect("config serializes");
+        text.push('\n');
+        Model {
+            config: text,
+            tensors,
+            vocab: arch.vocab as u64,
+        }
     }
 }
 
-fn report(name: &str, bytes: u64, largest: u64, cp: &[Measured], conv: &[Measured]) {
-    // The median of the runs: one slow run (another process, writeback) should
-    // neither hide nor decide the figure.
-    let median = |v: &[Measured]| {
-        let mut s: Vec<f64> = v.iter().map(|m| m.seconds).collect();
-        s.sort_by(f64::total_cmp);
-        s[s.len() / 2]
-    };
-    let (tc, tv) = (median(cp), median(conv));
-    let rss = conv.iter().map(|m| m.max_rss).max().unwrap_or(0);
-    let limit = 2 * largest + (512 << 20);
-    println!("{name}:");
-    println!(
-        "  durable cp -r: {tc:.2} s ({:.0} MB/s)   conversion: {tv:.2} s ({:.0} MB/s)   ratio {:.2} (target <= 1.30)",
-        bytes as f64 / tc / 1e6,
-        bytes as f64 / tv / 1e6,
-        tv / tc
-    );
-    println!(
-        "  peak RSS {:.2} GiB; largest tensor {:.2} GiB; target <= 2 x largest + 512 MiB = {:.2} GiB ({})",
-        gib(rss),
-        gib(largest),
-        gib(limit),
-        if rss <= limit { "met" } else { "MISSED" }
-    );
-    println!(
-        "  runs: cp {:?} s, convert {:?} s",
-        cp.iter()
-            .map(|m| (m.seconds * 100.0).round() / 100.0)
-            .collect::<Vec<_>>(),
-        conv.iter()
-            .map(|m| (m.seconds * 100.0).round() / 100.0)
-            .collect::<Vec<_>>()
-    );
+fn tinyllama() -> ModelShape {
+    ModelShape {
+        architecture: "LlamaForCausalLM".into(),
+        model_type: "llama".into(),
+        layers: 22,
+        hidden: 2048,
+        intermediate: 5632,
+        heads: 32,
+        kv_heads: 4,
+        head_dim: 64,
+        vocab: 32_000,
+        tied: false,
+        qkv_bias: false,
+        qk_norm: false,
+        dtype: DType::BF16,
+    }
 }
 
-fn main() {
-    // `cargo bench` passes --bench; nothing else is taken from the command line.
-    let shape = match std::env::var("CKPT_BENCH_SHAPE").as_deref() {
-        Ok("tiny") => {
+fn qwen3_moe() -> serde_json::Value {
+    serde_json::json!({
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+        "attention_bias": false, "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+        "decoder_sparse_step": 1, "head_dim": 128, "hidden_act": "silu", "hidden_size": 2048,
+        "initializer_range": 0.02, "intermediate_size": 6144, "max_position_embeddings": 40960,
+        "max_window_layers": 48, "mlp_only_layers": [], "moe_intermediate_size": 768,
+        "norm_topk_prob": true, "num_attention_heads": 32, "num_experts": 128,
+        "num_experts_per_tok": 8, "num_hidden_layers": 2, "num_key_value_heads": 4,
+        "output_router_logits": false, "rms_norm_eps": 1e-6, "rope_scaling": null,
+        "rope_theta": 1_000_000.0, "router_aux_loss_coef": 0.001, "sliding_window": null,
+        "tie_word_embeddings": false, "dtype": "bfloat16", "use_cache": true,
+        "use_sliding_window": false, "vocab_size": 151_936
+    })
+}
+
+fn nemotron_h() -> serde_json::Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../e2e/bridge/nemotron3_nano_30b_a3b_config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("the Nemotron-3 Nano config"))
+            .expect("JSON");
+    let pattern = std::env::var("CKPT_BENCH_NEMOTRON_PATTERN").unwrap_or_else(|_| "M*E".into());
+    cfg["num_hidden_layers"] = pattern.len().into();
+    cfg["hybrid_override_pattern"] = pattern.into();
+    cfg
+}
+
+fn model(name: &str) -> Model {
+    match name {
+        "llama-1b" => Model::dense(&tinyllama()),
+        "llama-3b" => Model::dense(&ModelShape::llama_3b()),
+        "qwen3-moe" => Model::from_config(qwen3_moe()),
+        "nemotron-h" => Model::from_config(nemotron_h()),
+        "tiny" => {
             let mut s = ModelShape::tiny_llama();
             s.layers = 8;
             s.hidden = 512;
@@ -100,112 +158,253 @@ fn main() {
             s.kv_heads = 2;
             s.head_dim = 64;
             s.vocab = 32_000;
-            s
+            Model::dense(&s)
         }
-        _ => ModelShape::llama_3b(),
+        other => panic!(
+            "CKPT_BENCH_MODELS: unknown model {other:?} (llama-1b, llama-3b, qwen3-moe, nemotron-h, tiny)"
+        ),
+    }
+}
+
+/// One kind of run of a step: a binary and extra parameters.
+struct Variant {
+    label: &'static str,
+    bin: PathBuf,
+    extra: &'static [&'static str],
+}
+
+/// The runs of one direction under one cache state.
+struct Timings {
+    copy: Vec<Measured>,
+    variants: Vec<Vec<Measured>>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn direction(
+    step: &str,
+    args: &[String],
+    out: &Path,
+    inputs: &[&Path],
+    copy_src: &Path,
+    copy_dst: &Path,
+    variants: &[Variant],
+    cache: Cache,
+    runs: usize,
+) -> Timings {
+    let mut t = Timings {
+        copy: Vec::new(),
+        variants: variants.iter().map(|_| Vec::new()).collect(),
     };
+    for _ in 0..runs {
+        // Only the inputs and one output or copy at a time.
+        let _ = std::fs::remove_dir_all(out);
+        settle(cache, inputs);
+        t.copy.push(durable_copy(copy_src, copy_dst));
+        let _ = std::fs::remove_dir_all(copy_dst);
+        for (v, times) in variants.iter().zip(&mut t.variants) {
+            let _ = std::fs::remove_dir_all(out);
+            settle(cache, inputs);
+            times.push(measure(
+                Command::new(&v.bin)
+                    .arg("run")
+                    .arg(step)
+                    .args(args)
+                    .args(v.extra)
+                    .arg("--json"),
+            ));
+        }
+    }
+    t
+}
+
+fn report(step: &str, cache: Cache, m: &Model, variants: &[Variant], t: &Timings, load: &str) {
+    let seconds = |v: &[Measured]| v.iter().map(|m| m.seconds).collect::<Vec<_>>();
+    let copy = median(&seconds(&t.copy));
+    let limit = 2 * m.largest() + (512 << 20);
+    println!(
+        "{step}, {} cache (load {load} → {}):",
+        cache.name(),
+        support::load()
+    );
+    println!(
+        "  {:<34} {copy:6.2} s  {:>6.0} MB/s              runs {:?}",
+        "durable copy (cp -r + sync)",
+        m.bytes() as f64 / copy / 1e6,
+        rounded(&seconds(&t.copy))
+    );
+    for (v, runs) in variants.iter().zip(&t.variants) {
+        let s = median(&seconds(runs));
+        let rss = runs.iter().map(|r| r.max_rss).max().unwrap_or(0);
+        let target = if v.extra.is_empty() {
+            format!(
+                " (target <= 1.20: {}; RSS <= {:.2}: {})",
+                if s / copy <= 1.2 { "met" } else { "MISSED" },
+                gib(limit),
+                if rss <= limit { "met" } else { "MISSED" }
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "  {:<34} {s:6.2} s  {:5.2} x copy  RSS {:.2} GiB  runs {:?}{target}",
+            v.label,
+            s / copy,
+            gib(rss),
+            rounded(&seconds(runs)),
+        );
+    }
+    // The default step's stages, from its own reports (validation runs beside
+    // the final fsync; the reference's forward pass beside the conversion).
+    if let Some(runs) = t.variants.first() {
+        let pick = |p: &str| {
+            median(
+                &runs
+                    .iter()
+                    .filter_map(|r| support::json_f64(&r.stdout, p))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        if runs
+            .iter()
+            .all(|r| support::json_f64(&r.stdout, "/validation/seconds").is_some())
+        {
+            println!(
+                "  stages of the default step: validation {:.2} s after the data was written (checks beside the output's forward pass, beside the final fsync)",
+                pick("/validation/seconds")
+            );
+        }
+    }
+}
+
+fn main() {
     let runs: usize = std::env::var("CKPT_BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(2);
+        .unwrap_or(3);
     let root = std::env::var_os("CKPT_BENCH_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/ckpt-bench"));
-    let bin = env!("CARGO_BIN_EXE_ckpt-convert");
-    let params = shape.parameters();
-    let bytes = params * shape.dtype.size() as u64;
-    let largest = shape
-        .tensors()
-        .iter()
-        .map(|(_, s)| s.iter().product::<u64>() * shape.dtype.size() as u64)
-        .max()
-        .unwrap_or(0);
-    println!(
-        "benchmark: {} {} layers hidden {} ({:.2} B parameters, {:.2} GiB {}), {} threads, in {}",
-        shape.architecture,
-        shape.layers,
-        shape.hidden,
-        params as f64 / 1e9,
-        gib(bytes),
-        shape.dtype,
-        std::thread::available_parallelism().map_or(1, |n| n.get()),
-        root.display()
-    );
+    let keep = std::env::var_os("CKPT_BENCH_KEEP").is_some();
+    let models = std::env::var("CKPT_BENCH_MODELS")
+        .unwrap_or_else(|_| "llama-1b,qwen3-moe,nemotron-h".into());
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_ckpt-convert"));
+    let mut variants = vec![Variant {
+        label: "default step (validated)",
+        bin: bin.clone(),
+        extra: &[],
+    }];
+    if let Some(b) = std::env::var_os("CKPT_BENCH_BASELINE") {
+        variants.push(Variant {
+            label: "baseline binary, default step",
+            bin: b.into(),
+            extra: &[],
+        });
+    }
+    variants.push(Variant {
+        label: "smoke_test=false",
+        bin: bin.clone(),
+        extra: &["smoke_test=false"],
+    });
+    variants.push(Variant {
+        label: "validate=false (conversion alone)",
+        bin,
+        extra: &["validate=false"],
+    });
     std::fs::create_dir_all(&root).unwrap();
-    let src = root.join(format!(
-        "src-{}-{}l-{}h",
-        shape.model_type, shape.layers, shape.hidden
-    ));
-    if !src.join("config.json").is_file() {
-        let _ = std::fs::remove_dir_all(&src);
-        let t = Instant::now();
-        synthetic::write_hf(&src, &shape, 1, 5_000_000_000)
-            .expect("write the synthetic checkpoint");
+    println!(
+        "benchmark of the default conversion steps: {}",
+        support::machine(&root)
+    );
+    for name in models.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let m = model(name);
+        let need = 2 * m.bytes() + (1 << 30);
+        let src = root.join(format!("src-{name}"));
+        let have = if src.exists() {
+            support::size_of(&src)
+        } else {
+            0
+        };
+        if support::free_bytes(&root) + have < need {
+            println!(
+                "{name}: skipped: needs {:.1} GiB free in {} (source and output), {:.1} GiB are",
+                gib(need),
+                root.display(),
+                gib(support::free_bytes(&root) + have)
+            );
+            continue;
+        }
         println!(
-            "  wrote the synthetic source in {:.1} s",
-            t.elapsed().as_secs_f64()
+            "{name}: {} tensors, {:.2} GB, largest tensor {:.2} GiB, {runs} runs of each kind",
+            m.tensors.len(),
+            m.bytes() as f64 / 1e9,
+            gib(m.largest())
         );
-    }
-    let meg = root.join("megatron");
-    let back = root.join("hf-back");
-    let copy = root.join("copy");
-    let (mut cp1, mut to_meg, mut cp2, mut to_hf) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..runs {
-        cp1.push(durable_copy(&src, &copy));
-        let _ = std::fs::remove_dir_all(&meg);
-        to_meg.push(measure(
-            Command::new(bin)
-                .arg("run")
-                .arg("convert/hf_to_megatron")
-                .arg(format!("hf_model_id={}", src.display()))
-                .arg(format!("megatron_path={}", meg.display()))
-                .arg("validate=false"),
-        ));
+        if !src.join("config.json").is_file() {
+            let _ = std::fs::remove_dir_all(&src);
+            let t = std::time::Instant::now();
+            synthetic::write_hf_tensors(&src, &m.config, &m.tensors, m.vocab, 1, 5_000_000_000)
+                .expect("write the synthetic source");
+            println!("  wrote the source in {:.1} s", t.elapsed().as_secs_f64());
+        }
+        let (meg, back, copy) = (
+            root.join(format!("megatron-{name}")),
+            root.join(format!("hf-back-{name}")),
+            root.join("copy"),
+        );
         let iter = meg.join("iter_0000000");
-        cp2.push(durable_copy(&iter, &copy));
+        let to_megatron = [
+            format!("hf_model_id={}", src.display()),
+            format!("megatron_path={}", meg.display()),
+        ];
+        for cache in [Cache::Warm, Cache::Cold] {
+            let load = support::load();
+            let t = direction(
+                "convert/hf_to_megatron",
+                &to_megatron,
+                &meg,
+                &[&src],
+                &src,
+                &copy,
+                &variants,
+                cache,
+                runs,
+            );
+            report("convert/hf_to_megatron", cache, &m, &variants, &t, &load);
+        }
+        // The Megatron → HF half reads the iteration and the source's config and
+        // tokenizer; its weights make room for the output.
+        if !keep {
+            for p in support::files_under(&src) {
+                let n = p.file_name().unwrap().to_string_lossy().into_owned();
+                if n.ends_with(".safetensors") || n == "model.safetensors.index.json" {
+                    std::fs::remove_file(p).unwrap();
+                }
+            }
+        }
+        let to_hf = [
+            format!("megatron_path={}", iter.display()),
+            format!("hf_model_id={}", src.display()),
+            format!("hf_path={}", back.display()),
+        ];
+        for cache in [Cache::Warm, Cache::Cold] {
+            let load = support::load();
+            let t = direction(
+                "convert/megatron_to_hf",
+                &to_hf,
+                &back,
+                &[&iter, &src],
+                &iter,
+                &copy,
+                &variants,
+                cache,
+                runs,
+            );
+            report("convert/megatron_to_hf", cache, &m, &variants, &t, &load);
+        }
         let _ = std::fs::remove_dir_all(&back);
-        to_hf.push(measure(
-            Command::new(bin)
-                .arg("run")
-                .arg("convert/megatron_to_hf")
-                .arg(format!("megatron_path={}", iter.display()))
-                .arg(format!("hf_model_id={}", src.display()))
-                .arg(format!("hf_path={}", back.display()))
-                .arg("validate=false"),
-        ));
+        let _ = std::fs::remove_dir_all(&meg);
+        if !keep {
+            let _ = std::fs::remove_dir_all(&src);
+        }
     }
-    report("convert/hf_to_megatron", bytes, largest, &cp1, &to_meg);
-    report("convert/megatron_to_hf", bytes, largest, &cp2, &to_hf);
-    let _ = std::fs::remove_dir_all(&copy);
-    // Validation on its own (warm cache, 2 threads as on the reference machine): the
-    // streaming scans, then the scans plus the forward pass of 8 tokens through the
-    // source and the output.
-    let iter = meg.join("iter_0000000");
-    let validate = |extra: &[String]| {
-        measure(
-            Command::new(bin)
-                .arg("validate")
-                .arg(&iter)
-                .args(["--threads", "2"])
-                .args(extra),
-        )
-    };
-    let scan = validate(&["smoke_test=false".to_owned()]);
-    let full = validate(&[format!("reference={}", src.display())]);
-    println!(
-        "convert/validate of the Megatron output ({:.2} GiB), 2 threads:",
-        gib(bytes)
-    );
-    println!(
-        "  checks without the smoke test: {:.2} s ({:.0} MB/s), peak RSS {:.2} GiB",
-        scan.seconds,
-        bytes as f64 / scan.seconds / 1e6,
-        gib(scan.max_rss)
-    );
-    println!(
-        "  with the smoke test (forward of source and output): {:.2} s, peak RSS {:.2} GiB",
-        full.seconds,
-        gib(full.max_rss)
-    );
 }

@@ -9,15 +9,20 @@
 //!
 //! `cargo bench --bench merge_lora`. Environment: `CKPT_BENCH_DIR` (default
 //! `target/ckpt-bench`, on the filesystem to measure), `CKPT_PYTHON` (a Python with
-//! torch, transformers and peft; default `python3`), `CKPT_BENCH_RUNS` (default 1),
-//! `CKPT_BENCH_SHAPE=tiny` for a quick smoke run.
+//! torch, transformers and peft; default `python3`), `CKPT_BENCH_RUNS` (default 3,
+//! interleaved; medians printed with every run), `CKPT_BENCH_BASELINE` (another
+//! `ckpt-convert` binary whose default step runs interleaved, for a before/after),
+//! `CKPT_BENCH_SHAPE=tiny` for a quick smoke run. Each side runs warm (inputs as
+//! the previous run left them) and cold (their pages dropped first, see
+//! `support::settle`); ours also with `smoke_test=false` and `validate=false`, to
+//! time the merge probe and the other checks.
 //!
 //! What each side does: PEFT loads the base (bf16), loads the adapter, merges, and
 //! saves (no fsync; `torch.set_num_threads` = the cores we use). We run the whole
-//! step: preflight, plan, merge, write, fsync every file, digests, manifest and the
-//! validation pass that re-reads the output. Before each measured run, `sync`
-//! (not timed) flushes what the previous run left dirty, so neither side pays for
-//! the other's write-back.
+//! step: preflight, plan, merge (each merged tensor probed as it is written), write,
+//! fsync every file, digests, manifest and the validation pass that re-reads the
+//! output. Before each measured run, `sync` (not timed) flushes what the previous
+//! run left dirty, so neither side pays for the other's write-back.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -25,7 +30,7 @@ use std::process::Command;
 
 mod support;
 
-use support::{Measured, gib, measure};
+use support::{Cache, Measured, gib, measure, median, rounded, settle};
 
 use ckpt_convert::formats::hf::HfCheckpoint;
 use ckpt_convert::synthetic::{self, ModelShape};
@@ -197,12 +202,6 @@ fn compare(a: &Path, b: &Path) -> (usize, u64, u64, u32) {
     (names.len(), elements, differ, worst)
 }
 
-fn median(v: &[Measured]) -> &Measured {
-    let mut idx: Vec<usize> = (0..v.len()).collect();
-    idx.sort_by(|&a, &b| v[a].seconds.total_cmp(&v[b].seconds));
-    &v[idx[v.len() / 2]]
-}
-
 fn main() {
     let shape = match std::env::var("CKPT_BENCH_SHAPE").as_deref() {
         Ok("tiny") => {
@@ -220,25 +219,25 @@ fn main() {
     let runs: usize = std::env::var("CKPT_BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
+        .unwrap_or(3);
     let python = std::env::var("CKPT_PYTHON").unwrap_or_else(|_| "python3".into());
     let root = std::env::var_os("CKPT_BENCH_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/ckpt-bench"));
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let bin = env!("CARGO_BIN_EXE_ckpt-convert");
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_ckpt-convert"));
     let r = 16;
+    std::fs::create_dir_all(&root).unwrap();
     println!(
-        "merge benchmark: {} {} layers hidden {} ({:.2} B parameters, {}), LoRA r={r} on {} modules per layer, {threads} threads, in {}",
+        "merge benchmark: {} {} layers hidden {} ({:.2} B parameters, {}), LoRA r={r} on {} modules per layer; {}",
         shape.architecture,
         shape.layers,
         shape.hidden,
         shape.parameters() as f64 / 1e9,
         shape.dtype,
         MODULES.len(),
-        root.display()
+        support::machine(&root)
     );
-    std::fs::create_dir_all(&root).unwrap();
     let base = root.join(format!("merge-base-{}l-{}h", shape.layers, shape.hidden));
     if !base.join("config.json").is_file() {
         let _ = std::fs::remove_dir_all(&base);
@@ -255,65 +254,106 @@ fn main() {
     let script = root.join("peft_merge.py");
     std::fs::write(&script, PEFT_SCRIPT).unwrap();
     let (peft_out, ours_out) = (root.join("merged-peft"), root.join("merged-ours"));
-    let (mut peft, mut ours) = (Vec::new(), Vec::new());
-    let settle = || {
-        Command::new("sync").status().expect("sync");
-    };
-    for _ in 0..runs {
-        let _ = std::fs::remove_dir_all(&peft_out);
-        settle();
-        peft.push(measure(
-            Command::new(&python)
-                .arg(&script)
-                .arg(&base)
-                .arg(&adapter)
-                .arg(&peft_out)
-                .arg(threads.to_string())
-                .env("HF_HUB_OFFLINE", "1")
-                .env("TRANSFORMERS_OFFLINE", "1"),
-        ));
-        let _ = std::fs::remove_dir_all(&ours_out);
-        settle();
-        ours.push(measure(
-            Command::new(bin)
-                .arg("run")
-                .arg("convert/merge_lora")
-                .arg(format!("lora_checkpoint={}", adapter.display()))
-                .arg(format!("base_hf_path={}", base.display()))
-                .arg(format!("output_hf_path={}", ours_out.display())),
-        ));
+    // (label, binary, extra parameters): the default step first.
+    let mut variants: Vec<(&str, PathBuf, &[&str])> =
+        vec![("ckpt-convert default step (validated)", bin.clone(), &[])];
+    if let Some(b) = std::env::var_os("CKPT_BENCH_BASELINE") {
+        variants.push(("baseline binary, default step", b.into(), &[]));
     }
-    let (p, o) = (median(&peft), median(&ours));
-    println!(
-        "  PEFT merge_and_unload + save_pretrained: {:.2} s, peak RSS {:.2} GiB",
-        p.seconds,
-        gib(p.max_rss)
+    variants.push(("smoke_test=false (no merge probe)", bin.clone(), &["smoke_test=false"]));
+    variants.push(("validate=false (merge alone)", bin, &["validate=false"]));
+    for cache in [Cache::Warm, Cache::Cold] {
+        let load = support::load();
+        let mut peft = Vec::new();
+        let mut ours: Vec<Vec<Measured>> = variants.iter().map(|_| Vec::new()).collect();
+        for _ in 0..runs {
+            // One output on disk at a time.
+            let _ = std::fs::remove_dir_all(&ours_out);
+            let _ = std::fs::remove_dir_all(&peft_out);
+            settle(cache, &[&base, &adapter]);
+            peft.push(measure(
+                Command::new(&python)
+                    .arg(&script)
+                    .arg(&base)
+                    .arg(&adapter)
+                    .arg(&peft_out)
+                    .arg(threads.to_string())
+                    .env("HF_HUB_OFFLINE", "1")
+                    .env("TRANSFORMERS_OFFLINE", "1"),
+            ));
+            let _ = std::fs::remove_dir_all(&peft_out);
+            for ((_, b, extra), times) in variants.iter().zip(&mut ours) {
+                let _ = std::fs::remove_dir_all(&ours_out);
+                settle(cache, &[&base, &adapter]);
+                times.push(measure(
+                    Command::new(b)
+                        .arg("run")
+                        .arg("convert/merge_lora")
+                        .arg(format!("lora_checkpoint={}", adapter.display()))
+                        .arg(format!("base_hf_path={}", base.display()))
+                        .arg(format!("output_hf_path={}", ours_out.display()))
+                        .args(*extra),
+                ));
+            }
+        }
+        let seconds = |v: &[Measured]| v.iter().map(|m| m.seconds).collect::<Vec<_>>();
+        let rss = |v: &[Measured]| v.iter().map(|m| m.max_rss).max().unwrap_or(0);
+        let tp = median(&seconds(&peft));
+        println!(
+            "{} cache (load {load} → {}):",
+            cache.name(),
+            support::load()
+        );
+        println!(
+            "  {:<40} {tp:6.2} s  peak RSS {:.2} GiB  runs {:?}",
+            "PEFT merge_and_unload + save_pretrained",
+            gib(rss(&peft)),
+            rounded(&seconds(&peft))
+        );
+        for ((label, _, extra), times) in variants.iter().zip(&ours) {
+            let t = median(&seconds(times));
+            let (speedup, memory) = (tp / t, rss(times) as f64 / rss(&peft) as f64);
+            let targets = if extra.is_empty() {
+                format!(
+                    " (targets >= 10x: {}, <= 0.25: {})",
+                    if speedup >= 10.0 { "met" } else { "MISSED" },
+                    if memory <= 0.25 { "met" } else { "MISSED" }
+                )
+            } else {
+                String::new()
+            };
+            println!(
+                "  {label:<40} {t:6.2} s  peak RSS {:.2} GiB  {speedup:5.1}x faster than PEFT, {memory:.2} of its memory  runs {:?}{targets}",
+                gib(rss(times)),
+                rounded(&seconds(times))
+            );
+        }
+    }
+    // The outputs of one more run of each, compared.
+    let _ = std::fs::remove_dir_all(&ours_out);
+    measure(
+        Command::new(&variants[0].1)
+            .arg("run")
+            .arg("convert/merge_lora")
+            .arg(format!("lora_checkpoint={}", adapter.display()))
+            .arg(format!("base_hf_path={}", base.display()))
+            .arg(format!("output_hf_path={}", ours_out.display())),
     );
-    println!(
-        "  ckpt-convert convert/merge_lora:         {:.2} s, peak RSS {:.2} GiB (with fsync, digests, manifest, validation)",
-        o.seconds,
-        gib(o.max_rss)
-    );
-    let speedup = p.seconds / o.seconds;
-    let memory = o.max_rss as f64 / p.max_rss as f64;
-    println!(
-        "  speed-up {speedup:.1}x (target >= 5x: {}), memory {:.2} of PEFT's (target <= 0.25: {})",
-        if speedup >= 5.0 { "met" } else { "MISSED" },
-        memory,
-        if memory <= 0.25 { "met" } else { "MISSED" }
-    );
-    println!(
-        "  runs: PEFT {:?} s, ours {:?} s",
-        peft.iter()
-            .map(|m| (m.seconds * 100.0).round() / 100.0)
-            .collect::<Vec<_>>(),
-        ours.iter()
-            .map(|m| (m.seconds * 100.0).round() / 100.0)
-            .collect::<Vec<_>>()
+    measure(
+        Command::new(&python)
+            .arg(&script)
+            .arg(&base)
+            .arg(&adapter)
+            .arg(&peft_out)
+            .arg(threads.to_string())
+            .env("HF_HUB_OFFLINE", "1")
+            .env("TRANSFORMERS_OFFLINE", "1"),
     );
     let (tensors, elements, differ, worst) = compare(&ours_out, &peft_out);
     println!(
         "  outputs: {tensors} tensors, {elements} elements, {differ} differ ({:.2e}), max {worst} bf16 ulp",
         differ as f64 / elements.max(1) as f64
     );
+    let _ = std::fs::remove_dir_all(&ours_out);
+    let _ = std::fs::remove_dir_all(&peft_out);
 }

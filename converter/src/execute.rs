@@ -46,6 +46,22 @@ pub trait Progress: Sync {
     fn finish(&self);
 }
 
+/// Sees each piece's bytes right after they are written, on the worker that
+/// produced them, while they are still in cache: a check that costs one pass
+/// over data already in hand (the LoRA merge probe) rather than a re-read.
+pub trait Observer: Sync {
+    /// `bytes` are the piece's output, row-major in its dtype, as written.
+    fn written(&self, piece: &Piece, bytes: &[u8]);
+}
+
+/// An [`Observer`] that looks at nothing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Unobserved;
+
+impl Observer for Unobserved {
+    fn written(&self, _: &Piece, _: &[u8]) {}
+}
+
 /// A [`Progress`] that reports nothing.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Silent;
@@ -348,6 +364,79 @@ fn failpoint(done: u64) {
     crate::failpoint::pieces(done);
 }
 
+/// Test hooks that make a run produce a wrong output (with the `failpoints`
+/// feature), so tests can show that validation catches it and publishes nothing.
+/// Each is applied before the piece's digest is taken, as a faulty kernel would:
+/// - `CKPT_CONVERT_FAIL_MERGE_SCALE=F` multiplies the scale of every merge update by F;
+/// - `CKPT_CONVERT_FAIL_UNMERGED_ROW=PIECE:ROW` leaves that row of a merged piece
+///   as it was before the merge;
+/// - `CKPT_CONVERT_FAIL_SWAP_ROWS=PIECE:A:B:N` swaps rows `A..A+N` and `B..B+N` of
+///   a piece's output (two attention heads trading places).
+#[cfg(feature = "failpoints")]
+mod faults {
+    use crate::plan::{LoraMerge, Piece, Update};
+
+    fn var(name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+
+    /// `PIECE:N:N…` when it names `piece`: the numbers.
+    fn for_piece(name: &str, piece: &Piece) -> Option<Vec<u64>> {
+        let v = var(name)?;
+        let mut parts: Vec<&str> = v.split(':').collect();
+        let mut numbers = Vec::new();
+        while let Some(n) = parts.last().and_then(|p| p.parse::<u64>().ok()) {
+            numbers.insert(0, n);
+            parts.pop();
+        }
+        (parts.join(":") == piece.name).then_some(numbers)
+    }
+
+    pub fn merge(m: &LoraMerge) -> Option<LoraMerge> {
+        let f: f32 = var("CKPT_CONVERT_FAIL_MERGE_SCALE")?.parse().ok()?;
+        let mut m = m.clone();
+        for u in &mut m.updates {
+            match u {
+                Update::Linear { scale, .. }
+                | Update::Embedding { scale, .. }
+                | Update::Bias { scale, .. } => *scale *= f,
+                Update::Rows { .. } => {}
+            }
+        }
+        Some(m)
+    }
+
+    pub fn unmerged_row(piece: &Piece) -> Option<u64> {
+        for_piece("CKPT_CONVERT_FAIL_UNMERGED_ROW", piece)?
+            .first()
+            .copied()
+    }
+
+    pub fn swap_rows(piece: &Piece) -> Option<(u64, u64, u64)> {
+        match for_piece("CKPT_CONVERT_FAIL_SWAP_ROWS", piece)?[..] {
+            [a, b, n] => Some((a, b, n)),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(not(feature = "failpoints"))]
+mod faults {
+    use crate::plan::{LoraMerge, Piece};
+
+    pub fn merge(_: &LoraMerge) -> Option<LoraMerge> {
+        None
+    }
+
+    pub fn unmerged_row(_: &Piece) -> Option<u64> {
+        None
+    }
+
+    pub fn swap_rows(_: &Piece) -> Option<(u64, u64, u64)> {
+        None
+    }
+}
+
 /// Runs `plan` against `stores`, writing under `root` (a fresh staging directory).
 ///
 /// # Errors
@@ -360,12 +449,23 @@ pub fn execute(
     opts: &Options,
     progress: &dyn Progress,
 ) -> Result<Outcome, ExecuteError> {
-    check(plan, stores)?;
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(opts.threads.max(1))
-        .build()
-        .map_err(|e| ExecuteError::Plan(format!("cannot start worker threads: {e}")))?;
-    pool.install(|| run(plan, stores, root, opts, progress))
+    let pool = opts.pool()?;
+    pool.install(|| execute_with(plan, stores, root, opts, progress, &Unobserved, |_| ()))
+        .map(|(outcome, ())| outcome)
+}
+
+impl Options {
+    /// A worker pool of [`Options::threads`] threads, for callers that run more
+    /// work beside an execution on the same workers.
+    ///
+    /// # Errors
+    /// [`ExecuteError::Plan`] when the threads cannot be started.
+    pub fn pool(&self) -> Result<rayon::ThreadPool, ExecuteError> {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(self.threads.max(1))
+            .build()
+            .map_err(|e| ExecuteError::Plan(format!("cannot start worker threads: {e}")))
+    }
 }
 
 fn create(root: &Path, rel: &str) -> Result<(PathBuf, File), ExecuteError> {
@@ -382,13 +482,25 @@ fn create(root: &Path, rel: &str) -> Result<(PathBuf, File), ExecuteError> {
     Ok((path, file))
 }
 
-fn run(
+/// [`execute`] on the current worker pool, with `observer` shown every piece as it
+/// is written, and `then` run on the outcome while the files are still being made
+/// durable (their digests are known; the final fsyncs are under way), so a check
+/// of the output overlaps the wait for the disk. Returns only once every file and
+/// directory is durable, with what `then` returned.
+///
+/// # Errors
+/// [`ExecuteError`], as [`execute`]; `then` has not run when writing failed.
+pub fn execute_with<R>(
     plan: &Plan,
     stores: &[&dyn TensorStore],
     root: &Path,
     opts: &Options,
     progress: &dyn Progress,
-) -> Result<Outcome, ExecuteError> {
+    observer: &dyn Observer,
+    then: impl FnOnce(&Outcome) -> R,
+) -> Result<(Outcome, R), ExecuteError> {
+    check(plan, stores)?;
+
     // Lay out every data file before any tensor moves.
     let mut outputs: Vec<(PathBuf, File)> = Vec::with_capacity(plan.files.len());
     // Buffered writes to one file serialize on its inode lock, and a writer that
@@ -433,7 +545,7 @@ fn run(
         .par_iter()
         .try_for_each(|piece| -> Result<(), ExecuteError> {
             let charge = budget.acquire(footprint(piece));
-            let result = write_piece(piece, stores, &outputs, &write_locks, &sources);
+            let result = write_piece(piece, stores, &outputs, &write_locks, &sources, observer);
             budget.release(charge);
             let digest = result?;
             piece_digests.lock().expect("digest lock").push(format!(
@@ -470,48 +582,69 @@ fn run(
         outputs.push((path, file));
     }
 
-    // Make every byte durable and digest it, files in parallel.
+    // Make every byte durable on one thread (it mostly waits for the disk) while
+    // the others read the files back for their digests, then run `then`.
     let total: u64 = outputs
         .iter()
         .map(|(_, f)| f.metadata().map(|m| m.len()).unwrap_or(0))
         .sum();
     progress.phase("sync", total);
-    let mut files: Vec<FileRecord> = outputs
-        .par_iter()
-        .map(|(path, file)| -> Result<FileRecord, ExecuteError> {
-            file.sync_all().map_err(io(path))?;
-            let (size, digest) = crate::formats::digest::file(path).map_err(io(path))?;
-            progress.advance(size);
-            let rel = path
-                .strip_prefix(root)
-                .expect("outputs live under the root")
-                .to_string_lossy()
-                .into_owned();
-            Ok(FileRecord {
-                path: rel,
-                size,
-                xxh3: digest,
+    std::thread::scope(|scope| {
+        // The directories as they are now: `then` may add files beside them
+        // (it makes its own durable).
+        let dirs = dirs_under(root);
+        let durable = scope.spawn(|| -> Result<(), ExecuteError> {
+            for (path, file) in &outputs {
+                file.sync_all().map_err(io(path))?;
+            }
+            for dir in dirs? {
+                File::open(&dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io(&dir))?;
+            }
+            Ok(())
+        });
+        let digested = outputs
+            .par_iter()
+            .map(|(path, _)| -> Result<FileRecord, ExecuteError> {
+                let (size, digest) = crate::formats::digest::file(path).map_err(io(path))?;
+                progress.advance(size);
+                let rel = path
+                    .strip_prefix(root)
+                    .expect("outputs live under the root")
+                    .to_string_lossy()
+                    .into_owned();
+                Ok(FileRecord {
+                    path: rel,
+                    size,
+                    xxh3: digest,
+                })
             })
-        })
-        .collect::<Result<_, _>>()?;
-    files.sort_by(|a, b| a.path.cmp(&b.path));
-    sync_dirs(root)?;
-    tracing::info!(
-        seconds = started.elapsed().as_secs_f64(),
-        "outputs synced and digested"
-    );
-
-    let (source_digests, source_chunks) = sources.finish(stores.len());
-    Ok(Outcome {
-        files,
-        weights_digest: crate::formats::digest::of_lines(
-            piece_digests.into_inner().expect("digest lock"),
-        ),
-        source_digests,
-        source_chunks,
-        pieces: plan.pieces.len(),
-        tensor_bytes: plan.tensor_bytes(),
-        peak_in_flight: budget.peak.load(Ordering::Relaxed),
+            .collect::<Result<Vec<_>, _>>();
+        let outcome = digested.map(|mut files| {
+            files.sort_by(|a, b| a.path.cmp(&b.path));
+            let (source_digests, source_chunks) = sources.finish(stores.len());
+            Outcome {
+                files,
+                weights_digest: crate::formats::digest::of_lines(
+                    piece_digests.into_inner().expect("digest lock"),
+                ),
+                source_digests,
+                source_chunks,
+                pieces: plan.pieces.len(),
+                tensor_bytes: plan.tensor_bytes(),
+                peak_in_flight: budget.peak.load(Ordering::Relaxed),
+            }
+        });
+        let after = outcome.as_ref().ok().map(then);
+        let synced = durable.join().expect("the fsync thread does not panic");
+        let outcome = outcome?;
+        synced?;
+        tracing::info!(
+            seconds = started.elapsed().as_secs_f64(),
+            "outputs synced and digested"
+        );
+        Ok((outcome, after.expect("then ran on the outcome")))
     })
 }
 
@@ -522,6 +655,7 @@ fn write_piece(
     outputs: &[(PathBuf, File)],
     write_locks: &[Mutex<()>],
     sources: &SourceDigests,
+    observer: &dyn Observer,
 ) -> Result<String, ExecuteError> {
     let mut in_dtypes: Vec<DType> = Vec::with_capacity(piece.inputs.len());
     let mut in_bytes: Vec<Cow<'_, [u8]>> = Vec::with_capacity(piece.inputs.len());
@@ -576,10 +710,32 @@ fn write_piece(
                 .map(|(d, b)| (*d, b.as_ref()))
                 .collect();
             let base = in_place.then(|| in_bytes[0].as_ref());
+            let faulty = faults::merge(merge);
+            let merge = faulty.as_ref().unwrap_or(merge);
+            let row_bytes = (piece.shape.last().copied().unwrap_or(1) * oes) as usize;
+            let kept = faults::unmerged_row(piece).map(|r| {
+                let at = r as usize * row_bytes;
+                let before: &[u8] = base.unwrap_or(&out);
+                (at, before[at..at + row_bytes].to_vec())
+            });
             crate::plan::merge::apply(merge, piece.dtype, &piece.shape, &inputs, base, &mut out);
+            if let Some((at, row)) = kept {
+                out[at..at + row.len()].copy_from_slice(&row);
+            }
         }
         Cow::Owned(out)
     };
+    let mut data = data;
+    if let Some((a, b, n)) = faults::swap_rows(piece) {
+        let row = (piece.shape.last().copied().unwrap_or(1) * piece.dtype.size() as u64) as usize;
+        let d = data.to_mut();
+        for i in 0..n as usize {
+            let (x, y) = ((a as usize + i) * row, (b as usize + i) * row);
+            let tmp = d[x..x + row].to_vec();
+            d.copy_within(y..y + row, x);
+            d[y..y + row].copy_from_slice(&tmp);
+        }
+    }
     let digest = xxh3_128(&data);
     // A plain copy of one whole chunk is that chunk's bytes: its digest is the
     // source digest too, so the bytes are hashed once.
@@ -612,6 +768,7 @@ fn write_piece(
             start_writeback(f, *offset, layout.len());
         }
     }
+    observer.written(piece, &data);
     drop(data);
     drop(in_bytes);
     // Release the mapped inputs so resident memory follows the pieces in flight.
@@ -646,11 +803,9 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
 #[cfg(not(target_os = "linux"))]
 fn start_writeback(_: &File, _: u64, _: u64) {}
 
-/// Fsyncs `root` and every directory under it, so new entries are durable.
-///
-/// # Errors
-/// The I/O error of opening or syncing a directory.
-pub fn sync_dirs(root: &Path) -> Result<(), ExecuteError> {
+/// `root` and every directory under it.
+fn dirs_under(root: &Path) -> Result<Vec<PathBuf>, ExecuteError> {
+    let mut out = Vec::new();
     let mut stack = vec![root.to_owned()];
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).map_err(io(&dir))? {
@@ -659,6 +814,17 @@ pub fn sync_dirs(root: &Path) -> Result<(), ExecuteError> {
                 stack.push(entry.path());
             }
         }
+        out.push(dir);
+    }
+    Ok(out)
+}
+
+/// Fsyncs `root` and every directory under it, so new entries are durable.
+///
+/// # Errors
+/// The I/O error of opening or syncing a directory.
+pub fn sync_dirs(root: &Path) -> Result<(), ExecuteError> {
+    for dir in dirs_under(root)? {
         File::open(&dir)
             .and_then(|d| d.sync_all())
             .map_err(io(&dir))?;

@@ -1,7 +1,9 @@
 //! Deterministic synthetic checkpoints of real model shapes, for the demo, tests
 //! and benchmarks: HF directories with `config.json`, a small tokenizer, a chat
 //! template and sharded safetensors weights, written with positioned writes and
-//! never held in memory whole.
+//! never held in memory whole. Dense Llama-family shapes come from
+//! [`ModelShape`]; any other family from its config.json and tensor list
+//! ([`write_hf_tensors`]).
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
@@ -239,21 +241,44 @@ pub fn write_hf(
     seed: u64,
     max_shard_size: u64,
 ) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let tensors = shape.tensors();
-    let sizes: Vec<u64> = tensors
-        .iter()
-        .map(|(_, s)| hf::nbytes(shape.dtype, s))
+    let tensors: Vec<(String, DType, Vec<u64>)> = shape
+        .tensors()
+        .into_iter()
+        .map(|(name, s)| (name, shape.dtype, s))
         .collect();
+    write_hf_tensors(
+        dir,
+        &shape.config_json(),
+        &tensors,
+        shape.vocab,
+        seed,
+        max_shard_size,
+    )
+}
+
+/// Writes a complete HF directory of any family into `dir`: `config` as its
+/// config.json, `tensors` (name, dtype, shape) filled as [`fill`] does, sharded
+/// at `max_shard_size`, and a tokenizer of `vocab` words.
+///
+/// # Errors
+/// I/O errors.
+pub fn write_hf_tensors(
+    dir: &Path,
+    config: &str,
+    tensors: &[(String, DType, Vec<u64>)],
+    vocab: u64,
+    seed: u64,
+    max_shard_size: u64,
+) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let sizes: Vec<u64> = tensors.iter().map(|(_, d, s)| hf::nbytes(*d, s)).collect();
     let groups = hf::assign_shards(&sizes, max_shard_size);
     let n = groups.len();
     let mut weight_map = BTreeMap::new();
     for (g, group) in groups.iter().enumerate() {
         let name = hf::shard_name(g, n);
-        let specs: Vec<(String, DType, Vec<u64>)> = group
-            .iter()
-            .map(|&i| (tensors[i].0.clone(), shape.dtype, tensors[i].1.clone()))
-            .collect();
+        let specs: Vec<(String, DType, Vec<u64>)> =
+            group.iter().map(|&i| tensors[i].clone()).collect();
         let layout = safetensors::layout(&specs, &safetensors::pt_metadata())
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         let file = OpenOptions::new()
@@ -263,16 +288,16 @@ pub fn write_hf(
         file.set_len(layout.file_len)?;
         file.write_all_at(&layout.header, 0)?;
         group.par_iter().try_for_each(|&i| -> std::io::Result<()> {
-            let (tname, tshape) = &tensors[i];
+            let (tname, dtype, tshape) = &tensors[i];
             // Large tensors are generated in slices so memory stays small.
             const SLICE: u64 = 64 << 20;
-            let total = hf::nbytes(shape.dtype, tshape);
+            let total = hf::nbytes(*dtype, tshape);
             let mut buf = vec![0u8; total.min(SLICE) as usize];
             let mut done = 0u64;
             let mut part = 0u64;
             while done < total {
                 let n = (total - done).min(SLICE) as usize;
-                fill(&format!("{tname}#{part}"), shape.dtype, seed, &mut buf[..n]);
+                fill(&format!("{tname}#{part}"), *dtype, seed, &mut buf[..n]);
                 file.write_all_at(&buf[..n], layout.offsets[tname] + done)?;
                 done += n as u64;
                 part += 1;
@@ -286,17 +311,21 @@ pub fn write_hf(
     }
     if n > 1 {
         let total: u64 = sizes.iter().sum();
+        let parameters = tensors
+            .iter()
+            .map(|(_, _, s)| s.iter().product::<u64>())
+            .sum();
         std::fs::write(
             dir.join(INDEX_FILE),
-            hf::index_json(&weight_map, total, shape.parameters()),
+            hf::index_json(&weight_map, total, parameters),
         )?;
     }
-    std::fs::write(dir.join("config.json"), shape.config_json())?;
+    std::fs::write(dir.join("config.json"), config)?;
     std::fs::write(
         dir.join("generation_config.json"),
         "{\n  \"bos_token_id\": 1,\n  \"eos_token_id\": 2,\n  \"transformers_version\": \"5.24.0\"\n}\n",
     )?;
-    write_tokenizer(dir, shape.vocab)?;
+    write_tokenizer(dir, vocab)?;
     Ok(())
 }
 

@@ -255,7 +255,7 @@ pub fn execute_and_publish(
 /// A check of what execution read and wrote, run after the output is complete in
 /// staging and before it is published (a base's identity, computed from its
 /// tensors as they were read). An error leaves nothing published.
-pub type OutcomeCheck<'a> = &'a dyn Fn(&Outcome) -> Result<(), Error>;
+pub type OutcomeCheck<'a> = &'a (dyn Fn(&Outcome) -> Result<(), Error> + Sync);
 
 /// A plan carried as far as it goes without publishing.
 pub enum Prepared {
@@ -400,11 +400,142 @@ pub fn stage(
                 .map_err(|e| FormatError::io(&c.from, e))
         })
         .collect::<Result<_, _>>()?;
-    let outcome: Outcome = execute::execute(&plan, stores, staging.path(), &opts.exec, progress)?;
-    crate::failpoint::hit("executed");
-    if let Some(check) = check {
-        check(&outcome)?;
+    let merged = plan.pieces.iter().any(|p| p.merge.is_some());
+    let smoke = opts.validate && opts.smoke_test;
+    // A merge's smoke test: every merged tensor probed against base + s·B·A as
+    // it is written.
+    let probe = (smoke && merged).then(|| crate::smoke::probe::Probe::new(stores));
+    let observer: &dyn execute::Observer = match &probe {
+        Some(p) => p,
+        None => &execute::Unobserved,
+    };
+    // A conversion's: the reference's forward pass runs while the conversion
+    // writes, the output's once it is written.
+    let reference = match (&target.reference, smoke && !merged) {
+        (Some(r), true) => Some(crate::validate::open_reference(
+            r,
+            target.hf_model.as_deref(),
+            target.rope_as_megatron,
+        )),
+        _ => None,
+    };
+    // The dtype the output's weights will have, if the plan gives them one.
+    let planned_dtype = {
+        let mut floats = plan.pieces.iter().map(|p| p.dtype).filter(|d| d.is_float());
+        let first = floats.next();
+        first.filter(|f| floats.all(|d| d == *f))
+    };
+    let pool = opts.exec.pool()?;
+    // The reference's pass gets workers of its own: the conversion's mostly wait
+    // for the disk while it computes.
+    let ahead_pool = match reference {
+        Some(Ok(_)) => Some(opts.exec.pool()?),
+        _ => None,
+    };
+    let (outcome, validation) = pool.install(|| {
+        std::thread::scope(|scope| {
+            let ahead = reference
+                .as_ref()
+                .and_then(|r| r.as_ref().ok())
+                .zip(ahead_pool.as_ref())
+                .map(|(r, p)| scope.spawn(|| p.install(|| r.ahead(planned_dtype))));
+            execute::execute_with(
+                &plan,
+                stores,
+                staging.path(),
+                &opts.exec,
+                progress,
+                observer,
+                |outcome| -> Result<Option<crate::validate::Report>, Error> {
+                    crate::failpoint::hit("executed");
+                    if let Some(check) = check {
+                        check(outcome)?;
+                    }
+                    write_manifest(
+                        step,
+                        parameters,
+                        &plan,
+                        outcome,
+                        sources,
+                        &target,
+                        staging.path(),
+                    )?;
+                    if !opts.validate {
+                        return Ok(None);
+                    }
+                    let ahead = ahead.map(|h| h.join().expect("the reference pass does not panic"));
+                    validate_staged(
+                        &plan,
+                        &target,
+                        staging.path(),
+                        opts,
+                        progress,
+                        outcome,
+                        reference.as_ref(),
+                        ahead,
+                        probe.as_ref(),
+                    )
+                    .map(Some)
+                },
+            )
+        })
+    })?;
+    let validation = validation?;
+    // A source that moved while we read it makes the output untrustworthy,
+    // whatever validation said (it read the same moving source).
+    for store in stores {
+        store.files().check_unchanged()?;
     }
+    for (path, identity) in &copied {
+        identity.check(path)?;
+    }
+    crate::failpoint::hit("validated");
+    let report = Report {
+        step: step.name().into(),
+        status: "succeeded".into(),
+        output: target.dir.clone(),
+        kind: target.kind,
+        tensors: outcome.pieces,
+        tensor_bytes: outcome.tensor_bytes,
+        files: outcome.files.len() + 1,
+        seconds: 0.0,
+        bytes_per_second: 0.0,
+        peak_in_flight_bytes: outcome.peak_in_flight,
+        weights_digest: outcome.weights_digest,
+        manifest: Some(target.dir.join(manifest::FILE_NAME)),
+        validation: validation.map(|v| ValidationSummary {
+            passed: v.passed,
+            failed: v.failed,
+            seconds: v.seconds,
+            report: target.dir.join(crate::validate::FILE_NAME),
+            smoke_test: v.smoke_test.as_ref().map(|t| t.status.clone()),
+            smoke_test_max_abs_diff: v.smoke_test_max_abs_diff,
+        }),
+        plan: Vec::new(),
+        skipped,
+        warnings,
+        reused: false,
+        other_outputs: Vec::new(),
+    };
+    Ok(Prepared::Staged(Staged {
+        staging: Some(staging),
+        report,
+        run_dir: target.run_dir,
+        overwrite: opts.overwrite,
+        started,
+    }))
+}
+
+/// Writes the manifest of a staged output.
+fn write_manifest(
+    step: Step,
+    parameters: &BTreeMap<String, String>,
+    plan: &Plan,
+    outcome: &Outcome,
+    sources: Vec<SourceInfo>,
+    target: &Target,
+    staging: &Path,
+) -> Result<(), Error> {
     let side_files = plan
         .copied
         .iter()
@@ -450,101 +581,79 @@ pub fn stage(
             side_files,
         },
     };
-    let manifest_path = staging.path().join(manifest::FILE_NAME);
-    crate::publish::write_atomic(&manifest_path, m.to_json().as_bytes())?;
-    // Validate before publishing: an output that fails is never put in place.
-    let validation = if opts.validate {
-        progress.phase("validate", outcome.tensor_bytes);
-        let vopts = crate::validate::Options {
-            reference: target.reference.clone(),
-            hf_model: target.hf_model.clone(),
-            smoke_test: opts.smoke_test,
-            rope_as_megatron: target.rope_as_megatron,
-        };
-        let mut v = crate::validate::validate_with(staging.path(), target.kind, false, &vopts);
-        // A merge's smoke test: every merged tensor probed against base + s·B·A.
-        let merged = plan.pieces.iter().any(|p| p.merge.is_some());
-        if opts.smoke_test && target.reference.is_none() && !merged {
-            v.set_smoke_test(
-                crate::validate::SmokeTest {
-                    kind: "forward".into(),
-                    status: "not_applicable".into(),
-                    detail: "not applicable: no reference model for a forward pass (mapping=identity keeps the source's names) and no merged tensors to probe".into(),
-                    comparison: None,
-                    probe: None,
-                },
-                None,
-            );
-        }
-        if opts.smoke_test && merged {
-            let probe_started = Instant::now();
-            let probed = crate::smoke::probe::run(&plan, stores, staging.path(), target.kind);
-            let (t, diff) = crate::validate::probe_smoke_test(probed);
-            v.set_smoke_test(t, diff);
-            v.seconds += probe_started.elapsed().as_secs_f64();
-        }
-        v.path = target.dir.clone();
-        let mut text = serde_json::to_string_pretty(&v).expect("report serializes");
-        text.push('\n');
-        crate::publish::write_atomic(
-            &staging.path().join(crate::validate::FILE_NAME),
-            text.as_bytes(),
-        )?;
-        if v.failed > 0 {
-            return Err(error::ValidationError::ChecksFailed {
-                output: target.dir.clone(),
-                total: v.passed + v.failed,
-                failures: v.failures(),
-            }
-            .into());
-        }
-        Some(v)
-    } else {
-        None
+    crate::publish::write_atomic(&staging.join(manifest::FILE_NAME), m.to_json().as_bytes())?;
+    Ok(())
+}
+
+/// Validates a staged output before it is published (an output that fails is
+/// never put in place), with the smoke test that fits it: the reference's pass
+/// (run ahead) against the output's, or the probe that ran as the merge wrote.
+#[allow(clippy::too_many_arguments)]
+fn validate_staged(
+    plan: &Plan,
+    target: &Target,
+    staging: &Path,
+    opts: &RunOptions,
+    progress: &dyn Progress,
+    outcome: &Outcome,
+    reference: Option<&Result<crate::smoke::Model, crate::smoke::SmokeError>>,
+    ahead: Option<crate::smoke::Ahead>,
+    probe: Option<&crate::smoke::probe::Probe<'_>>,
+) -> Result<crate::validate::Report, Error> {
+    progress.phase("validate", outcome.tensor_bytes);
+    let vopts = crate::validate::Options {
+        reference: None,
+        hf_model: target.hf_model.clone(),
+        smoke_test: false,
+        rope_as_megatron: target.rope_as_megatron,
     };
-    // A source that moved while we read it makes the output untrustworthy,
-    // whatever validation said (it read the same moving source).
-    for store in stores {
-        store.files().check_unchanged()?;
+    // The checks (one read of every file) beside the output's forward pass.
+    let started = Instant::now();
+    let (mut v, forward) = rayon::join(
+        || crate::validate::validate_with(staging, target.kind, false, &vopts),
+        || {
+            reference.map(|r| {
+                crate::validate::forward_smoke_test_ahead(
+                    r.as_ref(),
+                    ahead,
+                    staging,
+                    target.hf_model.as_deref(),
+                    target.rope_as_megatron,
+                )
+            })
+        },
+    );
+    v.seconds = started.elapsed().as_secs_f64();
+    if let Some((t, diff)) = forward {
+        v.set_smoke_test(t, diff);
+    } else if let Some(p) = probe {
+        let (t, diff) = crate::validate::probe_smoke_test(Ok(p.report(plan)));
+        v.set_smoke_test(t, diff);
+    } else if opts.smoke_test {
+        v.set_smoke_test(
+            crate::validate::SmokeTest {
+                kind: "forward".into(),
+                status: "not_applicable".into(),
+                detail: "not applicable: no reference model for a forward pass (mapping=identity keeps the source's names) and no merged tensors to probe".into(),
+                comparison: None,
+                probe: None,
+            },
+            None,
+        );
     }
-    for (path, identity) in &copied {
-        identity.check(path)?;
+    v.path = target.dir.clone();
+    let mut text = serde_json::to_string_pretty(&v).expect("report serializes");
+    text.push('\n');
+    crate::publish::write_atomic(&staging.join(crate::validate::FILE_NAME), text.as_bytes())?;
+    if v.failed > 0 {
+        return Err(error::ValidationError::ChecksFailed {
+            output: target.dir.clone(),
+            total: v.passed + v.failed,
+            failures: v.failures(),
+        }
+        .into());
     }
-    crate::failpoint::hit("validated");
-    let report = Report {
-        step: step.name().into(),
-        status: "succeeded".into(),
-        output: target.dir.clone(),
-        kind: target.kind,
-        tensors: outcome.pieces,
-        tensor_bytes: outcome.tensor_bytes,
-        files: outcome.files.len() + 1,
-        seconds: 0.0,
-        bytes_per_second: 0.0,
-        peak_in_flight_bytes: outcome.peak_in_flight,
-        weights_digest: outcome.weights_digest,
-        manifest: Some(target.dir.join(manifest::FILE_NAME)),
-        validation: validation.map(|v| ValidationSummary {
-            passed: v.passed,
-            failed: v.failed,
-            seconds: v.seconds,
-            report: target.dir.join(crate::validate::FILE_NAME),
-            smoke_test: v.smoke_test.as_ref().map(|t| t.status.clone()),
-            smoke_test_max_abs_diff: v.smoke_test_max_abs_diff,
-        }),
-        plan: Vec::new(),
-        skipped,
-        warnings,
-        reused: false,
-        other_outputs: Vec::new(),
-    };
-    Ok(Prepared::Staged(Staged {
-        staging: Some(staging),
-        report,
-        run_dir: target.run_dir,
-        overwrite: opts.overwrite,
-        started,
-    }))
+    Ok(v)
 }
 
 /// Resolves an output `megatron_path`: a run directory (we write `iter_NNNNNNN`

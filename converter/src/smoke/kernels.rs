@@ -16,8 +16,9 @@ use crate::formats::source::{self, ChunkData, Files, GlobalTensor};
 
 use crate::reference::{AttentionArch, Rope};
 
-/// Elements of a weight block widened at once by one task (4 MiB of f32).
-const BLOCK_ELEMENTS: usize = 1 << 20;
+/// Elements of a weight block widened at once by one task (1 MiB of f32): the
+/// block, and matrixmultiply's packed copy of it, stay in a core's L2 cache.
+const BLOCK_ELEMENTS: usize = 1 << 18;
 
 /// Widens stored elements to f32; with `round_to`, each value is then rounded to
 /// that dtype (round to nearest even, as `Tensor.to` does) and widened again, so a
@@ -181,34 +182,41 @@ pub fn matmul(x: &[f32], t: usize, w: &Mat<'_>) -> Result<Vec<f32>, String> {
     let starts: Vec<usize> = (0..rows).step_by(block).collect();
     let parts: Vec<(usize, usize, Vec<f32>)> = starts
         .par_iter()
-        .map(|&r0| -> Result<(usize, usize, Vec<f32>), String> {
-            let n = block.min(rows - r0);
-            let mut scratch = vec![0f32; n * cols];
-            w.read_rows(r0, &mut scratch)?;
-            let mut y = vec![0f32; t * n];
-            // SAFETY: x is t×cols row-major (checked above), scratch is n×cols
-            // row-major and read as its transpose (row stride 1, column stride
-            // cols), y is t×n row-major; every pointer covers its extent.
-            unsafe {
-                matrixmultiply::sgemm(
-                    t,
-                    cols,
-                    n,
-                    1.0,
-                    x.as_ptr(),
-                    cols as isize,
-                    1,
-                    scratch.as_ptr(),
-                    1,
-                    cols as isize,
-                    0.0,
-                    y.as_mut_ptr(),
-                    n as isize,
-                    1,
-                );
-            }
-            Ok((r0, n, y))
-        })
+        // One scratch block per task, reused for the blocks it takes.
+        .map_init(
+            Vec::new,
+            |scratch: &mut Vec<f32>, &r0| -> Result<_, String> {
+                let n = block.min(rows - r0);
+                if scratch.len() < n * cols {
+                    scratch.resize(n * cols, 0.0);
+                }
+                let scratch = &mut scratch[..n * cols];
+                w.read_rows(r0, scratch)?;
+                let mut y = vec![0f32; t * n];
+                // SAFETY: x is t×cols row-major (checked above), scratch is n×cols
+                // row-major and read as its transpose (row stride 1, column stride
+                // cols), y is t×n row-major; every pointer covers its extent.
+                unsafe {
+                    matrixmultiply::sgemm(
+                        t,
+                        cols,
+                        n,
+                        1.0,
+                        x.as_ptr(),
+                        cols as isize,
+                        1,
+                        scratch.as_ptr(),
+                        1,
+                        cols as isize,
+                        0.0,
+                        y.as_mut_ptr(),
+                        n as isize,
+                        1,
+                    );
+                }
+                Ok((r0, n, y))
+            },
+        )
         .collect::<Result<_, _>>()?;
     let mut out = vec![0f32; t * rows];
     for (r0, n, y) in parts {

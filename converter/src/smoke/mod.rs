@@ -29,6 +29,7 @@ pub mod forward;
 pub mod generate;
 pub mod kernels;
 pub mod probe;
+pub mod residual;
 pub mod views;
 
 use ckpt_wire::ArtifactKind;
@@ -259,7 +260,8 @@ pub struct Comparison {
     /// both compute alike where transformers and Megatron-Core differ.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub shared_rules: Vec<String>,
-    /// Time of both passes.
+    /// Time of both passes (the reference's counted in full when it ran ahead,
+    /// beside the conversion).
     pub seconds: f64,
 }
 
@@ -315,12 +317,52 @@ pub fn diff(a: &Logits, b: &Logits, vocab: usize) -> (f64, f64) {
     (max_diff, max_abs)
 }
 
+/// The reference's forward pass, computed ahead of the output's (while the
+/// conversion writes the output), with the rounding it was computed under.
+pub struct Ahead {
+    /// The dtype the reference's weights were rounded to as read (the dtype the
+    /// output is expected to have, when it differs from the reference's).
+    pub round_to: Option<DType>,
+    /// The logits, or why the pass failed.
+    pub logits: Result<Logits, String>,
+    /// Time of the pass.
+    pub seconds: f64,
+}
+
+impl Model {
+    /// The pass [`compare`] runs on a reference, ahead of time: `round_to` is the
+    /// dtype every floating-point tensor of the output will have, when known.
+    pub fn ahead(&self, output_dtype: Option<DType>) -> Ahead {
+        let started = Instant::now();
+        let round_to = output_dtype.filter(|d| Some(*d) != uniform_float_dtype(self.tensors()));
+        let logits = self.logits(&tokens(self.arch.vocab, TOKENS), round_to);
+        Ahead {
+            round_to,
+            logits,
+            seconds: started.elapsed().as_secs_f64(),
+        }
+    }
+}
+
 /// Runs the forward pass through `reference` and `output` and compares the logits.
 ///
 /// # Errors
 /// [`SmokeError::Failed`] when either pass cannot run (a tensor missing or of the
 /// wrong shape) or the vocabularies differ.
 pub fn compare(reference: &Model, output: &Model) -> Result<Comparison, SmokeError> {
+    compare_ahead(reference, None, output)
+}
+
+/// [`compare`], with the reference's pass taken from `ahead` when it was computed
+/// under the rounding the output calls for (else it is computed again).
+///
+/// # Errors
+/// As [`compare`].
+pub fn compare_ahead(
+    reference: &Model,
+    ahead: Option<Ahead>,
+    output: &Model,
+) -> Result<Comparison, SmokeError> {
     let started = Instant::now();
     let vocab = reference.arch.vocab;
     if output.arch.vocab != vocab {
@@ -348,10 +390,20 @@ pub fn compare(reference: &Model, output: &Model) -> Result<Comparison, SmokeErr
         ));
         o.dt_min = r.dt_min;
     }
-    let (a, b) = rayon::join(
-        || reference.logits(&tokens, round_to),
-        || output.logits_as(&out_arch, &tokens, None),
-    );
+    let (a, b, ahead_seconds) = match ahead.filter(|a| a.round_to == round_to) {
+        Some(a) => (
+            a.logits,
+            output.logits_as(&out_arch, &tokens, None),
+            a.seconds,
+        ),
+        None => {
+            let (a, b) = rayon::join(
+                || reference.logits(&tokens, round_to),
+                || output.logits_as(&out_arch, &tokens, None),
+            );
+            (a, b, 0.0)
+        }
+    };
     let a = a.map_err(|e| SmokeError::Failed(format!("reference: {e}")))?;
     let b = b.map_err(|e| SmokeError::Failed(format!("output: {e}")))?;
     let (max_abs_diff, max_abs_logit) = diff(&a, &b, vocab);
@@ -364,7 +416,7 @@ pub fn compare(reference: &Model, output: &Model) -> Result<Comparison, SmokeErr
         tolerance: RELATIVE_TOLERANCE * max_abs_logit,
         reference_rounded_to: round_to.map(|d| d.torch_name().to_owned()),
         shared_rules,
-        seconds: started.elapsed().as_secs_f64(),
+        seconds: ahead_seconds + started.elapsed().as_secs_f64(),
     })
 }
 

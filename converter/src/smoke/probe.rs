@@ -18,6 +18,16 @@
 //! misplaced update adds `(ΔW v)ᵢ` coherently and is caught once the update is
 //! larger than about one ulp of the weight, below which a bf16 merge cannot carry
 //! it anyway.
+//!
+//! # Cost
+//! A step probes each merged piece as it is written ([`Probe`], an
+//! [`execute::Observer`]): the merged bytes are still in cache and the base was
+//! just read, so the probe is one pass over both, in the low-rank form (`A v`
+//! once per tensor, then `s · B[i] · (A v)` per row). Per element it takes the
+//! difference `W'ᵢⱼ − Wᵢⱼ` (exact for weights of one dtype), its products with
+//! both vectors and `(½ ulp(W'ᵢⱼ))²` from the exponent bits, in f64 lanes.
+//! Validation then proves the bytes probed are the bytes published: it recomputes
+//! the manifest's weights digest from the output's tensors as read back.
 
 use ckpt_wire::ArtifactKind;
 use rayon::prelude::*;
@@ -26,16 +36,22 @@ use serde::Serialize;
 use crate::formats::dtype::DType;
 use crate::formats::hf::HfCheckpoint;
 use crate::formats::megatron::MegatronCheckpoint;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::execute;
 use crate::formats::source::{Files, GlobalTensor};
 use crate::plan::{Operand, Piece, Plan, Rounding, TensorStore, Update};
 
 use super::kernels;
+use super::residual::{self, Elements, VECTORS};
 
-/// Probe vectors per merged tensor.
-const VECTORS: usize = 2;
-
-/// Rows read at once.
+/// Rows read at once (DoRA's two passes).
 const BLOCK_ROWS: usize = 256;
+
+/// Elements of the weight probed per block (a block of the base and of the merged
+/// weight, in f32, stay in a core's cache).
+const BLOCK_ELEMENTS: usize = 1 << 15;
 
 /// What probing the merged tensors found.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -48,6 +64,8 @@ pub struct ProbeReport {
     pub worst_ratio: f64,
     /// Tensors that failed, one line each.
     pub failures: Vec<String>,
+    /// Time spent probing, summed over the workers.
+    pub worker_seconds: f64,
 }
 
 /// The output of a step, opened again through its format reader.
@@ -105,23 +123,135 @@ fn vectors(name: &str, n: usize) -> Vec<Vec<f64>> {
         .collect()
 }
 
+/// The mantissa bits and smallest normal exponent of `dtype` (f32 for anything
+/// else that is merged).
+fn ulp_params(dtype: DType) -> (i32, i32) {
+    match dtype {
+        DType::BF16 => (7, -126),
+        DType::F16 => (10, -14),
+        _ => (23, -126),
+    }
+}
+
+/// The binary exponent of `x` as `dtype` spaces its values: `floor(log2 |x|)`,
+/// at least the smallest normal exponent (zeros and subnormals share its ulp).
+#[inline(always)]
+fn exponent(x: f32, min_exp: i32) -> i32 {
+    (((x.to_bits() >> 23) & 0xff) as i32 - 127).max(min_exp)
+}
+
 /// Half a unit in the last place of `x` in `dtype`.
 fn half_ulp(x: f32, dtype: DType) -> f64 {
-    let mantissa = match dtype {
-        DType::BF16 => 7,
-        DType::F16 => 10,
-        _ => 23,
-    };
-    let min_exp = match dtype {
-        DType::F16 => -14,
-        _ => -126,
-    };
-    let e = if x == 0.0 || !x.is_finite() {
-        min_exp
+    let (mantissa, min_exp) = ulp_params(dtype);
+    let e = if x.is_finite() {
+        exponent(x, min_exp)
     } else {
-        (x.abs().log2().floor() as i32).max(min_exp)
+        min_exp
     };
     2f64.powi(e - mantissa - 1)
+}
+
+/// Rows of a block as the probe reads them: widened, or bf16 bits as stored.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl<'a> Rows<'a> {
+    /// The bf16 bits of `bytes`, when they are aligned as u16.
+    fn bf16(bytes: &'a [u8]) -> Option<Rows<'a>> {
+        // SAFETY: any bit pattern is a valid u16; what is not aligned is refused.
+        match unsafe { bytes.align_to::<u16>() } {
+            (&[], words, &[]) if cfg!(target_endian = "little") => Some(Rows::Bf16(words)),
+            _ => None,
+        }
+    }
+
+    fn row(self, i: usize, cols: usize) -> Rows<'a> {
+        match self {
+            Rows::F32(v) => Rows::F32(&v[i * cols..(i + 1) * cols]),
+            Rows::Bf16(v) => Rows::Bf16(&v[i * cols..(i + 1) * cols]),
+        }
+    }
+
+    /// `Σⱼ xⱼ vⱼ` in f64.
+    fn dot(self, v: &[f64]) -> f64 {
+        match self {
+            Rows::F32(x) => x.iter().zip(v).map(|(a, b)| f64::from(*a) * b).sum(),
+            Rows::Bf16(x) => (0..x.len())
+                .map(|j| f64::from(residual::Bf16(x).at(j)) * v[j])
+                .sum(),
+        }
+    }
+}
+
+/// [`residual::row`] of a merged row over its base row.
+fn row_residual(
+    m: Rows<'_>,
+    b: Rows<'_>,
+    v: [&[f32]; VECTORS],
+    mantissa: i32,
+    min_exp: i32,
+) -> ([f64; VECTORS], f64) {
+    use residual::{Bf16, row};
+    match (m, b) {
+        (Rows::F32(m), Rows::F32(b)) => row(m, b, v, mantissa, min_exp),
+        (Rows::F32(m), Rows::Bf16(b)) => row(m, Bf16(b), v, mantissa, min_exp),
+        (Rows::Bf16(m), Rows::F32(b)) => row(Bf16(m), b, v, mantissa, min_exp),
+        (Rows::Bf16(m), Rows::Bf16(b)) => row(Bf16(m), Bf16(b), v, mantissa, min_exp),
+    }
+}
+
+/// Where the probe reads the merged weight: the piece's bytes as written, or the
+/// output checkpoint through its reader.
+enum Merged<'a> {
+    /// Row-major bytes of the piece, in its dtype.
+    Bytes(&'a [u8]),
+    /// The tensor of the output holding the piece, and the piece's box offsets.
+    Output {
+        files: &'a Files,
+        tensor: &'a GlobalTensor,
+        offsets: Vec<u64>,
+    },
+}
+
+impl Merged<'_> {
+    /// Rows `start..start + n` of the merged piece into `out` (the rows of a
+    /// 1-d piece are its elements).
+    fn rows(&self, piece: &Piece, start: u64, n: u64, out: &mut [f32]) -> Result<(), String> {
+        let cols = match piece.shape.len() {
+            1 => 1,
+            _ => piece.shape.last().copied().unwrap_or(1).max(1),
+        };
+        match self {
+            Merged::Bytes(bytes) => {
+                let es = piece.dtype.size() as u64;
+                let range = (start * cols * es) as usize..((start + n) * cols * es) as usize;
+                let b = bytes
+                    .get(range)
+                    .ok_or_else(|| format!("the piece holds {} bytes", bytes.len()))?;
+                kernels::widen(piece.dtype, b, out, None)
+            }
+            Merged::Output {
+                files,
+                tensor,
+                offsets,
+            } => {
+                let mut o_off = offsets.clone();
+                let mut o_size = piece.shape.clone();
+                // Leading axes of a merged piece are 1 wide (a layer's chunk) or absent.
+                let k = if o_size.len() == 1 {
+                    0
+                } else {
+                    o_size.len() - 2
+                };
+                o_off[k] += start;
+                o_size[k] = n;
+                kernels::read_box_f32(files, tensor, &o_off, &o_size, out, None)
+            }
+        }
+    }
 }
 
 fn read_f32(
@@ -172,6 +302,19 @@ fn base_rows(
     cols: u64,
 ) -> Result<Vec<f32>, String> {
     let mut out = vec![0f32; (n * cols) as usize];
+    base_rows_into(piece, stores, start, n, cols, &mut out)?;
+    Ok(out)
+}
+
+/// [`base_rows`] into `out` (`n × cols`).
+fn base_rows_into(
+    piece: &Piece,
+    stores: &[&dyn TensorStore],
+    start: u64,
+    n: u64,
+    cols: u64,
+    out: &mut [f32],
+) -> Result<(), String> {
     let mut at = 0u64; // output row of the current run
     for run in &piece.gather.runs {
         let (lo, hi) = (start.max(at), (start + n).min(at + run.rows));
@@ -203,7 +346,33 @@ fn base_rows(
         }
         at += run.rows;
     }
-    Ok(out)
+    Ok(())
+}
+
+/// The piece's weight when it is one input read whole, in the piece's dtype, as
+/// rows of a matrix (its leading axes, if any, one wide): its store, tensor and box.
+fn whole_input<'a>(
+    piece: &'a Piece,
+    stores: &[&'a dyn TensorStore],
+) -> Option<(
+    &'a dyn TensorStore,
+    &'a GlobalTensor,
+    &'a crate::plan::Input,
+)> {
+    let runs = &piece.gather.runs;
+    let input = piece.inputs.first()?;
+    let store = *stores.get(input.store)?;
+    let t = store.tensors().get(input.tensor)?;
+    let k = input.sizes.len();
+    let whole = runs.len() == 1
+        && runs[0].input == Some(0)
+        && runs[0].start == 0
+        && input.numel() == piece.shape.iter().product::<u64>()
+        && t.dtype == piece.dtype
+        && k >= 2
+        && input.sizes[..k - 2].iter().all(|&s| s == 1)
+        && input.sizes[k - 1] == piece.shape.last().copied().unwrap_or(0);
+    whole.then_some((store, t, input))
 }
 
 /// One update in the form the probe evaluates.
@@ -295,12 +464,8 @@ type Probed = Result<(f64, f64), String>;
 
 const F32_GAMMA: f64 = 1.0 / (1u64 << 23) as f64;
 
-fn probe_piece(piece: &Piece, stores: &[&dyn TensorStore], out: &Output) -> Probed {
+fn probe_piece(piece: &Piece, stores: &[&dyn TensorStore], merged: &Merged<'_>) -> Probed {
     let merge = piece.merge.as_ref().expect("only merged pieces are probed");
-    let (name, offsets) = piece_box(piece).ok_or("cannot place the piece in the output")?;
-    let t = out
-        .tensor(&name)
-        .ok_or_else(|| format!("tensor {name:?} is missing in the output"))?;
     let shape = &piece.shape;
     let cols = shape.last().copied().unwrap_or(1).max(1);
     let rows = shape.iter().product::<u64>() / cols;
@@ -321,7 +486,7 @@ fn probe_piece(piece: &Piece, stores: &[&dyn TensorStore], out: &Output) -> Prob
         if merge.updates.len() != 1 {
             return Err("DoRA combined with other updates is not probed".into());
         }
-        return probe_dora(piece, stores, out, t, &offsets, rows, cols);
+        return probe_dora(piece, stores, merged, rows, cols);
     }
     let mut terms = Vec::new();
     for u in &merge.updates {
@@ -384,41 +549,80 @@ fn probe_piece(piece: &Piece, stores: &[&dyn TensorStore], out: &Output) -> Prob
         });
     }
     if shape.len() == 1 {
-        return probe_vector(piece, stores, out, t, &offsets, &terms);
+        return probe_vector(piece, stores, merged, &terms);
     }
     let vs = vectors(&piece.name, cols as usize);
+    let vs32: Vec<Vec<f32>> = vs
+        .iter()
+        .map(|v| v.iter().map(|&x| x as f32).collect())
+        .collect();
     let preps: Vec<Vec<(Vec<f64>, Vec<f64>)>> = vs
         .iter()
         .map(|v| terms.iter().map(|t| prepare(t, v, cols as usize)).collect())
         .collect();
+    let (mantissa, min_exp) = ulp_params(dtype);
     let (mut max_diff, mut worst) = (0f64, 0f64);
     let (mut sum_e2, mut sum_s2) = (0f64, 0f64);
     let c = cols as usize;
+    let block = (BLOCK_ELEMENTS / c).max(1) as u64;
+    let mut base_f32 = Vec::new();
+    let mut merged_f32 = Vec::new();
     let mut start = 0u64;
     while start < rows {
-        let n = (BLOCK_ROWS as u64).min(rows - start);
-        let base = base_rows(piece, stores, start, n, cols)?;
-        let mut o_off = offsets.clone();
-        let mut o_size = shape.clone();
-        let k = shape.len();
-        if k == 1 {
-            o_off[0] += start;
-            o_size[0] = n;
-        } else {
-            // Leading axes of a merged piece are 1 wide (a layer's chunk) or absent.
-            o_off[k - 2] += start;
-            o_size[k - 2] = n;
-        }
-        let merged = read_f32(out.files(), t, &o_off, &o_size)?;
-        for (vi, v) in vs.iter().enumerate() {
-            for ri in 0..n as usize {
-                let i = start + ri as u64;
-                let wm = &merged[ri * c..(ri + 1) * c];
-                let mut expected: f64 = base[ri * c..(ri + 1) * c]
-                    .iter()
-                    .zip(v)
-                    .map(|(w, x)| f64::from(*w) * x)
-                    .sum();
+        let n = block.min(rows - start);
+        let len = n as usize * c;
+        // bf16 rows are read as stored where they can be: the merged ones from
+        // the piece's bytes, the base from the source when the piece's weight is
+        // one bf16 input taken whole.
+        let raw_base = (dtype == DType::BF16)
+            .then(|| whole_input(piece, stores))
+            .flatten()
+            .map(|(store, t, input)| {
+                let mut offsets = input.offsets.clone();
+                let mut sizes = input.sizes.clone();
+                let k = sizes.len();
+                offsets[k - 2] += start;
+                sizes[k - 2] = n;
+                crate::formats::source::read_box(store.files(), t, &offsets, &sizes)
+            });
+        let base = match raw_base.as_deref().and_then(Rows::bf16) {
+            Some(r) => r,
+            None => {
+                base_f32.resize(len, 0f32);
+                base_rows_into(piece, stores, start, n, cols, &mut base_f32)?;
+                Rows::F32(&base_f32)
+            }
+        };
+        let es = dtype.size();
+        let raw_merged = match merged {
+            Merged::Bytes(b) if dtype == DType::BF16 => b
+                .get(start as usize * c * es..(start as usize + n as usize) * c * es)
+                .and_then(Rows::bf16),
+            _ => None,
+        };
+        let merged_rows = match raw_merged {
+            Some(r) => r,
+            None => {
+                merged_f32.resize(len, 0f32);
+                merged.rows(piece, start, n, &mut merged_f32)?;
+                Rows::F32(&merged_f32)
+            }
+        };
+        for ri in 0..n as usize {
+            let i = start + ri as u64;
+            let wb = base.row(ri, c);
+            // What the row moved under each vector, and its rounding spread (the
+            // same for ±1 vectors).
+            let (moved, s2_one) = row_residual(
+                merged_rows.row(ri, c),
+                wb,
+                [&vs32[0], &vs32[1]],
+                mantissa,
+                min_exp,
+            );
+            for (vi, v) in vs.iter().enumerate() {
+                // The change the updates make to row i, times v.
+                let mut expected = 0f64;
                 let mut roundings = 0u32;
                 let mut lin = 0f64;
                 for (term, (pre, pre_abs)) in terms.iter().zip(&preps[vi]) {
@@ -470,26 +674,27 @@ fn probe_piece(piece: &Piece, stores: &[&dyn TensorStore], out: &Output) -> Prob
                         }
                         Term::Rows { indices, values } => {
                             if let Some(pos) = indices.iter().rposition(|&x| x == i) {
-                                expected = values[pos * c..(pos + 1) * c]
+                                // The row is replaced: it moves from the base to the values.
+                                let to: f64 = values[pos * c..(pos + 1) * c]
                                     .iter()
                                     .zip(v)
                                     .map(|(x, y)| x * y)
                                     .sum();
+                                let from = wb.dot(v);
+                                expected = to - from;
                                 lin = 0.0;
                                 roundings = 1;
                             }
                         }
                     }
                 }
-                let got: f64 = wm.iter().zip(v).map(|(w, x)| f64::from(*w) * x).sum();
-                let e = (got - expected).abs();
-                let s2 = f64::from(roundings)
-                    * wm.iter()
-                        .zip(v)
-                        .map(|(w, x)| (half_ulp(*w, dtype) * x).powi(2))
-                        .sum::<f64>();
+                let e = (moved[vi] - expected).abs();
+                let s2 = f64::from(roundings) * s2_one;
                 let sigma = s2.sqrt();
                 let allowed = 6.0 * sigma + lin + 1e-30;
+                if e.is_nan() {
+                    return Ok((f64::INFINITY, f64::INFINITY));
+                }
                 max_diff = max_diff.max(e);
                 worst = worst.max(e / allowed);
                 let beyond = (e - lin).max(0.0);
@@ -513,14 +718,13 @@ fn probe_piece(piece: &Piece, stores: &[&dyn TensorStore], out: &Output) -> Prob
 fn probe_vector(
     piece: &Piece,
     stores: &[&dyn TensorStore],
-    out: &Output,
-    t: &GlobalTensor,
-    offsets: &[u64],
+    merged_at: &Merged<'_>,
     terms: &[Term],
 ) -> Probed {
     let n = piece.shape[0];
     let base = base_rows(piece, stores, 0, n, 1)?;
-    let merged = read_f32(out.files(), t, offsets, &piece.shape)?;
+    let mut merged = vec![0f32; n as usize];
+    merged_at.rows(piece, 0, n, &mut merged)?;
     let (mut max_diff, mut worst) = (0f64, 0f64);
     for j in 0..n as usize {
         let mut expected = f64::from(base[j]);
@@ -558,9 +762,7 @@ fn probe_vector(
 fn probe_dora(
     piece: &Piece,
     stores: &[&dyn TensorStore],
-    out: &Output,
-    t: &GlobalTensor,
-    offsets: &[u64],
+    merged: &Merged<'_>,
     rows: u64,
     cols: u64,
 ) -> Probed {
@@ -612,12 +814,9 @@ fn probe_dora(
     };
     let read = |start: u64, n: u64| -> Result<(Vec<f32>, Vec<f32>), String> {
         let base = base_rows(piece, stores, start, n, cols)?;
-        let k = piece.shape.len();
-        let mut o_off = offsets.to_vec();
-        let mut o_size = piece.shape.clone();
-        o_off[k - 2] += start;
-        o_size[k - 2] = n;
-        Ok((base, read_f32(out.files(), t, &o_off, &o_size)?))
+        let mut out = vec![0f32; (n * cols) as usize];
+        merged.rows(piece, start, n, &mut out)?;
+        Ok((base, out))
     };
     // Column norms need a first pass over all rows.
     let mut col_sq = vec![0f64; c];
@@ -678,7 +877,7 @@ fn b_at(b: &[f64], i: usize, k: usize, r: usize) -> f64 {
 }
 
 /// Probes every merged piece of `plan` against the output in `dir` (of `kind`),
-/// in parallel.
+/// in parallel: the published output, read through its format reader.
 ///
 /// # Errors
 /// A message when the output cannot be opened.
@@ -697,12 +896,33 @@ pub fn run(
     } else {
         Output::Hf(HfCheckpoint::open(dir).map_err(|e| e.to_string())?)
     };
+    let started = Instant::now();
     let results: Vec<(String, Probed)> = merged
         .par_iter()
-        .map(|p| (p.name.clone(), probe_piece(p, stores, &out)))
+        .map(|p| {
+            let probed = piece_box(p)
+                .ok_or_else(|| "cannot place the piece in the output".to_owned())
+                .and_then(|(name, offsets)| {
+                    let tensor = out
+                        .tensor(&name)
+                        .ok_or_else(|| format!("tensor {name:?} is missing in the output"))?;
+                    let at = Merged::Output {
+                        files: out.files(),
+                        tensor,
+                        offsets,
+                    };
+                    probe_piece(p, stores, &at)
+                });
+            (p.name.clone(), probed)
+        })
         .collect();
+    Ok(summarize(results, started.elapsed().as_secs_f64()))
+}
+
+fn summarize(results: Vec<(String, Probed)>, worker_seconds: f64) -> ProbeReport {
     let mut report = ProbeReport {
         tensors: results.len(),
+        worker_seconds,
         ..ProbeReport::default()
     };
     for (name, r) in results {
@@ -720,7 +940,65 @@ pub fn run(
         }
     }
     report.failures.sort();
-    Ok(report)
+    report
+}
+
+/// The probe of a step, run as the merge writes: an [`execute::Observer`] that
+/// probes each merged piece from its bytes as written, on the worker that
+/// produced them. [`Probe::report`] then lists every merged piece of the plan,
+/// a piece never seen as a failure.
+pub struct Probe<'a> {
+    stores: &'a [&'a dyn TensorStore],
+    results: Mutex<Vec<(String, Probed, f64)>>,
+}
+
+impl<'a> Probe<'a> {
+    /// A probe of merged pieces read from `stores`.
+    pub fn new(stores: &'a [&'a dyn TensorStore]) -> Probe<'a> {
+        Probe {
+            stores,
+            results: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// What the probe found for the merged pieces of `plan` (what it saw is
+    /// handed over: a second call finds nothing probed).
+    pub fn report(&self, plan: &Plan) -> ProbeReport {
+        let mut seen: std::collections::HashMap<String, (Probed, f64)> =
+            std::mem::take(&mut *self.results.lock().expect("probe lock"))
+                .into_iter()
+                .map(|(n, r, t)| (n, (r, t)))
+                .collect();
+        let mut seconds = 0.0;
+        let results = plan
+            .pieces
+            .iter()
+            .filter(|p| p.merge.is_some())
+            .map(|p| match seen.remove(&p.name) {
+                Some((r, t)) => {
+                    seconds += t;
+                    (p.name.clone(), r)
+                }
+                None => (p.name.clone(), Err("not probed as it was written".into())),
+            })
+            .collect();
+        summarize(results, seconds)
+    }
+}
+
+impl execute::Observer for Probe<'_> {
+    fn written(&self, piece: &Piece, bytes: &[u8]) {
+        if piece.merge.is_none() {
+            return;
+        }
+        let started = Instant::now();
+        let probed = probe_piece(piece, self.stores, &Merged::Bytes(bytes));
+        let seconds = started.elapsed().as_secs_f64();
+        self.results
+            .lock()
+            .expect("probe lock")
+            .push((piece.name.clone(), probed, seconds));
+    }
 }
 
 #[cfg(test)]
@@ -775,7 +1053,8 @@ mod tests {
     }
 
     /// The probe passes the merge kernel's own output and fails a merge with a
-    /// wrong scale, a transposed adapter or none at all, in bf16 and f32.
+    /// wrong scale, none at all, or one row left unmerged, in bf16 and f32, read
+    /// back from the output and from the bytes as written.
     #[test]
     fn a_wrong_merge_is_caught_and_a_right_one_passes() {
         let (rows, cols, r) = (96usize, 160usize, 4usize);
@@ -843,10 +1122,12 @@ mod tests {
                 })
                 .collect();
             let base_bytes = inputs[0].1.to_vec();
-            for (what, scale, ok) in [
-                ("right", 0.5f32, true),
-                ("scale ×1.5", 0.75, false),
-                ("none", 0.0, false),
+            // (what, scale, a row left unmerged, passes)
+            for (what, scale, unmerged, ok) in [
+                ("right", 0.5f32, None, true),
+                ("scale ×1.5", 0.75, None, false),
+                ("none", 0.0, None, false),
+                ("row 37 unmerged", 0.5, Some(37), false),
             ] {
                 let mut out = vec![0u8; base_bytes.len()];
                 crate::plan::merge::apply(
@@ -857,17 +1138,32 @@ mod tests {
                     Some(&base_bytes),
                     &mut out,
                 );
+                if let Some(r) = unmerged {
+                    let row = cols * dtype.size();
+                    out[r * row..(r + 1) * row]
+                        .copy_from_slice(&base_bytes[r * row..(r + 1) * row]);
+                }
+                // As published (read back through the reader) …
                 let mut vals = vec![0f32; rows * cols];
                 crate::smoke::kernels::widen(dtype, &out, &mut vals, None).unwrap();
-                let odir = dir.path().join(format!("out-{scale}"));
+                let odir = dir.path().join(format!("out-{what}"));
                 write(&odir, &[("w", dtype, vec![rows, cols], vals)]);
                 let rep = run(&plan, &stores, &odir, ArtifactKind::CheckpointHf).unwrap();
-                assert_eq!(rep.tensors, 1);
-                assert_eq!(rep.failures.is_empty(), ok, "{dtype} {what}: {rep:?}");
-                if ok {
-                    assert!(rep.worst_ratio < 0.5, "{dtype}: {rep:?}");
+                // … and as written (the bytes a step's probe sees).
+                let probe = Probe::new(&stores);
+                execute::Observer::written(&probe, &plan.pieces[0], &out);
+                let seen = probe.report(&plan);
+                for rep in [rep, seen] {
+                    assert_eq!(rep.tensors, 1);
+                    assert_eq!(rep.failures.is_empty(), ok, "{dtype} {what}: {rep:?}");
+                    if ok {
+                        assert!(rep.worst_ratio < 0.5, "{dtype}: {rep:?}");
+                    }
                 }
             }
+            // A merged piece the step never showed the probe fails.
+            let unseen = Probe::new(&stores).report(&plan);
+            assert_eq!(unseen.failures.len(), 1, "{unseen:?}");
         }
     }
 

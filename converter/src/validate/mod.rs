@@ -24,17 +24,18 @@ use ckpt_wire::ArtifactKind;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::formats::dtype::DType;
 use crate::formats::hf::HfCheckpoint;
 use crate::formats::manifest::{self, Manifest};
 use crate::formats::megatron::{self, MegatronCheckpoint};
-use crate::formats::source::{Files, GlobalTensor};
+use crate::formats::source::GlobalTensor;
 use crate::smoke::{self, Arch, SmokeError, probe::ProbeReport};
 
 pub mod expected;
+pub mod scan;
+
+pub use scan::count_non_finite;
 
 /// The report file name.
 pub const FILE_NAME: &str = "ckpt-validation.json";
@@ -169,53 +170,6 @@ fn first(problems: &[String]) -> String {
     format!("{}{more}", shown.join("; "))
 }
 
-/// Scans every floating-point element of `tensors` for NaN and infinity, in
-/// parallel, releasing mapped pages as it goes.
-fn non_finite(files: &Files, tensors: &[GlobalTensor]) -> Vec<String> {
-    tensors
-        .par_iter()
-        .filter(|t| t.dtype.is_float())
-        .filter_map(|t| {
-            let bad: u64 = t
-                .chunks
-                .iter()
-                .map(|c| {
-                    let r = c.footprint();
-                    let bytes = files.slice(r);
-                    let n = count_non_finite(t.dtype, bytes);
-                    files.get(r.file).release(r.offset, r.len);
-                    n
-                })
-                .sum();
-            (bad > 0).then(|| format!("{}: {bad} NaN or infinite values", t.name))
-        })
-        .collect()
-}
-
-/// Counts elements whose exponent bits are all ones (NaN or ±inf).
-pub fn count_non_finite(dtype: DType, bytes: &[u8]) -> u64 {
-    fn count<const N: usize>(bytes: &[u8], f: impl Fn([u8; N]) -> bool) -> u64 {
-        bytes
-            .chunks_exact(N)
-            .filter(|c| f((*c).try_into().expect("N bytes")))
-            .count() as u64
-    }
-    match dtype {
-        DType::BF16 => count::<2>(bytes, |b| u16::from_le_bytes(b) & 0x7f80 == 0x7f80),
-        DType::F16 => count::<2>(bytes, |b| u16::from_le_bytes(b) & 0x7c00 == 0x7c00),
-        DType::F32 => count::<4>(bytes, |b| {
-            u32::from_le_bytes(b) & 0x7f80_0000 == 0x7f80_0000
-        }),
-        DType::F64 => count::<8>(bytes, |b| {
-            u64::from_le_bytes(b) & 0x7ff0_0000_0000_0000 == 0x7ff0_0000_0000_0000
-        }),
-        // e4m3fn has no infinities; its NaN is S.1111.111.
-        DType::F8E4M3 => bytes.iter().filter(|&&b| b & 0x7f == 0x7f).count() as u64,
-        DType::F8E5M2 => bytes.iter().filter(|&&b| b & 0x7c == 0x7c).count() as u64,
-        _ => 0,
-    }
-}
-
 /// Validates the output directory `dir`, of `kind`. `published` says whether `dir`
 /// is in its final place (then a Megatron run directory's tracker is checked too).
 pub fn validate(dir: &Path, kind: ArtifactKind, published: bool) -> Report {
@@ -227,26 +181,54 @@ pub fn validate_with(dir: &Path, kind: ArtifactKind, published: bool, opts: &Opt
     let started = Instant::now();
     let mut checks = Checks(Vec::new());
     let m = Manifest::read(&dir.join(manifest::FILE_NAME));
-    match &m {
-        Ok(_) => match manifest::verify(dir) {
-            Ok(v) if v.problems.is_empty() => checks.add(
-                "manifest",
-                Ok(format!("{} files match their sizes and digests", v.files)),
-            ),
-            Ok(v) => checks.add("manifest", Err(first(&v.problems))),
-            Err(e) => checks.add("manifest", Err(e)),
-        },
-        Err(e) => checks.add("manifest", Err(e.clone())),
-    }
-    let m = m.ok();
-    let identity = m
-        .as_ref()
+    let manifest = m.as_ref().ok();
+    let identity = manifest
         .and_then(|m| m.parameters.get("mapping"))
         .is_some_and(|v| v == "identity");
-    match kind {
-        ArtifactKind::CheckpointHf => validate_hf(dir, m.as_ref(), identity, &mut checks),
-        _ => validate_megatron(dir, m.as_ref(), identity, published, opts, &mut checks),
+    // The checks of the weights read them once (see `scan`): the manifest's
+    // digests are compared with what that read found.
+    let scanned = match kind {
+        ArtifactKind::CheckpointHf => validate_hf(dir, manifest, identity, &mut checks),
+        _ => validate_megatron(dir, manifest, identity, published, opts, &mut checks),
+    };
+    let mut first_checks = Checks(Vec::new());
+    match &m {
+        Ok(_) => {
+            let known = scanned
+                .as_ref()
+                .map(|s| s.files.clone())
+                .unwrap_or_default();
+            match manifest::verify_known(dir, &known) {
+                Ok(v) if v.problems.is_empty() => first_checks.add(
+                    "manifest",
+                    Ok(format!("{} files match their sizes and digests", v.files)),
+                ),
+                Ok(v) => first_checks.add("manifest", Err(first(&v.problems))),
+                Err(e) => first_checks.add("manifest", Err(e)),
+            }
+        }
+        Err(e) => first_checks.add("manifest", Err(e.clone())),
     }
+    if let (Some(m), Some(s)) = (manifest, &scanned)
+        && !m.output.weights_digest.is_empty()
+    {
+        first_checks.add(
+            "weights digest",
+            if s.weights_digest == m.output.weights_digest {
+                Ok(format!(
+                    "the tensors as read back hash to the manifest's {}",
+                    m.output.weights_digest
+                ))
+            } else {
+                Err(format!(
+                    "the tensors as read back hash to {}, the manifest records {} (the bytes of some tensor differ from those written)",
+                    s.weights_digest, m.output.weights_digest
+                ))
+            },
+        );
+    }
+    first_checks.0.append(&mut checks.0);
+    let checks = first_checks;
     let failed = checks.0.iter().filter(|c| !c.passed).count();
     let mut report = Report {
         v: 1,
@@ -282,6 +264,46 @@ pub fn forward_smoke_test(
     hf_model: Option<&Path>,
     rope_as_megatron: bool,
 ) -> (SmokeTest, Option<f64>) {
+    let r = open_reference(reference, hf_model, rope_as_megatron);
+    forward_smoke_test_ahead(r.as_ref(), None, dir, hf_model, rope_as_megatron)
+}
+
+fn adjust_rope(m: &mut smoke::Model, rope_as_megatron: bool) {
+    if rope_as_megatron
+        && let Some(at) = &mut m.arch.attention
+        && let Some((_, rope)) = &mut at.rope
+    {
+        *rope = rope.as_megatron_computes();
+    }
+}
+
+/// The reference of a forward smoke test, opened (headers and configuration
+/// only) so that its pass can run before the output exists.
+///
+/// # Errors
+/// [`SmokeError`], its message naming the reference.
+pub fn open_reference(
+    reference: &Path,
+    hf_model: Option<&Path>,
+    rope_as_megatron: bool,
+) -> Result<smoke::Model, SmokeError> {
+    let mut r = smoke::Model::open(reference, hf_model).map_err(|e| match e {
+        SmokeError::Failed(why) => SmokeError::Failed(format!("reference: {why}")),
+        other => other,
+    })?;
+    adjust_rope(&mut r, rope_as_megatron);
+    Ok(r)
+}
+
+/// [`forward_smoke_test`] against an opened reference whose pass may have run
+/// ahead ([`smoke::Model::ahead`]).
+pub fn forward_smoke_test_ahead(
+    reference: Result<&smoke::Model, &SmokeError>,
+    ahead: Option<smoke::Ahead>,
+    dir: &Path,
+    hf_model: Option<&Path>,
+    rope_as_megatron: bool,
+) -> (SmokeTest, Option<f64>) {
     let test = |status: &str, detail: String, c: Option<smoke::Comparison>| SmokeTest {
         kind: "forward".into(),
         status: status.into(),
@@ -289,25 +311,11 @@ pub fn forward_smoke_test(
         comparison: c,
         probe: None,
     };
-    let opened = smoke::Model::open(reference, hf_model)
-        .map_err(|e| match e {
-            SmokeError::Failed(why) => SmokeError::Failed(format!("reference: {why}")),
-            other => other,
-        })
-        .and_then(|r| smoke::Model::open(dir, hf_model).map(|o| (r, o)))
-        .map(|(mut r, mut o)| {
-            if rope_as_megatron {
-                for a in [&mut r.arch, &mut o.arch] {
-                    if let Some(at) = &mut a.attention
-                        && let Some((_, rope)) = &mut at.rope
-                    {
-                        *rope = rope.as_megatron_computes();
-                    }
-                }
-            }
-            (r, o)
-        });
-    let result = opened.and_then(|(r, o)| smoke::compare(&r, &o));
+    let result = reference.map_err(Clone::clone).and_then(|r| {
+        let mut o = smoke::Model::open(dir, hf_model)?;
+        adjust_rope(&mut o, rope_as_megatron);
+        smoke::compare_ahead(r, ahead, &o)
+    });
     match result {
         Ok(c) if c.passed() => {
             let d = c.max_abs_diff;
@@ -463,7 +471,12 @@ fn architecture_check<N>(
     }
 }
 
-fn validate_hf(dir: &Path, m: Option<&Manifest>, identity: bool, checks: &mut Checks) {
+fn validate_hf(
+    dir: &Path,
+    m: Option<&Manifest>,
+    identity: bool,
+    checks: &mut Checks,
+) -> Option<scan::Scan> {
     checks.add(
         "config",
         if dir.join("config.json").is_file() {
@@ -474,7 +487,7 @@ fn validate_hf(dir: &Path, m: Option<&Manifest>, identity: bool, checks: &mut Ch
             Err("config.json is missing: transformers cannot load the directory".into())
         },
     );
-    match HfCheckpoint::open(dir) {
+    let scanned = match HfCheckpoint::open(dir) {
         Ok(ckpt) => {
             checks.add(
                 "weights",
@@ -516,22 +529,31 @@ fn validate_hf(dir: &Path, m: Option<&Manifest>, identity: bool, checks: &mut Ch
                 false,
                 checks,
             );
-            let bad = non_finite(&ckpt.files, &ckpt.tensors);
-            checks.add(
-                "finite",
-                if bad.is_empty() {
-                    Ok("no NaN or infinite values".into())
-                } else {
-                    Err(first(&bad))
-                },
-            );
+            let scanned = scan::scan(dir, &ckpt.files, &ckpt.tensors);
+            finite_check(&scanned, checks);
+            Some(scanned)
         }
-        Err(e) => checks.add("weights", Err(e.to_string())),
-    }
+        Err(e) => {
+            checks.add("weights", Err(e.to_string()));
+            None
+        }
+    };
     if let Some(m) = m {
         side_files_check(dir, m, checks);
         generation_config_check(dir, m, checks);
     }
+    scanned
+}
+
+fn finite_check(scanned: &scan::Scan, checks: &mut Checks) {
+    checks.add(
+        "finite",
+        if scanned.non_finite.is_empty() {
+            Ok("no NaN or infinite values".into())
+        } else {
+            Err(first(&scanned.non_finite))
+        },
+    );
 }
 
 fn validate_megatron(
@@ -541,7 +563,7 @@ fn validate_megatron(
     published: bool,
     opts: &Options,
     checks: &mut Checks,
-) {
+) -> Option<scan::Scan> {
     checks.add(
         "metadata.json",
         match crate::formats::file::read_text(
@@ -570,7 +592,7 @@ fn validate_megatron(
             },
         );
     }
-    match MegatronCheckpoint::open(dir) {
+    let scanned = match MegatronCheckpoint::open(dir) {
         Ok(ckpt) => {
             checks.add(
                 "items",
@@ -599,18 +621,15 @@ fn validate_megatron(
                 from_rc,
                 checks,
             );
-            let bad = non_finite(&ckpt.files, &ckpt.tensors);
-            checks.add(
-                "finite",
-                if bad.is_empty() {
-                    Ok("no NaN or infinite values".into())
-                } else {
-                    Err(first(&bad))
-                },
-            );
+            let scanned = scan::scan(dir, &ckpt.files, &ckpt.tensors);
+            finite_check(&scanned, checks);
+            Some(scanned)
         }
-        Err(e) => checks.add("items", Err(e.to_string())),
-    }
+        Err(e) => {
+            checks.add("items", Err(e.to_string()));
+            None
+        }
+    };
     if let Some(m) = m
         && !m.provenance.side_files.is_empty()
     {
@@ -642,6 +661,7 @@ fn validate_megatron(
             );
         }
     }
+    scanned
 }
 
 /// The rows an import adds to reach a padded vocabulary are zeros (as
@@ -688,25 +708,5 @@ fn padding_check(ckpt: &MegatronCheckpoint, vocab: usize) -> Result<String, Stri
         })
     } else {
         Err(first(&problems))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn non_finite_values_are_counted_per_dtype() {
-        let bf16: Vec<u8> = [0x3f80u16, 0x7f80, 0xff80, 0x7fc0, 0x0000]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
-        assert_eq!(count_non_finite(DType::BF16, &bf16), 3);
-        let f32s: Vec<u8> = [1.0f32, f32::NAN, f32::NEG_INFINITY, f32::MAX]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
-        assert_eq!(count_non_finite(DType::F32, &f32s), 2);
-        assert_eq!(count_non_finite(DType::I64, &[0xff; 16]), 0);
     }
 }

@@ -6,6 +6,7 @@ mod cli;
 mod faults;
 mod fuzz_corpus;
 mod hostile;
+mod injected_faults;
 mod layers;
 mod merge_lora;
 mod preflight;

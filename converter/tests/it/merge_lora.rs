@@ -147,7 +147,7 @@ fn b_vals(rows: usize, r: usize, salt: usize) -> Vec<f32> {
 
 /// A simple q_proj/v_proj adapter of rank `r` for the tiny Llama (hidden 64,
 /// q [64, 64], v [32, 64]).
-fn qv_adapter(dir: &Path, config: serde_json::Value) -> PathBuf {
+pub(crate) fn qv_adapter(dir: &Path, config: serde_json::Value) -> PathBuf {
     let r = config["r"].as_u64().unwrap_or(8) as usize;
     let mut tensors = Vec::new();
     for l in 0..2 {

@@ -474,6 +474,35 @@ fn a_changed_tokenizer_file_fails_the_provenance_check() {
 }
 
 #[test]
+fn bytes_changed_under_a_matching_manifest_fail_the_weights_digest() {
+    let w = Workdir::new();
+    let shape = family("llama");
+    let src = w.hf("src", &shape, 1 << 30);
+    let (iter, _) = to_megatron(&w, &src, &[]);
+    // Two rows of one tensor trade places: lengths hold, values stay finite.
+    let (file, base, _) = chunk_bytes(&iter, "decoder.layers.mlp.linear_fc2.weight", &[1, 0, 0]);
+    swap_rows(&file, base, shape.intermediate * 2, 0, 1, 1);
+    // The manifest is made to record the changed file, as if it were written so.
+    let path = iter.join("ckpt-manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let rel = file.file_name().unwrap().to_string_lossy().into_owned();
+    let (_, digest) = ckpt_convert::formats::digest::file(&file).unwrap();
+    let files = m["files"].as_array_mut().unwrap();
+    let record = files
+        .iter_mut()
+        .find(|f| f["path"] == rel.as_str())
+        .unwrap();
+    record["xxh3"] = digest.into();
+    std::fs::write(&path, serde_json::to_string_pretty(&m).unwrap()).unwrap();
+    validate(&iter, &["smoke_test=false"])
+        .assert_exit(1)
+        .stdout_has("ok   manifest")
+        .stdout_has("ok   finite")
+        .stdout_has("FAIL weights digest: the tensors as read back hash to");
+}
+
+#[test]
 fn a_nan_fails_naming_the_tensor() {
     let w = Workdir::new();
     let src = w.hf("src", &family("llama"), 1 << 30);

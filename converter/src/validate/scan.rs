@@ -1,0 +1,225 @@
+//! One read of an output for validation: every mapped data file's digest (for the
+//! manifest check), every tensor chunk's digest (for the weights digest the
+//! manifest records) and its count of NaN and infinite values, as parallel tasks
+//! over the mapped files, largest first, each window released after use.
+//!
+//! Why the weights digest is recomputed: execution records it from the bytes it
+//! wrote, and checks that ran on those bytes as they were written (the merge
+//! probe) hold for the published output only if the tensors read back are those
+//! bytes. Recomputed here from the files through their reader, the digest ties
+//! the one to the other (and names a layout mistake that moved bytes between
+//! tensors without changing a file's length).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use rayon::prelude::*;
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::formats::digest::{format_digest, of_lines};
+use crate::formats::dtype::DType;
+use crate::formats::source::{self, ChunkData, Files, GlobalTensor};
+
+/// Bytes read between releases.
+const WINDOW: u64 = 4 << 20;
+
+/// What one read of an output found.
+#[derive(Debug, Clone, Default)]
+pub struct Scan {
+    /// Size and XXH3-128 of every mapped file, by path relative to the output.
+    pub files: HashMap<String, (u64, String)>,
+    /// Tensors with NaN or infinite values, one line each.
+    pub non_finite: Vec<String>,
+    /// The weights digest of the tensors as read: XXH3-128 over the sorted lines
+    /// of every chunk ([`crate::lora::base::digest_line`], the lines execution
+    /// digests).
+    pub weights_digest: String,
+}
+
+enum Task {
+    File(usize),
+    Chunk(usize, usize),
+}
+
+enum Found {
+    File(String, u64, String),
+    Chunk {
+        tensor: usize,
+        line: String,
+        bad: u64,
+    },
+}
+
+/// Reads every file of `files` and every chunk of `tensors` once (files under
+/// `dir`); in parallel on the current pool.
+pub fn scan(dir: &Path, files: &Files, tensors: &[GlobalTensor]) -> Scan {
+    let mut tasks: Vec<(u64, Task)> = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.len(), Task::File(i)))
+        .collect();
+    for (ti, t) in tensors.iter().enumerate() {
+        for (ci, c) in t.chunks.iter().enumerate() {
+            tasks.push((c.footprint().len, Task::Chunk(ti, ci)));
+        }
+    }
+    tasks.sort_by_key(|t| std::cmp::Reverse(t.0));
+    let found: Vec<Found> = tasks
+        .par_iter()
+        .map(|(_, task)| match *task {
+            Task::File(i) => {
+                let f = files.get(i);
+                let mut h = Xxh3::new();
+                windows(f, 0, f.len(), |w| h.update(w));
+                let rel = f.path.strip_prefix(dir).unwrap_or(&f.path);
+                Found::File(
+                    rel.to_string_lossy().into_owned(),
+                    f.len(),
+                    format_digest(h.digest128()),
+                )
+            }
+            Task::Chunk(ti, ci) => {
+                let t = &tensors[ti];
+                let c = &t.chunks[ci];
+                let mut h = Xxh3::new();
+                let mut bad = 0u64;
+                match &c.data {
+                    ChunkData::Contiguous(r) => {
+                        windows(files.get(r.file), r.offset, r.len, |w| {
+                            h.update(w);
+                            bad += count_non_finite(t.dtype, w);
+                        });
+                    }
+                    ChunkData::Strided { .. } => {
+                        let bytes = source::read_box(files, t, &c.offsets, &c.sizes);
+                        h.update(&bytes);
+                        bad += count_non_finite(t.dtype, &bytes);
+                    }
+                }
+                let line = crate::lora::base::digest_line(t, ci, h.digest128());
+                Found::Chunk {
+                    tensor: ti,
+                    line,
+                    bad,
+                }
+            }
+        })
+        .collect();
+    let mut out = Scan::default();
+    let mut lines = Vec::new();
+    let mut bad = vec![0u64; tensors.len()];
+    for f in found {
+        match f {
+            Found::File(path, size, digest) => {
+                out.files.insert(path, (size, digest));
+            }
+            Found::Chunk {
+                tensor,
+                line,
+                bad: n,
+            } => {
+                lines.push(line);
+                bad[tensor] += n;
+            }
+        }
+    }
+    out.weights_digest = of_lines(lines);
+    out.non_finite = tensors
+        .iter()
+        .zip(&bad)
+        .filter(|(_, n)| **n > 0)
+        .map(|(t, n)| format!("{}: {n} NaN or infinite values", t.name))
+        .collect();
+    out
+}
+
+/// Calls `f` on `len` bytes of `file` from `offset`, in windows whose offsets from
+/// `offset` are multiples of [`WINDOW`] (so elements never straddle two), each
+/// read ahead and released after.
+fn windows(file: &source::MappedFile, offset: u64, len: u64, mut f: impl FnMut(&[u8])) {
+    let bytes = file.bytes();
+    let end = (offset + len).min(bytes.len() as u64);
+    let mut at = offset.min(end);
+    while at < end {
+        let n = WINDOW.min(end - at);
+        file.will_need(at, n);
+        f(&bytes[at as usize..(at + n) as usize]);
+        file.release(at, n);
+        at += n;
+    }
+}
+
+/// Elements of `words` whose bits under `mask` are all ones.
+fn all_ones<T>(words: &[T], mask: T) -> u64
+where
+    T: Copy + std::ops::BitAnd<Output = T> + PartialEq,
+{
+    // Counted in u16 lanes per block, which vectorizes.
+    words
+        .chunks(1 << 15)
+        .map(|b| u64::from(b.iter().map(|&w| u16::from(w & mask == mask)).sum::<u16>()))
+        .sum()
+}
+
+/// `bytes` as little-endian words of `N` bytes: aligned in place, else copied.
+fn counted<const N: usize, T>(bytes: &[u8], mask: T, word: impl Fn([u8; N]) -> T) -> u64
+where
+    T: Copy + std::ops::BitAnd<Output = T> + PartialEq,
+{
+    // SAFETY: every bit pattern is a valid integer; a misaligned start is refused.
+    match unsafe { bytes.align_to::<T>() } {
+        (&[], words, rest) if cfg!(target_endian = "little") && rest.len() < N => {
+            all_ones(words, mask)
+        }
+        _ => {
+            let words: Vec<T> = bytes
+                .chunks_exact(N)
+                .map(|c| word(c.try_into().expect("N bytes")))
+                .collect();
+            all_ones(&words, mask)
+        }
+    }
+}
+
+/// Counts elements whose exponent bits are all ones (NaN or ±inf).
+pub fn count_non_finite(dtype: DType, bytes: &[u8]) -> u64 {
+    match dtype {
+        DType::BF16 => counted(bytes, 0x7f80u16, u16::from_le_bytes),
+        DType::F16 => counted(bytes, 0x7c00u16, u16::from_le_bytes),
+        DType::F32 => counted(bytes, 0x7f80_0000u32, u32::from_le_bytes),
+        DType::F64 => counted(bytes, 0x7ff0_0000_0000_0000u64, u64::from_le_bytes),
+        // e4m3fn has no infinities; its NaN is S.1111.111.
+        DType::F8E4M3 => all_ones(bytes, 0x7fu8),
+        DType::F8E5M2 => all_ones(bytes, 0x7cu8),
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_values_are_counted_per_dtype() {
+        let bf16: Vec<u8> = [0x3f80u16, 0x7f80, 0xff80, 0x7fc0, 0x0000]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(count_non_finite(DType::BF16, &bf16), 3);
+        // Misaligned, as a tensor at an odd offset of a file is.
+        let mut shifted = vec![0u8];
+        shifted.extend_from_slice(&bf16);
+        assert_eq!(count_non_finite(DType::BF16, &shifted[1..]), 3);
+        let f32s: Vec<u8> = [1.0f32, f32::NAN, f32::NEG_INFINITY, f32::MAX]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(count_non_finite(DType::F32, &f32s), 2);
+        assert_eq!(count_non_finite(DType::I64, &[0xff; 16]), 0);
+        // Many blocks of lanes.
+        let many: Vec<u8> = (0..200_000u32)
+            .flat_map(|i| (if i % 7 == 0 { 0x7fc0u16 } else { 0x3f80 }).to_le_bytes())
+            .collect();
+        assert_eq!(count_non_finite(DType::BF16, &many), 200_000u64.div_ceil(7));
+    }
+}
