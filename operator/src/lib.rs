@@ -8,7 +8,11 @@
 //! converter only through [`step`] and [`summary`].
 #![deny(missing_docs)]
 
-pub mod api;
+/// The resource (the `ckpt-api` crate, shared with `ckpt-convert`'s Kubernetes executor).
+pub use ckpt_api as api;
+/// Condition and event reasons (from `ckpt-api`).
+pub use ckpt_api::reason;
+
 pub mod claim;
 pub mod conditions;
 pub mod controller;
@@ -18,6 +22,5 @@ mod fixtures;
 pub mod http;
 pub mod job;
 pub mod metrics;
-pub mod reason;
 pub mod step;
 pub mod summary;
