@@ -5,6 +5,7 @@ pub mod config;
 pub mod demo;
 pub mod help;
 pub mod progress;
+pub mod remote;
 
 use std::path::PathBuf;
 
@@ -14,7 +15,7 @@ use ckpt_convert::inspect::Inspection;
 use ckpt_convert::pipeline::preflight::PreflightError;
 use ckpt_convert::pipeline::{Report, RunOptions};
 use ckpt_convert::steps::{self, Params};
-use ckpt_wire::Step;
+use ckpt_wire::{Step, Summary};
 use clap::{Parser, Subcommand};
 
 /// Checkpoint conversion between Hugging Face and Megatron-Core layouts.
@@ -74,6 +75,40 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Where a run submitted with `run … --batch PROFILE` stands; its report once it
+    /// finished.
+    ///
+    /// NAME is what --batch printed: a Slurm job id, or a CheckpointConversion as
+    /// NAMESPACE/NAME. Exit code: the run's (0 succeeded, 1 failed, 2 refused), or 3
+    /// while it is queued or running.
+    #[command(verbatim_doc_comment)]
+    Status {
+        /// The run: a Slurm job id, or NAMESPACE/NAME of a CheckpointConversion.
+        name: String,
+        /// The profile it was submitted with (its namespace and mounts, or its
+        /// job_dir once Slurm has forgotten the job).
+        #[arg(long, short = 'p', visible_alias = "batch", visible_short_alias = 'b')]
+        profile: Option<String>,
+        /// The profiles file (default: CKPT_ENV_FILE, NEMOTRON_ENV_FILE, ./env.toml).
+        #[arg(long)]
+        env_file: Option<String>,
+        /// Wait until it finishes, with a line whenever its state changes.
+        #[arg(long)]
+        wait: bool,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The profiles of env.toml (`run STEP --run|--batch PROFILE` runs a step where
+    /// one says), or example profiles to start one from.
+    Profiles {
+        /// The profiles file (default: CKPT_ENV_FILE, NEMOTRON_ENV_FILE, ./env.toml).
+        #[arg(long, global = true)]
+        env_file: Option<String>,
+        /// What to show (default: list the profiles).
+        #[command(subcommand)]
+        what: Option<ProfilesCommand>,
+    },
     /// Write a small Llama checkpoint, convert it HF → Megatron → HF, check it, report.
     Demo {
         /// Where to write (default: a new directory under the system temp dir).
@@ -82,6 +117,21 @@ pub enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+/// `profiles …`.
+#[derive(Debug, Subcommand)]
+pub enum ProfilesCommand {
+    /// Example profiles: lepton and dgxcloud (Kubernetes), slurm.
+    Example {
+        /// Only this family.
+        family: Option<String>,
+    },
+    /// One profile as resolved through what it extends.
+    Show {
+        /// The profile.
+        name: String,
     },
 }
 
@@ -95,8 +145,13 @@ pub fn step_of(name: &str) -> Result<Step, PreflightError> {
 
 /// Runs a step from raw words; returns the report and whether JSON was asked for.
 pub fn run_step(name: &str, words: &[String]) -> Result<(Report, bool)> {
-    let mut raw = args::parse_run(words)?;
+    let raw = args::parse_run(words)?;
     let step = step_of(name)?;
+    run_parsed(step, raw)
+}
+
+/// Runs `step` here from parsed arguments.
+pub fn run_parsed(step: Step, mut raw: args::RunArgs) -> Result<(Report, bool)> {
     if let Some(c) = &raw.config {
         // The command line wins over the file, as a dotlist override does.
         for (k, v) in config::parameters(c)? {
@@ -137,6 +192,63 @@ pub fn size(bytes: u64) -> String {
     } else {
         format!("{bytes} B")
     }
+}
+
+/// Prints a report as JSON or for people.
+pub fn print_outcome(r: &Report, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+    } else {
+        print_report(r);
+    }
+    Ok(())
+}
+
+/// The lines of a remote run's report, from the converter's summary: those of a
+/// local run's report ([`print_report`]) that the summary carries.
+pub fn summary_lines(s: &Summary) -> Vec<String> {
+    let seconds = s.seconds.unwrap_or(0.0);
+    let bytes = s.bytes.unwrap_or(0);
+    let rate = bytes as f64 / seconds.max(1e-9);
+    let mut out = vec![format!(
+        "{} {}: {} tensors, {} in {:.1} s ({}/s)",
+        s.step,
+        s.status,
+        s.tensors.unwrap_or(0),
+        size(bytes),
+        seconds,
+        size(rate as u64)
+    )];
+    if let Some(o) = &s.output {
+        out.push(format!(
+            "  output:   {o} ({})",
+            s.kind.as_deref().unwrap_or("?")
+        ));
+    }
+    if let Some(m) = &s.manifest {
+        out.push(format!("  manifest: {m}"));
+    }
+    if let Some(d) = &s.weights_digest {
+        out.push(format!("  weights digest: {d}"));
+    }
+    if let (Some(passed), Some(failed)) = (s.checks_passed, s.checks_failed) {
+        // A run that succeeded passed its smoke test, when one ran.
+        let smoke = match s.smoke_test_max_abs_diff {
+            Some(d) => format!("; smoke test passed (max |Δ| {d:.3e})"),
+            None => String::new(),
+        };
+        let report = s
+            .report
+            .as_deref()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default();
+        out.push(format!(
+            "  validation: {passed} of {} checks passed{smoke}{report}",
+            passed + failed
+        ));
+    }
+    out.extend(s.warnings.iter().map(|w| format!("  warning: {w}")));
+    out
 }
 
 /// Prints a report for people.
@@ -235,6 +347,11 @@ pub fn validate(
     let mut raw = args::parse_run(&words)?;
     if raw.dry_run || raw.overwrite || raw.memory_budget.is_some() {
         anyhow::bail!("validate takes no --dry-run, --overwrite or --memory-budget");
+    }
+    if raw.remote.is_some() {
+        anyhow::bail!(
+            "validate runs here, over the shared filesystem: it takes no --run or --batch"
+        );
     }
     if let Some(n) = raw.threads {
         // The forward pass and the scans use the global pool.
