@@ -8,6 +8,8 @@
 #   - Megatron-Bridge 0.3.1 in ~/.cache/ckpt/bridge-venv-<hash of e2e/bridge/requirements.txt>
 #     and the references it writes in ~/.cache/ckpt/bridge-refs-<hash> (CKPT_BRIDGE_REFS);
 #   - Argo CD's Lua engine (gopher-lua) for the health check in ~/.cache/ckpt/argocd-lua/<hash>.
+# Debian's slurm-wlm and munge are installed with apt (as root) for the Slurm executor's
+# tests, which start a single-node Slurm of their own (ckpt_testcluster::Slurm).
 # A missing prerequisite fails the run with a message; nothing is skipped.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -54,6 +56,22 @@ control_plane() {
   # A few seconds, then cached.
   CKPT_ARGOCD_HEALTH_BIN=$(e2e/argocd-lua/build.sh | tail -n 1)
   export CKPT_ARGOCD_HEALTH_BIN
+}
+
+slurm_packages() {
+  # The tests start slurmctld, slurmd and munged themselves, with a configuration,
+  # state, ports and munge key of their own; only the programs come from here.
+  if [ -x /usr/sbin/slurmctld ] && [ -x /usr/sbin/slurmd ] && [ -x /usr/sbin/munged ] && command -v sbatch >/dev/null 2>&1; then
+    return
+  fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq slurm-wlm munge >/dev/null || { apt-get update -qq && apt-get install -y -qq slurm-wlm munge >/dev/null; }
+  else
+    echo "error: Slurm is required for the Slurm executor's tests (Debian, as root: apt-get install slurm-wlm munge)" >&2
+    exit 1
+  fi
+  slurmd -V
 }
 
 rust_tests() {
@@ -153,7 +171,8 @@ step "python: reference stack" python_env
 step "python: Megatron-Bridge reference stack" bridge_env
 # The Rust tests compare with these too, so they come first.
 step "bridge: Megatron-Bridge 0.3.1 references" bridge_refs
-step "rust: build, unit, integration and control-plane tests" rust_tests
+step "slurm: slurm-wlm and munge (Debian packages)" slurm_packages
+step "rust: build, unit, integration, control-plane and Slurm tests" rust_tests
 step "demo" demo
 step "images: static musl binaries (as the Dockerfiles build them)" static_binaries
 step "interop: torch DCP, megatron-core, transformers" interop_tests

@@ -340,15 +340,27 @@ impl SourceDigests {
     }
 }
 
-/// Test hook: with the `failpoints` feature, `CKPT_CONVERT_ABORT_AFTER_PIECES=N`
-/// aborts the process (like `kill -9`) after N pieces are written.
+/// Test hooks: with the `failpoints` feature, `CKPT_CONVERT_ABORT_AFTER_PIECES=N`
+/// aborts the process (like `kill -9`) after N pieces are written;
+/// `CKPT_CONVERT_PAUSE_AFTER_PIECES=N` stops there instead, creating
+/// `$CKPT_CONVERT_PAUSE_FILE` so a test can kill the process mid-write (it aborts
+/// by itself after 10 minutes).
 #[cfg(feature = "failpoints")]
 fn failpoint(done: u64) {
-    if let Some(n) = std::env::var("CKPT_CONVERT_ABORT_AFTER_PIECES")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        && done >= n
-    {
+    let after = |var: &str| {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| done >= n)
+    };
+    if after("CKPT_CONVERT_ABORT_AFTER_PIECES") {
+        std::process::abort();
+    }
+    if after("CKPT_CONVERT_PAUSE_AFTER_PIECES") {
+        if let Some(marker) = std::env::var_os("CKPT_CONVERT_PAUSE_FILE") {
+            let _ = std::fs::write(marker, b"paused\n");
+        }
+        std::thread::sleep(std::time::Duration::from_secs(600));
         std::process::abort();
     }
 }

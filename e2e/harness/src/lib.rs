@@ -1,7 +1,8 @@
 //! A real Kubernetes control plane for tests, without a cluster, images or
 //! downloads: etcd, kube-apiserver and kube-controller-manager built from Go
 //! modules (`e2e/k8s/build.sh`), plus a node stand-in that runs our Jobs' pods
-//! as local processes.
+//! as local processes; and a real single-node Slurm ([`Slurm`], Debian's
+//! slurm-wlm and munge with a configuration of its own).
 //!
 //! ```no_run
 //! # async fn demo() -> ckpt_testcluster::Result<()> {
@@ -54,11 +55,13 @@ mod certs;
 mod control_plane;
 mod error;
 mod process;
+mod slurm;
 mod standin;
 
 pub use bins::{K8S_BINARIES, argocd_health_binary, converter_binary, k8s_bin_dir, workspace_root};
 pub use control_plane::{ControlPlane, ControlPlaneOptions, DEFAULT_CONTROLLERS};
 pub use error::{Error, Result};
+pub use slurm::{NODE as SLURM_NODE, SLURM_PROGRAMS, Slurm};
 pub use standin::status::{
     MAX_LOG_FALLBACK_BYTES, MAX_LOG_FALLBACK_LINES, MAX_TERMINATION_MESSAGE,
 };

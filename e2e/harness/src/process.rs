@@ -89,10 +89,22 @@ pub(crate) struct ManagedProcess {
 impl ManagedProcess {
     /// Starts `program args…` with both output streams appended to `log`.
     pub(crate) fn spawn(name: &str, program: &Path, args: &[String], log: PathBuf) -> Result<Self> {
+        Self::spawn_env(name, program, args, log, &[])
+    }
+
+    /// Like [`ManagedProcess::spawn`], with `env` added to the environment.
+    pub(crate) fn spawn_env(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        log: PathBuf,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Result<Self> {
         let out = File::create(&log).map_err(|e| Error::io(&log, e))?;
         let err = out.try_clone().map_err(|e| Error::io(&log, e))?;
         let mut cmd = Command::new(program);
         cmd.args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err));
@@ -205,4 +217,18 @@ pub(crate) fn owned_tempdir(prefix: &str) -> Result<tempfile::TempDir> {
     let owner = dir.path().join(OWNER_FILE);
     std::fs::write(&owner, std::process::id().to_string()).map_err(|e| Error::io(&owner, e))?;
     Ok(dir)
+}
+
+/// Removes a harness temp dir, or keeps it (marked [`KEPT_FILE`]) when asked to.
+pub(crate) fn close_tempdir(t: tempfile::TempDir, keep: bool) {
+    if keep {
+        let _ = std::fs::write(t.path().join(KEPT_FILE), b"");
+        let path = t.keep();
+        eprintln!("ckpt-testcluster: kept {}", path.display());
+    } else {
+        let path = t.path().to_owned();
+        if let Err(e) = t.close() {
+            eprintln!("ckpt-testcluster: removing {}: {e}", path.display());
+        }
+    }
 }
