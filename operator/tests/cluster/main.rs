@@ -26,3 +26,4 @@ mod faults;
 mod gitops;
 mod leader;
 mod pods;
+mod profiles;
