@@ -15,7 +15,7 @@
 #[allow(dead_code)]
 mod util;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ckpt_convert::synthetic::ModelShape;
@@ -176,25 +176,11 @@ fn a_batch_conversion_completes_and_its_output_validates() {
         .stdout_has("checks passed");
 }
 
-/// Overwrites the last bytes of the first shard's data with 0xFF: NaN in bfloat16.
-/// Headers stay valid, so only the run itself finds it.
-fn poison(dir: &Path) {
-    let shard = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .unwrap();
-    let mut bytes = std::fs::read(&shard).unwrap();
-    let n = bytes.len();
-    bytes[n - 64..].fill(0xFF);
-    std::fs::write(&shard, bytes).unwrap();
-}
-
 #[test]
 fn a_failing_conversion_reports_exit_1_and_the_converters_message() {
     let site = Site::new("");
     let src = site.ws("models/llama");
-    poison(&src);
+    ckpt_testcluster::poison_values(&src);
     let out = site.ws("out/poisoned");
     // The preflight here passes (it reads headers); the run fails in validation.
     let r = site.cli(&[

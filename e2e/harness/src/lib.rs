@@ -54,6 +54,7 @@ mod bins;
 mod certs;
 mod control_plane;
 mod error;
+mod fixtures;
 mod process;
 mod slurm;
 mod standin;
@@ -61,6 +62,7 @@ mod standin;
 pub use bins::{K8S_BINARIES, argocd_health_binary, converter_binary, k8s_bin_dir, workspace_root};
 pub use control_plane::{ControlPlane, ControlPlaneOptions, DEFAULT_CONTROLLERS};
 pub use error::{Error, Result};
+pub use fixtures::poison_values;
 pub use slurm::{NODE as SLURM_NODE, SLURM_PROGRAMS, Slurm};
 pub use standin::status::{
     MAX_LOG_FALLBACK_BYTES, MAX_LOG_FALLBACK_LINES, MAX_TERMINATION_MESSAGE,

@@ -248,92 +248,74 @@ async fn refusals_exit_2_with_the_reason_and_create_nothing() {
     let claim = env.claim("lustre-shared");
     let profile = lepton_profile(&env, &claim);
     let sft = claim.join("output/sft/megatron_bridge/iter_0000100");
-    let megatron = format!("megatron_path={}", sft.display());
-    let hf = format!("hf_path={}", claim.join("output/convert/sft-hf").display());
-    let id = "hf_model_id=nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-Base-BF16";
-    let base = |profile: &'static str| {
-        vec![
+    let hf = claim.join("output/convert/sft-hf");
+    let id = "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-Base-BF16".to_owned();
+    // The guide's command with this workspace, `profile`, `model` and `kubeconfig`:
+    // its exit code and stderr.
+    let refused = |name: &'static str, model: String, kubeconfig: Option<PathBuf>| {
+        let profile = profile.clone();
+        let args = [
             "run".to_owned(),
             "convert/megatron_to_hf".to_owned(),
             "--batch".to_owned(),
-            profile.to_owned(),
-        ]
+            name.to_owned(),
+            format!("megatron_path={}", sft.display()),
+            format!("hf_model_id={model}"),
+            format!("hf_path={}", hf.display()),
+        ];
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let r = cli(&profile, &[], &args, kubeconfig.as_deref()).await;
+            assert_eq!(
+                r.code,
+                Some(2),
+                "stdout:\n{}\nstderr:\n{}",
+                r.stdout,
+                r.stderr
+            );
+            r.stderr
+        }
     };
 
     // A path outside the workspace (the models claim is not mounted by the
     // profile): named with the profile's mounts.
     let outside = env.claim("models").join("hf/Llama-3.2-3B");
-    let mut args = base("lepton_convert_model");
-    args.extend([
-        megatron.clone(),
-        format!("hf_model_id={}", outside.display()),
-        hf.clone(),
-    ]);
-    let r = cli(
-        &profile,
-        &[],
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        None,
-    )
-    .await;
-    assert_eq!(r.code, Some(2), "{}", r.stderr);
-    assert!(
-        r.stderr.contains(&format!(
+    let e = refused("lepton_convert_model", outside.display().to_string(), None).await;
+    for want in [
+        format!(
             "hf_model_id={}: outside every mount of profile lepton_convert_model",
             outside.display()
-        )) && r
-            .stderr
-            .contains(&format!("{} (claim lustre-shared)", claim.display())),
-        "{}",
-        r.stderr
-    );
-
+        ),
+        format!("{} (claim lustre-shared)", claim.display()),
+    ] {
+        assert!(e.contains(&want), "{e}");
+    }
     // An unknown profile: named, with the file's profiles.
-    let mut args = base("lepton_convert_modle");
-    args.extend([megatron.clone(), id.to_owned(), hf.clone()]);
-    let r = cli(
-        &profile,
-        &[],
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        None,
-    )
-    .await;
-    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    let e = refused("lepton_convert_modle", id.clone(), None).await;
     assert!(
-        r.stderr.contains("profile lepton_convert_modle: no such profile; profiles: lepton_base, lepton_convert_model"),
-        "{}",
-        r.stderr
+        e.contains("profile lepton_convert_modle: no such profile; profiles: lepton_base, lepton_convert_model"),
+        "{e}"
     );
-
-    // A missing kubeconfig.
+    // A missing kubeconfig: named.
     let missing = env.dir.path().join("no-kubeconfig");
-    let mut args = base("lepton_convert_model");
-    args.extend([megatron.clone(), id.to_owned(), hf.clone()]);
-    let r = cli(
-        &profile,
-        &[],
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        Some(&missing),
-    )
-    .await;
-    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    let e = refused("lepton_convert_model", id.clone(), Some(missing.clone())).await;
     assert!(
-        r.stderr.contains("kubeconfig") && r.stderr.contains(&missing.display().to_string()),
-        "{}",
-        r.stderr
+        e.contains("kubeconfig") && e.contains(&missing.display().to_string()),
+        "{e}"
     );
-
-    // The same command with a good kubeconfig and a dry run: the manifest that
-    // would be created, and still nothing created.
-    args.push("--dry-run".into());
-    let r = cli(
-        &profile,
-        &[],
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        None,
-    )
-    .await;
-    let manifest = r.expect_ok("--dry-run");
+    // With a good kubeconfig, a dry run prints the manifest and creates nothing
+    // either.
+    let dry = [
+        "run",
+        "convert/megatron_to_hf",
+        "--batch",
+        "lepton_convert_model",
+        &format!("megatron_path={}", sft.display()),
+        &format!("hf_model_id={id}"),
+        &format!("hf_path={}", hf.display()),
+        "--dry-run",
+    ];
+    let manifest = cli(&profile, &[], &dry, None).await.expect_ok("--dry-run");
     assert!(
         manifest.contains("kind: CheckpointConversion")
             && manifest.contains(&format!("namespace: {}", env.ns)),
@@ -357,15 +339,7 @@ async fn a_failing_run_reports_exit_1_with_the_converters_message() {
         let f = f.unwrap().path();
         std::fs::copy(&f, src.join(f.file_name().unwrap())).unwrap();
     }
-    let shard = std::fs::read_dir(&src)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .unwrap();
-    let mut bytes = std::fs::read(&shard).unwrap();
-    let n = bytes.len();
-    bytes[n - 64..].fill(0xFF); // NaN in bfloat16
-    std::fs::write(&shard, bytes).unwrap();
+    ckpt_testcluster::poison_values(&src);
     let profile = lepton_profile(&env, &claim);
     let out = claim.join("output/poisoned-megatron");
     let r = cli(
