@@ -253,11 +253,17 @@ pub fn summary_lines(s: &Summary) -> Vec<String> {
 
 /// Prints a report for people.
 pub fn print_report(r: &Report) {
+    for line in report_lines(r) {
+        println!("{line}");
+    }
+}
+
+/// A report for people, line by line.
+pub fn report_lines(r: &Report) -> Vec<String> {
+    let mut out = Vec::new();
     if r.status == "planned" {
-        for line in &r.plan {
-            println!("{line}");
-        }
-        println!(
+        out.extend(r.plan.iter().cloned());
+        out.push(format!(
             "{} planned: {} tensors, {} into {} ({}, {} files); nothing written (dry run)",
             r.step,
             r.tensors,
@@ -265,9 +271,9 @@ pub fn print_report(r: &Report) {
             r.output.display(),
             r.kind,
             r.files
-        );
+        ));
     } else {
-        println!(
+        out.push(format!(
             "{} {}: {} tensors, {} in {:.1} s ({}/s)",
             r.step,
             r.status,
@@ -275,56 +281,55 @@ pub fn print_report(r: &Report) {
             size(r.tensor_bytes),
             r.seconds,
             size(r.bytes_per_second as u64)
-        );
-        println!("  output:   {} ({})", r.output.display(), r.kind);
+        ));
+        out.push(format!("  output:   {} ({})", r.output.display(), r.kind));
         if let Some(m) = &r.manifest {
-            println!("  manifest: {}", m.display());
+            out.push(format!("  manifest: {}", m.display()));
         }
-        println!("  weights digest: {}", r.weights_digest);
-        print_validation_summary("  ", r);
+        out.push(format!("  weights digest: {}", r.weights_digest));
+        out.extend(validation_line("  ", r));
     }
     for o in &r.other_outputs {
         if o.status == "planned" {
-            for line in &o.plan {
-                println!("{line}");
-            }
-            println!(
+            out.extend(o.plan.iter().cloned());
+            out.push(format!(
                 "  also planned: {} tensors, {} into {} ({})",
                 o.tensors,
                 size(o.tensor_bytes),
                 o.output.display(),
                 o.kind
-            );
+            ));
         } else {
-            println!("  also written: {} ({})", o.output.display(), o.kind);
+            out.push(format!(
+                "  also written: {} ({})",
+                o.output.display(),
+                o.kind
+            ));
             if let Some(m) = &o.manifest {
-                println!("    manifest: {}", m.display());
+                out.push(format!("    manifest: {}", m.display()));
             }
-            println!("    weights digest: {}", o.weights_digest);
-            print_validation_summary("    ", o);
+            out.push(format!("    weights digest: {}", o.weights_digest));
+            out.extend(validation_line("    ", o));
         }
     }
-    for s in &r.skipped {
-        println!("  skipped: {s}");
-    }
-    for w in &r.warnings {
-        println!("  warning: {w}");
-    }
+    out.extend(r.skipped.iter().map(|s| format!("  skipped: {s}")));
+    out.extend(r.warnings.iter().map(|w| format!("  warning: {w}")));
+    out
 }
 
-fn print_validation_summary(indent: &str, r: &Report) {
-    let Some(v) = &r.validation else { return };
+fn validation_line(indent: &str, r: &Report) -> Option<String> {
+    let v = r.validation.as_ref()?;
     let smoke = match (&v.smoke_test, v.smoke_test_max_abs_diff) {
         (Some(s), Some(d)) => format!("; smoke test {s} (max |Δ| {d:.3e})"),
         (Some(s), None) => format!("; smoke test {s}"),
         (None, _) => "; smoke test skipped".into(),
     };
-    println!(
+    Some(format!(
         "{indent}validation: {} of {} checks passed{smoke} ({})",
         v.passed,
         v.passed + v.failed,
         v.report.display()
-    );
+    ))
 }
 
 /// Runs `convert/validate` from raw words (`ckpt-convert validate PATH …` passes
@@ -465,5 +470,54 @@ pub fn print_inspection(i: &Inspection, all: bool) {
     }
     if i.has_manifest {
         println!("  {} present", ckpt_convert::formats::manifest::FILE_NAME);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use ckpt_convert::pipeline::{ValidationSummary, report};
+
+    use super::*;
+
+    /// A run elsewhere prints the report a local run prints, from the summary the
+    /// converter wrote there.
+    #[test]
+    fn a_remote_report_reads_as_the_local_one() {
+        let r = Report {
+            step: "convert/megatron_to_hf".into(),
+            status: "succeeded".into(),
+            output: PathBuf::from("/mnt/lustre-shared/output/convert/sft-hf"),
+            kind: ckpt_wire::ArtifactKind::CheckpointHf,
+            tensors: 291,
+            tensor_bytes: 6_425_673_728,
+            files: 9,
+            seconds: 12.5,
+            bytes_per_second: 6_425_673_728.0 / 12.5,
+            peak_in_flight_bytes: 0,
+            weights_digest: "0123456789abcdef0123456789abcdef".into(),
+            manifest: Some(PathBuf::from(
+                "/mnt/lustre-shared/output/convert/sft-hf/ckpt-manifest.json",
+            )),
+            validation: Some(ValidationSummary {
+                passed: 9,
+                failed: 0,
+                seconds: 1.0,
+                report: PathBuf::from(
+                    "/mnt/lustre-shared/output/convert/sft-hf/ckpt-validation.json",
+                ),
+                smoke_test: Some("passed".into()),
+                smoke_test_max_abs_diff: Some(3.5e-6),
+            }),
+            plan: Vec::new(),
+            skipped: Vec::new(),
+            warnings: vec!["router weights kept in float32".into()],
+            reused: false,
+            other_outputs: Vec::new(),
+        };
+        let wire = report::succeeded(&r).to_json();
+        let back = Summary::parse(&wire).expect("the summary parses");
+        assert_eq!(summary_lines(&back), report_lines(&r));
     }
 }

@@ -6,6 +6,7 @@ mod cli;
 mod layers;
 mod merge_lora;
 mod preflight;
+mod profiles;
 mod publish;
 mod roundtrip;
 mod util;
