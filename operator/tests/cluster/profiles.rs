@@ -377,4 +377,34 @@ async fn a_failing_run_reports_exit_1_with_the_converters_message() {
         );
     }
     assert!(!out.join("iter_0000000").exists());
+    // The same command again names the same resource and runs it again.
+    let again = cli(
+        &profile,
+        &[],
+        &[
+            "run",
+            "convert/hf_to_megatron",
+            "--batch",
+            "lepton_convert_model",
+            &format!("hf_model_id={}", src.display()),
+            &format!("megatron_path={}", out.display()),
+        ],
+        None,
+    )
+    .await;
+    let name = again.stdout.trim().to_owned();
+    assert!(
+        again
+            .stderr
+            .contains("had failed: raised spec.retry to run it again"),
+        "{}",
+        again.stderr
+    );
+    let all = resources(&env).await;
+    assert_eq!(all.len(), 1, "{all:#?}");
+    assert_eq!(
+        format!("{}/{}", env.ns, all[0].metadata.name.as_deref().unwrap()),
+        name
+    );
+    assert_eq!(all[0].spec.retry, Some(1));
 }
