@@ -199,9 +199,12 @@ pub fn script(
             .iter()
             .map(|m| format!("{0}:{0}", m.path.display()))
             .collect();
+        // The step takes the script's environment: under `--export=NONE` srun
+        // would otherwise pass on nothing the script exported.
         command.extend([
             "srun".to_owned(),
             "--ntasks=1".to_owned(),
+            "--export=ALL".to_owned(),
             format!("--container-image={}", quote(image)),
             format!("--container-mounts={}", quote(&binds.join(","))),
         ]);
@@ -390,7 +393,7 @@ pub fn status(job_dir: &Path, id: &str) -> Result<Status> {
         "",
         1,
         &format!(
-            "job {id} {what} before the converter reported: nothing was published; its log: {}",
+            "{what} before the converter reported: nothing was published; its log: {}",
             log.display()
         ),
     ))))
@@ -470,7 +473,7 @@ mod tests {
         assert_eq!(c, PathBuf::from(IMAGE_CONVERTER));
         let s = script(&p, &req(), false, &c).unwrap();
         assert!(
-            s.contains("srun --ntasks=1 --container-image='nvcr.io/me/ckpt-convert:0.1.0' --container-mounts='/lustre:/lustre' '/ckpt-convert' 'run'"),
+            s.contains("srun --ntasks=1 --export=ALL --container-image='nvcr.io/me/ckpt-convert:0.1.0' --container-mounts='/lustre:/lustre' '/ckpt-convert' 'run'"),
             "{s}"
         );
         assert!(

@@ -254,11 +254,6 @@ pub fn status_of(cr: &CheckpointConversion, mounts: &[Mount]) -> Status {
         _ => phase.clone(),
     };
     let step = st.step.clone().unwrap_or_default();
-    let name = format!(
-        "{}/{}",
-        cr.metadata.namespace.clone().unwrap_or_default(),
-        cr.metadata.name.clone().unwrap_or_default()
-    );
     if phase == phase::REJECTED {
         let message = condition(cr, "Accepted")
             .map(|c| format!("{}: {}", c.reason, c.message))
@@ -266,7 +261,7 @@ pub fn status_of(cr: &CheckpointConversion, mounts: &[Mount]) -> Status {
         return Status::Finished(Box::new(Summary::failed(
             &step,
             2,
-            &format!("{name} was rejected: {message}"),
+            &format!("rejected: {message}"),
         )));
     }
     if !finished_run(cr) || !(phase == phase::SUCCEEDED || phase == phase::FAILED) {

@@ -68,7 +68,7 @@ pub fn run(step_name: &str, words: &[String]) -> Result<ExitCode> {
         _ => slurm(&profile, &req, remote.attached, raw.dry_run)?,
     };
     match outcome {
-        Some(summary) => finish(&summary, raw.json),
+        Some((name, summary)) => finish(&name, &summary, raw.json),
         None => Ok(ExitCode::SUCCESS),
     }
 }
@@ -104,7 +104,7 @@ fn kubernetes(
     req: &Request,
     attached: bool,
     dry_run: bool,
-) -> Result<Option<Summary>> {
+) -> Result<Option<(String, Summary)>> {
     let ns = kubernetes::namespace(&profile.kubernetes);
     let mut cr = kubernetes::manifest::manifest(profile, req, &ns)?;
     if dry_run {
@@ -134,7 +134,7 @@ fn kubernetes(
     let summary = cluster.follow(&ns, &name, &profile.mounts, &mut |l| {
         eprintln!("{full}: {l}")
     })?;
-    Ok(Some(named(summary, &full)))
+    Ok(Some((full, summary)))
 }
 
 fn slurm(
@@ -142,7 +142,7 @@ fn slurm(
     req: &Request,
     attached: bool,
     dry_run: bool,
-) -> Result<Option<Summary>> {
+) -> Result<Option<(String, Summary)>> {
     let converter = slurm::converter(profile)?;
     let script = slurm::script(profile, req, attached, &converter)?;
     if dry_run {
@@ -157,11 +157,11 @@ fn slurm(
     let summary = slurm::follow(&profile.slurm.job_dir, &id, &mut |l| {
         eprintln!("job {id}: {l}")
     })?;
-    Ok(Some(named(summary, &format!("job {id}"))))
+    Ok(Some((format!("job {id}"), summary)))
 }
 
 /// `--batch`: the run's name on stdout, how to follow it on stderr.
-fn detached(name: &str, profile: &Profile) -> Option<Summary> {
+fn detached<T>(name: &str, profile: &Profile) -> Option<T> {
     println!("{name}");
     eprintln!(
         "follow it with: ckpt-convert status {name} --profile {}",
@@ -170,20 +170,12 @@ fn detached(name: &str, profile: &Profile) -> Option<Summary> {
     None
 }
 
-/// The summary, with the run's name on a failure that does not say which run.
-fn named(mut s: Summary, name: &str) -> Summary {
-    if s.step.is_empty() {
-        s.step = name.to_owned();
-    }
-    s
-}
-
-/// Prints a finished run's report (its exit code: 0), or returns its failure
-/// (exit code and message as the converter gave them).
-fn finish(s: &Summary, json: bool) -> Result<ExitCode> {
+/// Prints a finished run's report (its exit code: 0), or returns the failure of
+/// run `name` (exit code and message as the converter gave them).
+fn finish(name: &str, s: &Summary, json: bool) -> Result<ExitCode> {
     if !s.succeeded() {
         return Err(ckpt_batch::Error::Failed {
-            name: s.step.clone(),
+            name: name.to_owned(),
             exit_code: s.exit_code.unwrap_or(1),
             message: s.error.clone().unwrap_or_else(|| "failed".into()),
         }
@@ -235,7 +227,7 @@ pub fn status(a: &StatusArgs) -> Result<ExitCode> {
         None => Executor::Kubernetes,
     };
     let name = a.name.as_str();
-    let summary = match executor {
+    let (run, summary) = match executor {
         Executor::Local => bail!(
             "profile {} runs steps here, in the foreground: there is no job to follow",
             a.profile.as_deref().unwrap_or_default()
@@ -255,7 +247,7 @@ pub fn status(a: &StatusArgs) -> Result<ExitCode> {
                 None => (cluster.namespace().to_owned(), name.to_owned()),
             };
             let full = format!("{ns}/{n}");
-            if a.wait {
+            let s = if a.wait {
                 cluster.follow(&ns, &n, &mounts, &mut |l| eprintln!("{full}: {l}"))?
             } else {
                 match cluster.status(&ns, &n, &mounts)? {
@@ -265,7 +257,8 @@ pub fn status(a: &StatusArgs) -> Result<ExitCode> {
                     }
                     Status::Finished(s) => *s,
                 }
-            }
+            };
+            (full, s)
         }
         Executor::Slurm => {
             if !name.chars().all(|c| c.is_ascii_digit()) || name.is_empty() {
@@ -275,7 +268,7 @@ pub fn status(a: &StatusArgs) -> Result<ExitCode> {
                 Some(p) => p.slurm.job_dir.clone(),
                 None => slurm::job_dir_of(name)?,
             };
-            if a.wait {
+            let s = if a.wait {
                 slurm::follow(&dir, name, &mut |l| eprintln!("job {name}: {l}"))?
             } else {
                 match slurm::status(&dir, name)? {
@@ -283,12 +276,13 @@ pub fn status(a: &StatusArgs) -> Result<ExitCode> {
                         println!("job {name}: {l}");
                         return Ok(ExitCode::from(STILL_RUNNING));
                     }
-                    Status::Finished(s) => named(*s, &format!("job {name}")),
+                    Status::Finished(s) => *s,
                 }
-            }
+            };
+            (format!("job {name}"), s)
         }
     };
-    finish(&summary, a.json)
+    finish(&run, &summary, a.json)
 }
 
 /// `profiles`: every profile of the file, with where it runs (or what is wrong).

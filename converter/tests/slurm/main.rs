@@ -285,7 +285,7 @@ fn scancel_of_a_running_job_leaves_no_published_output() {
     );
     let r = site.cli(&["status", &id, "--profile", "slurm_convert_model", "--wait"]);
     r.assert_exit(1)
-        .stderr_has(&format!("job {id} ended CANCELLED"))
+        .stderr_has(&format!("job {id}: ended CANCELLED"))
         .stderr_has("nothing was published");
     for published in ["iter_0000000", "latest_checkpointed_iteration.txt"] {
         assert!(
