@@ -12,8 +12,10 @@
 #   - cargo-fuzz in ~/.cache/ckpt/cargo-fuzz-<version>, the fuzz targets' build and their
 #     growing working corpora (converter/fuzz/run.sh; CKPT_FUZZ_SECONDS per target,
 #     default 20: about 6 minutes warm for the 14 targets on 2 cores).
-#   - Debian packages for the test node (containerd, runc, CNI plugins) and the
-#     image checks (skopeo, umoci), installed with apt-get.
+# Debian packages are installed with apt-get (as root): containerd, runc and CNI plugins
+# for the test node, skopeo and umoci for the image checks, slurm-wlm and munge for the
+# Slurm executor's tests, which start a single-node Slurm of their own
+# (ckpt_testcluster::Slurm).
 # A missing prerequisite fails the run with a message; nothing is skipped.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -60,6 +62,22 @@ control_plane() {
   # A few seconds, then cached.
   CKPT_ARGOCD_HEALTH_BIN=$(e2e/argocd-lua/build.sh | tail -n 1)
   export CKPT_ARGOCD_HEALTH_BIN
+}
+
+slurm_packages() {
+  # The tests start slurmctld, slurmd and munged themselves, with a configuration,
+  # state, ports and munge key of their own; only the programs come from here.
+  if [ -x /usr/sbin/slurmctld ] && [ -x /usr/sbin/slurmd ] && [ -x /usr/sbin/munged ] && command -v sbatch >/dev/null 2>&1; then
+    return
+  fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq slurm-wlm munge >/dev/null || { apt-get update -qq && apt-get install -y -qq slurm-wlm munge >/dev/null; }
+  else
+    echo "error: Slurm is required for the Slurm executor's tests (Debian, as root: apt-get install slurm-wlm munge)" >&2
+    exit 1
+  fi
+  slurmd -V
 }
 
 rust_tests() {
@@ -175,7 +193,8 @@ step "python: Megatron-Bridge reference stack" bridge_env
 # The Rust tests compare with these too, so they come first.
 step "bridge: Megatron-Bridge 0.3.1 references" bridge_refs
 step "images: converter and operator" images
-step "rust: build, unit, integration and control-plane tests" rust_tests
+step "slurm: slurm-wlm and munge (Debian packages)" slurm_packages
+step "rust: build, unit, integration, control-plane and Slurm tests" rust_tests
 step "fuzz: every parser for ${CKPT_FUZZ_SECONDS:-20} s each" fuzz
 step "demo" demo
 step "interop: torch DCP, megatron-core, transformers" interop_tests

@@ -100,6 +100,9 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Run { step, args } if step == ckpt_convert::steps::validate::STEP.name() => {
             return validate(None, &args);
         }
+        Command::Run { step, args } if cli::remote::requested(&args) => {
+            return cli::remote::run(&step, &args);
+        }
         Command::Run { step, args } => {
             // The orchestrator learns the outcome from the termination message.
             let (report, json) = match cli::run_step(&step, &args) {
@@ -114,11 +117,33 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 }
             };
             report::write(&report::succeeded(&report));
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                cli::print_report(&report);
-            }
+            cli::print_outcome(&report, json)?;
+        }
+        Command::Status {
+            name,
+            profile,
+            env_file,
+            wait,
+            json,
+        } => {
+            return cli::remote::status(&cli::remote::StatusArgs {
+                name,
+                profile,
+                env_file,
+                wait,
+                json,
+            });
+        }
+        Command::Profiles { env_file, what } => {
+            return match what {
+                None => cli::remote::list(env_file.as_deref()),
+                Some(cli::ProfilesCommand::Example { family }) => {
+                    cli::remote::example(family.as_deref())
+                }
+                Some(cli::ProfilesCommand::Show { name }) => {
+                    cli::remote::show(env_file.as_deref(), &name)
+                }
+            };
         }
         Command::Inspect { path, .. } if ckpt_convert::inspect::is_yaml(&path) => {
             let v = ckpt_convert::inspect::inspect_yaml(&path)?;
@@ -203,12 +228,17 @@ fn validate(path: Option<&std::path::Path>, args: &[String]) -> anyhow::Result<E
     })
 }
 
-/// The library decides; anything else (bad words on the command line) is a bad
-/// invocation.
+/// The library decides (for a run elsewhere, the run's own exit code); anything
+/// else (bad words on the command line) is a bad invocation.
 fn exit_code(err: &anyhow::Error) -> u8 {
     err.chain()
         .find_map(|e| e.downcast_ref::<ckpt_convert::Error>())
         .map(|e| e.exit_code() as u8)
+        .or_else(|| {
+            err.chain()
+                .find_map(|e| e.downcast_ref::<ckpt_batch::Error>())
+                .map(ckpt_batch::Error::exit_code)
+        })
         .or_else(|| {
             err.chain()
                 .find_map(|e| e.downcast_ref::<ckpt_convert::pipeline::preflight::PreflightError>())

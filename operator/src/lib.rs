@@ -10,7 +10,11 @@
 //! renders into Job arguments and [`summary`] reads into status.
 #![deny(missing_docs)]
 
-pub mod api;
+/// The resource (the `ckpt-api` crate, shared with `ckpt-convert`'s Kubernetes executor).
+pub use ckpt_api as api;
+/// Condition and event reasons (from `ckpt-api`).
+pub use ckpt_api::reason;
+
 pub mod claim;
 pub mod conditions;
 pub mod controller;
@@ -21,6 +25,5 @@ pub mod http;
 pub mod job;
 pub mod metrics;
 pub mod pace;
-pub mod reason;
 pub mod step;
 pub mod summary;

@@ -15,6 +15,6 @@ pub mod step;
 pub mod summary;
 
 pub use kind::ArtifactKind;
-pub use params::{Param, Value};
+pub use params::{Param, Role, Value};
 pub use step::Step;
 pub use summary::Summary;

@@ -22,11 +22,31 @@ pub struct RunArgs {
     pub memory_budget: Option<String>,
     /// `-c NAME|FILE` / `--config`: the step configuration ([`super::config`]).
     pub config: Option<String>,
+    /// `--run PROFILE` / `-r` or `--batch PROFILE` / `-b`: run where the profile says.
+    pub remote: Option<Remote>,
+    /// `--env-file FILE`: the profiles file.
+    pub env_file: Option<String>,
+}
+
+/// Where a step runs instead of here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remote {
+    /// The profile.
+    pub profile: String,
+    /// `--run`: wait for the run; `--batch`: submit and return its name.
+    pub attached: bool,
 }
 
 /// Options of the command itself, not step parameters.
 const FLAGS: &[&str] = &["dry-run", "overwrite", "json"];
-const VALUED: &[&str] = &["threads", "memory-budget", "config"];
+const VALUED: &[&str] = &[
+    "threads",
+    "memory-budget",
+    "config",
+    "run",
+    "batch",
+    "env-file",
+];
 
 /// Parses the words after the step name.
 ///
@@ -36,6 +56,19 @@ const VALUED: &[&str] = &["threads", "memory-budget", "config"];
 pub fn parse_run(words: &[String]) -> Result<RunArgs> {
     let mut out = RunArgs::default();
     let mut i = 0;
+    let remote = |out: &mut RunArgs, profile: &str, attached: bool| -> Result<()> {
+        if let Some(old) = &out.remote {
+            bail!(
+                "--run and --batch given twice ({} and {profile}): a step runs in one place",
+                old.profile
+            );
+        }
+        out.remote = Some(Remote {
+            profile: profile.to_owned(),
+            attached,
+        });
+        Ok(())
+    };
     let set = |out: &mut RunArgs, key: &str, value: String| -> Result<()> {
         let key = key.replace('-', "_");
         if let Some(old) = out.params.get(&key)
@@ -59,6 +92,14 @@ pub fn parse_run(words: &[String]) -> Result<RunArgs> {
             };
             i += 1;
             out.config = Some(v.clone());
+            continue;
+        }
+        if w == "-r" || w == "-b" {
+            let Some(v) = words.get(i).filter(|v| !v.starts_with('-')) else {
+                bail!("{w} needs a profile (from env.toml)");
+            };
+            i += 1;
+            remote(&mut out, v, w == "-r")?;
             continue;
         }
 
@@ -100,6 +141,8 @@ pub fn parse_run(words: &[String]) -> Result<RunArgs> {
                         out.threads = Some(n);
                     }
                     "config" => out.config = Some(value),
+                    "run" | "batch" => remote(&mut out, &value, name == "run")?,
+                    "env-file" => out.env_file = Some(value),
                     _ => out.memory_budget = Some(value),
                 }
             } else {
@@ -149,6 +192,31 @@ mod tests {
         assert!(a.json && a.overwrite);
         assert_eq!(a.memory_budget.as_deref(), Some("1GB"));
         assert_eq!(a.params.len(), 1);
+    }
+
+    #[test]
+    fn profiles_choose_where_a_step_runs() {
+        let a = parse_run(&words(
+            "-c default --batch lepton_convert_model megatron_path=/m --env-file e.toml",
+        ))
+        .unwrap();
+        assert_eq!(
+            a.remote,
+            Some(Remote {
+                profile: "lepton_convert_model".into(),
+                attached: false
+            })
+        );
+        assert_eq!(a.env_file.as_deref(), Some("e.toml"));
+        assert_eq!(a.params.len(), 1);
+        let r = parse_run(&words("-r slurm_convert_model x=1")).unwrap();
+        assert!(r.remote.unwrap().attached);
+        assert_eq!(
+            parse_run(&words("-b p")).unwrap(),
+            parse_run(&words("--batch=p")).unwrap()
+        );
+        assert!(parse_run(&words("--run a --batch b")).is_err());
+        assert!(parse_run(&words("-b")).is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod config;
 pub mod demo;
 pub mod help;
 pub mod progress;
+pub mod remote;
 
 use std::path::PathBuf;
 
@@ -14,7 +15,7 @@ use ckpt_convert::inspect::Inspection;
 use ckpt_convert::pipeline::preflight::PreflightError;
 use ckpt_convert::pipeline::{Report, RunOptions};
 use ckpt_convert::steps::{self, Params};
-use ckpt_wire::Step;
+use ckpt_wire::{Step, Summary};
 use clap::{Parser, Subcommand};
 
 /// Checkpoint conversion between Hugging Face and Megatron-Core layouts.
@@ -87,6 +88,40 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Where a run submitted with `run … --batch PROFILE` stands; its report once it
+    /// finished.
+    ///
+    /// NAME is what --batch printed: a Slurm job id, or a CheckpointConversion as
+    /// NAMESPACE/NAME. Exit code: the run's (0 succeeded, 1 failed, 2 refused), or 3
+    /// while it is queued or running.
+    #[command(verbatim_doc_comment)]
+    Status {
+        /// The run: a Slurm job id, or NAMESPACE/NAME of a CheckpointConversion.
+        name: String,
+        /// The profile it was submitted with (its namespace and mounts, or its
+        /// job_dir once Slurm has forgotten the job).
+        #[arg(long, short = 'p', visible_alias = "batch", visible_short_alias = 'b')]
+        profile: Option<String>,
+        /// The profiles file (default: CKPT_ENV_FILE, NEMOTRON_ENV_FILE, ./env.toml).
+        #[arg(long)]
+        env_file: Option<String>,
+        /// Wait until it finishes, with a line whenever its state changes.
+        #[arg(long)]
+        wait: bool,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The profiles of env.toml (`run STEP --run|--batch PROFILE` runs a step where
+    /// one says), or example profiles to start one from.
+    Profiles {
+        /// The profiles file (default: CKPT_ENV_FILE, NEMOTRON_ENV_FILE, ./env.toml).
+        #[arg(long, global = true)]
+        env_file: Option<String>,
+        /// What to show (default: list the profiles).
+        #[command(subcommand)]
+        what: Option<ProfilesCommand>,
+    },
     /// Write a small Llama checkpoint, convert it HF → Megatron → HF, check it, report.
     Demo {
         /// Where to write (default: a new directory under the system temp dir).
@@ -95,6 +130,21 @@ pub enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+/// `profiles …`.
+#[derive(Debug, Subcommand)]
+pub enum ProfilesCommand {
+    /// Example profiles: lepton and dgxcloud (Kubernetes), slurm.
+    Example {
+        /// Only this family.
+        family: Option<String>,
+    },
+    /// One profile as resolved through what it extends.
+    Show {
+        /// The profile.
+        name: String,
     },
 }
 
@@ -108,8 +158,13 @@ pub fn step_of(name: &str) -> Result<Step, PreflightError> {
 
 /// Runs a step from raw words; returns the report and whether JSON was asked for.
 pub fn run_step(name: &str, words: &[String]) -> Result<(Report, bool)> {
-    let mut raw = args::parse_run(words)?;
+    let raw = args::parse_run(words)?;
     let step = step_of(name)?;
+    run_parsed(step, raw)
+}
+
+/// Runs `step` here from parsed arguments.
+pub fn run_parsed(step: Step, mut raw: args::RunArgs) -> Result<(Report, bool)> {
     if let Some(c) = &raw.config {
         // The command line wins over the file, as a dotlist override does.
         for (k, v) in config::parameters(c)? {
@@ -152,13 +207,76 @@ pub fn size(bytes: u64) -> String {
     }
 }
 
+/// Prints a report as JSON or for people.
+pub fn print_outcome(r: &Report, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+    } else {
+        print_report(r);
+    }
+    Ok(())
+}
+
+/// The lines of a remote run's report, from the converter's summary: those of a
+/// local run's report ([`print_report`]) that the summary carries.
+pub fn summary_lines(s: &Summary) -> Vec<String> {
+    let seconds = s.seconds.unwrap_or(0.0);
+    let bytes = s.bytes.unwrap_or(0);
+    let rate = bytes as f64 / seconds.max(1e-9);
+    let mut out = vec![format!(
+        "{} {}: {} tensors, {} in {:.1} s ({}/s)",
+        s.step,
+        s.status,
+        s.tensors.unwrap_or(0),
+        size(bytes),
+        seconds,
+        size(rate as u64)
+    )];
+    if let Some(o) = &s.output {
+        out.push(format!(
+            "  output:   {o} ({})",
+            s.kind.map_or("?", |k| k.as_str())
+        ));
+    }
+    if let Some(m) = &s.manifest {
+        out.push(format!("  manifest: {m}"));
+    }
+    if let Some(d) = &s.weights_digest {
+        out.push(format!("  weights digest: {d}"));
+    }
+    if let (Some(passed), Some(failed)) = (s.checks_passed, s.checks_failed) {
+        // A run that succeeded passed its smoke test, when one ran.
+        let smoke = match s.smoke_test_max_abs_diff {
+            Some(d) => format!("; smoke test passed (max |Δ| {d:.3e})"),
+            None => String::new(),
+        };
+        let report = s
+            .report
+            .as_deref()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default();
+        out.push(format!(
+            "  validation: {passed} of {} checks passed{smoke}{report}",
+            passed + failed
+        ));
+    }
+    out.extend(s.warnings.iter().map(|w| format!("  warning: {w}")));
+    out
+}
+
 /// Prints a report for people.
 pub fn print_report(r: &Report) {
+    for line in report_lines(r) {
+        println!("{line}");
+    }
+}
+
+/// A report for people, line by line.
+pub fn report_lines(r: &Report) -> Vec<String> {
+    let mut out = Vec::new();
     if r.status == "planned" {
-        for line in &r.plan {
-            println!("{line}");
-        }
-        println!(
+        out.extend(r.plan.iter().cloned());
+        out.push(format!(
             "{} planned: {} tensors, {} into {} ({}, {} files); nothing written (dry run)",
             r.step,
             r.tensors,
@@ -166,19 +284,19 @@ pub fn print_report(r: &Report) {
             r.output.display(),
             r.kind,
             r.files
-        );
+        ));
     } else if r.reused {
-        println!(
+        out.push(format!(
             "{} {}: reused, {} already holds this output ({} tensors, {}); nothing rewritten",
             r.step,
             r.status,
             r.output.display(),
             r.tensors,
             size(r.tensor_bytes)
-        );
-        print_validation_summary("  ", r);
+        ));
+        out.extend(validation_line("  ", r));
     } else {
-        println!(
+        out.push(format!(
             "{} {}: {} tensors, {} in {:.1} s ({}/s)",
             r.step,
             r.status,
@@ -186,56 +304,55 @@ pub fn print_report(r: &Report) {
             size(r.tensor_bytes),
             r.seconds,
             size(r.bytes_per_second as u64)
-        );
-        println!("  output:   {} ({})", r.output.display(), r.kind);
+        ));
+        out.push(format!("  output:   {} ({})", r.output.display(), r.kind));
         if let Some(m) = &r.manifest {
-            println!("  manifest: {}", m.display());
+            out.push(format!("  manifest: {}", m.display()));
         }
-        println!("  weights digest: {}", r.weights_digest);
-        print_validation_summary("  ", r);
+        out.push(format!("  weights digest: {}", r.weights_digest));
+        out.extend(validation_line("  ", r));
     }
     for o in &r.other_outputs {
         if o.status == "planned" {
-            for line in &o.plan {
-                println!("{line}");
-            }
-            println!(
+            out.extend(o.plan.iter().cloned());
+            out.push(format!(
                 "  also planned: {} tensors, {} into {} ({})",
                 o.tensors,
                 size(o.tensor_bytes),
                 o.output.display(),
                 o.kind
-            );
+            ));
         } else {
-            println!("  also written: {} ({})", o.output.display(), o.kind);
+            out.push(format!(
+                "  also written: {} ({})",
+                o.output.display(),
+                o.kind
+            ));
             if let Some(m) = &o.manifest {
-                println!("    manifest: {}", m.display());
+                out.push(format!("    manifest: {}", m.display()));
             }
-            println!("    weights digest: {}", o.weights_digest);
-            print_validation_summary("    ", o);
+            out.push(format!("    weights digest: {}", o.weights_digest));
+            out.extend(validation_line("    ", o));
         }
     }
-    for s in &r.skipped {
-        println!("  skipped: {s}");
-    }
-    for w in &r.warnings {
-        println!("  warning: {w}");
-    }
+    out.extend(r.skipped.iter().map(|s| format!("  skipped: {s}")));
+    out.extend(r.warnings.iter().map(|w| format!("  warning: {w}")));
+    out
 }
 
-fn print_validation_summary(indent: &str, r: &Report) {
-    let Some(v) = &r.validation else { return };
+fn validation_line(indent: &str, r: &Report) -> Option<String> {
+    let v = r.validation.as_ref()?;
     let smoke = match (&v.smoke_test, v.smoke_test_max_abs_diff) {
         (Some(s), Some(d)) => format!("; smoke test {s} (max |Δ| {d:.3e})"),
         (Some(s), None) => format!("; smoke test {s}"),
         (None, _) => "; smoke test skipped".into(),
     };
-    println!(
+    Some(format!(
         "{indent}validation: {} of {} checks passed{smoke} ({})",
         v.passed,
         v.passed + v.failed,
         v.report.display()
-    );
+    ))
 }
 
 /// Runs `convert/validate` from raw words (`ckpt-convert validate PATH …` passes
@@ -258,6 +375,11 @@ pub fn validate(
     let mut raw = args::parse_run(&words)?;
     if raw.dry_run || raw.overwrite || raw.memory_budget.is_some() {
         anyhow::bail!("validate takes no --dry-run, --overwrite or --memory-budget");
+    }
+    if raw.remote.is_some() {
+        anyhow::bail!(
+            "validate runs here, over the shared filesystem: it takes no --run or --batch"
+        );
     }
     if let Some(n) = raw.threads {
         // The forward pass and the scans use the global pool.
@@ -371,5 +493,54 @@ pub fn print_inspection(i: &Inspection, all: bool) {
     }
     if i.has_manifest {
         println!("  {} present", ckpt_convert::formats::manifest::FILE_NAME);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use ckpt_convert::pipeline::{ValidationSummary, report};
+
+    use super::*;
+
+    /// A run elsewhere prints the report a local run prints, from the summary the
+    /// converter wrote there.
+    #[test]
+    fn a_remote_report_reads_as_the_local_one() {
+        let r = Report {
+            step: "convert/megatron_to_hf".into(),
+            status: "succeeded".into(),
+            output: PathBuf::from("/mnt/lustre-shared/output/convert/sft-hf"),
+            kind: ckpt_wire::ArtifactKind::CheckpointHf,
+            tensors: 291,
+            tensor_bytes: 6_425_673_728,
+            files: 9,
+            seconds: 12.5,
+            bytes_per_second: 6_425_673_728.0 / 12.5,
+            peak_in_flight_bytes: 0,
+            weights_digest: "0123456789abcdef0123456789abcdef".into(),
+            manifest: Some(PathBuf::from(
+                "/mnt/lustre-shared/output/convert/sft-hf/ckpt-manifest.json",
+            )),
+            validation: Some(ValidationSummary {
+                passed: 9,
+                failed: 0,
+                seconds: 1.0,
+                report: PathBuf::from(
+                    "/mnt/lustre-shared/output/convert/sft-hf/ckpt-validation.json",
+                ),
+                smoke_test: Some("passed".into()),
+                smoke_test_max_abs_diff: Some(3.5e-6),
+            }),
+            plan: Vec::new(),
+            skipped: Vec::new(),
+            warnings: vec!["router weights kept in float32".into()],
+            reused: false,
+            other_outputs: Vec::new(),
+        };
+        let wire = report::succeeded(&r).to_json();
+        let back = Summary::parse(&wire).expect("the summary parses");
+        assert_eq!(summary_lines(&back), report_lines(&r));
     }
 }

@@ -118,3 +118,27 @@ fn layers_point_one_way() {
         );
     }
 }
+
+/// Profiles and the Kubernetes and Slurm executors are the binary's: the library
+/// names no cluster client, so it stays usable (and builds the same) without one.
+#[test]
+fn the_library_names_no_cluster_client() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    sources(&root, &mut files);
+    for f in &files {
+        let rel = f.strip_prefix(&root).unwrap();
+        let top = rel.iter().next().unwrap().to_string_lossy().into_owned();
+        if matches!(top.as_str(), "main.rs" | "cli") {
+            continue;
+        }
+        let text = code(&std::fs::read_to_string(f).unwrap());
+        for word in ["ckpt_batch", "kube::", "k8s_openapi", "tokio"] {
+            assert!(
+                !text.contains(word),
+                "{}: the library names {word}; cluster clients belong to the binary (cli/)",
+                rel.display()
+            );
+        }
+    }
+}

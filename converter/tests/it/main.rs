@@ -11,6 +11,7 @@ mod layers;
 mod merge_lora;
 mod preflight;
 mod properties;
+mod profiles;
 mod publish;
 mod roundtrip;
 mod util;

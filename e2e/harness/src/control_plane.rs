@@ -22,7 +22,7 @@ use crate::bins;
 use crate::certs::{self, CertFiles};
 use crate::error::{Error, Result};
 use crate::node::NodeKind;
-use crate::process::{KEPT_FILE, ManagedProcess, log_tail, owned_tempdir};
+use crate::process::{KEPT_FILE, ManagedProcess, close_tempdir, log_tail, owned_tempdir};
 
 /// The controllers kube-controller-manager runs by default: enough for Jobs to
 /// complete or fail, owner-reference cascades, `ttlSecondsAfterFinished` and
@@ -238,7 +238,7 @@ rules:
 /// How many times [`ControlPlane::start`] picks new ports after a clash.
 pub const PORT_ATTEMPTS: usize = 5;
 
-fn free_ports<const N: usize>() -> Result<[u16; N]> {
+pub(crate) fn free_ports<const N: usize>() -> Result<[u16; N]> {
     // Hold all listeners until every port is chosen, so the N ports differ.
     let mut listeners = Vec::with_capacity(N);
     let mut ports = [0u16; N];
@@ -967,13 +967,7 @@ impl ControlPlane {
             .unwrap_or_else(|p| p.into_inner())
             .take()
         {
-            if self.keep {
-                let _ = std::fs::write(t.path().join(KEPT_FILE), b"");
-                let path = t.keep();
-                eprintln!("ckpt-testcluster: kept {}", path.display());
-            } else if let Err(e) = t.close() {
-                eprintln!("ckpt-testcluster: removing {}: {e}", self.dir.display());
-            }
+            close_tempdir(t, self.keep);
         }
     }
 }

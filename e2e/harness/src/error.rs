@@ -115,7 +115,7 @@ pub enum Error {
 impl Error {
     /// A component exited because its address was taken.
     pub fn address_in_use(&self) -> bool {
-        matches!(self, Error::Exited { tail, .. } if tail.contains("address already in use"))
+        matches!(self, Error::Exited { tail, .. } if tail.to_ascii_lowercase().contains("address already in use"))
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

@@ -16,6 +16,9 @@
 //! node ([`NodeKind`]); a test that needs the real node asks for
 //! [`RealNode::shared`] directly.
 //!
+//! It also starts a real single-node Slurm ([`Slurm`], Debian's slurm-wlm and munge
+//! with a configuration of its own) for the CLI's Slurm executor.
+//!
 //! ```no_run
 //! # async fn demo() -> ckpt_testcluster::Result<()> {
 //! use ckpt_testcluster::{ControlPlane, NodeStandIn, StandInConfig, converter_binary};
@@ -81,9 +84,11 @@ mod bins;
 mod certs;
 mod control_plane;
 mod error;
+mod fixtures;
 pub mod images;
 mod node;
 mod process;
+mod slurm;
 mod standin;
 
 pub use bins::{K8S_BINARIES, argocd_health_binary, converter_binary, k8s_bin_dir, workspace_root};
@@ -95,6 +100,8 @@ pub use error::{Error, Result};
 pub use node::{
     IMAGE_USER, NodeKind, PAUSE_IMAGE, RealNode, RealNodeOptions, check_prerequisites, chown_tree,
 };
+pub use fixtures::poison_values;
+pub use slurm::{NODE as SLURM_NODE, SLURM_PROGRAMS, Slurm};
 pub use standin::status::{
     MAX_LOG_FALLBACK_BYTES, MAX_LOG_FALLBACK_LINES, MAX_TERMINATION_MESSAGE,
 };

@@ -85,10 +85,17 @@ pub(crate) struct ManagedProcess {
     pub(crate) log: PathBuf,
     program: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, std::ffi::OsString)>,
     child: Child,
 }
 
-fn start(program: &Path, args: &[String], log: &Path, append: bool) -> Result<Child> {
+fn start(
+    program: &Path,
+    args: &[String],
+    log: &Path,
+    append: bool,
+    env: &[(String, std::ffi::OsString)],
+) -> Result<Child> {
     let out = File::options()
         .create(true)
         .write(true)
@@ -99,6 +106,7 @@ fn start(program: &Path, args: &[String], log: &Path, append: bool) -> Result<Ch
     let err = out.try_clone().map_err(|e| Error::io(log, e))?;
     let mut cmd = Command::new(program);
     cmd.args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::from(out))
         .stderr(Stdio::from(err));
@@ -114,12 +122,28 @@ fn start(program: &Path, args: &[String], log: &Path, append: bool) -> Result<Ch
 impl ManagedProcess {
     /// Starts `program args…` with both output streams written to `log`.
     pub(crate) fn spawn(name: &str, program: &Path, args: &[String], log: PathBuf) -> Result<Self> {
-        let child = start(program, args, &log, false)?;
+        Self::spawn_env(name, program, args, log, &[])
+    }
+
+    /// Like [`ManagedProcess::spawn`], with `env` added to the environment.
+    pub(crate) fn spawn_env(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        log: PathBuf,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Result<Self> {
+        let env: Vec<(String, std::ffi::OsString)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let child = start(program, args, &log, false, &env)?;
         Ok(ManagedProcess {
             name: name.to_string(),
             log,
             program: program.to_owned(),
             args: args.to_vec(),
+            env,
             child,
         })
     }
@@ -133,7 +157,7 @@ impl ManagedProcess {
                 source: io::Error::other("it is still running"),
             });
         }
-        self.child = start(&self.program, &self.args, &self.log, true)?;
+        self.child = start(&self.program, &self.args, &self.log, true, &self.env)?;
         Ok(())
     }
 
@@ -242,4 +266,18 @@ pub(crate) fn owned_tempdir_with(
     let owner = dir.path().join(OWNER_FILE);
     std::fs::write(&owner, std::process::id().to_string()).map_err(|e| Error::io(&owner, e))?;
     Ok(dir)
+}
+
+/// Removes a harness temp dir, or keeps it (marked [`KEPT_FILE`]) when asked to.
+pub(crate) fn close_tempdir(t: tempfile::TempDir, keep: bool) {
+    if keep {
+        let _ = std::fs::write(t.path().join(KEPT_FILE), b"");
+        let path = t.keep();
+        eprintln!("ckpt-testcluster: kept {}", path.display());
+    } else {
+        let path = t.path().to_owned();
+        if let Err(e) = t.close() {
+            eprintln!("ckpt-testcluster: removing {}: {e}", path.display());
+        }
+    }
 }

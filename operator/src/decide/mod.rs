@@ -111,19 +111,8 @@ pub struct Decision {
     pub finished: Option<&'static str>,
 }
 
-/// Phases shown by `kubectl get` (a summary of the conditions, not a state machine).
-pub mod phase {
-    /// Waiting: for a claim, for an earlier run, or for a pod that cannot start.
-    pub const PENDING: &str = "Pending";
-    /// The Job runs.
-    pub const RUNNING: &str = "Running";
-    /// Converted and validated.
-    pub const SUCCEEDED: &str = "Succeeded";
-    /// The conversion failed.
-    pub const FAILED: &str = "Failed";
-    /// The spec was refused (invalid, or another resource owns the target).
-    pub const REJECTED: &str = "Rejected";
-}
+/// Phases shown by `kubectl get` (defined with the resource, in `ckpt-api`).
+pub use ckpt_api::phase;
 
 pub use summary::queued;
 

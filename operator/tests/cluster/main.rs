@@ -31,3 +31,4 @@ mod leader;
 mod load;
 mod params;
 mod pods;
+mod profiles;

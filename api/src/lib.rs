@@ -22,6 +22,27 @@
 //! labels and annotations are not looked at. A conversion runs once; one that failed
 //! runs again only when `retry` is raised. One that succeeded never runs again. The
 //! apiserver enforces the rules with CEL, so invalid resources never reach the operator.
+//!
+//! This crate is the resource as both of its clients see it: the operator, which
+//! reconciles it, and `ckpt-convert run … --batch PROFILE`, which creates it from a
+//! command line and reads the outcome from its status ([`phase`], [`reason`]).
+#![deny(missing_docs)]
+
+pub mod reason;
+
+/// Phases shown by `kubectl get` (a summary of the conditions, not a state machine).
+pub mod phase {
+    /// Waiting: for a claim, for an earlier run, or for a pod that cannot start.
+    pub const PENDING: &str = "Pending";
+    /// The Job runs.
+    pub const RUNNING: &str = "Running";
+    /// Converted and validated.
+    pub const SUCCEEDED: &str = "Succeeded";
+    /// The conversion failed.
+    pub const FAILED: &str = "Failed";
+    /// The spec was refused (invalid, or another resource owns the target).
+    pub const REJECTED: &str = "Rejected";
+}
 
 use std::collections::BTreeMap;
 

@@ -1,0 +1,26 @@
+//! Inputs for the tests that run conversions through these peers.
+
+use std::path::Path;
+
+/// Overwrites the last 64 bytes of the first `.safetensors` file in `dir` with
+/// `0xFF`: NaN in bfloat16 and float32. The headers stay valid, so a preflight
+/// (which reads headers only) passes and the run fails in validation.
+///
+/// # Panics
+/// When `dir` has no safetensors file or it cannot be rewritten (a broken fixture).
+pub fn poison_values(dir: &Path) {
+    let mut shards: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("directory entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    shards.sort();
+    let shard = shards
+        .first()
+        .unwrap_or_else(|| panic!("{}: no .safetensors file", dir.display()));
+    let mut bytes = std::fs::read(shard).expect("reading the shard");
+    let n = bytes.len();
+    assert!(n > 64, "{}: too small to poison", shard.display());
+    bytes[n - 64..].fill(0xFF);
+    std::fs::write(shard, bytes).expect("rewriting the shard");
+}
