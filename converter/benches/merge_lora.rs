@@ -260,7 +260,11 @@ fn main() {
     if let Some(b) = std::env::var_os("CKPT_BENCH_BASELINE") {
         variants.push(("baseline binary, default step", b.into(), &[]));
     }
-    variants.push(("smoke_test=false (no merge probe)", bin.clone(), &["smoke_test=false"]));
+    variants.push((
+        "smoke_test=false (no merge probe)",
+        bin.clone(),
+        &["smoke_test=false"],
+    ));
     variants.push(("validate=false (merge alone)", bin, &["validate=false"]));
     for cache in [Cache::Warm, Cache::Cold] {
         let load = support::load();

@@ -11,28 +11,6 @@ use clap::{CommandFactory, FromArgMatches};
 use cli::{Cli, Command};
 use tracing_subscriber::EnvFilter;
 
-/// In a container the converter is PID 1, and the kernel does not deliver a
-/// signal to PID 1 whose disposition is the default: the kubelet's SIGTERM
-/// (a deleted pod, `activeDeadlineSeconds`) would be ignored until SIGKILL
-/// after the grace period, and a slow conversion could even finish and publish
-/// after its deadline. As PID 1, end at once on SIGTERM and SIGINT, as any
-/// other process would: an interrupted run never publishes (staging + rename).
-fn stop_on_signals_as_pid_1() {
-    extern "C" fn exit_now(sig: libc::c_int) {
-        // SAFETY: _exit is async-signal-safe.
-        unsafe { libc::_exit(128 + sig) }
-    }
-    // SAFETY: getpid has no preconditions; installing a handler that only
-    // calls _exit, at startup before any thread exists.
-    unsafe {
-        if libc::getpid() == 1 {
-            let handler = exit_now as extern "C" fn(libc::c_int) as libc::sighandler_t;
-            libc::signal(libc::SIGTERM, handler);
-            libc::signal(libc::SIGINT, handler);
-        }
-    }
-}
-
 fn main() -> ExitCode {
     // Like other Unix tools, end quietly when the reader of our output goes away
     // (`ckpt-convert inspect … | head`).
@@ -40,7 +18,6 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    stop_on_signals_as_pid_1();
     // The steps' help is generated from their parameter tables.
     let command = Cli::command()
         .mut_subcommand("run", |c| {

@@ -607,7 +607,10 @@ resources = { requests = { cpu = "8", memory = "32Gi" } }
         let got: Vec<(&str, &str)> = p.iter().map(|(k, v)| (k.as_str(), v.0.as_str())).collect();
         assert_eq!(
             got,
-            [("keep_fp32", "false"), ("make_vocab_size_divisible_by", "128")]
+            [
+                ("keep_fp32", "false"),
+                ("make_vocab_size_divisible_by", "128")
+            ]
         );
     }
 

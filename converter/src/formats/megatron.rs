@@ -211,6 +211,11 @@ pub fn not_an_iteration_dir(dir: &Path) -> FormatError {
                     iters.join(", "),
                     dir.join(last).display()
                 ),
+                None if std::fs::read_dir(dir).is_ok_and(|mut rd| rd.next().is_none()) => {
+                    // What a source that does not exist looks like in a pod: the
+                    // kubelet creates a missing subPath as an empty directory.
+                    "is an empty directory: expected an iter_* directory holding .metadata and metadata.json (the checkpoint does not exist there)".into()
+                }
                 None => "expected an iter_* directory holding .metadata and metadata.json, found neither".into(),
             }
         }

@@ -97,10 +97,10 @@ pub use control_plane::{
     ControlPlane, ControlPlaneOptions, DEFAULT_CONTROLLERS, REAL_NODE_CONTROLLERS,
 };
 pub use error::{Error, Result};
+pub use fixtures::poison_values;
 pub use node::{
     IMAGE_USER, NodeKind, PAUSE_IMAGE, RealNode, RealNodeOptions, check_prerequisites, chown_tree,
 };
-pub use fixtures::poison_values;
 pub use slurm::{NODE as SLURM_NODE, SLURM_PROGRAMS, Slurm};
 pub use standin::status::{
     MAX_LOG_FALLBACK_BYTES, MAX_LOG_FALLBACK_LINES, MAX_TERMINATION_MESSAGE,

@@ -57,7 +57,10 @@ fn base_digest(dir: &Path) -> String {
             dir.join("lustre-shared/output/sft/megatron_bridge/iter_0000100")
                 .display()
         ),
-        format!("hf_model_id={}", dir.join("models/hf/Llama-3.2-3B").display()),
+        format!(
+            "hf_model_id={}",
+            dir.join("models/hf/Llama-3.2-3B").display()
+        ),
         format!("hf_path={}", copy.display()),
     ]);
     let manifest = copy.join("ckpt-manifest.json");

@@ -425,6 +425,15 @@ impl Env {
         );
     }
 
+    /// Fails a test that only a real node can run unless `CKPT_TEST_NODE=real`:
+    /// `what` says why.
+    pub fn needs_real_node(what: &str) {
+        assert!(
+            node_kind() == NodeKind::Real,
+            "this test {what}, which needs the real node: run it with CKPT_TEST_NODE=real"
+        );
+    }
+
     async fn bind_claims_to_real_node(&mut self) {
         let node = RealNode::shared().await.unwrap_or_else(|e| panic!("{e}"));
         let client = self.cp.client();

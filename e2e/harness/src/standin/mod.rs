@@ -469,10 +469,11 @@ fn prepare_dirs(plan: &Plan, run_dir: &Path) -> std::io::Result<()> {
     std::fs::write(&plan.termination_log, b"")?;
     for m in &plan.mounts {
         if !m.source.exists() {
-            if m.read_only && !m.empty_dir {
-                // Never write into a volume mounted read-only.
+            if m.volume_read_only && !m.empty_dir {
+                // Never write into a read-only volume. A read-only mount of a
+                // writable one gets its subPath created, as the kubelet does.
                 return Err(std::io::Error::other(format!(
-                    "volumeMount {}: {} does not exist and the mount is read-only",
+                    "volumeMount {}: {} does not exist and the volume is read-only",
                     m.mount_path,
                     m.source.display()
                 )));

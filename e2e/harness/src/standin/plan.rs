@@ -43,6 +43,9 @@ pub(crate) struct MountPlan {
     /// Where the process sees it: `<run dir>/mounts/<index>`.
     pub(crate) target: PathBuf,
     pub(crate) read_only: bool,
+    /// The volume itself is read-only (a read-only claim), not only this mount:
+    /// then a missing subPath cannot be created.
+    pub(crate) volume_read_only: bool,
     /// `emptyDir` volumes are created fresh under the run dir.
     pub(crate) empty_dir: bool,
 }
@@ -385,6 +388,7 @@ pub(crate) fn plan(pod: &Pod, config: &StandInConfig, run_dir: &Path) -> Result<
             source,
             target: run_dir.join("mounts").join(i.to_string()),
             read_only: m.read_only.unwrap_or(false) || ro_source,
+            volume_read_only: ro_source,
             empty_dir,
         });
     }
