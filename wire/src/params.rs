@@ -261,6 +261,27 @@ const ALLOW_ROPE_MISMATCH: Param = p(
     Some("false"),
     "convert a Llama 3 rope scaling whose low_freq_factor, high_freq_factor or original_max_position_embeddings Megatron-Core fixes to other values; the smoke test then compares both under Megatron-Core's values",
 );
+const WORKERS: Param = p(
+    "workers",
+    Value::Int { min: 1 },
+    Role::Runtime,
+    None,
+    "split the conversion across N processes: with part=I, write only part I's output files into the target's shared staging directory; with finalize=true, check every part and publish",
+);
+const PART: Param = p(
+    "part",
+    Value::Int { min: 0 },
+    Role::Runtime,
+    None,
+    "with workers=N, the part (0 ≤ I < N) this process writes: a disjoint, byte-balanced set of the planned output files",
+);
+const FINALIZE: Param = p(
+    "finalize",
+    Value::Bool,
+    Role::Runtime,
+    Some("false"),
+    "with workers=N, after every part has run: check their completion records against the plan, write the side files and manifest, validate, publish (the bare word finalize also works)",
+);
 const KEEP_FP32: Param = p(
     "keep_fp32",
     Value::Bool,
@@ -313,6 +334,9 @@ pub const HF_TO_MEGATRON: &[Param] = &[
     ALLOW_ROPE_MISMATCH,
     VALIDATE_PARAM,
     SMOKE_TEST,
+    WORKERS,
+    PART,
+    FINALIZE,
     ignored("trust_remote_code"),
     ignored("device_map"),
     ignored("distributed"),
@@ -392,6 +416,9 @@ pub const MEGATRON_TO_HF: &[Param] = &[
     ALLOW_ROPE_MISMATCH,
     VALIDATE_PARAM,
     SMOKE_TEST,
+    WORKERS,
+    PART,
+    FINALIZE,
     ignored("trust_remote_code"),
     ignored("show_progress"),
     ignored("strict"),
