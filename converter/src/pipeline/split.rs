@@ -654,17 +654,26 @@ impl Finalize {
         }
     }
 
-    /// Removes the completion records, just before the output is published.
+    /// Removes the completion records, and the temporary marker of a part killed
+    /// while it made the directory, just before the output is published.
     ///
     /// # Errors
     /// [`Error::Publish`] when they cannot be removed.
     pub fn clear(staging: &Path) -> Result<(), Error> {
         let dir = staging.join(RECORDS);
         match std::fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err(&dir)(e)),
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&dir)(e)),
         }
+        let tmp = format!("{}.tmp-", crate::publish::MARKER);
+        for entry in std::fs::read_dir(staging).map_err(io_err(staging))? {
+            let entry = entry.map_err(io_err(staging))?;
+            if entry.file_name().to_string_lossy().starts_with(&tmp) {
+                remove(&entry.path())?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -5,11 +5,12 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 
 use ckpt_convert::synthetic::{self, ModelShape};
 use serde_json::Value;
 
-use crate::util::{Workdir, files_under, kv, run, to_megatron_args};
+use crate::util::{Workdir, bin, files_under, kv, run, to_megatron_args};
 
 /// A Qwen3-MoE of 2 layers and 4 experts, every required tensor present.
 fn tiny_moe(dir: &Path) {
@@ -105,16 +106,33 @@ fn with(args: &[String], extra: &[String]) -> Vec<String> {
     args.iter().chain(extra).cloned().collect()
 }
 
-/// Runs the split of `args` into `out` with `n` workers (parts last first, each
-/// its own process), then finalize.
+/// Runs the split of `args` with `n` workers, every part its own process, all
+/// at once, then finalize.
 fn split_run(args: &[String], n: usize) {
-    for part in (0..n).rev() {
-        run(&with(
-            args,
-            &[format!("workers={n}"), format!("part={part}")],
-        ))
-        .assert_exit(0)
-        .stdout_has(&format!("part {part} of {n}"));
+    let parts: Vec<_> = (0..n)
+        .rev()
+        .map(|part| {
+            let child = bin()
+                .args(with(
+                    args,
+                    &[format!("workers={n}"), format!("part={part}")],
+                ))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            (part, child)
+        })
+        .collect();
+    for (part, child) in parts {
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains(&format!("part {part} of {n}")),
+            "part {part} of {n}: {}\n{stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     run(&with(args, &[format!("workers={n}"), "finalize".into()])).assert_exit(0);
 }
@@ -227,7 +245,6 @@ fn finalize_publishes_nothing_until_every_part_is_done_and_refuses_another_plan(
 #[cfg(feature = "failpoints")]
 #[test]
 fn a_part_killed_mid_write_is_run_again_alone() {
-    use crate::util::bin;
     let w = Workdir::new();
     let src = w.hf("src", &ModelShape::tiny_llama(), 20_000);
     let args = with(
