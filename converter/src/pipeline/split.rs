@@ -585,13 +585,28 @@ impl Finalize {
                 }
                 .into());
             }
+            if record.fingerprint != fingerprint {
+                return Err(SplitError::OtherPlan {
+                    path,
+                    part,
+                    expected: fingerprint.into(),
+                    found: record.fingerprint,
+                }
+                .into());
+            }
+            records.push((path, record));
+        }
+        // Files only once every part is known to be of this plan: a part of
+        // another plan may have written over a file of this one.
+        for (part, (path, record)) in records.iter().enumerate() {
             let mine: Vec<usize> = (0..plan.files.len())
                 .filter(|&f| assignment[f] == part)
                 .collect();
-            check_record(&record, &path, plan, fingerprint, &mine, &staging)?;
-            records.push(record);
+            check_record(record, path, plan, fingerprint, &mine, &staging)?;
         }
-        Ok(Finalize { records })
+        Ok(Finalize {
+            records: records.into_iter().map(|(_, r)| r).collect(),
+        })
     }
 
     /// Takes over the shared staging directory, removing what an earlier final

@@ -445,6 +445,40 @@ mod tests {
     }
 
     #[test]
+    fn a_split_runs_shared_staging_outlives_its_parts_until_clean() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("run/iter_0000000");
+        // Two parts side by side; finalize waits for both.
+        let a = SharedStaging::open(&target).unwrap();
+        let b = SharedStaging::open(&target).unwrap();
+        assert_eq!(a.path(), shared_staging_dir(&target));
+        std::fs::write(a.path().join("x"), b"x").unwrap();
+        assert!(matches!(
+            Staging::adopt_shared(&target),
+            Err(PublishError::PartRunning { .. })
+        ));
+        drop(a);
+        let c = clean(&tmp.path().join("run")).unwrap();
+        assert!(c.removed.is_empty(), "{c:?}");
+        drop(b);
+        // Between parts nobody holds it: another run for the target leaves it,
+        // and so does a failed finalize.
+        drop(Staging::new(&target).unwrap());
+        drop(Staging::adopt_shared(&target).unwrap());
+        assert!(shared_staging_dir(&target).join("x").is_file());
+        // `clean` removes it; a finalize publishes it.
+        let c = clean(&tmp.path().join("run")).unwrap();
+        assert_eq!(c.removed, vec![shared_staging_dir(&target)]);
+        drop(SharedStaging::open(&target).unwrap());
+        Staging::adopt_shared(&target)
+            .unwrap()
+            .commit(false)
+            .unwrap();
+        assert!(target.is_dir() && !target.join(MARKER).exists());
+        assert!(!shared_staging_dir(&target).exists());
+    }
+
+    #[test]
     fn a_live_runs_staging_is_kept_and_a_dead_ones_removed() {
         let tmp = tempfile::tempdir().unwrap();
         let target = tmp.path().join("out");

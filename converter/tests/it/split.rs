@@ -230,6 +230,18 @@ fn finalize_publishes_nothing_until_every_part_is_done_and_refuses_another_plan(
         .assert_exit(2)
         .stderr_has("part 1 was written for another plan");
     assert!(!iter.exists());
+    // Or for another tensor parallel size.
+    let tp2 = [
+        "tp=2",
+        "make_vocab_size_divisible_by=64",
+        "workers=2",
+        "part=1",
+    ];
+    run(&with(&args, &tp2.map(String::from))).assert_exit(0);
+    run(&finalize)
+        .assert_exit(2)
+        .stderr_has("part 1 was written for another plan");
+    assert!(!iter.exists());
     // Bad combinations are refusals.
     run(&with(&args, &["workers=2".into(), "part=2".into()]))
         .assert_exit(2)
