@@ -414,26 +414,35 @@ pub fn stage(
             }
         }
     }
-    let fingerprint = role.map(|_| split::fingerprint(step, parameters, &plan, &sources));
-    let finalize = match (role, &fingerprint) {
-        (Some(split::Role::Part { part, workers }), Some(fp)) => {
-            return split::run_part(
-                step,
-                &plan,
-                stores,
-                fp,
-                &target,
-                (part, workers),
-                opts,
-                progress,
-                warnings,
-            )
-            .map(Prepared::Partial);
+    // A part of a split run writes its share and stops; the final step checks
+    // the parts against this plan before it takes their staging directory.
+    let finalize = match role {
+        None => None,
+        Some(role) => {
+            let fingerprint = split::fingerprint(step, parameters, &plan, &sources);
+            match role {
+                split::Role::Part { part, workers } => {
+                    return split::run_part(
+                        step,
+                        &plan,
+                        stores,
+                        &fingerprint,
+                        &target,
+                        (part, workers),
+                        opts,
+                        progress,
+                        warnings,
+                    )
+                    .map(Prepared::Partial);
+                }
+                split::Role::Finalize { workers } => Some(split::Finalize::check(
+                    &plan,
+                    &fingerprint,
+                    &target.dir,
+                    workers,
+                )?),
+            }
         }
-        (Some(split::Role::Finalize { workers }), Some(fp)) => {
-            Some(split::Finalize::check(&plan, fp, &target.dir, workers)?)
-        }
-        _ => None,
     };
     let staging = match &finalize {
         Some(f) => f.adopt(&plan, &target.dir)?,
