@@ -15,7 +15,8 @@
 //! files (config, tokenizer, metadata), the manifest and the validation report,
 //! validates, and publishes by the usual rename. Until then the output is a
 //! staging directory, which never looks complete. A part run again replaces its
-//! own files and record, or does nothing when its record already matches.
+//! own files and record, or does nothing when its record already matches (the
+//! plan, and the digest of every file it lists).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -460,11 +461,16 @@ pub fn run_part(
         .collect();
     let staging = SharedStaging::open(&target.dir)?;
     let record_at = record_path(staging.path(), part, workers);
+    // Done when the record matches and every file still has its digest.
     let done = match read_record(&record_at, part) {
         Ok(Some(r)) => {
-            check_record(&r, &record_at, plan, fingerprint, &mine, staging.path()).is_ok()
-                && r.part == part
+            r.part == part
                 && r.workers == workers
+                && check_record(&r, &record_at, plan, fingerprint, &mine, staging.path()).is_ok()
+                && r.files.iter().all(|f| {
+                    crate::formats::digest::file(&staging.path().join(&f.path))
+                        .is_ok_and(|(size, digest)| size == f.size && digest == f.xxh3)
+                })
         }
         Ok(None) | Err(_) => false,
     };

@@ -291,6 +291,22 @@ fn a_part_killed_mid_write_is_run_again_alone() {
         (done(0), done(2)),
         "other parts' records changed"
     );
+    // A file changed after its part recorded it: finalize's validation reads it
+    // back against the digest recorded, and publishes nothing.
+    let shared = w.path("run/.iter_0000000.ckpt-staging-split");
+    let record: serde_json::Value = serde_json::from_slice(&done(2)).unwrap();
+    let file = shared.join(record["files"][0]["path"].as_str().unwrap());
+    let mut bytes = std::fs::read(&file).unwrap();
+    let last = bytes.len() - 100;
+    bytes[last] ^= 1;
+    std::fs::write(&file, &bytes).unwrap();
+    run(&with(&args, &["workers=3".into(), "finalize".into()]))
+        .assert_exit(1)
+        .stderr_has("validation failed");
+    assert!(!w.path("run/iter_0000000").exists());
+    // Its part, run again, sees the digest differ and writes it again.
+    run(&part(2)).assert_exit(0);
+    assert_ne!(std::fs::read(&file).unwrap(), bytes);
     run(&with(&args, &["workers=3".into(), "finalize".into()])).assert_exit(0);
     assert_same(
         &w.path("single/iter_0000000"),
