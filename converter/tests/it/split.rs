@@ -10,7 +10,7 @@ use std::process::Stdio;
 use ckpt_convert::synthetic::{self, ModelShape};
 use serde_json::Value;
 
-use crate::util::{Workdir, bin, files_under, kv, run, to_megatron_args};
+use crate::util::{Workdir, bin, files_under, run, to_hf_args, to_megatron_args};
 
 /// A Qwen3-MoE of 2 layers and 4 experts, every required tensor present.
 fn tiny_moe(dir: &Path) {
@@ -143,6 +143,15 @@ fn splits_match_the_single_run(w: &Workdir, args: &[String], out: &str, sub: &st
     run(args).assert_exit(0);
     std::fs::rename(w.path(out), w.path("single")).unwrap();
     let single = w.path("single").join(sub);
+    // Several tensor files to share out.
+    let data = files_under(&single)
+        .iter()
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|e| e == "distcp" || e == "safetensors")
+        })
+        .count();
+    assert!(data >= 3, "{out}: {data} tensor files");
     for n in [1, 2, 3, 7] {
         split_run(args, n);
         assert_same(
@@ -182,20 +191,13 @@ fn a_split_dense_conversion_is_the_single_run_both_ways() {
     splits_match_the_single_run(&w, &args, "run", "iter_0000000");
     // And back: HF shards mirrored from the source (several files to share out).
     run(&args).assert_exit(0);
-    let iter = w.path("run/iter_0000000");
-    let back = vec![
-        "run".to_owned(),
-        "convert/megatron_to_hf".into(),
-        kv("megatron_path", &iter),
-        kv("hf_model_id", &src),
-        kv("hf_path", &w.path("back")),
-    ];
+    let back = to_hf_args(&w, &w.path("run/iter_0000000"), &src);
     splits_match_the_single_run(&w, &back, "back", "");
     assert_eq!(before, w.snapshot("src"), "the source changed");
 }
 
 #[test]
-fn a_split_moe_conversion_is_the_single_run() {
+fn a_split_moe_conversion_is_the_single_run_both_ways() {
     let w = Workdir::new();
     tiny_moe(&w.path("src"));
     let args = with(
@@ -203,6 +205,9 @@ fn a_split_moe_conversion_is_the_single_run() {
         &["distcp_files=3".into()],
     );
     splits_match_the_single_run(&w, &args, "run", "iter_0000000");
+    run(&args).assert_exit(0);
+    let back = to_hf_args(&w, &w.path("run/iter_0000000"), &w.path("src"));
+    splits_match_the_single_run(&w, &back, "back", "");
 }
 
 #[test]
