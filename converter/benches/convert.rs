@@ -77,16 +77,8 @@ impl Model {
     /// (bf16; float32 where models keep it), as validation expects them.
     fn from_config(config: serde_json::Value) -> Model {
         let arch = Arch::from_hf_config(&config).expect("a configuration the forward computes");
-        let names = arch.hf_names().expect("HF names for the family");
-        let tied = config["tie_word_embeddings"].as_bool().unwrap_or(false);
-        let tensors = ckpt_convert::validate::expected::hf(&arch, &names, !tied)
-            .into_iter()
-            .filter(|e| !e.optional)
-            .map(|e| {
-                let dtype = if e.fp32_ok { DType::F32 } else { DType::BF16 };
-                (e.names[0].clone(), dtype, e.shape)
-            })
-            .collect();
+        let tensors = ckpt_convert::validate::expected::required_hf_bf16(&config)
+            .expect("HF names for the family");
         let mut text = serde_json::to_string_pretty(&config).expect("config serializes");
         text.push('\n');
         Model {

@@ -104,6 +104,13 @@ pub struct Outcome {
     /// The digest of every source chunk read, for callers that check a source's
     /// identity (in no particular order).
     pub source_chunks: Vec<ChunkDigest>,
+    /// The lines [`Outcome::weights_digest`] is the digest of, one per piece
+    /// (`name|dtype|shape|xxh3-128`): the parts of a split run record theirs, so
+    /// the whole output's digest is computed without reading it again.
+    pub piece_lines: Vec<String>,
+    /// The lines each of [`Outcome::source_digests`] is the digest of, with
+    /// their store (one per source chunk read).
+    pub source_lines: Vec<(usize, String)>,
     /// Pieces written.
     pub pieces: usize,
     /// Tensor bytes written.
@@ -341,22 +348,26 @@ impl SourceDigests {
         Ok(())
     }
 
-    fn finish(self, nstores: usize) -> (Vec<String>, Vec<ChunkDigest>) {
+    fn finish(self, nstores: usize) -> (Vec<String>, Vec<ChunkDigest>, Vec<(usize, String)>) {
         let chunks = self.chunks.into_inner().expect("digest lock");
         let lines = self.digests.into_inner().expect("digest lock");
-        let per_store = (0..nstores)
-            .map(|s| {
-                crate::formats::digest::of_lines(
-                    lines
-                        .iter()
-                        .filter(|(st, _)| *st == s)
-                        .map(|(_, l)| l.clone())
-                        .collect(),
-                )
-            })
-            .collect();
-        (per_store, chunks)
+        (store_digests(nstores, &lines), chunks, lines)
     }
+}
+
+/// The digest of each store's source chunk lines (`(store, line)` pairs).
+pub fn store_digests(nstores: usize, lines: &[(usize, String)]) -> Vec<String> {
+    (0..nstores)
+        .map(|s| {
+            crate::formats::digest::of_lines(
+                lines
+                    .iter()
+                    .filter(|(st, _)| *st == s)
+                    .map(|(_, l)| l.clone())
+                    .collect(),
+            )
+        })
+        .collect()
 }
 
 /// Test hook: see [`crate::failpoint`] (`pieces:N`).
@@ -623,12 +634,13 @@ pub fn execute_with<R>(
             .collect::<Result<Vec<_>, _>>();
         let outcome = digested.map(|mut files| {
             files.sort_by(|a, b| a.path.cmp(&b.path));
-            let (source_digests, source_chunks) = sources.finish(stores.len());
+            let (source_digests, source_chunks, source_lines) = sources.finish(stores.len());
+            let piece_lines = piece_digests.into_inner().expect("digest lock");
             Outcome {
                 files,
-                weights_digest: crate::formats::digest::of_lines(
-                    piece_digests.into_inner().expect("digest lock"),
-                ),
+                weights_digest: crate::formats::digest::of_lines(piece_lines.clone()),
+                piece_lines,
+                source_lines,
                 source_digests,
                 source_chunks,
                 pieces: plan.pieces.len(),

@@ -75,6 +75,10 @@ pub const SET_BY_FIELDS: &[(&str, &str)] = &[
     (names::ALLOW_BASE_MISMATCH, "lora.allowBaseMismatch"),
 ];
 
+/// The parameters that split one conversion across processes: a resource's Job
+/// runs the whole conversion, so `spec.parameters` may not set them.
+pub const SPLIT_ONLY: &[&str] = &[names::WORKERS, names::PART, names::FINALIZE];
+
 /// The parameters of one step as they are rendered, each the table's entry.
 struct Rendered {
     step: Step,
@@ -143,6 +147,12 @@ impl Rendered {
         }
         if let Some(canonical) = alias_of {
             return refuse(format!("spell it {canonical}"));
+        }
+        if SPLIT_ONLY.contains(&canonical) {
+            return refuse(
+                "splits a conversion across processes (ckpt-convert run … workers=N part=I, then finalize); the operator runs a conversion as one Job"
+                    .into(),
+            );
         }
         let param = self.lookup(name)?;
         match (param.role, param.value) {
@@ -539,6 +549,7 @@ mod tests {
                     .filter(|p| !matches!(p.role, Role::Input | Role::Output))
                     .filter(|p| !matches!(p.value, Value::Ignored))
                     .filter(|p| !SET_BY_FIELDS.iter().any(|(n, _)| *n == p.name))
+                    .filter(|p| !SPLIT_ONLY.contains(&p.name))
                     .map(|p| (p.name.to_owned(), Parameter(sample(p.value))))
                     .collect();
                 s.parameters = Some(extra);
@@ -549,7 +560,8 @@ mod tests {
 
     /// Every parameter the converter documents for a conversion step can be set on a
     /// resource: through a field of the spec, or through `spec.parameters`. Only the
-    /// spellings kept for the Python runners' command lines (no effect) are not.
+    /// spellings kept for the Python runners' command lines (no effect) and the
+    /// parameters of a split run (one Job runs the whole conversion) are not.
     #[test]
     fn every_documented_parameter_of_a_step_can_be_rendered() {
         for step in [Step::HfToMegatron, Step::MegatronToHf, Step::MergeLora] {
@@ -557,11 +569,23 @@ mod tests {
             for s in everything(step) {
                 let inv = invocation(&s).unwrap_or_else(|e| panic!("{step}: {e}"));
                 rendered.extend(keys(&inv).into_iter().map(str::to_owned));
+                for name in SPLIT_ONLY {
+                    let mut split = s.clone();
+                    split
+                        .parameters
+                        .get_or_insert_default()
+                        .insert((*name).to_owned(), Parameter("1".into()));
+                    let err = invocation(&split).expect_err("a split parameter is refused");
+                    assert!(err.0.contains(&format!("parameters.{name}")), "{err}");
+                }
             }
             for p in step.params() {
                 let rendered = rendered.iter().any(|r| r == p.name);
                 match p.value {
                     Value::Ignored => assert!(!rendered, "{step}: {} has no effect", p.name),
+                    _ if SPLIT_ONLY.contains(&p.name) => {
+                        assert!(!rendered, "{step}: {} is rendered", p.name)
+                    }
                     // Megatron-Bridge's base_hf_path stands in for hf_model_id, which
                     // the operator always passes.
                     _ if p.name == names::BASE_HF_PATH

@@ -43,6 +43,12 @@ pub mod names {
     pub const VALIDATE: &str = "validate";
     /// The numeric smoke test.
     pub const SMOKE_TEST: &str = "smoke_test";
+    /// The number of processes a split conversion runs in.
+    pub const WORKERS: &str = "workers";
+    /// The part of a split conversion this process writes.
+    pub const PART: &str = "part";
+    /// The last step of a split conversion.
+    pub const FINALIZE: &str = "finalize";
 }
 
 /// What a parameter takes.
@@ -261,6 +267,27 @@ const ALLOW_ROPE_MISMATCH: Param = p(
     Some("false"),
     "convert a Llama 3 rope scaling whose low_freq_factor, high_freq_factor or original_max_position_embeddings Megatron-Core fixes to other values; the smoke test then compares both under Megatron-Core's values",
 );
+const WORKERS: Param = p(
+    names::WORKERS,
+    Value::Int { min: 1 },
+    Role::Runtime,
+    None,
+    "split the conversion across N processes: with part=I, write only part I's output files into the target's shared staging directory; with finalize=true, check every part and publish",
+);
+const PART: Param = p(
+    names::PART,
+    Value::Int { min: 0 },
+    Role::Runtime,
+    None,
+    "with workers=N, the part (0 ≤ I < N) this process writes: a disjoint, byte-balanced set of the planned output files",
+);
+const FINALIZE: Param = p(
+    names::FINALIZE,
+    Value::Bool,
+    Role::Runtime,
+    Some("false"),
+    "with workers=N, after every part has run: check their completion records against the plan, write the side files and manifest, validate, publish (the bare word finalize also works)",
+);
 const KEEP_FP32: Param = p(
     "keep_fp32",
     Value::Bool,
@@ -313,6 +340,9 @@ pub const HF_TO_MEGATRON: &[Param] = &[
     ALLOW_ROPE_MISMATCH,
     VALIDATE_PARAM,
     SMOKE_TEST,
+    WORKERS,
+    PART,
+    FINALIZE,
     ignored("trust_remote_code"),
     ignored("device_map"),
     ignored("distributed"),
@@ -392,6 +422,9 @@ pub const MEGATRON_TO_HF: &[Param] = &[
     ALLOW_ROPE_MISMATCH,
     VALIDATE_PARAM,
     SMOKE_TEST,
+    WORKERS,
+    PART,
+    FINALIZE,
     ignored("trust_remote_code"),
     ignored("show_progress"),
     ignored("strict"),

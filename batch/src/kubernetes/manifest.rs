@@ -12,6 +12,7 @@ use ckpt_api::{
     Artifact, ArtifactKind, BaseModel, CheckpointConversion, CheckpointConversionSpec, Dtype,
     JobOptions, LoraBackend, LoraSpec, Parallelism, Parameter, PvcPath, ValidationSpec,
 };
+use ckpt_wire::params::names;
 use ckpt_wire::{Role, Step, Value};
 use k8s_openapi::api::core::v1::{LocalObjectReference, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -341,6 +342,13 @@ pub fn manifest(profile: &Profile, req: &Request, namespace: &str) -> Result<Che
                 why: "the CheckpointConversion resource has no field for this path: run the step locally or with a slurm profile".into(),
             });
         }
+        if [names::WORKERS, names::PART, names::FINALIZE].contains(&name) {
+            return Err(Error::Param {
+                param,
+                value,
+                why: "a CheckpointConversion runs the whole conversion in one Job: split it locally or with a slurm profile".into(),
+            });
+        }
         parameters.insert(name.to_owned(), Parameter(value));
     }
     let option_refused = |param: &str, value: String| {
@@ -631,6 +639,12 @@ resources = { requests = { cpu = "8", memory = "32Gi" } }
         );
         r.params
             .insert("hf_model_id".into(), "/mnt/lustre-shared/hf/llama".into());
+        r.params.insert("workers".into(), "2".into());
+        r.params.insert("part".into(), "0".into());
+        let split = manifest(&lepton(), &r, "t").unwrap_err().to_string();
+        assert!(split.contains("one Job"), "{split}");
+        r.params.remove("workers");
+        r.params.remove("part");
         r.overwrite = true;
         assert!(
             manifest(&lepton(), &r, "t")

@@ -152,6 +152,8 @@ pub fn parse_run(words: &[String]) -> Result<RunArgs> {
         }
         match w.split_once('=') {
             Some((k, v)) if !k.is_empty() => set(&mut out, k, v.to_owned())?,
+            // `ckpt-convert run STEP … workers=N finalize`, the split's last step.
+            None if w == "finalize" => set(&mut out, "finalize", "true".into())?,
             _ => bail!("unexpected argument {w:?}: expected key=value or --key value"),
         }
     }

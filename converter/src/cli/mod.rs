@@ -309,7 +309,10 @@ pub fn report_lines(r: &Report) -> Vec<String> {
         if let Some(m) = &r.manifest {
             out.push(format!("  manifest: {}", m.display()));
         }
-        out.push(format!("  weights digest: {}", r.weights_digest));
+        // A part of a split run has no digest of its own (finalize computes it).
+        if !r.weights_digest.is_empty() {
+            out.push(format!("  weights digest: {}", r.weights_digest));
+        }
         out.extend(validation_line("  ", r));
     }
     for o in &r.other_outputs {

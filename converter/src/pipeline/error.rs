@@ -34,6 +34,10 @@ pub enum Error {
     /// Publishing failed (exit 1).
     #[error(transparent)]
     Publish(#[from] PublishError),
+    /// A split run's parts do not add up to the plan (exit 1; exit 2 for a part
+    /// written for another plan).
+    #[error(transparent)]
+    Split(#[from] crate::pipeline::split::SplitError),
     /// Validation found a problem (exit 1).
     #[error("validation failed: {0}")]
     Validation(#[from] ValidationError),
@@ -86,7 +90,9 @@ impl Error {
             | Error::Plan(_)
             | Error::Model(_)
             | Error::Lora(_) => 2,
-            Error::Execute(_) | Error::Publish(_) | Error::Validation(_) => 1,
+            // A part written with other parameters: run it again with these.
+            Error::Split(crate::pipeline::split::SplitError::OtherPlan { .. }) => 2,
+            Error::Execute(_) | Error::Publish(_) | Error::Split(_) | Error::Validation(_) => 1,
         }
     }
 }

@@ -5,11 +5,15 @@
 //! Preflight ([`preflight`]) runs before a plan exists; [`stage`] carries a plan
 //! through execute, manifest and validation; [`Staged::commit`] publishes. The
 //! [`Report`] and the orchestrator's summary ([`report`]) come out at the end.
+//! A conversion split across processes ([`split`]) runs the same stages: each
+//! part executes its share of the plan into a shared staging directory, and
+//! the final step carries the whole through manifest, validation and commit.
 
 pub mod error;
 pub mod preflight;
 pub mod report;
 pub mod reuse;
+pub mod split;
 
 use ckpt_wire::ArtifactKind;
 use std::collections::BTreeMap;
@@ -46,6 +50,8 @@ pub struct RunOptions {
     /// Called with every plan before any data moves (the property tests check
     /// each plan's reads and layout with it).
     pub plan_check: Option<PlanCheck>,
+    /// The run is one part, or the final step, of a split conversion.
+    pub split: Option<split::Split>,
 }
 
 /// A check of a plan and the stores it reads, before any data moves.
@@ -60,6 +66,7 @@ impl Default for RunOptions {
             smoke_test: true,
             exec: execute::Options::default(),
             plan_check: None,
+            split: None,
         }
     }
 }
@@ -247,7 +254,7 @@ pub fn execute_and_publish(
     match stage(
         step, parameters, plan, stores, sources, target, opts, progress, warnings, None,
     )? {
-        Prepared::Planned(report) => Ok(report),
+        Prepared::Planned(report) | Prepared::Partial(report) => Ok(report),
         Prepared::Staged(staged) => staged.commit(progress),
     }
 }
@@ -263,6 +270,9 @@ pub enum Prepared {
     Planned(Report),
     /// An output complete in staging, with its manifest, validated.
     Staged(Staged),
+    /// One part of a split run, written into the shared staging directory;
+    /// nothing to publish ([`split`]).
+    Partial(Report),
 }
 
 /// An output complete in staging, validated, waiting for [`Staged::commit`].
@@ -334,6 +344,22 @@ pub fn stage(
     check: Option<OutcomeCheck<'_>>,
 ) -> Result<Prepared, Error> {
     let started = Instant::now();
+    let role = opts
+        .split
+        .as_ref()
+        .map(split::Split::role)
+        .transpose()?
+        .flatten();
+    // A split run's output is the single run's: its manifest records the
+    // conversion's parameters only.
+    let conversion;
+    let parameters = match role {
+        Some(_) => {
+            conversion = split::conversion_parameters(parameters);
+            &conversion
+        }
+        None => parameters,
+    };
     let skipped: Vec<String> = plan
         .skipped
         .iter()
@@ -388,7 +414,44 @@ pub fn stage(
             }
         }
     }
-    let staging = Staging::new(&target.dir)?;
+    // A part of a split run writes its share and stops; the final step checks
+    // the parts against this plan before it takes their staging directory.
+    let finalize = match role {
+        None => None,
+        Some(role) => {
+            let fingerprint = split::fingerprint(step, parameters, &plan, &sources);
+            match role {
+                split::Role::Part { part, workers } => {
+                    return split::run_part(
+                        step,
+                        &plan,
+                        stores,
+                        &fingerprint,
+                        &target,
+                        (part, workers),
+                        opts,
+                        progress,
+                        warnings,
+                    )
+                    .map(Prepared::Partial);
+                }
+                split::Role::Finalize { workers } => Some(split::Finalize::check(
+                    &plan,
+                    &fingerprint,
+                    &target.dir,
+                    workers,
+                )?),
+            }
+        }
+    };
+    let staging = match &finalize {
+        Some(f) => f.adopt(&plan, &target.dir)?,
+        None => Staging::new(&target.dir)?,
+    };
+    // The final step of a split run writes only what lies outside the parts'
+    // files; its outcome is then the whole plan's, from the parts' records.
+    let side_plan = finalize.as_ref().map(|_| split::Finalize::side_plan(&plan));
+    let executed_plan = side_plan.as_ref().unwrap_or(&plan);
     // Side files are read once, by the copy; their identity now is what the
     // copy must still see when the output is complete.
     let copied: Vec<(PathBuf, Identity)> = plan
@@ -432,6 +495,7 @@ pub fn stage(
         Some(Ok(_)) => Some(opts.exec.pool()?),
         _ => None,
     };
+    let mut whole = None;
     let (outcome, validation) = pool.install(|| {
         std::thread::scope(|scope| {
             let ahead = reference
@@ -440,13 +504,17 @@ pub fn stage(
                 .zip(ahead_pool.as_ref())
                 .map(|(r, p)| scope.spawn(|| p.install(|| r.ahead(planned_dtype))));
             execute::execute_with(
-                &plan,
+                executed_plan,
                 stores,
                 staging.path(),
                 &opts.exec,
                 progress,
                 observer,
-                |outcome| -> Result<Option<crate::validate::Report>, Error> {
+                |executed| -> Result<Option<crate::validate::Report>, Error> {
+                    let outcome: &Outcome = match &finalize {
+                        Some(f) => whole.insert(f.outcome(executed, &plan, stores.len())),
+                        None => executed,
+                    };
                     crate::failpoint::hit("executed");
                     if let Some(check) = check {
                         check(outcome)?;
@@ -480,6 +548,7 @@ pub fn stage(
             )
         })
     })?;
+    let outcome = whole.unwrap_or(outcome);
     let validation = validation?;
     // A source that moved while we read it makes the output untrustworthy,
     // whatever validation said (it read the same moving source).
@@ -490,6 +559,9 @@ pub fn stage(
         identity.check(path)?;
     }
     crate::failpoint::hit("validated");
+    if finalize.is_some() {
+        split::Finalize::clear(staging.path())?;
+    }
     let report = Report {
         step: step.name().into(),
         status: "succeeded".into(),

@@ -16,6 +16,15 @@
 //! create for its target (a new run directory, say) if they are still empty. A
 //! run ended by SIGTERM, SIGINT or SIGHUP does the same before it exits
 //! ([`signals`]).
+//!
+//! The parts of a split run (`workers=N part=I`, see `pipeline::split`) share one
+//! staging directory, `.NAME.ckpt-staging-split` ([`SharedStaging`]): its name
+//! follows from the target alone, so every part and the final step find it. Each
+//! part holds a shared lock on its marker while it writes; the final step takes
+//! the exclusive lock ([`Staging::adopt_shared`]) and publishes it by the same
+//! rename. It outlives the runs that wrote it (that is its point): a failed part
+//! or final step leaves it, another run for the target never removes it, and
+//! `ckpt-convert clean` removes it when no part holds it.
 
 pub mod signals;
 mod stale;
@@ -57,6 +66,12 @@ pub enum PublishError {
     /// The run was told to stop before it could publish.
     #[error("interrupted before publishing; nothing was published")]
     Interrupted,
+    /// A part of a split run still holds the shared staging directory.
+    #[error("{}: a part of this split run is still writing it (its {MARKER} is locked): expected every part finished before finalize", path.display())]
+    PartRunning {
+        /// The shared staging directory.
+        path: PathBuf,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PublishError + '_ {
@@ -94,6 +109,8 @@ fn creating<'a>(
 }
 
 const STAGING_TAG: &str = ".ckpt-staging-";
+/// The ID of the staging directory the parts of a split run share.
+const SHARED_ID: &str = "split";
 const OLD_TAG: &str = ".ckpt-replaced-";
 /// The marker file inside a staging directory (see the module docs).
 pub const MARKER: &str = ".ckpt-staging";
@@ -111,6 +128,95 @@ pub struct Staging {
     created: Vec<PathBuf>,
     /// The marker, locked while this run lives.
     marker: Option<File>,
+    /// A failure leaves the directory (a split run's shared staging: its parts'
+    /// work, which this run did not write).
+    keep: bool,
+}
+
+/// The directory that receives `target` (`.` for a bare name) and the target's name.
+fn parent_and_name(target: &Path) -> (PathBuf, String) {
+    let parent = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "output".into());
+    (parent.to_owned(), name)
+}
+
+/// Creates `parent` and its missing ancestors; returns those it created,
+/// outermost first.
+fn create_parents(parent: &Path, target: &Path) -> Result<Vec<PathBuf>, PublishError> {
+    let mut created: Vec<PathBuf> = parent
+        .ancestors()
+        .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
+        .map(Path::to_owned)
+        .collect();
+    created.reverse();
+    for d in &created {
+        match std::fs::create_dir(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(creating(d, target)(e)),
+        }
+    }
+    Ok(created)
+}
+
+/// Where the parts of a split run for `target` write: `.NAME.ckpt-staging-split`
+/// beside it.
+pub fn shared_staging_dir(target: &Path) -> PathBuf {
+    let (parent, name) = parent_and_name(target);
+    parent.join(format!(".{name}{STAGING_TAG}{SHARED_ID}"))
+}
+
+/// The staging directory of a split run, as one part holds it: created if it is
+/// the first, its marker locked shared for as long as the part lives, so
+/// `clean` and the final step see the part as running. Dropping it leaves the
+/// directory and what the part wrote (see the module docs).
+#[derive(Debug)]
+pub struct SharedStaging {
+    dir: PathBuf,
+    _marker: File,
+}
+
+impl SharedStaging {
+    /// Opens (creating if needed) the shared staging directory of `target`, and
+    /// the directories above it.
+    ///
+    /// # Errors
+    /// [`PublishError::NotWritable`] when the parent refuses; [`PublishError::Io`]
+    /// for other failures, or when the name is taken by something that is not a
+    /// directory.
+    pub fn open(target: &Path) -> Result<SharedStaging, PublishError> {
+        let (parent, _) = parent_and_name(target);
+        create_parents(&parent, target)?;
+        let dir = shared_staging_dir(target);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(creating(&dir, target)(e)),
+        }
+        if !std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+            return Err(PublishError::Io {
+                path: dir,
+                source: std::io::Error::other("expected a staging directory, found another file"),
+            });
+        }
+        let marker = stale::mark_shared(&dir, target)?;
+        crate::failpoint::hit("staged");
+        Ok(SharedStaging {
+            dir,
+            _marker: marker,
+        })
+    }
+
+    /// Where to write.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
 }
 
 impl Staging {
@@ -121,28 +227,9 @@ impl Staging {
     /// [`PublishError::NotWritable`] when the parent refuses (permissions, a
     /// read-only filesystem); [`PublishError::Io`] for other failures.
     pub fn new(target: &Path) -> Result<Staging, PublishError> {
-        let parent = target
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let name = target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "output".into());
-        let mut created: Vec<PathBuf> = parent
-            .ancestors()
-            .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
-            .map(Path::to_owned)
-            .collect();
-        created.reverse();
-        for d in &created {
-            match std::fs::create_dir(d) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(creating(d, target)(e)),
-            }
-        }
-        let cleaned = stale::clean_beside(target);
+        let (parent, name) = parent_and_name(target);
+        let created = create_parents(&parent, target)?;
+        let cleaned = stale::clean_beside(target, false);
         for p in &cleaned.removed {
             tracing::warn!(path = %p.display(), "removed the staging directory of an interrupted run");
         }
@@ -164,12 +251,43 @@ impl Staging {
             done: false,
             created,
             marker: None,
+            keep: false,
         };
         signals::register(&staging.dir, &staging.created);
         // Dropping `staging` on error removes the directory again.
         staging.marker = Some(stale::mark(&staging.dir, target)?);
         crate::failpoint::hit("staged");
         Ok(staging)
+    }
+
+    /// Takes over the shared staging directory of a split run for `target`
+    /// ([`SharedStaging`]) to publish it: its marker locked exclusively, so no
+    /// part can start writing meanwhile. A failure before [`Staging::commit`]
+    /// leaves the directory as the parts left it (plus what this run wrote).
+    ///
+    /// # Errors
+    /// [`PublishError::PartRunning`] while a part holds it; [`PublishError::Io`]
+    /// when it or its marker is missing.
+    pub fn adopt_shared(target: &Path) -> Result<Staging, PublishError> {
+        let dir = shared_staging_dir(target);
+        let path = dir.join(MARKER);
+        let marker = File::open(&path).map_err(io(&path))?;
+        match marker.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(PublishError::PartRunning { path: dir });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(&path)(e)),
+        }
+        Ok(Staging {
+            target: target.to_owned(),
+            dir,
+            id: SHARED_ID.into(),
+            done: false,
+            created: Vec::new(),
+            marker: Some(marker),
+            keep: true,
+        })
     }
 
     /// Where to write.
@@ -242,7 +360,7 @@ impl Staging {
 
 impl Drop for Staging {
     fn drop(&mut self) {
-        if !self.done {
+        if !self.done && !self.keep {
             signals::deregister(&self.dir);
             let _ = std::fs::remove_dir_all(&self.dir);
             // Only what is still empty: another writer may have put something there.
@@ -324,6 +442,40 @@ mod tests {
         drop(s);
         assert!(tmp.path().join("run/other").is_file());
         assert!(!tmp.path().join("run/sub").exists());
+    }
+
+    #[test]
+    fn a_split_runs_shared_staging_outlives_its_parts_until_clean() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("run/iter_0000000");
+        // Two parts side by side; finalize waits for both.
+        let a = SharedStaging::open(&target).unwrap();
+        let b = SharedStaging::open(&target).unwrap();
+        assert_eq!(a.path(), shared_staging_dir(&target));
+        std::fs::write(a.path().join("x"), b"x").unwrap();
+        assert!(matches!(
+            Staging::adopt_shared(&target),
+            Err(PublishError::PartRunning { .. })
+        ));
+        drop(a);
+        let c = clean(&tmp.path().join("run")).unwrap();
+        assert!(c.removed.is_empty(), "{c:?}");
+        drop(b);
+        // Between parts nobody holds it: another run for the target leaves it,
+        // and so does a failed finalize.
+        drop(Staging::new(&target).unwrap());
+        drop(Staging::adopt_shared(&target).unwrap());
+        assert!(shared_staging_dir(&target).join("x").is_file());
+        // `clean` removes it; a finalize publishes it.
+        let c = clean(&tmp.path().join("run")).unwrap();
+        assert_eq!(c.removed, vec![shared_staging_dir(&target)]);
+        drop(SharedStaging::open(&target).unwrap());
+        Staging::adopt_shared(&target)
+            .unwrap()
+            .commit(false)
+            .unwrap();
+        assert!(target.is_dir() && !target.join(MARKER).exists());
+        assert!(!shared_staging_dir(&target).exists());
     }
 
     #[test]

@@ -5,6 +5,9 @@
 //!   holds its lock (the run that made it is gone); kept when the lock is held (a
 //!   live run) or the marker is missing or incomplete (not ours, or a run that is
 //!   just starting: the marker is written only after it is locked);
+//! - `.NAME.ckpt-staging-split`, a split run's shared staging: the same, but only
+//!   on `ckpt-convert clean`; a run for the same target leaves it (its parts run
+//!   one after another, with nobody holding it in between);
 //! - `.NAME.ckpt-replaced-ID`: a published output that a run with `--overwrite`
 //!   moved aside. While `.NAME.ckpt-staging-ID` is live it is that run's; when
 //!   `NAME` is in place it was superseded and is removed; when `NAME` is missing
@@ -18,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{MARKER, OLD_TAG, PublishError, STAGING_TAG, io};
+use super::{MARKER, OLD_TAG, PublishError, SHARED_ID, STAGING_TAG, io};
 
 /// The marker's content.
 #[derive(Debug, Serialize, Deserialize)]
@@ -44,14 +47,54 @@ pub(super) fn mark(dir: &Path, target: &Path) -> Result<File, PublishError> {
         .open(&path)
         .map_err(io(&path))?;
     f.lock().map_err(io(&path))?;
+    f.write_all(marker_text(target).as_bytes())
+        .map_err(io(&path))?;
+    Ok(f)
+}
+
+/// A marker's content, for this process writing `target`.
+fn marker_text(target: &Path) -> String {
     let m = Marker {
         format: MARKER_FORMAT.into(),
         pid: std::process::id(),
         target: target.display().to_string(),
     };
-    let text = serde_json::to_string(&m).expect("marker serializes");
-    f.write_all(text.as_bytes()).map_err(io(&path))?;
-    Ok(f)
+    serde_json::to_string(&m).expect("marker serializes")
+}
+
+/// Opens the marker of a split run's shared staging directory `dir`, creating
+/// it if this part is the first, and locks it shared (parts write side by side).
+/// A new marker is written complete under a temporary name and linked into
+/// place while locked, so nobody ever sees it incomplete or unlocked.
+pub(super) fn mark_shared(dir: &Path, target: &Path) -> Result<File, PublishError> {
+    let path = dir.join(MARKER);
+    let existing = || -> Result<File, PublishError> {
+        let f = File::open(&path).map_err(io(&path))?;
+        f.lock_shared().map_err(io(&path))?;
+        Ok(f)
+    };
+    if std::fs::symlink_metadata(&path).is_ok() {
+        return existing();
+    }
+    let tmp = dir.join(format!("{MARKER}.tmp-{}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    f.lock_shared().map_err(io(&tmp))?;
+    f.write_all(marker_text(target).as_bytes())
+        .map_err(io(&tmp))?;
+    let linked = std::fs::hard_link(&tmp, &path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(f),
+        // Another part was first.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => existing(),
+        Err(e) => Err(io(&path)(e)),
+    }
 }
 
 /// What a cleanup did.
@@ -115,8 +158,9 @@ fn is_dir_not_link(p: &Path) -> bool {
     std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir())
 }
 
-/// Cleans the entries of `dir` whose target name satisfies `wanted`.
-fn clean_in(dir: &Path, wanted: &dyn Fn(&str) -> bool, out: &mut Cleaned) {
+/// Cleans the entries of `dir` whose target name satisfies `wanted`; a split
+/// run's shared staging only when `shared`.
+fn clean_in(dir: &Path, wanted: &dyn Fn(&str) -> bool, shared: bool, out: &mut Cleaned) {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return;
     };
@@ -158,11 +202,20 @@ fn clean_in(dir: &Path, wanted: &dyn Fn(&str) -> bool, out: &mut Cleaned) {
         }
     }
     for n in &names {
-        if parse(n, STAGING_TAG).is_none_or(|(name, _)| !wanted(name)) {
+        let Some((name, id)) = parse(n, STAGING_TAG).filter(|(name, _)| wanted(name)) else {
             continue;
-        }
+        };
         let staging = dir.join(n);
         if !is_dir_not_link(&staging) {
+            continue;
+        }
+        if id == SHARED_ID && !shared {
+            out.kept.push((
+                staging,
+                format!(
+                    "the shared staging of a split run for {name} (ckpt-convert clean removes it)"
+                ),
+            ));
             continue;
         }
         match owner(&staging) {
@@ -193,8 +246,9 @@ fn clean_published(output: &Path, out: &mut Cleaned) {
 }
 
 /// What interrupted runs left beside `target` (its staging directories, an old
-/// output moved aside). Never fails: what cannot be removed is reported as kept.
-pub(super) fn clean_beside(target: &Path) -> Cleaned {
+/// output moved aside; a split run's shared staging only when `shared`). Never
+/// fails: what cannot be removed is reported as kept.
+pub(super) fn clean_beside(target: &Path, shared: bool) -> Cleaned {
     let mut out = Cleaned::default();
     let (Some(name), parent) = (
         target.file_name().map(|n| n.to_string_lossy().into_owned()),
@@ -205,7 +259,7 @@ pub(super) fn clean_beside(target: &Path) -> Cleaned {
     ) else {
         return out;
     };
-    clean_in(parent, &|n| n == name, &mut out);
+    clean_in(parent, &|n| n == name, shared, &mut out);
     clean_published(target, &mut out);
     out
 }
@@ -226,9 +280,9 @@ pub fn clean(path: &Path) -> Result<Cleaned, PublishError> {
             .unwrap_or(Path::new("."));
         std::fs::symlink_metadata(parent).map_err(io(path))?;
     }
-    let mut out = clean_beside(path);
+    let mut out = clean_beside(path, true);
     if is_dir_not_link(path) {
-        clean_in(path, &|_| true, &mut out);
+        clean_in(path, &|_| true, true, &mut out);
         // Published outputs directly inside (an iteration of a run directory).
         if let Ok(rd) = std::fs::read_dir(path) {
             for e in rd.filter_map(|e| e.ok()) {

@@ -32,6 +32,24 @@ pub fn run(
     // Every step validates its output before publishing unless told not to.
     opts.validate = params.flag("validate", true)?;
     opts.smoke_test = params.flag("smoke_test", true)?;
+    // Conversions split across processes ([`crate::pipeline::split`]); whether
+    // the three agree is checked once the step's own parameters are read.
+    if matches!(step, Step::HfToMegatron | Step::MegatronToHf) {
+        let workers = match params.opt("workers") {
+            Some(_) => Some(params.positive("workers", 1)?),
+            None => None,
+        };
+        let part = match params.opt("part") {
+            Some(_) => Some(params.count("part", 0)?),
+            None => None,
+        };
+        let finalize = params.flag("finalize", false)?;
+        opts.split = Some(crate::pipeline::split::Split {
+            workers,
+            part,
+            finalize,
+        });
+    }
     match step {
         Step::HfToMegatron => hf_to_megatron::run(params, &opts, progress),
         Step::MegatronToHf => megatron_to_hf::run(params, &opts, progress),

@@ -62,6 +62,28 @@ fn fc1(layout: Layout, key: &str, act: Act, ffn: u64, width: u64) -> Vec<LayerTe
     }
 }
 
+/// The tensors every Hugging Face checkpoint of the configuration `config`
+/// holds (name, dtype, shape), in bfloat16 but for those kept in float32: what a
+/// synthetic checkpoint of any family is made of (tests, benchmarks).
+///
+/// # Errors
+/// Why the configuration has no forward pass or no HF names here.
+pub fn required_hf_bf16(
+    config: &serde_json::Value,
+) -> Result<Vec<(String, DType, Vec<u64>)>, String> {
+    let arch = Arch::from_hf_config(config).map_err(|e| e.to_string())?;
+    let names = arch.hf_names().map_err(|e| e.to_string())?;
+    let tied = config["tie_word_embeddings"].as_bool().unwrap_or(false);
+    Ok(hf(&arch, &names, !tied)
+        .into_iter()
+        .filter(|e| !e.optional)
+        .map(|e| {
+            let dtype = if e.fp32_ok { DType::F32 } else { DType::BF16 };
+            (e.names[0].clone(), dtype, e.shape)
+        })
+        .collect())
+}
+
 /// The tensors of a Hugging Face checkpoint of `arch`, named as its family names
 /// them.
 pub fn hf(arch: &Arch, names: &HfNames, has_lm_head: bool) -> Vec<Expected> {

@@ -14,5 +14,6 @@ mod profiles;
 mod properties;
 mod publish;
 mod roundtrip;
+mod split;
 mod util;
 mod validate;

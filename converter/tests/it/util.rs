@@ -38,26 +38,17 @@ impl Workdir {
 
     /// Every file under an absolute directory with its digest.
     pub fn snapshot_of(&self, dir: &Path) -> BTreeMap<PathBuf, (u64, String)> {
-        let mut out = BTreeMap::new();
-        let mut stack = vec![dir.to_owned()];
-        while let Some(d) = stack.pop() {
-            for e in std::fs::read_dir(&d).unwrap() {
-                let p = e.unwrap().path();
-                if p.is_dir() {
-                    stack.push(p);
-                } else {
-                    let bytes = std::fs::read(&p).unwrap();
-                    out.insert(
-                        p,
-                        (
-                            bytes.len() as u64,
-                            ckpt_convert::formats::digest::hex(&bytes),
-                        ),
-                    );
-                }
-            }
-        }
-        out
+        files_under(dir)
+            .into_iter()
+            .map(|p| {
+                let bytes = std::fs::read(&p).unwrap();
+                let id = (
+                    bytes.len() as u64,
+                    ckpt_convert::formats::digest::hex(&bytes),
+                );
+                (p, id)
+            })
+            .collect()
     }
 
     /// Names directly under `rel`.
@@ -72,6 +63,23 @@ impl Workdir {
         v.sort();
         v
     }
+}
+
+/// Every file under `dir`, at any depth.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
 }
 
 /// The binary under test.

@@ -181,7 +181,7 @@ pub(super) fn run(
         params.with_ignored(warnings),
         Some(&check),
     )? {
-        crate::pipeline::Prepared::Planned(r) => Ok(r),
+        crate::pipeline::Prepared::Planned(r) | crate::pipeline::Prepared::Partial(r) => Ok(r),
         crate::pipeline::Prepared::Staged(s) => s.commit(progress),
     }
 }

@@ -529,7 +529,7 @@ pub(super) fn run(
     // Publish both only when both are complete.
     let finish = |p: Prepared| -> Result<Report, Error> {
         match p {
-            Prepared::Planned(r) => Ok(r),
+            Prepared::Planned(r) | Prepared::Partial(r) => Ok(r),
             Prepared::Staged(s) => s.commit(progress),
         }
     };
