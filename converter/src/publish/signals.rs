@@ -54,9 +54,14 @@ pub(super) fn published() {
 }
 
 /// Held while a commit renames; refused once the run is being interrupted.
+/// Once a stop signal has arrived, no commit starts: the signal thread is about
+/// to clean up and end the process with the signal's exit code, so the caller
+/// waits for that (bounded) rather than racing it with an exit code of its own.
 pub(super) fn commit_guard() -> Result<MutexGuard<'static, ()>, PublishError> {
     let guard = COMMIT.lock().unwrap_or_else(|e| e.into_inner());
     if INTERRUPTED.load(Ordering::SeqCst) {
+        drop(guard);
+        std::thread::sleep(std::time::Duration::from_secs(60));
         return Err(PublishError::Interrupted);
     }
     Ok(guard)
@@ -97,6 +102,16 @@ pub fn install(on_exit: OnExit) -> std::io::Result<()> {
         return Ok(());
     }
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    // Marked in the handler itself, so that a commit is refused from the moment
+    // the signal arrives, not from when the signal thread first runs (on a
+    // CPU-throttled pod that can be seconds later, time enough to publish after
+    // an `activeDeadlineSeconds` or a deletion).
+    for sig in [SIGTERM, SIGINT, SIGHUP] {
+        // SAFETY: the action only stores to an atomic (async-signal-safe).
+        unsafe {
+            signal_hook::low_level::register(sig, || INTERRUPTED.store(true, Ordering::SeqCst))?;
+        }
+    }
     // SAFETY: the action only stores to an atomic and raises a signal (both
     // async-signal-safe), then parks the faulting thread for good: it cannot
     // resume the read that faulted, and the waiting thread ends the process.

@@ -8,6 +8,7 @@ mod fuzz_corpus;
 mod hostile;
 mod injected_faults;
 mod layers;
+mod memory;
 mod merge_lora;
 mod preflight;
 mod profiles;

@@ -320,20 +320,40 @@ fn medium_target(env: &Env) -> std::path::PathBuf {
     env.claim("lustre-shared").join("output/convert/medium")
 }
 
-/// The staging directories beside `target`.
+/// The staging directories of `target`: beside it (an HF directory), or inside it
+/// beside the iteration being written (a Megatron run directory).
 fn stagings(target: &Path) -> Vec<std::path::PathBuf> {
-    let prefix = format!(
+    let beside = format!(
         ".{}.ckpt-staging-",
         target.file_name().unwrap().to_string_lossy()
     );
-    std::fs::read_dir(target.parent().unwrap())
-        .map(|rd| {
+    let list = |dir: &Path, wanted: &dyn Fn(&str) -> bool| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| wanted(&e.file_name().to_string_lossy()))
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut found = list(target.parent().unwrap(), &|n| n.starts_with(&beside));
+    found.extend(list(target, &|n| {
+        n.starts_with(".iter_") && n.contains(".ckpt-staging-")
+    }));
+    found
+}
+
+/// Whether `target` looks published: an HF directory exists, or a Megatron run
+/// directory holds an iteration or its tracker (the run directory itself exists
+/// while the iteration is staged inside it).
+fn published(target: &Path) -> bool {
+    target.join("ckpt-manifest.json").exists()
+        || target.join("latest_checkpointed_iteration.txt").exists()
+        || std::fs::read_dir(target).is_ok_and(|rd| {
             rd.flatten()
-                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-                .map(|e| e.path())
-                .collect()
+                .any(|e| e.file_name().to_string_lossy().starts_with("iter_"))
         })
-        .unwrap_or_default()
 }
 
 /// Whether any file under `dir` holds data.
@@ -378,7 +398,7 @@ async fn stop_mid_write(target: &Path) -> (i32, std::path::PathBuf) {
                 .unwrap_or_else(|| panic!("no pid in {name}"));
             if has_data(&staging) {
                 signal(pid, libc::SIGSTOP);
-                assert!(!target.exists(), "published before it could be stopped");
+                assert!(!published(target), "published before it could be stopped");
                 let stopped = Waiting::new(format!("converter {pid} stopped"));
                 while !proc_status(pid).is_some_and(|s| s.contains("State:\tT")) {
                     stopped.tick(|| proc_status(pid).unwrap_or_default()).await;
@@ -463,7 +483,7 @@ impl Watch {
         let thread = std::thread::spawn(move || {
             let (mut seen, mut partial) = (0, Vec::new());
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if target.exists() {
+                if published(&target) {
                     match complete(&target) {
                         Ok(()) => seen += 1,
                         Err(e) => partial.push(e),
@@ -643,7 +663,7 @@ async fn deleting_a_resource_mid_write_stops_its_pod_and_cleans_staging() {
         staging.display()
     );
     assert!(stagings(&target).is_empty());
-    assert!(!target.exists(), "a stopped conversion published");
+    assert!(!published(&target), "a stopped conversion published");
     assert_eq!(contents(&source), before, "the source changed");
     op.stop();
 }

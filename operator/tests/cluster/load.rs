@@ -201,9 +201,13 @@ async fn two_hundred_resources_at_once_are_paced_bounded_and_all_finish() {
     }
     assert_eq!(created.len(), RESOURCES, "one Job per resource");
     created.sort_unstable();
+    // The stamps are when the apiserver stored each Job: creations sent on their
+    // slots may arrive up to a second late on a loaded machine and bunch with the
+    // next second's, so each window allows one second more (unpaced, all 200 would
+    // land within a second or two).
     for window in [1, 2, 5, 10] {
         let most = most_within(&created, window);
-        let allowed = (JOBS_PER_SECOND * window as f64).ceil() as usize + 1;
+        let allowed = (JOBS_PER_SECOND * (window + 1) as f64).ceil() as usize + 1;
         assert!(
             most <= allowed,
             "{most} Jobs created within {window} s; at most {allowed} allowed at {JOBS_PER_SECOND}/s"

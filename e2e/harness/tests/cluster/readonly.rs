@@ -34,7 +34,8 @@ async fn conversion_into_a_read_only_mount_fails_and_writes_nothing() -> Result<
     assert_eq!(summary["status"], "failed", "{summary}");
     let error = summary["error"].as_str().unwrap_or_default();
     assert!(
-        error.contains(&format!("{MOUNT}/out")) && error.contains("Read-only file system"),
+        error.contains(&format!("{MOUNT}/out"))
+            && error.to_lowercase().contains("read-only file system"),
         "{summary}"
     );
     assert_eq!(

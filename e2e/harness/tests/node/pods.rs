@@ -105,7 +105,7 @@ async fn a_read_only_source_volume_cannot_be_written() -> Result<()> {
     assert_ne!(term.exit_code, 0);
     let message = term.message.unwrap_or_default();
     assert!(
-        message.contains("Read-only file system"),
+        message.to_lowercase().contains("read-only file system"),
         "expected EROFS in the termination message, found: {message}"
     );
     assert_eq!(snapshot(&w.path("source"))?, before, "the source changed");
