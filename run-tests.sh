@@ -83,7 +83,7 @@ slurm_packages() {
 rust_tests() {
   cargo build --workspace --release
   export CKPT_CONVERT_BIN="$CARGO_TARGET_DIR/release/ckpt-convert"
-  cargo test --workspace --features ckpt-convert/failpoints
+  cargo test --workspace --features ckpt-convert/failpoints --no-fail-fast
   # What only a real node shows (the stand-in rewrites mount paths per pod).
   CKPT_TEST_NODE=real cargo test -p ckpt-operator --features ckpt-convert/failpoints \
     --test cluster -- --ignored on_the_real_node

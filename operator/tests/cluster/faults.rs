@@ -11,8 +11,8 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::support::{
-    Env, Operator, PrivateControlPlane, Waiting, condition, contents, kubectl, nth_pod, phase,
-    set_pod_status, succeeded, terminated, validated,
+    Env, Operator, PrivateControlPlane, Waiting, condition, condition_status, contents, kubectl,
+    nth_pod, phase, set_pod_status, succeeded, terminated, validated,
 };
 
 /// Takes the permission to write status away from the operator's Role in `env`'s
@@ -175,8 +175,9 @@ async fn held_at_the_gate(env: &mut Env, gate: &Gate, identity: &str) -> Operato
         env.apply_ok(file).await;
     }
     for (_, name) in CONVERSIONS {
+        // Before the operator's first status write there is no condition yet.
         env.wait_for(name, "its pod running", &mut [&mut op], |cr| {
-            condition(cr, "Running").1 == "JobRunning"
+            condition_status(cr, "Running").is_some() && condition(cr, "Running").1 == "JobRunning"
         })
         .await;
     }
