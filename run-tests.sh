@@ -11,7 +11,8 @@
 #   - Argo CD's Lua engine (gopher-lua) for the health check in ~/.cache/ckpt/argocd-lua/<hash>;
 #   - cargo-fuzz in ~/.cache/ckpt/cargo-fuzz-<version>, the fuzz targets' build and their
 #     growing working corpora (converter/fuzz/run.sh; CKPT_FUZZ_SECONDS per target,
-#     default 20: about 6 minutes warm for the 14 targets on 2 cores).
+#     default 10: about 3 minutes warm for the 14 targets on 2 cores, which keeps a warm
+#     run of this script near 15 minutes; raise it for a deeper run).
 # Debian packages are installed with apt-get (as root): containerd, runc and CNI plugins
 # for the test node, skopeo and umoci for the image checks, slurm-wlm and munge for the
 # Slurm executor's tests, which start a single-node Slurm of their own
@@ -198,7 +199,7 @@ step "bridge: Megatron-Bridge 0.3.1 references" bridge_refs
 step "images: converter and operator" images
 step "slurm: slurm-wlm and munge (Debian packages)" slurm_packages
 step "rust: build, unit, integration, control-plane and Slurm tests" rust_tests
-step "fuzz: every parser for ${CKPT_FUZZ_SECONDS:-20} s each" fuzz
+step "fuzz: every parser for ${CKPT_FUZZ_SECONDS:-10} s each" fuzz
 step "demo" demo
 step "interop: torch DCP, megatron-core, transformers" interop_tests
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every fuzz target for a bounded time and fails on anything it finds.
-#   CKPT_FUZZ_SECONDS   seconds per target (default 20: 14 targets in about 5 minutes
+#   CKPT_FUZZ_SECONDS   seconds per target (default 10: 14 targets in about 3 minutes
 #                       on 2 cores, which fits the test command's budget; raise it for
 #                       a deeper run, e.g. 600 before a release)
 #   CKPT_CACHE          cache root (default ~/.cache/ckpt): cargo-fuzz is installed into
@@ -14,7 +14,7 @@
 # stable test replays it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SECS=${CKPT_FUZZ_SECONDS:-20}
+SECS=${CKPT_FUZZ_SECONDS:-10}
 CACHE=${CKPT_CACHE:-$HOME/.cache/ckpt}
 VERSION=0.13.1
 ROOT="$CACHE/cargo-fuzz-$VERSION"
