@@ -53,10 +53,10 @@ pub(super) fn published() {
     PUBLISHED.store(true, Ordering::SeqCst);
 }
 
-/// Held while a commit renames; refused once the run is being interrupted.
-/// Once a stop signal has arrived, no commit starts: the signal thread is about
-/// to clean up and end the process with the signal's exit code, so the caller
-/// waits for that (bounded) rather than racing it with an exit code of its own.
+/// Held while a commit renames. Once a stop signal has arrived no commit starts:
+/// the signal thread is about to clean up and end the process with the signal's
+/// exit code, so the caller waits for that (bounded) rather than racing it with an
+/// exit code of its own.
 pub(super) fn commit_guard() -> Result<MutexGuard<'static, ()>, PublishError> {
     let guard = COMMIT.lock().unwrap_or_else(|e| e.into_inner());
     if INTERRUPTED.load(Ordering::SeqCst) {
