@@ -177,9 +177,10 @@ images() {
   local triple
   triple="$(uname -m)-unknown-linux-musl"
   rustup target list --installed | grep -qx "$triple" || rustup target add "$triple"
-  images/build.sh
+  # With the test image the node tests use (the converter with failpoints).
+  CKPT_IMAGES_TEST=1 images/build.sh
   local bin
-  for bin in ckpt-convert ckpt-operator; do
+  for bin in ckpt-convert ckpt-operator ckpt-convert-failpoints; do
     local f="$CARGO_TARGET_DIR/$triple/release/$bin"
     if readelf -l "$f" | grep -q 'program interpreter' || readelf -d "$f" | grep -q NEEDED; then
       echo "error: $f is not statically linked" >&2

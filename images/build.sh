@@ -15,7 +15,15 @@
 # Environment: OUT, IMAGE_REGISTRY (ghcr.io/ckpt-dev), IMAGE_TAG (the crate
 # version), IMAGE_SOURCE (the org.opencontainers.image.source label),
 # SOURCE_DATE_EPOCH, CARGO_TARGET_DIR, CKPT_IMAGES_NO_CARGO=1 (use the binaries
-# already built; for tests that build twice).
+# already built; for tests that build twice), CKPT_IMAGES_TEST=1 (also the test
+# image ckpt-convert-failpoints, below).
+#
+# The test image is for the node tests only and never published: the converter
+# built with the test-only `failpoints` feature (converter/src/failpoint.rs) at
+# the same path, its config setting CKPT_CONVERT_PAUSE_AT=pieces:1 and
+# CKPT_CONVERT_PAUSE_FILE=/tmp/ckpt-pause, so that a conversion the operator
+# starts waits, staged and part-written, for as long as a test needs (a deadline,
+# a deletion) without depending on how fast the node is.
 # Needs: Rust with the <arch>-unknown-linux-musl target, musl-gcc (Debian:
 # musl-tools), Go, git.
 set -euo pipefail
@@ -50,8 +58,16 @@ if [[ ${CKPT_IMAGES_NO_CARGO:-0} != 1 ]]; then
   # The same build as the Dockerfiles (run-tests.sh's images step runs this script);
   # the workspace, cargo home and rustup paths are remapped so that the
   # binaries do not depend on where the checkout lives.
-  RUSTFLAGS="${RUSTFLAGS:-} --remap-path-prefix=$repo=/src --remap-path-prefix=${CARGO_HOME:-$HOME/.cargo}=/cargo --remap-path-prefix=${RUSTUP_HOME:-$HOME/.rustup}=/rustup" \
-    cargo build --release --locked --target "$triple" -p ckpt-convert -p ckpt-operator >&2
+  cargo_build() {
+    RUSTFLAGS="${RUSTFLAGS:-} --remap-path-prefix=$repo=/src --remap-path-prefix=${CARGO_HOME:-$HOME/.cargo}=/cargo --remap-path-prefix=${RUSTUP_HOME:-$HOME/.rustup}=/rustup" \
+      cargo build --release --locked --target "$triple" "$@" >&2
+  }
+  if [[ ${CKPT_IMAGES_TEST:-0} == 1 ]]; then
+    # First, and set aside: the plain build below puts the product binary back.
+    cargo_build -p ckpt-convert --features ckpt-convert/failpoints
+    cp "$target_dir/$triple/release/ckpt-convert" "$target_dir/$triple/release/ckpt-convert-failpoints"
+  fi
+  cargo_build -p ckpt-convert -p ckpt-operator
 fi
 
 epoch=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct)}
@@ -66,9 +82,11 @@ trap 'rm -rf "$(dirname "$ocibuild")"' EXIT
 (cd images/ocibuild && go build -trimpath -o "$ocibuild" .)
 mkdir -p "$out"
 
+# build_image NAME PROGRAM TITLE [ocibuild flags]: the image NAME holding the
+# binary NAME at /PROGRAM.
 build_image() {
-  local name=$1 title=$2
-  shift 2
+  local name=$1 program=$2 title=$3
+  shift 3
   local bin=$target_dir/$triple/release/$name
   [[ -x $bin ]] || die "$bin is missing (run without CKPT_IMAGES_NO_CARGO)"
   local version
@@ -76,7 +94,7 @@ build_image() {
   [[ -n $version ]] || die "$bin --version printed no version"
   local tag=${IMAGE_TAG:-$version}
   local digest
-  digest=$("$ocibuild" -binary "$bin" -path "/$name" -ref "$registry/$name:$tag" \
+  digest=$("$ocibuild" -binary "$bin" -path "/$program" -ref "$registry/$name:$tag" \
     -arch "$goarch" -epoch "$epoch" -user 65532:65532 \
     -label "org.opencontainers.image.title=$name" \
     -label "org.opencontainers.image.description=$title" \
@@ -89,5 +107,9 @@ build_image() {
   echo "$name $registry/$name:$tag $digest $out/$name.tar $out/$name"
 }
 
-build_image ckpt-convert "Converts model checkpoints between Hugging Face, Megatron-Core and LoRA layouts"
-build_image ckpt-operator "The CheckpointConversion operator" -expose 8080/tcp
+build_image ckpt-convert ckpt-convert "Converts model checkpoints between Hugging Face, Megatron-Core and LoRA layouts"
+build_image ckpt-operator ckpt-operator "The CheckpointConversion operator" -expose 8080/tcp
+if [[ ${CKPT_IMAGES_TEST:-0} == 1 ]]; then
+  build_image ckpt-convert-failpoints ckpt-convert "Test only: the converter with failpoints, paused at its first written piece" \
+    -env CKPT_CONVERT_PAUSE_AT=pieces:1 -env CKPT_CONVERT_PAUSE_FILE=/tmp/ckpt-pause
+fi

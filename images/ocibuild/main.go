@@ -51,6 +51,7 @@ type options struct {
 	layoutDir  string
 	archive    string
 	labels     multi
+	env        multi
 	expose     multi
 	entrypoint multi
 	arch       string
@@ -67,6 +68,7 @@ func main() {
 	flag.StringVar(&o.archive, "archive", "", "write the oci-archive tarball to this file (replaced)")
 	flag.StringVar(&o.arch, "arch", "amd64", "the image's architecture (GOARCH spelling)")
 	flag.Var(&o.labels, "label", "a label KEY=VALUE (repeatable)")
+	flag.Var(&o.env, "env", "an environment variable KEY=VALUE of the image's config (repeatable)")
 	flag.Var(&o.expose, "expose", "an exposed port, e.g. 8080/tcp (repeatable)")
 	flag.Var(&o.entrypoint, "arg", "an argument appended to the entrypoint after -path (repeatable)")
 	flag.Parse()
@@ -120,6 +122,11 @@ func run(o options) (string, error) {
 		}
 		labels[k] = v
 	}
+	for _, kv := range o.env {
+		if k, _, ok := strings.Cut(kv, "="); !ok || k == "" {
+			return "", fmt.Errorf("-env %q: expected KEY=VALUE", kv)
+		}
+	}
 	var exposed map[string]struct{}
 	if len(o.expose) > 0 {
 		exposed = map[string]struct{}{}
@@ -137,6 +144,7 @@ func run(o options) (string, error) {
 			User:         o.user,
 			Entrypoint:   append([]string{o.path}, o.entrypoint...),
 			Labels:       labels,
+			Env:          o.env,
 			ExposedPorts: exposed,
 			WorkingDir:   "/",
 		},

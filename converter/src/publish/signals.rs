@@ -9,7 +9,12 @@
 //!   kernel drops signals whose disposition is the default.
 //! - SIGBUS: reading a memory-mapped source that was truncated under us. The
 //!   faulting thread cannot continue; it hands over to the same thread, which
-//!   cleans up and ends the process with exit code 1 (the run failed).
+//!   cleans up and ends the process with exit code 1 (the run failed). Every
+//!   worker reading that source faults, one after another: the handler is our
+//!   own `sigaction`, not a chained one, because the handler it would chain to
+//!   (the Rust runtime's stack-overflow check) resets SIGBUS to its default on
+//!   a fault outside a guard page, and the second faulting worker would then
+//!   kill the process before anything is cleaned up or reported.
 //!
 //! A commit and this cleanup exclude each other ([`commit_guard`]): an output is
 //! either renamed into place whole, or its staging directory is removed whole,
@@ -17,7 +22,7 @@
 //! or `ckpt-convert clean` (see the parent module).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use super::PublishError;
@@ -30,7 +35,8 @@ struct Active {
 static ACTIVE: Mutex<Vec<Active>> = Mutex::new(Vec::new());
 static COMMIT: Mutex<()> = Mutex::new(());
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-static BUS_FAULT: AtomicBool = AtomicBool::new(false);
+/// Threads that faulted reading a mapping (each is parked for good).
+static BUS_FAULTS: AtomicUsize = AtomicUsize::new(0);
 static PUBLISHED: AtomicBool = AtomicBool::new(false);
 
 fn active() -> MutexGuard<'static, Vec<Active>> {
@@ -96,7 +102,7 @@ pub type OnExit = Box<dyn Fn(i32, &str) + Send + 'static>;
 /// # Errors
 /// The I/O error of installing a handler.
 pub fn install(on_exit: OnExit) -> std::io::Result<()> {
-    use signal_hook::consts::{SIGBUS, SIGHUP, SIGINT, SIGTERM};
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     static INSTALLED: AtomicBool = AtomicBool::new(false);
     if INSTALLED.swap(true, Ordering::SeqCst) {
         return Ok(());
@@ -112,24 +118,36 @@ pub fn install(on_exit: OnExit) -> std::io::Result<()> {
             signal_hook::low_level::register(sig, || INTERRUPTED.store(true, Ordering::SeqCst))?;
         }
     }
-    // SAFETY: the action only stores to an atomic and raises a signal (both
-    // async-signal-safe), then parks the faulting thread for good: it cannot
-    // resume the read that faulted, and the waiting thread ends the process.
-    unsafe {
-        signal_hook::low_level::register(SIGBUS, || {
-            BUS_FAULT.store(true, Ordering::SeqCst);
-            let _ = signal_hook::low_level::raise(SIGTERM);
+    extern "C" fn on_bus_fault(_: libc::c_int) {
+        BUS_FAULTS.fetch_add(1, Ordering::SeqCst);
+        // SAFETY: raise and pause are async-signal-safe. The faulting thread
+        // cannot resume the read that faulted: it stays parked, and the signal
+        // thread ends the process.
+        unsafe {
+            libc::raise(libc::SIGTERM);
             loop {
                 libc::pause();
             }
-        })?;
+        }
+    }
+    // SAFETY: a zeroed sigaction is valid; the handler only touches an atomic
+    // and calls async-signal-safe functions. SA_ONSTACK: a fault may come on a
+    // thread whose stack is nearly used up.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_bus_fault as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        action.sa_flags = libc::SA_ONSTACK;
+        libc::sigemptyset(&mut action.sa_mask);
+        if libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
     }
     std::thread::Builder::new()
         .name("ckpt-signals".into())
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
                 let _guard = clean_up();
-                let (code, why) = if BUS_FAULT.load(Ordering::SeqCst) {
+                let (code, why) = if BUS_FAULTS.load(Ordering::SeqCst) > 0 {
                     (
                         1,
                         "a source file was truncated or became unreadable while the conversion read it; nothing was published".to_owned(),
@@ -153,4 +171,72 @@ pub fn install(on_exit: OnExit) -> std::io::Result<()> {
             }
         })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// In a forked child: maps `path`, truncates it, and faults on the main
+    /// thread; once that fault is handled, `on_exit` faults again on a new
+    /// thread and waits until that one is handled too. Never returns.
+    fn fault_twice(path: &Path) -> ! {
+        let outcome = std::panic::catch_unwind(|| {
+            let file = std::fs::File::open(path).unwrap();
+            // SAFETY: the mapping is of a file only this test touches; reading
+            // it after the truncation below faults, which is the point.
+            let map: &'static memmap2::Mmap =
+                Box::leak(Box::new(unsafe { memmap2::Mmap::map(&file) }.unwrap()));
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .unwrap()
+                .set_len(0)
+                .unwrap();
+            install(Box::new(move |_, _| {
+                std::thread::spawn(move || {
+                    // SAFETY: in bounds of the mapping; the bytes are gone.
+                    unsafe { std::ptr::read_volatile(&map[4096]) }
+                });
+                for _ in 0..60_000 {
+                    if BUS_FAULTS.load(Ordering::SeqCst) >= 2 {
+                        return;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                // SAFETY: ends the child; 3 tells the parent the second fault
+                // never reached the handler.
+                unsafe { libc::_exit(3) }
+            }))
+            .unwrap();
+            // SAFETY: as above.
+            unsafe { std::ptr::read_volatile(&map[0]) }
+        });
+        // SAFETY: ends the child without returning into the test harness.
+        unsafe { libc::_exit(if outcome.is_err() { 4 } else { 5 }) }
+    }
+
+    #[test]
+    fn every_thread_that_faults_on_a_truncated_source_is_handled_not_only_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("source");
+        std::fs::write(&path, vec![7u8; 2 * 4096]).unwrap();
+        // SAFETY: the child runs only `fault_twice`, which ends it with _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+        if pid == 0 {
+            fault_twice(&path);
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child forked above.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 1,
+            "expected exit 1 from the signal thread; wait status {status:#x} \
+             (signalled: {}, signal {}, exit {})",
+            libc::WIFSIGNALED(status),
+            libc::WTERMSIG(status),
+            libc::WEXITSTATUS(status)
+        );
+    }
 }

@@ -1,5 +1,7 @@
 //! The converter and operator images, as `images/build.sh` builds them: OCI
-//! image layouts and oci-archive tarballs of the static musl binaries.
+//! image layouts and oci-archive tarballs of the static musl binaries; and the
+//! test image `ckpt-convert-failpoints` (`CKPT_IMAGES_TEST=1`), which pauses a
+//! conversion at its first written piece.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -11,7 +13,7 @@ use crate::error::{Error, Result};
 /// One built image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Image {
-    /// `ckpt-convert` or `ckpt-operator`.
+    /// `ckpt-convert`, `ckpt-operator` or `ckpt-convert-failpoints`.
     pub name: String,
     /// The reference recorded in the archive, e.g. `ghcr.io/ckpt-dev/ckpt-convert:0.1.0`.
     pub reference: String,
@@ -57,9 +59,15 @@ pub struct Images {
     pub converter: Image,
     /// The operator's.
     pub operator: Image,
+    /// The test image: the converter with failpoints, at the same path, whose
+    /// config sets `CKPT_CONVERT_PAUSE_AT=pieces:1` and
+    /// `CKPT_CONVERT_PAUSE_FILE=/tmp/ckpt-pause`: a conversion started from it
+    /// writes its pid there once one piece is staged, then waits for
+    /// `/tmp/ckpt-pause.go`, which no test writes.
+    pub converter_failpoints: Image,
 }
 
-/// Runs `images/build.sh` with `OUT=out` (and `CKPT_IMAGES_NO_CARGO=1` when
+/// Runs `images/build.sh` with `OUT=out`, `CKPT_IMAGES_TEST=1` (and `CKPT_IMAGES_NO_CARGO=1` when
 /// `no_cargo`, to reuse the binaries already built) and returns what it
 /// printed. Its progress goes to this process's stderr.
 pub fn build_images(out: &Path, no_cargo: bool) -> Result<Images> {
@@ -69,6 +77,7 @@ pub fn build_images(out: &Path, no_cargo: bool) -> Result<Images> {
     cmd.arg(&script)
         .env("OUT", out)
         .env("CARGO_TARGET_DIR", target_dir())
+        .env("CKPT_IMAGES_TEST", "1")
         .stdin(Stdio::null())
         .stderr(Stdio::inherit());
     if no_cargo {
@@ -129,6 +138,7 @@ fn parse(stdout: &str) -> Result<Images> {
     Ok(Images {
         converter: take("ckpt-convert")?,
         operator: take("ckpt-operator")?,
+        converter_failpoints: take("ckpt-convert-failpoints")?,
     })
 }
 

@@ -71,6 +71,7 @@ fn images_are_byte_identical_when_built_twice() -> Result<()> {
     for (a, b) in [
         (&first.converter, &second.converter),
         (&first.operator, &second.operator),
+        (&first.converter_failpoints, &second.converter_failpoints),
     ] {
         assert_eq!(a.reference, b.reference);
         assert_eq!(a.digest, b.digest, "{}: digests differ", a.name);
@@ -108,6 +109,7 @@ fn skopeo_accepts_the_images_and_they_hold_only_the_binary() -> Result<()> {
     let Images {
         converter,
         operator,
+        ..
     } = built_images()?;
     let revision = ok("git", &["rev-parse", "HEAD"])?;
     for (image, binary) in [(&converter, "ckpt-convert"), (&operator, "ckpt-operator")] {

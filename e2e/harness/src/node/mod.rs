@@ -382,7 +382,11 @@ impl RealNode {
                     Err(e) => return Err(format!("building the images panicked: {e}")),
                 };
                 let opts = RealNodeOptions {
-                    images: vec![images.converter.archive, images.operator.archive],
+                    images: vec![
+                        images.converter.archive,
+                        images.operator.archive,
+                        images.converter_failpoints.archive,
+                    ],
                     ..Default::default()
                 };
                 let result = RealNode::start(cp, opts).await.map_err(|e| e.to_string());
@@ -410,6 +414,16 @@ impl RealNode {
     /// The temp dir: configuration, `containerd.log`, `kubelet.log`, state.
     pub fn dir(&self) -> &Path {
         &self.layout.dir
+    }
+
+    /// Where the kubelet keeps emptyDir `volume` of the pod with `uid`: a test
+    /// reads what a container wrote there without exec'ing into it.
+    pub fn empty_dir(&self, pod_uid: &str, volume: &str) -> PathBuf {
+        self.layout
+            .path("kubelet/root/pods")
+            .join(pod_uid)
+            .join("volumes/kubernetes.io~empty-dir")
+            .join(volume)
     }
 
     /// The kubelet's `cgroupRoot`, e.g. `/ckpt-node-AbCd12`.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
-use kube::api::{ListParams, PostParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 
 use ckpt_convert::synthetic::{self, ModelShape};
@@ -177,6 +177,67 @@ impl World {
     }
 
     /// Polls `probe` until it is true.
+    /// Waits until the converter of Job `job`, started from the test image
+    /// (`images.converter_failpoints`), has staged its first piece and paused:
+    /// it wrote its pid to `/tmp/ckpt-pause` (an emptyDir named `tmp`).
+    pub async fn paused(&self, job: &str) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            for pod in self.pods_of(job).await? {
+                let uid = pod.metadata.uid.unwrap_or_default();
+                if self
+                    .node
+                    .empty_dir(&uid, "tmp")
+                    .join("ckpt-pause")
+                    .is_file()
+                {
+                    return Ok(());
+                }
+            }
+            if start.elapsed() > WAIT {
+                bail!(
+                    "job {job}: the converter did not pause within {WAIT:?}\n{}",
+                    self.diagnostics(job).await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Lowers the running Job's `activeDeadlineSeconds` (a mutable field) to
+    /// 1 s, already past: the Job controller fails it with DeadlineExceeded and
+    /// deletes its pod.
+    pub async fn deadline_already_past(&self, job: &str) -> Result<()> {
+        let patch = serde_json::json!({"spec": {"activeDeadlineSeconds": 1}});
+        self.jobs()
+            .patch(job, &PatchParams::default(), &Patch::Merge(patch))
+            .await?;
+        Ok(())
+    }
+
+    /// Paths under `target/` whose name marks a run's work in progress
+    /// (`.NAME.ckpt-staging-ID` and the marker inside it).
+    pub fn staging_under_target(&self) -> Vec<PathBuf> {
+        fn walk(dir: &Path, found: &mut Vec<PathBuf>) {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if entry
+                    .file_name()
+                    .to_string_lossy()
+                    .contains(".ckpt-staging")
+                {
+                    found.push(path.clone());
+                }
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    walk(&path, found);
+                }
+            }
+        }
+        let mut found = Vec::new();
+        walk(&self.path("target"), &mut found);
+        found
+    }
+
     pub async fn eventually<F, Fut>(&self, what: &str, mut probe: F) -> Result<()>
     where
         F: FnMut() -> Fut,
