@@ -16,7 +16,8 @@ tokens=…` writes its logits; here they are compared with
      through hf_model_id's config.json since they carry no run_config.yaml.
 
 Every model has perturbed norms (never 1) and biases (never 0), GQA with 2 query groups of 2 heads,
-and logits well above 1 in magnitude.  Tolerance: max |Δlogit| <= 1e-4 in float32.
+and logits well above 1 in magnitude.  Tolerance: max |Δlogit| <= 1e-5 in float32, what the README
+claims ("a few 1e-6"; measured at most 3.4e-6, for the tied Llama).
 
 Run: python -m pytest -q e2e/interop/test_validate.py   (about a minute on 2 cores)
 """
@@ -32,7 +33,7 @@ import torch
 import interop_util as iu
 
 SEED = 91
-TOL = 1e-4
+TOL = 1e-5
 PAD_TO = 128
 
 
