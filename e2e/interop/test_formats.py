@@ -10,6 +10,7 @@ Run: python -m pytest -q e2e/interop/test_formats.py   (about a minute on 2 core
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -199,6 +200,36 @@ def test_identity_back_to_hf_greedy_shards(ckpt, src, mg, tmp):
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     sd = {k: v for k, v in model.state_dict().items() if k in src["tensors"]}
     iu.assert_bitwise_equal(sd, src["tensors"], "from_pretrained of greedy export")
+
+
+def test_greedy_shards_are_huggingface_hubs(ckpt, src, tmp):
+    """Greedy sharding (an export with no reference weights to mirror) puts every tensor into the
+    file huggingface_hub 2.4.0's `split_torch_state_dict_into_shards`, which `save_pretrained` uses,
+    chooses for the same tensors in transformers' registration order and the same max_shard_size
+    (docs/hf-layout.md)."""
+    import transformers
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    run = os.path.join(tmp, "mg_llama")
+    ckpt("run", "convert/hf_to_megatron", f"hf_model_id={src['dir']}", f"megatron_path={run}",
+         "dtype=float32")
+    config_only = os.path.join(tmp, "config_only")
+    os.makedirs(config_only)
+    shutil.copy(os.path.join(src["dir"], "config.json"), config_only)
+    out = os.path.join(tmp, "hf_out")
+    ckpt("run", "convert/megatron_to_hf", f"megatron_path={run}/iter_0000000", f"hf_model_id={config_only}",
+         f"hf_path={out}", "dtype=float32", "max_shard_size=100KB")
+    tensors, where = iu.hf_dir_tensors(out)
+    order = transformers.AutoModelForCausalLM.from_config(src["config"]).state_dict()
+    sd = {k: tensors[k] for k in order if k in tensors}
+    assert sorted(sd) == sorted(tensors), sorted(set(tensors) ^ set(sd))
+    split = split_torch_state_dict_into_shards(sd, max_shard_size=100_000)
+    assert split.is_sharded and len(split.filename_to_tensors) > 2, split.filename_to_tensors
+    assert where == split.tensor_to_filename, {
+        k: (where[k], split.tensor_to_filename.get(k)) for k in where if where[k] != split.tensor_to_filename.get(k)}
+    with open(os.path.join(out, "model.safetensors.index.json")) as fh:
+        index = json.load(fh)
+    assert index["weight_map"] == split.tensor_to_filename
 
 
 @pytest.fixture(scope="module")
