@@ -302,6 +302,73 @@ def test_peft_option(option, family, ckpt, tmp, report):
     assert float(r32["l_unmerged"].abs().max()) > 0.5, "degenerate logits: the comparison would prove little"
 
 
+# Options whose merge would not be what the adapter computes, in the adapter_config.json PEFT itself
+# writes: PiSSA and OLoRA (the adapter was initialised from the base and the base rewritten to the
+# residual, so base + B·A needs that residual base, not the one on disk) and layer replication
+# (the adapted model has more layers than the base). Refused with the reason, nothing written.
+UNFAITHFUL = {
+    "pissa": (dict(init_lora_weights="pissa"), "rewrites the base weights"),
+    "pissa_niter": (dict(init_lora_weights="pissa_niter_2"), "rewrites the base weights"),
+    "olora": (dict(init_lora_weights="olora"), "rewrites the base weights"),
+    "layer_replication": (dict(init_lora_weights=False, layer_replication=[[0, 2], [1, 2]]), "layer_replication"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNFAITHFUL))
+def test_unfaithful_variants_saved_by_peft_are_refused(case, ckpt, tmp):
+    kw, says = UNFAITHFUL[case]
+    base_dir = os.path.join(tmp, "base")
+    build("llama", torch.float32).save_pretrained(base_dir)
+    torch.manual_seed(1)
+    model = get_peft_model(build("llama", torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **kw))
+    adapter = os.path.join(tmp, "adapter")
+    model.save_pretrained(adapter)
+    with open(os.path.join(adapter, "adapter_config.json")) as fh:
+        saved = json.load(fh)
+    for k, v in kw.items():  # PEFT kept the option in the file we read
+        assert saved[k] == v or (k == "layer_replication" and saved[k] == [list(x) for x in v]), (k, saved[k])
+    out = os.path.join(tmp, "merged")
+    r = ckpt("run", "convert/merge_lora", f"lora_checkpoint={adapter}", f"base_hf_path={base_dir}",
+             f"output_hf_path={out}", expect=2)
+    assert "adapter_config.json" in r.stderr and says in r.stderr, r.stderr
+    assert not os.path.exists(out)
+    assert not [n for n in os.listdir(tmp) if "staging" in n], os.listdir(tmp)
+
+
+def test_pissa_converted_to_lora_on_save_merges_like_peft(ckpt, tmp, report):
+    """The way PEFT makes a PiSSA adapter portable (`save_pretrained(...,
+    path_initial_model_for_weight_conversion=...)`) writes a plain LoRA of rank 2r against the
+    original base: that one is merged, bit-identical to PEFT's merge in float32."""
+    base_dir = os.path.join(tmp, "base")
+    build("llama", torch.float32).save_pretrained(base_dir)
+    torch.manual_seed(1)
+    model = get_peft_model(build("llama", torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa"))
+    init = os.path.join(tmp, "initial")
+    model.peft_config["default"].init_lora_weights = True  # as PEFT's PiSSA guide saves the initial adapter
+    model.save_pretrained(init)
+    model.peft_config["default"].init_lora_weights = "pissa"
+    with torch.no_grad():  # "training"
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.02)
+    adapter = os.path.join(tmp, "adapter")
+    model.save_pretrained(adapter, path_initial_model_for_weight_conversion=init)
+    with open(os.path.join(adapter, "adapter_config.json")) as fh:
+        saved = json.load(fh)
+    assert saved["init_lora_weights"] is True and saved["r"] == 8, saved
+    out = os.path.join(tmp, "merged")
+    ckpt("run", "convert/merge_lora", f"lora_checkpoint={adapter}", f"base_hf_path={base_dir}", f"output_hf_path={out}")
+    want = PeftModel.from_pretrained(build("llama", torch.float32), adapter).merge_and_unload().state_dict()
+    ours, _ = iu.hf_dir_tensors(out)
+    changed = [k for k in ours if "q_proj" in k or "v_proj" in k]
+    assert changed
+    for k, v in ours.items():
+        assert torch.equal(v, want[k]), k
+    report(f"[merge_lora a] pissa converted on save: {len(changed)} adapted tensors bit-identical to PEFT's merge (float32)")
+
+
 # PEFT on MoE and hybrid models: attention, Mamba in_proj, dense and shared-expert MLPs through
 # target_modules; the routed experts through target_parameters (one nested wrapper per adapted
 # parameter; one rank block per expert, B's columns interleaved by expert).
