@@ -17,6 +17,7 @@ import os
 
 import pytest
 import torch
+import yaml
 
 import interop_util as iu
 
@@ -387,8 +388,9 @@ def test_mcore_tp2_checkpoint_reimport_at_tp2(family, mcore_saved, ckpt, tmp):
             problems.append(f"TP=2 MCore load, rank {r['rank']}: error={res['error']} "
                             f"mismatched={res['mismatched']} no_expected={res['no_expected']}")
     with open(os.path.join(it, "run_config.yaml")) as f:
-        if "tensor_model_parallel_size: 2" not in f.read():
-            problems.append("run_config.yaml does not record tensor_model_parallel_size: 2")
+        tp = yaml.safe_load(f)["model"]["tensor_model_parallel_size"]  # as Megatron-Bridge reads it
+    if tp != 2:
+        problems.append(f"run_config.yaml records tensor_model_parallel_size {tp!r}, not 2")
     assert not problems, f"{family}:\n  " + "\n  ".join(problems)
 
 

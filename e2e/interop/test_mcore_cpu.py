@@ -192,9 +192,9 @@ def test_tp1_layout(tp1):
     with open(os.path.join(d, "metadata.json")) as f:
         assert json.load(f) == {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                                 "common_backend": "torch", "common_backend_version": 1}
-    common = torch.load(os.path.join(d, "common.pt"), weights_only=True)
-    assert common == {"checkpoint_version": 3.0, "iteration": 1,
-                      "content_metadata": mc.MLM_CONTENT_METADATA}
+    # common.pt here holds only what this test gave dist_checkpointing.save, so comparing it would
+    # prove nothing; ours is compared with the one Megatron-Bridge's own import wrote
+    # (test_bridge_families.py::test_import_equals_bridge_import).
 
 
 def test_tp1_roundtrip_and_forward(tp1):

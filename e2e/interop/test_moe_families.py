@@ -32,6 +32,7 @@ import os
 
 import pytest
 import torch
+import yaml
 
 import families_util as fu
 import interop_util as iu
@@ -197,8 +198,8 @@ def test_parallel_load_and_mcore_saves(case, tp, ep, src, ckpt, tmp, report):
     expected = mc.read_global_tensors(s["iter"])
     iu.assert_bitwise_equal(mc.read_global_tensors(it), expected, f"tp={tp} ep={ep} vs tp=1 conversion")
     with open(os.path.join(it, "run_config.yaml")) as f:
-        rc = f.read()
-    assert f"tensor_model_parallel_size: {tp}" in rc and f"expert_model_parallel_size: {ep}" in rc
+        model = yaml.safe_load(f)["model"]  # as Megatron-Bridge reads it
+    assert (model["tensor_model_parallel_size"], model["expert_model_parallel_size"]) == (tp, ep), model
 
     saves = [{"dir": os.path.join(tmp, f"mcore_{lay}", "iter_0000001"), "singleton_local_shards": single}
              for lay, single in (("expert_axis", False), ("singleton", True))]
