@@ -909,17 +909,20 @@ mod tests {
 
     #[test]
     fn dora_scales_rows_or_columns_by_magnitude_over_norm() {
-        // W = [[3, 0], [0, 4]], Δ = 0 (B = 0): V = W; row norms 3, 4; column norms 3, 4.
-        let w = bf16(&[3.0, 0.0, 0.0, 4.0]);
+        // W = [[-1, 2], [3, -1]], Δ = B·A = [[1, 1], [1, 1]]: V = W + Δ = [[0, 3], [4, 0]],
+        // whose row norms (3, 4) and column norms (4, 3) differ, so a mix-up of the two, or a
+        // norm taken of W instead of V, gives other numbers.
+        let w = bf16(&[-1.0, 2.0, 3.0, -1.0]);
         let a = f32s(&[1.0, 1.0]);
-        let b = f32s(&[0.0, 0.0]);
+        let b = f32s(&[1.0, 1.0]);
         let m = f32s(&[6.0, 2.0]);
         let inputs = [
             (DType::F32, &a[..]),
             (DType::F32, &b[..]),
             (DType::F32, &m[..]),
         ];
-        for transposed in [false, true] {
+        // Rows: row 0 by 6/3, row 1 by 2/4. Columns: column 0 by 6/4, column 1 by 2/3.
+        for (transposed, want) in [(false, [0.0, 6.0, 2.0, 0.0]), (true, [0.0, 2.0, 6.0, 0.0])] {
             let merge = LoraMerge {
                 updates: vec![Update::Linear {
                     a: op(0, 1, 2),
@@ -933,8 +936,7 @@ mod tests {
             };
             let mut out = w.clone();
             apply(&merge, DType::BF16, &[2, 2], &inputs, None, &mut out);
-            // Row (or column) 0 scaled by 6/3, 1 by 2/4.
-            assert_eq!(read_bf16(&out), vec![6.0, 0.0, 0.0, 2.0]);
+            assert_eq!(read_bf16(&out), want.to_vec(), "transposed: {transposed}");
         }
     }
 
