@@ -591,7 +591,9 @@ mod tests {
 
     #[test]
     fn matches_the_verified_golden_vector() {
-        // docs/megatron-torch-dist.md#writing-the-metadata: 837 bytes, sha256 8b236c66…a4042c.
+        // docs/megatron-torch-dist.md#writing-the-metadata: 837 bytes, sha256 8b236c66…a4042c
+        // (the spec gives the hash's ends; they pin every byte, the head shows where one differs).
+        use sha2::Digest;
         let bytes = one_tensor().to_bytes();
         let head: [u8; 59] = [
             0x80, 0x02, 0x63, 0x74, 0x6f, 0x72, 0x63, 0x68, 0x2e, 0x64, 0x69, 0x73, 0x74, 0x72,
@@ -602,6 +604,14 @@ mod tests {
         ];
         assert_eq!(&bytes[..head.len()], &head);
         assert_eq!(bytes.len(), 837);
+        let hex: String = sha2::Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert!(
+            hex.starts_with("8b236c66") && hex.ends_with("a4042c"),
+            "sha256 {hex}"
+        );
     }
 
     #[test]
