@@ -460,20 +460,25 @@ pub fn execute(
     opts: &Options,
     progress: &dyn Progress,
 ) -> Result<Outcome, ExecuteError> {
-    let pool = opts.pool()?;
+    let pool = opts.pool(WORKERS)?;
     pool.install(|| execute_with(plan, stores, root, opts, progress, &Unobserved, |_| ()))
         .map(|(outcome, ())| outcome)
 }
 
+/// The name of the conversion's worker threads (`ckpt-worker-0`, …).
+pub const WORKERS: &str = "worker";
+
 impl Options {
-    /// A worker pool of [`Options::threads`] threads, for callers that run more
-    /// work beside an execution on the same workers.
+    /// A worker pool of [`Options::threads`] threads named `ckpt-NAME-I` (what
+    /// `top -H`, `ps -L` and a debugger show), for callers that run more work
+    /// beside an execution on the same workers.
     ///
     /// # Errors
     /// [`ExecuteError::Plan`] when the threads cannot be started.
-    pub fn pool(&self) -> Result<rayon::ThreadPool, ExecuteError> {
+    pub fn pool(&self, name: &'static str) -> Result<rayon::ThreadPool, ExecuteError> {
         rayon::ThreadPoolBuilder::new()
             .num_threads(self.threads.max(1))
+            .thread_name(move |i| format!("ckpt-{name}-{i}"))
             .build()
             .map_err(|e| ExecuteError::Plan(format!("cannot start worker threads: {e}")))
     }

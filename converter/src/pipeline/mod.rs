@@ -488,11 +488,11 @@ pub fn stage(
         let first = floats.next();
         first.filter(|f| floats.all(|d| d == *f))
     };
-    let pool = opts.exec.pool()?;
+    let pool = opts.exec.pool(execute::WORKERS)?;
     // The reference's pass gets workers of its own: the conversion's mostly wait
     // for the disk while it computes.
     let ahead_pool = match reference {
-        Some(Ok(_)) => Some(opts.exec.pool()?),
+        Some(Ok(_)) => Some(opts.exec.pool("ahead")?),
         _ => None,
     };
     let mut whole = None;
@@ -502,7 +502,14 @@ pub fn stage(
                 .as_ref()
                 .and_then(|r| r.as_ref().ok())
                 .zip(ahead_pool.as_ref())
-                .map(|(r, p)| scope.spawn(|| p.install(|| r.ahead(planned_dtype))));
+                .and_then(|(r, p)| {
+                    // Named, or it would take the name of the worker it starts from.
+                    // Without the thread the smoke test computes the reference itself.
+                    std::thread::Builder::new()
+                        .name("ckpt-reference".into())
+                        .spawn_scoped(scope, || p.install(|| r.ahead(planned_dtype)))
+                        .ok()
+                });
             execute::execute_with(
                 executed_plan,
                 stores,

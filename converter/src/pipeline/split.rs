@@ -487,7 +487,7 @@ pub fn run_part(
         for f in &sub.files {
             remove(&staging.path().join(&f.rel))?;
         }
-        let pool = opts.exec.pool()?;
+        let pool = opts.exec.pool(execute::WORKERS)?;
         let (outcome, ()) = pool.install(|| {
             execute::execute_with(
                 &sub,

@@ -4,11 +4,15 @@
 //! cleanup of what killed runs leave. Runs stop at a stage through the
 //! `failpoints` feature's pause, so a signal lands exactly there.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+#[cfg(feature = "failpoints")]
+use std::path::PathBuf;
+use std::process::Command;
 
 use ckpt_convert::synthetic::ModelShape;
 
+#[cfg(feature = "failpoints")]
+use crate::util::Paused;
 use crate::util::{Run, Workdir, bin, kv, run};
 
 fn to_megatron(src: &Path, out: &Path) -> Vec<String> {
@@ -22,84 +26,8 @@ fn to_megatron(src: &Path, out: &Path) -> Vec<String> {
     ]
 }
 
-/// A run stopped at a failpoint, waiting to be signalled or let go.
-struct Paused {
-    child: Child,
-    pause: PathBuf,
-    /// Where its stdout and stderr go (files: a pipe nobody drains could block it).
-    logs: (PathBuf, PathBuf),
-}
-
-impl Paused {
-    /// Starts `args` and waits until it reaches `point`.
-    fn start(w: &Workdir, args: &[String], point: &str) -> Paused {
-        Paused::start_with(w, bin(), args, point)
-    }
-
-    /// Starts `args` with `cmd` (the binary, or a wrapper of it) and waits until
-    /// it reaches `point`.
-    fn start_with(w: &Workdir, mut cmd: Command, args: &[String], point: &str) -> Paused {
-        let pause = w.path("pause");
-        let _ = std::fs::remove_file(&pause);
-        let _ = std::fs::remove_file(pause.with_extension("go"));
-        let logs = (w.path("stdout"), w.path("stderr"));
-        let mut child = cmd
-            .args(args)
-            .env("CKPT_CONVERT_PAUSE_AT", point)
-            .env("CKPT_CONVERT_PAUSE_FILE", &pause)
-            .env("CKPT_TERMINATION_LOG", w.path("termination-log"))
-            .stdout(Stdio::from(std::fs::File::create(&logs.0).unwrap()))
-            .stderr(Stdio::from(std::fs::File::create(&logs.1).unwrap()))
-            .spawn()
-            .unwrap();
-        // Bounded only against a hang: the run reaches the point, or ends.
-        for _ in 0..60_000 {
-            if pause.exists() {
-                return Paused { child, pause, logs };
-            }
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!(
-                    "the run ended ({status}) before reaching {point}:\n{}",
-                    std::fs::read_to_string(&logs.1).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        panic!("the run did not reach {point} within 300 s");
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) of the child we started, which has not been reaped.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
-    }
-
-    /// Lets the run go on, and waits for it to end.
-    fn resume(self) -> Run {
-        std::fs::write(self.pause.with_extension("go"), b"").unwrap();
-        self.finish()
-    }
-
-    /// Waits for the run to end; one that has not ended after 300 s (a signal
-    /// it ignored) is killed and fails the test.
-    fn finish(mut self) -> Run {
-        for _ in 0..60_000 {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return Run {
-                    out: std::process::Output {
-                        status,
-                        stdout: std::fs::read(&self.logs.0).unwrap(),
-                        stderr: std::fs::read(&self.logs.1).unwrap(),
-                    },
-                };
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        let _ = self.child.kill();
-        panic!("the run did not end within 300 s of being signalled or let go");
-    }
-}
-
 /// Names in `dir` that a run leaves only while it works.
+#[cfg(feature = "failpoints")]
 fn leftovers(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
         .map(|rd| {
@@ -159,12 +87,12 @@ fn sigterm_as_pid_1_removes_staging() {
         .arg(env!("CARGO_BIN_EXE_ckpt-convert"));
     let p = Paused::start_with(&w, unshare, &to_megatron(&src, &w.path("run")), "pieces:3");
     assert_eq!(
-        std::fs::read_to_string(&p.pause).unwrap(),
+        p.reported_pid(),
         "1",
         "the converter is not PID 1 in its namespace"
     );
     // The converter is unshare's only child.
-    let id = p.child.id();
+    let id = p.pid();
     let children = std::fs::read_to_string(format!("/proc/{id}/task/{id}/children")).unwrap();
     let pid: i32 = children.trim().parse().unwrap();
     // SAFETY: kill(2) of the converter, a child of our child, still running.

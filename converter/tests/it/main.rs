@@ -10,6 +10,7 @@ mod injected_faults;
 mod layers;
 mod memory;
 mod merge_lora;
+mod options;
 mod preflight;
 mod profiles;
 mod properties;

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use std::process::{Command, Output};
+#[cfg(feature = "failpoints")]
+use std::process::{Child, Stdio};
 
 use ckpt_convert::synthetic::{self, ModelShape};
 
@@ -323,4 +325,94 @@ pub fn nothing_written(w: &Workdir, name: &str) {
         .filter(|n| n.contains("ckpt-staging"))
         .collect();
     assert!(left.is_empty(), "staging left behind: {left:?}");
+}
+
+/// A run stopped at a failpoint, waiting to be signalled or let go.
+#[cfg(feature = "failpoints")]
+pub struct Paused {
+    child: Child,
+    pause: PathBuf,
+    /// Where its stdout and stderr go (files: a pipe nobody drains could block it).
+    logs: (PathBuf, PathBuf),
+}
+
+#[cfg(feature = "failpoints")]
+impl Paused {
+    /// Starts `args` and waits until it reaches `point`.
+    pub fn start(w: &Workdir, args: &[String], point: &str) -> Paused {
+        Paused::start_with(w, bin(), args, point)
+    }
+
+    /// Starts `args` with `cmd` (the binary, or a wrapper of it) and waits until
+    /// it reaches `point`.
+    pub fn start_with(w: &Workdir, mut cmd: Command, args: &[String], point: &str) -> Paused {
+        let pause = w.path("pause");
+        let _ = std::fs::remove_file(&pause);
+        let _ = std::fs::remove_file(pause.with_extension("go"));
+        let logs = (w.path("stdout"), w.path("stderr"));
+        let mut child = cmd
+            .args(args)
+            .env("CKPT_CONVERT_PAUSE_AT", point)
+            .env("CKPT_CONVERT_PAUSE_FILE", &pause)
+            .env("CKPT_TERMINATION_LOG", w.path("termination-log"))
+            .stdout(Stdio::from(std::fs::File::create(&logs.0).unwrap()))
+            .stderr(Stdio::from(std::fs::File::create(&logs.1).unwrap()))
+            .spawn()
+            .unwrap();
+        // Bounded only against a hang: the run reaches the point, or ends.
+        for _ in 0..60_000 {
+            if pause.exists() {
+                return Paused { child, pause, logs };
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "the run ended ({status}) before reaching {point}:\n{}",
+                    std::fs::read_to_string(&logs.1).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        panic!("the run did not reach {point} within 300 s");
+    }
+
+    /// The process id of what was started (the converter, or its wrapper).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The process id the converter wrote at the pause, as its PID namespace
+    /// sees it.
+    pub fn reported_pid(&self) -> String {
+        std::fs::read_to_string(&self.pause).unwrap()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) of the child we started, which has not been reaped.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+
+    /// Lets the run go on, and waits for it to end.
+    pub fn resume(self) -> Run {
+        std::fs::write(self.pause.with_extension("go"), b"").unwrap();
+        self.finish()
+    }
+
+    /// Waits for the run to end; one that has not ended after 300 s (a signal
+    /// it ignored) is killed and fails the test.
+    pub fn finish(mut self) -> Run {
+        for _ in 0..60_000 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Run {
+                    out: std::process::Output {
+                        status,
+                        stdout: std::fs::read(&self.logs.0).unwrap(),
+                        stderr: std::fs::read(&self.logs.1).unwrap(),
+                    },
+                };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let _ = self.child.kill();
+        panic!("the run did not end within 300 s of being signalled or let go");
+    }
 }

@@ -16,6 +16,7 @@
 mod util;
 
 use std::path::PathBuf;
+#[cfg(feature = "failpoints")]
 use std::time::{Duration, Instant};
 
 use ckpt_convert::synthetic::ModelShape;
@@ -26,6 +27,7 @@ fn slurm() -> &'static Slurm {
     Slurm::shared().unwrap_or_else(|e| panic!("{e}"))
 }
 
+#[cfg(feature = "failpoints")]
 fn deadline() -> Duration {
     Duration::from_secs(
         std::env::var("CKPT_TEST_DEADLINE_SECS")
