@@ -12,7 +12,7 @@ tokens=…` writes its logits; here they are compared with
   b. megatron-core 0.16.1 (GPTModel, local spec, CPU/gloo via mcore_cpu.py) on our float32
      Megatron conversion of the same models, including a padded vocabulary (130 -> 256 rows;
      only the first 130 logits are compared) and Llama 3 rope scaling;
-  c. megatron-core on checkpoints megatron-core saved itself (TP=1, and TP=2 for Llama), read
+  c. megatron-core on checkpoints megatron-core saved itself (TP=1, and TP=2 and PP=2 for Llama), read
      through hf_model_id's config.json since they carry no run_config.yaml.
 
 Every model has perturbed norms (never 1) and biases (never 0), GQA with 2 query groups of 2 heads,
@@ -140,15 +140,17 @@ def test_megatron_view_matches_megatron_core(case, ckpt, tmp, mcore, report):
     assert diff <= TOL, f"{case}: {diff:.3e} > {TOL}"
 
 
-@pytest.mark.parametrize("family,tp", [("llama", 1), ("llama", 2), ("llama_tied", 1), ("qwen2", 1),
-                                       ("qwen3", 1), ("mistral", 1)])
-def test_megatron_view_on_checkpoints_megatron_core_saved(family, tp, ckpt, tmp, mcore, report):
+@pytest.mark.parametrize("family,tp,pp", [("llama", 1, 1), ("llama", 2, 1), ("llama", 1, 2), ("llama_tied", 1, 1),
+                                          ("qwen2", 1, 1), ("qwen3", 1, 1), ("mistral", 1, 1)])
+def test_megatron_view_on_checkpoints_megatron_core_saved(family, tp, pp, ckpt, tmp, mcore, report):
     hc = iu.hf_config(family)
+    if pp > 1:  # each pipeline stage holds layers; MCore saves them under global layer numbers
+        hc.num_hidden_layers = 2 * pp
     hf_dir = os.path.join(tmp, "hf-config")
     hc.save_pretrained(hf_dir)  # config.json only: the Megatron view's configuration
     cfg = iu.mcore_cfg_from_hf(hc)
     it = os.path.join(tmp, "mcore", "iter_0000001")
-    mcore.save_mcore_checkpoint(cfg, it, tp=tp, seed=SEED)
+    mcore.save_mcore_checkpoint(cfg, it, tp=tp, pp=pp, seed=SEED)
     toks = _tokens(hc.vocab_size)
     ours = _dump(ckpt, it, toks, os.path.join(tmp, "l.safetensors"), f"hf_model_id={hf_dir}",
                  foreign=["manifest", "run_config.yaml", "tracker"])
@@ -156,9 +158,9 @@ def test_megatron_view_on_checkpoints_megatron_core_saved(family, tp, ckpt, tmp,
     scale = got.abs().max().item()
     assert scale > 1.0
     diff = (ours - got).abs().max().item()
-    report(f"[validate c] {family:<12} TP={tp} (saved by MCore) max |logits(ckpt-convert) - logits(MCore)| = "
+    report(f"[validate c] {family:<12} TP={tp} PP={pp} (saved by MCore) max |logits(ckpt-convert) - logits(MCore)| = "
            f"{diff:.3e}  (max |logit| {scale:.2f})")
-    assert diff <= TOL, f"{family} tp={tp}: {diff:.3e} > {TOL}"
+    assert diff <= TOL, f"{family} tp={tp} pp={pp}: {diff:.3e} > {TOL}"
 
 
 def test_validate_step_against_the_reference_and_generate(ckpt, tmp, report):
