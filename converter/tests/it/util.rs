@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use std::process::{Command, Output};
 #[cfg(feature = "failpoints")]
 use std::process::{Child, Stdio};
+use std::process::{Command, Output};
 
 use ckpt_convert::synthetic::{self, ModelShape};
 

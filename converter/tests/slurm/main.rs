@@ -19,22 +19,15 @@ use std::path::PathBuf;
 #[cfg(feature = "failpoints")]
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "failpoints")]
+use ckpt_testcluster::test_deadline as deadline;
+
 use ckpt_convert::synthetic::ModelShape;
 use ckpt_testcluster::Slurm;
 use util::{Run, Workdir, bin};
 
 fn slurm() -> &'static Slurm {
     Slurm::shared().unwrap_or_else(|e| panic!("{e}"))
-}
-
-#[cfg(feature = "failpoints")]
-fn deadline() -> Duration {
-    Duration::from_secs(
-        std::env::var("CKPT_TEST_DEADLINE_SECS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(600),
-    )
 }
 
 /// A test's site: a workspace on "the shared filesystem" with a small Llama in it,

@@ -118,9 +118,12 @@ impl ControlPlaneOptions {
     /// the kubelet fills), and `NodeRestriction` (the kubelet may only change its own
     /// Node and its pods) and `OwnerReferencesPermissionEnforcement` (changing
     /// ownerReferences needs delete on the object, `blockOwnerDeletion` needs update
-    /// on the owner's finalizers, so missing operator RBAC shows) turned on.
+    /// on the owner's finalizers, so missing operator RBAC shows) turned on, and
+    /// the audit log of ServiceAccounts' requests written
+    /// ([`ControlPlane::denied_requests`]).
     pub fn with_real_node(mut self) -> Self {
         self.real_node = true;
+        self.audit_service_accounts = true;
         self.disable_admission_plugins
             .retain(|p| p != "ServiceAccount");
         for plugin in ["NodeRestriction", "OwnerReferencesPermissionEnforcement"] {

@@ -98,6 +98,17 @@ pub use control_plane::{
 };
 pub use error::{Error, Result};
 pub use fixtures::poison_values;
+
+/// How long a test waits for something that should happen: generous, because a
+/// busy machine is slow, and never a reason to pass. `CKPT_TEST_DEADLINE_SECS`
+/// sets it (default 600).
+pub fn test_deadline() -> std::time::Duration {
+    let secs = std::env::var("CKPT_TEST_DEADLINE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(600);
+    std::time::Duration::from_secs(secs)
+}
 pub use node::{
     IMAGE_USER, NodeKind, PAUSE_IMAGE, RealNode, RealNodeOptions, check_prerequisites, chown_tree,
 };

@@ -42,7 +42,7 @@ async fn wait_phase(pods: &Api<Pod>, name: &str, phase: &str, node: &RealNode) -
         if now.as_deref() == Some(phase) {
             return Ok(pod);
         }
-        if start.elapsed() > Duration::from_secs(180) {
+        if start.elapsed() > ckpt_testcluster::test_deadline() {
             bail!(
                 "pod {name} not {phase} (is {now:?}): {:#?}\nkubelet log:\n{}",
                 pod.status,

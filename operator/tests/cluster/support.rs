@@ -33,16 +33,7 @@ pub const CRD_NAME: &str = "checkpointconversions.ckpt.dev";
 pub const CRD_RELEASE: &str = "ckpt-crds";
 pub const CRD_NAMESPACE: &str = "ckpt-crds";
 
-/// How long a test waits for something that should happen: generous, because a
-/// busy machine is slow, and never a reason to pass (`CKPT_TEST_DEADLINE_SECS`
-/// overrides it).
-pub fn deadline() -> Duration {
-    let secs = std::env::var("CKPT_TEST_DEADLINE_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(600);
-    Duration::from_secs(secs)
-}
+pub use ckpt_testcluster::test_deadline as deadline;
 
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -9,7 +9,7 @@ use kube::api::{
 };
 use kube::runtime::wait::{await_condition, conditions};
 
-use crate::util::{WAIT, World};
+use crate::util::{World, wait};
 
 #[tokio::test]
 async fn crd_is_established_and_namespace_deletion_finishes() -> Result<()> {
@@ -39,7 +39,7 @@ async fn crd_is_established_and_namespace_deletion_finishes() -> Result<()> {
     )
     .await?;
     tokio::time::timeout(
-        WAIT,
+        wait(),
         await_condition(crds.clone(), name, conditions::is_crd_established()),
     )
     .await??;
@@ -71,7 +71,7 @@ async fn crd_is_established_and_namespace_deletion_finishes() -> Result<()> {
         .delete(&w.ns, &DeleteParams::background())
         .await?;
     tokio::time::timeout(
-        WAIT,
+        wait(),
         await_condition(namespaces, &w.ns, conditions::is_deleted(&uid)),
     )
     .await??;

@@ -20,7 +20,11 @@ pub const CLAIM: &str = "models";
 /// Where Jobs mount it.
 pub const MOUNT: &str = "/models";
 /// How long any wait in these tests may take.
-pub const WAIT: Duration = Duration::from_secs(60);
+/// How long a test waits for what should happen: generous, because a busy
+/// machine is slow, and never a reason to pass (`CKPT_TEST_DEADLINE_SECS`).
+pub fn wait() -> Duration {
+    ckpt_testcluster::test_deadline()
+}
 
 /// One test's world: its namespace on the shared control plane, a node
 /// stand-in watching it, and a fresh checkpoint fixture mapped to claim `models`.
@@ -85,11 +89,12 @@ impl World {
                     })
                 })
         };
-        let job = tokio::time::timeout(WAIT, await_condition(self.jobs(), name, done))
+        let deadline = wait();
+        let job = tokio::time::timeout(deadline, await_condition(self.jobs(), name, done))
             .await
             .with_context(|| {
                 format!(
-                    "job {}/{name} did not finish within {WAIT:?}; runs: {:#?}",
+                    "job {}/{name} did not finish within {deadline:?}; runs: {:#?}",
                     self.ns,
                     self.standin.runs()
                 )
@@ -148,9 +153,10 @@ impl World {
         Fut: std::future::Future<Output = Result<bool>>,
     {
         let start = Instant::now();
+        let deadline = wait();
         while !probe().await? {
-            if start.elapsed() > WAIT {
-                bail!("{what}: not true after {WAIT:?}");
+            if start.elapsed() > deadline {
+                bail!("{what}: not true after {deadline:?}");
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

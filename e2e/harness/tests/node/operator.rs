@@ -19,7 +19,7 @@ use kube::discovery::ApiResource;
 use serde_json::Value;
 use tokio::sync::OnceCell;
 
-use crate::util::{Source, WAIT, World};
+use crate::util::{Source, World, wait};
 use ckpt_testcluster::ControlPlane;
 
 const RELEASE: &str = "ckpt";
@@ -28,6 +28,8 @@ const SYSTEM_NS: &str = "ckpt-system";
 /// What `helm install` created, once per process.
 pub struct Installed {
     pub converter_service_account: String,
+    /// The operator's user, `system:serviceaccount:NS:NAME`.
+    pub operator_user: String,
 }
 
 static INSTALLED: OnceCell<Installed> = OnceCell::const_new();
@@ -120,10 +122,21 @@ pub async fn installed(w: &World) -> Result<&'static Installed> {
                 .items
                 .pop()
                 .context("the chart's Deployment")?;
-            let args = deployment
+            let pod_spec = deployment
                 .spec
                 .and_then(|s| s.template.spec)
-                .and_then(|p| p.containers.into_iter().next())
+                .context("the Deployment's pod template")?;
+            let operator_user = format!(
+                "system:serviceaccount:{SYSTEM_NS}:{}",
+                pod_spec
+                    .service_account_name
+                    .as_deref()
+                    .context("the chart names the operator's ServiceAccount")?
+            );
+            let args = pod_spec
+                .containers
+                .into_iter()
+                .next()
                 .and_then(|c| c.args)
                 .unwrap_or_default();
             let converter_service_account = args
@@ -132,14 +145,15 @@ pub async fn installed(w: &World) -> Result<&'static Installed> {
                 .context("the chart passes --job-service-account")?
                 .to_owned();
             let start = Instant::now();
+            let deadline = wait();
             loop {
                 let pods = operator_pods(cp).await?;
                 if pods.iter().any(pod_ready) {
                     break;
                 }
-                if start.elapsed() > WAIT {
+                if start.elapsed() > deadline {
                     bail!(
-                        "the operator pod is not Ready after {WAIT:?}: {:#?}\nkubelet log:\n{}",
+                        "the operator pod is not Ready after {deadline:?}: {:#?}\nkubelet log:\n{}",
                         pods.iter().map(|p| &p.status).collect::<Vec<_>>(),
                         w.node.log_tail("kubelet", 30)
                     );
@@ -148,6 +162,7 @@ pub async fn installed(w: &World) -> Result<&'static Installed> {
             }
             Ok::<_, anyhow::Error>(Installed {
                 converter_service_account,
+                operator_user,
             })
         })
         .await
@@ -244,11 +259,21 @@ fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
         .unwrap_or(&Value::Null)
 }
 
+/// Any request of the operator that the apiserver refused is a missing RBAC
+/// rule in the chart: its audit log says so, whatever the operator logged.
 fn assert_no_denials(w: &World) {
-    let log = operator_log(w);
+    let user = &INSTALLED
+        .get()
+        .expect("the chart is installed")
+        .operator_user;
+    let denied =
+        w.cp.denied_requests(user)
+            .expect("the apiserver's audit log");
     assert!(
-        !log.contains("is forbidden"),
-        "the operator was denied an API call (chart RBAC):\n{log}"
+        denied.is_empty(),
+        "the apiserver denied {user} (chart RBAC):\n{}\noperator log:\n{}",
+        denied.join("\n"),
+        operator_log(w)
     );
 }
 
@@ -256,7 +281,7 @@ fn assert_no_denials(w: &World) {
 async fn the_operator_from_its_image_converts_through_the_converter_image() -> Result<()> {
     let w = World::new("operator").await?;
     create(&w, "hf-to-megatron", serde_json::json!({})).await?;
-    let status = wait_condition(&w, "hf-to-megatron", "Succeeded", WAIT).await?;
+    let status = wait_condition(&w, "hf-to-megatron", "Succeeded", wait()).await?;
     assert_eq!(
         condition(&status, "Validated")["status"],
         "True",
@@ -304,12 +329,16 @@ async fn active_deadline_fails_the_checkpoint_conversion_with_the_reason() -> Re
     )
     .await?;
     let start = Instant::now();
+    let deadline = wait();
     let job = loop {
         let cr = conversions(&w).get("slow").await?;
         if let Some(job) = cr.data["status"]["jobName"].as_str() {
             break job.to_owned();
         }
-        ensure!(start.elapsed() < WAIT, "slow: no Job after {WAIT:?}");
+        ensure!(
+            start.elapsed() < deadline,
+            "slow: no Job after {deadline:?}"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let created = w.jobs().get(&job).await?;
@@ -326,7 +355,7 @@ async fn active_deadline_fails_the_checkpoint_conversion_with_the_reason() -> Re
         "paused, yet nothing is staged under target/"
     );
     w.deadline_already_past(&job).await?;
-    let status = wait_condition(&w, "slow", "Failed", WAIT).await?;
+    let status = wait_condition(&w, "slow", "Failed", wait()).await?;
     let failed = condition(&status, "Failed");
     assert_eq!(failed["reason"], "DeadlineExceeded", "{status:#}");
     assert_ne!(

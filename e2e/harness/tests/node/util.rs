@@ -18,7 +18,11 @@ use ckpt_testcluster::{ControlPlane, IMAGE_USER, RealNode, chown_tree};
 /// The claim every test's Jobs mount.
 pub const CLAIM: &str = "models";
 /// How long a wait may take: generous, the machine is shared and busy.
-pub const WAIT: Duration = Duration::from_secs(180);
+/// How long a test waits for what should happen: generous, because a busy
+/// machine is slow, and never a reason to pass (`CKPT_TEST_DEADLINE_SECS`).
+pub fn wait() -> Duration {
+    ckpt_testcluster::test_deadline()
+}
 
 pub struct World {
     pub cp: &'static ControlPlane,
@@ -117,6 +121,7 @@ impl World {
     /// True; fails early if it reaches the other.
     pub async fn job_reaches(&self, name: &str, kind: &str) -> Result<Job> {
         let start = Instant::now();
+        let deadline = wait();
         loop {
             let job = self.jobs().get(name).await?;
             let conditions = job
@@ -138,9 +143,9 @@ impl World {
                 }
                 return Ok(job);
             }
-            if start.elapsed() > WAIT {
+            if start.elapsed() > deadline {
                 bail!(
-                    "job {}/{name} did not finish within {WAIT:?}\n{}",
+                    "job {}/{name} did not finish within {deadline:?}\n{}",
                     self.ns,
                     self.diagnostics(name).await
                 );
@@ -182,6 +187,7 @@ impl World {
     /// it wrote its pid to `/tmp/ckpt-pause` (an emptyDir named `tmp`).
     pub async fn paused(&self, job: &str) -> Result<()> {
         let start = Instant::now();
+        let deadline = wait();
         loop {
             for pod in self.pods_of(job).await? {
                 let uid = pod.metadata.uid.unwrap_or_default();
@@ -194,9 +200,9 @@ impl World {
                     return Ok(());
                 }
             }
-            if start.elapsed() > WAIT {
+            if start.elapsed() > deadline {
                 bail!(
-                    "job {job}: the converter did not pause within {WAIT:?}\n{}",
+                    "job {job}: the converter did not pause within {deadline:?}\n{}",
                     self.diagnostics(job).await
                 );
             }
@@ -244,9 +250,10 @@ impl World {
         Fut: std::future::Future<Output = Result<bool>>,
     {
         let start = Instant::now();
+        let deadline = wait();
         while !probe().await? {
-            if start.elapsed() > WAIT {
-                bail!("{what}: not true after {WAIT:?}");
+            if start.elapsed() > deadline {
+                bail!("{what}: not true after {deadline:?}");
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
