@@ -112,18 +112,13 @@ async fn two_hundred_resources_at_once_are_paced_bounded_and_all_finish() {
     let mut node = env.node_config();
     node.namespace = None;
     env.start_node_with(node).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let mut op = Operator::start_with(
         &env,
         "load",
         &[
             &format!("--jobs-per-second={JOBS_PER_SECOND}"),
             &format!("--reconcile-concurrency={CONCURRENCY}"),
-            &format!("--metrics-addr=127.0.0.1:{port}"),
+            "--metrics-addr=127.0.0.1:0",
         ],
     )
     .await;
@@ -133,15 +128,16 @@ async fn two_hundred_resources_at_once_are_paced_bounded_and_all_finish() {
         placed.push((others[i % OTHER_NAMESPACES].clone(), i));
     }
     let all: Vec<String> = placed.iter().map(|(ns, i)| manifest(ns, *i)).collect();
-    // Wait for the operator to serve (its metrics port) before the clock starts.
+    // Wait for the operator to serve (the port the kernel gave it) before the
+    // clock starts.
     let waiting = Waiting::new("the operator's metrics port");
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
+    let port = loop {
+        if let Some(port) = op.listening_port() {
+            break port;
+        }
         op.assert_running();
         waiting.tick(|| op.log()).await;
-    }
+    };
     let (idle_rss, _) = memory(op.pid());
     let started = Instant::now();
     env.kubectl(&["apply", "-f", "-"], &all.join("---\n"))

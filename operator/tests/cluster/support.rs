@@ -757,6 +757,32 @@ impl Operator {
         self.child.id()
     }
 
+    /// The TCP port the operator listens on (started with
+    /// `--metrics-addr=127.0.0.1:0`, the kernel picks it), once it does: read
+    /// from the kernel's socket table, not from the operator's log.
+    pub fn listening_port(&self) -> Option<u16> {
+        let pid = self.pid();
+        let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .ok()?
+            .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+            .filter_map(|target| {
+                let t = target.to_string_lossy();
+                Some(t.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+            })
+            .collect();
+        // /proc/PID/net/tcp: "sl local_address rem_address st … uid timeout inode";
+        // st 0A is LISTEN, the address is hex "IP:PORT".
+        let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).ok()?;
+        table.lines().skip(1).find_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (local, state, inode) = (f.get(1)?, f.get(3)?, f.get(9)?);
+            if *state != "0A" || !inodes.iter().any(|i| i == inode) {
+                return None;
+            }
+            u16::from_str_radix(local.rsplit(':').next()?, 16).ok()
+        })
+    }
+
     /// The log, for failure messages only: nothing is decided by reading it.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -135,7 +135,7 @@ pub(crate) fn cni_conflist(l: &Layout) -> String {
 }
 
 /// The kubelet's KubeletConfiguration.
-pub(crate) fn kubelet_yaml(l: &Layout, ca: &Path, port: u16, healthz_port: u16) -> String {
+pub(crate) fn kubelet_yaml(l: &Layout, ca: &Path) -> String {
     let j = |v: &str| toml_str(v);
     format!(
         r#"apiVersion: kubelet.config.k8s.io/v1beta1
@@ -152,11 +152,12 @@ failSwapOn: false
 # negative oom_score_adj.
 oomScoreAdj: 0
 maxOpenFiles: 20000
-address: 127.0.0.1
-port: {port}
+# No port at all: nothing here calls the kubelet's server (logs are read from
+# podLogsDir, readiness from the Node's status), and a port picked in advance
+# could be taken by another process before the kubelet binds it.
+enableServer: false
 readOnlyPort: 0
-healthzBindAddress: 127.0.0.1
-healthzPort: {healthz_port}
+healthzPort: 0
 authentication:
   anonymous:
     enabled: false

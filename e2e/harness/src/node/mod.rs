@@ -302,10 +302,9 @@ impl RealNode {
             std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
         }
         sweep::save_sysctls(l).map_err(|e| Error::io(l.path(sweep::SYSCTLS_FILE), e))?;
-        let ports = free_ports2()?;
         let kubelet_config = write(
             "kubelet/config.yaml",
-            &config::kubelet_yaml(l, cp.ca_cert_path(), ports[0], ports[1]),
+            &config::kubelet_yaml(l, cp.ca_cert_path()),
         )?;
         let (node_cert, node_key) = cp.node_credentials();
         let kubeconfig = write(
@@ -567,17 +566,6 @@ fn node_ready(node: &Node) -> bool {
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-fn free_ports2() -> Result<[u16; 2]> {
-    let a = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("127.0.0.1:0", e))?;
-    let b = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("127.0.0.1:0", e))?;
-    let port = |l: &std::net::TcpListener| {
-        l.local_addr()
-            .map(|a| a.port())
-            .map_err(|e| Error::io("127.0.0.1:0", e))
-    };
-    Ok([port(&a)?, port(&b)?])
 }
 
 fn ctr(l: &Layout, args: &[&str]) -> Result<Output> {
