@@ -330,10 +330,14 @@ async fn active_deadline_fails_the_checkpoint_conversion_with_the_reason() -> Re
     .await?;
     let start = Instant::now();
     let deadline = wait();
-    let job = loop {
+    // Status names the Job before it exists (a Job waits for its creation
+    // slot): wait for the Job itself.
+    let (job, created) = loop {
         let cr = conversions(&w).get("slow").await?;
-        if let Some(job) = cr.data["status"]["jobName"].as_str() {
-            break job.to_owned();
+        if let Some(job) = cr.data["status"]["jobName"].as_str()
+            && let Some(created) = w.jobs().get_opt(job).await?
+        {
+            break (job.to_owned(), created);
         }
         ensure!(
             start.elapsed() < deadline,
@@ -341,7 +345,6 @@ async fn active_deadline_fails_the_checkpoint_conversion_with_the_reason() -> Re
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
-    let created = w.jobs().get(&job).await?;
     assert_eq!(
         created
             .spec
