@@ -191,30 +191,34 @@ def save_moe(model, out_dir: str, singleton: bool) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _init(rank: int, world: int, port: int, tp: int, ep: int) -> None:
+def _init(rank: int, world: int, port: int, tp: int, ep: int, etp: Optional[int] = None) -> None:
     patch_moe_for_cpu()
     from megatron.core import parallel_state, tensor_parallel
 
     torch.distributed.init_process_group(backend="gloo", init_method=f"tcp://127.0.0.1:{port}",
                                          rank=rank, world_size=world)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
-                                             expert_model_parallel_size=ep)
+                                             expert_model_parallel_size=ep,
+                                             expert_tensor_parallel_size=etp)
     torch.manual_seed(mc.DEFAULT_SEED)
     tensor_parallel.model_parallel_cuda_manual_seed(mc.DEFAULT_SEED)  # names only (mcore_cpu patch 4)
 
 
 def load_save_multi(cfg: Dict[str, Any], iter_dir: str, tp: int, ep: int,
                     expected: Dict[str, torch.Tensor], saves: List[Dict[str, Any]],
-                    timeout: float = 600) -> List[Dict[str, Any]]:
+                    timeout: float = 600, etp: Optional[int] = None) -> List[Dict[str, Any]]:
     """See the module docstring. World size tp·ep (EP ranks are data-parallel ranks of the
-    dense layers)."""
-    world = tp * ep
+    dense layers); with an expert tensor parallelism ``etp`` other than tp, the smallest world
+    both the dense (tp × dp) and the expert (etp × ep × edp) layouts fill."""
+    import math
+
+    world = tp * ep if etp is None else math.lcm(tp, etp * ep)
     with tempfile.TemporaryDirectory(prefix="mcore_moe_") as td:
         exp = os.path.join(td, "expected.safetensors")
         mc._save_safetensors(expected, exp)
         job = {"cfg": mc.normalize_cfg(cfg), "dir": os.path.abspath(iter_dir), "expected": exp,
                "saves": [dict(s, dir=os.path.abspath(s["dir"])) for s in saves],
-               "tp": tp, "ep": ep, "world": world, "port": mc.free_port()}
+               "tp": tp, "ep": ep, "etp": etp, "world": world, "port": mc.free_port()}
         jf = os.path.join(td, "job.json")
         with open(jf, "w") as f:
             json.dump(job, f)
@@ -240,7 +244,7 @@ def _rank_main(job_file: str, rank: int) -> None:
 
     with open(job_file) as f:
         job = json.load(f)
-    _init(rank, job["world"], job["port"], job["tp"], job["ep"])
+    _init(rank, job["world"], job["port"], job["tp"], job["ep"], job.get("etp"))
     from megatron.core import parallel_state as ps
 
     try:
@@ -256,6 +260,7 @@ def _rank_main(job_file: str, rank: int) -> None:
                 save_moe(model, s["dir"], bool(s["singleton_local_shards"]))
         out = {"rank": rank, "tp_rank": ps.get_tensor_model_parallel_rank(),
                "ep_rank": ps.get_expert_model_parallel_rank(),
+               "etp_size": ps.get_expert_tensor_parallel_world_size(),
                "local_experts": _local_experts(model), "result": res}
         with open(os.path.join(os.path.dirname(job_file), f"rank{rank}.json"), "w") as f:
             json.dump(out, f)

@@ -20,8 +20,9 @@ softmax after / before the top-k), Mixtral (w1/w3/w2, always renormalised).
      then saved by megatron-core itself in both on-disk expert layouts it writes (the expert axis
      `mlp.experts.experts.linear_fc1.weight`, and singleton local shards, one key per expert
      `mlp.experts.experts.{e}.linear_fc1.weight_w/_v`), and our megatron_to_hf of each gives the
-     HF source back bit for bit.  The same with megatron-core's other CPU-buildable expert module,
-     GroupedMLP (TP=1; TEGroupedMLP needs TransformerEngine).
+     HF source back bit for bit.  Also tp=2, ep=2 with expert tensor parallelism 1 (etp=1: the
+     dense layers split in two, every expert whole; 2 ranks).  The same with megatron-core's other
+     CPU-buildable expert module, GroupedMLP (TP=1; TEGroupedMLP needs TransformerEngine).
 
 Run: python -m pytest -q e2e/interop/test_moe_families.py   (about a minute on 2 cores)
 """
@@ -59,7 +60,10 @@ BASE = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_h
             num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=64,
             tie_word_embeddings=False)
 # (case, tp, ep) of the multi-rank checks
-PARALLEL = [("qwen3_moe", 2, 1), ("qwen3_moe", 1, 2), ("mixtral", 1, 2)]
+# (case, tp, ep, etp): etp None leaves megatron-core's default (the experts split like the dense
+# layers, etp = tp); etp=1 with tp=2 keeps every expert whole while the dense layers are split.
+PARALLEL = [("qwen3_moe", 2, 1, None), ("qwen3_moe", 1, 2, None), ("mixtral", 1, 2, None),
+            ("qwen3_moe", 2, 2, 1)]
 
 
 def hf_moe_model(case: str, seed: int = SEED):
@@ -181,18 +185,19 @@ def test_name_map_matches_mcore_request(case, src, ckpt, mcore):
 
 
 # --------------------------------------------------------------------------------------------
-# c. TP=2 / EP=2: our conversions load; megatron-core's own saves (both layouts) come back
+# c. TP=2 / EP=2 / ETP=1 beside TP=2: our conversions load; megatron-core's own saves (both layouts) come back
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case,tp,ep", PARALLEL, ids=[f"{c}-tp{t}-ep{e}" for c, t, e in PARALLEL])
-def test_parallel_load_and_mcore_saves(case, tp, ep, src, ckpt, tmp, report):
+@pytest.mark.parametrize("case,tp,ep,etp", PARALLEL,
+                         ids=[f"{c}-tp{t}-ep{e}" + (f"-etp{x}" if x else "") for c, t, e, x in PARALLEL])
+def test_parallel_load_and_mcore_saves(case, tp, ep, etp, src, ckpt, tmp, report):
     import mcore_cpu as mc
 
     s = src(case)
     run = os.path.join(tmp, "ours")
     rep = ckpt("run", "convert/hf_to_megatron", f"hf_model_id={s['dir']}", f"megatron_path={run}",
-               "dtype=float32", f"tp={tp}", f"ep={ep}", "--json").json()
+               "dtype=float32", f"tp={tp}", f"ep={ep}", *([f"etp={etp}"] if etp else []), "--json").json()
     assert rep["status"] == "succeeded", rep
     it = os.path.join(run, "iter_0000000")
     expected = mc.read_global_tensors(s["iter"])
@@ -200,16 +205,20 @@ def test_parallel_load_and_mcore_saves(case, tp, ep, src, ckpt, tmp, report):
     with open(os.path.join(it, "run_config.yaml")) as f:
         model = yaml.safe_load(f)["model"]  # as Megatron-Bridge reads it
     assert (model["tensor_model_parallel_size"], model["expert_model_parallel_size"]) == (tp, ep), model
+    if etp:
+        assert model["expert_tensor_parallel_size"] == etp, model
 
     saves = [{"dir": os.path.join(tmp, f"mcore_{lay}", "iter_0000001"), "singleton_local_shards": single}
              for lay, single in (("expert_axis", False), ("singleton", True))]
-    results = mm.load_save_multi(s["cfg"], it, tp, ep, expected, saves)
+    results = mm.load_save_multi(s["cfg"], it, tp, ep, expected, saves, etp=etp)
+    world = len(results)
     for r in results:
         res = r["result"]
         assert res["error"] is None, (r["rank"], res["error"])
         assert res["checked"] and not res["mismatched"] and not res["no_expected"], (r["rank"], res)
         assert r["local_experts"] == 4 // ep
-    assert sorted(r["ep_rank"] for r in results) == sorted(list(range(ep)) * tp)
+    assert sorted(r["ep_rank"] for r in results) == sorted(list(range(ep)) * (world // ep))
+    assert {r["etp_size"] for r in results} == {etp or tp}, results
 
     problems = []
     for sv in saves:
@@ -231,8 +240,9 @@ def test_parallel_load_and_mcore_saves(case, tp, ep, src, ckpt, tmp, report):
         except AssertionError as e:
             problems.append(str(e))
     assert not problems, "\n".join(problems)
-    report(f"[moe c] {case:<10} tp={tp} ep={ep}: our conversion loads into MCore ({sum(r['result']['checked'] for r in results)}"
-           f" shards equal over {tp * ep} ranks); MCore's saves (expert axis, singleton local shards) export to the source bit for bit")
+    report(f"[moe c] {case:<10} tp={tp} ep={ep}{f' etp={etp}' if etp else ''}: our conversion loads into MCore "
+           f"({sum(r['result']['checked'] for r in results)} shards equal over {world} ranks); MCore's saves (expert "
+           f"axis, singleton local shards) export to the source bit for bit")
 
 
 @pytest.mark.parametrize("case", ["qwen3_moe", "mixtral"])
