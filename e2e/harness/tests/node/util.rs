@@ -17,7 +17,6 @@ use ckpt_testcluster::{ControlPlane, IMAGE_USER, RealNode, chown_tree};
 
 /// The claim every test's Jobs mount.
 pub const CLAIM: &str = "models";
-/// How long a wait may take: generous, the machine is shared and busy.
 /// How long a test waits for what should happen: generous, because a busy
 /// machine is slow, and never a reason to pass (`CKPT_TEST_DEADLINE_SECS`).
 pub fn wait() -> Duration {
@@ -181,7 +180,6 @@ impl World {
         Ok((pod.clone(), term))
     }
 
-    /// Polls `probe` until it is true.
     /// Waits until the converter of Job `job`, started from the test image
     /// (`images.converter_failpoints`), has staged its first piece and paused:
     /// it wrote its pid to `/tmp/ckpt-pause` (an emptyDir named `tmp`).
@@ -244,6 +242,7 @@ impl World {
         found
     }
 
+    /// Polls `probe` until it is true.
     pub async fn eventually<F, Fut>(&self, what: &str, mut probe: F) -> Result<()>
     where
         F: FnMut() -> Fut,
