@@ -19,7 +19,6 @@ pub const IMAGE: &str = "ghcr.io/ckpt/ckpt-convert:dev";
 pub const CLAIM: &str = "models";
 /// Where Jobs mount it.
 pub const MOUNT: &str = "/models";
-/// How long any wait in these tests may take.
 /// How long a test waits for what should happen: generous, because a busy
 /// machine is slow, and never a reason to pass (`CKPT_TEST_DEADLINE_SECS`).
 pub fn wait() -> Duration {
