@@ -29,15 +29,32 @@ fn threads_sets_how_many_workers_convert() {
         let n_arg = n.to_string();
         let args = to_megatron(&w, &format!("run{n}"), &["--threads", &n_arg]);
         let p = Paused::start(&w, &args, "pieces:1");
-        let tasks = format!("/proc/{}/task", p.pid());
-        let names: Vec<String> = std::fs::read_dir(&tasks)
-            .unwrap()
-            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-            .map(|c| c.trim().to_owned())
-            .collect();
+        // A thread names itself once it first runs, which on a busy machine can
+        // be after the run has paused: wait until every thread but the main one
+        // has left the process's name behind.
+        let names = || -> Vec<String> {
+            let pid = p.pid();
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .unwrap()
+                .filter_map(|t| t.ok())
+                .filter(|t| t.file_name().to_string_lossy() != pid.to_string())
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .map(|c| c.trim().to_owned())
+                .collect()
+        };
+        let started = std::time::Instant::now();
+        let names = loop {
+            let now = names();
+            if !now.iter().any(|c| c == "ckpt-convert") {
+                break now;
+            }
+            assert!(
+                started.elapsed() < ckpt_testcluster::test_deadline(),
+                "threads never named: {now:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
         p.resume().assert_exit(0);
-        // Distinct names: a thread a worker has just started shows the worker's
-        // name until it sets its own, so a name may appear twice for a moment.
         let workers: std::collections::BTreeSet<&str> = names
             .iter()
             .map(String::as_str)
