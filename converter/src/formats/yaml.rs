@@ -181,7 +181,9 @@ fn resolve_int(s: &str) -> Option<Value> {
             if d > 59 {
                 return None;
             }
-            v = v * 60 + d;
+            // Past 128 bits it is not an integer we keep (PyYAML's would be text
+            // to us anyway: beyond 64 bits is kept as text below).
+            v = v.checked_mul(60)?.checked_add(d)?;
         }
         v
     } else {
