@@ -16,7 +16,7 @@ use crate::util::{Source, World, converter_job};
 
 /// The Job `name` of the test image converting `source/hf` into
 /// `target/megatron`, with the emptyDir `tmp` its pause file goes into.
-pub fn paused_conversion_job(w: &World, name: &str) -> serde_json::Value {
+fn paused_conversion_job(w: &World, name: &str) -> serde_json::Value {
     let mut job = converter_job(
         name,
         &w.images.converter_failpoints.reference,
