@@ -94,7 +94,7 @@ mod standin;
 pub use bins::{K8S_BINARIES, argocd_health_binary, converter_binary, k8s_bin_dir, workspace_root};
 pub use certs::NODE_NAME;
 pub use control_plane::{
-    ControlPlane, ControlPlaneOptions, DEFAULT_CONTROLLERS, REAL_NODE_CONTROLLERS,
+    ControlPlane, ControlPlaneOptions, DEFAULT_CONTROLLERS, PORT_ATTEMPTS, REAL_NODE_CONTROLLERS,
 };
 pub use error::{Error, Result};
 pub use fixtures::poison_values;

@@ -20,9 +20,11 @@ use kube::api::{Api, PostParams};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use ckpt_testcluster::{IMAGE_USER, NodeKind, RealNode, chown_tree};
+
 use crate::support::{
     CRD_NAME, CRD_NAMESPACE, CRD_RELEASE, Run, Waiting, chart_dir as chart, cp, crd_installed,
-    helm_local as helm_template, kubectl, root,
+    fixtures_in, helm_local as helm_template, kubectl, node_kind, root, validated,
 };
 
 const CRD_FILE: &str = "crds/checkpointconversions.ckpt.dev.yaml";
@@ -1245,16 +1247,33 @@ async fn run_operator_as_deployed(client: &Client, ns: &str, docs: &[Value]) {
             .await;
     }
 
-    // The claims exist; then the conversion: a Job, status Running, events.
-    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "training");
-    for name in ["lustre-shared", "models"] {
-        let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
-            "metadata": {"name": name},
-            "spec": {"accessModes": ["ReadWriteMany"],
-                     "resources": {"requests": {"storage": "1Gi"}}}
-        }))
-        .unwrap();
-        pvcs.create(&PostParams::default(), &pvc).await.unwrap();
+    // The claims exist; then the conversion: a Job, status Running, events. On the
+    // real node the claims are bound and hold the example's source and base model, so
+    // the kubelet runs the conversion to its validated end.
+    let real = node_kind() == NodeKind::Real;
+    let claims = tempfile::tempdir().unwrap();
+    if real {
+        fixtures_in(claims.path());
+        std::fs::create_dir_all(claims.path().join("lustre-shared/output/convert")).unwrap();
+        let node = RealNode::shared().await.unwrap_or_else(|e| panic!("{e}"));
+        for name in ["lustre-shared", "models"] {
+            let dir = claims.path().join(name);
+            chown_tree(&dir, IMAGE_USER).unwrap();
+            node.bind_claim(client, "training", name, &dir)
+                .await
+                .unwrap_or_else(|e| panic!("binding claim {name}: {e}"));
+        }
+    } else {
+        let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "training");
+        for name in ["lustre-shared", "models"] {
+            let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
+                "metadata": {"name": name},
+                "spec": {"accessModes": ["ReadWriteMany"],
+                         "resources": {"requests": {"storage": "1Gi"}}}
+            }))
+            .unwrap();
+            pvcs.create(&PostParams::default(), &pvc).await.unwrap();
+        }
     }
     let example = root()
         .join("examples/megatron-to-hf.yaml")
@@ -1268,14 +1287,16 @@ async fn run_operator_as_deployed(client: &Client, ns: &str, docs: &[Value]) {
         Api::namespaced(client.clone(), "training");
     let events: Api<k8s_openapi::api::events::v1::Event> =
         Api::namespaced(client.clone(), "training");
-    let waiting = Waiting::new("a Job, Running status and an event for sft-to-hf");
+    // The stand-in serves no pod of this namespace: the Job stays Running there.
+    let want = if real { "Succeeded" } else { "Running" };
+    let waiting = Waiting::new(format!("a Job, {want} status and an event for sft-to-hf"));
     let job = loop {
         let job = jobs.get_opt("sft-to-hf-g1").await.unwrap();
-        let phase = crs
-            .get("sft-to-hf")
-            .await
-            .ok()
-            .and_then(|c| c.status.and_then(|s| s.phase));
+        let cr = crs.get("sft-to-hf").await.ok();
+        let phase = cr.as_ref().and_then(|c| c.status.as_ref()?.phase.clone());
+        if phase.as_deref() == Some("Failed") {
+            panic!("sft-to-hf failed: {:#?}", cr.and_then(|c| c.status));
+        }
         let published = events
             .list(&Default::default())
             .await
@@ -1284,9 +1305,20 @@ async fn run_operator_as_deployed(client: &Client, ns: &str, docs: &[Value]) {
             .iter()
             .any(|e| e.reporting_controller.as_deref() == Some("ckpt-operator"));
         if let Some(job) = job
-            && phase.as_deref() == Some("Running")
+            && phase.as_deref() == Some(want)
             && published
         {
+            if real {
+                assert!(
+                    cr.as_ref().is_some_and(validated),
+                    "Succeeded but not Validated: {:#?}",
+                    cr.and_then(|c| c.status)
+                );
+                let config = claims
+                    .path()
+                    .join("lustre-shared/output/convert/sft-hf/config.json");
+                assert!(config.is_file(), "{} was not published", config.display());
+            }
             break job;
         }
         if let Ok(Some(status)) = operator.try_wait() {

@@ -1,8 +1,8 @@
 //! The converter's side of issue 10, with the real converter: refusals that a retry
 //! cannot fix exit 2 and are not retried, and an identical conversion already
-//! published is recognised. The last needs the real node (`run-tests.sh` runs it
-//! with `CKPT_TEST_NODE=real`): the stand-in rewrites mount paths per pod, so the
-//! parameters a manifest records differ from one pod to the next.
+//! published is recognised. The last needs the real node: the stand-in rewrites
+//! mount paths per pod, so the parameters a manifest records differ from one pod to
+//! the next.
 
 use crate::support::{
     Env, Operator, condition, condition_status, contents, converting, finished, fixtures, kubectl,
@@ -11,7 +11,7 @@ use crate::support::{
 /// Regression (issue 10, finding 6): EACCES/EROFS on the target were retried (52 s,
 /// three attempts) and the message came twice.
 #[tokio::test]
-async fn a_target_the_converter_cannot_write_fails_at_once() {
+async fn a_target_the_converter_cannot_write_fails_at_once_on_the_stand_in() {
     let mut env = Env::new("read-only").await;
     fixtures(&env);
     // The target's parent exists (a missing subPath on a read-only volume would
@@ -63,7 +63,7 @@ async fn a_missing_source_says_it_does_not_exist() {
         message.contains("is an empty directory") && message.contains("does not exist"),
         "{message}"
     );
-    assert_eq!(env.runs().len(), 1);
+    assert_eq!(env.pods_run().await, 1, "not retried");
     op.stop();
 }
 

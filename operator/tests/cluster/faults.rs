@@ -95,7 +95,7 @@ async fn an_operator_killed_between_job_and_status_leaves_one_job() {
 /// (malformed JSON, far over the kubelet's 4 KiB) is reported as the failure's text,
 /// bounded, and the operator keeps running.
 #[tokio::test]
-async fn malformed_and_oversized_termination_messages_are_reported() {
+async fn malformed_and_oversized_termination_messages_are_reported_on_the_stand_in() {
     let env = Env::new("bad-message").await;
     let mut op = Operator::start(&env, "bad-message").await;
     env.apply_ok("megatron-to-hf.yaml").await;
@@ -221,7 +221,7 @@ async fn both_succeed_once(env: &Env, op: &mut Operator) {
 /// reconnect, the node reports the pods' ends once it is back, and both resources
 /// end Succeeded and Validated with one Job each; the operator keeps running.
 #[tokio::test]
-async fn conversions_finish_across_an_apiserver_restart() {
+async fn conversions_finish_across_an_apiserver_restart_on_the_stand_in() {
     let private = PrivateControlPlane::start().await;
     let cp = private.get();
     let mut env = Env::on(cp, "apiserver-restart", &[]).await;
@@ -246,7 +246,7 @@ async fn conversions_finish_across_an_apiserver_restart() {
 /// Succeeded and Validated with one Job each, nothing lost and nothing done twice,
 /// and the operator keeps running.
 #[tokio::test]
-async fn a_brief_etcd_outage_loses_and_repeats_nothing() {
+async fn a_brief_etcd_outage_loses_and_repeats_nothing_on_the_stand_in() {
     let private = PrivateControlPlane::start().await;
     let cp = private.get();
     let mut env = Env::on(cp, "etcd-outage", &[]).await;
@@ -542,7 +542,7 @@ async fn medium_succeeded(env: &Env, op: &mut Operator, runs: usize) {
 /// retry publishes a complete output; nothing partial is ever visible at the
 /// target.
 #[tokio::test]
-async fn an_evicted_pod_is_replaced_and_only_a_complete_output_is_visible() {
+async fn an_evicted_pod_is_replaced_and_only_a_complete_output_is_visible_on_the_stand_in() {
     let (env, mut op) = medium_conversion("evicted").await;
     let target = medium_target(&env);
     let watch = Watch::start(&target);
@@ -571,7 +571,8 @@ async fn an_evicted_pod_is_replaced_and_only_a_complete_output_is_visible() {
 /// next pod removes what the killed writer left, publishes a complete output, and
 /// nothing partial is ever visible at the target.
 #[tokio::test]
-async fn a_pod_lost_with_its_node_mid_write_is_replaced_and_only_a_complete_output_is_visible() {
+async fn a_pod_lost_with_its_node_mid_write_is_replaced_and_only_a_complete_output_is_visible_on_the_stand_in()
+ {
     let (mut env, mut op) = medium_conversion("node-lost").await;
     let target = medium_target(&env);
     let watch = Watch::start(&target);
@@ -619,7 +620,7 @@ async fn a_pod_lost_with_its_node_mid_write_is_replaced_and_only_a_complete_outp
 /// references), the converter is told to stop and removes its staging directory,
 /// nothing is published, and the source is untouched.
 #[tokio::test]
-async fn deleting_a_resource_mid_write_stops_its_pod_and_cleans_staging() {
+async fn deleting_a_resource_mid_write_stops_its_pod_and_cleans_staging_on_the_stand_in() {
     let (env, mut op) = medium_conversion("deleted-mid-write").await;
     let source = env.claim("models").join("hf/medium");
     let before = contents(&source);

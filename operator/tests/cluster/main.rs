@@ -7,10 +7,17 @@
 //! default, namespaced install: a Role there and nowhere else), so its operators
 //! watch only that namespace and elect their leader through their own Lease. The
 //! operator binary runs with the arguments the release's Deployment gives it and a
-//! token of the release's ServiceAccount; the node stand-in runs the real converter
-//! for the Jobs' pods. With `CKPT_TEST_NODE=real` the shared real node runs them
-//! instead, from the converter image (the claims become hostPath volumes); a test
-//! that configures the stand-in or writes pod status itself then fails saying so.
+//! token of the release's ServiceAccount. With `CKPT_TEST_NODE=real`, which is how
+//! `run-tests.sh` runs this binary, the shared real node (kubelet, containerd, runc)
+//! runs the Jobs' pods from the converter image, the claims bound to hostPath
+//! volumes; without it the node stand-in runs the real converter for them.
+//!
+//! A test named `…_on_the_stand_in` needs the stand-in and fails saying why on the
+//! real node: it writes pod status as only a scheduler or kubelet would (eviction,
+//! node loss, unstartable pods, termination messages), stops the converter process,
+//! mounts a claim's storage read-only, restarts etcd or the apiserver under a node,
+//! or runs 200 conversions on 2 cores. `run-tests.sh` runs those on the stand-in
+//! and every other test on the real node; `…_on_the_real_node` is the reverse.
 //! Nothing waits on a log line or a fixed sleep: tests wait for observable state
 //! (conditions, Jobs, Leases, events) with a generous deadline
 //! ([`support::deadline`]).

@@ -91,7 +91,7 @@ async fn a_namespace_without_the_converter_account_says_why_nothing_starts() {
 /// or one whose image cannot be pulled read "JobRunning" until a requeue a minute
 /// later.
 #[tokio::test]
-async fn pods_that_cannot_start_are_reported_within_seconds() {
+async fn pods_that_cannot_start_are_reported_within_seconds_on_the_stand_in() {
     let env = Env::new("pod-waits").await;
     let mut op = Operator::start(&env, "pod-waits").await;
     env.apply_ok("megatron-to-hf.yaml").await;
@@ -165,7 +165,7 @@ async fn record_reasons(env: &Env, name: &str) -> Arc<Mutex<Vec<String>>> {
 /// the Job gave up, status flipped back to "starting" (JobRunning → JobCreated)
 /// whenever the Job briefly had no pod, and JobCreated was told once per flip.
 #[tokio::test]
-async fn a_failed_attempt_is_told_at_once_and_running_never_reads_as_starting() {
+async fn a_failed_attempt_is_told_at_once_and_running_never_reads_as_starting_on_the_stand_in() {
     let env = Env::new("attempts").await;
     let mut op = Operator::start(&env, "attempts").await;
     let reasons = record_reasons(&env, "sft-to-hf").await;
@@ -249,7 +249,7 @@ async fn a_failed_attempt_is_told_at_once_and_running_never_reads_as_starting() 
 /// Converter warnings and a reused output (wire format version 1, optional fields)
 /// reach status and events, each told once.
 #[tokio::test]
-async fn converter_warnings_and_reuse_reach_status_and_events() {
+async fn converter_warnings_and_reuse_reach_status_and_events_on_the_stand_in() {
     let env = Env::new("warnings").await;
     let mut op = Operator::start(&env, "warnings").await;
     env.apply_ok("megatron-to-hf.yaml").await;

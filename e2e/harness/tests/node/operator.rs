@@ -20,7 +20,7 @@ use serde_json::Value;
 use tokio::sync::OnceCell;
 
 use crate::util::{Source, World, wait};
-use ckpt_testcluster::ControlPlane;
+use ckpt_testcluster::{ControlPlane, PORT_ATTEMPTS};
 
 const RELEASE: &str = "ckpt";
 const SYSTEM_NS: &str = "ckpt-system";
@@ -80,9 +80,7 @@ pub async fn installed(w: &World) -> Result<&'static Installed> {
                 .next()
                 .context("apiserver port")?
                 .to_owned();
-            let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port();
+            let mut metrics_port = free_port()?;
             let (repo, tag) = image.rsplit_once(':').context("operator image tag")?;
             let (crepo, ctag) = converter.rsplit_once(':').context("converter image tag")?;
             let env = serde_json::json!([
@@ -146,10 +144,36 @@ pub async fn installed(w: &World) -> Result<&'static Installed> {
                 .to_owned();
             let start = Instant::now();
             let deadline = wait();
+            let mut attempts = 1;
             loop {
                 let pods = operator_pods(cp).await?;
                 if pods.iter().any(pod_ready) {
                     break;
+                }
+                // The host network's port was free when chosen, but anything on this
+                // machine may take it before the operator binds it: as for the control
+                // plane's ports, a clash is seen (the operator's own error) and the
+                // release moved to a fresh port, a bounded number of times.
+                if port_taken(&operator_log(w), metrics_port) {
+                    ensure!(
+                        attempts < PORT_ATTEMPTS,
+                        "the operator could not bind its metrics port {attempts} times"
+                    );
+                    attempts += 1;
+                    metrics_port = free_port()?;
+                    helm(
+                        cp,
+                        &[
+                            "upgrade".into(),
+                            RELEASE.into(),
+                            chart.display().to_string(),
+                            "--namespace".into(),
+                            SYSTEM_NS.into(),
+                            "--reuse-values".into(),
+                            "--set".into(),
+                            format!("metrics.port={metrics_port}"),
+                        ],
+                    )?;
                 }
                 if start.elapsed() > deadline {
                     bail!(
@@ -166,6 +190,29 @@ pub async fn installed(w: &World) -> Result<&'static Installed> {
             })
         })
         .await
+}
+
+/// A port of 127.0.0.1 that is free now (the operator binds it later, on the host
+/// network).
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Whether the operator's `log` says it could not bind its metrics `port` because
+/// something else holds it.
+fn port_taken(log: &str, port: u16) -> bool {
+    // `Error: binding ADDR`, then its cause on a later line (anyhow's report).
+    let addr = format!("binding 0.0.0.0:{port}");
+    let lines: Vec<&str> = log.lines().collect();
+    lines.iter().enumerate().any(|(i, l)| {
+        l.trim_end().ends_with(&addr)
+            && lines[i + 1..]
+                .iter()
+                .take(4)
+                .any(|l| l.contains("Address in use"))
+    })
 }
 
 /// The operator's log, read from the node (the kubelet's server is not
