@@ -518,14 +518,17 @@ async fn watch_namespaces_render_a_role_in_each_and_nothing_cluster_wide() {
 #[tokio::test]
 async fn the_deprecated_watch_namespace_is_read_as_watch_namespaces() {
     assert_eq!(
-        render("ckpt-system", &["watchNamespace=training"]).await,
-        render("ckpt-system", &["watchNamespaces={training}"]).await
+        render("ckpt-system", &["watchNamespace=deprecated-watch"]).await,
+        render("ckpt-system", &["watchNamespaces={deprecated-watch}"]).await
     );
     assert_eq!(
         render("ckpt-system", &["watchNamespace="]).await,
         render("ckpt-system", &[]).await
     );
     let chart = chart();
+    // A namespace no other test creates objects in: helm's dry run checks that the
+    // objects it would create (the converter's ServiceAccount there) are not
+    // another release's, and the `helm install` test's release owns `training`'s.
     let notes = |value: &'static str| {
         let chart = chart.clone();
         async move {
@@ -547,11 +550,11 @@ async fn the_deprecated_watch_namespace_is_read_as_watch_namespaces() {
             .expect_ok("helm install --dry-run")
         }
     };
-    let out = notes("watchNamespace=training").await;
+    let out = notes("watchNamespace=deprecated-watch").await;
     assert!(
         out.contains("DEPRECATED: watchNamespace")
-            && out.contains("It is read as watchNamespaces: [training].")
-            && out.contains("It watches namespace training"),
+            && out.contains("It is read as watchNamespaces: [deprecated-watch].")
+            && out.contains("It watches namespace deprecated-watch"),
         "{out}"
     );
     let out = notes("watchNamespace=").await;
@@ -561,7 +564,7 @@ async fn the_deprecated_watch_namespace_is_read_as_watch_namespaces() {
         "{out}"
     );
     assert!(
-        !notes("watchNamespaces={training}")
+        !notes("watchNamespaces={deprecated-watch}")
             .await
             .contains("DEPRECATED")
     );
@@ -570,7 +573,7 @@ async fn the_deprecated_watch_namespace_is_read_as_watch_namespaces() {
         RELEASE,
         &chart,
         "--set",
-        "watchNamespace=training",
+        "watchNamespace=deprecated-watch",
         "--set",
         "watchNamespaces={research}",
     ])

@@ -19,7 +19,7 @@ use kube::discovery::ApiResource;
 use serde_json::Value;
 use tokio::sync::OnceCell;
 
-use crate::util::{Source, World, wait};
+use crate::util::{Source, World, snapshot, wait};
 use ckpt_testcluster::{ControlPlane, PORT_ATTEMPTS};
 
 const RELEASE: &str = "ckpt";
@@ -275,21 +275,32 @@ async fn create(w: &World, name: &str, job: Value) -> Result<()> {
 
 /// Waits until condition `type_` is True and returns the resource's status.
 async fn wait_condition(w: &World, name: &str, type_: &str, within: Duration) -> Result<Value> {
-    let start = Instant::now();
-    loop {
-        let cr = conversions(w).get(name).await?;
-        let status = cr.data["status"].clone();
-        let hit = status["conditions"]
+    wait_status(w, name, within, |status| {
+        status["conditions"]
             .as_array()
             .into_iter()
             .flatten()
-            .any(|c| c["type"] == type_ && c["status"] == "True");
-        if hit {
+            .any(|c| c["type"] == type_ && c["status"] == "True")
+    })
+    .await
+}
+
+/// Waits until `done` holds for resource `name`'s status and returns the status.
+async fn wait_status(
+    w: &World,
+    name: &str,
+    within: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> Result<Value> {
+    let start = Instant::now();
+    loop {
+        let status = conversions(w).get(name).await?.data["status"].clone();
+        if done(&status) {
             return Ok(status);
         }
         if start.elapsed() > within {
             bail!(
-                "{name}: {type_} never became True; status: {status:#}\noperator log:\n{}\n{}",
+                "{name}: status not as expected within {within:?}: {status:#}\noperator log:\n{}\n{}",
                 operator_log(w),
                 w.diagnostics(status["jobName"].as_str().unwrap_or_default())
                     .await
@@ -375,23 +386,8 @@ async fn active_deadline_fails_the_checkpoint_conversion_with_the_reason() -> Re
         }),
     )
     .await?;
-    let start = Instant::now();
-    let deadline = wait();
-    // Status names the Job before it exists (a Job waits for its creation
-    // slot): wait for the Job itself.
-    let (job, created) = loop {
-        let cr = conversions(&w).get("slow").await?;
-        if let Some(job) = cr.data["status"]["jobName"].as_str()
-            && let Some(created) = w.jobs().get_opt(job).await?
-        {
-            break (job.to_owned(), created);
-        }
-        ensure!(
-            start.elapsed() < deadline,
-            "slow: no Job after {deadline:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    let job = job_of(&w, "slow").await?;
+    let created = w.jobs().get(&job).await?;
     assert_eq!(
         created
             .spec
@@ -420,5 +416,114 @@ async fn active_deadline_fails_the_checkpoint_conversion_with_the_reason() -> Re
     assert_eq!(w.staging_under_target(), Vec::<std::path::PathBuf>::new());
     assert!(!w.path("target/megatron").exists());
     assert_no_denials(&w);
+    Ok(())
+}
+
+/// A resource deleted while its Job writes (the test image pauses the converter
+/// after its first staged piece): the garbage collector takes the Job and its
+/// pod, the kubelet stops the converter (PID 1 in its container) with SIGTERM,
+/// the converter removes its staging, nothing is published and the source is
+/// unchanged. The stand-in's twin in operator/tests/cluster/faults.rs stops the
+/// converter as an ordinary process; this is what a kubelet does.
+#[tokio::test]
+async fn deleting_a_resource_mid_write_stops_its_pod_and_cleans_staging() -> Result<()> {
+    let w = World::with_source("delete-cr", Source::Medium).await?;
+    let source = snapshot(&w.path("source/hf"))?;
+    create(
+        &w,
+        "deleted",
+        serde_json::json!({"image": w.images.converter_failpoints.reference}),
+    )
+    .await?;
+    let job = job_of(&w, "deleted").await?;
+    w.paused(&job).await?;
+    ensure!(
+        !w.staging_under_target().is_empty(),
+        "paused, yet nothing is staged under target/"
+    );
+    conversions(&w)
+        .delete("deleted", &Default::default())
+        .await?;
+    w.eventually("the resource, its Job and its pod are gone", || async {
+        Ok(conversions(&w).get_opt("deleted").await?.is_none()
+            && w.jobs().get_opt(&job).await?.is_none()
+            && w.pods_of(&job).await?.is_empty())
+    })
+    .await?;
+    // The pod went by a graceful deletion, so its converter was told to stop,
+    // not killed: what it staged is removed.
+    assert_eq!(w.staging_under_target(), Vec::<std::path::PathBuf>::new());
+    assert!(
+        !w.path("target/megatron").exists(),
+        "something was published"
+    );
+    assert!(
+        snapshot(&w.path("source/hf"))? == source,
+        "the source changed"
+    );
+    assert_no_denials(&w);
+    Ok(())
+}
+
+/// The Job a resource's status names, once it exists (status names the Job
+/// before it is created: a Job waits for its creation slot).
+async fn job_of(w: &World, name: &str) -> Result<String> {
+    let start = Instant::now();
+    let deadline = wait();
+    loop {
+        let cr = conversions(w).get(name).await?;
+        if let Some(job) = cr.data["status"]["jobName"].as_str()
+            && w.jobs().get_opt(job).await?.is_some()
+        {
+            return Ok(job.to_owned());
+        }
+        ensure!(
+            start.elapsed() < deadline,
+            "{name}: no Job after {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// What the scheduler and the kubelet really say when a conversion's pod cannot
+/// start reaches the resource's status while it waits (the stand-in's twin in
+/// operator/tests/cluster/pods.rs writes those words itself): a request no node
+/// can hold reads `Unschedulable` with the scheduler's message, and an image
+/// that cannot be pulled (nothing outside this machine is reachable) reads the
+/// kubelet's pull error; both stay Pending, neither fails.
+#[tokio::test]
+async fn pods_that_cannot_start_report_the_schedulers_and_kubelets_words() -> Result<()> {
+    let w = World::new("cannot-start").await?;
+    create(
+        &w,
+        "too-big",
+        serde_json::json!({"resources": {"requests": {"cpu": "64"}}}),
+    )
+    .await?;
+    let status = wait_status(&w, "too-big", wait(), |s| s["reason"] == "Unschedulable").await?;
+    assert_eq!(status["phase"], "Pending", "{status:#}");
+    let message = status["message"].as_str().unwrap_or_default();
+    assert!(message.contains("Insufficient cpu"), "{status:#}");
+
+    let (repo, _) = w
+        .images
+        .converter
+        .reference
+        .rsplit_once(':')
+        .context("converter image tag")?;
+    let missing = format!("{repo}:not-on-this-node");
+    create(&w, "no-image", serde_json::json!({"image": missing})).await?;
+    let status = wait_status(&w, "no-image", wait(), |s| {
+        s["reason"] == "ErrImagePull" || s["reason"] == "ImagePullBackOff"
+    })
+    .await?;
+    assert_eq!(status["phase"], "Pending", "{status:#}");
+    let message = status["message"].as_str().unwrap_or_default();
+    assert!(message.contains(&missing), "{status:#}");
+    assert_no_denials(&w);
+    // Their pods would wait (and retry the pull) until the node stops.
+    for name in ["too-big", "no-image"] {
+        conversions(&w).delete(name, &Default::default()).await?;
+    }
     Ok(())
 }
