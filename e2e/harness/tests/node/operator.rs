@@ -254,10 +254,11 @@ async fn create(w: &World, name: &str, job: Value) -> Result<()> {
             &w.ns,
         ])
         .await?;
+    // One account per namespace, for all its resources.
+    let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        out.status.success() || stderr.contains("already exists"),
+        "{stderr}"
     );
     let cr: DynamicObject = serde_json::from_value(serde_json::json!({
         "apiVersion": "ckpt.dev/v1alpha1",
