@@ -244,6 +244,12 @@ fn conversions(w: &World) -> Api<DynamicObject> {
 }
 
 async fn create(w: &World, name: &str, job: Value) -> Result<()> {
+    create_at(w, name, "target/megatron", job).await
+}
+
+/// Like [`create`], writing to `target` on the claim (one target per resource:
+/// a second resource for a target waits for the first).
+async fn create_at(w: &World, name: &str, target: &str, job: Value) -> Result<()> {
     let installed = installed(w).await?;
     let out =
         w.cp.kubectl([
@@ -266,7 +272,7 @@ async fn create(w: &World, name: &str, job: Value) -> Result<()> {
         "metadata": {"name": name, "namespace": w.ns},
         "spec": {
             "source": {"kind": "checkpoint_hf", "pvc": "models", "path": "source/hf"},
-            "target": {"kind": "checkpoint_megatron", "pvc": "models", "path": "target/megatron"},
+            "target": {"kind": "checkpoint_megatron", "pvc": "models", "path": target},
             "job": job,
         },
     }))?;
@@ -513,7 +519,13 @@ async fn pods_that_cannot_start_report_the_schedulers_and_kubelets_words() -> Re
         .rsplit_once(':')
         .context("converter image tag")?;
     let missing = format!("{repo}:not-on-this-node");
-    create(&w, "no-image", serde_json::json!({"image": missing})).await?;
+    create_at(
+        &w,
+        "no-image",
+        "target/other",
+        serde_json::json!({"image": missing}),
+    )
+    .await?;
     let status = wait_status(&w, "no-image", wait(), |s| {
         s["reason"] == "ErrImagePull" || s["reason"] == "ImagePullBackOff"
     })
