@@ -556,15 +556,17 @@ pub fn stage(
         })
     })?;
     let outcome = whole.unwrap_or(outcome);
-    let validation = validation?;
     // A source that moved while we read it makes the output untrustworthy,
-    // whatever validation said (it read the same moving source).
+    // whatever validation said (it read the same moving source), and it is the
+    // cause to name when validation failed too: the smoke test's reference may
+    // have read the source after it changed, the conversion before.
     for store in stores {
         store.files().check_unchanged()?;
     }
     for (path, identity) in &copied {
         identity.check(path)?;
     }
+    let validation = validation?;
     crate::failpoint::hit("validated");
     if finalize.is_some() {
         split::Finalize::clear(staging.path())?;
