@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use k8s_openapi::api::{authentication::v1::TokenRequest, coordination::v1::Lease};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
@@ -179,6 +181,10 @@ pub struct ControlPlane {
     stop_grace: Duration,
     names: AtomicU64,
     real_node: bool,
+    /// From each [`ControlPlane::start_component`] of the apiserver until its
+    /// `/readyz` said ok: while it starts, RBAC's caches are not yet filled and it
+    /// refuses requests that its rules allow.
+    starting: Mutex<Vec<(Timestamp, Timestamp)>>,
     etcd_port: u16,
     startup_timeout: Duration,
 }
@@ -581,6 +587,7 @@ impl ControlPlane {
             stop_grace: opts.stop_grace,
             names: AtomicU64::new(0),
             real_node: opts.real_node,
+            starting: Mutex::new(Vec::new()),
             etcd_port,
             startup_timeout: opts.startup_timeout,
         })
@@ -724,6 +731,7 @@ impl ControlPlane {
     /// When no such component runs here, it cannot be started, or the control
     /// plane is not ready within [`ControlPlaneOptions::startup_timeout`].
     pub async fn start_component(&self, component: &str) -> Result<()> {
+        let respawned = Timestamp::now();
         {
             let mut processes = self.processes.lock().unwrap_or_else(|p| p.into_inner());
             processes
@@ -753,6 +761,12 @@ impl ControlPlane {
             if let Ok(body) = client.request_text(req).await
                 && body.trim() == "ok"
             {
+                if component == "kube-apiserver" {
+                    self.starting
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((respawned, Timestamp::now()));
+                }
                 return Ok(());
             }
             if started.elapsed() > self.startup_timeout {
@@ -764,7 +778,9 @@ impl ControlPlane {
 
     /// The requests of `user` (`system:serviceaccount:NS:NAME`) that the apiserver
     /// refused with 403, as `VERB RESOURCE NAMESPACE/NAME: MESSAGE` lines, from its
-    /// audit log: what RBAC denied, whatever the client logged. Needs
+    /// audit log: what RBAC denied, whatever the client logged. Requests received
+    /// while a restarted apiserver was not yet ready are left out: until its RBAC
+    /// caches are filled it refuses what its rules allow, and clients retry. Needs
     /// [`ControlPlaneOptions::audit_service_accounts`].
     ///
     /// # Errors
@@ -772,10 +788,20 @@ impl ControlPlane {
     pub fn denied_requests(&self, user: &str) -> Result<Vec<String>> {
         let path = self.dir.join(AUDIT_LOG);
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let starting = self
+            .starting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         Ok(text
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|e| e["user"]["username"] == user && e["responseStatus"]["code"] == 403)
+            .filter(|e| {
+                let received =
+                    serde_json::from_value::<MicroTime>(e["requestReceivedTimestamp"].clone()).ok();
+                !received.is_some_and(|t| starting.iter().any(|(a, b)| (*a..=*b).contains(&t.0)))
+            })
             .map(|e| {
                 let o = &e["objectRef"];
                 format!(
