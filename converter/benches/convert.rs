@@ -187,13 +187,17 @@ fn direction(
         copy: Vec::new(),
         variants: variants.iter().map(|_| Vec::new()).collect(),
     };
-    for _ in 0..runs {
+    for run in 0..runs {
         // Only the inputs and one output or copy at a time.
         let _ = std::fs::remove_dir_all(out);
         settle(cache, inputs);
         t.copy.push(durable_copy(copy_src, copy_dst));
         let _ = std::fs::remove_dir_all(copy_dst);
-        for (v, times) in variants.iter().zip(&mut t.variants) {
+        // Each run starts with another variant: the one right after the copy (and
+        // the removal of its output) measured slower, whichever it was.
+        for k in 0..variants.len() {
+            let i = (k + run) % variants.len();
+            let (v, times) = (&variants[i], &mut t.variants[i]);
             let _ = std::fs::remove_dir_all(out);
             settle(cache, inputs);
             times.push(measure(
