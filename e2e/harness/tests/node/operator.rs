@@ -203,7 +203,9 @@ fn free_port() -> Result<u16> {
 /// Whether the operator's `log` says it could not bind its metrics `port` because
 /// something else holds it.
 fn port_taken(log: &str, port: u16) -> bool {
-    // `Error: binding ADDR`, then its cause on a later line (anyhow's report).
+    // `Error: binding ADDR`, then its cause on a later line (anyhow's report):
+    // EADDRINUSE reads "Address in use" from musl (the image's libc) and "Address
+    // already in use" from glibc.
     let addr = format!("binding 0.0.0.0:{port}");
     let lines: Vec<&str> = log.lines().collect();
     lines.iter().enumerate().any(|(i, l)| {
@@ -211,7 +213,7 @@ fn port_taken(log: &str, port: u16) -> bool {
             && lines[i + 1..]
                 .iter()
                 .take(4)
-                .any(|l| l.contains("Address in use"))
+                .any(|l| l.contains("in use (os error"))
     })
 }
 
