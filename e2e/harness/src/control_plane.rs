@@ -247,7 +247,9 @@ rules:
 /// How many times [`ControlPlane::start`] picks new ports after a clash.
 pub const PORT_ATTEMPTS: usize = 5;
 
-pub(crate) fn free_ports<const N: usize>() -> Result<[u16; N]> {
+/// `N` different ports of 127.0.0.1 that are free now (a caller that binds them
+/// later must handle a clash).
+pub fn free_ports<const N: usize>() -> Result<[u16; N]> {
     // Hold all listeners until every port is chosen, so the N ports differ.
     let mut listeners = Vec::with_capacity(N);
     let mut ports = [0u16; N];

@@ -95,6 +95,7 @@ pub use bins::{K8S_BINARIES, argocd_health_binary, converter_binary, k8s_bin_dir
 pub use certs::NODE_NAME;
 pub use control_plane::{
     ControlPlane, ControlPlaneOptions, DEFAULT_CONTROLLERS, PORT_ATTEMPTS, REAL_NODE_CONTROLLERS,
+    free_ports,
 };
 pub use error::{Error, Result};
 pub use fixtures::poison_values;

@@ -20,7 +20,7 @@ use serde_json::Value;
 use tokio::sync::OnceCell;
 
 use crate::util::{Source, World, snapshot, wait};
-use ckpt_testcluster::{ControlPlane, PORT_ATTEMPTS};
+use ckpt_testcluster::{ControlPlane, PORT_ATTEMPTS, free_ports};
 
 const RELEASE: &str = "ckpt";
 const SYSTEM_NS: &str = "ckpt-system";
@@ -192,12 +192,10 @@ pub async fn installed(w: &World) -> Result<&'static Installed> {
         .await
 }
 
-/// A port of 127.0.0.1 that is free now (the operator binds it later, on the host
-/// network).
+/// A port free now (the operator binds it later, on the host network).
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    let [port] = free_ports::<1>()?;
+    Ok(port)
 }
 
 /// Whether the operator's `log` says it could not bind its metrics `port` because
