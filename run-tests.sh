@@ -25,6 +25,21 @@ CACHE="${CKPT_CACHE:-$HOME/.cache/ckpt}"
 mkdir -p "$CACHE"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"
 export CKPT_CACHE="$CACHE"
+# Cargo keeps a workspace's build when the workspace moves, with the old checkout's
+# path compiled into it (tests find their files through env!("CARGO_MANIFEST_DIR")).
+# When the target directory was last used from another checkout, our own crates
+# are rebuilt; the dependencies' builds stay.
+checkout_mark="$CARGO_TARGET_DIR/.ckpt-checkout"
+if [ -d "$CARGO_TARGET_DIR" ] && [ "$(cat "$checkout_mark" 2>/dev/null)" != "$REPO" ]; then
+  echo "== $CARGO_TARGET_DIR was last used from $(cat "$checkout_mark" 2>/dev/null || echo 'an unknown checkout'): rebuilding this workspace's crates"
+  for pkg in $(cargo metadata --no-deps --format-version 1 |
+    python3 -c 'import json, sys; print(" ".join(p["name"] for p in json.load(sys.stdin)["packages"]))'); do
+    cargo clean --quiet -p "$pkg"
+    cargo clean --quiet -p "$pkg" --target "$(uname -m)-unknown-linux-musl"
+  done
+fi
+mkdir -p "$CARGO_TARGET_DIR"
+echo "$REPO" > "$checkout_mark"
 START=$(date +%s)
 SUMMARY=()
 

@@ -18,8 +18,8 @@
 //! itself only runs when an old value exists).
 //!
 //! Everything else does not define the output and never decides whether a conversion
-//! runs: `job` (how the Job runs) applies to the next Job the resource starts, and
-//! labels and annotations are not looked at. A conversion runs once; one that failed
+//! runs: `job` (how the Job runs) and `workers` (how many pods share it) apply to the
+//! next run the resource starts, and labels and annotations are not looked at. A conversion runs once; one that failed
 //! runs again only when `retry` is raised. One that succeeded never runs again. The
 //! apiserver enforces the rules with CEL, so invalid resources never reach the operator.
 //!
@@ -358,6 +358,14 @@ pub struct CheckpointConversionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1000))]
     pub retry: Option<i32>,
+    /// Pods that share one conversion (default 1): each index of an Indexed Job
+    /// writes its byte-balanced share of the output files into one staging
+    /// directory beside the target, then one more pod checks every part, validates
+    /// and publishes. The output is the same, byte for byte, for any number; like
+    /// `job`, a change applies to the next run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 128))]
+    pub workers: Option<i32>,
 }
 
 /// What the converter reported, parsed from its termination message.
@@ -447,4 +455,48 @@ pub struct CheckpointConversionStatus {
     /// What the converter reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<ConversionSummary>,
+    /// A run split across pods (`spec.workers` above 1): where its parts stand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parts: Option<PartsStatus>,
+}
+
+/// The parts of a split run.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PartsStatus {
+    /// The number of parts (the `spec.workers` the run started with).
+    pub workers: i32,
+    /// Parts whose pod completed.
+    pub done: i32,
+    /// Parts whose pod runs now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<i32>,
+    /// Parts that failed beyond their retries, as the Job lists them (`1,3-4`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub failed: Option<String>,
+    /// Tensor bytes the completed parts wrote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<i64>,
+    /// The part that took (or, while parts run, is taking) longest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slowest: Option<SlowestPart>,
+    /// The Job that checks the parts and publishes, once they are all done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finalize_job: Option<String>,
+}
+
+/// The slowest part of a split run: while parts run, the one running longest;
+/// once none runs, the one that took longest.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SlowestPart {
+    /// Its index.
+    pub index: i32,
+    /// Seconds its pod ran, once it completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<i64>,
+    /// When its pod started, while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_since: Option<Time>,
 }

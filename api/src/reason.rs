@@ -23,6 +23,8 @@ pub enum Reason {
     JobQueued,
     /// The Job was created; no pod runs yet.
     JobCreated,
+    /// Every part of a split run completed; the final step's Job was created.
+    PartsDone,
     /// The Job's pod runs.
     JobRunning,
     /// A pod of the Job failed and the Job starts another.
@@ -38,6 +40,11 @@ pub enum Reason {
     PreviousJobRunning,
     /// The Job finished (Running is False).
     Completed,
+    /// A deleted resource's split run left a staging directory, which was removed.
+    StagingRemoved,
+    /// A deleted resource's split run left a staging directory that could not be
+    /// removed (`ckpt-convert clean` removes it).
+    StagingNotRemoved,
     /// The Job failed (Running is False).
     JobFailed,
 
@@ -82,6 +89,9 @@ impl Reason {
             Reason::PvcNotFound => "PVCNotFound",
             Reason::JobQueued => "JobQueued",
             Reason::JobCreated => "JobCreated",
+            Reason::PartsDone => "PartsDone",
+            Reason::StagingRemoved => "StagingRemoved",
+            Reason::StagingNotRemoved => "StagingNotRemoved",
             Reason::JobRunning => "JobRunning",
             Reason::Retrying => "Retrying",
             Reason::PodCreationFailed => "PodCreationFailed",
@@ -123,6 +133,7 @@ impl Reason {
                 | Reason::NoValidationReport
                 | Reason::AttemptFailed
                 | Reason::ConverterWarning
+                | Reason::StagingNotRemoved
         )
     }
 }

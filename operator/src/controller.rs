@@ -8,7 +8,7 @@ use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Event as CoreEvent, PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -16,12 +16,15 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 
 use crate::api::CheckpointConversion;
+use crate::api::{PartsStatus, SlowestPart};
 use crate::claim;
-use crate::decide::{self, JobView, Observed, PodView};
+use crate::decide::{self, JobView, Observed, PartDone, PodView};
 use crate::job::{self, JobDefaults};
 use crate::metrics::Metrics;
 use crate::pace::Pacer;
 use crate::reason::Reason;
+use crate::step::Share;
+use ckpt_wire::Summary;
 
 /// The field manager of everything the operator applies.
 pub const MANAGER: &str = "ckpt-operator";
@@ -115,6 +118,21 @@ fn job_view(j: &Job) -> JobView {
         start_time: status.start_time.clone(),
         completion_time: status.completion_time.clone(),
         retry: label_number(j, job::RETRY_LABEL) as i32,
+        generation: label_number(j, job::GENERATION_LABEL),
+        share: share_of(j),
+    }
+}
+
+/// What a Job does of its run, from its labels.
+fn share_of(j: &Job) -> Share {
+    let workers = label_number(j, job::WORKERS_LABEL) as i32;
+    match j.labels().get(job::STAGE_LABEL).map(String::as_str) {
+        Some(job::STAGE_PARTS) => Share::Parts { workers },
+        Some(job::STAGE_FINALIZE) => Share::Finalize {
+            workers,
+            generation: label_number(j, job::GENERATION_LABEL),
+        },
+        _ => Share::Whole,
     }
 }
 
@@ -157,17 +175,156 @@ fn pod_view(p: &Pod) -> PodView {
             .and_then(|w| w.reason.map(|r| (r, w.message.unwrap_or_default())))
             .filter(|(r, _)| r != "ContainerCreating" && r != "PodInitializing"),
         unschedulable,
+        index: completion_index(p),
     }
+}
+
+/// The part a pod of an Indexed Job writes (the Job controller's label, or its
+/// annotation).
+fn completion_index(p: &Pod) -> Option<i32> {
+    p.labels()
+        .get(job::COMPLETION_INDEX_LABEL)
+        .or_else(|| p.annotations().get(job::COMPLETION_INDEX_LABEL))
+        .and_then(|v| v.parse().ok())
+}
+
+/// How many indexes a Job's `completedIndexes` lists (`1,3-5` is four).
+fn count_indexes(list: &str) -> i32 {
+    list.split(',')
+        .filter(|r| !r.is_empty())
+        .map(|r| match r.split_once('-') {
+            Some((a, b)) => match (a.parse::<i32>(), b.parse::<i32>()) {
+                (Ok(a), Ok(b)) if b >= a => b - a + 1,
+                _ => 0,
+            },
+            None => i32::from(r.parse::<i32>().is_ok()),
+        })
+        .sum()
+}
+
+/// Where the parts of a split run stand, from the parts' Job and its pods; and the
+/// parts that completed, for the metrics.
+fn parts_status(j: &Job, pods: &[Pod]) -> (PartsStatus, Vec<PartDone>) {
+    let status = j.status.clone().unwrap_or_default();
+    let workers = label_number(j, job::WORKERS_LABEL) as i32;
+    let done = status
+        .completed_indexes
+        .as_deref()
+        .map_or(status.succeeded.unwrap_or(0), count_indexes);
+    let phase = |p: &Pod| p.status.as_ref().and_then(|s| s.phase.clone());
+    let container = |p: &Pod| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.name == job::CONTAINER).cloned())
+            .and_then(|c| c.state)
+    };
+    // Each index's latest pod tells how that part went.
+    let mut latest: std::collections::BTreeMap<i32, &Pod> = std::collections::BTreeMap::new();
+    for p in pods {
+        if let Some(i) = completion_index(p) {
+            let newer = latest
+                .get(&i)
+                .is_none_or(|q| q.metadata.creation_timestamp <= p.metadata.creation_timestamp);
+            if newer {
+                latest.insert(i, p);
+            }
+        }
+    }
+    let mut parts_done = Vec::new();
+    let mut bytes = None;
+    let mut slowest_done: Option<SlowestPart> = None;
+    let mut slowest_running: Option<(i32, Time)> = None;
+    for (&i, p) in &latest {
+        let state = container(p);
+        match phase(p).as_deref() {
+            Some("Succeeded") => {
+                let t = state.and_then(|s| s.terminated);
+                let seconds = t
+                    .as_ref()
+                    .and_then(|t| Some((t.started_at.clone()?, t.finished_at.clone()?)))
+                    .map_or(0.0, |(a, b)| seconds_between(&a, &b));
+                let wrote = t
+                    .and_then(|t| t.message)
+                    .and_then(|m| Summary::parse(&m))
+                    .and_then(|s| s.bytes)
+                    .map_or(0, |b| i64::try_from(b).unwrap_or(i64::MAX));
+                bytes = Some(bytes.unwrap_or(0) + wrote);
+                parts_done.push(PartDone {
+                    bytes: wrote,
+                    seconds,
+                });
+                if slowest_done
+                    .as_ref()
+                    .is_none_or(|s| s.seconds.is_some_and(|x| (x as f64) < seconds))
+                {
+                    slowest_done = Some(SlowestPart {
+                        index: i,
+                        seconds: Some(seconds.round() as i64),
+                        running_since: None,
+                    });
+                }
+            }
+            Some("Running") => {
+                if let Some(since) = state.and_then(|s| s.running).and_then(|r| r.started_at)
+                    && slowest_running.as_ref().is_none_or(|(_, t)| since.0 < t.0)
+                {
+                    slowest_running = Some((i, since));
+                }
+            }
+            _ => {}
+        }
+    }
+    let running = latest
+        .values()
+        .filter(|p| phase(p).as_deref() == Some("Running"))
+        .count() as i32;
+    // While parts run, the one running longest (its start, which a status can keep
+    // without being rewritten every reconcile); once none runs, the longest.
+    let slowest = match slowest_running {
+        Some((index, since)) => Some(SlowestPart {
+            index,
+            seconds: None,
+            running_since: Some(since),
+        }),
+        None => slowest_done,
+    };
+    (
+        PartsStatus {
+            workers,
+            done,
+            running: (running > 0).then_some(running),
+            failed: status.failed_indexes.filter(|f| !f.is_empty()),
+            bytes,
+            slowest,
+            finalize_job: None,
+        },
+        parts_done,
+    )
+}
+
+fn seconds_between(a: &Time, b: &Time) -> f64 {
+    b.0.duration_since(a.0).as_secs_f64().max(0.0)
 }
 
 fn failed_pod(p: &Pod) -> bool {
     p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed")
 }
 
+/// The Jobs of `cr`'s runs.
+struct Runs {
+    /// The current run's Job that answers for it: of a split run, the final step's
+    /// once it exists.
+    current: Option<Job>,
+    /// Of a split run, the current run's parts' Job.
+    parts: Option<Job>,
+    /// A Job of an earlier run that has not finished.
+    previous: Option<String>,
+}
+
 /// The Jobs of `cr` (by label, and owned by this very resource: one created again
-/// under the same name does not inherit them): the current run's, and an earlier
-/// run's that has not finished.
-fn runs(cr: &CheckpointConversion, jobs: Vec<Job>) -> (Option<Job>, Option<String>) {
+/// under the same name does not inherit them).
+fn runs(cr: &CheckpointConversion, jobs: Vec<Job>) -> Runs {
     let uid = cr.metadata.uid.clone();
     let retry = i64::from(cr.spec.retry.unwrap_or(0));
     let mut mine: Vec<Job> = jobs
@@ -178,18 +335,49 @@ fn runs(cr: &CheckpointConversion, jobs: Vec<Job>) -> (Option<Job>, Option<Strin
                 .any(|r| Some(&r.uid) == uid.as_ref())
         })
         .collect();
-    mine.sort_by_key(|j| label_number(j, job::GENERATION_LABEL));
+    // By generation, and within one the final step after the parts it finishes.
+    mine.sort_by_key(|j| {
+        (
+            label_number(j, job::GENERATION_LABEL),
+            matches!(share_of(j), Share::Finalize { .. }),
+        )
+    });
     let current = mine
         .iter()
         .rev()
         .find(|j| label_number(j, job::RETRY_LABEL) == retry)
         .cloned();
+    let parts = current.as_ref().and_then(|c| {
+        let generation = label_number(c, job::GENERATION_LABEL);
+        mine.iter()
+            .find(|j| {
+                matches!(share_of(j), Share::Parts { .. })
+                    && label_number(j, job::GENERATION_LABEL) == generation
+                    && label_number(j, job::RETRY_LABEL) == retry
+            })
+            .cloned()
+    });
     let previous = mine
         .iter()
         .filter(|j| label_number(j, job::RETRY_LABEL) != retry && !job_view(j).finished())
         .map(ResourceExt::name_any)
         .next_back();
-    (current, previous)
+    Runs {
+        current,
+        parts,
+        previous,
+    }
+}
+
+async fn pods_of(ctx: &Context, ns: &str, job_name: &str) -> Result<Vec<Pod>, Error> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let mut list = pods
+        .list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job_name}")))
+        .await
+        .map_err(kube_err(format!("listing the pods of Job {ns}/{job_name}")))?
+        .items;
+    list.sort_by_key(|p| p.metadata.creation_timestamp.clone());
+    Ok(list)
 }
 
 async fn observe(cr: &CheckpointConversion, ctx: &Context, ns: &str) -> Result<Observed, Error> {
@@ -200,7 +388,11 @@ async fn observe(cr: &CheckpointConversion, ctx: &Context, ns: &str) -> Result<O
         .list(&ListParams::default().labels(&format!("{}={name}", job::CONVERSION_LABEL)))
         .await
         .map_err(kube_err(format!("listing the Jobs of {ns}/{name}")))?;
-    let (current, previous) = runs(cr, list.items);
+    let Runs {
+        current,
+        parts,
+        previous,
+    } = runs(cr, list.items);
     obs.previous_job = previous;
     if let Ok(inv) = crate::step::invocation(&cr.spec) {
         // The target is taken before any Job of a new run is created (see claim).
@@ -228,19 +420,25 @@ async fn observe(cr: &CheckpointConversion, ctx: &Context, ns: &str) -> Result<O
             }
         }
     }
+    let mut parts_pods = None;
+    if let Some(p) = &parts {
+        let pods = pods_of(ctx, ns, &p.name_any()).await?;
+        let (mut status, done) = parts_status(p, &pods);
+        if let Some(c) = current.as_ref().filter(|c| c.name_any() != p.name_any()) {
+            status.finalize_job = Some(c.name_any());
+        }
+        obs.parts = Some(status);
+        obs.parts_done = done;
+        parts_pods = Some((p.name_any(), pods));
+    }
     if let Some(j) = current {
         let job_name = j.name_any();
-        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-        let mut list = pods
-            .list(
-                &ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job_name}")),
-            )
-            .await
-            .map_err(kube_err(format!("listing the pods of Job {ns}/{job_name}")))?
-            .items;
         // The most recent pod tells the current story; the last failed one, why the
         // previous attempt ended.
-        list.sort_by_key(|p| p.metadata.creation_timestamp.clone());
+        let list = match parts_pods {
+            Some((name, pods)) if name == job_name => pods,
+            _ => pods_of(ctx, ns, &job_name).await?,
+        };
         obs.pod = list.last().map(pod_view);
         obs.failed_pod = list.iter().rev().find(|p| failed_pod(p)).map(pod_view);
         if list.is_empty() && !job_view(&j).finished() {
@@ -317,8 +515,11 @@ pub async fn reconcile(cr: Arc<CheckpointConversion>, ctx: Arc<Context>) -> Resu
     };
     if cr.metadata.deletion_timestamp.is_some() {
         // The Job and its pods go with the resource (owner references); the output
-        // on the PVC stays.
+        // on the PVC stays. A split run's staging is removed first.
         ctx.pacer.forget(&key);
+        if has_staging_finalizer(&cr) {
+            return clean_up_split(&cr, &ctx, &api, &ns).await;
+        }
         return Ok(Action::await_change());
     }
     let obs = observe(&cr, &ctx, &ns).await?;
@@ -332,6 +533,11 @@ pub async fn reconcile(cr: Arc<CheckpointConversion>, ctx: Arc<Context>) -> Resu
     ctx.metrics.jobs_waiting.set(ctx.pacer.waiting() as i64);
     let mut created = false;
     if let Some(inv) = &decision.create_job {
+        // The parts' staging outlives them; the finalizer keeps the resource until
+        // it is removed (or published), so it is there before any part runs.
+        if matches!(inv.share, Share::Parts { .. }) {
+            set_staging_finalizer(&api, &cr, true).await?;
+        }
         let job = job::build(&cr, inv, &ctx.defaults);
         let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
         let params = PostParams {
@@ -342,6 +548,13 @@ pub async fn reconcile(cr: Arc<CheckpointConversion>, ctx: Arc<Context>) -> Resu
             Ok(_) => {
                 created = true;
                 ctx.metrics.jobs_created.inc();
+                // The parts are counted once, when the Job that finishes them is made.
+                if matches!(inv.share, Share::Finalize { .. }) {
+                    for part in &obs.parts_done {
+                        ctx.metrics.part_bytes.observe(part.bytes as f64);
+                        ctx.metrics.part_seconds.observe(part.seconds);
+                    }
+                }
             }
             // Created by an earlier reconcile whose status write was lost: fine.
             Err(kube::Error::Api(s)) if s.code == 409 => {}
@@ -368,7 +581,8 @@ pub async fn reconcile(cr: Arc<CheckpointConversion>, ctx: Arc<Context>) -> Resu
     let reference = cr.object_ref(&());
     for n in &decision.events {
         // Only the reconcile that created the Job tells of it.
-        if n.reason == Reason::JobCreated.as_str() && !created {
+        let creates = [Reason::JobCreated.as_str(), Reason::PartsDone.as_str()];
+        if creates.contains(&n.reason.as_str()) && !created {
             continue;
         }
         let ev = Event {
@@ -386,6 +600,10 @@ pub async fn reconcile(cr: Arc<CheckpointConversion>, ctx: Arc<Context>) -> Resu
             // Events are best effort; status already carries the facts.
             tracing::warn!(error = %e, reason = %n.reason, "could not publish an event");
         }
+    }
+    // Published: the staging became the output, and nothing is left to remove.
+    if decision.status.phase.as_deref() == Some(crate::api::phase::SUCCEEDED) {
+        set_staging_finalizer(&api, &cr, false).await?;
     }
     if let Some(outcome) = decision.finished {
         let duration = match (
@@ -405,6 +623,162 @@ pub async fn reconcile(cr: Arc<CheckpointConversion>, ctx: Arc<Context>) -> Resu
     Ok(decision
         .requeue
         .map_or_else(Action::await_change, Action::requeue))
+}
+
+fn has_staging_finalizer(cr: &CheckpointConversion) -> bool {
+    cr.finalizers().iter().any(|f| f == job::STAGING_FINALIZER)
+}
+
+/// Adds or removes [`job::STAGING_FINALIZER`], keeping every other finalizer: a
+/// merge patch of the whole list with the resource's `resourceVersion`, so that a
+/// concurrent change of the list is a conflict (retried) rather than lost.
+async fn set_staging_finalizer(
+    api: &Api<CheckpointConversion>,
+    cr: &CheckpointConversion,
+    on: bool,
+) -> Result<(), Error> {
+    if has_staging_finalizer(cr) == on {
+        return Ok(());
+    }
+    let mut finalizers: Vec<String> = cr
+        .finalizers()
+        .iter()
+        .filter(|f| *f != job::STAGING_FINALIZER)
+        .cloned()
+        .collect();
+    if on {
+        finalizers.push(job::STAGING_FINALIZER.to_owned());
+    }
+    let patch = serde_json::json!({
+        "metadata": {"resourceVersion": cr.resource_version(), "finalizers": finalizers},
+    });
+    let name = cr.name_any();
+    match api
+        .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        // Gone meanwhile: nothing holds it any more.
+        Err(kube::Error::Api(s)) if s.code == 404 && !on => Ok(()),
+        Err(e) => Err(kube_err(format!(
+            "{} the finalizer of {name}",
+            if on { "adding" } else { "removing" }
+        ))(e)),
+    }
+}
+
+/// A deleted resource whose run was split across pods: its Jobs go first (their
+/// pods are told to stop), then, unless the run published, a Job removes the
+/// staging the parts shared (`ckpt-convert clean`), and then the finalizer goes.
+/// Each step is looked at again until it is done.
+async fn clean_up_split(
+    cr: &CheckpointConversion,
+    ctx: &Context,
+    api: &Api<CheckpointConversion>,
+    ns: &str,
+) -> Result<Action, Error> {
+    let name = cr.name_any();
+    let uid = cr.metadata.uid.clone().unwrap_or_default();
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
+    let labelled = ListParams::default().labels(&format!("{}={name}", job::CONVERSION_LABEL));
+    let list = jobs
+        .list(&labelled)
+        .await
+        .map_err(kube_err(format!("listing the Jobs of {ns}/{name}")))?;
+    let cleanup_name = job::cleanup_job_name(&name, &uid);
+    for j in list.items.iter().filter(|j| {
+        j.owner_references().iter().any(|r| r.uid == uid) && j.metadata.deletion_timestamp.is_none()
+    }) {
+        match jobs
+            .delete(&j.name_any(), &DeleteParams::background())
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(kube_err(format!("deleting Job {ns}/{}", j.name_any()))(e)),
+        }
+    }
+    // Until every pod of its runs is gone, a part may still write.
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let left = pods
+        .list(&labelled)
+        .await
+        .map_err(kube_err(format!("listing the pods of {ns}/{name}")))?
+        .items
+        .into_iter()
+        .filter(|p| p.labels().get("batch.kubernetes.io/job-name") != Some(&cleanup_name))
+        .count();
+    if left > 0 {
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
+    let published = crate::conditions::is_true(
+        &cr.status.clone().unwrap_or_default().conditions,
+        crate::conditions::types::SUCCEEDED,
+    );
+    if !published {
+        let done = match jobs
+            .get_opt(&cleanup_name)
+            .await
+            .map_err(kube_err(format!("reading Job {ns}/{cleanup_name}")))?
+        {
+            None => {
+                let clean = crate::step::clean(&cr.spec);
+                let job = job::cleanup(cr, &clean, &ctx.defaults);
+                let params = PostParams {
+                    field_manager: Some(MANAGER.into()),
+                    ..PostParams::default()
+                };
+                match jobs.create(&params, &job).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(s)) if s.code == 409 => {}
+                    Err(e) => {
+                        return Err(kube_err(format!("creating Job {ns}/{cleanup_name}"))(e));
+                    }
+                }
+                None
+            }
+            Some(j) => {
+                let view = job_view(&j);
+                view.finished().then_some(view)
+            }
+        };
+        let Some(view) = done else {
+            return Ok(Action::requeue(Duration::from_secs(2)));
+        };
+        let target = format!("{}:{}", cr.spec.target.pvc, cr.spec.target.path);
+        let (reason, note) = if view.complete {
+            (
+                Reason::StagingRemoved,
+                format!("Job {cleanup_name} removed what the split run left beside {target}"),
+            )
+        } else {
+            (
+                Reason::StagingNotRemoved,
+                format!(
+                    "Job {cleanup_name} could not remove what the split run left beside {target} ({}); `ckpt-convert clean` on the target's directory removes it",
+                    view.failure
+                        .map(|(r, m)| format!("{r}: {m}"))
+                        .unwrap_or_default()
+                ),
+            )
+        };
+        let ev = Event {
+            type_: if reason.is_warning() {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.as_str().to_owned(),
+            note: Some(note),
+            action: "Delete".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&ev, &cr.object_ref(&())).await {
+            tracing::warn!(error = %e, "could not publish an event");
+        }
+    }
+    set_staging_finalizer(api, cr, false).await?;
+    Ok(Action::await_change())
 }
 
 /// What to do after a failed reconcile: count it, and retry by kind.
@@ -994,7 +1368,7 @@ mod tests {
         };
         let mut cr = resource();
         cr.spec.retry = Some(1);
-        let (current, previous) = runs(
+        let r = runs(
             &cr,
             vec![
                 job("sft-to-hf-g1", 1, 0, "u-1", false),
@@ -1003,8 +1377,125 @@ mod tests {
                 job("sft-to-hf-g9", 9, 1, "u-other", false),
             ],
         );
-        assert_eq!(current.unwrap().name_any(), "sft-to-hf-g3");
-        assert_eq!(previous.as_deref(), Some("sft-to-hf-g1"));
+        assert_eq!(r.current.unwrap().name_any(), "sft-to-hf-g3");
+        assert_eq!(r.previous.as_deref(), Some("sft-to-hf-g1"));
+        assert!(r.parts.is_none());
+        // A split run: the final step's Job answers once it exists, the parts' Job
+        // of the same generation tells how the parts went; an edit since (a later
+        // generation, no Job of its own) changes neither.
+        let staged = |mut j: Job, stage: &str| {
+            let labels = j.metadata.labels.get_or_insert_default();
+            labels.insert(job::STAGE_LABEL.into(), stage.into());
+            labels.insert(job::WORKERS_LABEL.into(), "3".into());
+            j
+        };
+        let parts = staged(job("sft-to-hf-g3", 3, 1, "u-1", true), job::STAGE_PARTS);
+        let fin = staged(
+            job("sft-to-hf-g3-finalize", 3, 1, "u-1", false),
+            job::STAGE_FINALIZE,
+        );
+        cr.metadata.generation = Some(4);
+        let r = runs(&cr, vec![fin.clone(), parts.clone()]);
+        assert_eq!(r.current.unwrap().name_any(), "sft-to-hf-g3-finalize");
+        assert_eq!(r.parts.unwrap().name_any(), "sft-to-hf-g3");
+        assert_eq!(
+            share_of(&fin),
+            Share::Finalize {
+                workers: 3,
+                generation: 3
+            }
+        );
+        let r = runs(&cr, vec![parts]);
+        assert_eq!(r.current.unwrap().name_any(), "sft-to-hf-g3");
+        assert_eq!(r.parts.unwrap().name_any(), "sft-to-hf-g3");
+    }
+
+    #[test]
+    fn parts_are_counted_from_the_indexed_job_and_its_pods() {
+        assert_eq!(count_indexes("0,2-4,7"), 5);
+        assert_eq!(count_indexes(""), 0);
+        let parts: Job = serde_json::from_value(json!({
+            "metadata": {"name": "sft-to-hf-g1", "labels": {"ckpt.dev/stage": "parts", "ckpt.dev/workers": "4"}},
+            "status": {"completedIndexes": "0,2", "failedIndexes": "", "succeeded": 2, "active": 2, "failed": 1}
+        }))
+        .unwrap();
+        let pod = |index: i32, created: &str, state: Value, phase: &str| -> Pod {
+            serde_json::from_value(json!({
+                "metadata": {"name": format!("p{index}-{created}"), "creationTimestamp": created,
+                             "labels": {"batch.kubernetes.io/job-completion-index": index.to_string()}},
+                "status": {"phase": phase, "containerStatuses": [{"name": "convert", "image": "i", "imageID": "", "ready": false, "restartCount": 0, "state": state}]}
+            }))
+            .unwrap()
+        };
+        let done = |start: &str, end: &str, bytes: u64| {
+            json!({"terminated": {"exitCode": 0, "startedAt": start, "finishedAt": end,
+                                  "message": format!(r#"{{"v":1,"step":"convert/megatron_to_hf","status":"succeeded","bytes":{bytes}}}"#)}})
+        };
+        let pods = vec![
+            pod(
+                0,
+                "2026-01-01T00:00:00Z",
+                done("2026-01-01T00:00:01Z", "2026-01-01T00:00:11Z", 100),
+                "Succeeded",
+            ),
+            pod(
+                2,
+                "2026-01-01T00:00:00Z",
+                done("2026-01-01T00:00:01Z", "2026-01-01T00:00:31Z", 300),
+                "Succeeded",
+            ),
+            // Index 1 failed once and runs again; index 3 runs since earlier.
+            pod(
+                1,
+                "2026-01-01T00:00:00Z",
+                json!({"terminated": {"exitCode": 1}}),
+                "Failed",
+            ),
+            pod(
+                1,
+                "2026-01-01T00:00:20Z",
+                json!({"running": {"startedAt": "2026-01-01T00:00:21Z"}}),
+                "Running",
+            ),
+            pod(
+                3,
+                "2026-01-01T00:00:00Z",
+                json!({"running": {"startedAt": "2026-01-01T00:00:02Z"}}),
+                "Running",
+            ),
+        ];
+        let (status, done) = parts_status(&parts, &pods);
+        assert_eq!(
+            (status.workers, status.done, status.running, status.bytes),
+            (4, 2, Some(2), Some(400))
+        );
+        assert_eq!(status.failed, None);
+        let slowest = status.slowest.unwrap();
+        assert_eq!((slowest.index, slowest.seconds), (3, None));
+        assert_eq!(
+            slowest.running_since.unwrap().0.to_string(),
+            "2026-01-01T00:00:02Z"
+        );
+        assert_eq!(
+            done,
+            vec![
+                PartDone {
+                    bytes: 100,
+                    seconds: 10.0
+                },
+                PartDone {
+                    bytes: 300,
+                    seconds: 30.0
+                }
+            ]
+        );
+        // Once none runs, the one that took longest.
+        let (status, _) = parts_status(&parts, &pods[..2]);
+        let slowest = status.slowest.unwrap();
+        assert_eq!(
+            (slowest.index, slowest.seconds, slowest.running_since),
+            (2, Some(30), None)
+        );
     }
 
     #[test]

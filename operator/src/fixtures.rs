@@ -41,6 +41,7 @@ pub fn sft_to_hf() -> CheckpointConversion {
             parameters: None,
             job: None,
             retry: None,
+            workers: None,
         },
     );
     c.metadata.namespace = Some("training".into());

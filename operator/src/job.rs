@@ -16,7 +16,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 
 use crate::api::CheckpointConversion;
-use crate::step::Invocation;
+use crate::step::{Invocation, Share};
 
 /// Label on everything the operator creates for a conversion.
 pub const CONVERSION_LABEL: &str = "ckpt.dev/conversion";
@@ -24,6 +24,24 @@ pub const CONVERSION_LABEL: &str = "ckpt.dev/conversion";
 pub const GENERATION_LABEL: &str = "ckpt.dev/generation";
 /// Label with the `spec.retry` the Job was made for: the run it belongs to.
 pub const RETRY_LABEL: &str = "ckpt.dev/retry";
+/// Label of the Jobs of a split run: `parts` (the Indexed Job) or `finalize`.
+pub const STAGE_LABEL: &str = "ckpt.dev/stage";
+/// Label of the Jobs of a split run: the number of parts.
+pub const WORKERS_LABEL: &str = "ckpt.dev/workers";
+/// [`STAGE_LABEL`] of the Indexed Job that writes the parts.
+pub const STAGE_PARTS: &str = "parts";
+/// [`STAGE_LABEL`] of the Job that checks the parts and publishes.
+pub const STAGE_FINALIZE: &str = "finalize";
+/// [`STAGE_LABEL`] of the Job that removes a deleted split run's staging.
+pub const STAGE_CLEANUP: &str = "cleanup";
+/// The finalizer of a resource whose run is split across pods: its parts share a
+/// staging directory beside the target, which outlives them (a part run again
+/// reuses its files), so it is removed before the resource goes.
+pub const STAGING_FINALIZER: &str = "ckpt.dev/split-staging";
+/// How long a finished cleanup Job stays (it has no owner to go with).
+const CLEANUP_TTL_SECONDS: i32 = 300;
+/// The label the Job controller puts on each pod of an Indexed Job: its index.
+pub const COMPLETION_INDEX_LABEL: &str = "batch.kubernetes.io/job-completion-index";
 /// Annotation naming the operator replica that created the Job (its `--instance`,
 /// the pod name in the chart), so a reader can tell which leader acted.
 pub const CREATED_BY_ANNOTATION: &str = "ckpt.dev/created-by";
@@ -71,28 +89,83 @@ impl Default for JobDefaults {
 /// The Job name for a resource generation: deterministic, at most 63 characters
 /// (pod labels carry it), unique per generation.
 pub fn job_name(resource: &str, generation: i64) -> String {
-    let suffix = format!("-g{generation}");
-    if resource.len() + suffix.len() <= 63 {
+    name_within(resource, &format!("-g{generation}"), 63)
+}
+
+/// The name of the Job that does `share` of the run of `resource`'s generation
+/// `generation`. The parts' Job leaves room for `-INDEX` within 63 characters: the
+/// Job controller names each pod's host `JOB-INDEX`.
+pub fn run_job_name(resource: &str, generation: i64, share: Share) -> String {
+    match share {
+        Share::Whole => job_name(resource, generation),
+        Share::Parts { .. } => name_within(resource, &format!("-g{generation}"), 63 - 4),
+        Share::Finalize { .. } => name_within(resource, &format!("-g{generation}-finalize"), 63),
+    }
+}
+
+/// The name of the Job that removes the staging of resource `resource` (uid
+/// `uid`): a resource created again under the same name gets its own.
+pub fn cleanup_job_name(resource: &str, uid: &str) -> String {
+    let short: String = uid.chars().take(8).collect();
+    name_within(resource, &format!("-cleanup-{short}"), 63)
+}
+
+/// The Job that removes what the split run of the deleted `cr` left beside its
+/// target (`ckpt-convert clean`, which removes only staging that no process
+/// holds), mounting the target's directory only. It has no owner: it must outlive
+/// the resource it cleans for (a foreground deletion takes every dependent
+/// first), and goes by its TTL.
+pub fn cleanup(cr: &CheckpointConversion, clean: &Invocation, defaults: &JobDefaults) -> Job {
+    let mut job = build(cr, clean, defaults);
+    let uid = cr.metadata.uid.clone().unwrap_or_default();
+    job.metadata.name = Some(cleanup_job_name(&cr.name_any(), &uid));
+    job.metadata.owner_references = None;
+    let stage = |labels: &mut Option<BTreeMap<String, String>>| {
+        labels
+            .get_or_insert_default()
+            .insert(STAGE_LABEL.to_owned(), STAGE_CLEANUP.to_owned());
+    };
+    stage(&mut job.metadata.labels);
+    if let Some(spec) = job.spec.as_mut() {
+        spec.ttl_seconds_after_finished = Some(CLEANUP_TTL_SECONDS);
+        spec.active_deadline_seconds = None;
+        if let Some(meta) = spec.template.metadata.as_mut() {
+            stage(&mut meta.labels);
+        }
+    }
+    job
+}
+
+/// `resource` + `suffix` in at most `max` characters; when truncated, a short
+/// digest of the full name keeps it unique.
+fn name_within(resource: &str, suffix: &str, max: usize) -> String {
+    if resource.len() + suffix.len() <= max {
         return format!("{resource}{suffix}");
     }
-    // Keep it unique when truncating: a short digest of the full name.
     let digest = resource.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
     });
     let tag = format!("-{:08x}", digest as u32);
-    let keep = 63 - suffix.len() - tag.len();
+    let keep = max - suffix.len() - tag.len();
     let mut head = resource[..keep].trim_end_matches('-').to_owned();
     head.push_str(&tag);
-    head.push_str(&suffix);
+    head.push_str(suffix);
     head
 }
 
 /// Builds the Job that runs `inv` for `cr`.
+///
+/// The Job of a split run's parts is an Indexed Job, one index per part, each
+/// retried alone (`backoffLimitPerIndex`) and the whole Job failed as soon as one
+/// part has used its retries; the final step's Job is an ordinary one.
 pub fn build(cr: &CheckpointConversion, inv: &Invocation, defaults: &JobDefaults) -> Job {
-    let generation = cr.metadata.generation.unwrap_or(1);
-    let name = job_name(&cr.name_any(), generation);
+    let generation = match inv.share {
+        Share::Finalize { generation, .. } => generation,
+        _ => cr.metadata.generation.unwrap_or(1),
+    };
+    let name = run_job_name(&cr.name_any(), generation, inv.share);
     let opts = cr.spec.job.clone().unwrap_or_default();
-    let labels = BTreeMap::from([
+    let mut labels = BTreeMap::from([
         (
             "app.kubernetes.io/name".to_owned(),
             "ckpt-convert".to_owned(),
@@ -108,6 +181,17 @@ pub fn build(cr: &CheckpointConversion, inv: &Invocation, defaults: &JobDefaults
             cr.spec.retry.unwrap_or(0).to_string(),
         ),
     ]);
+    match inv.share {
+        Share::Whole => {}
+        Share::Parts { workers } | Share::Finalize { workers, .. } => {
+            let stage = match inv.share {
+                Share::Parts { .. } => STAGE_PARTS,
+                _ => STAGE_FINALIZE,
+            };
+            labels.insert(STAGE_LABEL.to_owned(), stage.to_owned());
+            labels.insert(WORKERS_LABEL.to_owned(), workers.to_string());
+        }
+    }
     // One volume per claim; a claim only ever mounted read-only is also read-only
     // at the volume level.
     let mut claims: Vec<(String, bool)> = Vec::new();
@@ -159,6 +243,11 @@ pub fn build(cr: &CheckpointConversion, inv: &Invocation, defaults: &JobDefaults
         ..VolumeMount::default()
     });
     let run_as_user = opts.run_as_user.unwrap_or(defaults.run_as_user);
+    let backoff_limit = opts.backoff_limit.unwrap_or(defaults.backoff_limit);
+    let parts = match inv.share {
+        Share::Parts { workers } => Some(workers),
+        _ => None,
+    };
     let container = Container {
         name: CONTAINER.into(),
         image: Some(opts.image.clone().unwrap_or_else(|| defaults.image.clone())),
@@ -167,7 +256,7 @@ pub fn build(cr: &CheckpointConversion, inv: &Invocation, defaults: &JobDefaults
             .clone()
             .or_else(|| defaults.image_pull_policy.clone()),
         command: Some(vec![defaults.command.clone()]),
-        args: Some(inv.args.clone()),
+        args: Some(inv.argv()),
         env: (!inv.env.is_empty()).then(|| {
             inv.env
                 .iter()
@@ -237,7 +326,17 @@ pub fn build(cr: &CheckpointConversion, inv: &Invocation, defaults: &JobDefaults
             ..ObjectMeta::default()
         },
         spec: Some(JobSpec {
-            backoff_limit: Some(opts.backoff_limit.unwrap_or(defaults.backoff_limit)),
+            backoff_limit: match inv.share {
+                // Each part has its own retries; the Job's default then allows any
+                // number in all.
+                Share::Parts { .. } => None,
+                _ => Some(backoff_limit),
+            },
+            completion_mode: parts.map(|_| "Indexed".to_owned()),
+            completions: parts,
+            parallelism: parts,
+            backoff_limit_per_index: parts.map(|_| backoff_limit),
+            max_failed_indexes: parts.map(|_| 0),
             ttl_seconds_after_finished: opts
                 .ttl_seconds_after_finished
                 .or(defaults.ttl_seconds_after_finished),
@@ -291,5 +390,92 @@ mod tests {
         assert!(n.ends_with("-g12"));
         assert_eq!(n, job_name(&long, 12));
         assert_ne!(job_name(&format!("{}b", "a".repeat(62)), 12), n);
+        let parts = run_job_name(&long, 12, Share::Parts { workers: 128 });
+        assert!(parts.len() + "-127".len() <= 63, "{parts}");
+        let fin = run_job_name(
+            &long,
+            12,
+            Share::Finalize {
+                workers: 128,
+                generation: 12,
+            },
+        );
+        assert!(fin.len() <= 63 && fin.ends_with("-g12-finalize"), "{fin}");
+        assert_eq!(
+            run_job_name("sft-to-hf", 2, Share::Parts { workers: 3 }),
+            "sft-to-hf-g2"
+        );
+    }
+
+    /// The cleanup Job of a deleted split run mounts the target's directory only,
+    /// runs `clean` on the target, and has no owner (it outlives the resource).
+    #[test]
+    fn the_cleanup_job_cleans_the_target_and_outlives_the_resource() {
+        let cr = crate::fixtures::sft_to_hf();
+        let job = cleanup(&cr, &crate::step::clean(&cr.spec), &JobDefaults::default());
+        assert_eq!(job.metadata.name.as_deref(), Some("sft-to-hf-cleanup-u-1"));
+        assert!(job.metadata.owner_references.is_none());
+        assert_eq!(
+            job.metadata.labels.as_ref().unwrap()[STAGE_LABEL],
+            STAGE_CLEANUP
+        );
+        assert_eq!(
+            job.metadata.labels.as_ref().unwrap()[CONVERSION_LABEL],
+            "sft-to-hf"
+        );
+        let spec = job.spec.unwrap();
+        assert_eq!(spec.ttl_seconds_after_finished, Some(CLEANUP_TTL_SECONDS));
+        let pod = spec.template.spec.unwrap();
+        let c = &pod.containers[0];
+        assert_eq!(c.args.as_deref().unwrap(), ["clean", "/data/target/sft-hf"]);
+        let mounts = c.volume_mounts.as_ref().unwrap();
+        assert_eq!(mounts[0].mount_path, "/data/target");
+        assert_eq!(mounts[0].sub_path.as_deref(), Some("output/convert"));
+        assert_eq!(mounts[0].read_only, None);
+        // The target claim and /tmp, nothing else.
+        assert_eq!(pod.volumes.unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_split_run_is_an_indexed_job_then_a_final_one() {
+        let cr = crate::fixtures::sft_to_hf();
+        let mut spec = cr.spec.clone();
+        spec.workers = Some(3);
+        let inv = crate::step::invocation(&spec).unwrap();
+        let defaults = JobDefaults::default();
+        let parts = build(&cr, &inv, &defaults);
+        let js = parts.spec.as_ref().unwrap();
+        assert_eq!(js.completion_mode.as_deref(), Some("Indexed"));
+        assert_eq!((js.completions, js.parallelism), (Some(3), Some(3)));
+        assert_eq!(js.backoff_limit_per_index, Some(defaults.backoff_limit));
+        assert_eq!((js.max_failed_indexes, js.backoff_limit), (Some(0), None));
+        let labels = parts.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels[STAGE_LABEL], STAGE_PARTS);
+        assert_eq!(labels[WORKERS_LABEL], "3");
+        let pod = js.template.spec.as_ref().unwrap();
+        let args = pod.containers[0].args.as_ref().unwrap();
+        assert_eq!(
+            args[args.len() - 2..],
+            ["workers=3", "part=$(JOB_COMPLETION_INDEX)"]
+        );
+        let fin = build(
+            &cr,
+            &inv.with_share(Share::Finalize {
+                workers: 3,
+                generation: 1,
+            }),
+            &defaults,
+        );
+        assert_eq!(fin.metadata.name.as_deref(), Some("sft-to-hf-g1-finalize"));
+        let js = fin.spec.as_ref().unwrap();
+        assert_eq!(js.completion_mode, None);
+        assert_eq!(js.backoff_limit, Some(defaults.backoff_limit));
+        let labels = fin.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels[STAGE_LABEL], STAGE_FINALIZE);
+        let args = js.template.spec.as_ref().unwrap().containers[0]
+            .args
+            .clone()
+            .unwrap();
+        assert_eq!(args[args.len() - 2..], ["workers=3", "finalize=true"]);
     }
 }

@@ -55,6 +55,10 @@ pub struct Metrics {
     pub jobs_created: Counter,
     /// Resources waiting for a Job creation slot (`--jobs-per-second`).
     pub jobs_waiting: Gauge,
+    /// Tensor bytes each pod of a split run's parts wrote.
+    pub part_bytes: Histogram,
+    /// How long each pod of a split run's parts ran.
+    pub part_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -108,8 +112,23 @@ impl Default for Metrics {
             "Resources waiting for a Job creation slot",
             jobs_waiting.clone(),
         );
+        // 1 MiB to 4 TiB, and 1 s to about 9 hours.
+        let part_bytes = Histogram::new(exponential_buckets(1_048_576.0, 4.0, 12));
+        let part_seconds = Histogram::new(exponential_buckets(1.0, 2.0, 16));
+        registry.register(
+            "part_bytes",
+            "Tensor bytes written by each pod of a split conversion's parts",
+            part_bytes.clone(),
+        );
+        registry.register(
+            "part_duration_seconds",
+            "How long each pod of a split conversion's parts ran",
+            part_seconds.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
+            part_bytes,
+            part_seconds,
             reconciles,
             errors,
             conversions,

@@ -39,17 +39,71 @@ pub struct Mount {
     pub read_only: bool,
 }
 
+/// What one Job of a run does: the whole conversion, or its share of a run split
+/// across pods (`spec.workers` above 1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Share {
+    /// The whole conversion, in one pod.
+    #[default]
+    Whole,
+    /// Every part, one per index of an Indexed Job: `workers=N part=I`.
+    Parts {
+        /// The number of parts.
+        workers: i32,
+    },
+    /// After every part completed: `workers=N finalize=true` checks the parts'
+    /// records, validates and publishes.
+    Finalize {
+        /// The number of parts.
+        workers: i32,
+        /// The generation the parts' Job was started for (and this Job is named
+        /// after): the resource may have been edited since.
+        generation: i64,
+    },
+}
+
+/// The environment variable the Job controller gives each pod of an Indexed Job:
+/// its index, which a container argument names as `$(JOB_COMPLETION_INDEX)`.
+pub const COMPLETION_INDEX_ENV: &str = "JOB_COMPLETION_INDEX";
+
 /// How to run the converter for a resource.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Invocation {
     /// The step.
     pub step: Step,
-    /// Arguments after the binary: `run STEP key=value ...`.
+    /// Arguments after the binary, without the split's: `run STEP key=value ...`.
     pub args: Vec<String>,
     /// Environment.
     pub env: Vec<(String, String)>,
     /// Mounts.
     pub mounts: Vec<Mount>,
+    /// What the Job does of the run.
+    pub share: Share,
+}
+
+impl Invocation {
+    /// The same conversion, doing `share` of it.
+    pub fn with_share(mut self, share: Share) -> Invocation {
+        self.share = share;
+        self
+    }
+
+    /// The container's arguments: the conversion's, then the split's.
+    pub fn argv(&self) -> Vec<String> {
+        let mut argv = self.args.clone();
+        match self.share {
+            Share::Whole => {}
+            Share::Parts { workers } => {
+                argv.push(format!("{}={workers}", names::WORKERS));
+                argv.push(format!("{}=$({COMPLETION_INDEX_ENV})", names::PART));
+            }
+            Share::Finalize { workers, .. } => {
+                argv.push(format!("{}={workers}", names::WORKERS));
+                argv.push(format!("{}=true", names::FINALIZE));
+            }
+        }
+        argv
+    }
 }
 
 /// A spec the operator cannot turn into a converter invocation (the CRD's CEL
@@ -75,8 +129,9 @@ pub const SET_BY_FIELDS: &[(&str, &str)] = &[
     (names::ALLOW_BASE_MISMATCH, "lora.allowBaseMismatch"),
 ];
 
-/// The parameters that split one conversion across processes: a resource's Job
-/// runs the whole conversion, so `spec.parameters` may not set them.
+/// The parameters that split one conversion across processes: the operator sets
+/// them from `spec.workers` on the Jobs of a split run, so `spec.parameters` may
+/// not set them.
 pub const SPLIT_ONLY: &[&str] = &[names::WORKERS, names::PART, names::FINALIZE];
 
 /// The parameters of one step as they are rendered, each the table's entry.
@@ -150,7 +205,7 @@ impl Rendered {
         }
         if SPLIT_ONLY.contains(&canonical) {
             return refuse(
-                "splits a conversion across processes (ckpt-convert run … workers=N part=I, then finalize); the operator runs a conversion as one Job"
+                "splits a conversion across pods: set spec.workers, and the operator runs every part and the final step"
                     .into(),
             );
         }
@@ -178,6 +233,25 @@ fn split_target(path: &str) -> (String, String) {
     match path.rsplit_once('/') {
         Some((parent, name)) => (parent.to_owned(), name.to_owned()),
         None => (String::new(), path.to_owned()),
+    }
+}
+
+/// The invocation that removes what a split run of `spec` left beside its
+/// target: `ckpt-convert clean TARGET`, with the target's directory mounted.
+pub fn clean(spec: &CheckpointConversionSpec) -> Invocation {
+    let (parent, name) = split_target(&spec.target.path);
+    let step = Step::for_kinds(spec.source.kind, spec.target.kind).unwrap_or(Step::Validate);
+    Invocation {
+        step,
+        args: vec!["clean".to_owned(), format!("{}/{name}", paths::TARGET)],
+        env: Vec::new(),
+        mounts: vec![Mount {
+            claim: spec.target.pvc.clone(),
+            mount_path: paths::TARGET.into(),
+            sub_path: parent,
+            read_only: false,
+        }],
+        share: Share::Whole,
     }
 }
 
@@ -335,6 +409,23 @@ pub fn invocation(spec: &CheckpointConversionSpec) -> Result<Invocation, Invalid
     for (name, value) in spec.parameters.iter().flatten() {
         params.set_extra(name, &value.0)?;
     }
+    let workers = spec.workers.unwrap_or(1);
+    let share = if workers > 1 {
+        if step.param(names::WORKERS).is_none() {
+            let splits: Vec<&str> = Step::ALL
+                .into_iter()
+                .filter(|s| s.param(names::WORKERS).is_some())
+                .map(Step::name)
+                .collect();
+            return Err(InvalidSpec(format!(
+                "workers: {step} runs in one pod (the converter splits {}); set workers to 1",
+                splits.join(" and ")
+            )));
+        }
+        Share::Parts { workers }
+    } else {
+        Share::Whole
+    };
     let mut args = vec!["run".to_owned(), step.name().to_owned()];
     args.extend(params.params.into_iter().map(|(k, v)| format!("{k}={v}")));
     if let Some(threads) = spec.job.as_ref().and_then(|j| j.threads) {
@@ -345,6 +436,7 @@ pub fn invocation(spec: &CheckpointConversionSpec) -> Result<Invocation, Invalid
         args,
         env,
         mounts,
+        share,
     })
 }
 
@@ -379,6 +471,7 @@ mod tests {
             parameters: None,
             job: None,
             retry: None,
+            workers: None,
         }
     }
 
@@ -399,10 +492,10 @@ mod tests {
         }
     }
 
-    fn keys(inv: &Invocation) -> Vec<&str> {
-        inv.args
+    fn keys(inv: &Invocation) -> Vec<String> {
+        inv.argv()
             .iter()
-            .filter_map(|a| a.split_once('=').map(|(k, _)| k))
+            .filter_map(|a| a.split_once('=').map(|(k, _)| k.to_owned()))
             .collect()
     }
 
@@ -559,16 +652,33 @@ mod tests {
     }
 
     /// Every parameter the converter documents for a conversion step can be set on a
-    /// resource: through a field of the spec, or through `spec.parameters`. Only the
-    /// spellings kept for the Python runners' command lines (no effect) and the
-    /// parameters of a split run (one Job runs the whole conversion) are not.
+    /// resource: through a field of the spec (the split's through `workers`), or
+    /// through `spec.parameters`. Only the spellings kept for the Python runners'
+    /// command lines (no effect) are not.
     #[test]
     fn every_documented_parameter_of_a_step_can_be_rendered() {
         for step in [Step::HfToMegatron, Step::MegatronToHf, Step::MergeLora] {
             let mut rendered: Vec<String> = Vec::new();
             for s in everything(step) {
                 let inv = invocation(&s).unwrap_or_else(|e| panic!("{step}: {e}"));
-                rendered.extend(keys(&inv).into_iter().map(str::to_owned));
+                assert_eq!(inv.share, Share::Whole);
+                rendered.extend(keys(&inv));
+                let mut split = s.clone();
+                split.workers = Some(3);
+                match invocation(&split) {
+                    Ok(parts) => {
+                        assert_eq!(parts.share, Share::Parts { workers: 3 });
+                        rendered.extend(keys(&parts));
+                        rendered.extend(keys(&parts.with_share(Share::Finalize {
+                            workers: 3,
+                            generation: 1,
+                        })));
+                    }
+                    Err(e) => assert!(
+                        step.param(names::WORKERS).is_none() && e.0.starts_with("workers: "),
+                        "{step}: {e}"
+                    ),
+                }
                 for name in SPLIT_ONLY {
                     let mut split = s.clone();
                     split
@@ -583,9 +693,6 @@ mod tests {
                 let rendered = rendered.iter().any(|r| r == p.name);
                 match p.value {
                     Value::Ignored => assert!(!rendered, "{step}: {} has no effect", p.name),
-                    _ if SPLIT_ONLY.contains(&p.name) => {
-                        assert!(!rendered, "{step}: {} is rendered", p.name)
-                    }
                     // Megatron-Bridge's base_hf_path stands in for hf_model_id, which
                     // the operator always passes.
                     _ if p.name == names::BASE_HF_PATH
@@ -594,6 +701,39 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `workers` above 1 runs the parts as an Indexed Job whose pods find their
+    /// part in the variable the Job controller sets, and the final step after them.
+    #[test]
+    fn workers_split_the_run_into_parts_and_a_final_step() {
+        let mut s = spec(ArtifactKind::CheckpointMegatron, ArtifactKind::CheckpointHf);
+        s.workers = Some(1);
+        assert_eq!(invocation(&s).unwrap().share, Share::Whole);
+        s.workers = Some(4);
+        let parts = invocation(&s).unwrap();
+        let argv = parts.argv();
+        assert_eq!(argv[..parts.args.len()], parts.args[..]);
+        assert_eq!(
+            argv[parts.args.len()..],
+            ["workers=4", "part=$(JOB_COMPLETION_INDEX)"]
+        );
+        let fin = parts.clone().with_share(Share::Finalize {
+            workers: 4,
+            generation: 1,
+        });
+        assert_eq!(
+            fin.argv()[parts.args.len()..],
+            ["workers=4", "finalize=true"]
+        );
+        // A step the converter does not split is refused with the steps it does.
+        let mut merge = spec(ArtifactKind::CheckpointLora, ArtifactKind::CheckpointHf);
+        merge.lora = Some(lora(LoraBackend::HfPeft));
+        merge.workers = Some(2);
+        assert_eq!(
+            invocation(&merge).unwrap_err().0,
+            "workers: convert/merge_lora runs in one pod (the converter splits convert/hf_to_megatron and convert/megatron_to_hf); set workers to 1"
+        );
     }
 
     #[test]

@@ -322,6 +322,8 @@ pub fn manifest(profile: &Profile, req: &Request, namespace: &str) -> Result<Che
     let parallelism =
         (par.tp.is_some() || par.pp.is_some() || par.ep.is_some() || par.etp.is_some())
             .then_some(par);
+    // The operator runs the parts and the final step itself: `workers` alone.
+    let workers = t.int(names::WORKERS)?;
     let enabled = t.flag("validate")?;
     let smoke_test = t.flag("smoke_test")?;
     let validation = (enabled.is_some() || smoke_test.is_some()).then_some(ValidationSpec {
@@ -342,11 +344,11 @@ pub fn manifest(profile: &Profile, req: &Request, namespace: &str) -> Result<Che
                 why: "the CheckpointConversion resource has no field for this path: run the step locally or with a slurm profile".into(),
             });
         }
-        if [names::WORKERS, names::PART, names::FINALIZE].contains(&name) {
+        if [names::PART, names::FINALIZE].contains(&name) {
             return Err(Error::Param {
                 param,
                 value,
-                why: "a CheckpointConversion runs the whole conversion in one Job: split it locally or with a slurm profile".into(),
+                why: "the operator runs every part and the final step of a CheckpointConversion itself: give workers=N alone".into(),
             });
         }
         parameters.insert(name.to_owned(), Parameter(value));
@@ -385,6 +387,7 @@ pub fn manifest(profile: &Profile, req: &Request, namespace: &str) -> Result<Che
         parameters: (!parameters.is_empty()).then_some(parameters),
         job: job_options(profile, req)?,
         retry: None,
+        workers,
     };
     let name = resource_name(req.step, &spec);
     let mut cr = CheckpointConversion::new(&name, spec);
@@ -642,9 +645,17 @@ resources = { requests = { cpu = "8", memory = "32Gi" } }
         r.params.insert("workers".into(), "2".into());
         r.params.insert("part".into(), "0".into());
         let split = manifest(&lepton(), &r, "t").unwrap_err().to_string();
-        assert!(split.contains("one Job"), "{split}");
-        r.params.remove("workers");
+        assert!(split.contains("give workers=N alone"), "{split}");
         r.params.remove("part");
+        let cr = manifest(&lepton(), &r, "t").unwrap();
+        assert_eq!(cr.spec.workers, Some(2));
+        assert!(
+            cr.spec
+                .parameters
+                .as_ref()
+                .is_none_or(|p| !p.contains_key("workers"))
+        );
+        r.params.remove("workers");
         r.overwrite = true;
         assert!(
             manifest(&lepton(), &r, "t")

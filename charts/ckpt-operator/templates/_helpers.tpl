@@ -127,10 +127,11 @@ with the expected rules in operator/tests/cluster/chart.rs.
 */}}
 {{- define "ckpt-operator.rules" -}}
 # Watch resources (Controller::new), and read each afresh before deciding (and the
-# owner of a claimed target).
+# owner of a claimed target); add and remove the finalizer of a run split across
+# pods (its shared staging directory is removed before the resource goes).
 - apiGroups: ["ckpt.dev"]
   resources: ["checkpointconversions"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["get", "list", "watch", "patch"]
 # Server-side apply of status (patch_status).
 - apiGroups: ["ckpt.dev"]
   resources: ["checkpointconversions/status"]
@@ -141,10 +142,11 @@ with the expected rules in operator/tests/cluster/chart.rs.
 - apiGroups: ["ckpt.dev"]
   resources: ["checkpointconversions/finalizers"]
   verbs: ["update"]
-# Owned Jobs: watched (Controller::owns), listed per resource, created per run.
+# Owned Jobs: watched (Controller::owns), listed per resource, created per run;
+# a deleted split run's Jobs deleted, and its cleanup Job read.
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["list", "watch", "create"]
+  verbs: ["get", "list", "watch", "create", "delete"]
 # The Jobs' pods: watched and listed for exit codes, termination messages and why
 # a pod waits.
 - apiGroups: [""]

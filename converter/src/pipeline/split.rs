@@ -227,6 +227,12 @@ impl std::fmt::Write for Hasher {
 /// that change what is written, the sources' identities, and the plan (every
 /// file with its length and fixed bytes, every piece with its inputs, dtype,
 /// shape, transform and destination offset, the generated and copied files).
+///
+/// Where a process sees its sources is not part of it: the sources are known by
+/// their content (files, sizes, header and side-file digests), and the parts and
+/// the final step may see one checkpoint under different mount points (a pod's
+/// volume, a Slurm node's mount). Nor are the bytes of the files the final step
+/// generates or copies itself, which may name those paths.
 pub fn fingerprint(
     step: Step,
     parameters: &BTreeMap<String, String>,
@@ -235,16 +241,18 @@ pub fn fingerprint(
 ) -> String {
     let mut h = Hasher(Xxh3::new());
     let defines = |k: &str| {
-        step.params()
-            .iter()
-            .any(|p| (p.name == k || p.alias == Some(k)) && p.defines_output())
+        step.params().iter().any(|p| {
+            (p.name == k || p.alias == Some(k))
+                && p.defines_output()
+                && p.role != ckpt_wire::Role::Input
+        })
     };
     let _ = writeln!(h, "step {}", step.name());
     for (k, v) in parameters.iter().filter(|(k, _)| defines(k)) {
         let _ = writeln!(h, "param {k}={v}");
     }
     for s in sources {
-        let _ = writeln!(h, "source {} {} {}", s.role, s.path.display(), s.kind);
+        let _ = writeln!(h, "source {} {}", s.role, s.kind);
         for f in &s.files {
             let _ = writeln!(h, "  {} {} {:?}", f.path, f.size, f.header_xxh3);
         }
@@ -270,11 +278,13 @@ pub fn fingerprint(
     for p in pieces {
         let _ = writeln!(h, "piece {p:032x}");
     }
+    // The final step writes these itself, so the parts need agree only on their
+    // names (their bytes may name where the final step sees its sources).
     for g in &plan.generated {
-        let _ = writeln!(h, "generated {} {:032x}", g.rel, xxh3_128(&g.bytes));
+        let _ = writeln!(h, "generated {}", g.rel);
     }
     for c in &plan.copied {
-        let _ = writeln!(h, "copied {} {} {}", c.rel, c.from.display(), c.kind);
+        let _ = writeln!(h, "copied {} {}", c.rel, c.kind);
     }
     crate::formats::digest::format_digest(h.0.digest128())
 }

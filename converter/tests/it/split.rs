@@ -34,29 +34,13 @@ fn tiny_moe(dir: &Path) {
 /// the validation report their JSON without what differs between any two runs
 /// (`created`, `seconds`, and the smoke test's time at the end of a `detail`).
 fn tree(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    fn strip(v: &mut Value) {
-        match v {
-            Value::Object(m) => {
-                m.remove("created");
-                m.remove("seconds");
-                if let Some(Value::String(d)) = m.get_mut("detail")
-                    && let Some(at) = d.rfind(", ").filter(|&at| d[at..].ends_with(" s"))
-                {
-                    d.truncate(at);
-                }
-                m.values_mut().for_each(strip);
-            }
-            Value::Array(a) => a.iter_mut().for_each(strip),
-            _ => {}
-        }
-    }
     let mut out = BTreeMap::new();
     for p in files_under(dir) {
         let mut bytes = std::fs::read(&p).unwrap();
         let name = p.file_name().unwrap().to_string_lossy();
         if name == "ckpt-manifest.json" || name == "ckpt-validation.json" {
             let mut v: Value = serde_json::from_slice(&bytes).unwrap();
-            strip(&mut v);
+            ckpt_testcluster::without_run_times(&mut v);
             bytes = serde_json::to_vec_pretty(&v).unwrap();
         }
         out.insert(p.strip_prefix(dir).unwrap().to_owned(), bytes);
@@ -259,17 +243,50 @@ fn finalize_publishes_nothing_until_every_part_is_done_and_refuses_another_plan(
     assert!(!shared.exists(), "{:?}", w.ls("run"));
 }
 
-#[cfg(feature = "failpoints")]
-#[test]
-fn a_part_killed_mid_write_is_run_again_alone() {
-    let w = Workdir::new();
+/// A tiny Llama at `src` converted to Megatron (four `.distcp` files) by one
+/// process into `single/`; returns the source and the conversion's arguments
+/// (writing `run/`).
+fn single_tiny_run(w: &Workdir) -> (PathBuf, Vec<String>) {
     let src = w.hf("src", &ModelShape::tiny_llama(), 20_000);
     let args = with(
-        &to_megatron_args(&w, &src, "run"),
+        &to_megatron_args(w, &src, "run"),
         &["distcp_files=4".into()],
     );
     run(&args).assert_exit(0);
     std::fs::rename(w.path("run"), w.path("single")).unwrap();
+    (src, args)
+}
+
+/// Parts that see the source under another path (a pod's volume, a Slurm node's
+/// mount point) share one plan: a source is known by its content.
+#[test]
+fn parts_may_see_the_source_under_another_path() {
+    let w = Workdir::new();
+    let (src, args) = single_tiny_run(&w);
+    // The same files, hard-linked under another name.
+    let other = w.path("src-elsewhere");
+    std::fs::create_dir(&other).unwrap();
+    for f in files_under(&src) {
+        std::fs::hard_link(&f, other.join(f.file_name().unwrap())).unwrap();
+    }
+    let moved = to_megatron_args(&w, &other, "run");
+    assert_ne!(moved, to_megatron_args(&w, &src, "run"));
+    let moved = with(&moved, &["distcp_files=4".into()]);
+    run(&with(&moved, &["workers=2".into(), "part=0".into()])).assert_exit(0);
+    run(&with(&args, &["workers=2".into(), "part=1".into()])).assert_exit(0);
+    run(&with(&args, &["workers=2".into(), "finalize".into()])).assert_exit(0);
+    assert_same(
+        &w.path("single/iter_0000000"),
+        &w.path("run/iter_0000000"),
+        "a part reading the source elsewhere",
+    );
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_part_killed_mid_write_is_run_again_alone() {
+    let w = Workdir::new();
+    let (_, args) = single_tiny_run(&w);
     let part = |i: usize| with(&args, &["workers=3".into(), format!("part={i}")]);
     run(&part(0)).assert_exit(0);
     run(&part(2)).assert_exit(0);

@@ -24,3 +24,24 @@ pub fn poison_values(dir: &Path) {
     bytes[n - 64..].fill(0xFF);
     std::fs::write(shard, bytes).expect("rewriting the shard");
 }
+
+/// Removes from a manifest or validation report (`ckpt-manifest.json`,
+/// `ckpt-validation.json`) what differs between any two runs of one conversion:
+/// `created`, `seconds`, and the time at the end of a check's `detail`
+/// (`…, 0.41 s`). What is left is the same for runs that wrote the same output.
+pub fn without_run_times(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            m.remove("created");
+            m.remove("seconds");
+            if let Some(serde_json::Value::String(d)) = m.get_mut("detail")
+                && let Some(at) = d.rfind(", ").filter(|&at| d[at..].ends_with(" s"))
+            {
+                d.truncate(at);
+            }
+            m.values_mut().for_each(without_run_times);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(without_run_times),
+        _ => {}
+    }
+}

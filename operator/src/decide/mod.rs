@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use crate::api::{CheckpointConversion, CheckpointConversionStatus};
-use crate::step::Invocation;
+use crate::api::{CheckpointConversion, CheckpointConversionStatus, PartsStatus};
+use crate::step::{Invocation, Share};
 
 /// What was observed of a Job of the resource.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -40,6 +40,10 @@ pub struct JobView {
     pub completion_time: Option<Time>,
     /// The `spec.retry` it was started for.
     pub retry: i32,
+    /// The generation it was started for.
+    pub generation: i64,
+    /// What it does of the run (its labels say).
+    pub share: Share,
 }
 
 impl JobView {
@@ -60,13 +64,30 @@ pub struct PodView {
     pub waiting: Option<(String, String)>,
     /// Why the pod is not scheduled (`Unschedulable`), with the scheduler's message.
     pub unschedulable: Option<String>,
+    /// The part it writes, in the Indexed Job of a split run.
+    pub index: Option<i32>,
+}
+
+/// One part of a split run that completed, for the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PartDone {
+    /// Tensor bytes it wrote.
+    pub bytes: i64,
+    /// Seconds its pod ran.
+    pub seconds: f64,
 }
 
 /// Everything the decision depends on besides the resource.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Observed {
-    /// The Job of the current run (the one started for the resource's `spec.retry`).
+    /// The Job of the current run (the one started for the resource's `spec.retry`)
+    /// that answers for it now: of a split run, the final step's once it exists.
     pub job: Option<JobView>,
+    /// Of a split run, where its parts stand (from the parts' Job and pods, while
+    /// that Job exists).
+    pub parts: Option<PartsStatus>,
+    /// Of a split run, the parts that completed.
+    pub parts_done: Vec<PartDone>,
     /// Its most recent pod.
     pub pod: Option<PodView>,
     /// Its most recent failed pod (the last failed attempt).
@@ -133,6 +154,7 @@ mod tests {
     use crate::api::ArtifactKind;
     use crate::conditions::{self, types};
     use crate::fixtures::{at, sft_to_hf as cr};
+    use crate::step::Share;
 
     fn cond<'a>(d: &'a Decision, t: &str) -> (&'a str, &'a str) {
         let c =
@@ -645,6 +667,155 @@ mod tests {
         // Told once.
         let again = decide(&with_status(cr(), &d), &completed(reused), &at(10));
         assert!(again.events.is_empty(), "{:?}", again.events);
+    }
+
+    /// A split run: the parts' Indexed Job, then, once every part completed, the
+    /// final step's Job, named after the parts' generation even when the resource
+    /// was edited since; the parts' progress in the status throughout; success
+    /// only from the final step.
+    #[test]
+    fn a_split_run_finishes_its_parts_then_publishes_in_a_final_step() {
+        let mut split = cr();
+        split.spec.workers = Some(3);
+        let d = decide(&split, &Observed::default(), &at(1));
+        let inv = d.create_job.clone().unwrap();
+        assert_eq!(inv.share, Share::Parts { workers: 3 });
+        assert_eq!(d.status.job_name.as_deref(), Some("sft-to-hf-g1"));
+        assert_eq!(
+            d.status.parts.as_ref().map(|p| (p.workers, p.done)),
+            Some((3, 0))
+        );
+        assert!(d.status.message.as_deref().unwrap().ends_with("in 3 parts"));
+        let parts_job = |active: i32, succeeded: i32, complete: bool| JobView {
+            name: "sft-to-hf-g1".into(),
+            active,
+            succeeded,
+            complete,
+            generation: 1,
+            share: Share::Parts { workers: 3 },
+            ..JobView::default()
+        };
+        let parts = |done: i32| PartsStatus {
+            workers: 3,
+            done,
+            ..PartsStatus::default()
+        };
+        let running = Observed {
+            job: Some(parts_job(2, 1, false)),
+            parts: Some(parts(1)),
+            pod: Some(PodView {
+                index: Some(2),
+                ..PodView::default()
+            }),
+            ..Observed::default()
+        };
+        let d = decide(&with_status(split.clone(), &d), &running, &at(2));
+        assert!(d.create_job.is_none());
+        assert_eq!(cond(&d, types::RUNNING), ("True", "JobRunning"));
+        assert!(
+            d.status
+                .message
+                .as_deref()
+                .unwrap()
+                .ends_with("1/3 parts done"),
+            "{:?}",
+            d.status.message
+        );
+        // Every part done; meanwhile a Job setting was edited (generation 2).
+        let mut edited = with_status(split.clone(), &d);
+        edited.metadata.generation = Some(2);
+        let all_done = Observed {
+            job: Some(parts_job(0, 3, true)),
+            parts: Some(parts(3)),
+            ..Observed::default()
+        };
+        let d = decide(&edited, &all_done, &at(3));
+        let fin = d.create_job.clone().expect("the final step's Job");
+        assert_eq!(
+            fin.share,
+            Share::Finalize {
+                workers: 3,
+                generation: 1
+            }
+        );
+        assert_eq!(d.status.job_name.as_deref(), Some("sft-to-hf-g1-finalize"));
+        assert_eq!(
+            d.status.parts.as_ref().unwrap().finalize_job.as_deref(),
+            Some("sft-to-hf-g1-finalize")
+        );
+        assert_eq!(cond(&d, types::RUNNING), ("True", "PartsDone"));
+        assert!(conditions::get(&d.status.conditions, types::SUCCEEDED).is_none());
+        assert_eq!(reasons(&d), vec!["PartsDone"]);
+        // The final step answers from here; its success is the run's.
+        let mut finished = completed(SUMMARY);
+        let job = finished.job.as_mut().unwrap();
+        job.name = "sft-to-hf-g1-finalize".into();
+        job.generation = 1;
+        job.share = fin.share;
+        finished.parts = Some(PartsStatus {
+            finalize_job: Some("sft-to-hf-g1-finalize".into()),
+            ..parts(3)
+        });
+        let done = decide(&with_status(edited.clone(), &d), &finished, &at(60));
+        assert!(done.create_job.is_none());
+        assert_eq!(
+            cond(&done, types::SUCCEEDED),
+            ("True", "ConversionSucceeded")
+        );
+        assert_eq!(done.finished, Some("succeeded"));
+        assert_eq!(done.status.parts.as_ref().unwrap().done, 3);
+        // The parts' Job gone with its TTL: what the status said of the parts stays.
+        finished.parts = None;
+        let later = decide(&with_status(edited, &done), &finished, &at(70));
+        assert_eq!(later.status.parts, done.status.parts);
+        assert!(later.events.is_empty(), "{:?}", later.events);
+    }
+
+    #[test]
+    fn a_failed_part_fails_the_run_naming_the_part() {
+        let mut split = cr();
+        split.spec.workers = Some(2);
+        let first = decide(&split, &Observed::default(), &at(1));
+        let failed_pod = PodView {
+            exit_code: Some(1),
+            message: Some("error: disk full".into()),
+            index: Some(1),
+            ..PodView::default()
+        };
+        let obs = Observed {
+            job: Some(JobView {
+                name: "sft-to-hf-g1".into(),
+                failed: 3,
+                failure: Some(("FailedIndexes".into(), "Job has failed indexes".into())),
+                generation: 1,
+                share: Share::Parts { workers: 2 },
+                ..JobView::default()
+            }),
+            parts: Some(PartsStatus {
+                workers: 2,
+                done: 1,
+                failed: Some("1".into()),
+                ..PartsStatus::default()
+            }),
+            pod: Some(failed_pod.clone()),
+            failed_pod: Some(failed_pod),
+            ..Observed::default()
+        };
+        let d = decide(&with_status(split, &first), &obs, &at(5));
+        assert!(d.create_job.is_none());
+        let (_, reason, message) = {
+            let c = conditions::get(&d.status.conditions, types::FAILED).unwrap();
+            (c.status.clone(), c.reason.clone(), c.message.clone())
+        };
+        assert_eq!(reason, "BackoffLimitExceeded");
+        let (first, rest) = message.split_once('\n').unwrap();
+        assert_eq!(first, "part 1: converter exited 1: error: disk full");
+        assert!(rest.contains("raising spec.retry"), "{rest}");
+        assert_eq!(
+            d.status.message.as_deref(),
+            Some("part 1: converter exited 1: error: disk full")
+        );
+        assert_eq!(d.status.parts.unwrap().failed.as_deref(), Some("1"));
     }
 
     #[test]

@@ -7,6 +7,7 @@ use crate::api::CheckpointConversion;
 use crate::conditions::{self, types};
 use crate::job::EXIT_PREFLIGHT;
 use crate::reason::Reason;
+use crate::step::Share;
 use ckpt_wire::Summary;
 
 /// Where the run stands.
@@ -19,6 +20,8 @@ pub enum Outcome {
     /// Finished earlier and stays so: a success is never repeated, and a failure of
     /// this `retry` whose Job is gone (its TTL) is still the answer.
     Keep,
+    /// Every part of a split run completed: start the final step's Job.
+    Finalize(JobView, i32),
     /// The Job exists and has not finished.
     InProgress(JobView, Progress),
     /// The Job completed.
@@ -65,11 +68,15 @@ pub fn attempt_error(pod: &PodView) -> String {
     let error = wire
         .and_then(|w| w.error)
         .or_else(|| pod.message.clone().filter(|m| !m.trim().is_empty()));
-    match (error, exit) {
+    let said = match (error, exit) {
         (Some(e), Some(code)) => format!("converter exited {code}: {}", e.trim()),
         (Some(e), None) => e.trim().to_owned(),
         (None, Some(code)) => format!("converter exited {code}"),
         (None, None) => "the pod failed without a message".into(),
+    };
+    match pod.index {
+        Some(i) => format!("part {i}: {said}"),
+        None => said,
     }
 }
 
@@ -90,6 +97,9 @@ pub fn outcome(cr: &CheckpointConversion, obs: &Observed) -> Outcome {
         return Outcome::Start;
     };
     if job.complete {
+        if let Share::Parts { workers } = job.share {
+            return Outcome::Finalize(job, workers);
+        }
         let wire = wire_of(obs.pod.as_ref());
         return Outcome::Succeeded(job, wire);
     }
@@ -153,7 +163,10 @@ fn failure(job: &JobView, job_reason: &str, job_message: &str, obs: &Observed) -
         {
             Reason::ValidationFailed
         }
-        ("BackoffLimitExceeded", _) => Reason::BackoffLimitExceeded,
+        // A split run's part that used its own retries (`backoffLimitPerIndex`).
+        ("BackoffLimitExceeded" | "MaxFailedIndexesExceeded" | "FailedIndexes", _) => {
+            Reason::BackoffLimitExceeded
+        }
         _ => Reason::ConverterFailed,
     };
     let message = match (pod, &converter_error) {

@@ -8,11 +8,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use super::admit::Refusal;
 use super::outcome::{self, Failure, Outcome, Progress};
 use super::{Decision, JobView, Note, Observed, phase};
-use crate::api::{CheckpointConversion, CheckpointConversionStatus, ConversionSummary};
+use crate::api::{
+    CheckpointConversion, CheckpointConversionStatus, ConversionSummary, PartsStatus,
+};
 use crate::conditions::{self, types};
-use crate::job::job_name;
+use crate::job::run_job_name;
 use crate::reason::Reason;
-use crate::step::Invocation;
+use crate::step::{Invocation, Share};
 use ckpt_wire::Summary;
 
 use crate::summary::to_status;
@@ -160,8 +162,16 @@ pub fn admitted(
         ),
     );
     b.emit(types::ACCEPTED, &Reason::Accepted);
+    // The parts of a split run as last seen: kept while their Job is gone (its TTL)
+    // and the final step's answers.
+    match (&obs.parts, &obs.job) {
+        (Some(parts), _) => b.st.parts = Some(parts.clone()),
+        (None, Some(job)) if job.share == Share::Whole => b.st.parts = None,
+        _ => {}
+    }
     match outcome {
         Outcome::Start => start(b, inv),
+        Outcome::Finalize(job, workers) => finalize(b, obs, inv, job, workers),
         Outcome::WaitForPrevious(previous) => {
             let reason = Reason::PreviousJobRunning;
             b.set(
@@ -186,7 +196,11 @@ pub fn admitted(
 
 fn start(mut b: Builder<'_>, inv: Invocation) -> Decision {
     let generation = b.cr.metadata.generation.unwrap_or(1);
-    let name = job_name(&b.cr.metadata.name.clone().unwrap_or_default(), generation);
+    let name = run_job_name(
+        &b.cr.metadata.name.clone().unwrap_or_default(),
+        generation,
+        inv.share,
+    );
     // A new run starts over.
     b.remove(types::SUCCEEDED);
     b.remove(types::FAILED);
@@ -197,16 +211,63 @@ fn start(mut b: Builder<'_>, inv: Invocation) -> Decision {
     b.st.failed_attempts = None;
     b.st.retry = Some(b.cr.spec.retry.unwrap_or(0));
     b.st.job_name = Some(name.clone());
+    let (message, parts) = match inv.share {
+        Share::Parts { workers } => (
+            format!("created Job {name} running {} in {workers} parts", inv.step),
+            Some(PartsStatus {
+                workers,
+                ..PartsStatus::default()
+            }),
+        ),
+        _ => (format!("created Job {name} running {}", inv.step), None),
+    };
+    b.st.parts = parts;
     let reason = Reason::JobCreated;
+    b.set(types::RUNNING, true, &reason, message);
+    b.emit(types::RUNNING, &reason);
+    b.phase(phase::RUNNING, types::RUNNING);
+    b.done(Some(inv), Some(RUNNING_RECHECK))
+}
+
+/// Every part of a split run completed: the final step's Job checks them,
+/// validates and publishes. It is named after the parts' generation, and the
+/// status follows it from here.
+fn finalize(
+    mut b: Builder<'_>,
+    obs: &Observed,
+    inv: Invocation,
+    parts: JobView,
+    workers: i32,
+) -> Decision {
+    observe_job(&mut b, &parts);
+    attempts(&mut b, obs, &parts);
+    let share = Share::Finalize {
+        workers,
+        generation: parts.generation,
+    };
+    let name = run_job_name(
+        &b.cr.metadata.name.clone().unwrap_or_default(),
+        parts.generation,
+        share,
+    );
+    b.st.job_name = Some(name.clone());
+    b.st.failed_attempts = None;
+    if let Some(p) = b.st.parts.as_mut() {
+        p.finalize_job = Some(name.clone());
+    }
+    let reason = Reason::PartsDone;
     b.set(
         types::RUNNING,
         true,
         &reason,
-        format!("created Job {name} running {}", inv.step),
+        format!(
+            "all {workers} parts of Job {} are done; created Job {name} to check them, validate and publish",
+            parts.name
+        ),
     );
     b.emit(types::RUNNING, &reason);
     b.phase(phase::RUNNING, types::RUNNING);
-    b.done(Some(inv), Some(RUNNING_RECHECK))
+    b.done(Some(inv.with_share(share)), Some(RUNNING_RECHECK))
 }
 
 /// `start` waiting for its Job creation slot (`--jobs-per-second`), which comes
@@ -230,7 +291,9 @@ pub fn queued(cr: &CheckpointConversion, mut d: Decision, wait: Duration, now: &
     d.status.reason = Some(reason.as_str().into());
     d.status.message =
         conditions::get(&d.status.conditions, types::RUNNING).map(|c| short(&c.message));
-    d.events.retain(|e| e.reason != Reason::JobCreated.as_str());
+    d.events.retain(|e| {
+        e.reason != Reason::JobCreated.as_str() && e.reason != Reason::PartsDone.as_str()
+    });
     d.create_job = None;
     d.requeue = Some(wait);
     d
@@ -240,7 +303,11 @@ pub fn queued(cr: &CheckpointConversion, mut d: Decision, wait: Duration, now: &
 fn observe_job(b: &mut Builder<'_>, job: &JobView) {
     b.st.job_name = Some(job.name.clone());
     b.st.retry = Some(job.retry);
-    b.st.start_time = job.start_time.clone().or(b.st.start_time.take());
+    // A split run started when its parts did.
+    b.st.start_time = match job.share {
+        Share::Finalize { .. } => b.st.start_time.take().or(job.start_time.clone()),
+        _ => job.start_time.clone().or(b.st.start_time.take()),
+    };
 }
 
 /// One `AttemptFailed` event per pod that failed, with what it said.
@@ -274,12 +341,24 @@ fn in_progress(
     let (reason, message, phase) = match progress {
         Progress::Blocked(reason, message) => (reason, message, phase::PENDING),
         Progress::Running => {
-            let message = match job.failed {
-                0 => format!("Job {} is running {}", job.name, inv.step),
-                n => format!(
-                    "Job {} is running {} (attempt {}; {n} failed)",
+            let doing = match (job.share, &b.st.parts) {
+                (Share::Parts { workers }, Some(p)) => {
+                    format!("running {}: {}/{workers} parts done", inv.step, p.done)
+                }
+                (Share::Finalize { workers, .. }, _) => format!(
+                    "finishing {}: checking its {workers} parts, validating, publishing",
+                    inv.step
+                ),
+                _ => format!("running {}", inv.step),
+            };
+            let message = match (job.failed, job.share) {
+                (0, _) => format!("Job {} is {doing}", job.name),
+                (n, Share::Parts { .. }) => {
+                    format!("Job {} is {doing} ({n} failed attempts retried)", job.name)
+                }
+                (n, _) => format!(
+                    "Job {} is {doing} (attempt {}; {n} failed)",
                     job.name,
-                    inv.step,
                     n + 1
                 ),
             };
@@ -306,14 +385,14 @@ fn in_progress(
             let same_job = b.old.job_name.as_deref() == Some(job.name.as_str());
             let old_running = conditions::get(&b.old.conditions, types::RUNNING)
                 .filter(|c| same_job && c.status == "True")
-                .filter(|c| c.reason == "JobRunning" || c.reason == "Retrying")
+                .filter(|c| ["JobRunning", "Retrying", "PartsDone"].contains(&c.reason.as_str()))
                 .cloned();
             match old_running {
                 Some(c) => {
-                    let reason = if c.reason == "Retrying" {
-                        Reason::Retrying
-                    } else {
-                        Reason::JobRunning
+                    let reason = match c.reason.as_str() {
+                        "Retrying" => Reason::Retrying,
+                        "PartsDone" => Reason::PartsDone,
+                        _ => Reason::JobRunning,
                     };
                     (reason, c.message, phase::RUNNING)
                 }
@@ -326,9 +405,12 @@ fn in_progress(
         }
     };
     b.set(types::RUNNING, true, &reason, message);
-    // Retrying is told by its AttemptFailed event, and JobCreated by the shell when
-    // it creates the Job: neither is news here.
-    if !matches!(reason, Reason::Retrying | Reason::JobCreated) {
+    // Retrying is told by its AttemptFailed event, and JobCreated and PartsDone by
+    // the shell when it creates the Job: none is news here.
+    if !matches!(
+        reason,
+        Reason::Retrying | Reason::JobCreated | Reason::PartsDone
+    ) {
         b.emit(types::RUNNING, &reason);
     }
     b.phase(phase, types::RUNNING);
@@ -457,12 +539,15 @@ fn failed(mut b: Builder<'_>, job: JobView, failure: Failure) -> Decision {
         &Reason::JobFailed,
         format!("Job {} failed ({job_reason})", job.name),
     );
-    b.set(
-        types::FAILED,
-        true,
-        &failure.reason,
-        failure.message.clone(),
-    );
+    // A split run's parts leave their shared staging for the next run to reuse.
+    let message = match job.share {
+        Share::Whole => failure.message.clone(),
+        _ => format!(
+            "{}\nthe parts' staging directory stays beside the target: raising spec.retry runs the conversion again without rewriting the parts that completed; deleting this resource removes it",
+            failure.message
+        ),
+    };
+    b.set(types::FAILED, true, &failure.reason, message);
     b.remove(types::SUCCEEDED);
     let s = failure
         .wire

@@ -11,8 +11,8 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::support::{
-    Env, Operator, PrivateControlPlane, Waiting, condition, condition_status, contents, kubectl,
-    nth_pod, phase, set_pod_status, succeeded, terminated, validated,
+    Env, Gate, Operator, PrivateControlPlane, Waiting, condition, condition_status, contents,
+    kubectl, nth_pod, phase, set_pod_status, succeeded, terminated, validated,
 };
 
 /// Takes the permission to write status away from the operator's Role in `env`'s
@@ -123,42 +123,6 @@ async fn malformed_and_oversized_termination_messages_are_reported_on_the_stand_
 // The control plane goes away while Jobs run (each test on a control plane of its
 // own: the others share one), and pods go away mid-write.
 
-/// A converter that waits at a gate: its pods run (the node reports them Running)
-/// but convert nothing until the test opens the gate, so a fault can be placed
-/// while Jobs run.
-struct Gate {
-    dir: tempfile::TempDir,
-}
-
-impl Gate {
-    fn new() -> Gate {
-        let dir = tempfile::tempdir().unwrap();
-        let converter = ckpt_testcluster::converter_binary().unwrap_or_else(|e| panic!("{e}"));
-        let script = format!(
-            "#!/bin/sh\nwhile [ ! -e '{}' ]; do /bin/sleep 0.05; done\nexec '{}' \"$@\"\n",
-            dir.path().join("open").display(),
-            converter.display()
-        );
-        let path = dir.path().join("ckpt-convert");
-        std::fs::write(&path, script).unwrap();
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        Gate { dir }
-    }
-
-    /// The node stand-in of `env`, running pods through the gate.
-    async fn node(&self, env: &mut Env) {
-        let cfg = env
-            .node_config()
-            .binary("ckpt-convert", self.dir.path().join("ckpt-convert"));
-        env.start_node_with(cfg).await;
-    }
-
-    fn open(&self) {
-        std::fs::write(self.dir.path().join("open"), b"").unwrap();
-    }
-}
-
 /// The two conversions these tests run: both example directions.
 const CONVERSIONS: [(&str, &str); 2] = [
     ("megatron-to-hf.yaml", "sft-to-hf"),
@@ -225,14 +189,14 @@ async fn conversions_finish_across_an_apiserver_restart_on_the_stand_in() {
     let private = PrivateControlPlane::start().await;
     let cp = private.get();
     let mut env = Env::on(cp, "apiserver-restart", &[]).await;
-    let gate = Gate::new();
+    let gate = Gate::all();
     let mut op = held_at_the_gate(&mut env, &gate, "apiserver-restart").await;
     cp.stop_component("kube-apiserver").unwrap();
     assert!(
         env.api().await.list(&Default::default()).await.is_err(),
         "the apiserver still answers"
     );
-    gate.open();
+    gate.open("open");
     all_exited(&env, 2).await;
     cp.start_component("kube-apiserver")
         .await
@@ -250,7 +214,7 @@ async fn a_brief_etcd_outage_loses_and_repeats_nothing_on_the_stand_in() {
     let private = PrivateControlPlane::start().await;
     let cp = private.get();
     let mut env = Env::on(cp, "etcd-outage", &[]).await;
-    let gate = Gate::new();
+    let gate = Gate::all();
     let mut op = held_at_the_gate(&mut env, &gate, "etcd-outage").await;
     cp.stop_component("etcd").unwrap();
     let api = env.api().await;
@@ -259,7 +223,7 @@ async fn a_brief_etcd_outage_loses_and_repeats_nothing_on_the_stand_in() {
         !matches!(read, Ok(Ok(_))),
         "the apiserver served a read without etcd"
     );
-    gate.open();
+    gate.open("open");
     all_exited(&env, 2).await;
     // The outage itself: writes of the node and the operator keep failing a while.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -348,7 +312,7 @@ fn stagings(target: &Path) -> Vec<std::path::PathBuf> {
 /// Whether `target` looks published: an HF directory exists, or a Megatron run
 /// directory holds an iteration or its tracker (the run directory itself exists
 /// while the iteration is staged inside it).
-fn published(target: &Path) -> bool {
+pub(crate) fn published(target: &Path) -> bool {
     target.join("ckpt-manifest.json").exists()
         || target.join("latest_checkpointed_iteration.txt").exists()
         || std::fs::read_dir(target).is_ok_and(|rd| {

@@ -39,3 +39,4 @@ mod load;
 mod params;
 mod pods;
 mod profiles;
+mod split;

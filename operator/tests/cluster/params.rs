@@ -105,6 +105,7 @@ fn specs(dir: &Path) -> Vec<CheckpointConversionSpec> {
         parameters: None,
         job: None,
         retry: None,
+        workers: None,
     };
     let mut hf_to_megatron = spec(
         artifact(ArtifactKind::CheckpointHf, "models", "hf/Llama-3.2-3B"),

@@ -1121,3 +1121,51 @@ pub fn terminated(code: i32, message: &str) -> Value {
                 "message": message, "startedAt": now(), "finishedAt": now()}}}]
     })
 }
+
+/// A converter whose runs wait at gates: its pods run (the node reports them
+/// Running) but convert nothing until the test opens their gate, so a fault can
+/// be placed while Jobs run. Which gate a run waits for is a shell snippet's
+/// choice from its arguments (`$g`; none when empty).
+pub struct Gate {
+    dir: tempfile::TempDir,
+}
+
+impl Gate {
+    fn with(choose: &str) -> Gate {
+        let dir = tempfile::tempdir().unwrap();
+        let converter = converter_binary().unwrap_or_else(|e| panic!("{e}"));
+        let script = format!(
+            "#!/bin/sh\n{choose}\nif [ -n \"$g\" ]; then while [ ! -e '{}/'\"$g\" ]; do /bin/sleep 0.05; done; fi\nexec '{}' \"$@\"\n",
+            dir.path().display(),
+            converter.display()
+        );
+        let path = dir.path().join("ckpt-convert");
+        std::fs::write(&path, script).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        Gate { dir }
+    }
+
+    /// Every run waits at gate `open`.
+    pub fn all() -> Gate {
+        Gate::with("g=open")
+    }
+
+    /// A split run's part `part=I` waits at gate `open-I`; other runs go at once.
+    pub fn parts() -> Gate {
+        Gate::with("g=; for a in \"$@\"; do case \"$a\" in part=*) g=open-${a#part=} ;; esac; done")
+    }
+
+    /// Starts the node stand-in of `env`, running pods through the gates.
+    pub async fn node(&self, env: &mut Env) {
+        let cfg = env
+            .node_config()
+            .binary("ckpt-convert", self.dir.path().join("ckpt-convert"));
+        env.start_node_with(cfg).await;
+    }
+
+    /// Opens gate `name`.
+    pub fn open(&self, name: &str) {
+        std::fs::write(self.dir.path().join(name), b"").unwrap();
+    }
+}

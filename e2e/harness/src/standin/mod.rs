@@ -6,7 +6,8 @@
 //! 1. checks it can emulate the pod faithfully ([`plan`]): exactly one
 //!    container, no init containers, `restartPolicy: Never`, the configured
 //!    image, `persistentVolumeClaim` and `emptyDir` volumes only, literal env
-//!    values only, a command that maps to a local binary, and no absolute path
+//!    values and `fieldRef`s to the pod's name, namespace, labels and annotations
+//!    only, a command that maps to a local binary, and no absolute path
 //!    in an argument or env value outside the volume mounts (the image's
 //!    filesystem is not emulated, and such a path would hit the host's). Anything
 //!    else fails the pod with reason `StandInCannotEmulate` and a message naming
@@ -24,7 +25,7 @@
 //!    (`exitCode`, `reason` Completed/Error, `message` by the kubelet's rules,
 //!    times) and the conditions of a finished pod. The real Job controller takes
 //!    it from there. Local paths in the message are mapped back to container
-//!    paths (`<run dir>/mounts/0/x` → `/models/x`), as a real pod would report them.
+//!    paths (`<root>/mounts/models/x` → `/models/x`), as a real pod would report them.
 //!
 //! Deleting a pod kills its process (SIGTERM, SIGKILL after the grace period,
 //! at most 30 s); `activeDeadlineSeconds` does the same and fails the pod with
@@ -463,7 +464,7 @@ async fn stop_child(
 }
 
 fn prepare_dirs(plan: &Plan, run_dir: &Path) -> std::io::Result<()> {
-    for d in ["home", "root", "mounts", "volumes"] {
+    for d in ["home", "root", "volumes"] {
         std::fs::create_dir_all(run_dir.join(d))?;
     }
     std::fs::write(&plan.termination_log, b"")?;

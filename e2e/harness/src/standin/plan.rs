@@ -40,7 +40,11 @@ pub(crate) struct MountPlan {
     pub(crate) mount_path: String,
     /// The local file or directory that backs it (subPath applied).
     pub(crate) source: PathBuf,
-    /// Where the process sees it: `<run dir>/mounts/<index>`.
+    /// Where the process sees it: `<run dir>/../mounts/<mountPath>`, one path for
+    /// every pod that mounts something at `mountPath` (each pod binds its own
+    /// volume there in its private mount namespace), as a kubelet gives every
+    /// container its mounts at their paths: the parts of a split conversion and
+    /// its final step see their sources under one path, and so record one.
     pub(crate) target: PathBuf,
     pub(crate) read_only: bool,
     /// The volume itself is read-only (a read-only claim), not only this mount:
@@ -88,7 +92,7 @@ impl Plan {
             self.termination_log.display().to_string(),
             &self.termination_path,
         ));
-        // Longest first: mounts/1 must not eat the prefix of mounts/10.
+        // Longest first: mounts/data must not eat the prefix of mounts/data-2.
         pairs.sort_by_key(|(local, _)| std::cmp::Reverse(local.len()));
         let mut out = text.to_string();
         for (local, container) in pairs {
@@ -250,6 +254,42 @@ fn container_of(pod: &Pod) -> Result<&Container, Refusal> {
 }
 
 /// Translates `pod` into a plan under `run_dir`, or says why it cannot.
+/// The value of a pod field an env `fieldRef` names, as the kubelet resolves it
+/// (a missing label or annotation is the empty string); `None` for a field the
+/// stand-in does not know.
+fn pod_field(pod: &Pod, path: &str) -> Option<String> {
+    let meta = &pod.metadata;
+    let keyed = |prefix: &str| {
+        path.strip_prefix(prefix)?
+            .strip_suffix("']")
+            .map(str::to_owned)
+    };
+    match path {
+        "metadata.name" => Some(meta.name.clone().unwrap_or_default()),
+        "metadata.namespace" => Some(meta.namespace.clone().unwrap_or_default()),
+        _ => {
+            if let Some(k) = keyed("metadata.labels['") {
+                Some(
+                    meta.labels
+                        .as_ref()
+                        .and_then(|l| l.get(&k))
+                        .cloned()
+                        .unwrap_or_default(),
+                )
+            } else {
+                let k = keyed("metadata.annotations['")?;
+                Some(
+                    meta.annotations
+                        .as_ref()
+                        .and_then(|a| a.get(&k))
+                        .cloned()
+                        .unwrap_or_default(),
+                )
+            }
+        }
+    }
+}
+
 pub(crate) fn plan(pod: &Pod, config: &StandInConfig, run_dir: &Path) -> Result<Plan, Refusal> {
     let container = container_of(pod)?;
     let spec = pod.spec.as_ref().expect("container_of checked the spec");
@@ -348,8 +388,9 @@ pub(crate) fn plan(pod: &Pod, config: &StandInConfig, run_dir: &Path) -> Result<
     }
 
     // Mounts.
+    let mounts_root = run_dir.parent().unwrap_or(run_dir).join("mounts");
     let mut mounts = Vec::new();
-    for (i, m) in container.volume_mounts.iter().flatten().enumerate() {
+    for m in container.volume_mounts.iter().flatten() {
         if m.sub_path_expr.as_ref().is_some_and(|s| !s.is_empty()) {
             return Err(cannot(format!(
                 "volumeMount {:?}: subPathExpr is not supported",
@@ -383,10 +424,11 @@ pub(crate) fn plan(pod: &Pod, config: &StandInConfig, run_dir: &Path) -> Result<
             }
             None => base,
         };
+        let target = mounts_root.join(mount_path.trim_start_matches('/'));
         mounts.push(MountPlan {
             mount_path,
             source,
-            target: run_dir.join("mounts").join(i.to_string()),
+            target,
             read_only: m.read_only.unwrap_or(false) || ro_source,
             volume_read_only: ro_source,
             empty_dir,
@@ -405,18 +447,35 @@ pub(crate) fn plan(pod: &Pod, config: &StandInConfig, run_dir: &Path) -> Result<
         passthrough: &config.passthrough_paths,
     };
 
-    // Environment: literal values only, each expanded against those before it.
+    // Environment: literal values, each expanded against those before it, and
+    // the pod's own fields (the Job controller gives each pod of an Indexed Job
+    // its index that way).
     let mut vars: HashMap<String, String> = HashMap::new();
     let mut env: Vec<(String, String)> = Vec::new();
     for e in container.env.iter().flatten() {
-        if e.value_from.is_some() {
-            return Err(cannot(format!(
-                "env {:?}: valueFrom is not supported (literal values only)",
-                e.name
-            )));
-        }
+        let literal = match &e.value_from {
+            None => expand(e.value.as_deref().unwrap_or(""), &vars),
+            Some(from) => match from.field_ref.as_ref().filter(|_| {
+                from.config_map_key_ref.is_none()
+                    && from.secret_key_ref.is_none()
+                    && from.resource_field_ref.is_none()
+            }) {
+                Some(f) => pod_field(pod, &f.field_path).ok_or_else(|| {
+                    cannot(format!(
+                        "env {:?}: fieldRef {:?} is not supported (metadata.name, metadata.namespace, metadata.labels['K'] and metadata.annotations['K'] are)",
+                        e.name, f.field_path
+                    ))
+                })?,
+                None => {
+                    return Err(cannot(format!(
+                        "env {:?}: valueFrom other than a fieldRef is not supported",
+                        e.name
+                    )));
+                }
+            },
+        };
         // Expansion sees container paths; only the process's copy is rewritten.
-        let expanded = expand(e.value.as_deref().unwrap_or(""), &vars);
+        let expanded = literal;
         let value = map.value(&expanded, &format!("env {}", e.name))?;
         vars.insert(e.name.clone(), expanded);
         env.retain(|(k, _)| k != &e.name);
@@ -561,6 +620,53 @@ mod tests {
         assert_eq!(expand("a$b$", &vars), "a$b$");
     }
 
+    /// The Job controller gives each pod of an Indexed Job its index as an env
+    /// `fieldRef` to its label; arguments name it as `$(JOB_COMPLETION_INDEX)`.
+    #[test]
+    fn the_pods_own_fields_reach_env_and_arguments() {
+        let mut p = job_pod(
+            serde_json::json!({
+                "name": "main", "image": "ghcr.io/ckpt/ckpt-convert:dev",
+                "command": ["/usr/local/bin/ckpt-convert"],
+                "args": ["run", "part=$(JOB_COMPLETION_INDEX)", "pod=$(NAME)"],
+                "env": [
+                    {"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['batch.kubernetes.io/job-completion-index']"}}},
+                    {"name": "NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                    {"name": "NONE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['absent']"}}},
+                ],
+            }),
+            serde_json::json!([]),
+        );
+        p.metadata.labels = Some(
+            [(
+                "batch.kubernetes.io/job-completion-index".to_owned(),
+                "2".to_owned(),
+            )]
+            .into(),
+        );
+        let plan = plan(&p, &config(), Path::new("/run/x")).unwrap();
+        assert_eq!(plan.args, ["run", "part=2", "pod=p"]);
+        assert!(
+            plan.env
+                .contains(&("JOB_COMPLETION_INDEX".into(), "2".into()))
+        );
+        assert!(plan.env.contains(&("NONE".into(), String::new())));
+        // A field the stand-in does not know, or a Secret, is refused by name.
+        for from in [
+            serde_json::json!({"fieldRef": {"fieldPath": "status.podIP"}}),
+            serde_json::json!({"secretKeyRef": {"name": "s", "key": "k"}}),
+        ] {
+            let mut q = p.clone();
+            q.spec.as_mut().unwrap().containers[0].env = Some(vec![
+                serde_json::from_value(serde_json::json!({"name": "X", "valueFrom": from}))
+                    .unwrap(),
+            ]);
+            let err = super::plan(&q, &config(), Path::new("/run/x")).unwrap_err();
+            assert_eq!(err.reason, REASON_CANNOT_EMULATE);
+            assert!(err.message.contains("env \"X\""), "{}", err.message);
+        }
+    }
+
     #[test]
     fn paths_under_mounts_are_rewritten_and_others_refused() {
         let run = Path::new("/run/x");
@@ -596,23 +702,23 @@ mod tests {
             plan.args,
             [
                 "run",
-                "hf_model_id=/run/x/mounts/0/src",
-                "--out=/run/x/mounts/0/src/../o",
-                "/run/x/mounts/1"
+                "hf_model_id=/run/mounts/data/src",
+                "--out=/run/mounts/data/src/../o",
+                "/run/mounts/scratch"
             ]
         );
         assert!(plan.mounts[0].read_only && !plan.mounts[1].read_only);
         assert!(plan.mounts[1].empty_dir);
         assert!(
             plan.env
-                .contains(&("B".to_string(), "/run/x/mounts/0/x".to_string()))
+                .contains(&("B".to_string(), "/run/mounts/data/x".to_string()))
         );
         assert!(plan.env.contains(&(
             "CKPT_TERMINATION_LOG".to_string(),
             "/run/x/termination-log".to_string()
         )));
         assert_eq!(
-            plan.to_container_paths("/run/x/mounts/0/src: no; /run/x/mounts/1 ok"),
+            plan.to_container_paths("/run/mounts/data/src: no; /run/mounts/scratch ok"),
             "/data/src: no; /scratch ok"
         );
     }
@@ -636,7 +742,7 @@ mod tests {
         );
         assert!(e.message.contains("configMap"), "{}", e.message);
         let mut c = base.clone();
-        c["env"] = serde_json::json!([{"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]);
+        c["env"] = serde_json::json!([{"name": "X", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}}]);
         assert!(
             refuse(c, serde_json::json!([]))
                 .message

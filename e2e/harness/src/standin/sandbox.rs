@@ -6,10 +6,11 @@
 //! (`unshare(CLONE_NEWNS)`; when the harness is not root, together with a user
 //! namespace that maps the caller's uid/gid to 0), makes every mount private so
 //! nothing leaks to the host, bind-mounts each volume's local directory at
-//! `<run dir>/mounts/<i>`, and remounts the read-only ones with `MS_RDONLY`.
-//! The mounts exist only in that namespace and vanish with the process; on the
-//! host the targets stay empty directories, so cleaning the run dir can never
-//! reach into a mapped volume.
+//! `<root>/mounts/<mountPath>` (one path per mountPath, shared by the pods that
+//! mount something there, each seeing its own), and remounts the read-only ones
+//! with `MS_RDONLY`. The mounts exist only in that namespace and vanish with the
+//! process; on the host the targets stay empty directories, so cleaning a run
+//! dir can never reach into a mapped volume.
 
 use std::ffi::CString;
 use std::io;

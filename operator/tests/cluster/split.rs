@@ -1,0 +1,448 @@
+//! One conversion split across pods (`spec.workers`): the parts' Indexed Job, then
+//! the final step's Job, give the single run's output, byte for byte.
+
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
+use serde_json::Value;
+
+use crate::faults::published;
+use crate::support::{Env, Gate, Operator, Waiting, contents, converting, fixtures, validated};
+
+/// A resource converting `source` (a directory on claim `source_pvc`) to
+/// `lustre-shared:output/split/NAME` with `workers` pods.
+fn resource(
+    ns: &str,
+    name: &str,
+    step: (&str, &str),
+    source: (&str, &str),
+    workers: i32,
+) -> String {
+    let (from, to) = step;
+    let (pvc, path) = source;
+    // The HF export takes its config and tokenizer from the base model.
+    let base = if to == "checkpoint_hf" {
+        "  baseModel: {pvc: models, path: hf/Llama-3.2-3B}\n"
+    } else {
+        "  parameters: {distcp_files: \"4\"}\n"
+    };
+    format!(
+        r#"apiVersion: ckpt.dev/v1alpha1
+kind: CheckpointConversion
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  source: {{kind: {from}, pvc: {pvc}, path: {path}}}
+  target: {{kind: {to}, pvc: lustre-shared, path: output/split/{name}}}
+{base}  workers: {workers}
+  job:
+    resources: {{requests: {{cpu: 100m}}}}
+"#
+    )
+}
+
+/// Every published file by relative path, with its bytes; the manifest and the
+/// validation report without what differs between any two runs (when and how
+/// long), which the runs' single and split steps write alike otherwise. Each
+/// resource's output has its own name (`target`), which the manifest records
+/// with the output's path.
+fn output_files(dir: &Path, target: &str) -> Vec<(PathBuf, Vec<u8>)> {
+    /// The output's own name, wherever a path names it.
+    fn rename(v: &mut Value, target: &str) {
+        match v {
+            Value::String(s) => {
+                let within = format!("/{target}/");
+                *s = format!("{s}/").replace(&within, "/<target>/");
+                s.pop();
+            }
+            Value::Object(m) => m.values_mut().for_each(|v| rename(v, target)),
+            Value::Array(a) => a.iter_mut().for_each(|v| rename(v, target)),
+            _ => {}
+        }
+    }
+    contents(dir)
+        .into_keys()
+        .map(|rel| {
+            let mut bytes = std::fs::read(dir.join(&rel)).unwrap();
+            let name = rel.file_name().unwrap().to_string_lossy();
+            if name == "ckpt-manifest.json" || name == "ckpt-validation.json" {
+                let mut v: Value = serde_json::from_slice(&bytes).unwrap();
+                ckpt_testcluster::without_run_times(&mut v);
+                rename(&mut v, target);
+                bytes = serde_json::to_vec_pretty(&v).unwrap();
+            }
+            (rel, bytes)
+        })
+        .collect()
+}
+
+/// Asserts that the outputs of resources `want` and `got` (their targets under
+/// `out`, `sub` inside them) are the same.
+#[track_caller]
+fn assert_same(out: &Path, want: &str, got: &str, sub: &str) {
+    let what = got;
+    let w = output_files(&out.join(want).join(sub), want);
+    let g = output_files(&out.join(got).join(sub), got);
+    assert_eq!(
+        w.iter().map(|(p, _)| p).collect::<Vec<_>>(),
+        g.iter().map(|(p, _)| p).collect::<Vec<_>>(),
+        "{what}: files"
+    );
+    for ((path, a), (_, b)) in w.iter().zip(&g) {
+        if a == b {
+            continue;
+        }
+        // Around the first line that differs.
+        let (a, b) = (String::from_utf8_lossy(a), String::from_utf8_lossy(b));
+        let first = a
+            .lines()
+            .zip(b.lines())
+            .position(|(x, y)| x != y)
+            .unwrap_or(0);
+        let around = |t: &str| {
+            let lines: Vec<&str> = t.lines().collect();
+            let end = (first + 3).min(lines.len());
+            lines[first.saturating_sub(3).min(end)..end].join("\n")
+        };
+        panic!(
+            "{what}: {} differs at line {first}:\n{}\n---\n{}",
+            path.display(),
+            around(&a).chars().take(2000).collect::<String>(),
+            around(&b).chars().take(2000).collect::<String>()
+        );
+    }
+}
+
+async fn pods_of_job(env: &Env, job: &str) -> Vec<Pod> {
+    let api: Api<Pod> = Api::namespaced(env.cp.client(), &env.ns);
+    api.list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job}")))
+        .await
+        .unwrap()
+        .items
+}
+
+/// `workers` = 2, 3 and 7 publish what one pod publishes, both ways (Megatron's
+/// `.distcp` files and HF shards shared out by the parts), through an Indexed Job
+/// whose every index ran once and a final step's Job; the parts' progress is in
+/// the status, the sources are unchanged and nothing of the split is left.
+#[tokio::test]
+async fn a_split_run_publishes_what_one_pod_publishes() {
+    let (env, mut op) = converting("split").await;
+    let lustre = env.claim("lustre-shared");
+    let sources_before = (
+        contents(&env.claim("models")),
+        contents(&lustre.join("output/sft")),
+    );
+    let to_megatron = ("checkpoint_hf", "checkpoint_megatron");
+    let to_hf = ("checkpoint_megatron", "checkpoint_hf");
+    let hf = ("models", "hf/Llama-3.2-3B");
+    let sft = ("lustre-shared", "output/sft/megatron_bridge/iter_0000100");
+    let runs = [
+        ("mg-1", to_megatron, hf, 1),
+        ("mg-2", to_megatron, hf, 2),
+        ("mg-3", to_megatron, hf, 3),
+        // More parts than files: three have nothing to write.
+        ("mg-7", to_megatron, hf, 7),
+        ("hf-1", to_hf, sft, 1),
+        ("hf-3", to_hf, sft, 3),
+    ];
+    for (name, step, source, workers) in runs {
+        env.kubectl(
+            &["apply", "-f", "-"],
+            &resource(&env.ns, name, step, source, workers),
+        )
+        .await
+        .expect_ok(name);
+    }
+    let jobs: Api<Job> = Api::namespaced(env.cp.client(), &env.ns);
+    for (name, _, _, workers) in runs {
+        let cr = env
+            .wait_for(name, "Succeeded and Validated", &mut [&mut op], validated)
+            .await;
+        let st = cr.status.unwrap();
+        if workers == 1 {
+            assert!(st.parts.is_none(), "{name}: {:?}", st.parts);
+            continue;
+        }
+        let parts = st.parts.expect("the parts in the status");
+        assert_eq!((parts.workers, parts.done), (workers, workers), "{name}");
+        assert!(parts.bytes.is_some_and(|b| b > 0), "{name}: {parts:?}");
+        assert!(
+            parts.failed.is_none() && parts.running.is_none(),
+            "{parts:?}"
+        );
+        let slowest = parts.slowest.expect("the slowest part");
+        assert!((0..workers).contains(&slowest.index) && slowest.seconds.is_some());
+        let fin = format!("{name}-g1-finalize");
+        assert_eq!(parts.finalize_job.as_deref(), Some(fin.as_str()));
+        assert_eq!(st.job_name.as_deref(), Some(fin.as_str()));
+        // The parts' Job is Indexed, each index ran once; then one final pod.
+        let parts_job = jobs.get(&format!("{name}-g1")).await.unwrap();
+        let spec = parts_job.spec.unwrap();
+        assert_eq!(spec.completion_mode.as_deref(), Some("Indexed"));
+        assert_eq!(spec.completions, Some(workers));
+        let mut indexes: Vec<String> = pods_of_job(&env, &format!("{name}-g1"))
+            .await
+            .iter()
+            .map(|p| p.labels()["batch.kubernetes.io/job-completion-index"].clone())
+            .collect();
+        indexes.sort();
+        let want: Vec<String> = (0..workers).map(|i| i.to_string()).collect();
+        assert_eq!(indexes, want, "{name}: one pod per part");
+        assert_eq!(
+            pods_of_job(&env, &fin).await.len(),
+            1,
+            "{name}: one final pod"
+        );
+        let reasons: Vec<String> = env
+            .events_of(name)
+            .await
+            .iter()
+            .filter_map(|e| e.reason.clone())
+            .collect();
+        for told in ["JobCreated", "PartsDone"] {
+            assert_eq!(
+                reasons.iter().filter(|r| *r == told).count(),
+                1,
+                "{name}: the parts' Job and the final step's: {reasons:?}"
+            );
+        }
+        assert_eq!(
+            reasons
+                .iter()
+                .filter(|r| *r == "ConversionSucceeded")
+                .count(),
+            1,
+            "{name}: {reasons:?}"
+        );
+    }
+    let out = lustre.join("output/split");
+    let megatron = |name: &str| out.join(name).join("iter_0000000");
+    let distcp = std::fs::read_dir(megatron("mg-1"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "distcp")
+        })
+        .count();
+    assert_eq!(distcp, 4, "four files to share out");
+    for n in ["mg-2", "mg-3", "mg-7"] {
+        assert_same(&out, "mg-1", n, "iter_0000000");
+    }
+    assert_same(&out, "hf-1", "hf-3", "");
+    // The shared staging and the parts' records went with the publish.
+    let left: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".ckpt-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(
+        sources_before,
+        (
+            contents(&env.claim("models")),
+            contents(&lustre.join("output/sft"))
+        ),
+        "a source changed"
+    );
+    op.stop();
+}
+
+/// A namespace with the fixtures, a node stand-in running the converter through
+/// part gates ([`Gate::parts`]), and the operator.
+async fn gated(prefix: &str) -> (Env, Gate, Operator) {
+    let mut env = Env::new(prefix).await;
+    env.needs_standin("holds and stops the parts' converter processes on the node");
+    fixtures(&env);
+    let gates = Gate::parts();
+    gates.node(&mut env).await;
+    let op = Operator::start(&env, prefix).await;
+    (env, gates, op)
+}
+
+/// Deleting a split run while its parts run, one of them done and the others
+/// not yet written: the parts' Job and pods go (the node tells them to stop), a
+/// Job of the operator removes the staging they shared, and only then does the
+/// resource go. Nothing is published, nothing of the split is left, the source
+/// is unchanged.
+#[tokio::test]
+async fn deleting_a_split_run_mid_run_publishes_nothing_and_leaves_no_staging_on_the_stand_in() {
+    let (env, gates, mut op) = gated("split-deleted").await;
+    let source = env.claim("models");
+    let before = contents(&source);
+    env.kubectl(
+        &["apply", "-f", "-"],
+        &resource(
+            &env.ns,
+            "gone",
+            ("checkpoint_hf", "checkpoint_megatron"),
+            ("models", "hf/Llama-3.2-3B"),
+            3,
+        ),
+    )
+    .await
+    .expect_ok("applying the split conversion");
+    let target = env.claim("lustre-shared").join("output/split/gone");
+    let record = target.join(".iter_0000000.ckpt-staging-split/.ckpt-split/part-0-of-3.json");
+    // Part 0 writes its share; parts 1 and 2 run, held at their gates.
+    gates.open("open-0");
+    let done = Waiting::new("part 0 to complete");
+    while !record.is_file() || env.runs().len() < 3 {
+        op.assert_running();
+        done.tick(|| format!("{:#?}", env.runs())).await;
+    }
+    assert!(!published(&target));
+    let gone = env.get("gone").await;
+    assert!(
+        gone.finalizers()
+            .iter()
+            .any(|f| f == "ckpt.dev/split-staging"),
+        "{:?}",
+        gone.metadata.finalizers
+    );
+    env.kubectl(
+        &[
+            "delete",
+            "checkpointconversion",
+            "gone",
+            "-n",
+            &env.ns,
+            "--wait=false",
+        ],
+        "",
+    )
+    .await
+    .expect_ok("deleting the resource");
+    let api = env.api().await;
+    let waiting = Waiting::new("the resource to go after its staging");
+    while api.get_opt("gone").await.unwrap().is_some() {
+        op.assert_running();
+        waiting
+            .tick(|| format!("{:#?}\n{}", env.runs(), op.log()))
+            .await;
+    }
+    let runs = env.runs();
+    let parts: Vec<_> = runs
+        .iter()
+        .filter(|r| r.job.as_deref() == Some("gone-g1"))
+        .collect();
+    assert_eq!(parts.len(), 3, "{runs:#?}");
+    assert_eq!(
+        parts.iter().filter(|r| r.exit_code == Some(0)).count(),
+        1,
+        "{parts:#?}"
+    );
+    assert_eq!(
+        parts
+            .iter()
+            .filter(|r| r.end.as_deref() == Some("Deleted"))
+            .count(),
+        2,
+        "{parts:#?}"
+    );
+    assert!(
+        runs.iter().all(|r| !r.pod.starts_with("gone-g1-finalize")),
+        "the final step ran: {runs:#?}"
+    );
+    let clean: Vec<_> = runs
+        .iter()
+        .filter(|r| r.pod_argv.get(1).is_some_and(|a| a == "clean"))
+        .collect();
+    assert_eq!(clean.len(), 1, "{runs:#?}");
+    assert_eq!(clean[0].pod_argv[2], "/data/target/gone");
+    assert_eq!(clean[0].exit_code, Some(0), "{:#?}", clean[0]);
+    let left: Vec<String> = [target.clone(), target.parent().unwrap().to_owned()]
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flatten()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".ckpt-"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "left behind: {left:?}; the cleanup said: {}",
+        clean[0].output
+    );
+    assert!(!published(&target), "a deleted split run published");
+    let told: Vec<String> = env
+        .events_of("gone")
+        .await
+        .iter()
+        .filter_map(|e| e.reason.clone())
+        .collect();
+    assert!(told.iter().any(|r| r == "StagingRemoved"), "{told:?}");
+    assert_eq!(contents(&source), before, "a source changed");
+    op.stop();
+}
+
+/// A part killed while it runs is run again alone (the Indexed Job's retries are
+/// per index), and the conversion still publishes what one pod publishes.
+#[tokio::test]
+async fn a_killed_part_is_run_again_alone_on_the_stand_in() {
+    let (env, gates, mut op) = gated("split-killed").await;
+    let hf = ("models", "hf/Llama-3.2-3B");
+    let to_megatron = ("checkpoint_hf", "checkpoint_megatron");
+    for (name, workers) in [("one", 1), ("three", 3)] {
+        env.kubectl(
+            &["apply", "-f", "-"],
+            &resource(&env.ns, name, to_megatron, hf, workers),
+        )
+        .await
+        .expect_ok(name);
+    }
+    // Part 1's first process dies; parts 0 and 2 wait at their gates meanwhile.
+    let first = Waiting::new("the three parts to run");
+    let part = |r: &ckpt_testcluster::Run, i: &str| {
+        r.job.as_deref() == Some("three-g1") && r.pod.starts_with(&format!("three-g1-{i}-"))
+    };
+    let victim = loop {
+        let runs = env.runs();
+        if runs
+            .iter()
+            .filter(|r| r.job.as_deref() == Some("three-g1"))
+            .count()
+            == 3
+        {
+            break runs.into_iter().find(|r| part(r, "1")).unwrap();
+        }
+        first.tick(|| format!("{runs:#?}")).await;
+    };
+    // SAFETY: kills a process this test's node stand-in started.
+    unsafe {
+        libc::kill(victim.pid as i32, libc::SIGKILL);
+    }
+    let again = Waiting::new("part 1 to start again");
+    while env.runs().iter().filter(|r| part(r, "1")).count() < 2 {
+        again.tick(|| format!("{:#?}", env.runs())).await;
+    }
+    for i in 0..3 {
+        gates.open(&format!("open-{i}"));
+    }
+    for name in ["one", "three"] {
+        env.wait_for(name, "Succeeded and Validated", &mut [&mut op], validated)
+            .await;
+    }
+    let runs = env.runs();
+    for (i, n) in [("0", 1), ("1", 2), ("2", 1)] {
+        assert_eq!(
+            runs.iter().filter(|r| part(r, i)).count(),
+            n,
+            "part {i}: {runs:#?}"
+        );
+    }
+    let cr = env.get("three").await;
+    let st = cr.status.unwrap();
+    assert_eq!(
+        st.failed_attempts, None,
+        "the final step's Job failed no pod"
+    );
+    assert_eq!(st.parts.map(|p| (p.done, p.failed)), Some((3, None)));
+    let out = env.claim("lustre-shared").join("output/split");
+    assert_same(&out, "one", "three", "iter_0000000");
+    op.stop();
+}
