@@ -561,22 +561,26 @@ pub async fn reconcile(cr: Arc<CheckpointConversion>, ctx: Arc<Context>) -> Resu
             Err(e) => return Err(kube_err(format!("creating Job {ns}/{}", job.name_any()))(e)),
         }
     }
+    // The resource as the apiserver has it now (a status write moves its
+    // resourceVersion, which the finalizer's patch is conditional on).
+    let mut latest = cr.clone();
     if cr.status.as_ref() != Some(&decision.status) {
         let patch = serde_json::json!({
             "apiVersion": CheckpointConversion::api_version(&()),
             "kind": CheckpointConversion::kind(&()),
             "status": decision.status,
         });
-        api.patch_status(
-            &cr.name_any(),
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(patch),
-        )
-        .await
-        .map_err(kube_err(format!(
-            "writing the status of {ns}/{}",
-            cr.name_any()
-        )))?;
+        latest = api
+            .patch_status(
+                &cr.name_any(),
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(patch),
+            )
+            .await
+            .map_err(kube_err(format!(
+                "writing the status of {ns}/{}",
+                cr.name_any()
+            )))?;
     }
     let reference = cr.object_ref(&());
     for n in &decision.events {
@@ -603,7 +607,7 @@ pub async fn reconcile(cr: Arc<CheckpointConversion>, ctx: Arc<Context>) -> Resu
     }
     // Published: the staging became the output, and nothing is left to remove.
     if decision.status.phase.as_deref() == Some(crate::api::phase::SUCCEEDED) {
-        set_staging_finalizer(&api, &cr, false).await?;
+        set_staging_finalizer(&api, &latest, false).await?;
     }
     if let Some(outcome) = decision.finished {
         let duration = match (

@@ -158,8 +158,15 @@ async fn a_split_run_publishes_what_one_pod_publishes() {
     }
     let jobs: Api<Job> = Api::namespaced(env.cp.client(), &env.ns);
     for (name, _, _, workers) in runs {
+        // Published: nothing is left for the finalizer to remove, and it goes
+        // (right after the status says so).
         let cr = env
-            .wait_for(name, "Succeeded and Validated", &mut [&mut op], validated)
+            .wait_for(
+                name,
+                "Succeeded and Validated, without the finalizer",
+                &mut [&mut op],
+                |cr| validated(cr) && cr.finalizers().is_empty(),
+            )
             .await;
         let st = cr.status.unwrap();
         if workers == 1 {
