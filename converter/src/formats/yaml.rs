@@ -334,6 +334,14 @@ impl Builder {
                 ..
             }) => match key.take() {
                 None => *key = Some((v, *mark)),
+                // PyYAML refuses them (a dict or list cannot be a dict key or a set
+                // member), and their text as a key nests escapes, doubling per level.
+                Some((Value::Array(_) | Value::Object(_), kmark)) => {
+                    return Err(err(
+                        &kmark,
+                        "a mapping or sequence as a key or set member; expected a scalar",
+                    ));
+                }
                 Some((k, kmark)) => {
                     if let Some(members) = set {
                         if !v.is_null() {
@@ -596,5 +604,17 @@ notes: |
             ));
         }
         assert!(parse(&bomb).unwrap_err().why.contains("expands"));
+        // Mappings as keys, nested: refused at once (the fuzzer's input ran out of
+        // memory when each level's key was the escaped text of the one inside).
+        let nested = format!("a:\n  - {}{}\n", "{".repeat(40), "}".repeat(40));
+        let e = parse(&nested).unwrap_err();
+        assert!(e.why.contains("as a key"), "{}", e.why);
+        assert!(
+            parse("? [1, 2]\n: x\n")
+                .unwrap_err()
+                .why
+                .contains("as a key")
+        );
+        assert!(parse("!!set {? {a: 1}}\n").is_err());
     }
 }
