@@ -18,8 +18,9 @@
 //! Refused, naming the line: tags that would need code to run in Python
 //! (`!!python/object…`, `!!python/name:`, `!!python/module:`, any tag without a
 //! standard meaning), duplicate keys (PyYAML keeps the last; a configuration with
-//! two values for one key must not steer a merge), more than one document, and
-//! documents that expand past [`MAX_NODES`] values through aliases.
+//! two values for one key must not steer a merge), a mapping or sequence as a key
+//! or `!!set` member (PyYAML refuses them as unhashable), more than one document,
+//! and documents that expand past [`MAX_NODES`] values through aliases.
 
 use serde_json::{Map, Number, Value};
 use yaml_rust2::parser::{Event, Parser, Tag};
