@@ -665,6 +665,27 @@ pub fn execute_with<R>(
     })
 }
 
+/// The archive a `.distcp` item of `piece` is written as, around its data.
+fn dcp_item_layout(piece: &Piece, crc: u32) -> torch_zip::ArchiveLayout {
+    torch_zip::layout_archive(
+        &torch_save::tensor_archive_records(piece.dtype, &piece.shape, piece.nbytes()),
+        crc,
+    )
+}
+
+/// The output file and byte offset where `piece`'s data (its elements, without
+/// the archive around a `.distcp` item) is written.
+pub fn data_at(piece: &Piece) -> (usize, u64) {
+    match &piece.dest {
+        Dest::Raw { file, offset } => (*file, *offset),
+        // The archive's length does not depend on the checksum's value.
+        Dest::DcpItem { file, offset } => (
+            *file,
+            offset + dcp_item_layout(piece, 0).prefix.len() as u64,
+        ),
+    }
+}
+
 /// Produces one piece and writes it; returns the xxh3-128 of its bytes.
 fn write_piece(
     piece: &Piece,
@@ -770,11 +791,7 @@ fn write_piece(
         }
         Dest::DcpItem { file, offset } => {
             let (path, f) = &outputs[*file];
-            let crc = crc32fast::hash(&data);
-            let layout = torch_zip::layout_archive(
-                &torch_save::tensor_archive_records(piece.dtype, &piece.shape, data.len() as u64),
-                crc,
-            );
+            let layout = dcp_item_layout(piece, crc32fast::hash(&data));
             let data_at = offset + layout.prefix.len() as u64;
             let turn = write_locks[*file].lock().expect("write lock");
             f.write_all_at(&layout.prefix, *offset).map_err(io(path))?;

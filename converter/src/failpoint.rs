@@ -14,7 +14,8 @@
 //!
 //! Points, in the order a run reaches them: `staged` (staging directory made),
 //! `pieces:N` (N pieces written), `executed` (all written and synced),
-//! `validated` (validated, about to be committed), `commit:aside` (an existing
+//! `read-back` (a split run's part: its files written and synced, not yet read
+//! back), `validated` (validated, about to be committed), `commit:aside` (an existing
 //! target moved aside, the new one not yet in place), `committed` (renamed into
 //! place, run-directory trackers not yet written).
 

@@ -451,6 +451,11 @@ pub fn stage(
     // The final step of a split run writes only what lies outside the parts'
     // files; its outcome is then the whole plan's, from the parts' records.
     let side_plan = finalize.as_ref().map(|_| split::Finalize::side_plan(&plan));
+    // What the parts read back, validation does not read again.
+    let known = finalize
+        .as_ref()
+        .map(|f| f.known(&plan))
+        .unwrap_or_default();
     let executed_plan = side_plan.as_ref().unwrap_or(&plan);
     // Side files are read once, by the copy; their identity now is what the
     // copy must still see when the output is complete.
@@ -549,6 +554,7 @@ pub fn stage(
                         reference.as_ref(),
                         ahead,
                         probe.as_ref(),
+                        known,
                     )
                     .map(Some)
                 },
@@ -680,6 +686,7 @@ fn validate_staged(
     reference: Option<&Result<crate::smoke::Model, crate::smoke::SmokeError>>,
     ahead: Option<crate::smoke::Ahead>,
     probe: Option<&crate::smoke::probe::Probe<'_>>,
+    known: crate::validate::scan::Known,
 ) -> Result<crate::validate::Report, Error> {
     progress.phase("validate", outcome.tensor_bytes);
     let vopts = crate::validate::Options {
@@ -687,6 +694,7 @@ fn validate_staged(
         hf_model: target.hf_model.clone(),
         smoke_test: false,
         rope_as_megatron: target.rope_as_megatron,
+        known,
     };
     // The checks (one read of every file) beside the output's forward pass.
     let started = Instant::now();

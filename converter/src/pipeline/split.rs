@@ -7,13 +7,19 @@
 //! machine), writes only those into the target's shared staging directory
 //! ([`crate::publish::SharedStaging`]), fsyncs them, and then writes its
 //! completion record `.ckpt-split/part-I-of-N.json` atomically: the plan's
-//! [`fingerprint`], its files with sizes and digests, and the per-piece and
-//! per-source-chunk digest lines that the manifest's digests are computed from.
+//! [`fingerprint`], its files with sizes and digests, the per-piece and
+//! per-source-chunk digest lines that the manifest's digests are computed from,
+//! and what validation reads: each piece's bytes read back from its file once
+//! durable (digest and count of NaN and infinite values; a piece that reads back
+//! other than written fails the part, so only that part is run again).
 //!
 //! The final step plans again, checks every record against that plan
 //! ([`Finalize::check`]), writes what a single run writes outside the tensor
 //! files (config, tokenizer, metadata), the manifest and the validation report,
-//! validates, and publishes by the usual rename. Until then the output is a
+//! validates, and publishes by the usual rename. Its validation takes the parts'
+//! read-back ([`Finalize::known`]) where its reader finds a tensor at the place a
+//! part read, so the output's bytes are read back once, split as they were
+//! written, while the checks of structure and the smoke test run once. Until then the output is a
 //! staging directory, which never looks complete. A part run again replaces its
 //! own files and record, or does nothing when its record already matches (the
 //! plan, and the digest of every file it lists).
@@ -27,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{Xxh3, xxh3_128};
 
 use crate::execute::{self, FileRecord, Outcome, Progress};
+use crate::formats::dtype::DType;
 use crate::pipeline::error::Error;
 use crate::pipeline::preflight::PreflightError;
 use crate::pipeline::{Report, RunOptions, SourceInfo, Target};
@@ -41,6 +48,7 @@ pub const PARAMS: [&str; 3] = ["workers", "part", "finalize"];
 pub const RECORDS: &str = ".ckpt-split";
 
 const RECORD_FORMAT: &str = "ckpt-split-part";
+const RECORD_VERSION: u32 = 2;
 
 /// A split run as asked for: `workers=N` with `part=I` or `finalize=true`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,7 +180,7 @@ pub enum SplitError {
 struct Record {
     /// Always `ckpt-split-part`.
     format: String,
-    /// 1.
+    /// [`RECORD_VERSION`].
     version: u32,
     /// The plan's [`fingerprint`].
     fingerprint: String,
@@ -186,6 +194,21 @@ struct Record {
     source_chunks: Vec<(usize, String)>,
     /// The most bytes of pieces it had in flight.
     peak_in_flight: u64,
+    /// Each piece's data as read back once durable, by piece name: its
+    /// XXH3-128 and count of NaN and infinite values.
+    read_back: BTreeMap<String, (String, u64)>,
+    /// Each file's modification and change times (seconds and nanoseconds of
+    /// each) once read back: the final step, which does not read the bytes
+    /// again, knows by them that a file is the one the part read.
+    stamps: BTreeMap<String, [i64; 4]>,
+}
+
+/// A file's modification and change times (a write changes both; only the
+/// kernel sets the change time). The same on every client of a shared
+/// filesystem, unlike its device number.
+fn stamp(m: &std::fs::Metadata) -> [i64; 4] {
+    use std::os::unix::fs::MetadataExt;
+    [m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()]
 }
 
 fn record_path(staging: &Path, part: usize, workers: usize) -> PathBuf {
@@ -354,14 +377,16 @@ fn read_record(path: &Path, part: usize) -> Result<Option<Record>, Error> {
     let record: Record = serde_json::from_slice(&bytes).map_err(|e| SplitError::Mismatch {
         path: path.to_owned(),
         part,
-        expected: "a completion record (JSON, format ckpt-split-part)".into(),
+        expected: format!(
+            "a completion record (JSON, format {RECORD_FORMAT} version {RECORD_VERSION})"
+        ),
         found: e.to_string(),
     })?;
-    if record.format != RECORD_FORMAT || record.version != 1 {
+    if record.format != RECORD_FORMAT || record.version != RECORD_VERSION {
         return Err(SplitError::Mismatch {
             path: path.to_owned(),
             part,
-            expected: format!("format {RECORD_FORMAT} version 1"),
+            expected: format!("format {RECORD_FORMAT} version {RECORD_VERSION}"),
             found: format!("format {} version {}", record.format, record.version),
         }
         .into());
@@ -415,18 +440,38 @@ fn check_record(
             format!("{recorded:?}"),
         ));
     }
-    let pieces = part_plan(plan, mine).pieces.len();
-    if record.pieces.len() != pieces {
+    let sub = part_plan(plan, mine);
+    if record.pieces.len() != sub.pieces.len() {
         return Err(mismatch(
             path,
-            format!("{pieces} piece digests"),
+            format!("{} piece digests", sub.pieces.len()),
             record.pieces.len().to_string(),
+        ));
+    }
+    if let Some(p) = sub
+        .pieces
+        .iter()
+        .find(|p| !record.read_back.contains_key(&p.name))
+    {
+        return Err(mismatch(
+            path,
+            format!("the read-back digest of every piece, {} among them", p.name),
+            format!("{} read-back digests without it", record.read_back.len()),
         ));
     }
     for f in &record.files {
         let file = staging.join(&f.path);
         match std::fs::symlink_metadata(&file) {
-            Ok(m) if m.is_file() && m.len() == f.size => {}
+            Ok(m) if m.is_file() && m.len() == f.size => {
+                if record.stamps.get(&f.path) != Some(&stamp(&m)) {
+                    return Err(mismatch(
+                        &file,
+                        "the file as the part read it back (its modification and change times)"
+                            .into(),
+                        "it changed since".into(),
+                    ));
+                }
+            }
             Ok(m) => {
                 return Err(mismatch(
                     &file,
@@ -444,6 +489,83 @@ fn check_record(
         }
     }
     Ok(())
+}
+
+/// Reads back what a single run's validation reads, for the files of `plan` (a
+/// part's) under `dir`, once durable: each file whole, and each piece's data
+/// (its digest and count of NaN and infinite values, returned by name).
+///
+/// # Errors
+/// [`SplitError::Mismatch`] naming the file, and the piece, whose bytes read back
+/// differ from those written (`outcome`: this part's execution).
+fn read_back(
+    plan: &Plan,
+    dir: &Path,
+    part: usize,
+    outcome: &Outcome,
+) -> Result<BTreeMap<String, (String, u64)>, Error> {
+    use rayon::prelude::*;
+    let files = plan
+        .files
+        .iter()
+        .map(|f| crate::formats::source::MappedFile::open(&dir.join(&f.rel)))
+        .collect::<Result<Vec<_>, _>>()?;
+    // A written line is `name|dtype|shape|digest`.
+    let written: BTreeMap<&str, &str> = outcome
+        .piece_lines
+        .iter()
+        .filter_map(|l| l.trim_end().rsplit_once('|'))
+        .collect();
+    let pieces = plan
+        .pieces
+        .par_iter()
+        .map(|p| {
+            let (file, offset) = execute::data_at(p);
+            let (digest, bad) =
+                crate::validate::scan::read_range(&files[file], offset, p.nbytes(), p.dtype);
+            let digest = crate::formats::digest::format_digest(digest);
+            let key = format!("{}|{}|{:?}", p.name, p.dtype, p.shape);
+            match written.get(key.as_str()) {
+                Some(w) if *w == digest => Ok((p.name.clone(), (digest, bad))),
+                w => Err(SplitError::Mismatch {
+                    path: files[file].path.clone(),
+                    part,
+                    expected: format!(
+                        "{}'s bytes at {offset}..{} as written (xxh3 {})",
+                        p.name,
+                        offset + p.nbytes(),
+                        w.unwrap_or(&"not recorded")
+                    ),
+                    found: format!("xxh3 {digest} read back"),
+                }
+                .into()),
+            }
+        })
+        .collect::<Result<BTreeMap<_, _>, Error>>()?;
+    // The bytes around the pieces (headers, archives) too, as validation reads them.
+    files.par_iter().try_for_each(|f| -> Result<(), Error> {
+        let (digest, _) = crate::validate::scan::read_range(f, 0, f.len(), DType::U8);
+        let digest = crate::formats::digest::format_digest(digest);
+        let rel = f
+            .path
+            .strip_prefix(dir)
+            .unwrap_or(&f.path)
+            .to_string_lossy();
+        match outcome.files.iter().find(|w| w.path == rel) {
+            Some(w) if w.size == f.len() && w.xxh3 == digest => Ok(()),
+            w => Err(SplitError::Mismatch {
+                path: f.path.clone(),
+                part,
+                expected: match w {
+                    Some(w) => format!("the file as written ({} bytes, xxh3 {})", w.size, w.xxh3),
+                    None => "a file this part wrote".into(),
+                },
+                found: format!("{} bytes, xxh3 {digest} read back", f.len()),
+            }
+            .into()),
+        }
+    })?;
+    Ok(pieces)
 }
 
 /// Writes part `part` of `workers` of the plan into the shared staging
@@ -513,9 +635,21 @@ pub fn run_part(
         for store in stores {
             store.files().check_unchanged()?;
         }
+        crate::failpoint::hit("read-back");
+        let read_back = read_back(&sub, staging.path(), part, &outcome)?;
+        let stamps = sub
+            .files
+            .iter()
+            .map(|f| {
+                let path = staging.path().join(&f.rel);
+                std::fs::symlink_metadata(&path)
+                    .map(|m| (f.rel.clone(), stamp(&m)))
+                    .map_err(io_err(&path))
+            })
+            .collect::<Result<_, _>>()?;
         let record = Record {
             format: RECORD_FORMAT.into(),
-            version: 1,
+            version: RECORD_VERSION,
             fingerprint: fingerprint.into(),
             part,
             workers,
@@ -523,6 +657,8 @@ pub fn run_part(
             pieces: outcome.piece_lines,
             source_chunks: outcome.source_lines,
             peak_in_flight: outcome.peak_in_flight,
+            read_back,
+            stamps,
         };
         let dir = staging.path().join(RECORDS);
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
@@ -623,6 +759,37 @@ impl Finalize {
         Ok(Finalize {
             records: records.into_iter().map(|(_, r)| r).collect(),
         })
+    }
+
+    /// What the parts read back, by where each piece's data lies in the plan, for
+    /// validation to take instead of reading it again.
+    pub fn known(&self, plan: &Plan) -> crate::validate::scan::Known {
+        let mut known = crate::validate::scan::Known::default();
+        let workers = self.records.len();
+        let assignment = assign(plan, workers);
+        for (part, record) in self.records.iter().enumerate() {
+            let mine: Vec<usize> = (0..plan.files.len())
+                .filter(|&f| assignment[f] == part)
+                .collect();
+            let sub = part_plan(plan, &mine);
+            for p in &sub.pieces {
+                let Some((digest, bad)) = record.read_back.get(&p.name) else {
+                    continue;
+                };
+                let Ok(digest) = u128::from_str_radix(digest, 16) else {
+                    continue;
+                };
+                let (file, offset) = execute::data_at(p);
+                known.ranges.insert(
+                    (sub.files[file].rel.clone(), offset, p.nbytes(), p.dtype),
+                    (digest, *bad),
+                );
+            }
+            for f in &record.files {
+                known.files.insert(f.path.clone(), (f.size, f.xxh3.clone()));
+            }
+        }
+        known
     }
 
     /// Takes over the shared staging directory, removing what an earlier final

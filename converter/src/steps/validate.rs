@@ -131,6 +131,7 @@ impl Request {
                 hf_model,
                 smoke_test,
                 rope_as_megatron: false,
+                known: Default::default(),
             },
             generate: generate.then_some(prompt),
             max_new_tokens,

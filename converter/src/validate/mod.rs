@@ -110,6 +110,9 @@ pub struct Options {
     pub smoke_test: bool,
     /// Compare both forward passes under Megatron-Core's Llama 3 rope scaling.
     pub rope_as_megatron: bool,
+    /// What the processes that wrote the output read back already (the parts
+    /// of a split run): taken from there, not read again.
+    pub known: scan::Known,
 }
 
 impl Report {
@@ -188,7 +191,7 @@ pub fn validate_with(dir: &Path, kind: ArtifactKind, published: bool, opts: &Opt
     // The checks of the weights read them once (see `scan`): the manifest's
     // digests are compared with what that read found.
     let scanned = match kind {
-        ArtifactKind::CheckpointHf => validate_hf(dir, manifest, identity, &mut checks),
+        ArtifactKind::CheckpointHf => validate_hf(dir, manifest, identity, opts, &mut checks),
         _ => validate_megatron(dir, manifest, identity, published, opts, &mut checks),
     };
     let mut first_checks = Checks(Vec::new());
@@ -215,8 +218,16 @@ pub fn validate_with(dir: &Path, kind: ArtifactKind, published: bool, opts: &Opt
         first_checks.add(
             "weights digest",
             if s.weights_digest == m.output.weights_digest {
+                let elsewhere = if s.known.1 > 0 {
+                    format!(
+                        " ({} of {} chunks and {} files read back by the processes that wrote them)",
+                        s.known.1, s.chunks, s.known.0
+                    )
+                } else {
+                    String::new()
+                };
                 Ok(format!(
-                    "the tensors as read back hash to the manifest's {}",
+                    "the tensors as read back hash to the manifest's {}{elsewhere}",
                     m.output.weights_digest
                 ))
             } else {
@@ -475,6 +486,7 @@ fn validate_hf(
     dir: &Path,
     m: Option<&Manifest>,
     identity: bool,
+    opts: &Options,
     checks: &mut Checks,
 ) -> Option<scan::Scan> {
     checks.add(
@@ -529,7 +541,7 @@ fn validate_hf(
                 false,
                 checks,
             );
-            let scanned = scan::scan(dir, &ckpt.files, &ckpt.tensors);
+            let scanned = scan::scan(dir, &ckpt.files, &ckpt.tensors, &opts.known);
             finite_check(&scanned, checks);
             Some(scanned)
         }
@@ -621,7 +633,7 @@ fn validate_megatron(
                 from_rc,
                 checks,
             );
-            let scanned = scan::scan(dir, &ckpt.files, &ckpt.tensors);
+            let scanned = scan::scan(dir, &ckpt.files, &ckpt.tensors, &opts.known);
             finite_check(&scanned, checks);
             Some(scanned)
         }

@@ -9,6 +9,11 @@
 //! bytes. Recomputed here from the files through their reader, the digest ties
 //! the one to the other (and names a layout mistake that moved bytes between
 //! tensors without changing a file's length).
+//!
+//! What another process already read back after writing it ([`Known`]: the parts
+//! of a split run, each reading its own files) is taken from there instead of
+//! being read again; the tensors' names, shapes and places still come from this
+//! reader, so a chunk it finds where no part read is read here.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -34,6 +39,24 @@ pub struct Scan {
     /// of every chunk ([`crate::lora::base::digest_line`], the lines execution
     /// digests).
     pub weights_digest: String,
+    /// Files and chunks taken from [`Known`] rather than read here.
+    pub known: (usize, usize),
+    /// Chunks in all.
+    pub chunks: usize,
+}
+
+/// Where a tensor's bytes lie: the file (relative to the output), offset,
+/// length and element type.
+pub type Range = (String, u64, u64, DType);
+
+/// What was read back elsewhere: each file's size and XXH3-128, and each
+/// range's XXH3-128 and count of NaN and infinite values.
+#[derive(Debug, Clone, Default)]
+pub struct Known {
+    /// By path relative to the output.
+    pub files: HashMap<String, (u64, String)>,
+    /// By [`Range`].
+    pub ranges: HashMap<Range, (u128, u64)>,
 }
 
 enum Task {
@@ -47,65 +70,80 @@ enum Found {
         tensor: usize,
         line: String,
         bad: u64,
+        known: bool,
     },
 }
 
 /// Reads every file of `files` and every chunk of `tensors` once (files under
-/// `dir`); in parallel on the current pool.
-pub fn scan(dir: &Path, files: &Files, tensors: &[GlobalTensor]) -> Scan {
-    let mut tasks: Vec<(u64, Task)> = files
-        .iter()
-        .enumerate()
-        .map(|(i, f)| (f.len(), Task::File(i)))
-        .collect();
+/// `dir`), except what `known` has; in parallel on the current pool.
+pub fn scan(dir: &Path, files: &Files, tensors: &[GlobalTensor], known: &Known) -> Scan {
+    let rel = |f: &source::MappedFile| {
+        f.path
+            .strip_prefix(dir)
+            .unwrap_or(&f.path)
+            .to_string_lossy()
+            .into_owned()
+    };
+    let mut found: Vec<Found> = Vec::new();
+    let mut tasks: Vec<(u64, Task)> = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        let path = rel(f);
+        match known.files.get(&path) {
+            Some((size, digest)) => found.push(Found::File(path, *size, digest.clone())),
+            None => tasks.push((f.len(), Task::File(i))),
+        }
+    }
     for (ti, t) in tensors.iter().enumerate() {
         for (ci, c) in t.chunks.iter().enumerate() {
             tasks.push((c.footprint().len, Task::Chunk(ti, ci)));
         }
     }
     tasks.sort_by_key(|t| std::cmp::Reverse(t.0));
-    let found: Vec<Found> = tasks
-        .par_iter()
-        .map(|(_, task)| match *task {
-            Task::File(i) => {
-                let f = files.get(i);
-                let mut h = Xxh3::new();
-                windows(f, 0, f.len(), |w| h.update(w));
-                let rel = f.path.strip_prefix(dir).unwrap_or(&f.path);
-                Found::File(
-                    rel.to_string_lossy().into_owned(),
-                    f.len(),
-                    format_digest(h.digest128()),
-                )
-            }
-            Task::Chunk(ti, ci) => {
-                let t = &tensors[ti];
-                let c = &t.chunks[ci];
-                let mut h = Xxh3::new();
-                let mut bad = 0u64;
-                match &c.data {
-                    ChunkData::Contiguous(r) => {
-                        windows(files.get(r.file), r.offset, r.len, |w| {
-                            h.update(w);
-                            bad += count_non_finite(t.dtype, w);
-                        });
-                    }
-                    ChunkData::Strided { .. } => {
-                        let bytes = source::read_box(files, t, &c.offsets, &c.sizes);
-                        h.update(&bytes);
-                        bad += count_non_finite(t.dtype, &bytes);
+    let chunks = tasks
+        .iter()
+        .filter(|(_, t)| matches!(t, Task::Chunk(..)))
+        .count();
+    found.par_extend(tasks.par_iter().map(|(_, task)| match *task {
+        Task::File(i) => {
+            let f = files.get(i);
+            let mut h = Xxh3::new();
+            windows(f, 0, f.len(), |w| h.update(w));
+            Found::File(rel(f), f.len(), format_digest(h.digest128()))
+        }
+        Task::Chunk(ti, ci) => {
+            let t = &tensors[ti];
+            let c = &t.chunks[ci];
+            let (digest, bad, known) = match &c.data {
+                ChunkData::Contiguous(r) => {
+                    let file = files.get(r.file);
+                    match known.ranges.get(&(rel(file), r.offset, r.len, t.dtype)) {
+                        Some(&(digest, bad)) => (digest, bad, true),
+                        None => {
+                            let (digest, bad) = read_range(file, r.offset, r.len, t.dtype);
+                            (digest, bad, false)
+                        }
                     }
                 }
-                let line = crate::lora::base::digest_line(t, ci, h.digest128());
-                Found::Chunk {
-                    tensor: ti,
-                    line,
-                    bad,
+                ChunkData::Strided { .. } => {
+                    let bytes = source::read_box(files, t, &c.offsets, &c.sizes);
+                    let bad = count_non_finite(t.dtype, &bytes);
+                    (xxhash_rust::xxh3::xxh3_128(&bytes), bad, false)
                 }
+            };
+            let line = crate::lora::base::digest_line(t, ci, digest);
+            Found::Chunk {
+                tensor: ti,
+                line,
+                bad,
+                known,
             }
-        })
-        .collect();
-    let mut out = Scan::default();
+        }
+    }));
+    let mut out = Scan {
+        known: (files.iter().count() - (tasks.len() - chunks), 0),
+        chunks,
+        ..Scan::default()
+    };
     let mut lines = Vec::new();
     let mut bad = vec![0u64; tensors.len()];
     for f in found {
@@ -117,9 +155,11 @@ pub fn scan(dir: &Path, files: &Files, tensors: &[GlobalTensor]) -> Scan {
                 tensor,
                 line,
                 bad: n,
+                known,
             } => {
                 lines.push(line);
                 bad[tensor] += n;
+                out.known.1 += usize::from(known);
             }
         }
     }
@@ -131,6 +171,18 @@ pub fn scan(dir: &Path, files: &Files, tensors: &[GlobalTensor]) -> Scan {
         .map(|(t, n)| format!("{}: {n} NaN or infinite values", t.name))
         .collect();
     out
+}
+
+/// The XXH3-128 of `len` bytes of `file` from `offset`, and their count of NaN
+/// and infinite values as elements of `dtype`.
+pub fn read_range(file: &source::MappedFile, offset: u64, len: u64, dtype: DType) -> (u128, u64) {
+    let mut h = Xxh3::new();
+    let mut bad = 0u64;
+    windows(file, offset, len, |w| {
+        h.update(w);
+        bad += count_non_finite(dtype, w);
+    });
+    (h.digest128(), bad)
 }
 
 /// Calls `f` on `len` bytes of `file` from `offset`, in windows whose offsets from

@@ -32,7 +32,8 @@ fn tiny_moe(dir: &Path) {
 
 /// Every file under `dir` by relative path: its bytes, or for the manifest and
 /// the validation report their JSON without what differs between any two runs
-/// (`created`, `seconds`, and the smoke test's time at the end of a `detail`).
+/// (`created`, `seconds`, and the smoke test's time at the end of a `detail`)
+/// and the split's note of what its parts read back ([`read_back_note`]).
 fn tree(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     let mut out = BTreeMap::new();
     for p in files_under(dir) {
@@ -41,11 +42,27 @@ fn tree(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
         if name == "ckpt-manifest.json" || name == "ckpt-validation.json" {
             let mut v: Value = serde_json::from_slice(&bytes).unwrap();
             ckpt_testcluster::without_run_times(&mut v);
+            ckpt_testcluster::take_read_back_note(&mut v);
             bytes = serde_json::to_vec_pretty(&v).unwrap();
         }
         out.insert(p.strip_prefix(dir).unwrap().to_owned(), bytes);
     }
     out
+}
+
+/// What the validation report of the output `dir` says its parts read back:
+/// (chunks, of chunks, files); `None` when it says nothing of parts.
+fn read_back_note(dir: &Path) -> Option<(u64, u64, u64)> {
+    let text = std::fs::read(dir.join("ckpt-validation.json")).unwrap();
+    let mut v: Value = serde_json::from_slice(&text).unwrap();
+    let note = ckpt_testcluster::take_read_back_note(&mut v)?;
+    // `A of B chunks and F files`
+    let n: Vec<u64> = note
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert_eq!(n.len(), 3, "{note}");
+    Some((n[0], n[1], n[2]))
 }
 
 /// The manifest's weights digest and files list.
@@ -142,6 +159,15 @@ fn splits_match_the_single_run(w: &Workdir, args: &[String], out: &str, sub: &st
             &single,
             &w.path(out).join(sub),
             &format!("{out} workers={n}"),
+        );
+        // The final step's validation read none of the tensor files' bytes
+        // again: every chunk and file came from the part that wrote it.
+        assert_eq!(read_back_note(&single), None);
+        let (known, chunks, files) = read_back_note(&w.path(out).join(sub))
+            .unwrap_or_else(|| panic!("{out} workers={n}: no read-back note"));
+        assert!(
+            known == chunks && chunks > 0 && files == data as u64,
+            "{out} workers={n}: {known} of {chunks} chunks, {files} of {data} files read back by the parts"
         );
         // The records and the shared staging went with the publish; the run
         // directory's trackers are the single run's.
@@ -313,18 +339,22 @@ fn a_part_killed_mid_write_is_run_again_alone() {
         (done(0), done(2)),
         "other parts' records changed"
     );
-    // A file changed after its part recorded it: finalize's validation reads it
-    // back against the digest recorded, and publishes nothing.
+    // A file changed after its part read it back: finalize, which does not
+    // read the parts' bytes again, knows by its times, names it and the part,
+    // and publishes nothing.
     let shared = w.path("run/.iter_0000000.ckpt-staging-split");
     let record: serde_json::Value = serde_json::from_slice(&done(2)).unwrap();
-    let file = shared.join(record["files"][0]["path"].as_str().unwrap());
+    let rel = record["files"][0]["path"].as_str().unwrap();
+    let file = shared.join(rel);
     let mut bytes = std::fs::read(&file).unwrap();
     let last = bytes.len() - 100;
     bytes[last] ^= 1;
     std::fs::write(&file, &bytes).unwrap();
     run(&with(&args, &["workers=3".into(), "finalize".into()]))
         .assert_exit(1)
-        .stderr_has("validation failed");
+        .stderr_has(rel)
+        .stderr_has("part 2: expected the file as the part read it back")
+        .stderr_has("run the part again");
     assert!(!w.path("run/iter_0000000").exists());
     // Its part, run again, sees the digest differ and writes it again.
     run(&part(2)).assert_exit(0);
@@ -334,6 +364,111 @@ fn a_part_killed_mid_write_is_run_again_alone() {
         &w.path("single/iter_0000000"),
         &w.path("run/iter_0000000"),
         "after a killed part",
+    );
+}
+
+/// A part reads back what it wrote once its files are durable: bytes that read
+/// back other than written (a disk or filesystem fault, simulated by changing a
+/// byte between the write and the read) fail that part with exit 1, naming the
+/// file and, for a tensor's data, the tensor; no record is left, so finalize
+/// refuses until the part is run again.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_part_whose_bytes_read_back_wrong_fails_alone() {
+    let w = Workdir::new();
+    let (_, args) = single_tiny_run(&w);
+    let part = |i: usize| with(&args, &["workers=2".into(), format!("part={i}")]);
+    run(&part(0)).assert_exit(0);
+    let shared = w.path("run/.iter_0000000.ckpt-staging-split");
+    let zero: Value = serde_json::from_slice(
+        &std::fs::read(shared.join(".ckpt-split/part-0-of-2.json")).unwrap(),
+    )
+    .unwrap();
+    let of_zero = |p: &Path| {
+        zero["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| shared.join(f["path"].as_str().unwrap()) == p)
+    };
+    // Part 1 paused before its read-back; then one byte of its largest file
+    // (the byte at `at(len)`, the size kept) changed; returns its stderr.
+    let fail_part_1 = |at: fn(usize) -> usize| -> (PathBuf, String) {
+        let pause = w.path("pause");
+        let _ = std::fs::remove_file(&pause);
+        let _ = std::fs::remove_file(pause.with_extension("go"));
+        let mut child = bin()
+            .args(part(1))
+            .env("CKPT_CONVERT_PAUSE_AT", "read-back")
+            .env("CKPT_CONVERT_PAUSE_FILE", &pause)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        while !pause.exists() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("part 1 ended ({status}) before it read back");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let file = files_under(&shared)
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "distcp") && !of_zero(p))
+            .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+            .expect("part 1 wrote a .distcp file");
+        let mut bytes = std::fs::read(&file).unwrap();
+        let i = at(bytes.len());
+        bytes[i] ^= 0x40;
+        std::fs::write(&file, &bytes).unwrap();
+        std::fs::write(pause.with_extension("go"), "").unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{} byte {i}: {stderr}{}",
+            file.display(),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(!shared.join(".ckpt-split/part-1-of-2.json").exists());
+        (file, stderr)
+    };
+    // In the middle of the file: a tensor's data, named.
+    let (file, stderr) = fail_part_1(|len| len / 2);
+    assert!(
+        stderr.contains(&format!("{}: part 1: expected ", file.display()))
+            && stderr.contains("'s bytes at ")
+            && stderr.contains(" as written (xxh3 ")
+            && stderr.contains(" read back (run the part again)"),
+        "{stderr}"
+    );
+    run(&with(&args, &["workers=2".into(), "finalize".into()]))
+        .assert_exit(1)
+        .stderr_has("part 1 of 2 has no completion record");
+    // In the archive header of the file's first item (its local header's
+    // modification time): outside every tensor, the file's digest names it.
+    let (file, stderr) = fail_part_1(|_| 10);
+    assert!(
+        stderr.contains(&format!(
+            "{}: part 1: expected the file as written (",
+            file.display()
+        )) && stderr.contains(" read back (run the part again)"),
+        "{stderr}"
+    );
+    run(&part(1)).assert_exit(0);
+    run(&with(&args, &["workers=2".into(), "finalize".into()])).assert_exit(0);
+    assert_same(
+        &w.path("single/iter_0000000"),
+        &w.path("run/iter_0000000"),
+        "after a part read back wrong",
+    );
+}
+
+#[cfg(not(feature = "failpoints"))]
+#[test]
+fn a_part_whose_bytes_read_back_wrong_fails_alone() {
+    panic!(
+        "this test needs the failpoints feature: cargo test --features failpoints (the repository's test command passes it)"
     );
 }
 

@@ -25,6 +25,26 @@ pub fn poison_values(dir: &Path) {
     std::fs::write(shard, bytes).expect("rewriting the shard");
 }
 
+/// Removes from a validation report (`ckpt-validation.json`) the note that the
+/// final step of a split run adds to its weights digest check, saying how much
+/// the parts read back (`… (12 of 12 chunks and 4 files read back by the
+/// processes that wrote them)`), and returns the note without its parentheses.
+pub fn take_read_back_note(v: &mut serde_json::Value) -> Option<String> {
+    const END: &str = " read back by the processes that wrote them)";
+    let check = v
+        .get_mut("checks")?
+        .as_array_mut()?
+        .iter_mut()
+        .find(|c| c["name"] == "weights digest")?;
+    let serde_json::Value::String(d) = &mut check["detail"] else {
+        return None;
+    };
+    let at = d.rfind(" (").filter(|_| d.ends_with(END))?;
+    let note = d[at + 2..d.len() - 1].to_owned();
+    d.truncate(at);
+    Some(note)
+}
+
 /// Removes from a manifest or validation report (`ckpt-manifest.json`,
 /// `ckpt-validation.json`) what differs between any two runs of one conversion:
 /// `created`, `seconds`, and the time at the end of a check's `detail`

@@ -98,7 +98,7 @@ pub use control_plane::{
     free_ports,
 };
 pub use error::{Error, Result};
-pub use fixtures::{poison_values, without_run_times};
+pub use fixtures::{poison_values, take_read_back_note, without_run_times};
 
 /// How long a test waits for something that should happen: generous, because a
 /// busy machine is slow, and never a reason to pass. `CKPT_TEST_DEADLINE_SECS`

@@ -74,6 +74,7 @@ fn output_files(dir: &Path, target: &str) -> Vec<(PathBuf, Vec<u8>)> {
             if name == "ckpt-manifest.json" || name == "ckpt-validation.json" {
                 let mut v: Value = serde_json::from_slice(&bytes).unwrap();
                 ckpt_testcluster::without_run_times(&mut v);
+                ckpt_testcluster::take_read_back_note(&mut v);
                 rename(&mut v, target);
                 bytes = serde_json::to_vec_pretty(&v).unwrap();
             }
@@ -247,6 +248,25 @@ async fn a_split_run_publishes_what_one_pod_publishes() {
         assert_same(&out, "mg-1", n, "iter_0000000");
     }
     assert_same(&out, "hf-1", "hf-3", "");
+    // The final step's validation took every tensor's bytes from the part that
+    // wrote and read them back; one pod's read them itself.
+    let note = |dir: PathBuf| {
+        let text = std::fs::read(dir.join("ckpt-validation.json")).unwrap();
+        let mut v: Value = serde_json::from_slice(&text).unwrap();
+        ckpt_testcluster::take_read_back_note(&mut v)
+    };
+    for (name, sub) in [("mg-1", "iter_0000000"), ("hf-1", "")] {
+        assert_eq!(note(out.join(name).join(sub)), None, "{name}");
+    }
+    for (name, sub) in [
+        ("mg-3", "iter_0000000"),
+        ("mg-7", "iter_0000000"),
+        ("hf-3", ""),
+    ] {
+        let note = note(out.join(name).join(sub)).unwrap_or_else(|| panic!("{name}: no note"));
+        let n: Vec<&str> = note.split_whitespace().collect();
+        assert!(n.len() > 3 && n[0] == n[2] && n[0] != "0", "{name}: {note}");
+    }
     // The shared staging and the parts' records went with the publish.
     let left: Vec<String> = std::fs::read_dir(&out)
         .unwrap()
