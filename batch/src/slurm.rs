@@ -13,6 +13,14 @@
 //! The job sees only the environment the script sets (`--export=NONE`): the
 //! profile's `hf_home` and `env_vars`, so a run does not depend on the shell it
 //! was submitted from.
+//!
+//! A conversion asked for with `workers=N` (and neither `part` nor `finalize`)
+//! is split ([`Share`]): a job array of N parts (`part=$SLURM_ARRAY_TASK_ID`),
+//! then a final job (`finalize=true`) that Slurm starts once every part
+//! succeeded (`--dependency=afterok`) and cancels if one failed
+//! (`--kill-on-invalid-dep=yes`). The final job is the run that `status`
+//! follows; `<id>.parts` in the job directory names its parts' array job, so
+//! status can say how far they are.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -41,6 +49,44 @@ const ENDED: &[&str] = &[
     "TIMEOUT",
     "SPECIAL_EXIT",
 ];
+
+/// Which job of a run a script is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Share {
+    /// The whole conversion in one job.
+    Whole,
+    /// The array of the `N` parts of a split run.
+    Parts(u64),
+    /// The final step of a split run, after the parts' array job `after`.
+    Finalize {
+        /// The parts' array job id.
+        after: String,
+    },
+}
+
+/// The number of parts to run as an array: `Some(N)` for a request with
+/// `workers=N` and neither `part` nor `finalize` (one of those runs that one
+/// share alone, as a single job).
+///
+/// # Errors
+/// [`Error::Param`] when `workers` is not a positive integer.
+pub fn split(req: &Request) -> Result<Option<u64>> {
+    let Some(w) = req.params.get("workers") else {
+        return Ok(None);
+    };
+    let n = w
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| Error::Param {
+            param: "workers".into(),
+            value: w.clone(),
+            why: "expected a positive integer: the number of parts".into(),
+        })?;
+    let alone = req.params.contains_key("part") || req.params.contains_key("finalize");
+    Ok((!alone).then_some(n))
+}
 
 /// `'…'` for the shell.
 fn quote(s: &str) -> String {
@@ -91,7 +137,7 @@ pub fn converter(profile: &Profile) -> Result<PathBuf> {
     Ok(exe)
 }
 
-/// The batch script for `req` (`attached`: submitted by `--run`).
+/// The batch script for `share` of `req` (`attached`: submitted by `--run`).
 ///
 /// # Errors
 /// [`Error::Param`] for a path or the job directory outside every mount.
@@ -100,6 +146,7 @@ pub fn script(
     req: &Request,
     attached: bool,
     converter: &Path,
+    share: &Share,
 ) -> Result<String> {
     if req.step == ckpt_wire::Step::Validate {
         return Err(Error::Param {
@@ -147,6 +194,11 @@ pub fn script(
         name.push('-');
         name.push_str(&target);
     }
+    match share {
+        Share::Whole => {}
+        Share::Parts(_) => name.push_str("-parts"),
+        Share::Finalize { .. } => name.push_str("-finalize"),
+    }
     let mut lines = vec![
         "#!/bin/bash".to_owned(),
         format!("# ckpt-convert {} (profile {})", req.step, profile.name),
@@ -160,6 +212,18 @@ pub fn script(
         "#SBATCH --ntasks=1".into(),
         "#SBATCH --export=NONE".into(),
     ];
+    match share {
+        Share::Whole => {}
+        // Each task is a job of its own (`%j`, `$SLURM_JOB_ID`): one log, summary
+        // and exit file per part.
+        Share::Parts(n) => lines.push(format!("#SBATCH --array=0-{}", n.saturating_sub(1))),
+        Share::Finalize { after } => {
+            lines.push(format!("#SBATCH --dependency=afterok:{after}"));
+            // A failed part makes the dependency one that never holds: the final
+            // job then ends instead of waiting for ever.
+            lines.push("#SBATCH --kill-on-invalid-dep=yes".into());
+        }
+    }
     let partition = if attached {
         s.run_partition.as_ref().or(s.partition.as_ref())
     } else {
@@ -211,6 +275,11 @@ pub fn script(
     }
     command.push(quote(&converter.display().to_string()));
     command.extend(req.args().iter().map(|a| quote(a)));
+    match share {
+        Share::Whole => {}
+        Share::Parts(_) => command.push("\"part=$SLURM_ARRAY_TASK_ID\"".into()),
+        Share::Finalize { .. } => command.push(quote("finalize=true")),
+    }
     lines.push(command.join(" "));
     lines.push("code=$?".into());
     lines.push(format!(
@@ -275,6 +344,76 @@ pub fn submit(profile: &Profile, script: &str) -> Result<String> {
     std::fs::write(&copy, script)
         .map_err(|e| Error::Submit(format!("job {id} submitted, but {}: {e}", copy.display())))?;
     Ok(id)
+}
+
+/// Records that final job `id` runs after the `workers` parts of array job
+/// `parts` (`<job_dir>/<id>.parts`), for [`status`].
+///
+/// # Errors
+/// [`Error::Submit`] when the file cannot be written.
+pub fn record_parts(profile: &Profile, id: &str, parts: &str, workers: u64) -> Result<()> {
+    let path = profile.slurm.job_dir.join(format!("{id}.parts"));
+    std::fs::write(&path, format!("{parts} {workers}\n")).map_err(|e| {
+        Error::Submit(format!(
+            "jobs {parts} and {id} submitted, but {}: {e}",
+            path.display()
+        ))
+    })
+}
+
+/// The parts' array job and their number, when `id` is a split run's final job.
+fn parts_of(job_dir: &Path, id: &str) -> Option<(String, u64)> {
+    let text = std::fs::read_to_string(job_dir.join(format!("{id}.parts"))).ok()?;
+    let mut words = text.split_whitespace();
+    let array = words.next()?.to_owned();
+    let n = words.next()?.parse().ok()?;
+    Some((array, n))
+}
+
+/// Tasks an `ArrayTaskId` names: `3`, `0-7`, `1,4-5`, each with an optional
+/// `%LIMIT`.
+fn tasks_in(ids: &str) -> u64 {
+    let ids = ids.split('%').next().unwrap_or_default();
+    ids.split(',')
+        .map(|r| match r.split_once('-') {
+            Some((a, b)) => match (a.parse::<u64>(), b.parse::<u64>()) {
+                (Ok(a), Ok(b)) if b >= a => b - a + 1,
+                _ => 1,
+            },
+            None => 1,
+        })
+        .sum()
+}
+
+/// How far the `n` parts of array job `array` are (`2/4 parts done, 2 running`),
+/// from the controller while it remembers them.
+fn parts_progress(array: &str, n: u64) -> Option<String> {
+    let out = run("scontrol", &["show", "job", array, "-o"], None).ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let (mut done, mut running, mut failed) = (0, 0, 0);
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
+        };
+        let tasks = field("ArrayTaskId").map_or(1, tasks_in);
+        match field("JobState").unwrap_or_default() {
+            "COMPLETED" => done += tasks,
+            "RUNNING" | "COMPLETING" => running += tasks,
+            "PENDING" | "CONFIGURING" | "REQUEUED" | "SUSPENDED" => {}
+            _ => failed += tasks,
+        }
+    }
+    let mut line = format!("parts job {array}: {done}/{n} parts done");
+    if running > 0 {
+        line.push_str(&format!(", {running} running"));
+    }
+    if failed > 0 {
+        line.push_str(&format!(", {failed} failed"));
+    }
+    Some(line)
 }
 
 /// `(state, reason)` from `squeue`; `None` once Slurm no longer lists the job.
@@ -357,6 +496,7 @@ pub fn job_dir_of(id: &str) -> Result<PathBuf> {
 /// [`Error::Follow`] when `squeue` fails.
 pub fn status(job_dir: &Path, id: &str) -> Result<Status> {
     let q = queued(id)?;
+    let parts = parts_of(job_dir, id);
     if let Some((state, reason)) = &q
         && !ENDED.contains(&state.as_str())
     {
@@ -365,7 +505,13 @@ pub fn status(job_dir: &Path, id: &str) -> Result<Status> {
         } else {
             format!(" ({reason})")
         };
-        return Ok(Status::Active(format!("{state}{why}")));
+        let progress = parts
+            .as_ref()
+            .filter(|_| state == "PENDING")
+            .and_then(|(array, n)| parts_progress(array, *n))
+            .map(|p| format!(": {p}"))
+            .unwrap_or_default();
+        return Ok(Status::Active(format!("{state}{why}{progress}")));
     }
     let summary_file = job_dir.join(format!("{id}.summary.json"));
     if let Ok(text) = std::fs::read_to_string(&summary_file) {
@@ -389,6 +535,20 @@ pub fn status(job_dir: &Path, id: &str) -> Result<Status> {
         (None, Some(code)) => format!("ended (the converter exited {code})"),
         (None, None) => "ended; Slurm no longer knows how".into(),
     };
+    if let Some((array, n)) = &parts
+        && exit.is_none()
+    {
+        // The final step never ran: Slurm cancels it when a part fails.
+        let progress = parts_progress(array, *n).unwrap_or_else(|| format!("parts job {array}"));
+        return Ok(Status::Finished(Box::new(Summary::failed(
+            "",
+            1,
+            &format!(
+                "the final step {what} before it ran: not every part succeeded ({progress}); nothing was published, the parts' logs are in {}; submitting the same command again runs the parts again, and a part already done rewrites nothing",
+                job_dir.display()
+            ),
+        ))));
+    }
     Ok(Status::Finished(Box::new(Summary::failed(
         "",
         1,
@@ -445,6 +605,7 @@ mod tests {
             &req(),
             false,
             Path::new("/lustre/bin/ckpt-convert"),
+            &Share::Whole,
         )
         .unwrap();
         for want in [
@@ -461,7 +622,14 @@ mod tests {
         ] {
             assert!(s.contains(want), "missing {want:?} in\n{s}");
         }
-        let attached = script(&profile(""), &req(), true, Path::new("/lustre/c")).unwrap();
+        let attached = script(
+            &profile(""),
+            &req(),
+            true,
+            Path::new("/lustre/c"),
+            &Share::Whole,
+        )
+        .unwrap();
         assert!(attached.contains("#SBATCH --partition=batch"));
     }
 
@@ -471,7 +639,7 @@ mod tests {
             profile("container_image = \"nvcr.io/me/ckpt-convert:0.1.0\"\ncpus_per_task = 16\n");
         let c = converter(&p).unwrap();
         assert_eq!(c, PathBuf::from(IMAGE_CONVERTER));
-        let s = script(&p, &req(), false, &c).unwrap();
+        let s = script(&p, &req(), false, &c, &Share::Whole).unwrap();
         assert!(
             s.contains("srun --ntasks=1 --export=ALL --container-image='nvcr.io/me/ckpt-convert:0.1.0' --container-mounts='/lustre:/lustre' '/ckpt-convert' 'run'"),
             "{s}"
@@ -486,9 +654,15 @@ mod tests {
     fn paths_and_binaries_off_the_shared_filesystem_are_refused() {
         let mut r = req();
         r.params.insert("hf_path".into(), "/home/me/out".into());
-        let e = script(&profile(""), &r, false, Path::new("/lustre/c"))
-            .unwrap_err()
-            .to_string();
+        let e = script(
+            &profile(""),
+            &r,
+            false,
+            Path::new("/lustre/c"),
+            &Share::Whole,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             e.contains("hf_path=/home/me/out") && e.contains("/lustre"),
             "{e}"
@@ -500,5 +674,62 @@ mod tests {
                 .to_string()
                 .contains("converter=")
         );
+    }
+
+    #[test]
+    fn workers_alone_split_into_an_array_and_a_final_job() {
+        let mut r = req();
+        assert_eq!(split(&r).unwrap(), None);
+        r.params.insert("workers".into(), "4".into());
+        assert_eq!(split(&r).unwrap(), Some(4));
+        let c = Path::new("/lustre/bin/ckpt-convert");
+        let parts = script(&profile(""), &r, false, c, &Share::Parts(4)).unwrap();
+        for want in [
+            "#SBATCH --job-name=ckpt-megatron-to-hf-sft-hf-parts",
+            "#SBATCH --array=0-3",
+            "#SBATCH --output=/lustre/me/jobs/%j.out",
+            "'hf_path=/lustre/out/sft-hf' 'megatron_path=/lustre/sft/iter_0000100' 'workers=4' \"part=$SLURM_ARRAY_TASK_ID\"",
+        ] {
+            assert!(parts.contains(want), "missing {want:?} in\n{parts}");
+        }
+        assert!(!parts.contains("--dependency"), "{parts}");
+        let last = script(
+            &profile(""),
+            &r,
+            false,
+            c,
+            &Share::Finalize { after: "77".into() },
+        )
+        .unwrap();
+        for want in [
+            "#SBATCH --job-name=ckpt-megatron-to-hf-sft-hf-finalize",
+            "#SBATCH --dependency=afterok:77",
+            "#SBATCH --kill-on-invalid-dep=yes",
+            "'workers=4' 'finalize=true'",
+        ] {
+            assert!(last.contains(want), "missing {want:?} in\n{last}");
+        }
+        assert!(
+            !last.contains("--array") && !last.contains("part="),
+            "{last}"
+        );
+        // One share named: that share alone, as one job.
+        for one in ["part", "finalize"] {
+            let mut r = r.clone();
+            r.params.insert(one.into(), "1".into());
+            assert_eq!(split(&r).unwrap(), None, "{one}");
+        }
+        for bad in ["0", "-1", "four"] {
+            r.params.insert("workers".into(), bad.into());
+            let e = split(&r).unwrap_err().to_string();
+            assert!(e.contains(&format!("workers={bad}")), "{e}");
+        }
+    }
+
+    #[test]
+    fn array_task_ids_count_their_tasks() {
+        for (ids, n) in [("3", 1), ("0-7", 8), ("1,4-5", 3), ("2-5%2", 4), ("0-0", 1)] {
+            assert_eq!(tasks_in(ids), n, "{ids}");
+        }
     }
 }

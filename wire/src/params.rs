@@ -272,7 +272,7 @@ const WORKERS: Param = p(
     Value::Int { min: 1 },
     Role::Runtime,
     None,
-    "split the conversion across N processes: with part=I, write only part I's output files into the target's shared staging directory; with finalize=true, check every part and publish",
+    "split the conversion across N processes: with part=I, write only part I's output files into the target's shared staging directory; with finalize=true, check every part and publish; alone with --batch, N parts and the final step (spec.workers on Kubernetes, a job array and a final job on Slurm)",
 );
 const PART: Param = p(
     names::PART,

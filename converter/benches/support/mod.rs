@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod models;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -167,6 +169,23 @@ pub fn free_bytes(path: &Path) -> u64 {
         return 0;
     }
     s.f_bavail as u64 * s.f_frsize as u64
+}
+
+/// Whether `root` has room for a model of `bytes` (its source `src`, which may
+/// be there already, and an output of the same size); says so when not.
+pub fn room_for(name: &str, bytes: u64, root: &Path, src: &Path) -> bool {
+    let need = 2 * bytes + (1 << 30);
+    let have = if src.exists() { size_of(src) } else { 0 };
+    let free = free_bytes(root) + have;
+    if free < need {
+        println!(
+            "{name}: skipped: needs {:.1} GiB free in {} (source and output), {:.1} GiB are",
+            gib(need),
+            root.display(),
+            gib(free)
+        );
+    }
+    free >= need
 }
 
 /// One line about the machine: cores, memory, the benchmark directory's

@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use ckpt_batch::examples::Family;
 use ckpt_batch::kubernetes::{self, Cluster, Submitted};
+use ckpt_batch::slurm::Share;
 use ckpt_batch::{EnvFile, Executor, Profile, Request, Status, slurm};
 use ckpt_convert::execute::Silent;
 use ckpt_convert::pipeline::RunOptions;
@@ -88,7 +89,10 @@ fn use_cache_of(profile: &Profile) {
 
 /// The step's preflight and plan, here, reading headers only.
 fn preflight(req: &Request) -> Result<()> {
-    let mut params = Params::new(req.step, req.params.clone());
+    // A split's parts and final step plan exactly as the whole conversion does.
+    let mut whole = req.params.clone();
+    whole.retain(|k, _| !ckpt_convert::pipeline::split::PARAMS.contains(&k.as_str()));
+    let mut params = Params::new(req.step, whole);
     let opts = RunOptions {
         dry_run: true,
         overwrite: req.overwrite,
@@ -144,13 +148,45 @@ fn slurm(
     dry_run: bool,
 ) -> Result<Option<(String, Summary)>> {
     let converter = slurm::converter(profile)?;
-    let script = slurm::script(profile, req, attached, &converter)?;
-    if dry_run {
-        print!("{script}");
-        return Ok(None);
-    }
-    let id = slurm::submit(profile, &script)?;
-    eprintln!("submitted Slurm job {id} (profile {})", profile.name);
+    let id = match slurm::split(req)? {
+        None => {
+            let script = slurm::script(profile, req, attached, &converter, &Share::Whole)?;
+            if dry_run {
+                print!("{script}");
+                return Ok(None);
+            }
+            let id = slurm::submit(profile, &script)?;
+            eprintln!("submitted Slurm job {id} (profile {})", profile.name);
+            id
+        }
+        Some(n) => {
+            let parts = slurm::script(profile, req, attached, &converter, &Share::Parts(n))?;
+            let last = |after: &str| {
+                let after = after.to_owned();
+                slurm::script(
+                    profile,
+                    req,
+                    attached,
+                    &converter,
+                    &Share::Finalize { after },
+                )
+            };
+            if dry_run {
+                print!("{parts}");
+                println!();
+                print!("{}", last("PARTS_JOB_ID")?);
+                return Ok(None);
+            }
+            let array = slurm::submit(profile, &parts)?;
+            let id = slurm::submit(profile, &last(&array)?)?;
+            slurm::record_parts(profile, &id, &array, n)?;
+            eprintln!(
+                "submitted Slurm job array {array} ({n} parts) and job {id}, which publishes once every part succeeded (profile {})",
+                profile.name
+            );
+            id
+        }
+    };
     if !attached {
         return Ok(detached(&id, profile));
     }

@@ -673,6 +673,13 @@ pub fn run_part(
         staging.path().display(),
         sub.files.len()
     ));
+    if plan.files.len() < workers {
+        warnings.push(format!(
+            "the output has {} tensor files to share out among {workers} parts, so {} parts have nothing to write: give distcp_files={workers} (Megatron output), or mirror_shards=false and a max_shard_size that makes at least {workers} shards (HF output), to every part and to finalize",
+            plan.files.len(),
+            workers - plan.files.len()
+        ));
+    }
     let seconds = started.elapsed().as_secs_f64();
     let tensor_bytes = sub.tensor_bytes();
     Ok(Report {

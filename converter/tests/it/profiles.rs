@@ -165,3 +165,56 @@ fn a_local_profile_runs_here_with_its_hugging_face_cache() {
         .assert_exit(2)
         .stderr_has("runs steps here");
 }
+
+/// `workers=N` on a Kubernetes profile becomes `spec.workers`: the preflight
+/// here plans the whole conversion (a part's plan is the same), so the split's
+/// parameters are no refusal; `part` and `finalize` are the operator's to give.
+#[test]
+fn workers_on_a_kubernetes_profile_is_spec_workers() {
+    let w = Workdir::new();
+    let src = w.hf("ws/models/llama", &ModelShape::tiny_llama(), 1 << 30);
+    std::fs::write(
+        w.path("env.toml"),
+        format!(
+            "[k]\nexecutor = \"kubernetes\"\nnamespace = \"training\"\nmounts = [{{ path = \"{}\", claim = \"ws\" }}]\n",
+            w.path("ws").display()
+        ),
+    )
+    .unwrap();
+    let args = |extra: &str| {
+        let mut a = vec![
+            "run".to_owned(),
+            "convert/hf_to_megatron".into(),
+            "--batch".into(),
+            "k".into(),
+            "--dry-run".into(),
+            format!("hf_model_id={}", src.display()),
+            format!("megatron_path={}", w.path("ws/out/llama").display()),
+            "workers=3".into(),
+        ];
+        a.extend(extra.split_whitespace().map(str::to_owned));
+        a
+    };
+    let run = |extra: &str| {
+        let a = args(extra);
+        in_dir(
+            &w.path(""),
+            &[],
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+    };
+    let cr = run("");
+    cr.assert_exit(0);
+    let text = cr.stdout();
+    assert!(
+        text.contains("kind: CheckpointConversion") && text.contains("  workers: 3\n"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("part") && !text.contains("finalize"),
+        "{text}"
+    );
+    run("part=1")
+        .assert_exit(2)
+        .stderr_has("give workers=N alone");
+}

@@ -344,3 +344,142 @@ fn the_submitted_script_is_the_dry_runs() {
     let done = site.cli(&["status", &id, "--profile", "slurm_convert_model", "--wait"]);
     done.assert_exit(0);
 }
+
+/// The manifest's weights digest and its list of files (path, size, digest).
+fn manifest_of(dir: &std::path::Path) -> (serde_json::Value, serde_json::Value) {
+    let text = std::fs::read(dir.join("ckpt-manifest.json")).unwrap();
+    let m: serde_json::Value = serde_json::from_slice(&text).unwrap();
+    (m["output"]["weights_digest"].clone(), m["files"].clone())
+}
+
+/// `workers=N` on a Slurm profile: a job array of N parts, then a final job that
+/// Slurm starts once every part succeeded; `status` follows the final job, and
+/// the output is what one local run writes.
+#[test]
+fn workers_on_a_slurm_profile_run_an_array_of_parts_then_publish() {
+    let site = Site::new("");
+    let src = site.ws("models/llama");
+    let single = site.ws("out/single");
+    bin()
+        .args(["run", "convert/hf_to_megatron", "distcp_files=3"])
+        .arg(format!("hf_model_id={}", src.display()))
+        .arg(format!("megatron_path={}", single.display()))
+        .output()
+        .map(|o| Run { out: o })
+        .unwrap()
+        .assert_exit(0);
+    let out = site.ws("out/split");
+    let submit = site.cli(&[
+        "run",
+        "convert/hf_to_megatron",
+        "--batch",
+        "slurm_convert_model",
+        &format!("hf_model_id={}", src.display()),
+        &format!("megatron_path={}", out.display()),
+        "distcp_files=3",
+        "workers=3",
+    ]);
+    submit
+        .assert_exit(0)
+        .stderr_has("submitted Slurm job array ")
+        .stderr_has("(3 parts) and job ");
+    let id = job_id(&submit);
+    let scripts = site.submitted();
+    assert_eq!(scripts.len(), 2, "{scripts:?}");
+    let array = scripts
+        .iter()
+        .map(|s| s.trim_end_matches(".sbatch").to_owned())
+        .find(|s| *s != id)
+        .unwrap();
+    let script = |j: &str| std::fs::read_to_string(site.ws(&format!("jobs/{j}.sbatch"))).unwrap();
+    let parts = script(&array);
+    assert!(
+        parts.contains("#SBATCH --array=0-2")
+            && parts.contains("'workers=3' \"part=$SLURM_ARRAY_TASK_ID\""),
+        "{parts}"
+    );
+    let last = script(&id);
+    assert!(
+        last.contains(&format!("#SBATCH --dependency=afterok:{array}"))
+            && last.contains("'workers=3' 'finalize=true'"),
+        "{last}"
+    );
+    let done = site.cli(&["status", &id, "--profile", "slurm_convert_model", "--wait"]);
+    if done.code() != 0 {
+        panic!(
+            "job {id}: {}\n{}\nparts:\n{}",
+            done.stderr(),
+            site.job_state(&id),
+            site.job_state(&array)
+        );
+    }
+    done.stdout_has("convert/hf_to_megatron succeeded:")
+        .stdout_has("checks passed; smoke test passed");
+    assert_eq!(
+        manifest_of(&single.join("iter_0000000")),
+        manifest_of(&out.join("iter_0000000")),
+        "the split's output is the single run's"
+    );
+    // Three parts ran, each a job of its own with its own summary.
+    let summaries: Vec<String> = site
+        .w
+        .ls("ws/jobs")
+        .into_iter()
+        .filter(|f| f.ends_with(".summary.json"))
+        .map(|f| std::fs::read_to_string(site.ws(&format!("jobs/{f}"))).unwrap())
+        .collect();
+    assert_eq!(summaries.len(), 4, "{summaries:#?}");
+    for i in 0..3 {
+        let part = format!("part {i} of 3 is in");
+        assert_eq!(
+            summaries.iter().filter(|s| s.contains(&part)).count(),
+            1,
+            "{part}: {summaries:#?}"
+        );
+    }
+    let left: Vec<String> = site
+        .w
+        .ls("ws/out/split")
+        .into_iter()
+        .filter(|n| n.contains(".ckpt-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// A part that fails leaves the final job's dependency unmet: Slurm cancels it,
+/// and `status` says a part failed, naming the parts' job; nothing is published.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_failed_part_on_slurm_cancels_the_final_job_and_publishes_nothing() {
+    // Every part's read of the source fails in the job (the preflight here, which
+    // runs without the profile's environment, reads it).
+    let site = Site::new("env_vars = { CKPT_CONVERT_FAIL_READ = \"model.safetensors\" }");
+    let out = site.ws("out/split");
+    let submit = site.cli(&[
+        "run",
+        "convert/hf_to_megatron",
+        "--batch",
+        "slurm_convert_model",
+        &format!("hf_model_id={}", site.ws("models/llama").display()),
+        &format!("megatron_path={}", out.display()),
+        "workers=2",
+    ]);
+    submit.assert_exit(0);
+    let id = job_id(&submit);
+    let done = site.cli(&["status", &id, "--profile", "slurm_convert_model", "--wait"]);
+    assert_eq!(done.code(), 1, "{}\n{}", done.stderr(), site.job_state(&id));
+    done.stderr_has("not every part succeeded")
+        .stderr_has("parts job ")
+        .stderr_has("nothing was published");
+    assert!(!out.join("iter_0000000").exists());
+    // The final step never ran.
+    assert!(!site.ws(&format!("jobs/{id}.exit")).exists());
+}
+
+#[cfg(not(feature = "failpoints"))]
+#[test]
+fn a_failed_part_on_slurm_cancels_the_final_job_and_publishes_nothing() {
+    panic!(
+        "this test needs the failpoints feature: cargo test --features failpoints (the repository's test command passes it)"
+    );
+}
