@@ -135,31 +135,41 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Validate { path, args } => return validate(Some(&path), &args),
-        Command::Clean { path, json } => {
-            let c = ckpt_convert::publish::clean(&path).map_err(|e| {
-                anyhow::Error::from(
-                    ckpt_convert::pipeline::preflight::PreflightError::BadValue {
-                        name: "PATH".into(),
-                        value: path.display().to_string(),
-                        expected: format!("an output, or a directory holding outputs ({e})"),
-                    },
-                )
-            })?;
+        Command::Clean { paths, json } => {
+            let mut cleaned = Vec::with_capacity(paths.len());
+            for path in &paths {
+                let c = ckpt_convert::publish::clean(path).map_err(|e| {
+                    anyhow::Error::from(
+                        ckpt_convert::pipeline::preflight::PreflightError::BadValue {
+                            name: "PATH".into(),
+                            value: path.display().to_string(),
+                            expected: format!("an output, or a directory holding outputs ({e})"),
+                        },
+                    )
+                })?;
+                if !json {
+                    for p in &c.removed {
+                        println!("removed  {}", p.display());
+                    }
+                    for (from, to) in &c.restored {
+                        println!("restored {} -> {}", from.display(), to.display());
+                    }
+                    for (p, why) in &c.kept {
+                        println!("kept     {}: {why}", p.display());
+                    }
+                    if c.removed.is_empty() && c.restored.is_empty() && c.kept.is_empty() {
+                        println!("nothing to clean in {}", path.display());
+                    }
+                }
+                cleaned.push(c);
+            }
             if json {
-                println!("{}", serde_json::to_string_pretty(&c)?);
-            } else {
-                for p in &c.removed {
-                    println!("removed  {}", p.display());
-                }
-                for (from, to) in &c.restored {
-                    println!("restored {} -> {}", from.display(), to.display());
-                }
-                for (p, why) in &c.kept {
-                    println!("kept     {}: {why}", p.display());
-                }
-                if c.removed.is_empty() && c.restored.is_empty() && c.kept.is_empty() {
-                    println!("nothing to clean in {}", path.display());
-                }
+                // One path: its object, as before; several: one object each.
+                let text = match cleaned.as_slice() {
+                    [one] => serde_json::to_string_pretty(one)?,
+                    all => serde_json::to_string_pretty(all)?,
+                };
+                println!("{text}");
             }
         }
         Command::Demo { dir, json } => {

@@ -237,20 +237,35 @@ fn split_target(path: &str) -> (String, String) {
 }
 
 /// The invocation that removes what a split run of `spec` left beside its
-/// target: `ckpt-convert clean TARGET`, with the target's directory mounted.
+/// outputs: `ckpt-convert clean TARGET [MEGATRON_TARGET]` (the second for a
+/// Megatron-Bridge merge that writes its merged checkpoint too), with their
+/// directories mounted.
 pub fn clean(spec: &CheckpointConversionSpec) -> Invocation {
     let (parent, name) = split_target(&spec.target.path);
     let step = Step::for_kinds(spec.source.kind, spec.target.kind).unwrap_or(Step::Validate);
-    Invocation {
-        step,
-        args: vec!["clean".to_owned(), format!("{}/{name}", paths::TARGET)],
-        env: Vec::new(),
-        mounts: vec![Mount {
-            claim: spec.target.pvc.clone(),
-            mount_path: paths::TARGET.into(),
+    let mut args = vec!["clean".to_owned(), format!("{}/{name}", paths::TARGET)];
+    let mut mounts = vec![Mount {
+        claim: spec.target.pvc.clone(),
+        mount_path: paths::TARGET.into(),
+        sub_path: parent,
+        read_only: false,
+    }];
+    // A Megatron-Bridge merge's merged Megatron checkpoint is a second output.
+    if let Some(mt) = spec.lora.as_ref().and_then(|l| l.megatron_target.as_ref()) {
+        let (parent, name) = split_target(&mt.path);
+        args.push(format!("{}/{name}", paths::MEGATRON_TARGET));
+        mounts.push(Mount {
+            claim: mt.pvc.clone(),
+            mount_path: paths::MEGATRON_TARGET.into(),
             sub_path: parent,
             read_only: false,
-        }],
+        });
+    }
+    Invocation {
+        step,
+        args,
+        env: Vec::new(),
+        mounts,
         share: Share::Whole,
     }
 }
@@ -726,13 +741,32 @@ mod tests {
             fin.argv()[parts.args.len()..],
             ["workers=4", "finalize=true"]
         );
-        // A step the converter does not split is refused with the steps it does.
+        // Merges split too; a Megatron-Bridge merge's cleanup covers both outputs.
         let mut merge = spec(ArtifactKind::CheckpointLora, ArtifactKind::CheckpointHf);
-        merge.lora = Some(lora(LoraBackend::HfPeft));
+        merge.lora = Some(lora(LoraBackend::MegatronBridge));
         merge.workers = Some(2);
         assert_eq!(
-            invocation(&merge).unwrap_err().0,
-            "workers: convert/merge_lora runs in one pod (the converter splits convert/hf_to_megatron and convert/megatron_to_hf); set workers to 1"
+            invocation(&merge).unwrap().share,
+            Share::Parts { workers: 2 }
+        );
+        let c = clean(&merge);
+        assert_eq!(
+            c.args,
+            [
+                "clean".to_owned(),
+                format!("{}/{}", paths::TARGET, "sft-hf"),
+                format!("{}/merged-megatron", paths::MEGATRON_TARGET),
+            ]
+        );
+        assert_eq!(
+            c.mounts
+                .iter()
+                .map(|m| (m.mount_path.as_str(), m.sub_path.as_str(), m.read_only))
+                .collect::<Vec<_>>(),
+            [
+                (paths::TARGET, "output/convert", false),
+                (paths::MEGATRON_TARGET, "output", false)
+            ]
         );
     }
 

@@ -82,8 +82,9 @@ pub enum Command {
     /// converter's marker are never touched.
     #[command(verbatim_doc_comment)]
     Clean {
-        /// An output, or the directory holding outputs (a run directory, say).
-        path: PathBuf,
+        /// Outputs, or directories holding outputs (a run directory, say).
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
         /// Print JSON.
         #[arg(long)]
         json: bool,

@@ -473,6 +473,10 @@ pub fn stage(
     // A merge's smoke test: every merged tensor probed against base + s·B·A as
     // it is written.
     let probe = (smoke && merged).then(|| crate::smoke::probe::Probe::new(stores));
+    // A split merge's pieces were probed by the parts that wrote them.
+    if let (Some(f), Some(p)) = (&finalize, &probe) {
+        f.feed(p);
+    }
     let observer: &dyn execute::Observer = match &probe {
         Some(p) => p,
         None => &execute::Unobserved,

@@ -201,6 +201,9 @@ struct Record {
     /// each) once read back: the final step, which does not read the bytes
     /// again, knows by them that a file is the one the part read.
     stamps: BTreeMap<String, [i64; 4]>,
+    /// For a merge, what the probe found for each merged piece as it was
+    /// written ([`crate::smoke::probe::Probe`]).
+    probed: Vec<crate::smoke::probe::ProbedPiece>,
 }
 
 /// A file's modification and change times (a write changes both; only the
@@ -619,6 +622,17 @@ pub fn run_part(
         for f in &sub.files {
             remove(&staging.path().join(&f.rel))?;
         }
+        // A merge's pieces are probed as they are written, whatever finalize
+        // will ask for: only the bytes in hand are cheap to probe.
+        let probe = sub
+            .pieces
+            .iter()
+            .any(|p| p.merge.is_some())
+            .then(|| crate::smoke::probe::Probe::new(stores));
+        let observer: &dyn execute::Observer = match &probe {
+            Some(p) => p,
+            None => &execute::Unobserved,
+        };
         let pool = opts.exec.pool(execute::WORKERS)?;
         let (outcome, ()) = pool.install(|| {
             execute::execute_with(
@@ -627,7 +641,7 @@ pub fn run_part(
                 staging.path(),
                 &opts.exec,
                 progress,
-                &execute::Unobserved,
+                observer,
                 |_| (),
             )
         })?;
@@ -659,6 +673,7 @@ pub fn run_part(
             peak_in_flight: outcome.peak_in_flight,
             read_back,
             stamps,
+            probed: probe.map(|p| p.take()).unwrap_or_default(),
         };
         let dir = staging.path().join(RECORDS);
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
@@ -766,6 +781,14 @@ impl Finalize {
         Ok(Finalize {
             records: records.into_iter().map(|(_, r)| r).collect(),
         })
+    }
+
+    /// Hands the probe what the parts' probes found as they wrote their merged
+    /// pieces.
+    pub fn feed(&self, probe: &crate::smoke::probe::Probe<'_>) {
+        for r in &self.records {
+            probe.add(&r.probed);
+        }
     }
 
     /// What the parts read back, by where each piece's data lies in the plan, for

@@ -68,6 +68,19 @@ pub struct ProbeReport {
     pub worker_seconds: f64,
 }
 
+/// What the probe found for one merged piece, as a split run's part records it:
+/// the largest difference and its ratio to the tolerance as text (exact, and
+/// NaN survives JSON), or why it could not be probed.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct ProbedPiece {
+    /// The piece.
+    pub name: String,
+    /// `(max_abs_diff, worst_ratio)`, or the error.
+    pub result: Result<(String, String), String>,
+    /// Time spent probing it.
+    pub seconds: f64,
+}
+
 /// The output of a step, opened again through its format reader.
 enum Output {
     Hf(HfCheckpoint),
@@ -959,6 +972,35 @@ impl<'a> Probe<'a> {
             stores,
             results: Mutex::new(Vec::new()),
         }
+    }
+
+    /// What the probe found so far, one line per merged piece (handed over).
+    pub fn take(&self) -> Vec<ProbedPiece> {
+        std::mem::take(&mut *self.results.lock().expect("probe lock"))
+            .into_iter()
+            .map(|(name, r, seconds)| ProbedPiece {
+                name,
+                result: r.map(|(diff, ratio)| (diff.to_string(), ratio.to_string())),
+                seconds,
+            })
+            .collect()
+    }
+
+    /// Adds what another process found as it wrote its merged pieces ([`Probe::take`]
+    /// there): the parts of a split run.
+    pub fn add(&self, found: &[ProbedPiece]) {
+        let number = |s: &str| s.parse::<f64>().unwrap_or(f64::NAN);
+        self.results
+            .lock()
+            .expect("probe lock")
+            .extend(found.iter().map(|p| {
+                let r = p
+                    .result
+                    .as_ref()
+                    .map(|(diff, ratio)| (number(diff), number(ratio)))
+                    .map_err(Clone::clone);
+                (p.name.clone(), r, p.seconds)
+            }));
     }
 
     /// What the probe found for the merged pieces of `plan` (what it saw is

@@ -34,7 +34,10 @@ pub fn run(
     opts.smoke_test = params.flag("smoke_test", true)?;
     // Conversions split across processes ([`crate::pipeline::split`]); whether
     // the three agree is checked once the step's own parameters are read.
-    if matches!(step, Step::HfToMegatron | Step::MegatronToHf) {
+    if matches!(
+        step,
+        Step::HfToMegatron | Step::MegatronToHf | Step::MergeLora
+    ) {
         let workers = match params.opt("workers") {
             Some(_) => Some(params.positive("workers", 1)?),
             None => None,

@@ -12,21 +12,14 @@ use serde_json::Value;
 
 use crate::util::{Workdir, bin, files_under, run, to_hf_args, to_megatron_args};
 
-/// A Qwen3-MoE of 2 layers and 4 experts, every required tensor present.
+/// A Qwen3-MoE of 2 layers and 4 experts (`e2e/fixtures/tiny-qwen3-moe-config.json`),
+/// every required tensor present.
 fn tiny_moe(dir: &Path) {
-    let config = serde_json::json!({
-        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
-        "attention_bias": false, "bos_token_id": 1, "eos_token_id": 2,
-        "decoder_sparse_step": 1, "head_dim": 16, "hidden_act": "silu", "hidden_size": 64,
-        "intermediate_size": 128, "max_position_embeddings": 256, "mlp_only_layers": [],
-        "moe_intermediate_size": 32, "norm_topk_prob": true, "num_attention_heads": 4,
-        "num_experts": 4, "num_experts_per_tok": 2, "num_hidden_layers": 2,
-        "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_scaling": null,
-        "rope_theta": 1_000_000.0, "tie_word_embeddings": false, "dtype": "bfloat16",
-        "vocab_size": 128
-    });
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../e2e/fixtures/tiny-qwen3-moe-config.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let config: Value = serde_json::from_str(&text).unwrap();
     let tensors = ckpt_convert::validate::expected::required_hf_bf16(&config).unwrap();
-    let text = serde_json::to_string_pretty(&config).unwrap() + "\n";
     synthetic::write_hf_tensors(dir, &text, &tensors, 128, 11, 40_000).expect("write the MoE");
 }
 
@@ -263,10 +256,128 @@ fn finalize_publishes_nothing_until_every_part_is_done_and_refuses_another_plan(
         .stderr_has("part");
     run(&with(&args, &["part=0".into()])).assert_exit(2);
     // Nobody holds the shared staging between runs: `clean` removes it.
+    // (Several paths at once, as the operator cleans a merge's two outputs.)
     let shared = w.path("run/.iter_0000000.ckpt-staging-split");
     assert!(shared.is_dir());
-    run(&["clean".to_owned(), w.path("run").display().to_string()]).assert_exit(0);
+    std::fs::create_dir(w.path("empty")).unwrap();
+    run(&[
+        "clean".to_owned(),
+        w.path("run").display().to_string(),
+        w.path("empty").display().to_string(),
+    ])
+    .assert_exit(0)
+    .stdout_has(&format!("removed  {}", shared.display()))
+    .stdout_has(&format!(
+        "nothing to clean in {}",
+        w.path("empty").display()
+    ));
     assert!(!shared.exists(), "{:?}", w.ls("run"));
+}
+
+/// The merge's smoke test in the validation report of `dir`: the probe of every
+/// merged tensor passed; returns how many it probed.
+#[track_caller]
+fn probed_tensors(dir: &Path) -> u64 {
+    let text = std::fs::read(dir.join("ckpt-validation.json")).unwrap();
+    let v: Value = serde_json::from_slice(&text).unwrap();
+    assert_eq!(v["smoke_test"]["kind"], "lora_probe", "{v:#}");
+    assert_eq!(v["smoke_test"]["status"], "passed", "{v:#}");
+    v["smoke_test"]["probe"]["tensors"].as_u64().unwrap()
+}
+
+/// `convert/merge_lora` split: PEFT's adapter into a base of five shards, N = 2,
+/// 3 and 7, publishes the single run's output; each part probed the merged
+/// tensors it wrote, and finalize's smoke test is their probes together.
+#[test]
+fn a_split_peft_merge_is_the_single_merge() {
+    let w = Workdir::new();
+    let base = w.hf("base", &ModelShape::tiny_llama(), 20_000);
+    let adapter = crate::merge_lora::qv_adapter(
+        &w.path("adapter"),
+        serde_json::json!({"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}),
+    );
+    let args = vec![
+        "run".to_owned(),
+        "convert/merge_lora".into(),
+        format!("lora_checkpoint={}", adapter.display()),
+        format!("base_hf_path={}", base.display()),
+        format!("output_hf_path={}", w.path("merged").display()),
+    ];
+    let before = (w.snapshot("base"), w.snapshot("adapter"));
+    run(&args).assert_exit(0);
+    std::fs::rename(w.path("merged"), w.path("single")).unwrap();
+    let want = probed_tensors(&w.path("single"));
+    assert_eq!(want, 4, "q and v of two layers");
+    let shards = w
+        .ls("single")
+        .iter()
+        .filter(|n| n.ends_with(".safetensors"))
+        .count();
+    assert!(shards >= 3, "{shards} shards");
+    for n in [2, 3, 7] {
+        split_run(&args, n);
+        assert_same(
+            &w.path("single"),
+            &w.path("merged"),
+            &format!("merge workers={n}"),
+        );
+        assert_eq!(probed_tensors(&w.path("merged")), want, "workers={n}");
+        std::fs::remove_dir_all(w.path("merged")).unwrap();
+    }
+    assert_eq!((w.snapshot("base"), w.snapshot("adapter")), before);
+}
+
+/// A Megatron-Bridge LoRA checkpoint (the real Bridge's) merged split: both
+/// outputs (the merged Megatron checkpoint and its HF export) are the single
+/// run's, and Bridge's own merge.
+#[test]
+fn a_split_megatron_bridge_merge_is_the_single_merge() {
+    let refs = crate::util::bridge_refs();
+    let case = refs.join("llama");
+    let w = Workdir::new();
+    let args = |out: &str| {
+        vec![
+            "run".to_owned(),
+            "convert/merge_lora".into(),
+            format!("lora_checkpoint={}", case.join("lora").display()),
+            format!(
+                "base_megatron_path={}",
+                case.join("bridge_import/iter_0000000").display()
+            ),
+            format!("hf_model_id={}", case.join("hf").display()),
+            format!(
+                "output_megatron_path={}",
+                w.path(&format!("{out}-mg")).display()
+            ),
+            format!("output_hf_path={}", w.path(&format!("{out}-hf")).display()),
+            "distcp_files=3".into(),
+        ]
+    };
+    // The single run's outputs move aside: the manifests name the outputs.
+    run(&args("out")).assert_exit(0);
+    for o in ["hf", "mg"] {
+        std::fs::rename(w.path(&format!("out-{o}")), w.path(&format!("single-{o}"))).unwrap();
+    }
+    split_run(&args("out"), 3);
+    for o in ["hf", "mg"] {
+        std::fs::rename(w.path(&format!("out-{o}")), w.path(&format!("split-{o}"))).unwrap();
+    }
+    assert_same(
+        &w.path("single-hf"),
+        &w.path("split-hf"),
+        "the split merge's HF export",
+    );
+    assert_same(
+        &w.path("single-mg/iter_0000000"),
+        &w.path("split-mg/iter_0000000"),
+        "the split merge's Megatron checkpoint",
+    );
+    for out in ["split-hf", "split-mg/iter_0000000"] {
+        assert!(probed_tensors(&w.path(out)) > 0, "{out}");
+    }
+    let ours = crate::util::megatron_tensors(&w.path("split-mg/iter_0000000"));
+    let theirs = crate::util::megatron_tensors(&case.join("merged_megatron/iter_0000000"));
+    assert_eq!(ours, theirs, "Bridge's own merge");
 }
 
 /// A tiny Llama at `src` converted to Megatron (four `.distcp` files) by one

@@ -47,13 +47,15 @@ pub fn take_read_back_note(v: &mut serde_json::Value) -> Option<String> {
 
 /// Removes from a manifest or validation report (`ckpt-manifest.json`,
 /// `ckpt-validation.json`) what differs between any two runs of one conversion:
-/// `created`, `seconds`, and the time at the end of a check's `detail`
+/// `created`, `seconds` (and the merge probe's `worker_seconds`), and the time at
+/// the end of a check's `detail`
 /// (`…, 0.41 s`). What is left is the same for runs that wrote the same output.
 pub fn without_run_times(v: &mut serde_json::Value) {
     match v {
         serde_json::Value::Object(m) => {
             m.remove("created");
             m.remove("seconds");
+            m.remove("worker_seconds");
             if let Some(serde_json::Value::String(d)) = m.get_mut("detail")
                 && let Some(at) = d.rfind(", ").filter(|&at| d[at..].ends_with(" s"))
             {

@@ -53,12 +53,15 @@ spec:
 /// resource's output has its own name (`target`), which the manifest records
 /// with the output's path.
 fn output_files(dir: &Path, target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    /// The output's own name, wherever a path names it.
+    /// The output's own name, wherever a path names it (and names made from it:
+    /// a merge's second output `NAME-mg`).
     fn rename(v: &mut Value, target: &str) {
         match v {
             Value::String(s) => {
                 let within = format!("/{target}/");
-                *s = format!("{s}/").replace(&within, "/<target>/");
+                *s = format!("{s}/")
+                    .replace(&within, "/<target>/")
+                    .replace(&format!("/{target}-"), "/<target>-");
                 s.pop();
             }
             Value::Object(m) => m.values_mut().for_each(|v| rename(v, target)),
@@ -88,8 +91,9 @@ fn output_files(dir: &Path, target: &str) -> Vec<(PathBuf, Vec<u8>)> {
 #[track_caller]
 fn assert_same(out: &Path, want: &str, got: &str, sub: &str) {
     let what = got;
-    let w = output_files(&out.join(want).join(sub), want);
-    let g = output_files(&out.join(got).join(sub), got);
+    // A merge's second output `NAME-mg` names the resource's output `NAME` too.
+    let w = output_files(&out.join(want).join(sub), want.trim_end_matches("-mg"));
+    let g = output_files(&out.join(got).join(sub), got.trim_end_matches("-mg"));
     assert_eq!(
         w.iter().map(|(p, _)| p).collect::<Vec<_>>(),
         g.iter().map(|(p, _)| p).collect::<Vec<_>>(),
@@ -128,13 +132,38 @@ async fn pods_of_job(env: &Env, job: &str) -> Vec<Pod> {
         .items
 }
 
-/// `workers` = 2, 3 and 7 publish what one pod publishes, both ways (Megatron's
+/// Asserts that nothing of a split (shared staging, records) is left in `out`.
+#[track_caller]
+fn assert_nothing_left(out: &Path) {
+    let left: Vec<String> = std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".ckpt-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// A Qwen3-MoE of 2 layers and 4 experts (`e2e/fixtures/tiny-qwen3-moe-config.json`)
+/// at `dir`, in four shards.
+fn tiny_moe(dir: &Path) {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../e2e/fixtures/tiny-qwen3-moe-config.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let config: Value = serde_json::from_str(&text).unwrap();
+    let tensors = ckpt_convert::validate::expected::required_hf_bf16(&config).unwrap();
+    ckpt_convert::synthetic::write_hf_tensors(dir, &text, &tensors, 128, 11, 40_000)
+        .expect("write the MoE");
+}
+
+/// `workers` = 2, 3 and 7 publish what one pod publishes, both ways and for a
+/// dense and an MoE model (Megatron's
 /// `.distcp` files and HF shards shared out by the parts), through an Indexed Job
 /// whose every index ran once and a final step's Job; the parts' progress is in
 /// the status, the sources are unchanged and nothing of the split is left.
 #[tokio::test]
 async fn a_split_run_publishes_what_one_pod_publishes() {
     let (env, mut op) = converting("split").await;
+    tiny_moe(&env.claim("models").join("hf/Qwen3-MoE-tiny"));
     let lustre = env.claim("lustre-shared");
     let sources_before = (
         contents(&env.claim("models")),
@@ -143,6 +172,7 @@ async fn a_split_run_publishes_what_one_pod_publishes() {
     let to_megatron = ("checkpoint_hf", "checkpoint_megatron");
     let to_hf = ("checkpoint_megatron", "checkpoint_hf");
     let hf = ("models", "hf/Llama-3.2-3B");
+    let moe = ("models", "hf/Qwen3-MoE-tiny");
     let sft = ("lustre-shared", "output/sft/megatron_bridge/iter_0000100");
     let runs = [
         ("mg-1", to_megatron, hf, 1),
@@ -152,6 +182,9 @@ async fn a_split_run_publishes_what_one_pod_publishes() {
         ("mg-7", to_megatron, hf, 7),
         ("hf-1", to_hf, sft, 1),
         ("hf-3", to_hf, sft, 3),
+        // Experts shared out too.
+        ("moe-1", to_megatron, moe, 1),
+        ("moe-3", to_megatron, moe, 3),
     ];
     for (name, step, source, workers) in runs {
         env.kubectl(
@@ -248,6 +281,7 @@ async fn a_split_run_publishes_what_one_pod_publishes() {
         assert_same(&out, "mg-1", n, "iter_0000000");
     }
     assert_same(&out, "hf-1", "hf-3", "");
+    assert_same(&out, "moe-1", "moe-3", "iter_0000000");
     // The final step's validation took every tensor's bytes from the part that
     // wrote and read them back; one pod's read them itself.
     let note = |dir: PathBuf| {
@@ -262,18 +296,14 @@ async fn a_split_run_publishes_what_one_pod_publishes() {
         ("mg-3", "iter_0000000"),
         ("mg-7", "iter_0000000"),
         ("hf-3", ""),
+        ("moe-3", "iter_0000000"),
     ] {
         let note = note(out.join(name).join(sub)).unwrap_or_else(|| panic!("{name}: no note"));
         let n: Vec<&str> = note.split_whitespace().collect();
         assert!(n.len() > 3 && n[0] == n[2] && n[0] != "0", "{name}: {note}");
     }
     // The shared staging and the parts' records went with the publish.
-    let left: Vec<String> = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains(".ckpt-"))
-        .collect();
-    assert!(left.is_empty(), "{left:?}");
+    assert_nothing_left(&out);
     assert_eq!(
         sources_before,
         (
@@ -476,5 +506,77 @@ async fn a_killed_part_is_run_again_alone_on_the_stand_in() {
     assert_eq!(st.parts.map(|p| (p.done, p.failed)), Some((3, None)));
     let out = env.claim("lustre-shared").join("output/convert");
     assert_same(&out, "one", "three", "iter_0000000");
+    op.stop();
+}
+
+/// Both merge examples with `workers: 3` publish what they publish with one pod
+/// (the PEFT merge's HF output; the Megatron-Bridge merge's Megatron checkpoint
+/// and HF export), each part probing the merged tensors it wrote.
+#[tokio::test]
+async fn split_merges_publish_what_one_pod_publishes_on_the_stand_in() {
+    let mut env = Env::new("split-merge").await;
+    fixtures(&env);
+    crate::support::lora_fixtures(&env);
+    env.start_node().await;
+    let mut op = Operator::start(&env, "split-merge").await;
+    // Each example under the names `NAME-N`, its outputs named after it.
+    let named = |file: &str, name: &str, workers: i32| {
+        let text = env.example(file);
+        let text = match file {
+            "merge-lora-hf-peft.yaml" => text
+                .replace("name: peft-merge", &format!("name: {name}"))
+                .replace(
+                    "output/convert/peft-merged-hf",
+                    &format!("output/convert/{name}"),
+                ),
+            _ => text
+                .replace("name: sft-lora-merge", &format!("name: {name}"))
+                .replace(
+                    "output/convert/sft-lora-merged-hf",
+                    &format!("output/convert/{name}"),
+                )
+                .replace(
+                    "output/convert/sft-lora-merged-megatron",
+                    &format!("output/convert/{name}-mg"),
+                ),
+        };
+        assert!(text.contains(&format!("output/convert/{name}")), "{text}");
+        format!("{}\n  workers: {workers}\n", text.trim_end())
+    };
+    let runs = [
+        ("merge-lora-hf-peft.yaml", "peft-1", 1),
+        ("merge-lora-hf-peft.yaml", "peft-3", 3),
+        ("merge-lora-megatron-bridge.yaml", "bridge-1", 1),
+        ("merge-lora-megatron-bridge.yaml", "bridge-3", 3),
+    ];
+    for (file, name, workers) in runs {
+        env.kubectl(&["apply", "-f", "-"], &named(file, name, workers))
+            .await
+            .expect_ok(name);
+    }
+    for (_, name, workers) in runs {
+        let cr = env
+            .wait_for(name, "Succeeded and Validated", &mut [&mut op], validated)
+            .await;
+        let st = cr.status.unwrap();
+        assert_eq!(
+            st.parts.as_ref().map(|p| (p.workers, p.done)),
+            (workers > 1).then_some((workers, workers)),
+            "{name}"
+        );
+    }
+    let out = env.claim("lustre-shared").join("output/convert");
+    assert_same(&out, "peft-1", "peft-3", "");
+    assert_same(&out, "bridge-1", "bridge-3", "");
+    assert_same(&out, "bridge-1-mg", "bridge-3-mg", "iter_0000000");
+    // The merge's smoke test is the probe of every merged tensor, the parts'.
+    for dir in ["peft-3", "bridge-3", "bridge-3-mg/iter_0000000"] {
+        let text = std::fs::read(out.join(dir).join("ckpt-validation.json")).unwrap();
+        let v: Value = serde_json::from_slice(&text).unwrap();
+        assert_eq!(v["smoke_test"]["kind"], "lora_probe", "{dir}: {v:#}");
+        assert_eq!(v["smoke_test"]["status"], "passed", "{dir}: {v:#}");
+        assert!(v["smoke_test"]["probe"]["tensors"].as_u64().unwrap() > 0);
+    }
+    assert_nothing_left(&out);
     op.stop();
 }
