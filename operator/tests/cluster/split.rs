@@ -155,7 +155,7 @@ fn tiny_moe(dir: &Path) {
         .expect("write the MoE");
 }
 
-/// `workers` = 2, 3 and 7 publish what one pod publishes, both ways and for a
+/// `workers` = 2, 3 and 7 publish what one pod publishes, both ways, and for a
 /// dense and an MoE model (Megatron's
 /// `.distcp` files and HF shards shared out by the parts), through an Indexed Job
 /// whose every index ran once and a final step's Job; the parts' progress is in
@@ -184,7 +184,9 @@ async fn a_split_run_publishes_what_one_pod_publishes() {
         ("hf-3", to_hf, sft, 3),
         // Experts shared out too.
         ("moe-1", to_megatron, moe, 1),
+        ("moe-2", to_megatron, moe, 2),
         ("moe-3", to_megatron, moe, 3),
+        ("moe-7", to_megatron, moe, 7),
     ];
     for (name, step, source, workers) in runs {
         env.kubectl(
@@ -281,7 +283,9 @@ async fn a_split_run_publishes_what_one_pod_publishes() {
         assert_same(&out, "mg-1", n, "iter_0000000");
     }
     assert_same(&out, "hf-1", "hf-3", "");
-    assert_same(&out, "moe-1", "moe-3", "iter_0000000");
+    for n in ["moe-2", "moe-3", "moe-7"] {
+        assert_same(&out, "moe-1", n, "iter_0000000");
+    }
     // The final step's validation took every tensor's bytes from the part that
     // wrote and read them back; one pod's read them itself.
     let note = |dir: PathBuf| {
@@ -296,7 +300,9 @@ async fn a_split_run_publishes_what_one_pod_publishes() {
         ("mg-3", "iter_0000000"),
         ("mg-7", "iter_0000000"),
         ("hf-3", ""),
+        ("moe-2", "iter_0000000"),
         ("moe-3", "iter_0000000"),
+        ("moe-7", "iter_0000000"),
     ] {
         let note = note(out.join(name).join(sub)).unwrap_or_else(|| panic!("{name}: no note"));
         let n: Vec<&str> = note.split_whitespace().collect();
@@ -443,7 +449,8 @@ async fn deleting_a_split_run_mid_run_publishes_nothing_and_leaves_no_staging_on
 }
 
 /// A part killed while it runs is run again alone (the Indexed Job's retries are
-/// per index), and the conversion still publishes what one pod publishes.
+/// per index), and the conversion still publishes what one pod publishes. The
+/// kill comes mid-write, after part 1's first piece is in the shared staging.
 #[tokio::test]
 async fn a_killed_part_is_run_again_alone_on_the_stand_in() {
     let (env, gates, mut op) = gated("split-killed").await;
@@ -457,33 +464,43 @@ async fn a_killed_part_is_run_again_alone_on_the_stand_in() {
         .await
         .expect_ok(name);
     }
-    // Part 1's first process dies; parts 0 and 2 wait at their gates meanwhile.
-    let first = Waiting::new("the three parts to run");
+    // Part 1's first process is killed mid-write: after its first piece is in the
+    // shared staging (the converter's pause failpoint holds it there).
+    gates.pause_mid_write(1);
+    for i in 0..3 {
+        gates.open(&format!("open-{i}"));
+    }
     let part = |r: &ckpt_testcluster::Run, i: &str| {
         r.job.as_deref() == Some("three-g1") && r.pod.starts_with(&format!("three-g1-{i}-"))
     };
+    let paused = Waiting::new("part 1 to pause after its first piece");
     let victim = loop {
-        let runs = env.runs();
-        if runs
-            .iter()
-            .filter(|r| r.job.as_deref() == Some("three-g1"))
-            .count()
-            == 3
-        {
-            break runs.into_iter().find(|r| part(r, "1")).unwrap();
+        if let Some(pid) = gates.paused(1) {
+            break pid;
         }
-        first.tick(|| format!("{runs:#?}")).await;
+        paused
+            .tick(|| {
+                format!(
+                    "(the node's converter needs the failpoints feature: cargo test --features ckpt-convert/failpoints)\n{:#?}",
+                    env.runs()
+                )
+            })
+            .await;
     };
+    let staging = env
+        .claim("lustre-shared")
+        .join("output/convert/three/.iter_0000000.ckpt-staging-split");
+    assert!(
+        std::fs::read_dir(&staging).unwrap().any(|e| e
+            .unwrap()
+            .path()
+            .extension()
+            .is_some_and(|x| x == "distcp")),
+        "part 1 wrote nothing before its pause"
+    );
     // SAFETY: kills a process this test's node stand-in started.
     unsafe {
-        libc::kill(victim.pid as i32, libc::SIGKILL);
-    }
-    let again = Waiting::new("part 1 to start again");
-    while env.runs().iter().filter(|r| part(r, "1")).count() < 2 {
-        again.tick(|| format!("{:#?}", env.runs())).await;
-    }
-    for i in 0..3 {
-        gates.open(&format!("open-{i}"));
+        libc::kill(victim, libc::SIGKILL);
     }
     for name in ["one", "three"] {
         env.wait_for(name, "Succeeded and Validated", &mut [&mut op], validated)

@@ -1125,7 +1125,8 @@ pub fn terminated(code: i32, message: &str) -> Value {
 /// A converter whose runs wait at gates: its pods run (the node reports them
 /// Running) but convert nothing until the test opens their gate, so a fault can
 /// be placed while Jobs run. Which gate a run waits for is a shell snippet's
-/// choice from its arguments (`$g`; none when empty).
+/// choice from its arguments (`$g`; none when empty; the gates' directory is
+/// `$GATES`).
 pub struct Gate {
     dir: tempfile::TempDir,
 }
@@ -1135,7 +1136,7 @@ impl Gate {
         let dir = tempfile::tempdir().unwrap();
         let converter = converter_binary().unwrap_or_else(|e| panic!("{e}"));
         let script = format!(
-            "#!/bin/sh\n{choose}\nif [ -n \"$g\" ]; then while [ ! -e '{}/'\"$g\" ]; do /bin/sleep 0.05; done; fi\nexec '{}' \"$@\"\n",
+            "#!/bin/sh\nGATES='{}'\n{choose}\nif [ -n \"$g\" ]; then while [ ! -e \"$GATES/$g\" ]; do /bin/sleep 0.05; done; fi\nexec '{}' \"$@\"\n",
             dir.path().display(),
             converter.display()
         );
@@ -1152,8 +1153,29 @@ impl Gate {
     }
 
     /// A split run's part `part=I` waits at gate `open-I`; other runs go at once.
+    /// A part asked to pause ([`Gate::pause_mid_write`]) pauses after its first
+    /// piece is written, once (the converter's `failpoints` pause).
     pub fn parts() -> Gate {
-        Gate::with("g=; for a in \"$@\"; do case \"$a\" in part=*) g=open-${a#part=} ;; esac; done")
+        Gate::with(concat!(
+            "g=; i=; for a in \"$@\"; do case \"$a\" in part=*) i=${a#part=}; g=open-$i ;; esac; done\n",
+            "if [ -n \"$i\" ] && [ -e \"$GATES/pause-$i\" ] && [ ! -e \"$GATES/paused-$i\" ]; then\n",
+            "  export CKPT_CONVERT_PAUSE_AT=pieces:1 CKPT_CONVERT_PAUSE_FILE=\"$GATES/paused-$i\"\n",
+            "fi"
+        ))
+    }
+
+    /// Part `part`'s next run pauses after writing its first piece.
+    pub fn pause_mid_write(&self, part: usize) {
+        std::fs::write(self.dir.path().join(format!("pause-{part}")), b"").unwrap();
+    }
+
+    /// The process id of part `part`'s run paused mid-write, once it is.
+    pub fn paused(&self, part: usize) -> Option<i32> {
+        std::fs::read_to_string(self.dir.path().join(format!("paused-{part}")))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// Starts the node stand-in of `env`, running pods through the gates.
