@@ -354,7 +354,35 @@ impl Staging {
                 Err(e) => return Err(io(&old)(e)),
             }
         }
+        if self.id != SHARED_ID {
+            remove_superseded_split(&self.target);
+        }
         Ok(())
+    }
+}
+
+/// Removes the shared staging a split run for `target` left (a failed split run
+/// then done again in one process, say), now that `target` is published: what
+/// its parts wrote can no longer be published without `--overwrite`, and nothing
+/// else would ever remove it. Left as it is while a part holds it.
+fn remove_superseded_split(target: &Path) {
+    let dir = shared_staging_dir(target);
+    let Ok(marker) = File::open(dir.join(MARKER)) else {
+        return;
+    };
+    if marker.try_lock().is_err() {
+        return;
+    }
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => tracing::warn!(
+            path = %dir.display(),
+            "removed what a split run for this output had staged: the output is published"
+        ),
+        Err(e) => tracing::warn!(
+            path = %dir.display(),
+            error = %e,
+            "could not remove what a split run for this output had staged (ckpt-convert clean removes it)"
+        ),
     }
 }
 
@@ -466,6 +494,18 @@ mod tests {
         drop(Staging::new(&target).unwrap());
         drop(Staging::adopt_shared(&target).unwrap());
         assert!(shared_staging_dir(&target).join("x").is_file());
+        // Another run that publishes the target supersedes it, unless a part
+        // holds it.
+        let holder = SharedStaging::open(&target).unwrap();
+        Staging::new(&target).unwrap().commit(false).unwrap();
+        assert!(shared_staging_dir(&target).join("x").is_file());
+        drop(holder);
+        Staging::new(&target).unwrap().commit(true).unwrap();
+        assert!(!shared_staging_dir(&target).exists());
+        std::fs::remove_dir_all(&target).unwrap();
+        let a = SharedStaging::open(&target).unwrap();
+        std::fs::write(a.path().join("x"), b"x").unwrap();
+        drop(a);
         // `clean` removes it; a finalize publishes it.
         let c = clean(&tmp.path().join("run")).unwrap();
         assert_eq!(c.removed, vec![shared_staging_dir(&target)]);
