@@ -171,6 +171,16 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 };
                 println!("{text}");
             }
+            // Something left in place (a run still writing it) is not clean yet:
+            // a caller that waits for a clean target (the operator's cleanup Job)
+            // must not take this for done.
+            let kept: usize = cleaned.iter().map(|c| c.kept.len()).sum();
+            if kept > 0 {
+                eprintln!(
+                    "error: {kept} left in place (listed above with why); run clean again once nothing holds them"
+                );
+                return Ok(ExitCode::from(1));
+            }
         }
         Command::Demo { dir, json } => {
             let r = cli::demo::run(dir)?;

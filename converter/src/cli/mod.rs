@@ -79,7 +79,8 @@ pub enum Command {
     /// (in PATH, and beside PATH for PATH itself as an output), old outputs an
     /// interrupted --overwrite moved aside (put back, or removed once superseded).
     /// A live run's staging, published outputs and directories without the
-    /// converter's marker are never touched.
+    /// converter's marker are never touched. Exit code 1 when something was left
+    /// in place (a run still holds it): run it again once nothing does.
     #[command(verbatim_doc_comment)]
     Clean {
         /// Outputs, or directories holding outputs (a run directory, say).

@@ -213,8 +213,11 @@ fn a_live_runs_staging_is_never_cleaned() {
     let src = w.hf("src", &ModelShape::tiny_llama(), 60_000);
     let args = to_megatron(&src, &w.path("run"));
     let p = Paused::start(&w, &args, "pieces:3");
+    // Left in place, and not clean yet: exit 1.
     let c = run(&["clean".to_owned(), w.path("run").display().to_string()]);
-    c.assert_exit(0).stdout_has("is writing it");
+    c.assert_exit(1)
+        .stdout_has("is writing it")
+        .stderr_has("1 left in place");
     assert_eq!(leftovers(&w.path("run")).len(), 1);
     // Another conversion into the same run directory (another iteration) works
     // beside it and leaves it alone.
