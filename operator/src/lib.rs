@@ -2,9 +2,9 @@
 //! the converter on PVC-mounted checkpoints.
 //!
 //! The reconcile shell ([`controller`]) is thin; what to do is decided by pure
-//! functions tested without a server: [`step`] renders the converter invocation,
-//! [`job`] builds the Job, [`decide`] turns observations into status, events and
-//! the Job to create. The operator never opens a checkpoint: it knows the
+//! functions tested without a server: [`view`] reads the Jobs and pods it observes,
+//! [`step`] renders the converter invocation, [`job`] builds the Job, [`decide`]
+//! turns observations into status, events and the Job to create. The operator never opens a checkpoint: it knows the
 //! converter only through the vocabulary both share ([`ckpt_wire`]: steps, their
 //! parameter tables, artifact kinds, the termination summary), which [`step`]
 //! renders into Job arguments and [`summary`] reads into status.
@@ -27,3 +27,4 @@ pub mod metrics;
 pub mod pace;
 pub mod step;
 pub mod summary;
+pub mod view;
