@@ -109,7 +109,11 @@ rust_tests() {
   # on it after.
   CKPT_TEST_NODE=real cargo test -p ckpt-operator --features ckpt-convert/failpoints \
     --no-fail-fast -- --include-ignored --skip on_the_stand_in || failed=1
-  cargo test -p ckpt-operator --features ckpt-convert/failpoints --test cluster \
+  # On the stand-in the node runs the converter from the host: the test image's
+  # static build with failpoints (the images step made it), for the faults that
+  # pause a part mid-write.
+  CKPT_CONVERT_BIN="$CARGO_TARGET_DIR/$(uname -m)-unknown-linux-musl/release/ckpt-convert-failpoints" \
+    cargo test -p ckpt-operator --features ckpt-convert/failpoints --test cluster \
     -- on_the_stand_in || failed=1
   return $failed
 }

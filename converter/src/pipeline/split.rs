@@ -19,10 +19,10 @@
 //! validates, and publishes by the usual rename. Its validation takes the parts'
 //! read-back ([`Finalize::known`]) where its reader finds a tensor at the place a
 //! part read, so the output's bytes are read back once, split as they were
-//! written, while the checks of structure and the smoke test run once. Until then the output is a
-//! staging directory, which never looks complete. A part run again replaces its
-//! own files and record, or does nothing when its record already matches (the
-//! plan, and the digest of every file it lists).
+//! written, while the checks of structure and the smoke test run once. Until
+//! then the output is a staging directory, which never looks complete. A part
+//! run again replaces its own files and record, or does nothing when its record
+//! already matches (the plan, and the digest of every file it lists).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -650,7 +650,7 @@ pub fn run_part(
             store.files().check_unchanged()?;
         }
         crate::failpoint::hit("read-back");
-        let read_back = read_back(&sub, staging.path(), part, &outcome)?;
+        let read_back = pool.install(|| read_back(&sub, staging.path(), part, &outcome))?;
         let stamps = sub
             .files
             .iter()

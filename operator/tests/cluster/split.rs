@@ -481,7 +481,7 @@ async fn a_killed_part_is_run_again_alone_on_the_stand_in() {
         paused
             .tick(|| {
                 format!(
-                    "(the node's converter needs the failpoints feature: cargo test --features ckpt-convert/failpoints)\n{:#?}",
+                    "(the node's converter, CKPT_CONVERT_BIN, needs the failpoints feature: run-tests.sh gives the stand-in the test image's build; by hand, cargo build --release -p ckpt-convert --features failpoints)\n{:#?}",
                     env.runs()
                 )
             })
