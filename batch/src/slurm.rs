@@ -385,9 +385,30 @@ fn tasks_in(ids: &str) -> u64 {
         .sum()
 }
 
-/// How far the `n` parts of array job `array` are (`2/4 parts done, 2 running`),
-/// from the controller while it remembers them.
-fn parts_progress(array: &str, n: u64) -> Option<String> {
+/// How far the parts of array job `array` are, from the controller while it
+/// remembers them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Parts {
+    done: u64,
+    running: u64,
+    failed: u64,
+}
+
+impl Parts {
+    /// `parts job 41: 2/4 parts done, 1 running, 1 failed`.
+    fn line(&self, array: &str, n: u64) -> String {
+        let mut line = format!("parts job {array}: {}/{n} parts done", self.done);
+        if self.running > 0 {
+            line.push_str(&format!(", {} running", self.running));
+        }
+        if self.failed > 0 {
+            line.push_str(&format!(", {} failed", self.failed));
+        }
+        line
+    }
+}
+
+fn parts_progress(array: &str) -> Option<Parts> {
     let out = run("scontrol", &["show", "job", array, "-o"], None).ok()?;
     if !out.status.success() {
         return None;
@@ -406,14 +427,11 @@ fn parts_progress(array: &str, n: u64) -> Option<String> {
             _ => failed += tasks,
         }
     }
-    let mut line = format!("parts job {array}: {done}/{n} parts done");
-    if running > 0 {
-        line.push_str(&format!(", {running} running"));
-    }
-    if failed > 0 {
-        line.push_str(&format!(", {failed} failed"));
-    }
-    Some(line)
+    Some(Parts {
+        done,
+        running,
+        failed,
+    })
 }
 
 /// `(state, reason)` from `squeue`; `None` once Slurm no longer lists the job.
@@ -508,8 +526,9 @@ pub fn status(job_dir: &Path, id: &str) -> Result<Status> {
         let progress = parts
             .as_ref()
             .filter(|_| state == "PENDING")
-            .and_then(|(array, n)| parts_progress(array, *n))
-            .map(|p| format!(": {p}"))
+            .and_then(|(array, n)| {
+                parts_progress(array).map(|p| format!(": {}", p.line(array, *n)))
+            })
             .unwrap_or_default();
         return Ok(Status::Active(format!("{state}{why}{progress}")));
     }
@@ -535,11 +554,13 @@ pub fn status(job_dir: &Path, id: &str) -> Result<Status> {
         (None, Some(code)) => format!("ended (the converter exited {code})"),
         (None, None) => "ended; Slurm no longer knows how".into(),
     };
+    // The final step never ran because a part failed (Slurm cancels it then);
+    // a final job cancelled or killed for another reason reads as any job.
     if let Some((array, n)) = &parts
         && exit.is_none()
+        && let Some(p) = parts_progress(array).filter(|p| p.failed > 0)
     {
-        // The final step never ran: Slurm cancels it when a part fails.
-        let progress = parts_progress(array, *n).unwrap_or_else(|| format!("parts job {array}"));
+        let progress = p.line(array, *n);
         return Ok(Status::Finished(Box::new(Summary::failed(
             "",
             1,
@@ -549,11 +570,14 @@ pub fn status(job_dir: &Path, id: &str) -> Result<Status> {
             ),
         ))));
     }
+    let parts_job = parts
+        .map(|(array, _)| format!("; the parts' job: {array}"))
+        .unwrap_or_default();
     Ok(Status::Finished(Box::new(Summary::failed(
         "",
         1,
         &format!(
-            "{what} before the converter reported: nothing was published; its log: {}",
+            "{what} before the converter reported: nothing was published; its log: {}{parts_job}",
             log.display()
         ),
     ))))
@@ -724,6 +748,20 @@ mod tests {
             let e = split(&r).unwrap_err().to_string();
             assert!(e.contains(&format!("workers={bad}")), "{e}");
         }
+    }
+
+    #[test]
+    fn the_parts_line_says_what_is_done_running_and_failed() {
+        let p = |done, running, failed| Parts {
+            done,
+            running,
+            failed,
+        };
+        assert_eq!(p(2, 0, 0).line("41", 4), "parts job 41: 2/4 parts done");
+        assert_eq!(
+            p(1, 2, 1).line("41", 4),
+            "parts job 41: 1/4 parts done, 2 running, 1 failed"
+        );
     }
 
     #[test]
