@@ -32,12 +32,10 @@ pub fn run(
     // Every step validates its output before publishing unless told not to.
     opts.validate = params.flag("validate", true)?;
     opts.smoke_test = params.flag("smoke_test", true)?;
-    // Conversions split across processes ([`crate::pipeline::split`]); whether
-    // the three agree is checked once the step's own parameters are read.
-    if matches!(
-        step,
-        Step::HfToMegatron | Step::MegatronToHf | Step::MergeLora
-    ) {
+    // Steps that split across processes ([`crate::pipeline::split`]): those whose
+    // parameter table has `workers`. Whether the three agree is checked once the
+    // step's own parameters are read.
+    if step.param(ckpt_wire::params::names::WORKERS).is_some() {
         let workers = match params.opt("workers") {
             Some(_) => Some(params.positive("workers", 1)?),
             None => None,
