@@ -7,6 +7,7 @@
 //! largest tensors, never the model.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -117,6 +118,10 @@ pub struct Outcome {
     pub tensor_bytes: u64,
     /// The most bytes of pieces that were in flight at once.
     pub peak_in_flight: u64,
+    /// Each piece's data as read back from its file once every piece was
+    /// written (the same read that gives [`Outcome::files`] their digests): its
+    /// XXH3-128 and its count of NaN and infinite values, by piece name.
+    pub read_back: BTreeMap<String, (u128, u64)>,
 }
 
 /// The digest of one source chunk, as read.
@@ -620,24 +625,51 @@ pub fn execute_with<R>(
             }
             Ok(())
         });
+        // Each file is read once: its digest, and each piece's data in it.
+        let mut in_file: Vec<Vec<(u64, &Piece)>> = vec![Vec::new(); outputs.len()];
+        for p in &plan.pieces {
+            let (file, offset) = data_at(p);
+            in_file[file].push((offset, p));
+        }
         let digested = outputs
             .par_iter()
-            .map(|(path, _)| -> Result<FileRecord, ExecuteError> {
-                let (size, digest) = crate::formats::digest::file(path).map_err(io(path))?;
+            .zip(&mut in_file)
+            .map(|((path, _), pieces)| -> Result<_, ExecuteError> {
+                pieces.sort_by_key(|(offset, _)| *offset);
+                let ranges: Vec<_> = pieces
+                    .iter()
+                    .map(|(offset, p)| (*offset, p.nbytes(), p.dtype))
+                    .collect();
+                let (size, digest, read) =
+                    crate::formats::digest::file_and_ranges(path, &ranges).map_err(io(path))?;
                 progress.advance(size);
                 let rel = path
                     .strip_prefix(root)
                     .expect("outputs live under the root")
                     .to_string_lossy()
                     .into_owned();
-                Ok(FileRecord {
-                    path: rel,
-                    size,
-                    xxh3: digest,
-                })
+                let read_back: Vec<(String, (u128, u64))> = pieces
+                    .iter()
+                    .zip(read)
+                    .map(|((_, p), r)| (p.name.clone(), r))
+                    .collect();
+                Ok((
+                    FileRecord {
+                        path: rel,
+                        size,
+                        xxh3: digest,
+                    },
+                    read_back,
+                ))
             })
             .collect::<Result<Vec<_>, _>>();
-        let outcome = digested.map(|mut files| {
+        let outcome = digested.map(|digested| {
+            let mut files = Vec::with_capacity(digested.len());
+            let mut read_back = BTreeMap::new();
+            for (file, pieces) in digested {
+                files.push(file);
+                read_back.extend(pieces);
+            }
             files.sort_by(|a, b| a.path.cmp(&b.path));
             let (source_digests, source_chunks, source_lines) = sources.finish(stores.len());
             let piece_lines = piece_digests.into_inner().expect("digest lock");
@@ -651,6 +683,7 @@ pub fn execute_with<R>(
                 pieces: plan.pieces.len(),
                 tensor_bytes: plan.tensor_bytes(),
                 peak_in_flight: budget.peak.load(Ordering::Relaxed),
+                read_back,
             }
         });
         let after = outcome.as_ref().ok().map(then);

@@ -451,11 +451,6 @@ pub fn stage(
     // The final step of a split run writes only what lies outside the parts'
     // files; its outcome is then the whole plan's, from the parts' records.
     let side_plan = finalize.as_ref().map(|_| split::Finalize::side_plan(&plan));
-    // What the parts read back, validation does not read again.
-    let known = finalize
-        .as_ref()
-        .map(|f| f.known(&plan))
-        .unwrap_or_default();
     let executed_plan = side_plan.as_ref().unwrap_or(&plan);
     // Side files are read once, by the copy; their identity now is what the
     // copy must still see when the output is complete.
@@ -558,7 +553,7 @@ pub fn stage(
                         reference.as_ref(),
                         ahead,
                         probe.as_ref(),
-                        known,
+                        read_back_known(&plan, outcome),
                     )
                     .map(Some)
                 },
@@ -676,6 +671,27 @@ fn write_manifest(
     Ok(())
 }
 
+/// What execution read back once every piece was written (by the parts, for a
+/// split run's final step), by where it lies, for validation to take instead of
+/// reading the same bytes again: each tensor file's digest, and each piece's
+/// data's digest and count of NaN and infinite values.
+fn read_back_known(plan: &Plan, outcome: &Outcome) -> crate::validate::scan::Known {
+    let mut known = crate::validate::scan::Known::default();
+    for p in &plan.pieces {
+        if let Some(&found) = outcome.read_back.get(&p.name) {
+            let (file, offset) = execute::data_at(p);
+            known.ranges.insert(
+                (plan.files[file].rel.clone(), offset, p.nbytes(), p.dtype),
+                found,
+            );
+        }
+    }
+    for f in &outcome.files {
+        known.files.insert(f.path.clone(), (f.size, f.xxh3.clone()));
+    }
+    known
+}
+
 /// Validates a staged output before it is published (an output that fails is
 /// never put in place), with the smoke test that fits it: the reference's pass
 /// (run ahead) against the output's, or the probe that ran as the merge wrote.
@@ -700,7 +716,10 @@ fn validate_staged(
         rope_as_megatron: target.rope_as_megatron,
         known,
     };
-    // The checks (one read of every file) beside the output's forward pass.
+    // The checks beside the output's forward pass. The tensor files' bytes are
+    // not read again: execution read each file back once, its digest and each
+    // piece's (`known`), and the checks take those where the reader finds each
+    // chunk at the place execution read.
     let started = Instant::now();
     let (mut v, forward) = rayon::join(
         || crate::validate::validate_with(staging, target.kind, false, &vopts),

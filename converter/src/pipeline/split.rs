@@ -33,7 +33,6 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{Xxh3, xxh3_128};
 
 use crate::execute::{self, FileRecord, Outcome, Progress};
-use crate::formats::dtype::DType;
 use crate::pipeline::error::Error;
 use crate::pipeline::preflight::PreflightError;
 use crate::pipeline::{Report, RunOptions, SourceInfo, Target};
@@ -494,9 +493,9 @@ fn check_record(
     Ok(())
 }
 
-/// Reads back what a single run's validation reads, for the files of `plan` (a
-/// part's) under `dir`, once durable: each file whole, and each piece's data
-/// (its digest and count of NaN and infinite values, returned by name).
+/// Reads back the files of `plan` (a part's) under `dir` once durable, each
+/// once: the file whole, and each piece's data in it (its digest and count of
+/// NaN and infinite values, returned by name).
 ///
 /// # Errors
 /// [`SplitError::Mismatch`] naming the file, and the piece, whose bytes read back
@@ -508,67 +507,76 @@ fn read_back(
     outcome: &Outcome,
 ) -> Result<BTreeMap<String, (String, u64)>, Error> {
     use rayon::prelude::*;
-    let files = plan
-        .files
-        .iter()
-        .map(|f| crate::formats::source::MappedFile::open(&dir.join(&f.rel)))
-        .collect::<Result<Vec<_>, _>>()?;
     // A written line is `name|dtype|shape|digest`.
     let written: BTreeMap<&str, &str> = outcome
         .piece_lines
         .iter()
         .filter_map(|l| l.trim_end().rsplit_once('|'))
         .collect();
-    let pieces = plan
-        .pieces
+    let mut in_file: Vec<Vec<(u64, &crate::plan::Piece)>> = vec![Vec::new(); plan.files.len()];
+    for p in &plan.pieces {
+        let (file, offset) = execute::data_at(p);
+        in_file[file].push((offset, p));
+    }
+    let per_file = plan
+        .files
         .par_iter()
-        .map(|p| {
-            let (file, offset) = execute::data_at(p);
-            let (digest, bad) =
-                crate::validate::scan::read_range(&files[file], offset, p.nbytes(), p.dtype);
-            let digest = crate::formats::digest::format_digest(digest);
-            let key = format!("{}|{}|{:?}", p.name, p.dtype, p.shape);
-            match written.get(key.as_str()) {
-                Some(w) if *w == digest => Ok((p.name.clone(), (digest, bad))),
-                w => Err(SplitError::Mismatch {
-                    path: files[file].path.clone(),
-                    part,
-                    expected: format!(
-                        "{}'s bytes at {offset}..{} as written (xxh3 {})",
-                        p.name,
-                        offset + p.nbytes(),
-                        w.unwrap_or(&"not recorded")
-                    ),
-                    found: format!("xxh3 {digest} read back"),
+        .zip(&mut in_file)
+        .map(
+            |(f, pieces)| -> Result<Vec<(String, (String, u64))>, Error> {
+                let path = dir.join(&f.rel);
+                pieces.sort_by_key(|(offset, _)| *offset);
+                let ranges: Vec<_> = pieces
+                    .iter()
+                    .map(|(offset, p)| (*offset, p.nbytes(), p.dtype))
+                    .collect();
+                let (size, digest, read) = crate::formats::digest::file_and_ranges(&path, &ranges)
+                    .map_err(io_err(&path))?;
+                let mismatch = |expected: String, found: String| -> Error {
+                    SplitError::Mismatch {
+                        path: path.clone(),
+                        part,
+                        expected,
+                        found,
+                    }
+                    .into()
+                };
+                let mut found = Vec::with_capacity(pieces.len());
+                for ((offset, p), (h, bad)) in pieces.iter().zip(read) {
+                    let h = crate::formats::digest::format_digest(h);
+                    let key = format!("{}|{}|{:?}", p.name, p.dtype, p.shape);
+                    match written.get(key.as_str()) {
+                        Some(w) if *w == h => found.push((p.name.clone(), (h, bad))),
+                        w => {
+                            return Err(mismatch(
+                                format!(
+                                    "{}'s bytes at {offset}..{} as written (xxh3 {})",
+                                    p.name,
+                                    offset + p.nbytes(),
+                                    w.unwrap_or(&"not recorded")
+                                ),
+                                format!("xxh3 {h} read back"),
+                            ));
+                        }
+                    }
                 }
-                .into()),
-            }
-        })
-        .collect::<Result<BTreeMap<_, _>, Error>>()?;
-    // The bytes around the pieces (headers, archives) too, as validation reads them.
-    files.par_iter().try_for_each(|f| -> Result<(), Error> {
-        let (digest, _) = crate::validate::scan::read_range(f, 0, f.len(), DType::U8);
-        let digest = crate::formats::digest::format_digest(digest);
-        let rel = f
-            .path
-            .strip_prefix(dir)
-            .unwrap_or(&f.path)
-            .to_string_lossy();
-        match outcome.files.iter().find(|w| w.path == rel) {
-            Some(w) if w.size == f.len() && w.xxh3 == digest => Ok(()),
-            w => Err(SplitError::Mismatch {
-                path: f.path.clone(),
-                part,
-                expected: match w {
-                    Some(w) => format!("the file as written ({} bytes, xxh3 {})", w.size, w.xxh3),
-                    None => "a file this part wrote".into(),
-                },
-                found: format!("{} bytes, xxh3 {digest} read back", f.len()),
-            }
-            .into()),
-        }
-    })?;
-    Ok(pieces)
+                // The bytes around the pieces (headers, archives) too.
+                match outcome.files.iter().find(|w| w.path == f.rel) {
+                    Some(w) if w.size == size && w.xxh3 == digest => Ok(found),
+                    w => Err(mismatch(
+                        match w {
+                            Some(w) => {
+                                format!("the file as written ({} bytes, xxh3 {})", w.size, w.xxh3)
+                            }
+                            None => "a file this part wrote".into(),
+                        },
+                        format!("{size} bytes, xxh3 {digest} read back"),
+                    )),
+                }
+            },
+        )
+        .collect::<Result<Vec<_>, Error>>()?;
+    Ok(per_file.into_iter().flatten().collect())
 }
 
 /// Writes part `part` of `workers` of the plan into the shared staging
@@ -791,37 +799,6 @@ impl Finalize {
         }
     }
 
-    /// What the parts read back, by where each piece's data lies in the plan, for
-    /// validation to take instead of reading it again.
-    pub fn known(&self, plan: &Plan) -> crate::validate::scan::Known {
-        let mut known = crate::validate::scan::Known::default();
-        let workers = self.records.len();
-        let assignment = assign(plan, workers);
-        for (part, record) in self.records.iter().enumerate() {
-            let mine: Vec<usize> = (0..plan.files.len())
-                .filter(|&f| assignment[f] == part)
-                .collect();
-            let sub = part_plan(plan, &mine);
-            for p in &sub.pieces {
-                let Some((digest, bad)) = record.read_back.get(&p.name) else {
-                    continue;
-                };
-                let Ok(digest) = u128::from_str_radix(digest, 16) else {
-                    continue;
-                };
-                let (file, offset) = execute::data_at(p);
-                known.ranges.insert(
-                    (sub.files[file].rel.clone(), offset, p.nbytes(), p.dtype),
-                    (digest, *bad),
-                );
-            }
-            for f in &record.files {
-                known.files.insert(f.path.clone(), (f.size, f.xxh3.clone()));
-            }
-        }
-        known
-    }
-
     /// Takes over the shared staging directory, removing what an earlier final
     /// step may have written there (it is written again).
     ///
@@ -861,7 +838,11 @@ impl Finalize {
         let mut source_lines: BTreeSet<(usize, String)> =
             side.source_lines.iter().cloned().collect();
         let mut peak = side.peak_in_flight;
+        let mut read_back = side.read_back.clone();
         for r in &self.records {
+            read_back.extend(r.read_back.iter().filter_map(|(name, (digest, bad))| {
+                Some((name.clone(), (u128::from_str_radix(digest, 16).ok()?, *bad)))
+            }));
             files.extend(r.files.iter().cloned());
             piece_lines.extend(r.pieces.iter().cloned());
             source_lines.extend(r.source_chunks.iter().cloned());
@@ -879,6 +860,7 @@ impl Finalize {
             pieces: plan.pieces.len(),
             tensor_bytes: plan.tensor_bytes(),
             peak_in_flight: peak,
+            read_back,
         }
     }
 

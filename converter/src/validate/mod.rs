@@ -35,7 +35,7 @@ use crate::smoke::{self, Arch, SmokeError, probe::ProbeReport};
 pub mod expected;
 pub mod scan;
 
-pub use scan::count_non_finite;
+pub use crate::formats::dtype::count_non_finite;
 
 /// The report file name.
 pub const FILE_NAME: &str = "ckpt-validation.json";
@@ -220,7 +220,7 @@ pub fn validate_with(dir: &Path, kind: ArtifactKind, published: bool, opts: &Opt
             if s.weights_digest == m.output.weights_digest {
                 let elsewhere = if s.known.1 > 0 {
                     format!(
-                        " ({} of {} chunks and {} files read back by the processes that wrote them)",
+                        " ({} of {} chunks and {} files read back by the run that wrote them)",
                         s.known.1, s.chunks, s.known.0
                     )
                 } else {

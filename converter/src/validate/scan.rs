@@ -10,10 +10,12 @@
 //! the one to the other (and names a layout mistake that moved bytes between
 //! tensors without changing a file's length).
 //!
-//! What another process already read back after writing it ([`Known`]: the parts
-//! of a split run, each reading its own files) is taken from there instead of
-//! being read again; the tensors' names, shapes and places still come from this
-//! reader, so a chunk it finds where no part read is read here.
+//! What the run that wrote an output already read back once it was written
+//! ([`Known`]: execution reads each file back once, for its digest and its
+//! pieces'; the parts of a split run each their own files) is taken from there
+//! instead of being read again; the tensors' names, shapes and places still come
+//! from this reader, so a chunk it finds where execution did not read is read
+//! here.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -22,7 +24,7 @@ use rayon::prelude::*;
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::formats::digest::{format_digest, of_lines};
-use crate::formats::dtype::DType;
+use crate::formats::dtype::{DType, count_non_finite};
 use crate::formats::source::{self, ChunkData, Files, GlobalTensor};
 
 /// Bytes read between releases.
@@ -198,80 +200,5 @@ fn windows(file: &source::MappedFile, offset: u64, len: u64, mut f: impl FnMut(&
         f(&bytes[at as usize..(at + n) as usize]);
         file.release(at, n);
         at += n;
-    }
-}
-
-/// Elements of `words` whose bits under `mask` are all ones.
-fn all_ones<T>(words: &[T], mask: T) -> u64
-where
-    T: Copy + std::ops::BitAnd<Output = T> + PartialEq,
-{
-    // Counted in u16 lanes per block, which vectorizes.
-    words
-        .chunks(1 << 15)
-        .map(|b| u64::from(b.iter().map(|&w| u16::from(w & mask == mask)).sum::<u16>()))
-        .sum()
-}
-
-/// `bytes` as little-endian words of `N` bytes: aligned in place, else copied.
-fn counted<const N: usize, T>(bytes: &[u8], mask: T, word: impl Fn([u8; N]) -> T) -> u64
-where
-    T: Copy + std::ops::BitAnd<Output = T> + PartialEq,
-{
-    // SAFETY: every bit pattern is a valid integer; a misaligned start is refused.
-    match unsafe { bytes.align_to::<T>() } {
-        (&[], words, rest) if cfg!(target_endian = "little") && rest.len() < N => {
-            all_ones(words, mask)
-        }
-        _ => {
-            let words: Vec<T> = bytes
-                .chunks_exact(N)
-                .map(|c| word(c.try_into().expect("N bytes")))
-                .collect();
-            all_ones(&words, mask)
-        }
-    }
-}
-
-/// Counts elements whose exponent bits are all ones (NaN or ±inf).
-pub fn count_non_finite(dtype: DType, bytes: &[u8]) -> u64 {
-    match dtype {
-        DType::BF16 => counted(bytes, 0x7f80u16, u16::from_le_bytes),
-        DType::F16 => counted(bytes, 0x7c00u16, u16::from_le_bytes),
-        DType::F32 => counted(bytes, 0x7f80_0000u32, u32::from_le_bytes),
-        DType::F64 => counted(bytes, 0x7ff0_0000_0000_0000u64, u64::from_le_bytes),
-        // e4m3fn has no infinities; its NaN is S.1111.111.
-        DType::F8E4M3 => all_ones(bytes, 0x7fu8),
-        DType::F8E5M2 => all_ones(bytes, 0x7cu8),
-        _ => 0,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn non_finite_values_are_counted_per_dtype() {
-        let bf16: Vec<u8> = [0x3f80u16, 0x7f80, 0xff80, 0x7fc0, 0x0000]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
-        assert_eq!(count_non_finite(DType::BF16, &bf16), 3);
-        // Misaligned, as a tensor at an odd offset of a file is.
-        let mut shifted = vec![0u8];
-        shifted.extend_from_slice(&bf16);
-        assert_eq!(count_non_finite(DType::BF16, &shifted[1..]), 3);
-        let f32s: Vec<u8> = [1.0f32, f32::NAN, f32::NEG_INFINITY, f32::MAX]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
-        assert_eq!(count_non_finite(DType::F32, &f32s), 2);
-        assert_eq!(count_non_finite(DType::I64, &[0xff; 16]), 0);
-        // Many blocks of lanes.
-        let many: Vec<u8> = (0..200_000u32)
-            .flat_map(|i| (if i % 7 == 0 { 0x7fc0u16 } else { 0x3f80 }).to_le_bytes())
-            .collect();
-        assert_eq!(count_non_finite(DType::BF16, &many), 200_000u64.div_ceil(7));
     }
 }

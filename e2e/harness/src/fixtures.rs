@@ -25,12 +25,13 @@ pub fn poison_values(dir: &Path) {
     std::fs::write(shard, bytes).expect("rewriting the shard");
 }
 
-/// Removes from a validation report (`ckpt-validation.json`) the note that the
-/// final step of a split run adds to its weights digest check, saying how much
-/// the parts read back (`… (12 of 12 chunks and 4 files read back by the
-/// processes that wrote them)`), and returns the note without its parentheses.
+/// Removes from a validation report (`ckpt-validation.json`) the note that a
+/// run's validation adds to its weights digest check, saying how much of what it
+/// checked the run read back as it wrote it (`… (12 of 12 chunks and 4 files
+/// read back by the run that wrote them)`: a single run's execution, or a split
+/// run's parts), and returns the note without its parentheses.
 pub fn take_read_back_note(v: &mut serde_json::Value) -> Option<String> {
-    const END: &str = " read back by the processes that wrote them)";
+    const END: &str = " read back by the run that wrote them)";
     let check = v
         .get_mut("checks")?
         .as_array_mut()?
