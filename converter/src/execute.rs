@@ -165,6 +165,23 @@ pub enum ExecuteError {
     /// The plan is inconsistent (a bug in a mapping).
     #[error("invalid plan: {0}")]
     Plan(String),
+    /// A piece's bytes read back from the output differ from those written (a
+    /// disk, filesystem or memory fault, or another writer).
+    #[error("{}: tensor {tensor:?}: its bytes at {offset}..{end} read back with xxh3 {found}, written with xxh3 {written}", path.display())]
+    ReadBack {
+        /// The output file.
+        path: PathBuf,
+        /// The piece (a tensor, or its shard).
+        tensor: String,
+        /// Where its data starts in the file.
+        offset: u64,
+        /// Where it ends.
+        end: u64,
+        /// The digest of the bytes written.
+        written: String,
+        /// The digest of the bytes read back.
+        found: String,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ExecuteError + '_ {
@@ -558,6 +575,8 @@ pub fn execute_with<R>(
     };
     let sources = SourceDigests::new(stores);
     let piece_digests: Mutex<Vec<String>> = Mutex::new(Vec::with_capacity(plan.pieces.len()));
+    // The same digests by piece, for the read-back to compare with.
+    let written: Mutex<BTreeMap<&str, String>> = Mutex::new(BTreeMap::new());
     let done = AtomicU64::new(0);
     let started = std::time::Instant::now();
     progress.phase("convert", plan.tensor_bytes());
@@ -573,6 +592,10 @@ pub fn execute_with<R>(
                 "{}|{}|{:?}|{digest}\n",
                 piece.name, piece.dtype, piece.shape
             ));
+            written
+                .lock()
+                .expect("digest lock")
+                .insert(&piece.name, digest);
             progress.advance(piece.nbytes());
             failpoint(done.fetch_add(1, Ordering::Relaxed) + 1);
             Ok(())
@@ -602,6 +625,9 @@ pub fn execute_with<R>(
             .map_err(io(&path))?;
         outputs.push((path, file));
     }
+
+    crate::failpoint::hit("written");
+    let written = written.into_inner().expect("digest lock");
 
     // Make every byte durable on one thread (it mostly waits for the disk) while
     // the others read the files back for their digests, then run `then`.
@@ -648,11 +674,25 @@ pub fn execute_with<R>(
                     .expect("outputs live under the root")
                     .to_string_lossy()
                     .into_owned();
-                let read_back: Vec<(String, (u128, u64))> = pieces
+                let read_back = pieces
                     .iter()
                     .zip(read)
-                    .map(|((_, p), r)| (p.name.clone(), r))
-                    .collect();
+                    .map(|((offset, p), (h, bad))| {
+                        let found = crate::formats::digest::format_digest(h);
+                        let was = written.get(p.name.as_str()).cloned().unwrap_or_default();
+                        if found != was {
+                            return Err(ExecuteError::ReadBack {
+                                path: path.clone(),
+                                tensor: p.name.clone(),
+                                offset: *offset,
+                                end: offset + p.nbytes(),
+                                written: was,
+                                found,
+                            });
+                        }
+                        Ok((p.name.clone(), (h, bad)))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
                 Ok((
                     FileRecord {
                         path: rel,

@@ -73,6 +73,43 @@ fn sigterm_mid_write_removes_staging_and_reports() {
     }
 }
 
+/// Bytes that read back other than written (a disk or filesystem fault,
+/// simulated by changing one byte of a tensor's data once every file is written,
+/// before the run reads them back) fail the run, exit 1, naming the file and the
+/// tensor; nothing is published and what the run created goes.
+#[cfg(feature = "failpoints")]
+#[test]
+fn bytes_that_read_back_other_than_written_fail_the_run() {
+    use std::os::unix::fs::FileExt;
+    let w = Workdir::new();
+    let src = w.hf("src", &ModelShape::tiny_llama(), 60_000);
+    let before = w.snapshot("src");
+    let p = Paused::start(&w, &to_megatron(&src, &w.path("run")), "written");
+    let file = crate::util::files_under(&w.path("run"))
+        .into_iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "distcp"))
+        .max_by_key(|f| std::fs::metadata(f).unwrap().len())
+        .expect("a .distcp file written");
+    // In the middle of the largest file: a tensor's data (the size kept).
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&file)
+        .unwrap();
+    let at = f.metadata().unwrap().len() / 2;
+    let mut byte = [0u8];
+    f.read_exact_at(&mut byte, at).unwrap();
+    f.write_all_at(&[byte[0] ^ 0x40], at).unwrap();
+    drop(f);
+    let r = p.resume();
+    r.assert_exit(1)
+        .stderr_has(&format!("{}: tensor \"", file.display()))
+        .stderr_has(" read back with xxh3 ")
+        .stderr_has(", written with xxh3 ");
+    assert!(!w.path("run").exists(), "{:?}", w.ls("run"));
+    assert_eq!(before, w.snapshot("src"), "the source changed");
+}
+
 /// As PID 1 of a container (here: of a new PID namespace), where the kernel
 /// drops signals whose disposition is the default, SIGTERM still ends the run,
 /// cleanly.
@@ -110,7 +147,7 @@ fn sigterm_as_pid_1_removes_staging() {
 #[cfg(feature = "failpoints")]
 #[test]
 fn sigkill_at_every_stage_is_recovered() {
-    for point in ["staged", "pieces:3", "executed", "validated", "committed"] {
+    for point in ["staged", "pieces:3", "written", "executed", "validated", "committed"] {
         let w = Workdir::new();
         let src = w.hf("src", &ModelShape::tiny_llama(), 60_000);
         let before = w.snapshot("src");
@@ -496,6 +533,14 @@ fn an_identical_rerun_is_recognised_as_done() {
     run(&args)
         .assert_exit(2)
         .stderr_has("already holds the output of another conversion");
+}
+
+#[cfg(not(feature = "failpoints"))]
+#[test]
+fn bytes_that_read_back_other_than_written_fail_the_run() {
+    panic!(
+        "this test needs the failpoints feature: cargo test --features failpoints (the repository's test command passes it)"
+    );
 }
 
 #[cfg(not(feature = "failpoints"))]
