@@ -63,14 +63,19 @@ pub fn file_and_ranges(
     path: &Path,
     ranges: &[Range],
 ) -> std::io::Result<(u64, String, Vec<RangeDigest>)> {
-    read_in_windows(path, ranges, 64 << 20)
+    read_in_windows(path, ranges, 64 << 20, BLOCK)
 }
 
-/// [`file_and_ranges`], reading `window` bytes at a time.
+/// Bytes hashed and counted at once.
+const BLOCK: u64 = 256 << 10;
+
+/// [`file_and_ranges`], mapping `window` bytes at a time and reading them in
+/// blocks of `block`.
 fn read_in_windows(
     path: &Path,
     ranges: &[Range],
     window: u64,
+    block: u64,
 ) -> std::io::Result<(u64, String, Vec<RangeDigest>)> {
     assert!(
         ranges.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0),
@@ -90,19 +95,26 @@ fn read_in_windows(
         let n = window.min(len - at);
         let end = at + n;
         map.will_need(at, n);
-        let window = &map.bytes()[at as usize..end as usize];
-        h.update(window);
-        for (i, &(offset, length, _)) in ranges.iter().enumerate().skip(open) {
-            if offset >= end {
-                break;
+        // In blocks that stay in the core's cache between the file's hasher and
+        // the ranges' (hash and count), so memory is read once.
+        let mut b = at;
+        while b < end {
+            let b_end = (b + block).min(end);
+            let block = &map.bytes()[b as usize..b_end as usize];
+            h.update(block);
+            for (i, &(offset, length, _)) in ranges.iter().enumerate().skip(open) {
+                if offset >= b_end {
+                    break;
+                }
+                let (lo, hi) = (offset.max(b), (offset + length).min(b_end));
+                if lo < hi {
+                    parts[i].feed(&block[(lo - b) as usize..(hi - b) as usize]);
+                }
+                if offset + length <= b_end && i == open {
+                    open += 1;
+                }
             }
-            let (lo, hi) = (offset.max(at), (offset + length).min(end));
-            if lo < hi {
-                parts[i].feed(&window[(lo - at) as usize..(hi - at) as usize]);
-            }
-            if offset + length <= end && i == open {
-                open += 1;
-            }
+            b = b_end;
         }
         map.release(at, n);
         at = end;
@@ -195,8 +207,8 @@ mod tests {
             (605, 1400, DType::BF16),
             (2005, 11, DType::U8),
         ];
-        for window in [7, 64, 4096, 1 << 20] {
-            let (len, digest, found) = read_in_windows(&p, &ranges, window).unwrap();
+        for (window, block) in [(7, 7), (64, 5), (4096, 3), (4096, 64), (1 << 20, BLOCK)] {
+            let (len, digest, found) = read_in_windows(&p, &ranges, window, block).unwrap();
             assert_eq!(
                 (len, digest.as_str()),
                 (data.len() as u64, hex(&data).as_str())

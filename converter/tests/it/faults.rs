@@ -147,7 +147,14 @@ fn sigterm_as_pid_1_removes_staging() {
 #[cfg(feature = "failpoints")]
 #[test]
 fn sigkill_at_every_stage_is_recovered() {
-    for point in ["staged", "pieces:3", "written", "executed", "validated", "committed"] {
+    for point in [
+        "staged",
+        "pieces:3",
+        "written",
+        "executed",
+        "validated",
+        "committed",
+    ] {
         let w = Workdir::new();
         let src = w.hf("src", &ModelShape::tiny_llama(), 60_000);
         let before = w.snapshot("src");
