@@ -661,7 +661,7 @@ pub fn execute_with<R>(
             .par_iter()
             .zip(&mut in_file)
             .map(|((path, _), pieces)| -> Result<_, ExecuteError> {
-                pieces.sort_by_key(|(offset, _)| *offset);
+                pieces.sort_by_key(|(offset, p)| (*offset, p.nbytes()));
                 let ranges: Vec<_> = pieces
                     .iter()
                     .map(|(offset, p)| (*offset, p.nbytes(), p.dtype))

@@ -525,7 +525,7 @@ fn read_back(
         .map(
             |(f, pieces)| -> Result<Vec<(String, (String, u64))>, Error> {
                 let path = dir.join(&f.rel);
-                pieces.sort_by_key(|(offset, _)| *offset);
+                pieces.sort_by_key(|(offset, p)| (*offset, p.nbytes()));
                 let ranges: Vec<_> = pieces
                     .iter()
                     .map(|(offset, p)| (*offset, p.nbytes(), p.dtype))
