@@ -493,6 +493,10 @@ fn check_record(
     Ok(())
 }
 
+/// A piece's data as read back: its XXH3-128 (hex) and count of NaN and
+/// infinite values.
+type ReadBack = (String, u64);
+
 /// Reads back the files of `plan` (a part's) under `dir` once durable, each
 /// once: the file whole, and each piece's data in it (its digest and count of
 /// NaN and infinite values, returned by name).
@@ -505,7 +509,7 @@ fn read_back(
     dir: &Path,
     part: usize,
     outcome: &Outcome,
-) -> Result<BTreeMap<String, (String, u64)>, Error> {
+) -> Result<BTreeMap<String, ReadBack>, Error> {
     use rayon::prelude::*;
     // A written line is `name|dtype|shape|digest`.
     let written: BTreeMap<&str, &str> = outcome
@@ -522,59 +526,57 @@ fn read_back(
         .files
         .par_iter()
         .zip(&mut in_file)
-        .map(
-            |(f, pieces)| -> Result<Vec<(String, (String, u64))>, Error> {
-                let path = dir.join(&f.rel);
-                pieces.sort_by_key(|(offset, p)| (*offset, p.nbytes()));
-                let ranges: Vec<_> = pieces
-                    .iter()
-                    .map(|(offset, p)| (*offset, p.nbytes(), p.dtype))
-                    .collect();
-                let (size, digest, read) = crate::formats::digest::file_and_ranges(&path, &ranges)
-                    .map_err(io_err(&path))?;
-                let mismatch = |expected: String, found: String| -> Error {
-                    SplitError::Mismatch {
-                        path: path.clone(),
-                        part,
-                        expected,
-                        found,
+        .map(|(f, pieces)| -> Result<Vec<(String, ReadBack)>, Error> {
+            let path = dir.join(&f.rel);
+            pieces.sort_by_key(|(offset, p)| (*offset, p.nbytes()));
+            let ranges: Vec<_> = pieces
+                .iter()
+                .map(|(offset, p)| (*offset, p.nbytes(), p.dtype))
+                .collect();
+            let (size, digest, read) =
+                crate::formats::digest::file_and_ranges(&path, &ranges).map_err(io_err(&path))?;
+            let mismatch = |expected: String, found: String| -> Error {
+                SplitError::Mismatch {
+                    path: path.clone(),
+                    part,
+                    expected,
+                    found,
+                }
+                .into()
+            };
+            let mut found = Vec::with_capacity(pieces.len());
+            for ((offset, p), (h, bad)) in pieces.iter().zip(read) {
+                let h = crate::formats::digest::format_digest(h);
+                let key = format!("{}|{}|{:?}", p.name, p.dtype, p.shape);
+                match written.get(key.as_str()) {
+                    Some(w) if *w == h => found.push((p.name.clone(), (h, bad))),
+                    w => {
+                        return Err(mismatch(
+                            format!(
+                                "{}'s bytes at {offset}..{} as written (xxh3 {})",
+                                p.name,
+                                offset + p.nbytes(),
+                                w.unwrap_or(&"not recorded")
+                            ),
+                            format!("xxh3 {h} read back"),
+                        ));
                     }
-                    .into()
-                };
-                let mut found = Vec::with_capacity(pieces.len());
-                for ((offset, p), (h, bad)) in pieces.iter().zip(read) {
-                    let h = crate::formats::digest::format_digest(h);
-                    let key = format!("{}|{}|{:?}", p.name, p.dtype, p.shape);
-                    match written.get(key.as_str()) {
-                        Some(w) if *w == h => found.push((p.name.clone(), (h, bad))),
-                        w => {
-                            return Err(mismatch(
-                                format!(
-                                    "{}'s bytes at {offset}..{} as written (xxh3 {})",
-                                    p.name,
-                                    offset + p.nbytes(),
-                                    w.unwrap_or(&"not recorded")
-                                ),
-                                format!("xxh3 {h} read back"),
-                            ));
+                }
+            }
+            // The bytes around the pieces (headers, archives) too.
+            match outcome.files.iter().find(|w| w.path == f.rel) {
+                Some(w) if w.size == size && w.xxh3 == digest => Ok(found),
+                w => Err(mismatch(
+                    match w {
+                        Some(w) => {
+                            format!("the file as written ({} bytes, xxh3 {})", w.size, w.xxh3)
                         }
-                    }
-                }
-                // The bytes around the pieces (headers, archives) too.
-                match outcome.files.iter().find(|w| w.path == f.rel) {
-                    Some(w) if w.size == size && w.xxh3 == digest => Ok(found),
-                    w => Err(mismatch(
-                        match w {
-                            Some(w) => {
-                                format!("the file as written ({} bytes, xxh3 {})", w.size, w.xxh3)
-                            }
-                            None => "a file this part wrote".into(),
-                        },
-                        format!("{size} bytes, xxh3 {digest} read back"),
-                    )),
-                }
-            },
-        )
+                        None => "a file this part wrote".into(),
+                    },
+                    format!("{size} bytes, xxh3 {digest} read back"),
+                )),
+            }
+        })
         .collect::<Result<Vec<_>, Error>>()?;
     Ok(per_file.into_iter().flatten().collect())
 }
