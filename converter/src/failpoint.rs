@@ -15,8 +15,8 @@
 //! Points, in the order a run reaches them: `staged` (staging directory made),
 //! `pieces:N` (N pieces written), `written` (every file written, not yet
 //! synced or read back), `executed` (all read back, the fsync under way),
-//! `read-back` (a split run's part: its files written and synced, not yet read
-//! back), `validated` (validated, about to be committed), `commit:aside` (an existing
+//! `read-back` (a split run's part: its files written, read back once and
+//! synced, not yet read back again), `validated` (validated, about to be committed), `commit:aside` (an existing
 //! target moved aside, the new one not yet in place), `committed` (renamed into
 //! place, run-directory trackers not yet written).
 

@@ -35,8 +35,6 @@ use crate::smoke::{self, Arch, SmokeError, probe::ProbeReport};
 pub mod expected;
 pub mod scan;
 
-pub use crate::formats::dtype::count_non_finite;
-
 /// The report file name.
 pub const FILE_NAME: &str = "ckpt-validation.json";
 
