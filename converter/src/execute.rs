@@ -652,22 +652,13 @@ pub fn execute_with<R>(
             Ok(())
         });
         // Each file is read once: its digest, and each piece's data in it.
-        let mut in_file: Vec<Vec<(u64, &Piece)>> = vec![Vec::new(); outputs.len()];
-        for p in &plan.pieces {
-            let (file, offset) = data_at(p);
-            in_file[file].push((offset, p));
-        }
+        let in_file = pieces_by_file(plan, outputs.len());
         let digested = outputs
             .par_iter()
-            .zip(&mut in_file)
-            .map(|((path, _), pieces)| -> Result<_, ExecuteError> {
-                pieces.sort_by_key(|(offset, p)| (*offset, p.nbytes()));
-                let ranges: Vec<_> = pieces
-                    .iter()
-                    .map(|(offset, p)| (*offset, p.nbytes(), p.dtype))
-                    .collect();
+            .zip(&in_file)
+            .map(|((path, _), (pieces, ranges))| -> Result<_, ExecuteError> {
                 let (size, digest, read) =
-                    crate::formats::digest::file_and_ranges(path, &ranges).map_err(io(path))?;
+                    crate::formats::digest::file_and_ranges(path, ranges).map_err(io(path))?;
                 progress.advance(size);
                 let rel = path
                     .strip_prefix(root)
@@ -677,14 +668,15 @@ pub fn execute_with<R>(
                 let read_back = pieces
                     .iter()
                     .zip(read)
-                    .map(|((offset, p), (h, bad))| {
+                    .zip(ranges)
+                    .map(|((p, (h, bad)), &(offset, ..))| {
                         let found = crate::formats::digest::format_digest(h);
                         let was = written.get(p.name.as_str()).cloned().unwrap_or_default();
                         if found != was {
                             return Err(ExecuteError::ReadBack {
                                 path: path.clone(),
                                 tensor: p.name.clone(),
-                                offset: *offset,
+                                offset,
                                 end: offset + p.nbytes(),
                                 written: was,
                                 found,
@@ -736,6 +728,33 @@ pub fn execute_with<R>(
         );
         Ok((outcome, after.expect("then ran on the outcome")))
     })
+}
+
+/// The pieces whose data lies in each of the first `files` output files of
+/// `plan` (by file index), sorted by where their data starts, with the ranges a
+/// read-back of the file digests ([`crate::formats::digest::file_and_ranges`]).
+pub fn pieces_by_file(
+    plan: &Plan,
+    files: usize,
+) -> Vec<(Vec<&Piece>, Vec<crate::formats::digest::Range>)> {
+    let mut in_file: Vec<Vec<(u64, &Piece)>> = vec![Vec::new(); files];
+    for p in &plan.pieces {
+        let (file, offset) = data_at(p);
+        in_file[file].push((offset, p));
+    }
+    in_file
+        .into_iter()
+        .map(|mut pieces| {
+            // A zero-length piece before another at its offset: the ranges are
+            // sorted and disjoint.
+            pieces.sort_by_key(|(offset, p)| (*offset, p.nbytes()));
+            let ranges = pieces
+                .iter()
+                .map(|(offset, p)| (*offset, p.nbytes(), p.dtype))
+                .collect();
+            (pieces.into_iter().map(|(_, p)| p).collect(), ranges)
+        })
+        .collect()
 }
 
 /// The archive a `.distcp` item of `piece` is written as, around its data.

@@ -517,66 +517,59 @@ fn read_back(
         .iter()
         .filter_map(|l| l.trim_end().rsplit_once('|'))
         .collect();
-    let mut in_file: Vec<Vec<(u64, &crate::plan::Piece)>> = vec![Vec::new(); plan.files.len()];
-    for p in &plan.pieces {
-        let (file, offset) = execute::data_at(p);
-        in_file[file].push((offset, p));
-    }
+    let in_file = execute::pieces_by_file(plan, plan.files.len());
     let per_file = plan
         .files
         .par_iter()
-        .zip(&mut in_file)
-        .map(|(f, pieces)| -> Result<Vec<(String, ReadBack)>, Error> {
-            let path = dir.join(&f.rel);
-            pieces.sort_by_key(|(offset, p)| (*offset, p.nbytes()));
-            let ranges: Vec<_> = pieces
-                .iter()
-                .map(|(offset, p)| (*offset, p.nbytes(), p.dtype))
-                .collect();
-            let (size, digest, read) =
-                crate::formats::digest::file_and_ranges(&path, &ranges).map_err(io_err(&path))?;
-            let mismatch = |expected: String, found: String| -> Error {
-                SplitError::Mismatch {
-                    path: path.clone(),
-                    part,
-                    expected,
-                    found,
-                }
-                .into()
-            };
-            let mut found = Vec::with_capacity(pieces.len());
-            for ((offset, p), (h, bad)) in pieces.iter().zip(read) {
-                let h = crate::formats::digest::format_digest(h);
-                let key = format!("{}|{}|{:?}", p.name, p.dtype, p.shape);
-                match written.get(key.as_str()) {
-                    Some(w) if *w == h => found.push((p.name.clone(), (h, bad))),
-                    w => {
-                        return Err(mismatch(
-                            format!(
-                                "{}'s bytes at {offset}..{} as written (xxh3 {})",
-                                p.name,
-                                offset + p.nbytes(),
-                                w.unwrap_or(&"not recorded")
-                            ),
-                            format!("xxh3 {h} read back"),
-                        ));
+        .zip(&in_file)
+        .map(
+            |(f, (pieces, ranges))| -> Result<Vec<(String, ReadBack)>, Error> {
+                let path = dir.join(&f.rel);
+                let (size, digest, read) = crate::formats::digest::file_and_ranges(&path, ranges)
+                    .map_err(io_err(&path))?;
+                let mismatch = |expected: String, found: String| -> Error {
+                    SplitError::Mismatch {
+                        path: path.clone(),
+                        part,
+                        expected,
+                        found,
+                    }
+                    .into()
+                };
+                let mut found = Vec::with_capacity(pieces.len());
+                for ((p, (h, bad)), &(offset, ..)) in pieces.iter().zip(read).zip(ranges) {
+                    let h = crate::formats::digest::format_digest(h);
+                    let key = format!("{}|{}|{:?}", p.name, p.dtype, p.shape);
+                    match written.get(key.as_str()) {
+                        Some(w) if *w == h => found.push((p.name.clone(), (h, bad))),
+                        w => {
+                            return Err(mismatch(
+                                format!(
+                                    "{}'s bytes at {offset}..{} as written (xxh3 {})",
+                                    p.name,
+                                    offset + p.nbytes(),
+                                    w.unwrap_or(&"not recorded")
+                                ),
+                                format!("xxh3 {h} read back"),
+                            ));
+                        }
                     }
                 }
-            }
-            // The bytes around the pieces (headers, archives) too.
-            match outcome.files.iter().find(|w| w.path == f.rel) {
-                Some(w) if w.size == size && w.xxh3 == digest => Ok(found),
-                w => Err(mismatch(
-                    match w {
-                        Some(w) => {
-                            format!("the file as written ({} bytes, xxh3 {})", w.size, w.xxh3)
-                        }
-                        None => "a file this part wrote".into(),
-                    },
-                    format!("{size} bytes, xxh3 {digest} read back"),
-                )),
-            }
-        })
+                // The bytes around the pieces (headers, archives) too.
+                match outcome.files.iter().find(|w| w.path == f.rel) {
+                    Some(w) if w.size == size && w.xxh3 == digest => Ok(found),
+                    w => Err(mismatch(
+                        match w {
+                            Some(w) => {
+                                format!("the file as written ({} bytes, xxh3 {})", w.size, w.xxh3)
+                            }
+                            None => "a file this part wrote".into(),
+                        },
+                        format!("{size} bytes, xxh3 {digest} read back"),
+                    )),
+                }
+            },
+        )
         .collect::<Result<Vec<_>, Error>>()?;
     Ok(per_file.into_iter().flatten().collect())
 }
