@@ -5,9 +5,10 @@
 //!
 //! Why weights are streamed in row blocks: the validator must stay within the
 //! converter's memory promise (bounded by the largest tensor, not the model).
-//! A product reads blocks of rows straight from the mapped files, widens them to
-//! f32 in a per-task scratch and drops the pages after use, so memory is a few
-//! megabytes per thread whatever the layer size.
+//! A product reads blocks of rows straight from the mapped files (bf16 rows are
+//! multiplied from their stored bytes, [`super::bf16_rows`]; other dtypes are
+//! widened to f32 in a per-task scratch first) and drops the pages after use, so
+//! memory is a few megabytes per thread whatever the layer size.
 
 use rayon::prelude::*;
 
@@ -89,6 +90,24 @@ impl<'a> Mat<'a> {
             cols: tensor.shape[n - 1] as usize,
             round_to,
         })
+    }
+
+    /// Whether rows can be multiplied from their stored bytes
+    /// ([`super::bf16_rows`]): bf16, and kept as stored.
+    fn stored_as_bf16(&self) -> bool {
+        self.tensor.dtype == DType::BF16 && self.round_to.is_none_or(|d| d == DType::BF16)
+    }
+
+    /// `f` of the stored bytes of rows `start..start + n`; the mapped pages are
+    /// dropped after.
+    fn with_stored_rows<R>(&self, start: usize, n: usize, f: impl FnOnce(&[u8]) -> R) -> R {
+        let mut offsets = self.prefix.clone();
+        offsets.extend([start as u64, 0]);
+        let mut sizes = vec![1u64; self.prefix.len()];
+        sizes.extend([n as u64, self.cols as u64]);
+        let out = f(&source::read_box(self.files, self.tensor, &offsets, &sizes));
+        release_box(self.files, self.tensor, &offsets, &sizes);
+        out
     }
 
     /// Rows `start..start + out.len() / cols`, widened to f32 into `out`.
@@ -187,6 +206,13 @@ pub fn matmul(x: &[f32], t: usize, w: &Mat<'_>) -> Result<Vec<f32>, String> {
             Vec::new,
             |scratch: &mut Vec<f32>, &r0| -> Result<_, String> {
                 let n = block.min(rows - r0);
+                if w.stored_as_bf16() {
+                    let mut y = vec![0f32; t * n];
+                    w.with_stored_rows(r0, n, |bytes| {
+                        super::bf16_rows::rows_times(x, t, cols, bytes, &mut y);
+                    });
+                    return Ok((r0, n, y));
+                }
                 if scratch.len() < n * cols {
                     scratch.resize(n * cols, 0.0);
                 }

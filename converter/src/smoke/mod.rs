@@ -25,6 +25,7 @@
 //! block, a wrong norm, a shifted vocabulary row or a missing bias moves the
 //! logits by orders of magnitude more (the integration tests pin both).
 
+pub mod bf16_rows;
 pub mod forward;
 pub mod generate;
 pub mod kernels;
