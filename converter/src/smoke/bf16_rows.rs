@@ -6,8 +6,8 @@
 //!
 //! The arithmetic order is fixed by this code, not by the instruction set: each
 //! token accumulates in [`LANES`] f32 lanes (element `k` of a row goes to lane
-//! `k mod LANES`), the lanes are summed in order at the end, and Rust never
-//! fuses a multiply and an add. The AVX2 build of the loop (chosen at run time)
+//! `k mod LANES`, as a fused multiply-add, in order of `k`), and the lanes are
+//! summed in order at the end. The AVX2 build of the loop (chosen at run time)
 //! and the portable one therefore give the same bits, and so do the source's and
 //! the output's forward passes of a conversion that kept the weights exactly.
 
@@ -16,8 +16,7 @@ pub const LANES: usize = 8;
 
 /// `y[i·n + r] = Σ_k x[i·cols + k] · w[r][k]` for the `n` rows of `w` (`n × cols`
 /// little-endian bf16 values) and the `t` rows of `x` (`t × cols`); `y` has a row
-/// stride of `n`. A row (a few KiB) is read from memory once and from L1 for
-/// every further token.
+/// stride of `n`. Each weight is read from memory once and used for every token.
 ///
 /// # Panics
 /// When the lengths disagree (a caller's bug).
@@ -27,55 +26,101 @@ pub fn rows_times(x: &[f32], t: usize, cols: usize, w: &[u8], y: &mut [f32]) {
     let n = if cols == 0 { 0 } else { w.len() / (2 * cols) };
     assert_eq!(y.len(), t * n, "y is t × n");
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2 (checked just above).
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
         unsafe { rows_times_avx2(x, t, cols, w, y, n) };
         return;
     }
     rows_times_portable(x, t, cols, w, y, n);
 }
 
-/// [`rows_times_portable`]'s arithmetic with AVX2 instructions: a row's eight
-/// elements are widened once and multiplied with up to eight tokens at once
-/// (one accumulator register each); multiply, then add, as the portable loop does.
+/// Rows of `w` taken together, sharing each load of the activations.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+const ROWS: usize = 2;
+/// Tokens taken together: `ROWS × TOKENS` accumulators, a weight register per
+/// row and an activation register fit the sixteen AVX2 registers.
+#[cfg(target_arch = "x86_64")]
+const TOKENS: usize = 4;
+
+/// [`rows_times_portable`]'s arithmetic with AVX2 instructions, in blocks of up
+/// to [`ROWS`] rows and [`TOKENS`] tokens: each block's weights are widened once
+/// per eight elements and each activation load serves every row of the block.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn rows_times_avx2(x: &[f32], t: usize, cols: usize, w: &[u8], y: &mut [f32], n: usize) {
+    let mut r = 0;
+    while r < n {
+        let rows = ROWS.min(n - r);
+        let mut t0 = 0;
+        while t0 < t {
+            let g = TOKENS.min(t - t0);
+            // SAFETY: the caller checked AVX2 and FMA; the block lies inside `w`
+            // (rows r..r + rows < n) and `x` (tokens t0..t0 + g ≤ t).
+            unsafe {
+                match (rows, g) {
+                    (2, 4) => block::<2, 4>(x, t0, cols, w, r, y, n),
+                    (2, 3) => block::<2, 3>(x, t0, cols, w, r, y, n),
+                    (2, 2) => block::<2, 2>(x, t0, cols, w, r, y, n),
+                    (2, _) => block::<2, 1>(x, t0, cols, w, r, y, n),
+                    (_, 4) => block::<1, 4>(x, t0, cols, w, r, y, n),
+                    (_, 3) => block::<1, 3>(x, t0, cols, w, r, y, n),
+                    (_, 2) => block::<1, 2>(x, t0, cols, w, r, y, n),
+                    (_, _) => block::<1, 1>(x, t0, cols, w, r, y, n),
+                }
+            }
+            t0 += g;
+        }
+        r += rows;
+    }
+}
+
+/// Rows `r..r + R` of `w` times tokens `t0..t0 + G` of `x`, into `y`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block<const R: usize, const G: usize>(
+    x: &[f32],
+    t0: usize,
+    cols: usize,
+    w: &[u8],
+    r: usize,
+    y: &mut [f32],
+    n: usize,
+) {
     use std::arch::x86_64::{
-        __m256, _mm_loadu_si128, _mm256_add_ps, _mm256_castsi256_ps, _mm256_cvtepu16_epi32,
-        _mm256_loadu_ps, _mm256_mul_ps, _mm256_setzero_ps, _mm256_slli_epi32, _mm256_storeu_ps,
+        __m256, _mm_loadu_si128, _mm256_castsi256_ps, _mm256_cvtepu16_epi32, _mm256_fmadd_ps,
+        _mm256_loadu_ps, _mm256_setzero_ps, _mm256_slli_epi32, _mm256_storeu_ps,
     };
-    const GROUP: usize = 8;
     let whole = cols / LANES * LANES;
-    for r in 0..n {
-        let row = &w[r * 2 * cols..(r + 1) * 2 * cols];
-        for t0 in (0..t).step_by(GROUP) {
-            let g = GROUP.min(t - t0);
-            let mut acc: [__m256; GROUP] = [_mm256_setzero_ps(); GROUP];
-            for k in (0..whole).step_by(LANES) {
-                // SAFETY: k + LANES ≤ whole ≤ cols: 16 bytes of the row and 8 floats
-                // of each token's activations are in bounds; loads are unaligned.
-                unsafe {
-                    let bits = _mm_loadu_si128(row.as_ptr().add(2 * k).cast());
-                    let wv =
-                        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(bits)));
-                    for (i, a) in acc.iter_mut().enumerate().take(g) {
-                        let xv = _mm256_loadu_ps(x.as_ptr().add((t0 + i) * cols + k));
-                        *a = _mm256_add_ps(*a, _mm256_mul_ps(wv, xv));
-                    }
+    // By token, then by row.
+    let mut acc: [[__m256; R]; G] = [[_mm256_setzero_ps(); R]; G];
+    let row_at = |j: usize| (r + j) * 2 * cols;
+    for k in (0..whole).step_by(LANES) {
+        // SAFETY: k + LANES ≤ whole ≤ cols: 16 bytes of each row and 8 floats of
+        // each token's activations are in bounds (the caller's block lies inside
+        // `w` and `x`); loads are unaligned.
+        unsafe {
+            let mut wv = [_mm256_setzero_ps(); R];
+            for (j, v) in wv.iter_mut().enumerate() {
+                let bits = _mm_loadu_si128(w.as_ptr().add(row_at(j) + 2 * k).cast());
+                *v = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(bits)));
+            }
+            for (i, by_row) in acc.iter_mut().enumerate() {
+                let xv = _mm256_loadu_ps(x.as_ptr().add((t0 + i) * cols + k));
+                for (a, wj) in by_row.iter_mut().zip(&wv) {
+                    *a = _mm256_fmadd_ps(*wj, xv, *a);
                 }
             }
-            for (i, a) in acc.iter().enumerate().take(g) {
-                let mut lanes = [0f32; LANES];
-                // SAFETY: `lanes` holds eight floats.
-                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *a) };
-                let xi = &x[(t0 + i) * cols..(t0 + i + 1) * cols];
-                for k in whole..cols {
-                    let bits = u16::from_le_bytes([row[2 * k], row[2 * k + 1]]);
-                    lanes[k - whole] += f32::from_bits(u32::from(bits) << 16) * xi[k];
-                }
-                y[(t0 + i) * n + r] = lanes.iter().sum();
-            }
+        }
+    }
+    for (i, by_row) in acc.iter().enumerate() {
+        let xi = &x[(t0 + i) * cols..(t0 + i + 1) * cols];
+        for (j, a) in by_row.iter().enumerate() {
+            let row = &w[row_at(j)..row_at(j) + 2 * cols];
+            let mut lanes = [0f32; LANES];
+            // SAFETY: `lanes` holds eight floats.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *a) };
+            y[(t0 + i) * n + r + j] = finish(lanes, &row[2 * whole..], &xi[whole..]);
         }
     }
 }
@@ -90,8 +135,12 @@ fn rows_times_portable(x: &[f32], t: usize, cols: usize, w: &[u8], y: &mut [f32]
     }
 }
 
-/// `Σ_k bf16(row[k]) · x[k]`, element `k` accumulated in lane `k mod LANES`, the
-/// lanes summed in order.
+fn widen(lo: u8, hi: u8) -> f32 {
+    f32::from_bits(u32::from(u16::from_le_bytes([lo, hi])) << 16)
+}
+
+/// `Σ_k bf16(row[k]) · x[k]`, element `k` accumulated in lane `k mod LANES` by a
+/// fused multiply-add, the lanes summed in order.
 #[inline(always)]
 fn dot(row: &[u8], x: &[f32]) -> f32 {
     let whole = x.len() / LANES * LANES;
@@ -101,15 +150,20 @@ fn dot(row: &[u8], x: &[f32]) -> f32 {
         .zip(x[..whole].chunks_exact(LANES))
     {
         for l in 0..LANES {
-            let bits = u16::from_le_bytes([wc[2 * l], wc[2 * l + 1]]);
-            acc[l] += f32::from_bits(u32::from(bits) << 16) * xc[l];
+            acc[l] = widen(wc[2 * l], wc[2 * l + 1]).mul_add(xc[l], acc[l]);
         }
     }
-    for k in whole..x.len() {
-        let bits = u16::from_le_bytes([row[2 * k], row[2 * k + 1]]);
-        acc[k - whole] += f32::from_bits(u32::from(bits) << 16) * x[k];
+    finish(acc, &row[2 * whole..], &x[whole..])
+}
+
+/// The lanes of a dot product with its last `x.len() < LANES` elements (`row`'s
+/// bytes) added, then summed in order.
+#[inline(always)]
+fn finish(mut lanes: [f32; LANES], row: &[u8], x: &[f32]) -> f32 {
+    for (l, (wc, xv)) in lanes.iter_mut().zip(row.chunks_exact(2).zip(x)) {
+        *l = widen(wc[0], wc[1]).mul_add(*xv, *l);
     }
-    acc.iter().sum()
+    lanes.iter().sum()
 }
 
 #[cfg(test)]
@@ -156,13 +210,14 @@ mod tests {
 
     #[test]
     fn the_loop_chosen_at_run_time_gives_the_portable_loops_bits() {
-        let (t, cols, n) = (8, 2048 + 7, 6);
-        let x = values(t * cols, 3);
-        let w = bf16_bytes(&values(n * cols, 5));
-        let (mut a, mut b) = (vec![0f32; t * n], vec![0f32; t * n]);
-        rows_times(&x, t, cols, &w, &mut a);
-        rows_times_portable(&x, t, cols, &w, &mut b, n);
-        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&a), bits(&b));
+        for (t, cols, n) in [(8, 2048 + 7, 6), (7, 64, 5), (1, 9, 1), (3, 8, 2)] {
+            let x = values(t * cols, 3);
+            let w = bf16_bytes(&values(n * cols, 5));
+            let (mut a, mut b) = (vec![0f32; t * n], vec![0f32; t * n]);
+            rows_times(&x, t, cols, &w, &mut a);
+            rows_times_portable(&x, t, cols, &w, &mut b, n);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a), bits(&b), "t {t} cols {cols} n {n}");
+        }
     }
 }

@@ -21,6 +21,12 @@ use crate::reference::{AttentionArch, Rope};
 /// block, and matrixmultiply's packed copy of it, stay in a core's L2 cache.
 const BLOCK_ELEMENTS: usize = 1 << 18;
 
+/// Elements of a bf16 weight block multiplied from its stored bytes by one task
+/// (2 MiB): no scratch to keep in cache, and each block's mapped pages are
+/// dropped with one call (each call interrupts the other cores to flush their
+/// address translations).
+const STORED_BLOCK_ELEMENTS: usize = 1 << 20;
+
 /// Widens stored elements to f32; with `round_to`, each value is then rounded to
 /// that dtype (round to nearest even, as `Tensor.to` does) and widened again, so a
 /// source can be seen as the converter's cast of it would be.
@@ -197,7 +203,12 @@ pub fn matmul(x: &[f32], t: usize, w: &Mat<'_>) -> Result<Vec<f32>, String> {
             x.len()
         ));
     }
-    let block = (BLOCK_ELEMENTS / cols.max(1)).clamp(1, rows.max(1));
+    let per_block = if w.stored_as_bf16() {
+        STORED_BLOCK_ELEMENTS
+    } else {
+        BLOCK_ELEMENTS
+    };
+    let block = (per_block / cols.max(1)).clamp(1, rows.max(1));
     let starts: Vec<usize> = (0..rows).step_by(block).collect();
     let parts: Vec<(usize, usize, Vec<f32>)> = starts
         .par_iter()
