@@ -21,7 +21,7 @@ pub use crate::formats::manifest::FileRecord;
 use crate::formats::source::{GlobalTensor, TensorChunk, read_box};
 use crate::formats::{torch_save, torch_zip};
 use crate::plan::{Dest, Input, Piece, Plan, TensorStore};
-use xxhash_rust::xxh3::xxh3_128;
+use xxhash_rust::xxh3::{Xxh3, xxh3_128};
 
 /// The chunks of `t` that the box of `input` intersects, with their indices.
 fn touched<'a>(
@@ -866,33 +866,34 @@ fn write_piece(
             d[y..y + row].copy_from_slice(&tmp);
         }
     }
-    let digest = xxh3_128(&data);
+    let (file, data_at) = data_at(piece);
+    let ((path, f), lock) = (&outputs[file], &write_locks[file]);
+    let digest = match &piece.dest {
+        Dest::Raw { .. } => {
+            let digest = write_hashed(f, path, lock, &data, data_at, None)?;
+            start_writeback(f, data_at, data.len() as u64);
+            digest
+        }
+        Dest::DcpItem { offset, .. } => {
+            // The archive's length does not depend on its checksum, so the data
+            // goes first and the header that holds the checksum after it.
+            let mut crc = crc32fast::Hasher::new();
+            let digest = write_hashed(f, path, lock, &data, data_at, Some(&mut crc))?;
+            let layout = dcp_item_layout(piece, crc.finalize());
+            let turn = lock.lock().expect("write lock");
+            f.write_all_at(&layout.prefix, *offset).map_err(io(path))?;
+            f.write_all_at(&layout.suffix, data_at + data.len() as u64)
+                .map_err(io(path))?;
+            drop(turn);
+            start_writeback(f, *offset, layout.len());
+            digest
+        }
+    };
     // A plain copy of one whole chunk is that chunk's bytes: its digest is the
     // source digest too, so the bytes are hashed once.
     let known = plain_copy.then_some(digest);
     for input in &piece.inputs {
         sources.visit(stores, input, known)?;
-    }
-    match &piece.dest {
-        Dest::Raw { file, offset } => {
-            let (path, f) = &outputs[*file];
-            let turn = write_locks[*file].lock().expect("write lock");
-            f.write_all_at(&data, *offset).map_err(io(path))?;
-            drop(turn);
-            start_writeback(f, *offset, data.len() as u64);
-        }
-        Dest::DcpItem { file, offset } => {
-            let (path, f) = &outputs[*file];
-            let layout = dcp_item_layout(piece, crc32fast::hash(&data));
-            let data_at = offset + layout.prefix.len() as u64;
-            let turn = write_locks[*file].lock().expect("write lock");
-            f.write_all_at(&layout.prefix, *offset).map_err(io(path))?;
-            f.write_all_at(&data, data_at).map_err(io(path))?;
-            f.write_all_at(&layout.suffix, data_at + data.len() as u64)
-                .map_err(io(path))?;
-            drop(turn);
-            start_writeback(f, *offset, layout.len());
-        }
     }
     observer.written(piece, &data);
     drop(data);
@@ -906,6 +907,36 @@ fn write_piece(
         }
     }
     Ok(crate::formats::digest::format_digest(digest))
+}
+
+/// Bytes of a piece hashed, then written, at a time: the hash reads them from
+/// memory into the cache and the write copies them from there, so a piece's
+/// bytes cross the memory bus once on their way out, not once per pass.
+const WRITE_BLOCK: usize = 256 << 10;
+
+/// Writes `data` at `at` in blocks, each hashed (and added to `crc`) just
+/// before it is written; returns the xxh3-128 of all of it.
+fn write_hashed(
+    f: &File,
+    path: &Path,
+    lock: &Mutex<()>,
+    data: &[u8],
+    at: u64,
+    mut crc: Option<&mut crc32fast::Hasher>,
+) -> Result<u128, ExecuteError> {
+    let mut hash = Xxh3::new();
+    let mut offset = at;
+    for block in data.chunks(WRITE_BLOCK) {
+        hash.update(block);
+        if let Some(c) = crc.as_deref_mut() {
+            c.update(block);
+        }
+        let turn = lock.lock().expect("write lock");
+        f.write_all_at(block, offset).map_err(io(path))?;
+        drop(turn);
+        offset += block.len() as u64;
+    }
+    Ok(hash.digest128())
 }
 
 /// Starts writing a just-written range to disk without waiting for it, so the disk
