@@ -1,5 +1,5 @@
-//! What the benchmarks share: running a child process and reading its wall time
-//! and peak resident memory from the kernel's accounting (`wait4`), the durable
+//! What the benchmarks share: running a child process and reading its wall time,
+//! CPU time and peak resident memory from the kernel's accounting (`wait4`), the durable
 //! copy baseline, dropping an input's pages for cold runs, medians, and the
 //! machine's state printed beside the figures.
 
@@ -18,11 +18,13 @@ pub struct Measured {
     pub seconds: f64,
     /// Peak resident memory, in bytes.
     pub max_rss: u64,
+    /// CPU time, user and system, of the child and its threads.
+    pub cpu_seconds: f64,
     /// Standard output.
     pub stdout: String,
 }
 
-/// Runs a command and returns its wall time, peak RSS and standard output.
+/// Runs a command and returns its wall time, peak RSS, CPU time and standard output.
 pub fn measure(cmd: &mut Command) -> Measured {
     let start = Instant::now();
     let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawn");
@@ -49,6 +51,10 @@ pub fn measure(cmd: &mut Command) -> Measured {
     Measured {
         seconds,
         max_rss: usage.ru_maxrss as u64 * 1024,
+        cpu_seconds: [usage.ru_utime, usage.ru_stime]
+            .iter()
+            .map(|t| t.tv_sec as f64 + t.tv_usec as f64 / 1e6)
+            .sum(),
         stdout,
     }
 }
@@ -93,10 +99,11 @@ pub fn durable_copy(src: &Path, dst: &Path) -> Measured {
     let cp = measure(Command::new("cp").arg("-r").arg(src).arg(dst));
     let mut sync = Command::new("sync");
     sync.args(files_under(dst));
-    measure(&mut sync);
+    let synced = measure(&mut sync);
     Measured {
         seconds: start.elapsed().as_secs_f64(),
         max_rss: cp.max_rss,
+        cpu_seconds: cp.cpu_seconds + synced.cpu_seconds,
         stdout: String::new(),
     }
 }
