@@ -995,6 +995,29 @@ mod tests {
     use crate::formats::hf::HfCheckpoint;
     use crate::plan::{Input, OutFile, RowGather, Run};
 
+    #[test]
+    fn a_piece_written_in_blocks_is_its_bytes_with_their_digest_and_checksum() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        // Two whole blocks and a ragged tail, written after a 7-byte gap.
+        let data: Vec<u8> = (0..2 * WRITE_BLOCK + 12_345)
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
+        let mut crc = crc32fast::Hasher::new();
+        let digest = write_hashed(&f, &path, &Mutex::new(()), &data, 7, Some(&mut crc)).unwrap();
+        assert_eq!(digest, xxh3_128(&data));
+        assert_eq!(crc.finalize(), crc32fast::hash(&data));
+        let written = std::fs::read(&path).unwrap();
+        assert_eq!(written.len(), 7 + data.len());
+        assert_eq!(&written[7..], &data[..]);
+    }
+
     /// A one-file HF store with one f32 tensor `t` of shape [3, 2] = 0..6.
     fn store(dir: &Path) -> HfCheckpoint {
         let values: Vec<u8> = (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect();
