@@ -111,6 +111,34 @@ def test_hf_view_matches_transformers(case, ckpt, tmp, report):
     assert diff <= TOL, f"{case}: {diff:.3e} > {TOL}"
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_bf16_weights_through_both_views_match_transformers(family, ckpt, tmp, report):
+    """bf16 weights are multiplied from their stored bytes (``smoke::bf16_rows``: widened in
+    registers, fused multiply-adds), not through the float32 path the cases above take;
+    transformers computes the same weights widened to float32 as it loads them.  Both views:
+    the HF directory transformers saved, and the bf16 Megatron checkpoint converted from it."""
+    d = os.path.join(tmp, "hf")
+    model = iu.hf_model(family, SEED, dtype=torch.bfloat16)
+    model.save_pretrained(d)
+    v = model.config.vocab_size
+    toks = _tokens(v)
+    want = iu.hf_logits(d, torch.tensor([toks]))[0]
+    scale = want.abs().max().item()
+    assert scale > 1.0, "degenerate logits: the comparison would prove little"
+    ours_hf = _dump(ckpt, d, toks, os.path.join(tmp, "hf.safetensors"), foreign=["manifest"])
+    run = os.path.join(tmp, "mg")
+    rep = ckpt("run", "convert/hf_to_megatron", f"hf_model_id={d}", f"megatron_path={run}",
+               "--json").json()
+    assert rep["validation"]["smoke_test"] == "passed", rep
+    ours_mg = _dump(ckpt, os.path.join(run, "iter_0000000"), toks,
+                    os.path.join(tmp, "mg.safetensors"))
+    for view, ours in (("HF", ours_hf), ("Megatron", ours_mg)):
+        diff = (ours[:, :v] - want).abs().max().item()
+        report(f"[validate d] {family:<12} bf16 {view:<8} view: max |logits(ckpt-convert) - "
+               f"logits(transformers, weights widened)| = {diff:.3e}  (max |logit| {scale:.2f})")
+        assert diff <= TOL, f"{family} bf16 {view}: {diff:.3e} > {TOL}"
+
+
 @pytest.mark.parametrize("case", list(MG_CASES))
 def test_megatron_view_matches_megatron_core(case, ckpt, tmp, mcore, report):
     family, over, extra, padded = MG_CASES[case]
