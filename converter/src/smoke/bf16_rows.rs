@@ -14,6 +14,17 @@
 /// Accumulator lanes of a dot product (one AVX2 register).
 pub const LANES: usize = 8;
 
+/// Whether this CPU multiplies by [`rows_times`] at speed: with AVX2 and FMA on
+/// x86-64 (without FMA, the portable loop's `mul_add` is a library call per
+/// element), natively on AArch64. Elsewhere weights take the f32 path.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    return cfg!(target_arch = "aarch64");
+}
+
 /// `y[i·n + r] = Σ_k x[i·cols + k] · w[r][k]` for the `n` rows of `w` (`n × cols`
 /// little-endian bf16 values) and the `t` rows of `x` (`t × cols`); `y` has a row
 /// stride of `n`. Each weight is read from memory once and used for every token.
@@ -26,8 +37,8 @@ pub fn rows_times(x: &[f32], t: usize, cols: usize, w: &[u8], y: &mut [f32]) {
     let n = if cols == 0 { 0 } else { w.len() / (2 * cols) };
     assert_eq!(y.len(), t * n, "y is t × n");
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+    if available() {
+        // SAFETY: the CPU has AVX2 and FMA (`available` checked).
         unsafe { rows_times_avx2(x, t, cols, w, y, n) };
         return;
     }
@@ -55,7 +66,7 @@ unsafe fn rows_times_avx2(x: &[f32], t: usize, cols: usize, w: &[u8], y: &mut [f
         while t0 < t {
             let g = TOKENS.min(t - t0);
             // SAFETY: the caller checked AVX2 and FMA; the block lies inside `w`
-            // (rows r..r + rows < n) and `x` (tokens t0..t0 + g ≤ t).
+            // (rows r..r + rows ≤ n) and `x` (tokens t0..t0 + g ≤ t).
             unsafe {
                 match (rows, g) {
                     (2, 4) => block::<2, 4>(x, t0, cols, w, r, y, n),

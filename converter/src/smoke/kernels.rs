@@ -98,10 +98,12 @@ impl<'a> Mat<'a> {
         })
     }
 
-    /// Whether rows can be multiplied from their stored bytes
-    /// ([`super::bf16_rows`]): bf16, and kept as stored.
+    /// Whether rows are multiplied from their stored bytes
+    /// ([`super::bf16_rows`]): bf16, kept as stored, on a CPU that does it at speed.
     fn stored_as_bf16(&self) -> bool {
-        self.tensor.dtype == DType::BF16 && self.round_to.is_none_or(|d| d == DType::BF16)
+        self.tensor.dtype == DType::BF16
+            && self.round_to.is_none_or(|d| d == DType::BF16)
+            && super::bf16_rows::available()
     }
 
     /// `f` of the stored bytes of rows `start..start + n`; the mapped pages are
