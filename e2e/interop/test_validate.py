@@ -134,7 +134,7 @@ def test_bf16_weights_through_both_views_match_transformers(family, ckpt, tmp, r
                     os.path.join(tmp, "mg.safetensors"))
     for view, ours in (("HF", ours_hf), ("Megatron", ours_mg)):
         diff = (ours[:, :v] - want).abs().max().item()
-        report(f"[validate d] {family:<12} bf16 {view:<8} view: max |logits(ckpt-convert) - "
+        report(f"[validate e] {family:<12} bf16 {view:<8} view: max |logits(ckpt-convert) - "
                f"logits(transformers, weights widened)| = {diff:.3e}  (max |logit| {scale:.2f})")
         assert diff <= TOL, f"{family} bf16 {view}: {diff:.3e} > {TOL}"
 
