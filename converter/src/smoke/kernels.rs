@@ -98,6 +98,15 @@ impl<'a> Mat<'a> {
         })
     }
 
+    /// The box (offsets, sizes) of rows `start..start + n` in the tensor.
+    fn rows_box(&self, start: usize, n: usize) -> (Vec<u64>, Vec<u64>) {
+        let mut offsets = self.prefix.clone();
+        offsets.extend([start as u64, 0]);
+        let mut sizes = vec![1u64; self.prefix.len()];
+        sizes.extend([n as u64, self.cols as u64]);
+        (offsets, sizes)
+    }
+
     /// Whether rows are multiplied from their stored bytes
     /// ([`super::bf16_rows`]): bf16, kept as stored, on a CPU that does it at speed.
     fn stored_as_bf16(&self) -> bool {
@@ -109,10 +118,7 @@ impl<'a> Mat<'a> {
     /// `f` of the stored bytes of rows `start..start + n`; the mapped pages are
     /// dropped after.
     fn with_stored_rows<R>(&self, start: usize, n: usize, f: impl FnOnce(&[u8]) -> R) -> R {
-        let mut offsets = self.prefix.clone();
-        offsets.extend([start as u64, 0]);
-        let mut sizes = vec![1u64; self.prefix.len()];
-        sizes.extend([n as u64, self.cols as u64]);
+        let (offsets, sizes) = self.rows_box(start, n);
         let out = f(&source::read_box(self.files, self.tensor, &offsets, &sizes));
         release_box(self.files, self.tensor, &offsets, &sizes);
         out
@@ -123,11 +129,7 @@ impl<'a> Mat<'a> {
     /// # Errors
     /// A message for a dtype the smoke test does not compute.
     pub fn read_rows(&self, start: usize, out: &mut [f32]) -> Result<(), String> {
-        let n = out.len() / self.cols;
-        let mut offsets = self.prefix.clone();
-        offsets.extend([start as u64, 0]);
-        let mut sizes = vec![1u64; self.prefix.len()];
-        sizes.extend([n as u64, self.cols as u64]);
+        let (offsets, sizes) = self.rows_box(start, out.len() / self.cols);
         read_box_f32(
             self.files,
             self.tensor,
